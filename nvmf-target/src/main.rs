@@ -1,1 +1,117 @@
-fn main(){}
+//! `tessera-nvmf`: the NVMe/TCP target daemon.
+//!
+//! With no arguments it serves the built-in default (one subsystem any host may use, one 1 GiB
+//! malloc namespace, 127.0.0.1:4420). `--config FILE` serves a TOML configuration; SIGHUP reloads
+//! that file (namespaces added, grown or removed, subsystems added or removed, host lists changed)
+//! and SIGINT/SIGTERM stop the target.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tessera_nvmf::config::Config;
+use tessera_nvmf::server;
+use tessera_nvmf::target::Target;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+/// Tessera NVMe/TCP target.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (TOML). Without it, the built-in default is served.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Print the built-in default configuration as TOML and exit.
+    #[arg(long)]
+    print_default_config: bool,
+    /// Worker threads for the async runtime (default: one per CPU).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error(transparent)]
+    Config(#[from] tessera_nvmf::config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera-nvmf: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), RunError> {
+    if args.print_default_config {
+        print!("{}", Config::default().to_toml());
+        return Ok(());
+    }
+    let cfg = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let target = Arc::new(Target::new(&cfg)?);
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = args.threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = rt.build().map_err(RunError::Runtime)?;
+    rt.block_on(serve(target, cfg, args.config))
+}
+
+async fn serve(target: Arc<Target>, cfg: Config, path: Option<PathBuf>) -> Result<(), RunError> {
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for addr in &cfg.listen {
+        let l = TcpListener::bind(addr).await.map_err(|source| RunError::Listen { addr: *addr, source })?;
+        info!("listening on {addr}");
+        tasks.push(tokio::spawn(server::serve(l, target.clone(), shutdown.clone())));
+    }
+    for s in &cfg.subsystems {
+        info!(nqn = %s.nqn, namespaces = s.namespaces.len(), allow_any_host = s.allow_any_host, "subsystem ready");
+    }
+    let mut hup = signal(SignalKind::hangup()).map_err(RunError::Runtime)?;
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Runtime)?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => reload(&target, path.as_deref()),
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    info!("shutting down");
+    shutdown.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+fn reload(target: &Target, path: Option<&std::path::Path>) {
+    let Some(path) = path else {
+        info!("SIGHUP ignored: serving the built-in default, no file to reload");
+        return;
+    };
+    match Config::load(path).and_then(|cfg| target.reload(&cfg)) {
+        Ok(s) => info!(added = ?s.added_subsystems, removed = ?s.removed_subsystems, namespaces = ?s.changed_namespaces, "configuration reloaded"),
+        Err(e) => error!("configuration reload failed, keeping the running configuration: {e}"),
+    }
+}
