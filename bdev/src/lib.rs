@@ -86,6 +86,14 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn unmap(&self, lba: u64, blocks: u64) -> impl Future<Output = Result<(), BdevError>> + Send;
 }
 
+/// The number of whole blocks in `len` bytes, or [`BdevError::Misaligned`].
+pub fn whole_blocks(len: usize, block_size: u32) -> Result<u64, BdevError> {
+    if !len.is_multiple_of(block_size as usize) {
+        return Err(BdevError::Misaligned(len));
+    }
+    Ok((len / block_size as usize) as u64)
+}
+
 /// Checks that `[lba, lba + blocks)` lies inside a device of `size` blocks.
 pub fn check_range(lba: u64, blocks: u64, size: u64) -> Result<(), BdevError> {
     match lba.checked_add(blocks) {

@@ -12,7 +12,7 @@ use std::sync::{PoisonError, RwLock};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::{check_range, data_len, BdevError, BlockDevice, WriteData};
+use crate::{check_range, data_len, whole_blocks, BdevError, BlockDevice, WriteData};
 
 const CHUNK_LEN: usize = 1 << 20;
 
@@ -39,12 +39,7 @@ impl MallocBdev {
         }
         let bytes = blocks.checked_mul(u64::from(block_size)).ok_or(BdevError::Unsupported("size overflows"))?;
         let chunks = (0..chunks_for(bytes)).map(|_| RwLock::new(None)).collect();
-        Ok(MallocBdev {
-            block_size,
-            blocks: AtomicU64::new(blocks),
-            chunks: RwLock::new(chunks),
-            allocated_chunks: AtomicU64::new(0),
-        })
+        Ok(MallocBdev { block_size, blocks: AtomicU64::new(blocks), chunks: RwLock::new(chunks), allocated_chunks: AtomicU64::new(0) })
     }
 
     /// Grows the device to `blocks` blocks; new blocks read as zeros.
@@ -132,11 +127,7 @@ impl BlockDevice for MallocBdev {
     }
 
     async fn write(&self, lba: u64, data: WriteData, _fua: bool) -> Result<(), BdevError> {
-        let len = data_len(&data);
-        if len % self.block_size as usize != 0 {
-            return Err(BdevError::Misaligned(len));
-        }
-        let (start, _) = self.byte_range(lba, (len / self.block_size as usize) as u64)?;
+        let (start, _) = self.byte_range(lba, whole_blocks(data_len(&data), self.block_size)?)?;
         let table = self.chunks.read().unwrap_or_else(PoisonError::into_inner);
         let mut pos = start;
         for seg in &data {
@@ -204,7 +195,7 @@ mod tests {
         let per_chunk = (CHUNK_LEN / 4096) as u64;
         block_on(d.unmap(per_chunk, 2 * per_chunk)).unwrap();
         assert_eq!(d.allocated_blocks(), 2 * per_chunk);
-        assert!(block_on(d.read(per_chunk as u64, 8)).unwrap().iter().all(|&x| x == 0));
+        assert!(block_on(d.read(per_chunk, 8)).unwrap().iter().all(|&x| x == 0));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
-use crate::{check_range, data_len, BdevError, BlockDevice, WriteData};
+use crate::{check_range, data_len, whole_blocks, BdevError, BlockDevice, WriteData};
 
 /// Reads up to this size are served from one shared zero buffer without allocating.
 const ZERO_BUF_LEN: usize = 1 << 20;
@@ -61,11 +61,7 @@ impl BlockDevice for NullBdev {
     }
 
     async fn write(&self, lba: u64, data: WriteData, _fua: bool) -> Result<(), BdevError> {
-        let len = data_len(&data);
-        if len % self.block_size as usize != 0 {
-            return Err(BdevError::Misaligned(len));
-        }
-        check_range(lba, (len / self.block_size as usize) as u64, self.num_blocks())
+        check_range(lba, whole_blocks(data_len(&data), self.block_size)?, self.num_blocks())
     }
 
     async fn flush(&self) -> Result<(), BdevError> {

@@ -149,11 +149,7 @@ pub struct PropertyCmd {
 impl PropertyCmd {
     /// Reads the Property Get/Set fields out of an SQE.
     pub fn from_sqe(s: &Sqe) -> PropertyCmd {
-        PropertyCmd {
-            eight_bytes: s.0[40] & 0x7 == 1,
-            offset: u32_at(&s.0, 44).unwrap_or(0),
-            value: u64_at(&s.0, 48).unwrap_or(0),
-        }
+        PropertyCmd { eight_bytes: s.0[40] & 0x7 == 1, offset: u32_at(&s.0, 44).unwrap_or(0), value: u64_at(&s.0, 48).unwrap_or(0) }
     }
 
     /// Writes the fields into an SQE of the given fabrics type (host side).

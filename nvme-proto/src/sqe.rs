@@ -110,11 +110,7 @@ impl Sqe {
 
     /// The data pointer as an SGL descriptor.
     pub fn sgl(&self) -> SglDescriptor {
-        SglDescriptor {
-            address: u64_at(&self.0, OFF_DPTR).unwrap_or(0),
-            length: self.u32_field(OFF_DPTR + 8),
-            id: self.0[OFF_DPTR + 15],
-        }
+        SglDescriptor { address: u64_at(&self.0, OFF_DPTR).unwrap_or(0), length: self.u32_field(OFF_DPTR + 8), id: self.0[OFF_DPTR + 15] }
     }
 
     /// The fabrics command type (byte 4) of a fabrics command.
@@ -140,8 +136,9 @@ impl Sqe {
     /// Sets command dword `n` (0..=15; 0 is ignored since it holds opcode and CID).
     pub fn set_cdw(&mut self, n: usize, v: u32) -> &mut Self {
         if (1..16).contains(&n) {
-            let off = n * 4;
-            self.0[off..off + 4].copy_from_slice(&v.to_le_bytes());
+            if let Some(dst) = self.0.get_mut(n * 4..n * 4 + 4) {
+                dst.copy_from_slice(&v.to_le_bytes());
+            }
         }
         self
     }

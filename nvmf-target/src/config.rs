@@ -322,7 +322,9 @@ mod tests {
         assert!(bad("bogus = 1").contains("unknown field"));
         assert!(bad("[[subsystem]]\nnqn = \"x\"\nallow_any_host = true").contains("not an NQN"));
         assert!(bad("[[subsystem]]\nnqn = \"nqn.a\"").contains("allows no host"));
-        let ns = |extra: &str| format!("[[subsystem]]\nnqn = \"nqn.a\"\nallow_any_host = true\n[[subsystem.namespace]]\nnsid = 1\nbdev = \"malloc\"\nsize_mib = 1\n{extra}");
+        let ns = |extra: &str| {
+            format!("[[subsystem]]\nnqn = \"nqn.a\"\nallow_any_host = true\n[[subsystem.namespace]]\nnsid = 1\nbdev = \"malloc\"\nsize_mib = 1\n{extra}")
+        };
         assert!(bad(&ns("block_size = 1000")).contains("block_size"));
         assert!(bad(&format!("{}\n[[subsystem.namespace]]\nnsid = 1\nbdev = \"null\"\nsize_mib = 1", ns(""))).contains("used twice"));
         assert!(bad(&ns("").replace("nsid = 1", "nsid = 0")).contains("nsid must be"));

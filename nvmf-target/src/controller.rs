@@ -185,15 +185,8 @@ impl Controller {
     pub fn record_error(&self, sqid: u16, cid: u16, status: Status, nsid: u32, lba: u64) {
         let mut st = self.state();
         st.error_count += 1;
-        let entry = ErrorEntry {
-            error_count: st.error_count,
-            sqid,
-            cid,
-            status_field: status.to_field(),
-            param_error_location: 0xFFFF,
-            lba,
-            nsid,
-        };
+        let entry =
+            ErrorEntry { error_count: st.error_count, sqid, cid, status_field: status.to_field(), param_error_location: 0xFFFF, lba, nsid };
         st.errors.push_front(entry);
         st.errors.truncate(usize::from(ELPE) + 1);
     }

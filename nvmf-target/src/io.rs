@@ -41,6 +41,10 @@ pub fn plan_transfer(sqe: &Sqe, incapsule_len: usize, max_transfer: u32) -> Resu
         return Err(Status::INVALID_FIELD);
     }
     let sgl = sqe.sgl();
+    if sgl.length == 0 && incapsule_len == 0 {
+        // No data, whatever the direction (Set Features or Get Features without a buffer).
+        return Ok(DataPlan::None);
+    }
     match direction(sqe) {
         0 => {
             if incapsule_len != 0 {

@@ -111,7 +111,9 @@ fn reload(target: &Target, path: Option<&std::path::Path>) {
         return;
     };
     match Config::load(path).and_then(|cfg| target.reload(&cfg)) {
-        Ok(s) => info!(added = ?s.added_subsystems, removed = ?s.removed_subsystems, namespaces = ?s.changed_namespaces, "configuration reloaded"),
+        Ok(s) => {
+            info!(added = ?s.added_subsystems, removed = ?s.removed_subsystems, namespaces = ?s.changed_namespaces, "configuration reloaded")
+        }
         Err(e) => error!("configuration reload failed, keeping the running configuration: {e}"),
     }
 }

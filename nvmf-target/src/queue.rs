@@ -130,6 +130,10 @@ impl<P> Queue<P> {
             if let (Some(dst), Some(src)) = (header.get_mut(..n), buf.get(..n)) {
                 dst.copy_from_slice(src);
             }
+            if self.phase == Phase::AwaitIcReq && buf.first().is_some_and(|&t| t != pdu::pdu_type::IC_REQ) {
+                // Only ICReq may open a connection: no need to wait for the rest of the PDU.
+                return Err(PduError::new(PduErrorKind::SequenceError, header.get(..n).unwrap_or_default()));
+            }
             let Some(p) = pdu::decode(buf, self.digests, &limits)? else {
                 break;
             };
@@ -379,7 +383,9 @@ mod tests {
         let Some(Event::Command { sqe, .. }) = ev.into_iter().next() else { panic!("no command") };
         q.request_data(sqe, 8192, 42);
         assert_eq!(decode_out(&mut q), vec![Pdu::R2t(R2t { cccid: 7, ttag: 7, r2to: 0, r2tl: 8192 })]);
-        let part = |datao, last| Pdu::H2cData(DataPdu { cccid: 7, ttag: 7, datao, data: Bytes::from(vec![datao as u8; 4096]), last, success: false });
+        let part = |datao, last| {
+            Pdu::H2cData(DataPdu { cccid: 7, ttag: 7, datao, data: Bytes::from(vec![datao as u8; 4096]), last, success: false })
+        };
         let (ev, r) = drive(&mut q, &[part(0, false), part(4096, true)], Digests::default());
         r.unwrap();
         match ev.as_slice() {
@@ -402,18 +408,20 @@ mod tests {
 
     #[test]
     fn h2c_violations_terminate() {
-        let h2c = |cccid, ttag, datao, len, last| Pdu::H2cData(DataPdu { cccid, ttag, datao, data: Bytes::from(vec![0; len]), last, success: false });
+        let h2c = |cccid, ttag, datao, len, last| {
+            Pdu::H2cData(DataPdu { cccid, ttag, datao, data: Bytes::from(vec![0; len]), last, success: false })
+        };
         let cases = [
             (h2c(9, 9, 0, 4096, true), PduErrorKind::InvalidHeaderField(8)), // no such command
             (h2c(3, 4, 0, 4096, true), PduErrorKind::InvalidHeaderField(10)), // wrong tag
-            (h2c(3, 3, 512, 512, false), PduErrorKind::DataOutOfRange),       // out of order
-            (h2c(3, 3, 0, 8192, true), PduErrorKind::DataOutOfRange),         // beyond the R2T
-            (h2c(3, 3, 0, 512, true), PduErrorKind::SequenceError),           // LAST too early
-            (h2c(3, 3, 0, 4096, false), PduErrorKind::SequenceError),         // LAST missing
+            (h2c(3, 3, 512, 512, false), PduErrorKind::DataOutOfRange),      // out of order
+            (h2c(3, 3, 0, 8192, true), PduErrorKind::DataOutOfRange),        // beyond the R2T
+            (h2c(3, 3, 0, 512, true), PduErrorKind::SequenceError),          // LAST too early
+            (h2c(3, 3, 0, 4096, false), PduErrorKind::SequenceError),        // LAST missing
         ];
         for (p, want) in cases {
             let mut q = receiving(3);
-            let (_, r) = drive(&mut q, &[p.clone()], Digests::default());
+            let (_, r) = drive(&mut q, std::slice::from_ref(&p), Digests::default());
             assert_eq!(r.unwrap_err().kind, want, "{p:?}");
         }
     }
@@ -435,7 +443,8 @@ mod tests {
         for disabled in [false, true] {
             let mut q = ready(Digests { header: true, data: true });
             q.on_connected(1, 128, disabled);
-            let (_, r) = drive(&mut q, &[Pdu::CapsuleCmd { sqe: Sqe::new(0x02, 5), data: Bytes::new() }], Digests { header: true, data: true });
+            let (_, r) =
+                drive(&mut q, &[Pdu::CapsuleCmd { sqe: Sqe::new(0x02, 5), data: Bytes::new() }], Digests { header: true, data: true });
             r.unwrap();
             q.take_output();
             q.complete(5, Cqe::new(5, Status::SUCCESS), Some(Bytes::from(vec![1u8; 512])));

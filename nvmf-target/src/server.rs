@@ -298,7 +298,9 @@ impl Connection {
                 }
                 Pending::Io { ns, op } => self.start(sqe.cid(), Work::Io { ns, op, data }),
             },
-            Event::HostTerminated { fes } => warn!(peer = %self.peer, fes, "host terminated the connection"),
+            Event::HostTerminated { fes } => {
+                warn!(peer = %self.peer, fes, "host terminated the connection")
+            }
         }
     }
 

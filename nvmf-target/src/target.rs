@@ -153,9 +153,9 @@ impl Subsystem {
         for _ in 0..span {
             let id = if (min..=max).contains(&*next) { *next } else { min };
             *next = if id >= max { min } else { id + 1 };
-            if !ctrls.contains_key(&id) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = ctrls.entry(id) {
                 let c = make(id);
-                ctrls.insert(id, c.clone());
+                slot.insert(c.clone());
                 return Some(c);
             }
         }
