@@ -68,6 +68,9 @@ if [ -f /test.sh ]; then
     sh /test.sh
     rc=$?
     echo "@@TEST-EXIT $rc"
+    echo "---- kernel nvme/block messages of this boot ----"
+    dmesg | grep -E 'nvme|I/O error|blk_|BUG|WARNING|Oops' | tail -n 200
+    echo "---- end kernel messages ----"
 else
     echo "@@INIT no /test.sh, starting a shell"
     setsid cttyhack sh
