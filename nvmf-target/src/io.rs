@@ -168,7 +168,9 @@ pub fn validate_io(sqe: &Sqe, ns: Option<&Namespace>, plan: DataPlan, max_transf
         }
         nvm::DATASET_MANAGEMENT => {
             let ranges = (sqe.cdw10() & 0xFF) + 1;
-            if data_len != u64::from(ranges) * DSM_RANGE_LEN as u64 {
+            // The host buffer may be larger than the ranges it holds (Linux sends a whole page
+            // when it falls back to its preallocated discard page).
+            if data_len < u64::from(ranges) * DSM_RANGE_LEN as u64 {
                 return Err(Status::DATA_SGL_LENGTH_INVALID);
             }
             Ok(IoOp::DatasetManagement { ranges, deallocate: sqe.cdw11() & DSM_AD != 0 })
@@ -289,5 +291,6 @@ mod tests {
         d.set_cdw(10, 1).set_cdw(11, 1 << 2);
         assert_eq!(validate_io(&d, Some(&n), DataPlan::InCapsule(32), MDTS), Ok(IoOp::DatasetManagement { ranges: 2, deallocate: true }));
         assert_eq!(validate_io(&d, Some(&n), DataPlan::InCapsule(16), MDTS), Err(Status::DATA_SGL_LENGTH_INVALID));
+        assert_eq!(validate_io(&d, Some(&n), DataPlan::InCapsule(4096), MDTS), Ok(IoOp::DatasetManagement { ranges: 2, deallocate: true }));
     }
 }
