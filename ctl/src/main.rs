@@ -1,1 +1,83 @@
-fn main(){}
+//! `tessera`: the operator's command-line tool. Today it works with target configurations
+//! (print the default, check a file before deploying it); pools, volumes, exports and snapshots
+//! join it as the management service lands.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tessera_nvmf::config::Config;
+
+/// Tessera command-line tool.
+#[derive(Parser, Debug)]
+#[command(name = "tessera", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// NVMe/TCP target configuration.
+    Nvmf {
+        #[command(subcommand)]
+        command: NvmfCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NvmfCommand {
+    /// Print the built-in default target configuration as TOML.
+    DefaultConfig,
+    /// Check a target configuration file and summarise what it serves.
+    CheckConfig {
+        /// The TOML file.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match tessera_nvmf::cli::parse_args::<Cli>("tessera") {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match run(cli) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tessera: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<String, tessera_nvmf::config::ConfigError> {
+    match cli.command {
+        Command::Nvmf { command: NvmfCommand::DefaultConfig } => Ok(Config::default().to_toml()),
+        Command::Nvmf { command: NvmfCommand::CheckConfig { file } } => Config::load(&file).map(|cfg| summary(&cfg)),
+    }
+}
+
+fn summary(cfg: &Config) -> String {
+    let mut out = String::new();
+    let listen: Vec<String> = cfg.listen.iter().map(ToString::to_string).collect();
+    out.push_str(&format!("ok: listening on {}\n", listen.join(", ")));
+    for s in &cfg.subsystems {
+        let hosts = if s.allow_any_host { "any host".to_string() } else { format!("{} allowed host(s)", s.allowed_hosts.len()) };
+        out.push_str(&format!("subsystem {} ({hosts})\n", s.nqn));
+        for n in &s.namespaces {
+            out.push_str(&format!(
+                "  nsid {}: {:?} {} MiB, {}-byte blocks, uuid {}\n",
+                n.nsid,
+                n.bdev,
+                n.size_mib,
+                n.block_size,
+                n.uuid_for(&s.nqn)
+            ));
+        }
+    }
+    out
+}

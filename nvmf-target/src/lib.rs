@@ -9,6 +9,7 @@
 //! between sockets and those pieces; [`config`] is the TOML configuration.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod controller;

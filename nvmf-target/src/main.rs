@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
 use tessera_nvmf::config::Config;
 use tessera_nvmf::server;
 use tessera_nvmf::target::Target;
@@ -19,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 /// Tessera NVMe/TCP target.
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(version, about)]
 struct Args {
     /// Configuration file (TOML). Without it, the built-in default is served.
@@ -44,7 +43,10 @@ enum RunError {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match tessera_nvmf::cli::parse_args::<Args>("tessera-nvmf") {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
