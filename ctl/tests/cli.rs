@@ -1,4 +1,5 @@
 //! The `tessera` binary as an operator runs it.
+#![allow(clippy::unwrap_used)]
 
 use std::process::Command;
 

@@ -9,7 +9,12 @@ use clap::error::ErrorKind;
 pub fn parse_args<T: clap::Parser>(prog: &str) -> Result<T, ExitCode> {
     match T::try_parse() {
         Ok(t) => Ok(t),
-        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
             let _ = e.print();
             Err(if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS })
         }

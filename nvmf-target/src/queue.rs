@@ -477,4 +477,30 @@ mod tests {
         q.terminate(&PduError::new(PduErrorKind::HeaderDigest, &[0; 24]));
         assert!(matches!(decode_out(&mut q).as_slice(), [Pdu::C2hTermReq(t)] if t.fes == fes::HEADER_DIGEST_ERROR));
     }
+
+    proptest::proptest! {
+        /// Any byte stream, cut anywhere, after a valid ICReq: the queue never panics, emits only
+        /// commands it tracks, and after an error stays closed.
+        #[test]
+        fn arbitrary_streams_never_panic(chunks in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200), 0..8), hd in proptest::prelude::any::<bool>()) {
+            let d = Digests { header: hd, data: false };
+            let mut q = ready(d);
+            let mut buf = BytesMut::new();
+            for c in chunks {
+                buf.extend_from_slice(&c);
+                let mut ev = Vec::new();
+                let r = q.receive(&mut buf, &mut ev);
+                for e in ev {
+                    if let Event::Command { sqe, .. } = e {
+                        q.request_data(sqe, 4096, 0);
+                    }
+                }
+                if let Err(e) = r {
+                    q.terminate(&e);
+                    proptest::prop_assert!(q.is_closed());
+                    break;
+                }
+            }
+        }
+    }
 }

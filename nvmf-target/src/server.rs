@@ -30,6 +30,9 @@ use crate::io::{self, DataPlan, IoOp};
 use crate::queue::{Event, Queue, QueueParams};
 use crate::target::{self, Namespace, Subsystem, Target};
 
+/// How long a new connection may take to complete ICReq and Connect.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Accepts connections on `listener` until `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, target: Arc<Target>, shutdown: CancellationToken) {
     loop {
@@ -210,6 +213,9 @@ impl Connection {
         debug!(%peer, "connection accepted");
         let mut buf = BytesMut::with_capacity(256 * 1024);
         let mut events = Vec::new();
+        // A connection that has not completed Connect by then is dropped: it holds resources
+        // without being a queue.
+        let connect_deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
         let reason = loop {
             let cancel = c.ctrl.as_ref().map(|x| x.cancel.clone());
             let ctrl = c.ctrl.clone();
@@ -252,6 +258,7 @@ impl Connection {
                     }
                 }
                 _ = async { if let Some(t) = &cancel { t.cancelled().await } }, if cancel.is_some() => break "controller torn down",
+                _ = tokio::time::sleep_until(connect_deadline), if c.ctrl.is_none() => break "no Connect within the connect timeout",
                 _ = shutdown.cancelled() => break "target shutting down",
             }
             let out = c.queue.take_output();
