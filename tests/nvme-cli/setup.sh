@@ -24,7 +24,7 @@ die() { echo "[setup] ERROR: $*" >&2; exit 1; }
 SUDO="${SUDO:-}"
 
 # ---------------------------------------------------------------- packages --
-APT_PKGS=(qemu-system-x86 nvme-cli fio busybox-static cpio kmod util-linux xz-utils)
+APT_PKGS=(qemu-system-x86 nvme-cli fio busybox-static cpio kmod util-linux xz-utils python3)
 APT_UPDATED=0
 apt_update_once() {
     if [ "$APT_UPDATED" = 0 ]; then

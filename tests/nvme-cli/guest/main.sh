@@ -128,6 +128,66 @@ case_fio_verify_128k() {
     fio_verify v128k "$(dev_a)" 128k --numjobs=2 --iodepth=16 --size=32m --offset=64m --offset_increment=64m || return 1
 }
 
+case_fio_verify_mixed() {
+    ensure_connected "$NQN_A" || return 1
+    # 512 B .. 1 MiB random sizes: unaligned-to-4k small in-capsule writes,
+    # multi-R2T writes and reads split at MDTS, mixed with reads
+    fio_verify mixed "$(dev_a)" 4k --bsrange=512-1m --numjobs=2 --iodepth=8 --size=24m \
+        --offset=128m --offset_increment=32m --rw=randwrite || return 1
+}
+
+case_io_out_of_range() {
+    ensure_connected "$NQN_A" || return 1
+    d="$(dev_a)"
+    nsze=$(( SIZE_A_MIB * 2048 ))
+    for range in "$nsze 0" "$((nsze - 1)) 1"; do
+        set -- $range
+        echo "\$ nvme read /dev/$d -s $1 -c $2 -z $((($2 + 1) * 512))"
+        nvme read "/dev/$d" -s "$1" -c "$2" -z $((($2 + 1) * 512)) -d /tmp/oor.bin > /tmp/oor.txt 2>&1
+        r=$?; cat /tmp/oor.txt
+        [ "$r" != 0 ] || { fail "read of LBA $1 (+$2) beyond nsze $nsze succeeded"; return 1; }
+        grep -qiE 'LBA.?(Out of )?Range|0x4080|\(0x80\)|status.*0x80' /tmp/oor.txt || \
+            { fail "read beyond the end failed, but not with LBA Out of Range: $(head -n1 /tmp/oor.txt)"; return 1; }
+        echo "\$ nvme write /dev/$d -s $1 -c $2"
+        dd if=/dev/zero of=/tmp/oorw.bin bs=512 count=$(($2 + 1)) 2>/dev/null
+        nvme write "/dev/$d" -s "$1" -c "$2" -z $((($2 + 1) * 512)) -d /tmp/oorw.bin > /tmp/oorw.txt 2>&1
+        r=$?; cat /tmp/oorw.txt
+        [ "$r" != 0 ] || { fail "write of LBA $1 (+$2) beyond nsze $nsze succeeded"; return 1; }
+    done
+    # the last block itself is fine, and the controller still works
+    must "read of the last LBA" nvme read "/dev/$d" -s $((nsze - 1)) -c 0 -z 512 -d /tmp/last.bin || return 1
+    c="$(ctrl_of "$NQN_A" | head -n1)"
+    [ "$(cat /sys/class/nvme/$c/state)" = live ] || { fail "controller not live after out-of-range commands"; return 1; }
+}
+
+case_keep_alive_idle() {
+    ensure_connected "$NQN_A" || return 1
+    c="$(ctrl_of "$NQN_A" | head -n1)"
+    echo "kato=$(cat /sys/class/nvme/$c/kato 2>/dev/null)s; idling 16s"
+    n0="$(dmesg | wc -l)"
+    sleep 16
+    dmesg | tail -n +$((n0 + 1)) > /tmp/ka.txt
+    cat /tmp/ka.txt
+    if grep -iE "$c.*(keep.?alive|reset|reconnect|failed|timeout|error)" /tmp/ka.txt; then
+        fail "controller trouble while idle: $(grep -iE "$c.*(keep.?alive|reset|reconnect|failed|timeout|error)" /tmp/ka.txt | head -n1)"; return 1
+    fi
+    [ "$(cat /sys/class/nvme/$c/state)" = live ] || { fail "controller state $(cat /sys/class/nvme/$c/state) after idling"; return 1; }
+    read_range "$(dev_a)" 0 1 /tmp/ka.rd || { fail "read after idling failed"; return 1; }
+}
+
+case_reset_controller() {
+    ensure_connected "$NQN_A" || return 1
+    c="$(ctrl_of "$NQN_A" | head -n1)"; d="$(dev_a)"
+    make_pattern /tmp/rs.bin 2
+    write_range "$d" 120 /tmp/rs.bin || { fail "dd write failed"; return 1; }
+    must "nvme reset" nvme reset "/dev/$c" || return 1
+    i=0
+    while [ "$(cat /sys/class/nvme/$c/state)" != live ] && [ $i -lt 100 ]; do sleep 0.2; i=$((i + 1)); done
+    [ "$(cat /sys/class/nvme/$c/state)" = live ] || { fail "controller $c not live 20s after reset (state $(cat /sys/class/nvme/$c/state))"; return 1; }
+    read_range "$d" 120 2 /tmp/rs.rd && cmp -s /tmp/rs.bin /tmp/rs.rd || { fail "data not readable/intact after controller reset"; return 1; }
+    fio_verify rs "$d" 4k --numjobs=1 --iodepth=16 --size=4m --offset=140m || return 1
+}
+
 # ---------------------------------------------------------- discard / zeroes
 case_discard_zeroes() {
     ensure_connected "$NQN_A" || return 1
@@ -300,6 +360,10 @@ run_case get-log-error        case_get_log_error
 run_case smart-log            case_smart_log
 run_case fio-verify-4k        case_fio_verify_4k
 run_case fio-verify-128k      case_fio_verify_128k
+run_case fio-verify-mixed     case_fio_verify_mixed
+run_case io-out-of-range      case_io_out_of_range
+run_case keep-alive-idle      case_keep_alive_idle
+run_case reset-controller     case_reset_controller
 run_case discard-zeroes       case_discard_zeroes
 run_case write-zeroes         case_write_zeroes
 run_case zeroout-ioctl        case_zeroout_ioctl
