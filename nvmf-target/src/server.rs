@@ -20,7 +20,7 @@ use tessera_nvme_proto::{Cqe, Sqe, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -146,13 +146,41 @@ async fn execute_io(ns: &Namespace, op: IoOp, data: WriteData) -> Result<Option<
     }
 }
 
+/// Bytes of responses a connection may have queued for its writer. A host that stops reading
+/// stalls its own connection at this point instead of making the target buffer without bound.
+pub const OUTBOUND_BUDGET: usize = 8 << 20;
+
+/// The sending side of a connection's writer: chunks plus a byte budget released as they are
+/// written.
+struct Outbound {
+    tx: mpsc::UnboundedSender<Vec<Bytes>>,
+    budget: Arc<Semaphore>,
+}
+
+impl Outbound {
+    /// Queues `chunks` for the writer, first waiting until the writer has caught up enough.
+    async fn send(&self, chunks: Vec<Bytes>) -> Result<(), ()> {
+        let n = chunk_bytes(&chunks).min(OUTBOUND_BUDGET) as u32;
+        let permit = self.budget.acquire_many(n).await.map_err(|_| ())?;
+        permit.forget();
+        self.tx.send(chunks).map_err(|_| ())
+    }
+}
+
+fn chunk_bytes(chunks: &[Bytes]) -> usize {
+    chunks.iter().map(Bytes::len).sum()
+}
+
 /// Writes every chunk sent on `rx`, coalescing small ones, then shuts the socket down.
-async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>) {
+async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>, budget: Arc<Semaphore>) {
     const COALESCE: usize = 16 * 1024;
     let mut staging = BytesMut::with_capacity(64 * 1024);
     'outer: while let Some(first) = rx.recv().await {
+        // Budget to give back once this batch is written: what each message's sender took.
+        let mut release = chunk_bytes(&first).min(OUTBOUND_BUDGET);
         let mut batch = first;
         while let Ok(more) = rx.try_recv() {
+            release += chunk_bytes(&more).min(OUTBOUND_BUDGET);
             batch.extend(more);
         }
         for chunk in batch {
@@ -170,7 +198,10 @@ async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Vec<Byte
         if !staging.is_empty() && wr.write_all(&staging.split()).await.is_err() {
             break;
         }
+        budget.add_permits(release);
     }
+    // Unblock a sender waiting for budget that can no longer be written.
+    budget.close();
     let _ = wr.shutdown().await;
 }
 
@@ -194,7 +225,9 @@ impl Connection {
         let local = stream.local_addr().unwrap_or(peer);
         let (mut rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(writer(wr, rx));
+        let budget = Arc::new(Semaphore::new(OUTBOUND_BUDGET));
+        let writer = tokio::spawn(writer(wr, rx, budget.clone()));
+        let tx = Outbound { tx, budget };
         let params = QueueParams {
             max_capsule_data: target::INCAPSULE_DATA,
             maxh2cdata: target::MAXH2CDATA,
@@ -227,7 +260,7 @@ impl Connection {
                         if let Err(e) = c.queue.receive(&mut buf, &mut events) {
                             warn!(peer = %c.peer, fes = e.fes(), fei = e.fei(), "terminating connection: {e}");
                             c.queue.terminate(&e);
-                            let _ = tx.send(c.queue.take_output());
+                            let _ = tx.send(c.queue.take_output()).await;
                             break "protocol error";
                         }
                         for ev in events.drain(..) {
@@ -262,7 +295,7 @@ impl Connection {
                 _ = shutdown.cancelled() => break "target shutting down",
             }
             let out = c.queue.take_output();
-            if !out.is_empty() && tx.send(out).is_err() {
+            if !out.is_empty() && tx.send(out).await.is_err() {
                 break "write error";
             }
             if c.queue.is_closed() {

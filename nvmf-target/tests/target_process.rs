@@ -310,3 +310,44 @@ fn host_vanishing_mid_transfer_leaves_the_target_serving() {
     assert!(io.write(1, 0, &p, 512, false).cqe.status.is_success());
     assert_eq!(io.read(1, 0, 16, 512).data, p);
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_host_that_stops_reading_cannot_make_the_target_buffer_without_bound() {
+    let mut t = TargetProc::start();
+    let (_a, mut io) = controller_with_io(t.addr, Digests::default());
+    // Reads of written blocks, so every response really occupies memory.
+    assert!(io.write(1, 0, &pattern(512 * 1024, 7), 512, false).cqe.status.is_success());
+    let mut sock = io.sock.try_clone().unwrap();
+    sock.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+    // 1 GiB of 512 KiB reads with distinct CIDs, never reading a response, paced so that the
+    // queue depth is never exceeded. The target must stop reading from us long before that,
+    // with bounded memory.
+    let mut sent = 0u64;
+    for i in 0..2048u16 {
+        if i % 32 == 0 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut sqe = Sqe::new(0x02, i + 100);
+        sqe.set_nsid(1).set_cdw(12, 1023);
+        sqe.set_sgl(SglDescriptor { address: 0, length: 512 * 1024, id: SGL_ID_TRANSPORT });
+        let b = Pdu::CapsuleCmd { sqe, data: Bytes::new() }.to_bytes(Digests::default());
+        if std::io::Write::write_all(&mut sock, &b).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(t.is_alive(), "target died after {sent} commands");
+    let rss = rss_kib(t.child.id());
+    assert!(rss < 256 * 1024, "target RSS {rss} KiB after {sent} commands");
+    // Other hosts are still served.
+    let (_a2, mut io2) = controller_with_io(t.addr, Digests::default());
+    assert!(io2.read(1, 0, 8, 512).cqe.status.is_success());
+    assert!(t.is_alive());
+}
