@@ -311,12 +311,6 @@ fn host_vanishing_mid_transfer_leaves_the_target_serving() {
     assert_eq!(io.read(1, 0, 16, 512).data, p);
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[test]
 fn a_host_that_stops_reading_cannot_make_the_target_buffer_without_bound() {
     let mut t = TargetProc::start();
