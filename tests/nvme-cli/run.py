@@ -578,8 +578,25 @@ def run_boot(boot, kernel, base_initrd, env_text, workdir, logdir, target, ctx, 
     return results, notes
 
 
+def established_conns(port):
+    """ESTABLISHED TCP sockets whose local port is PORT (the target's side)."""
+    n = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                        n += 1
+        except OSError:
+            pass
+    return n
+
+
 class Context:
-    def __init__(self, target, selected):
+    def __init__(self, target, selected, port):
+        self.port = port
         self.target = target
         self._selected = selected
 
@@ -595,6 +612,25 @@ class Context:
                 self.target.add_namespace(int(parts[1]), int(parts[2]))
             elif parts[0] == "grow-ns":
                 self.target.grow_namespace(int(parts[1]), int(parts[2]))
+            elif parts[0] == "expect-conns-min":
+                n = established_conns(self.port)
+                if n < int(parts[1]):
+                    return f"err only {n} established TCP connections to port {self.port}, expected >= {parts[1]}"
+                return f"ok {n} established connections"
+            elif parts[0] == "wait-conns-closed":
+                limit, t0 = float(parts[1]), time.time()
+                n0 = established_conns(self.port)
+                while True:
+                    n = established_conns(self.port)
+                    if n == 0:
+                        msg = f"all {n0} connections closed by the target after {time.time() - t0:.1f}s"
+                        guest.note(msg)
+                        self.target.annotate(f"partition: {msg}")
+                        return "ok " + msg
+                    if time.time() - t0 > limit:
+                        return (f"err target still has {n} of {n0} TCP connections established "
+                                f"{limit:.0f}s after the host went silent (keep-alive timeout not enforced?)")
+                    time.sleep(0.5)
             else:
                 return f"err unknown request {parts[0]}"
         except (TargetError, IndexError, ValueError) as e:
@@ -766,7 +802,7 @@ def main():
             target.stop()
         raise
 
-    ctx = Context(target, selected)
+    ctx = Context(target, selected, args.port)
     env_text = guest_env(args.port, sorted(selected))
     try:
         for boot in boots:

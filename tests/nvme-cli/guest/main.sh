@@ -326,6 +326,39 @@ case_multi_queue() {
     disconnect "$NQN_A" || return 1
 }
 
+# Network partition: the host goes silent (eth0 down) without closing TCP.
+# The target must enforce the Keep Alive Timeout (5 s here) and drop the
+# controller's connections; once the link is back the kernel reconnects and
+# the data is still there.
+case_partition_kato() {
+    disconnect_all
+    CONNECT_OPTS="-l 120 -c 2 -k 5" connect "$NQN_A" || return 1
+    d="$(wait_ns_dev "$NQN_A" 1 15)" || { fail "no block device after connect"; return 1; }
+    c="$(ctrl_of "$NQN_A" | head -n1)"
+    make_pattern /tmp/pk.bin 2
+    write_range "$d" 160 /tmp/pk.bin || { fail "dd write failed"; return 1; }
+    request expect-conns-min 2 || return 1
+    echo "\$ ip link set eth0 down   (host silent, TCP left open)"
+    ip link set eth0 down
+    request wait-conns-closed 30
+    r=$?
+    ip link set eth0 up
+    ip route replace default via 10.0.2.2 2>/dev/null
+    [ $r = 0 ] || return 1
+    i=0; seen_down=""
+    while [ $i -lt 300 ]; do
+        st="$(cat /sys/class/nvme/$c/state 2>/dev/null)"
+        [ "$st" != live ] && seen_down=1
+        [ "$st" = live ] && [ -n "$seen_down" ] && break
+        [ "$st" = live ] && [ $i -gt 100 ] && break
+        sleep 0.2; i=$((i + 1))
+    done
+    dmesg | grep "$c" | tail -n 8
+    [ "$(cat /sys/class/nvme/$c/state 2>/dev/null)" = live ] || { fail "controller $c not live 60s after the link came back (state $(cat /sys/class/nvme/$c/state 2>/dev/null))"; return 1; }
+    read_range "$d" 160 2 /tmp/pk.rd && cmp -s /tmp/pk.bin /tmp/pk.rd || { fail "data not readable/intact after the reconnect"; return 1; }
+    disconnect "$NQN_A" || return 1
+}
+
 case_refused_host() {
     disconnect_all
     echo "\$ nvme connect ... -n $NQN_B (hostnqn $(cat /etc/nvme/hostnqn), not allowed)"
@@ -373,5 +406,6 @@ run_case ns-add-aen           case_ns_add_aen
 run_case ns-grow              case_ns_grow
 run_case digest               case_digest
 run_case multi-queue          case_multi_queue
+run_case partition-kato       case_partition_kato
 run_case refused-host         case_refused_host
 run_case disconnect-all       case_disconnect_all
