@@ -1,5 +1,6 @@
 //! `tessera`: the operator's command-line tool. Today it works with target configurations
-//! (print the default, check a file before deploying it); pools, volumes, exports and snapshots
+//! (print the default, check a file before deploying it) and benchmarks NVMe/TCP subsystems
+//! (`tessera bench`); pools, volumes, exports and snapshots
 //! join it as the management service lands.
 #![forbid(unsafe_code)]
 
@@ -8,6 +9,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tessera_nvmf::config::Config;
+
+mod bench;
 
 /// Tessera command-line tool.
 #[derive(Parser, Debug)]
@@ -19,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Drive a workload against an NVMe/TCP subsystem and report IOPS, bandwidth and latency.
+    Bench(bench::BenchArgs),
     /// NVMe/TCP target configuration.
     Nvmf {
         #[command(subcommand)]
@@ -54,10 +59,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<String, tessera_nvmf::config::ConfigError> {
+fn run(cli: Cli) -> Result<String, String> {
     match cli.command {
+        Command::Bench(a) => bench::run(a),
         Command::Nvmf { command: NvmfCommand::DefaultConfig } => Ok(Config::default().to_toml()),
-        Command::Nvmf { command: NvmfCommand::CheckConfig { file } } => Config::load(&file).map(|cfg| summary(&cfg)),
+        Command::Nvmf { command: NvmfCommand::CheckConfig { file } } => {
+            Config::load(&file).map(|cfg| summary(&cfg)).map_err(|e| e.to_string())
+        }
     }
 }
 

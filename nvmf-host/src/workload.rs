@@ -1,0 +1,577 @@
+//! Pipelined I/O workloads over NVMe/TCP I/O queues, in the manner of `spdk_nvme_perf` or fio:
+//! each queue keeps `qd` commands in flight, measures every completion's latency into an HDR
+//! histogram, and in verify mode writes a self-describing pattern and reads it all back.
+//!
+//! Per queue, a reader loop owns the protocol state (outstanding commands by CID, R2T answers,
+//! C2H data checks) and hands encoded PDUs to a writer task, so a large H2C transfer never blocks
+//! the reading of responses.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use hdrhistogram::Histogram;
+use tessera_nvme_proto::opcode::nvm;
+use tessera_nvme_proto::pdu::{self, DataPdu};
+use tessera_nvme_proto::sqe::{SglDescriptor, SGL_ID_INCAPSULE, SGL_ID_TRANSPORT};
+use tessera_nvme_proto::{Digests, Pdu, Sqe, Status};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::mpsc;
+
+use crate::conn::{Connection, Controller, Geometry, HostError, HOST_LIMITS};
+
+/// Access pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rw {
+    /// Sequential reads.
+    Read,
+    /// Sequential writes.
+    Write,
+    /// Random reads.
+    RandRead,
+    /// Random writes.
+    RandWrite,
+    /// Random mix; the read share is [`Workload::mix_read_pct`].
+    RandRw,
+}
+
+impl std::str::FromStr for Rw {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Rw, String> {
+        Ok(match s {
+            "read" => Rw::Read,
+            "write" => Rw::Write,
+            "randread" => Rw::RandRead,
+            "randwrite" => Rw::RandWrite,
+            "randrw" => Rw::RandRw,
+            _ => return Err(format!("unknown --rw {s:?}: expected read, write, randread, randwrite or randrw")),
+        })
+    }
+}
+
+/// A workload.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub rw: Rw,
+    /// Percentage of reads for [`Rw::RandRw`].
+    pub mix_read_pct: u8,
+    /// I/O size in bytes (a multiple of the block size).
+    pub bs: u32,
+    /// Commands in flight per queue.
+    pub qd: u16,
+    /// I/O queues (one TCP connection each).
+    pub queues: u16,
+    /// Run this long...
+    pub duration: Option<Duration>,
+    /// ...or this many I/Os in total.
+    pub ios: Option<u64>,
+    /// Write a pattern and read it all back, comparing every block.
+    pub verify: bool,
+    /// Blocks of the namespace to use from LBA 0 (default: all).
+    pub range_blocks: Option<u64>,
+    /// Seed of the random offsets and the verify pattern.
+    pub seed: u64,
+}
+
+/// Results of a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub ios: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub iops: f64,
+    pub mib_per_s: f64,
+    pub lat_avg_us: f64,
+    pub lat_p50_us: f64,
+    pub lat_p99_us: f64,
+    pub lat_p999_us: f64,
+    pub lat_max_us: f64,
+    pub errors: u64,
+    /// Blocks compared in the verify read-back (0 when not verifying).
+    pub verified_blocks: u64,
+}
+
+#[derive(Debug)]
+struct QueueStats {
+    hist: Histogram<u64>,
+    reads: u64,
+    writes: u64,
+    bytes: u64,
+    errors: u64,
+    verified_blocks: u64,
+    first_error: Option<String>,
+}
+
+/// xorshift64*: fast, deterministic, good enough for offsets and patterns.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// Fills one block with the verify pattern of `lba`: its LBA, the seed, then pseudo-random bytes.
+fn fill_block(block: &mut [u8], lba: u64, seed: u64) {
+    let mut rng = Rng::new(lba ^ seed.rotate_left(17));
+    for (i, chunk) in block.chunks_mut(8).enumerate() {
+        let v = match i {
+            0 => lba,
+            1 => seed,
+            _ => rng.next(),
+        };
+        let bytes = v.to_le_bytes();
+        let n = chunk.len();
+        chunk.copy_from_slice(bytes.get(..n).unwrap_or_default());
+    }
+}
+
+fn pattern(lba: u64, blocks: u32, bs: u32, seed: u64) -> Bytes {
+    let mut b = vec![0u8; blocks as usize * bs as usize];
+    for (i, block) in b.chunks_mut(bs as usize).enumerate() {
+        fill_block(block, lba + i as u64, seed);
+    }
+    Bytes::from(b)
+}
+
+/// What one queue issues next.
+#[derive(Debug)]
+struct OpGen {
+    rw: Rw,
+    mix_read_pct: u8,
+    units: u64,
+    next_seq: u64,
+    stride: u64,
+    rng: Rng,
+    remaining: Option<u64>,
+    deadline: Option<Instant>,
+    /// Verify read-back: read exactly these units, in order.
+    readback: Option<std::vec::IntoIter<u64>>,
+}
+
+impl OpGen {
+    /// The next (is_read, unit), or `None` when this queue is done.
+    fn next(&mut self) -> Option<(bool, u64)> {
+        if let Some(it) = &mut self.readback {
+            return it.next().map(|u| (true, u));
+        }
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return None;
+        }
+        if let Some(r) = &mut self.remaining {
+            if *r == 0 {
+                return None;
+            }
+            *r -= 1;
+        }
+        let unit = match self.rw {
+            Rw::Read | Rw::Write => {
+                let u = self.next_seq % self.units;
+                self.next_seq += self.stride;
+                u
+            }
+            _ => self.rng.next() % self.units,
+        };
+        let read = match self.rw {
+            Rw::Read | Rw::RandRead => true,
+            Rw::Write | Rw::RandWrite => false,
+            Rw::RandRw => (self.rng.next() % 100) < u64::from(self.mix_read_pct),
+        };
+        Some((read, unit))
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    start: Instant,
+    read: bool,
+    lba: u64,
+    data: Option<Bytes>,
+}
+
+struct QueueCtx {
+    geo: Geometry,
+    bs: u32,
+    qd: u16,
+    digests: Digests,
+    verify_seed: Option<u64>,
+    fixed_write: Bytes,
+    /// Units this queue wrote (verify mode).
+    written: Vec<u64>,
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+    while let Some(b) = rx.recv().await {
+        if wr.write_all(&b).await.is_err() {
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+fn submit(ctx: &mut QueueCtx, cid: u16, read: bool, unit: u64, out: &mut BytesMut) -> Slot {
+    let blocks = ctx.bs / ctx.geo.block_size;
+    let lba = unit * u64::from(blocks);
+    let mut sqe = Sqe::new(if read { nvm::READ } else { nvm::WRITE }, cid);
+    sqe.set_nsid(ctx.geo.nsid).set_cdw(10, lba as u32).set_cdw(11, (lba >> 32) as u32).set_cdw(12, blocks - 1);
+    let mut data = None;
+    let mut capsule = Bytes::new();
+    if read {
+        sqe.set_sgl(SglDescriptor { address: 0, length: ctx.bs, id: SGL_ID_TRANSPORT });
+    } else {
+        let d = match ctx.verify_seed {
+            Some(seed) => {
+                ctx.written.push(unit);
+                pattern(lba, blocks, ctx.geo.block_size, seed)
+            }
+            None => ctx.fixed_write.clone(),
+        };
+        if d.len() <= ctx.geo.incapsule {
+            sqe.set_sgl(SglDescriptor { address: 0, length: ctx.bs, id: SGL_ID_INCAPSULE });
+            capsule = d;
+        } else {
+            sqe.set_sgl(SglDescriptor { address: 0, length: ctx.bs, id: SGL_ID_TRANSPORT });
+            data = Some(d);
+        }
+    }
+    Pdu::CapsuleCmd { sqe, data: capsule }.encode(ctx.digests, out);
+    Slot { start: Instant::now(), read, lba, data }
+}
+
+fn check_blocks(data: &[u8], first_lba: u64, bs: u32, seed: u64) -> Result<u64, String> {
+    let mut want = vec![0u8; bs as usize];
+    let mut n = 0;
+    for (i, block) in data.chunks(bs as usize).enumerate() {
+        let lba = first_lba + i as u64;
+        fill_block(&mut want, lba, seed);
+        if block != want.as_slice() {
+            return Err(format!("verify failed at LBA {lba}: data differs from what was written"));
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+async fn run_queue(conn: Connection, mut gen: OpGen, mut ctx: QueueCtx) -> Result<(QueueStats, Vec<u64>), HostError> {
+    let Connection { stream, addr, maxh2cdata, mut buf, .. } = conn;
+    let protocol = |what: String| HostError::Protocol { addr, what };
+    let (mut rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_loop(wr, rx));
+    let mut stats = QueueStats {
+        hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| HostError::Data(e.to_string()))?,
+        reads: 0,
+        writes: 0,
+        bytes: 0,
+        errors: 0,
+        verified_blocks: 0,
+        first_error: None,
+    };
+    let mut slots: Vec<Option<Slot>> = (0..ctx.qd).map(|_| None).collect();
+    let mut free: Vec<u16> = (0..ctx.qd).rev().collect();
+    let mut outstanding = 0usize;
+    let mut out = BytesMut::with_capacity(1 << 16);
+    let mut exhausted = false;
+    loop {
+        while !exhausted {
+            let Some(cid) = free.pop() else { break };
+            match gen.next() {
+                Some((read, unit)) => {
+                    let slot = submit(&mut ctx, cid, read, unit, &mut out);
+                    if let Some(s) = slots.get_mut(usize::from(cid)) {
+                        *s = Some(slot);
+                    }
+                    outstanding += 1;
+                }
+                None => {
+                    free.push(cid);
+                    exhausted = true;
+                }
+            }
+        }
+        if !out.is_empty() && tx.send(out.split().freeze()).is_err() {
+            return Err(protocol("writer stopped".into()));
+        }
+        if outstanding == 0 {
+            break;
+        }
+        let p = loop {
+            match pdu::decode(&mut buf, ctx.digests, &HOST_LIMITS) {
+                Ok(Some(p)) => break p,
+                Ok(None) => {}
+                Err(e) => return Err(protocol(format!("bad PDU from target: {e}"))),
+            }
+            buf.reserve(256 * 1024);
+            let n = rd.read_buf(&mut buf).await.map_err(|source| HostError::Io { addr, source })?;
+            if n == 0 {
+                return Err(protocol("target closed the connection".into()));
+            }
+        };
+        let (cid, status) = match p {
+            Pdu::CapsuleResp(c) => (c.cid, Some(c.status)),
+            Pdu::C2hData(d) => {
+                let slot = slots
+                    .get(usize::from(d.cccid))
+                    .and_then(Option::as_ref)
+                    .ok_or_else(|| protocol(format!("C2HData for unknown CID {}", d.cccid)))?;
+                if let Some(seed) = ctx.verify_seed {
+                    let first = slot.lba + u64::from(d.datao / ctx.geo.block_size);
+                    match check_blocks(&d.data, first, ctx.geo.block_size, seed) {
+                        Ok(n) => stats.verified_blocks += n,
+                        Err(e) => {
+                            stats.errors += 1;
+                            stats.first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                (d.cccid, d.success.then_some(Status::SUCCESS))
+            }
+            Pdu::R2t(r) => {
+                let slot = slots.get(usize::from(r.cccid)).and_then(Option::as_ref);
+                let data = slot.and_then(|s| s.data.clone()).ok_or_else(|| protocol(format!("R2T for CID {} without data", r.cccid)))?;
+                let (mut off, end) = (r.r2to as usize, r.r2to as usize + r.r2tl as usize);
+                if end > data.len() {
+                    return Err(protocol("R2T beyond the command's data".into()));
+                }
+                while off < end {
+                    let n = (end - off).min(maxh2cdata as usize);
+                    let p = DataPdu {
+                        cccid: r.cccid,
+                        ttag: r.ttag,
+                        datao: off as u32,
+                        data: data.slice(off..off + n),
+                        last: off + n == end,
+                        success: false,
+                    };
+                    Pdu::H2cData(p).encode(ctx.digests, &mut out);
+                    off += n;
+                }
+                (r.cccid, None)
+            }
+            Pdu::C2hTermReq(t) => return Err(protocol(format!("target terminated the connection (FES {:#x})", t.fes))),
+            other => return Err(protocol(format!("unexpected PDU {other:?}"))),
+        };
+        let Some(status) = status else { continue };
+        let Some(slot) = slots.get_mut(usize::from(cid)).and_then(Option::take) else {
+            return Err(protocol(format!("completion for unknown CID {cid}")));
+        };
+        let lat = slot.start.elapsed().as_nanos() as u64;
+        let _ = stats.hist.record(lat.max(1));
+        if status.is_success() {
+            if slot.read {
+                stats.reads += 1;
+            } else {
+                stats.writes += 1;
+            }
+            stats.bytes += u64::from(ctx.bs);
+        } else {
+            stats.errors += 1;
+            stats.first_error.get_or_insert(format!("{} at LBA {} failed: {status}", if slot.read { "read" } else { "write" }, slot.lba));
+        }
+        free.push(cid);
+        outstanding -= 1;
+    }
+    drop(tx);
+    let _ = writer.await;
+    Ok((stats, std::mem::take(&mut ctx.written)))
+}
+
+impl Workload {
+    fn check(&self, geo: &Geometry) -> Result<u64, HostError> {
+        let bad = |m: String| Err(HostError::Data(m));
+        if self.bs == 0 || !self.bs.is_multiple_of(geo.block_size) {
+            return bad(format!("--bs {} must be a multiple of the block size {}", self.bs, geo.block_size));
+        }
+        if geo.mdts_bytes != 0 && u64::from(self.bs) > geo.mdts_bytes {
+            return bad(format!("--bs {} exceeds the controller's maximum transfer size {}", self.bs, geo.mdts_bytes));
+        }
+        if self.qd == 0 || u32::from(self.qd) >= geo.max_queue_entries {
+            return bad(format!("--qd {} must be 1 to {}", self.qd, geo.max_queue_entries - 1));
+        }
+        if self.queues == 0 {
+            return bad("--queues must be at least 1".into());
+        }
+        if self.duration.is_none() && self.ios.is_none() {
+            return bad("give --time or --ios".into());
+        }
+        let blocks = self.range_blocks.unwrap_or(geo.blocks).min(geo.blocks);
+        let units = blocks / u64::from(self.bs / geo.block_size);
+        if units == 0 {
+            return bad("the namespace range is smaller than one I/O".into());
+        }
+        Ok(units)
+    }
+
+    fn gens(&self, units: u64, readback: Option<Vec<Vec<u64>>>) -> Vec<OpGen> {
+        let deadline = self.duration.map(|d| Instant::now() + d);
+        let n = u64::from(self.queues);
+        let mut readback = readback.map(|v| v.into_iter());
+        (0..n)
+            .map(|q| OpGen {
+                rw: if self.verify && readback.is_none() && matches!(self.rw, Rw::Read | Rw::RandRead | Rw::RandRw) {
+                    if self.rw == Rw::Read {
+                        Rw::Write
+                    } else {
+                        Rw::RandWrite
+                    }
+                } else {
+                    self.rw
+                },
+                mix_read_pct: self.mix_read_pct,
+                units,
+                next_seq: q,
+                stride: n,
+                rng: Rng::new(self.seed ^ (q + 1).wrapping_mul(0xA076_1D64_78BD_642F)),
+                remaining: self.ios.map(|t| t / n + u64::from(q < t % n)),
+                deadline,
+                readback: readback.as_mut().and_then(|it| it.next()).map(Vec::into_iter),
+            })
+            .collect()
+    }
+
+    async fn phase(
+        &self,
+        ctrl: &Controller,
+        gens: Vec<OpGen>,
+        verify_seed: Option<u64>,
+    ) -> Result<(Vec<QueueStats>, Vec<Vec<u64>>, Duration), HostError> {
+        let geo = ctrl.geometry;
+        let mut conns = Vec::new();
+        for qid in 1..=self.queues {
+            conns.push(ctrl.io_queue(qid, (self.qd + 1).max(32).min(geo.max_queue_entries as u16)).await?);
+        }
+        let fixed_write = pattern(0, self.bs / geo.block_size, geo.block_size, self.seed);
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for (conn, gen) in conns.into_iter().zip(gens) {
+            let ctx = QueueCtx {
+                geo,
+                bs: self.bs,
+                qd: self.qd,
+                digests: ctrl.opts.digests,
+                verify_seed,
+                fixed_write: fixed_write.clone(),
+                written: Vec::new(),
+            };
+            tasks.push(tokio::spawn(run_queue(conn, gen, ctx)));
+        }
+        let mut stats = Vec::new();
+        let mut written = Vec::new();
+        for t in tasks {
+            let (s, w) = t.await.map_err(|e| HostError::Data(format!("queue task failed: {e}")))??;
+            stats.push(s);
+            written.push(w);
+        }
+        Ok((stats, written, start.elapsed()))
+    }
+
+    /// Runs the workload on `ctrl`'s namespace. I/O queues are opened for the run and closed
+    /// after it.
+    pub async fn run(&self, ctrl: &mut Controller) -> Result<Report, HostError> {
+        let units = self.check(&ctrl.geometry)?;
+        let granted = ctrl.set_queue_count(self.queues).await?;
+        if granted < self.queues {
+            return Err(HostError::Data(format!("the controller granted {granted} I/O queues, {} asked", self.queues)));
+        }
+        let seed = self.verify.then_some(self.seed | 1);
+        let (mut stats, written, elapsed) = self.phase(ctrl, self.gens(units, None), seed).await?;
+        let mut verified = 0;
+        if self.verify {
+            // Read back every unit written, each queue reading what it wrote (sorted, deduplicated).
+            let lists: Vec<Vec<u64>> = written
+                .into_iter()
+                .map(|mut w| {
+                    w.sort_unstable();
+                    w.dedup();
+                    w
+                })
+                .collect();
+            let (rs, _, _) = self.phase(ctrl, self.gens(units, Some(lists)), seed).await?;
+            for s in rs {
+                verified += s.verified_blocks;
+                if s.errors > 0 {
+                    return Err(HostError::Data(s.first_error.unwrap_or_else(|| "verify read-back failed".into())));
+                }
+            }
+        }
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| HostError::Data(e.to_string()))?;
+        let (mut reads, mut writes, mut bytes, mut errors) = (0, 0, 0, 0);
+        let mut first_error = None;
+        for s in stats.drain(..) {
+            let _ = hist.add(&s.hist);
+            reads += s.reads;
+            writes += s.writes;
+            bytes += s.bytes;
+            errors += s.errors;
+            first_error = first_error.or(s.first_error);
+        }
+        if let Some(e) = first_error.filter(|_| self.verify) {
+            return Err(HostError::Data(e));
+        }
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        let us = |ns: u64| ns as f64 / 1000.0;
+        let ios = reads + writes;
+        Ok(Report {
+            ios,
+            reads,
+            writes,
+            bytes,
+            seconds: secs,
+            iops: ios as f64 / secs,
+            mib_per_s: bytes as f64 / secs / (1 << 20) as f64,
+            lat_avg_us: hist.mean() / 1000.0,
+            lat_p50_us: us(hist.value_at_quantile(0.5)),
+            lat_p99_us: us(hist.value_at_quantile(0.99)),
+            lat_p999_us: us(hist.value_at_quantile(0.999)),
+            lat_max_us: us(hist.max()),
+            errors,
+            verified_blocks: verified,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_self_describing_and_checkable() {
+        let p = pattern(100, 4, 512, 7);
+        assert_eq!(check_blocks(&p, 100, 512, 7), Ok(4));
+        assert!(check_blocks(&p, 101, 512, 7).is_err());
+        assert!(check_blocks(&p, 100, 512, 8).is_err());
+        let mut bad = p.to_vec();
+        bad[1000] ^= 1;
+        assert!(check_blocks(&bad, 100, 512, 7).unwrap_err().contains("LBA 101"));
+    }
+
+    #[test]
+    fn generators_split_ios_and_cover_sequentially() {
+        let w = Workload {
+            rw: Rw::Write,
+            mix_read_pct: 0,
+            bs: 4096,
+            qd: 4,
+            queues: 3,
+            duration: None,
+            ios: Some(10),
+            verify: false,
+            range_blocks: None,
+            seed: 1,
+        };
+        let mut gens = w.gens(100, None);
+        let mut all: Vec<u64> = gens.iter_mut().flat_map(|g| std::iter::from_fn(move || g.next().map(|(_, u)| u))).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+    }
+}
