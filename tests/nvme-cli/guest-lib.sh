@@ -203,7 +203,11 @@ fio_verify() {
         --verify=crc32c --verify_fatal=1 --do_verify=1 \
         --group_reporting --eta=never "$@" > "$_out" 2>&1
     _r=$?
-    cat "$_out"
+    if [ "$_r" = 0 ] && ! grep -q 'err= *[1-9]' "$_out"; then
+        grep -E 'err=|  (read|write): IOPS' "$_out"      # condensed on success
+    else
+        cat "$_out"
+    fi
     [ "$_r" = 0 ] || { fail "fio $_job exit $_r: $(grep -m1 -E 'verify: bad|bad magic|io_u error|error=|err= *[1-9]|crc32c|fio: ' "$_out" | grep -v 'multiple writers')"; return 1; }
     _errs="$(grep -o 'err= *[0-9]*' "$_out" | grep -v 'err= *0$')"
     [ -z "$_errs" ] || { fail "fio $_job reported $_errs"; return 1; }

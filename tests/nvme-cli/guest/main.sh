@@ -361,6 +361,44 @@ case_partition_kato() {
     disconnect "$NQN_A" || return 1
 }
 
+# Two controllers of the same host to subsystem A (nvme connect -D): the
+# kernel's native multipath puts both paths under one namespace head, which
+# needs unique controller IDs, CMIC multi-controller and NMIC shared.
+case_multipath() {
+    disconnect_all
+    connect "$NQN_A" || return 1
+    # nvme-cli 2.3 says "already connected" even with -D: talk to the
+    # fabrics device directly for the second controller
+    opts="transport=tcp,traddr=$TADDR,trsvcid=$TPORT,nqn=$NQN_A,hostnqn=$(cat /etc/nvme/hostnqn),hostid=$(cat /etc/nvme/hostid),duplicate_connect,ctrl_loss_tmo=30"
+    echo "\$ echo $opts > /dev/nvme-fabrics"
+    exec 3<>/dev/nvme-fabrics || { fail "cannot open /dev/nvme-fabrics"; return 1; }
+    echo "$opts" >&3 || { exec 3>&-; fail "second (duplicate) connect to $NQN_A refused by the kernel/target"; return 1; }
+    read -r res <&3; exec 3>&-
+    echo "fabrics: $res"
+    sleep 1
+    ctrls="$(ctrl_of "$NQN_A" | tr '\n' ' ')"
+    n="$(echo $ctrls | wc -w)"
+    echo "controllers of $NQN_A: $ctrls"
+    for c in $ctrls; do echo "$c cntlid=$(cat /sys/class/nvme/$c/cntlid) state=$(cat /sys/class/nvme/$c/state)"; done
+    dmesg | grep -iE 'duplicate|unshared|cntlid|multipath' | tail -n 5
+    [ "$n" = 2 ] || { fail "expected 2 controllers for $NQN_A after a duplicate connect, found $n"; return 1; }
+    c1="$(echo $ctrls | cut -d' ' -f1)"; c2="$(echo $ctrls | cut -d' ' -f2)"
+    [ "$(cat /sys/class/nvme/$c1/cntlid)" != "$(cat /sys/class/nvme/$c2/cntlid)" ] || { fail "both controllers have cntlid $(cat /sys/class/nvme/$c1/cntlid)"; return 1; }
+    [ "$(readlink -f /sys/class/nvme/$c1/subsystem 2>/dev/null)" = "$(readlink -f /sys/class/nvme/$c2/subsystem 2>/dev/null)" ] || true
+    paths="$(ls -d /sys/block/nvme*c*n1 2>/dev/null | wc -l)"
+    d="$(wait_ns_dev "$NQN_A" 1 10)" || { fail "no namespace head block device"; return 1; }
+    echo "head /dev/$d, path devices: $(ls -d /sys/block/nvme*c*n1 2>/dev/null | xargs -n1 basename | tr '\n' ' ')"
+    [ "$paths" = 2 ] || { fail "namespace 1 has $paths path device(s), expected 2 (NMIC shared / CMIC multi-controller not set?)"; return 1; }
+    sub="$(ls -d /sys/class/nvme-subsystem/nvme-subsys* | head -n1)"
+    echo round-robin > "$sub/iopolicy" 2>/dev/null
+    fio_verify mp "$d" 4k --numjobs=2 --iodepth=16 --size=8m --offset=176m --offset_increment=16m || return 1
+    for p in /sys/block/nvme*c*n1; do echo "$(basename $p): $(awk '{print "reads=" $1 " writes=" $5}' $p/stat)"; done
+    # drop one path: I/O continues on the other
+    must "disconnect one controller" nvme disconnect -d "$c2" || return 1
+    fio_verify mp1 "$d" 4k --numjobs=1 --iodepth=16 --size=4m --offset=208m || return 1
+    disconnect_all
+}
+
 case_refused_host() {
     disconnect_all
     echo "\$ nvme connect ... -n $NQN_B (hostnqn $(cat /etc/nvme/hostnqn), not allowed)"
@@ -409,5 +447,6 @@ run_case ns-grow              case_ns_grow
 run_case digest               case_digest
 run_case multi-queue          case_multi_queue
 run_case partition-kato       case_partition_kato
+run_case multipath            case_multipath
 run_case refused-host         case_refused_host
 run_case disconnect-all       case_disconnect_all
