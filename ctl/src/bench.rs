@@ -68,6 +68,10 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Connect the controller and the I/O queues, then stay idle for --time seconds and report
+    /// the target's CPU use (no busy polling means ~0).
+    #[arg(long, requires = "target_pid")]
+    idle: bool,
 }
 
 fn parse_size64(s: &str) -> Result<u64, String> {
@@ -99,6 +103,30 @@ fn cpu_seconds(pid: u32) -> Result<f64, String> {
     Ok((ticks(11)? + ticks(12)?) as f64 / 100.0)
 }
 
+/// Holds a connected controller with its I/O queues idle and measures the target's CPU use.
+async fn idle(ctrl: &mut Controller, a: &BenchArgs) -> Result<String, String> {
+    let (Some(pid), Some(secs)) = (a.target_pid, a.time) else {
+        return Err("--idle needs --target-pid and --time".into());
+    };
+    ctrl.set_queue_count(a.queues).await.map_err(|e| e.to_string())?;
+    let mut queues = Vec::new();
+    for qid in 1..=a.queues {
+        queues.push(ctrl.io_queue(qid, a.qd + 1).await.map_err(|e| e.to_string())?);
+    }
+    let c0 = cpu_seconds(pid)?;
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let used = cpu_seconds(pid)? - c0;
+    drop(queues);
+    if a.json {
+        return Ok(format!("{{\"idle_seconds\":{secs},\"target_cpu_seconds\":{used},\"queues\":{}}}\n", a.queues));
+    }
+    Ok(format!(
+        "idle for {secs:.0} s with {} I/O queue(s) connected: target used {used:.2} CPU s ({:.3} %)\n",
+        a.queues,
+        used / secs * 100.0
+    ))
+}
+
 /// Runs the benchmark and returns the text to print.
 pub fn run(a: BenchArgs) -> Result<String, String> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
@@ -119,6 +147,9 @@ async fn run_async(a: BenchArgs) -> Result<String, String> {
         disable_sqflow: a.disable_sqflow,
     };
     let mut ctrl = Controller::connect(opts, a.nsid).await.map_err(|e| e.to_string())?;
+    if a.idle {
+        return idle(&mut ctrl, &a).await;
+    }
     let w = Workload {
         rw: a.rw,
         mix_read_pct: a.mix,

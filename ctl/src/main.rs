@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use tessera_nvmf::config::Config;
 
 mod bench;
+mod wire;
 
 /// Tessera command-line tool.
 #[derive(Parser, Debug)]
@@ -24,6 +25,8 @@ struct Cli {
 enum Command {
     /// Drive a workload against an NVMe/TCP subsystem and report IOPS, bandwidth and latency.
     Bench(bench::BenchArgs),
+    /// Measure the loopback TCP request/response limit for NVMe/TCP-sized messages.
+    BenchWire(wire::WireArgs),
     /// NVMe/TCP target configuration.
     Nvmf {
         #[command(subcommand)]
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<String, String> {
     match cli.command {
         Command::Bench(a) => bench::run(a),
+        Command::BenchWire(a) => wire::run(a),
         Command::Nvmf { command: NvmfCommand::DefaultConfig } => Ok(Config::default().to_toml()),
         Command::Nvmf { command: NvmfCommand::CheckConfig { file } } => {
             Config::load(&file).map(|cfg| summary(&cfg)).map_err(|e| e.to_string())
