@@ -7,7 +7,6 @@
 //! queue), the keep-alive deadline (admin queue) and its controller's teardown. Output goes to
 //! the writer task through a channel, so reading never waits on writing.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -205,8 +204,6 @@ async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Vec<Byte
     let _ = wr.shutdown().await;
 }
 
-type WorkFuture = std::pin::Pin<Box<dyn Future<Output = Done> + Send>>;
-
 struct Connection {
     target: Arc<Target>,
     peer: SocketAddr,
@@ -214,7 +211,9 @@ struct Connection {
     queue: Queue<Pending>,
     ctrl: Option<Arc<Controller>>,
     qid: u16,
-    inflight: FuturesUnordered<WorkFuture>,
+    /// Work to start: moved into the in-flight set by the connection loop, which owns it so that
+    /// every future there has the one concrete type of [`execute`] and needs no boxing.
+    to_start: Vec<(u16, Work)>,
     /// Set by Disconnect: close once the reply is out.
     closing: bool,
 }
@@ -240,12 +239,13 @@ impl Connection {
             queue: Queue::new(params),
             ctrl: None,
             qid: 0,
-            inflight: FuturesUnordered::new(),
+            to_start: Vec::new(),
             closing: false,
         };
         debug!(%peer, "connection accepted");
         let mut buf = BytesMut::with_capacity(256 * 1024);
         let mut events = Vec::new();
+        let mut inflight = FuturesUnordered::new();
         // A connection that has not completed Connect by then is dropped: it holds resources
         // without being a queue.
         let connect_deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
@@ -272,7 +272,7 @@ impl Connection {
                     }
                     Err(e) => break if e.kind() == std::io::ErrorKind::ConnectionReset { "connection reset" } else { "read error" },
                 },
-                Some(done) = c.inflight.next(), if !c.inflight.is_empty() => c.on_done(done),
+                Some(done) = inflight.next(), if !inflight.is_empty() => c.on_done(done),
                 _ = async { if let Some(x) = &ctrl { x.aen.notified().await } }, if c.qid == 0 && ctrl.is_some() => {
                     if let Some(x) = &ctrl {
                         for (cid, dw0) in x.take_event_completions() {
@@ -293,6 +293,9 @@ impl Connection {
                 _ = async { if let Some(t) = &cancel { t.cancelled().await } }, if cancel.is_some() => break "controller torn down",
                 _ = tokio::time::sleep_until(connect_deadline), if c.ctrl.is_none() => break "no Connect within the connect timeout",
                 _ = shutdown.cancelled() => break "target shutting down",
+            }
+            for (cid, work) in c.to_start.drain(..) {
+                inflight.push(execute(cid, work));
             }
             let out = c.queue.take_output();
             if !out.is_empty() && tx.send(out).await.is_err() {
@@ -345,7 +348,7 @@ impl Connection {
     }
 
     fn start(&mut self, cid: u16, work: Work) {
-        self.inflight.push(Box::pin(execute(cid, work)));
+        self.to_start.push((cid, work));
     }
 
     fn on_done(&mut self, d: Done) {
