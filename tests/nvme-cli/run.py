@@ -174,6 +174,7 @@ class TesseraTarget:
         self.port = port
         self.proc = None
         self.logf = None
+        self.fd_baseline = None
         self.extra_ns = {}  # nsid -> MiB, added to subsystem A at run time
 
     def render_config(self):
@@ -223,6 +224,8 @@ class TesseraTarget:
                 raise TargetError(f"target exited with status {self.proc.returncode} during startup; "
                                   f"log tail:\n{self.log_tail()}")
             if port_open(self.port):
+                time.sleep(0.5)
+                self.fd_baseline = self.fd_count()
                 return
             time.sleep(0.2)
         raise TargetError(f"target did not listen on 127.0.0.1:{self.port} within 30s; "
@@ -230,6 +233,26 @@ class TesseraTarget:
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
+
+    def fd_count(self):
+        try:
+            return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        except OSError:
+            return None
+
+    def fd_leak(self, wait=15):
+        """None if the open fds return to the startup count, else a message."""
+        if self.fd_baseline is None:
+            return None
+        deadline = time.time() + wait
+        while True:
+            n = self.fd_count()
+            if n is None or n <= self.fd_baseline:
+                return None
+            if time.time() > deadline:
+                return (f"target has {n} open fds after all hosts disconnected, "
+                        f"{self.fd_baseline} at startup (sockets leaked?)")
+            time.sleep(0.5)
 
     def status(self):
         if self.proc is None:
@@ -651,7 +674,7 @@ def guest_env(port, cases):
 
 
 DEPENDS = {"ns-grow": ["ns-add-aen"]}
-HOST_CASES = ["host-vanishes", "target-alive", "target-log-clean"]
+HOST_CASES = ["host-vanishes", "target-alive", "target-log-clean", "target-no-fd-leak"]
 
 
 def main():
@@ -687,7 +710,7 @@ def main():
     ]
     if args.script:
         boots = [Boot("script", Path(args.script).resolve(), timeout=1500)]
-    all_cases = [c for b in boots for c in b.cases] + (["target-alive", "target-log-clean"] if args.script else HOST_CASES)
+    all_cases = [c for b in boots for c in b.cases] + (["target-alive", "target-log-clean", "target-no-fd-leak"] if args.script else HOST_CASES)
     if args.list:
         for b in boots:
             for c in b.cases:
@@ -706,7 +729,7 @@ def main():
     if selected & {"host-vanishes-start", "host-vanishes-next-host"}:
         selected.update(["host-vanishes", "host-vanishes-start", "host-vanishes-next-host"])
     if selected:
-        selected.update(["target-alive", "target-log-clean"])
+        selected.update(["target-alive", "target-log-clean", "target-no-fd-leak"])
 
     def want(name):
         return not selected or name in selected
@@ -834,6 +857,15 @@ def main():
         else:
             results["target-alive"] = Result("target-alive", False, f"target {target.status()}")
             print("target log tail:\n" + target.log_tail())
+        leak = target.fd_leak() if target.alive() and hasattr(target, "fd_leak") else None
+        if leak:
+            results["target-no-fd-leak"] = Result("target-no-fd-leak", False, leak)
+        elif not target.alive():
+            results["target-no-fd-leak"] = Result("target-no-fd-leak", False, f"target {target.status()}")
+        else:
+            base = getattr(target, "fd_baseline", None)
+            results["target-no-fd-leak"] = Result("target-no-fd-leak", True,
+                                                  info=f"back to {base} open fds" if base else "not measured")
         bad = target.problems()
         if bad:
             results["target-log-clean"] = Result("target-log-clean", False,

@@ -1,5 +1,6 @@
 # host-vanishes, boot 1: connect, start a long random-write fio, announce it,
-# then wait to be killed.  run.py SIGKILLs QEMU after "@@MARK fio-running":
+# then wait to be killed.  Mixed sizes up to 256 KiB keep R2T/H2CData
+# transfers in flight when the host dies.  run.py SIGKILLs QEMU after "@@MARK fio-running":
 # the target sees the TCP connections die mid-I/O.
 . /guest-lib.sh
 
@@ -7,7 +8,7 @@ case_host_vanishes_start() {
     connect "$NQN_A" || return 1
     d="$(wait_ns_dev "$NQN_A" 1 15)" || { fail "no block device after connect"; return 1; }
     fio --name=vanish --filename="/dev/$d" --ioengine=libaio --direct=1 --rw=randwrite \
-        --bs=4k --iodepth=32 --numjobs=2 --size=64m --time_based --runtime=600 \
+        --bsrange=4k-256k --iodepth=32 --numjobs=2 --size=64m --time_based --runtime=600 \
         > /tmp/vanish.out 2>&1 &
     pid=$!
     sleep 4

@@ -416,6 +416,19 @@ case_refused_host() {
     disconnect "$NQN_B" || return 1
 }
 
+case_connect_churn() {
+    disconnect_all
+    i=1
+    while [ $i -le 10 ]; do
+        connect "$NQN_A" >/dev/null || return 1
+        d="$(wait_ns_dev "$NQN_A" 1 15)" || { fail "cycle $i: no block device"; return 1; }
+        dd if="/dev/$d" of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null || { fail "cycle $i: read failed"; return 1; }
+        disconnect "$NQN_A" >/dev/null || return 1
+        i=$((i + 1))
+    done
+    echo "10 connect/read/disconnect cycles done"
+}
+
 case_disconnect_all() {
     disconnect_all
     n="$(ls /sys/class/nvme/ 2>/dev/null | wc -l)"
@@ -449,4 +462,5 @@ run_case multi-queue          case_multi_queue
 run_case partition-kato       case_partition_kato
 run_case multipath            case_multipath
 run_case refused-host         case_refused_host
+run_case connect-churn        case_connect_churn
 run_case disconnect-all       case_disconnect_all
