@@ -11,7 +11,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tessera_bdev::{BlockDevice, WriteData};
 use tessera_nvme_proto::opcode::{self, fctype};
@@ -170,31 +173,47 @@ fn chunk_bytes(chunks: &[Bytes]) -> usize {
     chunks.iter().map(Bytes::len).sum()
 }
 
-/// Writes every chunk sent on `rx`, coalescing small ones, then shuts the socket down.
+/// Writes `chunks` with as few `writev` calls as the socket allows: PDU headers and data go out
+/// together without being copied into one buffer.
+async fn write_chunks(wr: &mut OwnedWriteHalf, chunks: &mut VecDeque<Bytes>) -> std::io::Result<()> {
+    const MAX_IOV: usize = 64;
+    while !chunks.is_empty() {
+        let mut iov = [IoSlice::new(&[]); MAX_IOV];
+        let mut count = 0;
+        for (slot, c) in iov.iter_mut().zip(chunks.iter()) {
+            *slot = IoSlice::new(c);
+            count += 1;
+        }
+        let mut n = wr.write_vectored(iov.get(..count).unwrap_or_default()).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let Some(front) = chunks.front_mut() else { break };
+            if front.len() <= n {
+                n -= front.len();
+                chunks.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes every chunk sent on `rx`, batching whatever has queued up, then shuts the socket down.
 async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>, budget: Arc<Semaphore>) {
-    const COALESCE: usize = 16 * 1024;
-    let mut staging = BytesMut::with_capacity(64 * 1024);
-    'outer: while let Some(first) = rx.recv().await {
+    let mut pending = VecDeque::new();
+    while let Some(first) = rx.recv().await {
         // Budget to give back once this batch is written: what each message's sender took.
         let mut release = chunk_bytes(&first).min(OUTBOUND_BUDGET);
-        let mut batch = first;
+        pending.extend(first);
         while let Ok(more) = rx.try_recv() {
             release += chunk_bytes(&more).min(OUTBOUND_BUDGET);
-            batch.extend(more);
+            pending.extend(more);
         }
-        for chunk in batch {
-            if chunk.len() <= COALESCE {
-                staging.extend_from_slice(&chunk);
-                continue;
-            }
-            if !staging.is_empty() && wr.write_all(&staging.split()).await.is_err() {
-                break 'outer;
-            }
-            if wr.write_all(&chunk).await.is_err() {
-                break 'outer;
-            }
-        }
-        if !staging.is_empty() && wr.write_all(&staging.split()).await.is_err() {
+        if write_chunks(&mut wr, &mut pending).await.is_err() {
             break;
         }
         budget.add_permits(release);
