@@ -328,6 +328,20 @@ case_multi_queue() {
     disconnect "$NQN_A" || return 1
 }
 
+# One I/O queue, far more I/O outstanding than it has slots: the target must
+# cope with a full submission queue (flow control via SQ head).
+case_queue_full() {
+    disconnect_all
+    connect "$NQN_A" -i 1 || return 1
+    d="$(wait_ns_dev "$NQN_A" 1 15)" || { fail "no block device with -i 1"; return 1; }
+    c="$(ctrl_of "$NQN_A" | head -n1)"
+    echo "sqsize=$(cat /sys/class/nvme/$c/sqsize) nr_requests=$(cat /sys/block/$d/queue/nr_requests 2>/dev/null)"
+    fio_verify qfull "$d" 4k --numjobs=2 --iodepth=128 --iodepth_batch_submit=32 --size=8m \
+        --offset=224m --offset_increment=12m || return 1
+    fio_verify qfull2 "$d" 64k --numjobs=1 --iodepth=128 --size=8m --offset=200m || return 1
+    disconnect "$NQN_A" || return 1
+}
+
 # Network partition: the host goes silent (eth0 down) without closing TCP.
 # The target must enforce the Keep Alive Timeout (5 s here) and drop the
 # controller's connections; once the link is back the kernel reconnects and
@@ -459,6 +473,7 @@ run_case ns-add-aen           case_ns_add_aen
 run_case ns-grow              case_ns_grow
 run_case digest               case_digest
 run_case multi-queue          case_multi_queue
+run_case queue-full           case_queue_full
 run_case partition-kato       case_partition_kato
 run_case multipath            case_multipath
 run_case refused-host         case_refused_host
