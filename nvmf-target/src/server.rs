@@ -251,16 +251,7 @@ impl Connection {
             maxh2cdata: target::MAXH2CDATA,
             initial_depth: target::ADMIN_QUEUE_MAX,
         };
-        let mut c = Connection {
-            target,
-            peer,
-            local,
-            queue: Queue::new(params),
-            ctrl: None,
-            qid: 0,
-            to_start: Vec::new(),
-            closing: false,
-        };
+        let mut c = Connection { target, peer, local, queue: Queue::new(params), ctrl: None, qid: 0, to_start: Vec::new(), closing: false };
         debug!(%peer, "connection accepted");
         let mut buf = BytesMut::with_capacity(256 * 1024);
         let mut events = Vec::new();
