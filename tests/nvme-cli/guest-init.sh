@@ -63,6 +63,20 @@ for m in nvme_tcp virtio_net; do
 done
 echo "@@INIT ready $(cat /proc/uptime | cut -d' ' -f1) kernel=$(uname -r) hostnqn=$(cat /etc/nvme/hostnqn)"
 
+# Kernel messages: the kernel's own console output can land in the middle of
+# a line the test prints (it bypasses the tty), which would break "@@" markers.
+# So the console gets only emergencies/alerts directly, and a relay prints
+# every message of level <= warning as whole lines from /dev/kmsg.
+dmesg -n 2
+# (cat: /dev/kmsg returns one record per large read; the shell's byte-wise
+#  read would get EINVAL)
+( cat /dev/kmsg | while read -r rec; do
+      pri="${rec%%,*}"
+      [ "$pri" -le 4 ] 2>/dev/null || continue
+      ts="$(echo "$rec" | cut -d, -f3)"
+      echo "<kernel $((ts / 1000000)).$(printf '%06d' $((ts % 1000000)))> ${rec#*;}"
+  done ) &
+
 if [ -f /test.sh ]; then
     cd /tmp
     sh /test.sh
