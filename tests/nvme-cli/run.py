@@ -175,6 +175,7 @@ class TesseraTarget:
         self.proc = None
         self.logf = None
         self.fd_baseline = None
+        self.extra_hosts_b = []  # host NQNs allowed into subsystem B at run time
         self.extra_ns = {}  # nsid -> MiB, added to subsystem A at run time
 
     def render_config(self):
@@ -194,7 +195,7 @@ class TesseraTarget:
 
         subsystem(NQN_A, SERIAL_A, MODEL_A, True, [],
                   [(1, SIZE_A_MIB)] + sorted(self.extra_ns.items()))
-        subsystem(NQN_B, SERIAL_B, MODEL_B, False, [ALLOWED_HOSTNQN], [(1, SIZE_B_MIB)])
+        subsystem(NQN_B, SERIAL_B, MODEL_B, False, [ALLOWED_HOSTNQN] + self.extra_hosts_b, [(1, SIZE_B_MIB)])
         return "\n".join(lines)
 
     def write_config(self):
@@ -294,6 +295,16 @@ class TesseraTarget:
         self.extra_ns[nsid] = mib
         self.reload(f"grew nsid {nsid} to {mib} MiB")
 
+    def remove_namespace(self, nsid):
+        if nsid not in self.extra_ns:
+            raise TargetError(f"nsid {nsid} was never added")
+        del self.extra_ns[nsid]
+        self.reload(f"removed nsid {nsid} from {NQN_A}")
+
+    def allow_host_b(self, hostnqn):
+        self.extra_hosts_b.append(hostnqn)
+        self.reload(f"allowed host {hostnqn} into {NQN_B}")
+
     def log_tail(self, n=30):
         try:
             return "\n".join(self.logpath.read_text(errors="replace").splitlines()[-n:])
@@ -341,6 +352,8 @@ ns() {  # nqn nsid path [buffered]
 }
 add_ns() { truncate -s ${3}M /srv/ns-$2.img && ns $1 $2 /srv/ns-$2.img buffered; }
 grow_ns() { truncate -s ${3}M /srv/ns-$2.img && echo 1 > $C/subsystems/$1/namespaces/$2/revalidate_size; }
+rm_ns() { echo 0 > $C/subsystems/$1/namespaces/$2/enable && rmdir $C/subsystems/$1/namespaces/$2 && rm -f /srv/ns-$2.img; }
+allow_host() { mkdir -p $C/hosts/$2 && ln -s $C/hosts/$2 $C/subsystems/$1/allowed_hosts/$2; }
 set -x
 nullb nullba __SIZE_A__; nullb nullbb __SIZE_B__
 subsys __NQN_A__ __SERIAL_A__ "__MODEL_A__" 1
@@ -452,6 +465,12 @@ class ReferenceTarget:
 
     def grow_namespace(self, nsid, mib):
         self._cmd(f"grow_ns {NQN_A} {nsid} {mib}")
+
+    def remove_namespace(self, nsid):
+        self._cmd(f"rm_ns {NQN_A} {nsid}")
+
+    def allow_host_b(self, hostnqn):
+        self._cmd(f"allow_host {NQN_B} {hostnqn}")
 
     def log_tail(self, n=30):
         try:
@@ -635,6 +654,10 @@ class Context:
                 self.target.add_namespace(int(parts[1]), int(parts[2]))
             elif parts[0] == "grow-ns":
                 self.target.grow_namespace(int(parts[1]), int(parts[2]))
+            elif parts[0] == "remove-ns":
+                self.target.remove_namespace(int(parts[1]))
+            elif parts[0] == "allow-host-b":
+                self.target.allow_host_b(parts[1])
             elif parts[0] == "expect-conns-min":
                 n = established_conns(self.port)
                 if n < int(parts[1]):
@@ -673,7 +696,7 @@ def guest_env(port, cases):
     return "".join(f"{k}='{val}'\n" for k, val in v.items())
 
 
-DEPENDS = {"ns-grow": ["ns-add-aen"]}
+DEPENDS = {"ns-grow": ["ns-add-aen"], "ns-remove-aen": ["ns-add-aen"]}
 HOST_CASES = ["host-vanishes", "target-alive", "target-log-clean", "target-no-fd-leak"]
 
 

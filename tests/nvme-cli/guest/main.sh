@@ -302,6 +302,36 @@ case_ns_grow() {
     read_range "$d2" $((NS2_GROW_MIB - 1)) 1 /tmp/g.rd2 && cmp -s /tmp/g.bin /tmp/g.rd2 || { fail "grown tail did not read back"; return 1; }
 }
 
+case_ns_remove_aen() {
+    ensure_connected "$NQN_A" || return 1
+    c="$(ctrl_of "$NQN_A" | head -n1)"
+    d2="$(wait_ns_dev "$NQN_A" 2 5)" || { fail "nsid 2 not present (ns-add-aen must run first)"; return 1; }
+    request remove-ns 2 || return 1
+    i=0
+    while [ $i -lt 100 ]; do
+        [ -e "/sys/block/$d2" ] || break
+        sleep 0.2; i=$((i + 1))
+    done
+    nvme list-ns "/dev/$c"
+    [ ! -e "/sys/block/$d2" ] || { fail "/dev/$d2 still present 20s after nsid 2 was removed (no AEN / rescan?)"; return 1; }
+    if nvme list-ns "/dev/$c" | grep -qE '\]: *0x2$'; then fail "list-ns still shows nsid 2"; return 1; fi
+    read_range "$(dev_a)" 0 1 /tmp/rm.rd || { fail "nsid 1 unusable after removing nsid 2"; return 1; }
+}
+
+# SIGHUP with a changed host list: a host refused by B is let in.
+case_allow_host_reload() {
+    disconnect_all
+    me="$(cat /etc/nvme/hostnqn)"
+    timeout 90 nvme connect -t tcp -a "$TADDR" -s "$TPORT" -n "$NQN_B" $CONNECT_OPTS >/dev/null 2>&1 && \
+        { fail "$me could connect to $NQN_B before being allowed"; return 1; }
+    request allow-host-b "$me" || return 1
+    sleep 1
+    connect "$NQN_B" || return 1
+    d="$(wait_ns_dev "$NQN_B" 1 15)" || { fail "no block device for $NQN_B after the host was allowed"; return 1; }
+    read_range "$d" 0 1 /tmp/ah.rd || { fail "read from $NQN_B failed"; return 1; }
+    disconnect "$NQN_B" || return 1
+}
+
 case_digest() {
     disconnect_all
     connect "$NQN_A" -g -G || return 1
@@ -471,11 +501,13 @@ run_case flush                case_flush
 run_case reconnect-keeps-data case_reconnect_keeps_data
 run_case ns-add-aen           case_ns_add_aen
 run_case ns-grow              case_ns_grow
+run_case ns-remove-aen        case_ns_remove_aen
 run_case digest               case_digest
 run_case multi-queue          case_multi_queue
 run_case queue-full           case_queue_full
 run_case partition-kato       case_partition_kato
 run_case multipath            case_multipath
 run_case refused-host         case_refused_host
+run_case allow-host-reload    case_allow_host_reload
 run_case connect-churn        case_connect_churn
 run_case disconnect-all       case_disconnect_all
