@@ -49,7 +49,7 @@ struct WireReport {
 async fn serve_conn(mut s: TcpStream, req: usize, resp: usize) {
     // Batched like a good server: answer every whole request that has arrived with one write.
     let _ = s.set_nodelay(true);
-    let mut rbuf = vec![0u8; 256 * 1024];
+    let mut rbuf = vec![0u8; (req * 64).clamp(256 * 1024, 8 << 20)];
     // At most ~1 MiB per write, and at least one response.
     let per_write = (1usize << 20).div_ceil(resp).max(1);
     let wbuf = vec![0x5Au8; resp * per_write];
@@ -77,7 +77,8 @@ async fn client(addr: SocketAddr, a: &WireArgs, until: Instant) -> std::io::Resu
     s.set_nodelay(true)?;
     let (mut rd, mut wr) = s.into_split();
     let reqs = vec![0xA5u8; a.req * a.qd];
-    let mut rbuf = vec![0u8; 256 * 1024];
+    // Large enough to take a whole window of responses in one read.
+    let mut rbuf = vec![0u8; (a.resp * a.qd).clamp(256 * 1024, 8 << 20)];
     let mut starts = std::collections::VecDeque::with_capacity(a.qd);
     let mut lats = Vec::new();
     wr.write_all(&reqs).await?;
