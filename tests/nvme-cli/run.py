@@ -158,11 +158,21 @@ def port_open(port, host="127.0.0.1"):
         return False
 
 
+class TargetLog:
+    """What both targets share: the last lines of their log file."""
+
+    def log_tail(self, n=30):
+        try:
+            return "\n".join(self.logpath.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
 class TargetError(Exception):
     pass
 
 
-class TesseraTarget:
+class TesseraTarget(TargetLog):
     """The tessera-nvmf binary on the host, configured through a TOML file."""
 
     kind = "tessera"
@@ -305,12 +315,6 @@ class TesseraTarget:
         self.extra_hosts_b.append(hostnqn)
         self.reload(f"allowed host {hostnqn} into {NQN_B}")
 
-    def log_tail(self, n=30):
-        try:
-            return "\n".join(self.logpath.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
-
     def stop(self):
         if self.proc is None:
             return
@@ -377,7 +381,7 @@ done
 """
 
 
-class ReferenceTarget:
+class ReferenceTarget(TargetLog):
     """Linux's own nvmet-tcp in a second QEMU guest (port-forwarded to the
     host's 127.0.0.1:PORT).  Only for validating the harness itself."""
 
@@ -471,12 +475,6 @@ class ReferenceTarget:
 
     def allow_host_b(self, hostnqn):
         self._cmd(f"allow_host {NQN_B} {hostnqn}")
-
-    def log_tail(self, n=30):
-        try:
-            return "\n".join(self.logpath.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
 
     def stop(self):
         if self.vm:
