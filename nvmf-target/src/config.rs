@@ -51,6 +51,16 @@ pub enum BdevKind {
     Null,
 }
 
+impl BdevKind {
+    /// The module's name, as in the configuration and [`tessera_bdev::Bdev::kind`].
+    pub fn name(self) -> &'static str {
+        match self {
+            BdevKind::Malloc => "malloc",
+            BdevKind::Null => "null",
+        }
+    }
+}
+
 /// One namespace of a subsystem.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

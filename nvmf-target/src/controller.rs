@@ -319,7 +319,6 @@ impl Controller {
 
     fn controller_info(&self, target: &Target) -> ControllerInfo {
         let io = self.kind == ControllerKind::Io;
-        let vwc = self.subsys.namespaces().iter().any(|n| n.bdev.has_volatile_cache());
         ControllerInfo {
             serial: self.subsys.serial.clone(),
             model: self.subsys.model.clone(),
@@ -334,7 +333,7 @@ impl Controller {
             maxcmd: if io { target.limits.io_queue_depth } else { target::ADMIN_QUEUE_MAX },
             ioccsz: if io { (64 + target::INCAPSULE_DATA) / 16 } else { 0 },
             iorcsz: if io { 1 } else { 0 },
-            volatile_write_cache: vwc,
+            volatile_write_cache: self.subsys.has_volatile_cache(),
             oaes: if io { identify::OAES_NS_ATTR } else { OAES_DISCOVERY_CHANGE },
             aerl: AERL,
             elpe: ELPE,
@@ -464,7 +463,6 @@ impl Controller {
         }
         let current = sel == 0;
         let st = self.state();
-        let vwc_present = self.subsys.namespaces().iter().any(|n| n.bdev.has_volatile_cache());
         let dw0 = match fid {
             feature::KEEP_ALIVE_TIMER => {
                 if current {
@@ -484,7 +482,7 @@ impl Controller {
                 let n = u32::from(st.io_queues_granted.filter(|_| current).unwrap_or(target.limits.max_io_queues)) - 1;
                 n | (n << 16)
             }
-            feature::VOLATILE_WRITE_CACHE if io => u32::from(vwc_present && (st.write_cache_enabled || !current)),
+            feature::VOLATILE_WRITE_CACHE if io => u32::from(self.subsys.has_volatile_cache() && (st.write_cache_enabled || !current)),
             _ => return AdminOutcome::status(Status::INVALID_FIELD),
         };
         AdminOutcome::ok(dw0)
@@ -497,7 +495,6 @@ impl Controller {
         }
         let io = self.kind == ControllerKind::Io;
         let v = sqe.cdw11();
-        let vwc_present = self.subsys.namespaces().iter().any(|n| n.bdev.has_volatile_cache());
         let mut st = self.state();
         match fid {
             feature::KEEP_ALIVE_TIMER => {
@@ -519,7 +516,7 @@ impl Controller {
                 let n = u32::from(granted) - 1;
                 AdminOutcome::ok(n | (n << 16))
             }
-            feature::VOLATILE_WRITE_CACHE if io && vwc_present => {
+            feature::VOLATILE_WRITE_CACHE if io && self.subsys.has_volatile_cache() => {
                 st.write_cache_enabled = v & 1 != 0;
                 AdminOutcome::ok(0)
             }

@@ -179,10 +179,16 @@ pub fn validate_io(sqe: &Sqe, ns: Option<&Namespace>, plan: DataPlan, max_transf
     }
 }
 
+/// The segments of a command's data as one contiguous buffer (for small command payloads such as
+/// Connect data and DSM ranges, never for block data).
+pub fn concat(data: &[Bytes]) -> Vec<u8> {
+    data.concat()
+}
+
 /// Parses and range-checks every Dataset Management range before any is executed. Returns
 /// (LBA, blocks) pairs, skipping empty ranges.
 pub fn dsm_ranges(data: &[Bytes], count: u32, ns: &Namespace) -> Result<Vec<(u64, u64)>, Status> {
-    let flat: Vec<u8> = data.iter().flat_map(|b| b.iter().copied()).collect();
+    let flat = concat(data);
     let mut out = Vec::with_capacity(count as usize);
     for i in 0..count as usize {
         let at = i * DSM_RANGE_LEN;

@@ -346,8 +346,7 @@ impl Connection {
             Event::Command { sqe, incapsule } => self.on_command(sqe, incapsule),
             Event::DataReady { sqe, payload, data } => match payload {
                 Pending::Connect => {
-                    let flat: Vec<u8> = data.iter().flat_map(|b| b.iter().copied()).collect();
-                    self.on_connect(&sqe, &flat);
+                    self.on_connect(&sqe, &io::concat(&data));
                 }
                 Pending::Io { ns, op } => self.start(sqe.cid(), Work::Io { ns, op, data }),
             },

@@ -129,6 +129,11 @@ impl Subsystem {
         }
     }
 
+    /// Whether any namespace has a volatile write cache (what Identify VWC and feature 06h say).
+    pub fn has_volatile_cache(&self) -> bool {
+        self.namespaces.read().unwrap_or_else(PoisonError::into_inner).values().any(|n| n.bdev.has_volatile_cache())
+    }
+
     /// Whether `hostnqn` may connect.
     pub fn allows(&self, hostnqn: &str) -> bool {
         self.access.read().unwrap_or_else(PoisonError::into_inner).allows(hostnqn)
@@ -184,7 +189,7 @@ impl Subsystem {
         // Validate every change before applying any.
         for n in &c.namespaces {
             if let Some(cur) = map.get(&n.nsid) {
-                let same_kind = cur.bdev.kind() == if n.bdev == BdevKind::Malloc { "malloc" } else { "null" };
+                let same_kind = cur.bdev.kind() == n.bdev.name();
                 if !same_kind || cur.bdev.block_size() != n.block_size || cur.uuid != *n.uuid_for(&c.nqn).as_bytes() {
                     return Err(ConfigError::Invalid(format!(
                         "subsystem {:?} namespace {}: only size_mib can change while serving (remove it and add it under a new nsid)",
