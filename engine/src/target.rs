@@ -1,0 +1,753 @@
+//! One target: a shard of storage with its own data file, WAL and checkpoints.
+//!
+//! A target is driven by one thread. Mutations are *staged* ([`Target::stage`]): validated,
+//! checksummed, their data written to freshly allocated blocks (never over live data), and their
+//! ops queued. [`Target::commit`] then makes the whole batch durable with one data-file sync, one
+//! WAL record and one WAL sync (group commit), applies it to the index, and only then may the
+//! caller acknowledge the batch. Fetches read the index and the data file, verify the stored
+//! CRC64s, and return data with checksums for the returned bytes.
+//!
+//! Recovery ([`Target::open`]): the newest valid checkpoint (falling back to the previous one if
+//! it is corrupt), then the WAL from the record after it up to a torn tail, then the allocator
+//! rebuilt from the blocks the index references.
+
+use std::collections::BTreeSet;
+use std::ops::Range;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tracing::{info, warn};
+
+use crate::alloc::Allocator;
+use crate::backend::{Storage, StorageFile};
+use crate::checkpoint::{self, checkpoint_name, parse_checkpoint_name};
+use crate::csum::{chunk_csums, crc64};
+use crate::index::{Index, Retention, Source, Version};
+use crate::op::{encode_ops, AkeyPath, Extent, Loc, Op, PunchLevel, Stored};
+use crate::wal::{parse_segment_name, scan_segment, segment_name, WalWriter};
+use crate::{EngineError, BLOCK};
+
+/// Name of the data file in a target's directory.
+pub const DATA_FILE: &str = "data.blk";
+/// Largest value one update or fetch may carry.
+pub const MAX_IO: u64 = 16 << 20;
+/// Longest key.
+pub const KEY_MAX: usize = 255;
+
+/// Per-target settings.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    /// Size of the data file in bytes (rounded down to 4 KiB).
+    pub capacity: u64,
+    /// Values of at most this many bytes live in the metadata instead of the data file.
+    pub inline_max: u64,
+    /// Start a checkpoint when the open WAL segment has grown past this many bytes.
+    pub checkpoint_wal_bytes: u64,
+    /// When a container sets no aggregation epoch, aggregate versions older than "now" minus
+    /// this many epoch units (epochs are HLC nanoseconds).
+    pub aggregation_lag: u64,
+    /// Akeys examined per aggregation step.
+    pub aggregation_budget: usize,
+}
+
+impl Default for TargetConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 1 << 30,
+            inline_max: 512,
+            checkpoint_wal_bytes: 64 << 20,
+            aggregation_lag: Duration::from_secs(60).as_nanos() as u64,
+            aggregation_budget: 256,
+        }
+    }
+}
+
+/// What an update writes.
+#[derive(Debug, Clone)]
+pub enum UpdateValue {
+    /// Bytes at `offset` of an array akey, with one CRC64 per 4 KiB chunk.
+    Array { offset: u64, data: Bytes, csums: Vec<u64> },
+    /// A whole single value with the CRC64 of all of it.
+    Single { data: Bytes, csum: u64 },
+}
+
+/// What a punch removes.
+#[derive(Debug, Clone)]
+pub enum PunchTarget {
+    Object,
+    Dkey(Bytes),
+    Akey { dkey: Bytes, akey: Bytes },
+    Range { dkey: Bytes, akey: Bytes, offset: u64, len: u64 },
+}
+
+/// A change requested by a client.
+#[derive(Debug, Clone)]
+pub enum Mutation {
+    Update { path: AkeyPath, epoch: u64, value: UpdateValue },
+    Punch { cont: u128, obj: u128, epoch: u64, what: PunchTarget },
+    SetRetention { cont: u128, retention: Retention },
+}
+
+/// The result of an array fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedArray {
+    pub data: Bytes,
+    /// (offset in `data`, length) of each hole.
+    pub holes: Vec<(u32, u32)>,
+    /// CRC64 of each 4 KiB chunk of `data`.
+    pub csums: Vec<u64>,
+}
+
+/// Health of a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    /// An I/O failure: reads work, updates are refused until restart.
+    Failed,
+}
+
+/// Counters and sizes reported by a target query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetInfo {
+    pub capacity: u64,
+    pub used: u64,
+    pub health: Health,
+    pub objects: u64,
+    pub wal_seq: u64,
+    pub checkpoint_seq: u64,
+}
+
+/// A checkpoint being written by a background thread.
+#[derive(Debug)]
+struct CheckpointJob {
+    seq: u64,
+    handle: JoinHandle<Result<(), EngineError>>,
+}
+
+/// One target.
+#[derive(Debug)]
+pub struct Target {
+    storage: Arc<dyn Storage>,
+    data: Arc<dyn StorageFile>,
+    wal: WalWriter,
+    index: Index,
+    alloc: Allocator,
+    cfg: TargetConfig,
+    staged: Vec<Op>,
+    staged_paths: Vec<AkeyPath>,
+    data_dirty: bool,
+    /// Akeys that may hold versions to aggregate.
+    dirty: BTreeSet<AkeyPath>,
+    failed: Option<String>,
+    checkpoint_job: Option<CheckpointJob>,
+    /// Newest checkpoint known complete, and the one before it (kept as a fallback).
+    checkpoint_seq: u64,
+    prev_checkpoint_seq: Option<u64>,
+    /// Longest pause a checkpoint imposed on the target thread.
+    pub max_checkpoint_pause: Duration,
+}
+
+fn invalid(msg: impl Into<String>) -> EngineError {
+    EngineError::Invalid(msg.into())
+}
+
+fn check_key(what: &str, key: &Bytes) -> Result<(), EngineError> {
+    if key.len() > KEY_MAX {
+        return Err(invalid(format!("{what} is {} bytes, at most {KEY_MAX}", key.len())));
+    }
+    Ok(())
+}
+
+fn read_whole(storage: &dyn Storage, name: &str) -> Result<Bytes, EngineError> {
+    let f = storage.open(name, false).map_err(|e| EngineError::io(name, e))?;
+    let len = f.len().map_err(|e| EngineError::io(name, e))?;
+    let mut buf = vec![0u8; len as usize];
+    f.read_at(&mut buf, 0).map_err(|e| EngineError::io(name, e))?;
+    Ok(Bytes::from(buf))
+}
+
+/// Loads the newest valid checkpoint, falling back to older ones. Returns the index and the WAL
+/// sequence number it covers (0 when starting from nothing), and the sequence numbers of the
+/// valid checkpoints found.
+fn load_checkpoint(storage: &dyn Storage, names: &[String]) -> Result<(Index, u64, Vec<u64>), EngineError> {
+    let mut seqs: Vec<u64> = names.iter().filter_map(|n| parse_checkpoint_name(n)).collect();
+    seqs.sort_unstable_by(|a, b| b.cmp(a));
+    for (i, &seq) in seqs.iter().enumerate() {
+        let name = checkpoint_name(seq);
+        match checkpoint::decode(read_whole(storage, &name)?) {
+            Ok((index, covered)) if covered == seq => {
+                let valid: Vec<u64> = seqs.get(i..).unwrap_or_default().to_vec();
+                return Ok((index, seq, valid));
+            }
+            Ok((_, covered)) => warn!(file = %name, covered, "checkpoint covers a different sequence than its name; trying an older one"),
+            Err(reason) => warn!(file = %name, %reason, "checkpoint is corrupt; trying an older one"),
+        }
+    }
+    Ok((Index::new(), 0, Vec::new()))
+}
+
+/// Replays WAL records after `from` into `index`; returns the last sequence number applied.
+fn replay_wal(storage: &dyn Storage, names: &[String], index: &mut Index, from: u64) -> Result<u64, EngineError> {
+    let mut starts: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
+    starts.sort_unstable();
+    let mut last = from;
+    for (i, &start) in starts.iter().enumerate() {
+        let next_start = starts.get(i + 1).copied();
+        if next_start.is_some_and(|n| n <= from + 1) {
+            continue; // every record of this segment is in the checkpoint
+        }
+        let name = segment_name(start);
+        if start > last + 1 {
+            return Err(EngineError::Corrupt {
+                file: name,
+                reason: format!("WAL records {}..{} are missing (a checkpoint was lost and its WAL already removed)", last + 1, start - 1),
+            });
+        }
+        let scan = scan_segment(read_whole(storage, &name)?, start);
+        for (seq, ops) in scan.records {
+            if seq > last {
+                for op in &ops {
+                    index.apply(op);
+                }
+                last = seq;
+            }
+        }
+        if let Some(reason) = scan.stopped {
+            let is_last = next_start.is_none();
+            if scan.valid_after_stop || (!is_last && next_start != Some(last + 1)) {
+                return Err(EngineError::Corrupt {
+                    file: name,
+                    reason: format!("{reason}; later records exist, so this is not a torn write"),
+                });
+            }
+            if is_last {
+                warn!(file = %name, %reason, "WAL ends in a torn record; it was never acknowledged and is discarded");
+            }
+        }
+    }
+    if from > 0 && last == from && starts.iter().all(|s| *s > from + 1) && !starts.is_empty() {
+        return Err(EngineError::Corrupt {
+            file: segment_name(starts.first().copied().unwrap_or_default()),
+            reason: format!("WAL record {} is missing", from + 1),
+        });
+    }
+    Ok(last)
+}
+
+impl Target {
+    /// Opens (recovering) or creates the target stored in `storage`.
+    pub fn open(storage: Arc<dyn Storage>, cfg: TargetConfig) -> Result<Self, EngineError> {
+        let names = storage.list().map_err(|e| EngineError::io(".", e))?;
+        for tmp in names.iter().filter(|n| n.ends_with(".tmp")) {
+            storage.remove(tmp).map_err(|e| EngineError::io(tmp, e))?;
+        }
+        let (mut index, ckpt_seq, valid_ckpts) = load_checkpoint(storage.as_ref(), &names)?;
+        let last_seq = replay_wal(storage.as_ref(), &names, &mut index, ckpt_seq)?;
+        let total_blocks = cfg.capacity / BLOCK;
+        let data_existed = names.iter().any(|n| n == DATA_FILE);
+        let referenced = index.referenced_blocks();
+        if !data_existed && !referenced.is_empty() {
+            return Err(EngineError::Corrupt { file: DATA_FILE.into(), reason: "missing, but the index references data in it".into() });
+        }
+        let alloc =
+            Allocator::rebuild(total_blocks, &referenced).map_err(|reason| EngineError::Corrupt { file: DATA_FILE.into(), reason })?;
+        let data = storage.open(DATA_FILE, true).map_err(|e| EngineError::io(DATA_FILE, e))?;
+        if data.len().map_err(|e| EngineError::io(DATA_FILE, e))? < total_blocks * BLOCK {
+            data.set_len(total_blocks * BLOCK).map_err(|e| EngineError::io(DATA_FILE, e))?;
+        }
+        let wal = WalWriter::create(storage.clone(), last_seq + 1)?;
+        let dirty = index.akey_paths().into_iter().collect();
+        if last_seq > 0 {
+            info!(checkpoint = ckpt_seq, wal_seq = last_seq, objects = index.object_count(), "target recovered");
+        }
+        Ok(Self {
+            storage,
+            data,
+            wal,
+            index,
+            alloc,
+            cfg,
+            staged: Vec::new(),
+            staged_paths: Vec::new(),
+            data_dirty: false,
+            dirty,
+            failed: None,
+            checkpoint_job: None,
+            checkpoint_seq: ckpt_seq,
+            prev_checkpoint_seq: valid_ckpts.get(1).copied(),
+            max_checkpoint_pause: Duration::ZERO,
+        })
+    }
+
+    /// The index (tests and enumeration).
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    fn check_healthy(&self) -> Result<(), EngineError> {
+        match &self.failed {
+            Some(reason) => Err(EngineError::Failed(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&mut self, err: &EngineError) {
+        if self.failed.is_none() {
+            warn!(error = %err, "target failed: refusing updates until restart");
+            self.failed = Some(err.to_string());
+        }
+    }
+
+    /// Validates a mutation, writes its data and queues its ops for the next commit.
+    pub fn stage(&mut self, m: Mutation) -> Result<(), EngineError> {
+        self.check_healthy()?;
+        match m {
+            Mutation::Update { path, epoch, value } => self.stage_update(path, epoch, value),
+            Mutation::Punch { cont, obj, epoch, what } => self.stage_punch(cont, obj, epoch, what),
+            Mutation::SetRetention { cont, mut retention } => {
+                retention.retained.sort_unstable();
+                retention.retained.dedup();
+                self.staged.push(Op::Retention { cont, retention });
+                Ok(())
+            }
+        }
+    }
+
+    fn stage_update(&mut self, path: AkeyPath, epoch: u64, value: UpdateValue) -> Result<(), EngineError> {
+        check_key("dkey", &path.dkey)?;
+        check_key("akey", &path.akey)?;
+        let data = match &value {
+            UpdateValue::Array { data, .. } | UpdateValue::Single { data, .. } => data,
+        };
+        if data.is_empty() || data.len() as u64 > MAX_IO {
+            return Err(invalid(format!("value of {} bytes: must be 1..={MAX_IO}", data.len())));
+        }
+        match value {
+            UpdateValue::Array { offset, data, csums } => {
+                offset.checked_add(data.len() as u64).ok_or_else(|| invalid("offset + length overflows"))?;
+                if csums.len() != data.len().div_ceil(BLOCK as usize) {
+                    return Err(invalid(format!("{} checksums for {} bytes: need one per 4 KiB", csums.len(), data.len())));
+                }
+                if let Some(chunk) = data.chunks(BLOCK as usize).zip(&csums).position(|(c, sum)| crc64(c) != *sum) {
+                    return Err(EngineError::ChecksumMismatch { chunk });
+                }
+                let version = Version { epoch, id: self.index.allocate_id() };
+                for (piece_off, stored) in self.store(&data, csums)? {
+                    let ext = Extent { offset: offset + piece_off, len: stored.len, version, data: Some(stored) };
+                    self.staged.push(Op::Extent { path: path.clone(), ext });
+                }
+            }
+            UpdateValue::Single { data, csum } => {
+                if crc64(&data) != csum {
+                    return Err(EngineError::ChecksumMismatch { chunk: 0 });
+                }
+                let csums = chunk_csums(&data);
+                let version = Version { epoch, id: self.index.allocate_id() };
+                let mut pieces = self.store_contiguous(&data, csums)?;
+                let value = pieces.pop().ok_or_else(|| invalid("empty value"))?;
+                self.staged.push(Op::Single { path: path.clone(), version, value });
+            }
+        }
+        self.staged_paths.push(path);
+        Ok(())
+    }
+
+    /// Stores a value inline or in the data file, split at 4 KiB boundaries over several free
+    /// runs if no single run is large enough. Returns (offset in the value, stored piece).
+    fn store(&mut self, data: &Bytes, csums: Vec<u64>) -> Result<Vec<(u64, Stored)>, EngineError> {
+        let len = data.len() as u64;
+        if len <= self.cfg.inline_max {
+            return Ok(vec![(0, Stored { loc: Loc::Inline(data.clone()), len, csums })]);
+        }
+        let blocks = len.div_ceil(BLOCK);
+        if self.alloc.total() - self.alloc.used() < blocks {
+            return Err(EngineError::NoSpace(format!("{blocks} blocks needed, {} free", self.alloc.total() - self.alloc.used())));
+        }
+        let mut pieces = Vec::new();
+        let mut done = 0u64;
+        while done < blocks {
+            let n = (blocks - done).min(self.alloc.largest_free());
+            let start = match self.alloc.alloc(n) {
+                Some(s) if n > 0 => s,
+                _ => {
+                    for (_, p) in &pieces {
+                        self.release_stored(p);
+                    }
+                    return Err(EngineError::NoSpace("free space is fragmented".into()));
+                }
+            };
+            let from = done * BLOCK;
+            let to = ((done + n) * BLOCK).min(len);
+            let piece_csums = csums.get(done as usize..(done + n) as usize).map(<[u64]>::to_vec).unwrap_or_default();
+            let stored = Stored { loc: Loc::Blocks { start }, len: to - from, csums: piece_csums };
+            if let Err(e) = self.data.write_at(&data[from as usize..to as usize], start * BLOCK) {
+                let err = EngineError::io(DATA_FILE, e);
+                self.release_stored(&stored);
+                for (_, p) in &pieces {
+                    self.release_stored(p);
+                }
+                self.fail(&err);
+                return Err(err);
+            }
+            self.data_dirty = true;
+            pieces.push((from, stored));
+            done += n;
+        }
+        Ok(pieces)
+    }
+
+    /// Like [`Target::store`] but in one piece (single values are not split).
+    fn store_contiguous(&mut self, data: &Bytes, csums: Vec<u64>) -> Result<Vec<Stored>, EngineError> {
+        let blocks = (data.len() as u64).div_ceil(BLOCK);
+        if data.len() as u64 > self.cfg.inline_max && self.alloc.largest_free() < blocks {
+            return Err(EngineError::NoSpace(format!("no free run of {blocks} blocks")));
+        }
+        Ok(self.store(data, csums)?.into_iter().map(|(_, s)| s).collect())
+    }
+
+    fn release_stored(&mut self, s: &Stored) {
+        if let Some((start, n)) = s.blocks() {
+            self.alloc.release(start, n);
+        }
+    }
+
+    fn stage_punch(&mut self, cont: u128, obj: u128, epoch: u64, what: PunchTarget) -> Result<(), EngineError> {
+        let version = Version { epoch, id: self.index.allocate_id() };
+        let op = match what {
+            PunchTarget::Object => Op::Punch { cont, obj, level: PunchLevel::Object, version },
+            PunchTarget::Dkey(d) => {
+                check_key("dkey", &d)?;
+                Op::Punch { cont, obj, level: PunchLevel::Dkey(d), version }
+            }
+            PunchTarget::Akey { dkey, akey } => {
+                check_key("dkey", &dkey)?;
+                check_key("akey", &akey)?;
+                self.staged_paths.push(AkeyPath { cont, obj, dkey: dkey.clone(), akey: akey.clone() });
+                Op::Punch { cont, obj, level: PunchLevel::Akey(dkey, akey), version }
+            }
+            PunchTarget::Range { dkey, akey, offset, len } => {
+                check_key("dkey", &dkey)?;
+                check_key("akey", &akey)?;
+                if len == 0 || offset.checked_add(len).is_none() {
+                    return Err(invalid("punch range is empty or overflows"));
+                }
+                let path = AkeyPath { cont, obj, dkey, akey };
+                self.staged_paths.push(path.clone());
+                Op::Extent { path, ext: Extent { offset, len, version, data: None } }
+            }
+        };
+        if let Op::Punch { level: PunchLevel::Object | PunchLevel::Dkey(_), .. } = &op {
+            self.mark_object_dirty(cont, obj);
+        }
+        self.staged.push(op);
+        Ok(())
+    }
+
+    fn mark_object_dirty(&mut self, cont: u128, obj: u128) {
+        let paths: Vec<AkeyPath> = self.index.akey_paths().into_iter().filter(|p| p.cont == cont && p.obj == obj).collect();
+        self.dirty.extend(paths);
+    }
+
+    /// Whether mutations are waiting for [`Target::commit`].
+    pub fn has_staged(&self) -> bool {
+        !self.staged.is_empty()
+    }
+
+    /// Makes every staged mutation durable (one data sync, one WAL record, one WAL sync) and
+    /// applies it. On failure nothing staged may be acknowledged and the target refuses updates.
+    pub fn commit(&mut self) -> Result<(), EngineError> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        let result = self.commit_inner();
+        if let Err(e) = &result {
+            self.fail(e);
+            self.staged.clear();
+            self.staged_paths.clear();
+        }
+        result
+    }
+
+    fn commit_inner(&mut self) -> Result<(), EngineError> {
+        self.check_healthy()?;
+        if self.data_dirty {
+            self.data.sync().map_err(|e| EngineError::io(DATA_FILE, e))?;
+            self.data_dirty = false;
+        }
+        self.wal.append(&encode_ops(&self.staged))?;
+        for op in std::mem::take(&mut self.staged) {
+            self.index.apply(&op);
+        }
+        self.dirty.extend(self.staged_paths.drain(..));
+        self.alloc.release_quarantine();
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` of an array akey as of `epoch`.
+    pub fn fetch_array(&self, path: &AkeyPath, offset: u64, len: u64, epoch: u64) -> Result<FetchedArray, EngineError> {
+        if len == 0 || len > MAX_IO {
+            return Err(invalid(format!("fetch of {len} bytes: must be 1..={MAX_IO}")));
+        }
+        let end = offset.checked_add(len).ok_or_else(|| invalid("offset + length overflows"))?;
+        let mut buf = vec![0u8; len as usize];
+        let mut known: Vec<Option<u64>> = vec![None; len.div_ceil(BLOCK) as usize];
+        let mut holes = Vec::new();
+        for seg in self.index.fetch_array(path, offset..end, epoch) {
+            match seg.source {
+                Source::Hole => holes.push(((seg.range.start - offset) as u32, (seg.range.end - seg.range.start) as u32)),
+                Source::Data { extent_start, stored, .. } => {
+                    self.read_segment(&stored, extent_start, &seg.range, offset, &mut buf, &mut known)?;
+                }
+            }
+        }
+        let csums = buf.chunks(BLOCK as usize).zip(known).map(|(chunk, k)| k.unwrap_or_else(|| crc64(chunk))).collect();
+        Ok(FetchedArray { data: Bytes::from(buf), holes, csums })
+    }
+
+    /// Copies `range` (akey offsets) of a stored extent into `buf` (which starts at `base`),
+    /// verifying every stored chunk it touches. Reply chunks that coincide with a whole stored
+    /// chunk reuse its checksum.
+    fn read_segment(
+        &self,
+        stored: &Stored,
+        extent_start: u64,
+        range: &Range<u64>,
+        base: u64,
+        buf: &mut [u8],
+        known: &mut [Option<u64>],
+    ) -> Result<(), EngineError> {
+        let first = (range.start - extent_start) / BLOCK;
+        let last = (range.end - extent_start).div_ceil(BLOCK);
+        let from = first * BLOCK;
+        let to = (last * BLOCK).min(stored.len);
+        let bytes = match &stored.loc {
+            Loc::Inline(d) => d.slice(from as usize..to as usize),
+            Loc::Blocks { start } => {
+                let mut tmp = vec![0u8; (to - from) as usize];
+                self.data.read_at(&mut tmp, (start + first) * BLOCK).map_err(|e| EngineError::io(DATA_FILE, e))?;
+                Bytes::from(tmp)
+            }
+        };
+        for (i, chunk) in bytes.chunks(BLOCK as usize).enumerate() {
+            let c = first as usize + i;
+            let sum = crc64(chunk);
+            if stored.csums.get(c) != Some(&sum) {
+                return Err(EngineError::DataCorrupt(format!(
+                    "chunk {c} of the extent at offset {extent_start} ({:?}) fails its checksum",
+                    stored.loc_summary()
+                )));
+            }
+            let abs = extent_start + c as u64 * BLOCK;
+            let reply_rel = abs.checked_sub(base);
+            if let Some(rel) = reply_rel.filter(|r| r % BLOCK == 0 && abs >= range.start && abs + chunk.len() as u64 <= range.end) {
+                let j = (rel / BLOCK) as usize;
+                let reply_chunk_len = BLOCK.min(buf.len() as u64 - rel);
+                if chunk.len() as u64 == reply_chunk_len {
+                    if let Some(k) = known.get_mut(j) {
+                        *k = Some(sum);
+                    }
+                }
+            }
+        }
+        let src_from = (range.start - extent_start - from) as usize;
+        let n = (range.end - range.start) as usize;
+        let dst_from = (range.start - base) as usize;
+        buf[dst_from..dst_from + n].copy_from_slice(&bytes[src_from..src_from + n]);
+        Ok(())
+    }
+
+    /// The single value visible at `epoch`: data, CRC64 of all of it, and its epoch.
+    pub fn fetch_single(&self, path: &AkeyPath, epoch: u64) -> Result<Option<(Bytes, u64, u64)>, EngineError> {
+        let Some((version, stored)) = self.index.fetch_single(path, epoch) else { return Ok(None) };
+        let mut buf = vec![0u8; stored.len as usize];
+        let mut known = vec![None; stored.csums.len()];
+        self.read_segment(&stored, 0, &(0..stored.len), 0, &mut buf, &mut known)?;
+        let csum = crc64(&buf);
+        Ok(Some((Bytes::from(buf), csum, version.epoch)))
+    }
+
+    /// Capacity, usage and progress counters.
+    pub fn info(&self) -> TargetInfo {
+        TargetInfo {
+            capacity: self.alloc.total() * BLOCK,
+            used: self.alloc.used() * BLOCK,
+            health: if self.failed.is_some() { Health::Failed } else { Health::Healthy },
+            objects: self.index.object_count(),
+            wal_seq: self.wal.next_seq() - 1,
+            checkpoint_seq: self.checkpoint_seq,
+        }
+    }
+
+    /// Whether aggregation has akeys left to look at.
+    pub fn aggregation_pending(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Aggregates up to the configured budget of akeys; `now` is the current epoch (HLC) used
+    /// for containers without an explicit aggregation epoch. Commits what it changed. Returns
+    /// the number of blocks freed.
+    pub fn aggregate_step(&mut self, now: u64) -> Result<u64, EngineError> {
+        self.check_healthy()?;
+        if self.has_staged() {
+            return Ok(0);
+        }
+        let batch: Vec<AkeyPath> = self.dirty.iter().take(self.cfg.aggregation_budget).cloned().collect();
+        let mut freed = Vec::new();
+        let mut objects = BTreeSet::new();
+        for path in batch {
+            self.dirty.remove(&path);
+            let retention = self.index.retention(path.cont);
+            let boundary =
+                if retention.aggregate_below > 0 { retention.aggregate_below } else { now.saturating_sub(self.cfg.aggregation_lag) };
+            let (op, pending) = self.index.plan_aggregation(&path, boundary, &retention.retained);
+            if let Some(op) = op {
+                freed.extend(freed_blocks(&self.index, &op));
+                self.staged.push(op);
+                objects.insert((path.cont, path.obj, boundary));
+            }
+            if pending {
+                // Newer versions may become aggregatable later; revisit when the boundary moves.
+                self.staged_paths.push(path);
+            }
+        }
+        let revisit = std::mem::take(&mut self.staged_paths);
+        let count: u64 = freed.iter().map(|(_, n)| n).sum();
+        for (s, n) in freed {
+            self.alloc.quarantine(s, n);
+        }
+        let result = self.commit();
+        self.dirty.extend(revisit);
+        result?;
+        // Object and dkey punches left with nothing older beneath them can go too.
+        for (cont, obj, boundary) in objects {
+            let ops = self.index.plan_unpunch(cont, obj, boundary);
+            self.staged.extend(ops);
+        }
+        self.commit()?;
+        Ok(count)
+    }
+
+    /// Starts a background checkpoint if the WAL has grown enough (or `force`), and reaps a
+    /// finished one. Returns true when a new checkpoint was started.
+    pub fn maybe_checkpoint(&mut self, force: bool) -> Result<bool, EngineError> {
+        self.reap_checkpoint(false)?;
+        if self.checkpoint_job.is_some() || self.has_staged() || self.failed.is_some() {
+            return Ok(false);
+        }
+        let seq = self.wal.next_seq() - 1;
+        if seq == self.checkpoint_seq || (!force && self.wal.segment_bytes() < self.cfg.checkpoint_wal_bytes) {
+            return Ok(false);
+        }
+        let paused = Instant::now();
+        self.wal.rotate()?;
+        let image = checkpoint::encode(&self.index, seq);
+        self.max_checkpoint_pause = self.max_checkpoint_pause.max(paused.elapsed());
+        let storage = self.storage.clone();
+        let keep_from = self.checkpoint_seq;
+        let handle = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || write_checkpoint(storage.as_ref(), seq, &image, keep_from))
+            .map_err(|e| EngineError::io("checkpoint thread", e))?;
+        self.checkpoint_job = Some(CheckpointJob { seq, handle });
+        Ok(true)
+    }
+
+    /// Collects a finished checkpoint (or waits for it when `wait`).
+    pub fn reap_checkpoint(&mut self, wait: bool) -> Result<(), EngineError> {
+        let finished = self.checkpoint_job.as_ref().is_some_and(|j| wait || j.handle.is_finished());
+        if !finished {
+            return Ok(());
+        }
+        let Some(job) = self.checkpoint_job.take() else { return Ok(()) };
+        match job.handle.join() {
+            Ok(Ok(())) => {
+                self.prev_checkpoint_seq = Some(self.checkpoint_seq);
+                self.checkpoint_seq = job.seq;
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "checkpoint failed; the WAL still holds everything");
+                Err(e)
+            }
+            Err(_) => Err(EngineError::Failed("checkpoint thread panicked".into())),
+        }
+    }
+
+    /// Commits, finishes any checkpoint and writes a final one (graceful shutdown).
+    pub fn shutdown(&mut self) -> Result<(), EngineError> {
+        self.commit()?;
+        self.reap_checkpoint(true)?;
+        self.maybe_checkpoint(true)?;
+        self.reap_checkpoint(true)
+    }
+}
+
+/// Writes a checkpoint file atomically, then removes the files the previous checkpoint
+/// (`keep_from`, kept as a fallback) no longer needs.
+fn write_checkpoint(storage: &dyn Storage, seq: u64, image: &[u8], keep_from: u64) -> Result<(), EngineError> {
+    let name = checkpoint_name(seq);
+    let tmp = format!("{name}.tmp");
+    let f = storage.open(&tmp, true).map_err(|e| EngineError::io(&tmp, e))?;
+    f.set_len(0).map_err(|e| EngineError::io(&tmp, e))?;
+    f.write_at(image, 0).map_err(|e| EngineError::io(&tmp, e))?;
+    f.sync().map_err(|e| EngineError::io(&tmp, e))?;
+    storage.rename(&tmp, &name).map_err(|e| EngineError::io(&name, e))?;
+    let names = storage.list().map_err(|e| EngineError::io(".", e))?;
+    for old in names.iter().filter(|n| parse_checkpoint_name(n).is_some_and(|s| s < keep_from)) {
+        storage.remove(old).map_err(|e| EngineError::io(old, e))?;
+    }
+    let mut starts: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
+    starts.sort_unstable();
+    for pair in starts.windows(2) {
+        if let [start, next] = pair {
+            if *next <= keep_from + 1 {
+                storage.remove(&segment_name(*start)).map_err(|e| EngineError::io(&segment_name(*start), e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Data-file blocks an aggregation op stops referencing.
+fn freed_blocks(index: &Index, op: &Op) -> Vec<(u64, u64)> {
+    let Op::Aggregate { path, remove_extents, add_extents, remove_singles, .. } = op else { return Vec::new() };
+    let Some(akey) = index.akey(path) else { return Vec::new() };
+    let mut removed: Vec<(u64, u64)> = remove_extents
+        .iter()
+        .filter_map(|k| akey.extents.get(k))
+        .filter_map(|b| b.data.as_ref().and_then(Stored::blocks))
+        .chain(remove_singles.iter().filter_map(|v| akey.singles.get(v)).filter_map(Stored::blocks))
+        .collect();
+    for kept in add_extents.iter().filter_map(|e| e.data.as_ref().and_then(Stored::blocks)) {
+        removed = removed
+            .into_iter()
+            .flat_map(|(s, n)| {
+                let (ks, kn) = kept;
+                let mut out = Vec::new();
+                if ks >= s + n || ks + kn <= s {
+                    out.push((s, n));
+                } else {
+                    if ks > s {
+                        out.push((s, ks - s));
+                    }
+                    if ks + kn < s + n {
+                        out.push((ks + kn, s + n - ks - kn));
+                    }
+                }
+                out
+            })
+            .collect();
+    }
+    removed
+}
+
+impl Stored {
+    fn loc_summary(&self) -> String {
+        match self.loc {
+            Loc::Blocks { start } => format!("data file block {start}"),
+            Loc::Inline(_) => "inline".into(),
+        }
+    }
+}
