@@ -4,11 +4,12 @@ bdevs, and the idle cost, each figure the median of several runs, with the comma
 
     python3 scripts/bench.py                 # full run (~10 minutes on 2 cores)
     python3 scripts/bench.py --runs 1 --time 1 --idle 5 --out /tmp/b.md   # quick smoke run
+    python3 scripts/bench.py --profile       # callgrind instructions per 4K read/write (QD32, null)
 
 The same-guest comparison with the Linux kernel target (nvmet-tcp) is appended from
 target/nvme-cli-logs/kernel-compare.md when that file exists (not produced by anything yet).
 """
-import argparse, json, os, platform, signal, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, platform, re, signal, socket, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
@@ -34,7 +35,7 @@ def median_of(cmd, runs, key):
 
 
 class Target:
-    def __init__(self, bdev):
+    def __init__(self, bdev, wrapper=()):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="tessera-bench-")
         cfg = os.path.join(self.dir, "t.toml")
@@ -42,9 +43,9 @@ class Target:
             f.write(f'listen = ["127.0.0.1:{self.port}"]\nio_queue_depth = 256\n\n[[subsystem]]\n'
                     f'nqn = "nqn.2026-11.io.tessera:bench"\nallow_any_host = true\n\n'
                     f'[[subsystem.namespace]]\nnsid = 1\nbdev = "{bdev}"\nsize_mib = 1024\nblock_size = 512\n')
-        self.proc = subprocess.Popen([os.path.join(BIN, "tessera-nvmf"), "--config", cfg],
+        self.proc = subprocess.Popen(list(wrapper) + [os.path.join(BIN, "tessera-nvmf"), "--config", cfg],
                                      stderr=open(os.path.join(self.dir, "log"), "w"))
-        for _ in range(200):
+        for _ in range(600):
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 break
@@ -56,14 +57,67 @@ class Target:
         self.proc.wait(timeout=10)
 
 
+PROFILE_IOS = 100000
+PROFILE_WARMUP = 5000
+
+
+def profile_cmd(port, rw, ios):
+    return [os.path.join(BIN, "tessera"), "bench", "--addr", f"127.0.0.1:{port}", "--nqn", "nqn.2026-11.io.tessera:bench",
+            "--rw", rw, "--bs", "4k", "--qd", "32", "--ios", str(ios), "--json"]
+
+
+def top_functions(outfile, n):
+    """The n functions with the most exclusive instructions: (Ir, name) pairs."""
+    text = subprocess.run(["callgrind_annotate", "--threshold=100", outfile], capture_output=True, text=True).stdout
+    rows = []
+    for line in text.splitlines():
+        m = re.match(r"\s*([\d,]+) \([ \d.]+%\)\s+(.*?):(.*?)( \[.*\])?$", line)
+        if m and "PROGRAM TOTALS" not in line:
+            rows.append((int(m.group(1).replace(",", "")), m.group(2), m.group(3)))
+    # Inclusive frames of the task harness come first with 100 %; keep exclusive leaf costs.
+    total = max((r[0] for r in rows), default=0)
+    leaf = [r for r in rows if r[0] < total]
+    return total, leaf[:n]
+
+
+def profile(runs_dir):
+    """Instructions per 4 KiB read and write (QD32, null bdev) of tessera-nvmf under callgrind:
+    warm up, zero the counters, run PROFILE_IOS I/Os, dump. Returns Markdown lines."""
+    os.makedirs(runs_dir, exist_ok=True)
+    lines = []
+    for rw in ("randread", "randwrite"):
+        out = os.path.join(runs_dir, f"callgrind.{rw}.out")
+        t = Target("null", ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"])
+        try:
+            time.sleep(2)
+            subprocess.run(profile_cmd(t.port, rw, PROFILE_WARMUP), check=True, capture_output=True)
+            subprocess.run(["callgrind_control", "-z", str(t.proc.pid)], check=True, capture_output=True)
+            subprocess.run(profile_cmd(t.port, rw, PROFILE_IOS), check=True, capture_output=True)
+            subprocess.run(["callgrind_control", "-d", str(t.proc.pid)], check=True, capture_output=True)
+        finally:
+            t.stop()
+        total, top = top_functions(out + ".1", 15)
+        lines += [f"**4 KiB {rw}, QD32**: {total / PROFILE_IOS:,.0f} instructions per I/O "
+                  f"({total:,} for {PROFILE_IOS} I/Os). Top functions (exclusive):", "",
+                  "| instr/I/O | % | function |", "|---|---|---|"]
+        for ir, _file, fn in top:
+            lines.append(f"| {ir / PROFILE_IOS:,.0f} | {ir / total * 100:.1f} | `{fn.strip()[:110]}` |")
+        lines.append("")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--time", type=float, default=3.0)
     ap.add_argument("--idle", type=float, default=60.0)
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "BENCHMARKS.md"))
+    ap.add_argument("--profile", action="store_true", help="only the callgrind profile, printed as Markdown")
     a = ap.parse_args()
-    subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "-p", "tessera-nvmf", "-p", "tessera-ctl"], cwd=ROOT, check=True)
+    if a.profile:
+        print("\n".join(profile(os.path.join(ROOT, "target", "profile"))))
+        return 0
     tessera = os.path.join(BIN, "tessera")
     T = str(a.time)
 

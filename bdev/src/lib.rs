@@ -45,8 +45,50 @@ pub enum BdevError {
     Io(String),
 }
 
-/// Data of one write, possibly in several segments (e.g. one per received data PDU).
-pub type WriteData = Vec<Bytes>;
+/// Data of one write, possibly in several segments (e.g. one per received data PDU). The common
+/// case, one segment (in-capsule data), needs no allocation. Dereferences to the segments.
+#[derive(Debug, Clone)]
+pub enum WriteData {
+    /// One segment (possibly empty).
+    Single(Bytes),
+    /// Several segments, in order.
+    Segments(Vec<Bytes>),
+}
+
+impl WriteData {
+    /// No data.
+    pub fn empty() -> WriteData {
+        WriteData::Single(Bytes::new())
+    }
+}
+
+impl Default for WriteData {
+    fn default() -> WriteData {
+        WriteData::empty()
+    }
+}
+
+impl std::ops::Deref for WriteData {
+    type Target = [Bytes];
+    fn deref(&self) -> &[Bytes] {
+        match self {
+            WriteData::Single(b) => std::slice::from_ref(b),
+            WriteData::Segments(v) => v,
+        }
+    }
+}
+
+impl From<Bytes> for WriteData {
+    fn from(b: Bytes) -> WriteData {
+        WriteData::Single(b)
+    }
+}
+
+impl From<Vec<Bytes>> for WriteData {
+    fn from(v: Vec<Bytes>) -> WriteData {
+        WriteData::Segments(v)
+    }
+}
 
 /// Total length of the segments.
 pub fn data_len(data: &[Bytes]) -> usize {

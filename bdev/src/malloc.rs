@@ -130,7 +130,7 @@ impl BlockDevice for MallocBdev {
         let (start, _) = self.byte_range(lba, whole_blocks(data_len(&data), self.block_size)?)?;
         let table = self.chunks.read().unwrap_or_else(PoisonError::into_inner);
         let mut pos = start;
-        for seg in &data {
+        for seg in data.iter() {
             Self::for_each_piece(pos, seg.len(), |idx, off, n, at| {
                 let Some(chunk) = table.get(idx) else { return };
                 let mut slot = chunk.write().unwrap_or_else(PoisonError::into_inner);
@@ -175,7 +175,7 @@ mod tests {
         let a = pattern(CHUNK_LEN, 1);
         let b = pattern(4096, 2);
         let lba = (CHUNK_LEN as u64 - 2048) / 512; // straddles the first chunk boundary
-        block_on(d.write(lba, vec![a.clone(), b.clone()], false)).unwrap();
+        block_on(d.write(lba, vec![a.clone(), b.clone()].into(), false)).unwrap();
         let got = block_on(d.read(lba, ((a.len() + b.len()) / 512) as u32)).unwrap();
         assert_eq!(&got[..a.len()], &a[..]);
         assert_eq!(&got[a.len()..], &b[..]);
@@ -187,7 +187,7 @@ mod tests {
     #[test]
     fn zeroes_and_unmap_read_back_as_zeros_and_free_whole_chunks() {
         let d = MallocBdev::new(4096, 1024).unwrap();
-        block_on(d.write(0, vec![pattern(4 * CHUNK_LEN, 3)], false)).unwrap();
+        block_on(d.write(0, vec![pattern(4 * CHUNK_LEN, 3)].into(), false)).unwrap();
         block_on(d.write_zeroes(1, 2)).unwrap();
         let got = block_on(d.read(0, 4)).unwrap();
         assert!(got[4096..3 * 4096].iter().all(|&x| x == 0));
@@ -203,18 +203,18 @@ mod tests {
         let d = MallocBdev::new(512, 100).unwrap();
         assert!(matches!(block_on(d.read(99, 2)), Err(BdevError::OutOfRange { .. })));
         assert!(matches!(block_on(d.read(u64::MAX, 2)), Err(BdevError::OutOfRange { .. })));
-        assert_eq!(block_on(d.write(0, vec![Bytes::from_static(&[0; 100])], false)), Err(BdevError::Misaligned(100)));
+        assert_eq!(block_on(d.write(0, vec![Bytes::from_static(&[0; 100])].into(), false)), Err(BdevError::Misaligned(100)));
         assert!(MallocBdev::new(1000, 1).is_err());
     }
 
     #[test]
     fn grow_keeps_data_and_refuses_shrink() {
         let d = MallocBdev::new(512, 10).unwrap();
-        block_on(d.write(9, vec![pattern(512, 5)], false)).unwrap();
+        block_on(d.write(9, vec![pattern(512, 5)].into(), false)).unwrap();
         d.grow(5000).unwrap();
         assert_eq!(d.num_blocks(), 5000);
         assert_eq!(block_on(d.read(9, 1)).unwrap(), pattern(512, 5));
-        block_on(d.write(4999, vec![pattern(512, 6)], false)).unwrap();
+        block_on(d.write(4999, vec![pattern(512, 6)].into(), false)).unwrap();
         assert!(d.grow(10).is_err());
     }
 
@@ -226,7 +226,7 @@ mod tests {
                 let d = d.clone();
                 std::thread::spawn(move || {
                     for i in 0..200u64 {
-                        block_on(d.write((i * 4 + u64::from(t)) % 4096, vec![Bytes::from(vec![t; 512])], false)).unwrap();
+                        block_on(d.write((i * 4 + u64::from(t)) % 4096, vec![Bytes::from(vec![t; 512])].into(), false)).unwrap();
                     }
                 })
             })

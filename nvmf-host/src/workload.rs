@@ -2,21 +2,22 @@
 //! each queue keeps `qd` commands in flight, measures every completion's latency into an HDR
 //! histogram, and in verify mode writes a self-describing pattern and reads it all back.
 //!
-//! Per queue, a reader loop owns the protocol state (outstanding commands by CID, R2T answers,
-//! C2H data checks) and hands encoded PDUs to a writer task, so a large H2C transfer never blocks
-//! the reading of responses.
+//! Per queue, one task owns the socket and the protocol state (outstanding commands by CID, R2T
+//! answers, C2H data checks) and never blocks on either direction: it writes what the socket
+//! takes, keeps the rest, and goes on reading responses, so a large H2C transfer never blocks the
+//! reading of responses. Commands are refilled in batches: all completions that arrived together
+//! free their slots, then every free slot is reissued and sent in one write.
 
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use tessera_nvme_proto::opcode::nvm;
 use tessera_nvme_proto::pdu::{self, DataPdu};
 use tessera_nvme_proto::sqe::{SglDescriptor, SGL_ID_INCAPSULE, SGL_ID_TRANSPORT};
 use tessera_nvme_proto::{Digests, Pdu, Sqe, Status};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::mpsc;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 use crate::conn::{Connection, Controller, Geometry, HostError, HOST_LIMITS};
 
@@ -210,13 +211,17 @@ struct QueueCtx {
     written: Vec<u64>,
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Bytes>) {
-    while let Some(b) = rx.recv().await {
-        if wr.write_all(&b).await.is_err() {
-            return;
+/// Writes as much of `out` as the socket takes without waiting.
+fn flush(stream: &TcpStream, out: &mut BytesMut) -> std::io::Result<()> {
+    while !out.is_empty() {
+        match stream.try_write(out) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => out.advance(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
         }
     }
-    let _ = wr.shutdown().await;
+    Ok(())
 }
 
 fn submit(ctx: &mut QueueCtx, cid: u16, read: bool, unit: u64, out: &mut BytesMut) -> Slot {
@@ -262,86 +267,60 @@ fn check_blocks(data: &[u8], first_lba: u64, bs: u32, seed: u64) -> Result<u64, 
     Ok(n)
 }
 
-async fn run_queue(conn: Connection, mut gen: OpGen, mut ctx: QueueCtx) -> Result<(QueueStats, Vec<u64>), HostError> {
-    let Connection { stream, addr, maxh2cdata, mut buf, .. } = conn;
-    let protocol = |what: String| HostError::Protocol { addr, what };
-    let (mut rd, wr) = stream.into_split();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_loop(wr, rx));
-    let mut stats = QueueStats {
-        hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| HostError::Data(e.to_string()))?,
-        reads: 0,
-        writes: 0,
-        bytes: 0,
-        errors: 0,
-        verified_blocks: 0,
-        first_error: None,
-    };
-    let mut slots: Vec<Option<Slot>> = (0..ctx.qd).map(|_| None).collect();
-    let mut free: Vec<u16> = (0..ctx.qd).rev().collect();
-    let mut outstanding = 0usize;
-    let mut out = BytesMut::with_capacity(1 << 16);
-    let mut exhausted = false;
-    loop {
-        while !exhausted {
-            let Some(cid) = free.pop() else { break };
-            match gen.next() {
-                Some((read, unit)) => {
-                    let slot = submit(&mut ctx, cid, read, unit, &mut out);
-                    if let Some(s) = slots.get_mut(usize::from(cid)) {
-                        *s = Some(slot);
-                    }
-                    outstanding += 1;
-                }
-                None => {
-                    free.push(cid);
-                    exhausted = true;
-                }
+/// The in-flight commands of one queue.
+struct Pipeline {
+    slots: Vec<Option<Slot>>,
+    free: Vec<u16>,
+    outstanding: usize,
+    stats: QueueStats,
+}
+
+impl Pipeline {
+    /// Issues commands into every free slot (until the generator is done); false once it is.
+    fn submit_all(&mut self, gen: &mut OpGen, ctx: &mut QueueCtx, out: &mut BytesMut) -> bool {
+        while let Some(cid) = self.free.pop() {
+            let Some((read, unit)) = gen.next() else {
+                self.free.push(cid);
+                return false;
+            };
+            let slot = submit(ctx, cid, read, unit, out);
+            if let Some(s) = self.slots.get_mut(usize::from(cid)) {
+                *s = Some(slot);
             }
+            self.outstanding += 1;
         }
-        if !out.is_empty() && tx.send(out.split().freeze()).is_err() {
-            return Err(protocol("writer stopped".into()));
-        }
-        if outstanding == 0 {
-            break;
-        }
-        let p = loop {
-            match pdu::decode(&mut buf, ctx.digests, &HOST_LIMITS) {
-                Ok(Some(p)) => break p,
-                Ok(None) => {}
-                Err(e) => return Err(protocol(format!("bad PDU from target: {e}"))),
-            }
-            buf.reserve(256 * 1024);
-            let n = rd.read_buf(&mut buf).await.map_err(|source| HostError::Io { addr, source })?;
-            if n == 0 {
-                return Err(protocol("target closed the connection".into()));
-            }
-        };
+        true
+    }
+
+    /// Acts on one PDU from the target: data checks, R2T answers (appended to `out`), and
+    /// completions.
+    fn on_pdu(&mut self, p: Pdu, ctx: &QueueCtx, maxh2cdata: u32, out: &mut BytesMut) -> Result<(), String> {
         let (cid, status) = match p {
             Pdu::CapsuleResp(c) => (c.cid, Some(c.status)),
             Pdu::C2hData(d) => {
-                let slot = slots
+                let slot = self
+                    .slots
                     .get(usize::from(d.cccid))
                     .and_then(Option::as_ref)
-                    .ok_or_else(|| protocol(format!("C2HData for unknown CID {}", d.cccid)))?;
+                    .ok_or_else(|| format!("C2HData for unknown CID {}", d.cccid))?;
                 if let Some(seed) = ctx.verify_seed {
                     let first = slot.lba + u64::from(d.datao / ctx.geo.block_size);
                     match check_blocks(&d.data, first, ctx.geo.block_size, seed) {
-                        Ok(n) => stats.verified_blocks += n,
+                        Ok(n) => self.stats.verified_blocks += n,
                         Err(e) => {
-                            stats.errors += 1;
-                            stats.first_error.get_or_insert(e);
+                            self.stats.errors += 1;
+                            self.stats.first_error.get_or_insert(e);
                         }
                     }
                 }
                 (d.cccid, d.success.then_some(Status::SUCCESS))
             }
             Pdu::R2t(r) => {
-                let slot = slots.get(usize::from(r.cccid)).and_then(Option::as_ref);
-                let data = slot.and_then(|s| s.data.clone()).ok_or_else(|| protocol(format!("R2T for CID {} without data", r.cccid)))?;
+                let slot = self.slots.get(usize::from(r.cccid)).and_then(Option::as_ref);
+                let data = slot.and_then(|s| s.data.clone()).ok_or_else(|| format!("R2T for CID {} without data", r.cccid))?;
                 let (mut off, end) = (r.r2to as usize, r.r2to as usize + r.r2tl as usize);
                 if end > data.len() {
-                    return Err(protocol("R2T beyond the command's data".into()));
+                    return Err("R2T beyond the command's data".into());
                 }
                 while off < end {
                     let n = (end - off).min(maxh2cdata as usize);
@@ -353,18 +332,25 @@ async fn run_queue(conn: Connection, mut gen: OpGen, mut ctx: QueueCtx) -> Resul
                         last: off + n == end,
                         success: false,
                     };
-                    Pdu::H2cData(p).encode(ctx.digests, &mut out);
+                    Pdu::H2cData(p).encode(ctx.digests, out);
                     off += n;
                 }
                 (r.cccid, None)
             }
-            Pdu::C2hTermReq(t) => return Err(protocol(format!("target terminated the connection (FES {:#x})", t.fes))),
-            other => return Err(protocol(format!("unexpected PDU {other:?}"))),
+            Pdu::C2hTermReq(t) => return Err(format!("target terminated the connection (FES {:#x})", t.fes)),
+            other => return Err(format!("unexpected PDU {other:?}")),
         };
-        let Some(status) = status else { continue };
-        let Some(slot) = slots.get_mut(usize::from(cid)).and_then(Option::take) else {
-            return Err(protocol(format!("completion for unknown CID {cid}")));
+        match status {
+            Some(status) => self.complete(cid, status, ctx.bs),
+            None => Ok(()),
+        }
+    }
+
+    fn complete(&mut self, cid: u16, status: Status, bs: u32) -> Result<(), String> {
+        let Some(slot) = self.slots.get_mut(usize::from(cid)).and_then(Option::take) else {
+            return Err(format!("completion for unknown CID {cid}"));
         };
+        let stats = &mut self.stats;
         let lat = slot.start.elapsed().as_nanos() as u64;
         let _ = stats.hist.record(lat.max(1));
         if status.is_success() {
@@ -373,17 +359,68 @@ async fn run_queue(conn: Connection, mut gen: OpGen, mut ctx: QueueCtx) -> Resul
             } else {
                 stats.writes += 1;
             }
-            stats.bytes += u64::from(ctx.bs);
+            stats.bytes += u64::from(bs);
         } else {
             stats.errors += 1;
             stats.first_error.get_or_insert(format!("{} at LBA {} failed: {status}", if slot.read { "read" } else { "write" }, slot.lba));
         }
-        free.push(cid);
-        outstanding -= 1;
+        self.free.push(cid);
+        self.outstanding -= 1;
+        Ok(())
     }
-    drop(tx);
-    let _ = writer.await;
-    Ok((stats, std::mem::take(&mut ctx.written)))
+}
+
+/// Runs one queue to the end of its generator. One task per queue reads and writes its socket
+/// without blocking: every pass handles all PDUs that have arrived, refills every free slot and
+/// sends all new commands with one write.
+async fn run_queue(conn: Connection, mut gen: OpGen, mut ctx: QueueCtx) -> Result<(QueueStats, Vec<u64>), HostError> {
+    let Connection { stream, addr, maxh2cdata, mut buf, .. } = conn;
+    let protocol = |what: String| HostError::Protocol { addr, what };
+    let io_err = |source| HostError::Io { addr, source };
+    let stats = QueueStats {
+        hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| HostError::Data(e.to_string()))?,
+        reads: 0,
+        writes: 0,
+        bytes: 0,
+        errors: 0,
+        verified_blocks: 0,
+        first_error: None,
+    };
+    let mut pipe = Pipeline { slots: (0..ctx.qd).map(|_| None).collect(), free: (0..ctx.qd).rev().collect(), outstanding: 0, stats };
+    let mut out = BytesMut::with_capacity(1 << 16);
+    let mut more = true;
+    loop {
+        if more {
+            more = pipe.submit_all(&mut gen, &mut ctx, &mut out);
+        }
+        flush(&stream, &mut out).map_err(io_err)?;
+        if pipe.outstanding == 0 && out.is_empty() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            r = stream.readable() => r.map_err(io_err)?,
+            r = stream.writable(), if !out.is_empty() => {
+                r.map_err(io_err)?;
+                continue;
+            }
+        }
+        if buf.capacity() - buf.len() < 64 * 1024 {
+            buf.reserve(256 * 1024);
+        }
+        match stream.try_read_buf(&mut buf) {
+            Ok(0) => return Err(protocol("target closed the connection".into())),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(io_err(e)),
+        }
+        while let Some(p) = pdu::decode(&mut buf, ctx.digests, &HOST_LIMITS).map_err(|e| protocol(format!("bad PDU from target: {e}")))? {
+            pipe.on_pdu(p, &ctx, maxh2cdata, &mut out).map_err(protocol)?;
+        }
+    }
+    let mut stream = stream;
+    let _ = stream.shutdown().await;
+    Ok((pipe.stats, std::mem::take(&mut ctx.written)))
 }
 
 impl Workload {

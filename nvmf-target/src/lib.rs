@@ -3,7 +3,8 @@
 //! to.
 //!
 //! Layout, from the wire inward: [`queue`] is the per-connection protocol state machine (bytes in,
-//! events and bytes out, no I/O); [`connect`] handles Fabrics Connect; [`controller`] owns a
+//! events and bytes out, no I/O) with its pending output in an [`outbox`]; [`inflight`] runs a
+//! connection's commands in flight in reusable slots; [`connect`] handles Fabrics Connect; [`controller`] owns a
 //! controller's state and the admin command set; [`io`] validates NVM commands; [`target`] holds
 //! subsystems, namespaces and configuration reload; [`server`] is the tokio code that moves bytes
 //! between sockets and those pieces; [`config`] is the TOML configuration.
@@ -13,7 +14,9 @@ pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod controller;
+pub mod inflight;
 pub mod io;
+pub mod outbox;
 pub mod queue;
 pub mod server;
 pub mod target;

@@ -3,7 +3,7 @@
 //! A [`Queue`] is one TCP connection = one NVMe queue pair. It is fed received bytes and returns
 //! [`Event`]s (a command is ready to execute, data for a command has fully arrived); the caller
 //! executes commands and hands completions back with [`Queue::complete`]. Everything the queue
-//! wants sent is appended to an output list of byte chunks that the socket task writes in order.
+//! wants sent is appended to its [`Outbox`], which the socket task writes in order.
 //!
 //! The queue enforces the transport rules: ICReq first and only once; no PDU types that only a
 //! controller may send; at most `queue size` commands outstanding with unique CIDs; H2CData only
@@ -12,11 +12,39 @@
 //! [`Queue::terminate`] encodes and closes the connection.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use bytes::{Bytes, BytesMut};
 use tessera_nvme_proto::cqe::SQHD_DISABLED;
 use tessera_nvme_proto::pdu::{self, DataPdu, IcReq, IcResp, PduErrorKind, R2t, CH_OFF_TYPE};
 use tessera_nvme_proto::{Cqe, Digests, Pdu, PduError, PduLimits, Sqe, Status};
+
+use crate::outbox::Outbox;
+
+/// Hashes a command identifier with one multiplication: CIDs are small integers chosen by the
+/// host, so a keyed hash buys nothing, and the table never holds more than the queue depth.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CidHasher(u64);
+
+impl Hasher for CidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        // Fibonacci hashing: the high bits, which hashbrown uses for its tag byte, depend on
+        // every bit of the CID.
+        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type CidMap<V> = HashMap<u16, V, BuildHasherDefault<CidHasher>>;
 
 /// Transport parameters of a queue.
 #[derive(Clone, Copy, Debug)]
@@ -76,13 +104,12 @@ pub struct Queue<P> {
     params: QueueParams,
     phase: Phase,
     digests: Digests,
-    slots: HashMap<u16, Slot<P>>,
+    slots: CidMap<Slot<P>>,
     depth: u16,
     qid: u16,
     sqhd: u16,
     sqflow_disabled: bool,
-    scratch: BytesMut,
-    out: Vec<Bytes>,
+    out: Outbox,
 }
 
 impl<P> Queue<P> {
@@ -92,13 +119,12 @@ impl<P> Queue<P> {
             params,
             phase: Phase::AwaitIcReq,
             digests: Digests::default(),
-            slots: HashMap::new(),
+            slots: CidMap::default(),
             depth: params.initial_depth,
             qid: 0,
             sqhd: 0,
             sqflow_disabled: false,
-            scratch: BytesMut::new(),
-            out: Vec::new(),
+            out: Outbox::new(),
         }
     }
 
@@ -247,14 +273,11 @@ impl<P> Queue<P> {
         let mut elided = false;
         if let Some(data) = data.filter(|d| !d.is_empty()) {
             elided = elide;
-            let ddgst = pdu::put_c2h_data_header(&mut self.scratch, cid, 0, data.len() as u32, true, elide, self.digests);
-            self.out.push(self.scratch.split().freeze());
-            if ddgst {
-                let d = pdu::digest(&data);
-                self.out.push(data);
-                self.out.push(Bytes::copy_from_slice(&d));
-            } else {
-                self.out.push(data);
+            let ddgst = pdu::put_c2h_data_header(self.out.buf(), cid, 0, data.len() as u32, true, elide, self.digests);
+            let d = ddgst.then(|| pdu::digest(&data));
+            self.out.push_data(data);
+            if let Some(d) = d {
+                self.out.buf().extend_from_slice(&d);
             }
         }
         if !elided {
@@ -283,12 +306,16 @@ impl<P> Queue<P> {
 
     /// Takes the chunks to send, in order.
     pub fn take_output(&mut self) -> Vec<Bytes> {
-        std::mem::take(&mut self.out)
+        self.out.take()
+    }
+
+    /// The output still to send, for a socket task that writes it in place.
+    pub fn outbox(&mut self) -> &mut Outbox {
+        &mut self.out
     }
 
     fn push_pdu(&mut self, p: &Pdu) {
-        p.encode(self.digests, &mut self.scratch);
-        self.out.push(self.scratch.split().freeze());
+        p.encode(self.digests, self.out.buf());
     }
 }
 

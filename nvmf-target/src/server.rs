@@ -2,33 +2,38 @@
 //! connection. This module only moves bytes and futures; protocol decisions are made by
 //! [`Queue`], [`connect`], [`Controller`] and [`io`].
 //!
-//! A connection task owns its [`Queue`] and selects over: bytes from the socket, completions of
-//! commands in flight (bdev futures, many at once), asynchronous events for held AERs (admin
-//! queue), the keep-alive deadline (admin queue) and its controller's teardown. Output goes to
-//! the writer task through a channel, so reading never waits on writing.
+//! A connection task owns its socket and its [`Queue`] and selects over: bytes from the socket,
+//! the socket becoming writable while output is pending, completions of commands in flight (bdev
+//! futures in [`Inflight`] slots, many at once), asynchronous events for held AERs (admin queue),
+//! the keep-alive deadline (admin queue) and its controller's teardown.
+//!
+//! One pass of the loop reads everything the socket has, decodes every whole PDU, starts the
+//! commands (a bdev that completes without waiting answers in the same pass) and then writes all
+//! pending output with one non-blocking `writev`; what the socket does not take waits in the
+//! queue's [`Outbox`] for writability. No second task, no channel, no per-I/O allocation: at
+//! queue depth 32 one `recv` and one `writev` serve many commands. Reading never waits on
+//! writing, and a host that stops reading stalls only its own connection
+//! ([`OUTBOUND_BUDGET`]).
 
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use std::collections::VecDeque;
-use std::io::IoSlice;
-
-use bytes::{Buf, Bytes, BytesMut};
-use futures::stream::{FuturesUnordered, StreamExt};
+use bytes::{Bytes, BytesMut};
 use tessera_bdev::{BlockDevice, WriteData};
 use tessera_nvme_proto::opcode::{self, fctype};
 use tessera_nvme_proto::{Cqe, Sqe, Status};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::connect;
 use crate::controller::{AdminOutcome, Controller};
+use crate::inflight::Inflight;
 use crate::io::{self, DataPlan, IoOp};
+use crate::outbox::Outbox;
 use crate::queue::{Event, Queue, QueueParams};
 use crate::target::{self, Namespace, Subsystem, Target};
 
@@ -148,79 +153,62 @@ async fn execute_io(ns: &Namespace, op: IoOp, data: WriteData) -> Result<Option<
     }
 }
 
-/// Bytes of responses a connection may have queued for its writer. A host that stops reading
-/// stalls its own connection at this point instead of making the target buffer without bound.
+/// Bytes of responses a connection may have pending. Past this, the connection stops reading
+/// commands until the host has taken some: a host that stops reading its responses stalls its own
+/// connection instead of making the target buffer without bound (what is pending then is this
+/// plus at most the commands already in flight, each no larger than MDTS).
 pub const OUTBOUND_BUDGET: usize = 8 << 20;
 
-/// The sending side of a connection's writer: chunks plus a byte budget released as they are
-/// written.
-struct Outbound {
-    tx: mpsc::UnboundedSender<Vec<Bytes>>,
-    budget: Arc<Semaphore>,
-}
+/// How long a closing connection may take to send its last responses (e.g. a C2HTermReq).
+const CLOSE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-impl Outbound {
-    /// Queues `chunks` for the writer, first waiting until the writer has caught up enough.
-    async fn send(&self, chunks: Vec<Bytes>) -> Result<(), ()> {
-        let n = chunk_bytes(&chunks).min(OUTBOUND_BUDGET) as u32;
-        let permit = self.budget.acquire_many(n).await.map_err(|_| ())?;
-        permit.forget();
-        self.tx.send(chunks).map_err(|_| ())
-    }
-}
+/// A connection that is never idle still notices target shutdown and controller teardown
+/// within this many passes of its loop.
+const CANCEL_CHECK_PASSES: u32 = 32;
 
-fn chunk_bytes(chunks: &[Bytes]) -> usize {
-    chunks.iter().map(Bytes::len).sum()
-}
+/// Read buffer size, and the free room below which it is topped up again.
+const READ_BUF: usize = 256 * 1024;
+const READ_MIN_ROOM: usize = 64 * 1024;
 
-/// Writes `chunks` with as few `writev` calls as the socket allows: PDU headers and data go out
-/// together without being copied into one buffer.
-async fn write_chunks(wr: &mut OwnedWriteHalf, chunks: &mut VecDeque<Bytes>) -> std::io::Result<()> {
+/// Writes as much of `out` as the socket takes without waiting, each call one `writev` of
+/// everything pending (PDU headers and read data together, nothing copied). `Ok` also when the
+/// socket is full: the rest stays in `out` until it is writable again.
+fn flush(stream: &TcpStream, out: &mut Outbox) -> std::io::Result<()> {
     const MAX_IOV: usize = 64;
-    while !chunks.is_empty() {
-        let mut iov = [IoSlice::new(&[]); MAX_IOV];
-        let mut count = 0;
-        for (slot, c) in iov.iter_mut().zip(chunks.iter()) {
-            *slot = IoSlice::new(c);
-            count += 1;
-        }
-        let mut n = wr.write_vectored(iov.get(..count).unwrap_or_default()).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 {
-            let Some(front) = chunks.front_mut() else { break };
-            if front.len() <= n {
-                n -= front.len();
-                chunks.pop_front();
-            } else {
-                front.advance(n);
-                n = 0;
-            }
+    while !out.is_empty() {
+        let written = {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let n = out.io_slices(&mut iov);
+            stream.try_write_vectored(iov.get(..n).unwrap_or_default())
+        };
+        match written {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => out.consume(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
         }
     }
     Ok(())
 }
 
-/// Writes every chunk sent on `rx`, batching whatever has queued up, then shuts the socket down.
-async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>, budget: Arc<Semaphore>) {
-    let mut pending = VecDeque::new();
-    while let Some(first) = rx.recv().await {
-        // Budget to give back once this batch is written: what each message's sender took.
-        let mut release = chunk_bytes(&first).min(OUTBOUND_BUDGET);
-        pending.extend(first);
-        while let Ok(more) = rx.try_recv() {
-            release += chunk_bytes(&more).min(OUTBOUND_BUDGET);
-            pending.extend(more);
+/// Sends whatever is still pending on a closing connection (bounded in time), then shuts the
+/// socket down.
+async fn close_stream(mut stream: TcpStream, out: &mut Outbox) {
+    let drained = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, async {
+        while !out.is_empty() {
+            stream.writable().await?;
+            flush(&stream, out)?;
         }
-        if write_chunks(&mut wr, &mut pending).await.is_err() {
-            break;
-        }
-        budget.add_permits(release);
-    }
-    // Unblock a sender waiting for budget that can no longer be written.
-    budget.close();
-    let _ = wr.shutdown().await;
+        Ok::<(), std::io::Error>(())
+    });
+    let _ = drained.await;
+    let _ = stream.shutdown().await;
+}
+
+/// What one pass of the connection loop was woken by, beyond the work it did.
+enum Wake {
+    Continue,
+    Stop(&'static str),
 }
 
 struct Connection {
@@ -241,11 +229,6 @@ impl Connection {
     async fn run(stream: TcpStream, peer: SocketAddr, target: Arc<Target>, shutdown: CancellationToken) {
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(peer);
-        let (mut rd, wr) = stream.into_split();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let budget = Arc::new(Semaphore::new(OUTBOUND_BUDGET));
-        let writer = tokio::spawn(writer(wr, rx, budget.clone()));
-        let tx = Outbound { tx, budget };
         let params = QueueParams {
             max_capsule_data: target::INCAPSULE_DATA,
             maxh2cdata: target::MAXH2CDATA,
@@ -253,75 +236,131 @@ impl Connection {
         };
         let mut c = Connection { target, peer, local, queue: Queue::new(params), ctrl: None, qid: 0, to_start: Vec::new(), closing: false };
         debug!(%peer, "connection accepted");
-        let mut buf = BytesMut::with_capacity(256 * 1024);
+        let mut buf = BytesMut::with_capacity(READ_BUF);
         let mut events = Vec::new();
-        let mut inflight = FuturesUnordered::new();
+        let mut inflight = Inflight::new();
+        let mut done = Vec::new();
         // A connection that has not completed Connect by then is dropped: it holds resources
         // without being a queue.
         let connect_deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        // The controller once connected, and its teardown token (cloned once, not per pass).
+        let mut ctrl: Option<Arc<Controller>> = None;
+        let mut cancel = CancellationToken::new();
+        let mut passes = 0u32;
         let reason = loop {
-            let cancel = c.ctrl.as_ref().map(|x| x.cancel.clone());
-            let ctrl = c.ctrl.clone();
-            let deadline = ctrl.as_ref().filter(|_| c.qid == 0).and_then(|x| x.keepalive_deadline());
-            tokio::select! {
-                r = rd.read_buf(&mut buf) => match r {
-                    Ok(0) => break "host closed the connection",
-                    Ok(_) => {
-                        if let Err(e) = c.queue.receive(&mut buf, &mut events) {
-                            warn!(peer = %c.peer, fes = e.fes(), fei = e.fei(), "terminating connection: {e}");
-                            c.queue.terminate(&e);
-                            let _ = tx.send(c.queue.take_output()).await;
-                            break "protocol error";
-                        }
-                        for ev in events.drain(..) {
-                            c.on_event(ev);
-                        }
-                        if buf.capacity() - buf.len() < 64 * 1024 {
-                            buf.reserve(256 * 1024);
-                        }
-                    }
-                    Err(e) => break if e.kind() == std::io::ErrorKind::ConnectionReset { "connection reset" } else { "read error" },
-                },
-                Some(done) = inflight.next(), if !inflight.is_empty() => c.on_done(done),
-                _ = async { if let Some(x) = &ctrl { x.aen.notified().await } }, if c.qid == 0 && ctrl.is_some() => {
-                    if let Some(x) = &ctrl {
-                        for (cid, dw0) in x.take_event_completions() {
-                            let mut cqe = Cqe::new(cid, Status::SUCCESS);
-                            cqe.dw0 = dw0;
-                            c.queue.complete(cid, cqe, None);
-                        }
-                    }
+            passes = passes.wrapping_add(1);
+            if passes.is_multiple_of(CANCEL_CHECK_PASSES) {
+                if shutdown.is_cancelled() {
+                    break "target shutting down";
                 }
-                _ = tokio::time::sleep_until(deadline.map(tokio::time::Instant::from_std).unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
-                    if let Some(x) = &ctrl {
-                        if x.keepalive_deadline().is_some_and(|d| d <= std::time::Instant::now()) {
-                            x.shut_down("keep alive timeout expired");
-                            break "keep alive timeout";
-                        }
-                    }
+                if cancel.is_cancelled() {
+                    break "controller torn down";
                 }
-                _ = async { if let Some(t) = &cancel { t.cancelled().await } }, if cancel.is_some() => break "controller torn down",
-                _ = tokio::time::sleep_until(connect_deadline), if c.ctrl.is_none() => break "no Connect within the connect timeout",
-                _ = shutdown.cancelled() => break "target shutting down",
             }
-            for (cid, work) in c.to_start.drain(..) {
-                inflight.push(execute(cid, work));
-            }
-            let out = c.queue.take_output();
-            if !out.is_empty() && tx.send(out).await.is_err() {
+            if flush(&stream, c.queue.outbox()).is_err() {
                 break "write error";
             }
             if c.queue.is_closed() {
                 break "host terminated the connection";
             }
-            if c.closing {
+            if c.closing && c.queue.outbox().is_empty() {
                 break "host disconnected";
             }
+            if ctrl.is_none() {
+                if let Some(x) = &c.ctrl {
+                    cancel = x.cancel.clone();
+                    ctrl = Some(x.clone());
+                }
+            }
+            let pending_out = c.queue.outbox().len();
+            let admin = ctrl.as_ref().filter(|_| c.qid == 0);
+            let keepalive = admin.and_then(|x| x.keepalive_deadline());
+            let wake = tokio::select! {
+                biased;
+                () = inflight.next(&mut done), if inflight.running() > 0 => {
+                    for d in done.drain(..) {
+                        c.on_done(d);
+                    }
+                    Wake::Continue
+                }
+                r = stream.writable(), if pending_out > 0 => match r {
+                    Ok(()) => Wake::Continue,
+                    Err(_) => Wake::Stop("write error"),
+                },
+                r = stream.readable(), if pending_out < OUTBOUND_BUDGET && !c.closing => match r {
+                    Ok(()) => c.on_readable(&stream, &mut buf, &mut events),
+                    Err(_) => Wake::Stop("read error"),
+                },
+                _ = async { if let Some(x) = admin { x.aen.notified().await } }, if admin.is_some() => {
+                    c.on_async_events();
+                    Wake::Continue
+                }
+                _ = async { if let Some(d) = keepalive { tokio::time::sleep_until(d.into()).await } }, if keepalive.is_some() => {
+                    match &ctrl {
+                        Some(x) if x.keepalive_deadline().is_some_and(|d| d <= std::time::Instant::now()) => {
+                            x.shut_down("keep alive timeout expired");
+                            Wake::Stop("keep alive timeout")
+                        }
+                        _ => Wake::Continue,
+                    }
+                }
+                _ = async { tokio::time::sleep_until(connect_deadline).await }, if c.ctrl.is_none() => {
+                    Wake::Stop("no Connect within the connect timeout")
+                }
+                // Polled only when nothing above is ready (each poll takes two locks); a busy
+                // connection checks them every CANCEL_CHECK_PASSES passes instead.
+                _ = shutdown.cancelled() => Wake::Stop("target shutting down"),
+                _ = cancel.cancelled() => Wake::Stop("controller torn down"),
+            };
+            if let Wake::Stop(reason) = wake {
+                break reason;
+            }
+            // Start what this pass accepted; what completes at once is answered in this pass.
+            let mut starting = std::mem::take(&mut c.to_start);
+            for (cid, work) in starting.drain(..) {
+                if let Some(d) = inflight.start(execute(cid, work)) {
+                    c.on_done(d);
+                }
+            }
+            c.to_start = starting;
         };
         debug!(peer = %c.peer, qid = c.qid, "connection closed: {reason}");
         c.close();
-        drop(tx);
-        let _ = writer.await;
+        drop(inflight);
+        close_stream(stream, c.queue.outbox()).await;
+    }
+
+    /// Reads what the socket has and acts on every whole PDU in it.
+    fn on_readable(&mut self, stream: &TcpStream, buf: &mut BytesMut, events: &mut Vec<Event<Pending>>) -> Wake {
+        if buf.capacity() - buf.len() < READ_MIN_ROOM {
+            buf.reserve(READ_BUF);
+        }
+        match stream.try_read_buf(buf) {
+            Ok(0) => return Wake::Stop("host closed the connection"),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Wake::Continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Wake::Stop("connection reset"),
+            Err(_) => return Wake::Stop("read error"),
+        }
+        if let Err(e) = self.queue.receive(buf, events) {
+            warn!(peer = %self.peer, fes = e.fes(), fei = e.fei(), "terminating connection: {e}");
+            self.queue.terminate(&e);
+            return Wake::Stop("protocol error");
+        }
+        for ev in events.drain(..) {
+            self.on_event(ev);
+        }
+        Wake::Continue
+    }
+
+    /// Completes the Asynchronous Event Requests that events are waiting for.
+    fn on_async_events(&mut self) {
+        let Some(x) = self.ctrl.clone() else { return };
+        for (cid, dw0) in x.take_event_completions() {
+            let mut cqe = Cqe::new(cid, Status::SUCCESS);
+            cqe.dw0 = dw0;
+            self.queue.complete(cid, cqe, None);
+        }
     }
 
     fn close(&mut self) {
@@ -348,7 +387,7 @@ impl Connection {
                 Pending::Connect => {
                     self.on_connect(&sqe, &io::concat(&data));
                 }
-                Pending::Io { ns, op } => self.start(sqe.cid(), Work::Io { ns, op, data }),
+                Pending::Io { ns, op } => self.start(sqe.cid(), Work::Io { ns, op, data: data.into() }),
             },
             Event::HostTerminated { fes } => {
                 warn!(peer = %self.peer, fes, "host terminated the connection")
@@ -395,8 +434,8 @@ impl Connection {
             (IoOp::Flush { all: true }, _) => self.start(cid, Work::FlushAll { subsys: ctrl.subsys.clone() }),
             (op, Some(ns)) => match plan {
                 DataPlan::FromHost(len) => self.queue.request_data(sqe, len, Pending::Io { ns, op }),
-                DataPlan::InCapsule(_) => self.start(cid, Work::Io { ns, op, data: vec![incapsule] }),
-                _ => self.start(cid, Work::Io { ns, op, data: Vec::new() }),
+                DataPlan::InCapsule(_) => self.start(cid, Work::Io { ns, op, data: incapsule.into() }),
+                _ => self.start(cid, Work::Io { ns, op, data: WriteData::empty() }),
             },
             (_, None) => self.fail(&sqe, Status::INVALID_NAMESPACE),
         }
