@@ -320,7 +320,7 @@ impl Index {
                 .collect(),
             None => Vec::new(),
         };
-        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
         let mut uncovered = vec![range.clone()];
         for (_, off, body) in candidates {
             if uncovered.is_empty() {
