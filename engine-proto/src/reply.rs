@@ -410,7 +410,8 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 /// Encodes a reply frame to request `request_id` with opcode `opcode`. `map_version` is the
 /// newest pool map version the engine knows. An error reply's message is cut to
 /// [`ERROR_MESSAGE_MAX`] bytes; an error with status `Ok` (a caller bug) is sent as `IoError`.
-/// Fetched data is carried in [`Encoded::data`] without a copy.
+/// Fetched data is carried in [`Encoded::data`] without a copy. A success reply must answer
+/// `opcode` ([`Reply::opcode`]); debug builds assert it.
 pub fn encode_reply(request_id: u64, opcode: Opcode, map_version: u32, target: u16, reply: &ReplyResult) -> Encoded {
     match reply {
         Ok(r) => {

@@ -1,0 +1,476 @@
+//! A pipelined connection to one engine: many requests in flight from many tasks over one TCP
+//! connection, replies matched to their callers by request id in whatever order they come.
+//!
+//! Per connection there are two tasks. The **writer** takes encoded requests from a bounded
+//! channel and writes whatever has queued up with one vectored write (headers, bodies and bulk
+//! data side by side, never copied into one buffer). The **reader** splits the byte stream into
+//! frames ([`tessera_engine_proto::decode_frame`]) and hands each reply to the caller waiting on
+//! its request id. Callers encode their own requests and decode their own replies, so those costs
+//! are spread over the callers' tasks.
+//!
+//! Request ids index a slot table: the low 32 bits are the slot, the high 32 bits the slot's
+//! generation, which changes every time the slot is released. A reply to a request that timed out
+//! or whose caller went away finds a different generation (or an empty slot) and is dropped.
+//!
+//! When the connection ends — the engine closes it, a read or write fails, or the engine breaks
+//! the framing — every pending call fails at once (`Closed`, or `Protocol` with the framing
+//! error) and every later call fails immediately with `Closed`. There is no reconnection here;
+//! that belongs to the layer that knows the pool map.
+
+use std::fmt;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tessera_engine_proto::{decode_frame, encode_request, Encoded, Frame, FrameError, FrameLimits, Reply, ReplyError, Request, RpcStatus};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// Encoded requests queued for the writer before callers wait (backpressure on a slow engine).
+const SEND_QUEUE: usize = 256;
+/// Most buffers (heads and data) handed to one vectored write.
+const MAX_IOV: usize = 64;
+/// The writer stops coalescing queued frames beyond this many bytes.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Bytes the reader makes room for before each read.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// How to connect and how long to wait.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionOptions {
+    /// Longest a call may take, from queueing the request to receiving the reply (default 10 s).
+    pub timeout: Duration,
+    /// Longest the TCP connect may take (default 5 s).
+    pub connect_timeout: Duration,
+    /// Pool map version sent with every request until [`EngineConnection::set_map_version`].
+    pub map_version: u32,
+    /// Limits on the replies accepted (default [`FrameLimits::default`]).
+    pub limits: FrameLimits,
+}
+
+impl Default for ConnectionOptions {
+    fn default() -> Self {
+        ConnectionOptions {
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            map_version: 0,
+            limits: FrameLimits::default(),
+        }
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    /// Connecting failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// No reply within the timeout. The engine may still execute the request.
+    #[error("request timed out")]
+    Timeout,
+    /// The connection is closed (by the engine, by a failed read or write, or earlier).
+    #[error("connection closed")]
+    Closed,
+    /// The engine broke the framing; the connection was closed.
+    #[error("protocol error: {0}")]
+    Protocol(#[from] FrameError),
+    /// The reply frame was well framed but not a valid reply to the request.
+    #[error("malformed reply: {0}")]
+    BadReply(#[from] ReplyError),
+    /// The engine answered with an error.
+    #[error("engine error ({status}): {message}")]
+    Remote {
+        /// The reply's status.
+        status: RpcStatus,
+        /// The engine's message.
+        message: String,
+    },
+}
+
+/// Why the connection ended; pending calls fail with it.
+#[derive(Clone, Debug)]
+enum CloseReason {
+    Closed,
+    Protocol(FrameError),
+}
+
+impl CloseReason {
+    fn to_error(&self) -> RpcError {
+        match self {
+            CloseReason::Closed => RpcError::Closed,
+            CloseReason::Protocol(e) => RpcError::Protocol(e.clone()),
+        }
+    }
+}
+
+type Waiter = oneshot::Sender<Result<Frame, RpcError>>;
+
+#[derive(Default)]
+struct Slot {
+    generation: u32,
+    waiter: Option<Waiter>,
+}
+
+#[derive(Default)]
+struct Slots {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    in_flight: usize,
+    closed: Option<CloseReason>,
+}
+
+fn split_id(id: u64) -> (usize, u32) {
+    ((id & 0xffff_ffff) as usize, (id >> 32) as u32)
+}
+
+impl Slots {
+    /// A free slot for a new call, or the reason the connection is closed.
+    fn register(&mut self, waiter: Waiter) -> Result<u64, RpcError> {
+        if self.closed.is_some() {
+            return Err(RpcError::Closed);
+        }
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                let i = u32::try_from(self.slots.len()).map_err(|_| RpcError::Closed)?;
+                self.slots.push(Slot::default());
+                i
+            }
+        };
+        let slot = self.slots.get_mut(index as usize).ok_or(RpcError::Closed)?;
+        slot.waiter = Some(waiter);
+        self.in_flight += 1;
+        Ok(u64::from(slot.generation) << 32 | u64::from(index))
+    }
+
+    /// Releases the slot of request `id` if it still belongs to it; returns its waiter (`None`
+    /// if it was already taken by a close).
+    fn release(&mut self, id: u64) -> Option<Waiter> {
+        let (index, generation) = split_id(id);
+        let slot = self.slots.get_mut(index).filter(|s| s.generation == generation)?;
+        let waiter = slot.waiter.take();
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(index as u32);
+        self.in_flight = self.in_flight.saturating_sub(1);
+        waiter
+    }
+}
+
+/// State shared by the handles and both tasks.
+struct Shared {
+    slots: Mutex<Slots>,
+    map_version: AtomicU32,
+    engine_map_version: AtomicU32,
+    closed: watch::Sender<bool>,
+}
+
+impl Shared {
+    fn slots(&self) -> MutexGuard<'_, Slots> {
+        // The lock is never held across anything that can panic halfway; a poisoned table is
+        // still consistent.
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands a reply to its caller; replies nobody waits for any more are dropped.
+    fn complete(&self, frame: Frame) {
+        let id = frame.header.request_id;
+        self.engine_map_version.fetch_max(frame.header.map_version, Ordering::Relaxed);
+        let waiter = self.slots().release(id);
+        match waiter {
+            Some(w) => {
+                let _ = w.send(Ok(frame));
+            }
+            None => tracing::debug!(request_id = id, "dropping a reply nobody waits for (timed out or cancelled)"),
+        }
+    }
+
+    /// Ends the connection: fails every pending call with `reason`, and every later one.
+    fn close(&self, reason: CloseReason) {
+        let waiters: Vec<Waiter> = {
+            let mut s = self.slots();
+            if s.closed.is_some() {
+                return;
+            }
+            s.closed = Some(reason.clone());
+            s.slots.iter_mut().filter_map(|slot| slot.waiter.take()).collect()
+        };
+        if let CloseReason::Protocol(e) = &reason {
+            tracing::warn!(error = %e, pending = waiters.len(), "engine connection closed on a protocol error");
+        } else {
+            tracing::debug!(pending = waiters.len(), "engine connection closed");
+        }
+        for w in waiters {
+            let _ = w.send(Err(reason.to_error()));
+        }
+        self.closed.send_replace(true);
+    }
+}
+
+/// Releases a call's slot if the call ends without its reply (timeout, cancellation, send
+/// failure).
+struct SlotGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.shared.slots().release(self.id);
+        }
+    }
+}
+
+struct Handle {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Encoded>,
+    timeout: Duration,
+    peer: SocketAddr,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared.close(CloseReason::Closed);
+        self.reader.abort();
+        self.writer.abort();
+    }
+}
+
+/// A connection to one engine. Cheap to clone; all clones share the connection, which closes
+/// when the last clone is dropped. Any number of tasks may [`call`](Self::call) at once.
+#[derive(Clone)]
+pub struct EngineConnection {
+    inner: Arc<Handle>,
+}
+
+impl fmt::Debug for EngineConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.inner.shared.slots();
+        f.debug_struct("EngineConnection")
+            .field("peer", &self.inner.peer)
+            .field("in_flight", &s.in_flight)
+            .field("closed", &s.closed.is_some())
+            .finish()
+    }
+}
+
+impl EngineConnection {
+    /// Connects to the engine at `addr` (TCP_NODELAY on) and starts the connection's tasks.
+    pub async fn connect(addr: SocketAddr, opts: ConnectionOptions) -> Result<EngineConnection, RpcError> {
+        let stream = match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(s) => s?,
+            Err(_) => return Err(RpcError::Io(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))),
+        };
+        stream.set_nodelay(true)?;
+        let (rd, wr) = stream.into_split();
+        let (closed_tx, closed_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            slots: Mutex::new(Slots::default()),
+            map_version: AtomicU32::new(opts.map_version),
+            engine_map_version: AtomicU32::new(0),
+            closed: closed_tx,
+        });
+        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let reader = tokio::spawn(read_loop(rd, shared.clone(), opts.limits, closed_rx.clone()));
+        let writer = tokio::spawn(write_loop(wr, rx, shared.clone(), closed_rx));
+        Ok(EngineConnection { inner: Arc::new(Handle { shared, tx, timeout: opts.timeout, peer: addr, reader, writer }) })
+    }
+
+    /// Sends `req` to target `target` of the engine and waits for its reply.
+    ///
+    /// Fails with `Remote` if the engine answers with an error status, `Timeout` if no reply
+    /// comes within the connection's timeout, `Closed`/`Protocol` if the connection ends first,
+    /// `BadReply` if the reply does not decode.
+    pub async fn call(&self, target: u16, req: Request) -> Result<Reply, RpcError> {
+        let h = &*self.inner;
+        let opcode = req.opcode();
+        let (tx, rx) = oneshot::channel();
+        let id = h.shared.slots().register(tx)?;
+        let mut guard = SlotGuard { shared: &h.shared, id, armed: true };
+        let encoded = encode_request(id, h.shared.map_version.load(Ordering::Relaxed), target, &req);
+        drop(req);
+        let exchange = async {
+            h.tx.send(encoded).await.map_err(|_| RpcError::Closed)?;
+            rx.await.map_err(|_| RpcError::Closed)?
+        };
+        let frame = match tokio::time::timeout(h.timeout, exchange).await {
+            Ok(Ok(frame)) => {
+                // The reader released the slot when it handed the reply over.
+                guard.armed = false;
+                frame
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(RpcError::Timeout),
+        };
+        match Reply::decode(opcode, &frame)? {
+            Ok(reply) => Ok(reply),
+            Err((status, message)) => Err(RpcError::Remote { status, message }),
+        }
+    }
+
+    /// Sets the pool map version sent with later requests.
+    pub fn set_map_version(&self, version: u32) {
+        self.inner.shared.map_version.store(version, Ordering::Relaxed);
+    }
+
+    /// The pool map version sent with requests.
+    pub fn map_version(&self) -> u32 {
+        self.inner.shared.map_version.load(Ordering::Relaxed)
+    }
+
+    /// The newest pool map version the engine has reported in a reply header (0 before any).
+    pub fn engine_map_version(&self) -> u32 {
+        self.inner.shared.engine_map_version.load(Ordering::Relaxed)
+    }
+
+    /// The engine's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.inner.peer
+    }
+
+    /// Calls waiting for a reply.
+    pub fn in_flight(&self) -> usize {
+        self.inner.shared.slots().in_flight
+    }
+
+    /// Whether the connection has ended (every call now fails with `Closed`).
+    pub fn is_closed(&self) -> bool {
+        self.inner.shared.slots().closed.is_some()
+    }
+}
+
+async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>, limits: FrameLimits, mut closed: watch::Receiver<bool>) {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let reason = loop {
+        match decode_frame(&mut buf, &limits) {
+            Ok(Some(frame)) => {
+                shared.complete(frame);
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => break CloseReason::Protocol(e),
+        }
+        buf.reserve(READ_CHUNK);
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => break CloseReason::Closed,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "engine connection read failed");
+                    break CloseReason::Closed;
+                }
+            },
+            _ = closed.wait_for(|c| *c) => return,
+        }
+    };
+    shared.close(reason);
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Encoded>, shared: Arc<Shared>, mut closed: watch::Receiver<bool>) {
+    let mut queue: Vec<Bytes> = Vec::with_capacity(MAX_IOV);
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => match m {
+                Some(e) => e,
+                None => break,
+            },
+            _ = closed.wait_for(|c| *c) => break,
+        };
+        let mut bytes = first.len();
+        push_frame(&mut queue, first);
+        // Coalesce whatever else is already queued into the same write.
+        while queue.len() + 2 <= MAX_IOV && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(e) => {
+                    bytes += e.len();
+                    push_frame(&mut queue, e);
+                }
+                Err(_) => break,
+            }
+        }
+        let written = tokio::select! {
+            r = write_all_vectored(&mut wr, &mut queue) => r,
+            _ = closed.wait_for(|c| *c) => break,
+        };
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "engine connection write failed");
+            shared.close(CloseReason::Closed);
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+fn push_frame(queue: &mut Vec<Bytes>, e: Encoded) {
+    queue.push(e.head);
+    if !e.data.is_empty() {
+        queue.push(e.data);
+    }
+}
+
+/// Writes every buffer in `queue`, in order, with as few vectored writes as the socket allows.
+async fn write_all_vectored(wr: &mut OwnedWriteHalf, queue: &mut Vec<Bytes>) -> io::Result<()> {
+    let mut start = 0;
+    while start < queue.len() {
+        let mut iov = [IoSlice::new(&[]); MAX_IOV];
+        let mut n_iov = 0;
+        for (slot, b) in iov.iter_mut().zip(queue.iter().skip(start)) {
+            *slot = IoSlice::new(b);
+            n_iov += 1;
+        }
+        let mut n = wr.write_vectored(iov.get(..n_iov).unwrap_or_default()).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        // Drop what was written: whole buffers, then the front of a partly written one.
+        while n > 0 {
+            let Some(b) = queue.get_mut(start) else { break };
+            if n >= b.len() {
+                n -= b.len();
+                start += 1;
+            } else {
+                b.advance(n);
+                n = 0;
+            }
+        }
+    }
+    queue.clear();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_ids_change_generation_on_release() {
+        let mut s = Slots::default();
+        let (a_tx, _a) = oneshot::channel();
+        let a = s.register(a_tx).unwrap();
+        assert_eq!(a, 0);
+        assert!(s.release(a).is_some());
+        // A stale id (same slot, old generation) matches nothing.
+        assert!(s.release(a).is_none());
+        let (b_tx, _b) = oneshot::channel();
+        let b = s.register(b_tx).unwrap();
+        assert_eq!(split_id(b), (0, 1));
+        assert!(s.release(a).is_none());
+        let (c_tx, _c) = oneshot::channel();
+        let c = s.register(c_tx).unwrap();
+        assert_eq!(split_id(c), (1, 0));
+        assert_eq!(s.in_flight, 2);
+        assert!(s.release(u64::MAX).is_none());
+        s.closed = Some(CloseReason::Closed);
+        let (d_tx, _d) = oneshot::channel();
+        assert!(matches!(s.register(d_tx), Err(RpcError::Closed)));
+    }
+}
