@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the libFuzzer targets in fuzz/ (pdu_decode, connect_data, queue_receive) on STABLE Rust.
+# Builds the libFuzzer targets in fuzz/ (pdu_decode, connect_data, queue_receive, engine_frame) on
+# STABLE Rust.
 #
 # cargo-fuzz needs nightly only for sanitizers (-Zsanitizer=...). With `--sanitizer none` it
 # passes nothing unstable: coverage instrumentation comes from LLVM's sancov pass, which stable
@@ -115,7 +116,7 @@ case "$mode" in
 esac
 
 echo "fuzz-build: built ($mode) in $target_dir/$host/release:" >&2
-for t in pdu_decode connect_data queue_receive; do
+for t in pdu_decode connect_data queue_receive engine_frame; do
     if [[ -x "$target_dir/$host/release/$t" ]]; then
         echo "  $target_dir/$host/release/$t" >&2
     fi
