@@ -26,7 +26,8 @@ use tessera_engine_proto::frame::{self, HEADER_LEN, OFF_BODY_CRC, OFF_BODY_LEN, 
 use tessera_engine_proto::reply::ERROR_MESSAGE_MAX;
 use tessera_engine_proto::{decode_frame, encode_reply, encode_request, FrameLimits, Reply, Request};
 
-const LIMITS: [FrameLimits; 2] = [FrameLimits { max_body: 64 * 1024, max_data: 16 * 1024 * 1024 }, FrameLimits { max_body: 64, max_data: 300 }];
+const LIMITS: [FrameLimits; 2] =
+    [FrameLimits { max_body: 64 * 1024, max_data: 16 * 1024 * 1024 }, FrameLimits { max_body: 64, max_data: 300 }];
 
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
     b.get(off..off + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
