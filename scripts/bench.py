@@ -57,6 +57,24 @@ class Target:
         self.proc.wait(timeout=10)
 
 
+# The wire limit in two topologies: server in its own process (as target and load generator are)
+# and server in the client's process (a round trip may never leave one worker thread).
+WIRE_MODES = ("2 proc", "1 proc")
+
+# Measured with `python3 scripts/bench.py --profile` at commit d1b6503, before the hot path lost
+# its per-I/O allocations (a writer task per connection fed over a channel, FuturesUnordered,
+# SipHash CID map): kept here so the page shows before and after side by side.
+PROFILE_BEFORE = {
+    "randread": (7459, 1484, [(579, "_int_free"), (457, "__memcpy_avx_unaligned_erms"), (361, "_int_malloc"),
+                              (299, "<BytesMut as BufMut>::put_slice"), (287, "tessera_nvmf::server::serve::{{closure}}::{{closure}}"),
+                              (264, "malloc"), (139, "<FuturesUnordered<Fut> as Stream>::poll_next"),
+                              (128, "BytesMut::split_to"), (124, "free"), (91, "BuildHasher::hash_one (SipHash)")]),
+    "randwrite": (6820, 1400, [(440, "_int_free"), (381, "_int_malloc"), (365, "__memcpy_avx_unaligned_erms"),
+                               (291, "tessera_nvmf::server::serve::{{closure}}::{{closure}}"), (224, "malloc"),
+                               (161, "<BytesMut as BufMut>::put_slice"), (151, "<FuturesUnordered<Fut> as Stream>::poll_next"),
+                               (116, "tessera_nvme_proto::pdu::decode"), (104, "free"), (91, "BuildHasher::hash_one (SipHash)")]),
+}
+
 PROFILE_IOS = 100000
 PROFILE_WARMUP = 5000
 
@@ -67,7 +85,7 @@ def profile_cmd(port, rw, ios):
 
 
 def top_functions(outfile, n):
-    """The n functions with the most exclusive instructions: (Ir, name) pairs."""
+    """Total instructions and the n functions with the most exclusive ones: (Ir, file, name)."""
     text = subprocess.run(["callgrind_annotate", "--threshold=100", outfile], capture_output=True, text=True).stdout
     rows = []
     for line in text.splitlines():
@@ -77,7 +95,8 @@ def top_functions(outfile, n):
     # Inclusive frames of the task harness come first with 100 %; keep exclusive leaf costs.
     total = max((r[0] for r in rows), default=0)
     leaf = [r for r in rows if r[0] < total]
-    return total, leaf[:n]
+    alloc = sum(r[0] for r in leaf if re.search(r"malloc|free|realloc|__rdl_|__rust_(de)?alloc", r[2]))
+    return total, alloc, leaf[:n]
 
 
 def profile(runs_dir):
@@ -96,9 +115,10 @@ def profile(runs_dir):
             subprocess.run(["callgrind_control", "-d", str(t.proc.pid)], check=True, capture_output=True)
         finally:
             t.stop()
-        total, top = top_functions(out + ".1", 15)
+        total, alloc, top = top_functions(out + ".1", 12)
         lines += [f"**4 KiB {rw}, QD32**: {total / PROFILE_IOS:,.0f} instructions per I/O "
-                  f"({total:,} for {PROFILE_IOS} I/Os). Top functions (exclusive):", "",
+                  f"({total:,} for {PROFILE_IOS} I/Os), of which {alloc / PROFILE_IOS:,.0f} in malloc/free. "
+                  "Top functions (exclusive):", "",
                   "| instr/I/O | % | function |", "|---|---|---|"]
         for ir, _file, fn in top:
             lines.append(f"| {ir / PROFILE_IOS:,.0f} | {ir / total * 100:.1f} | `{fn.strip()[:110]}` |")
@@ -113,6 +133,8 @@ def main():
     ap.add_argument("--idle", type=float, default=60.0)
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "BENCHMARKS.md"))
     ap.add_argument("--profile", action="store_true", help="only the callgrind profile, printed as Markdown")
+    ap.add_argument("--no-profile", dest="profile_too", action="store_false",
+                    help="leave the callgrind profile out of the page")
     a = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "-p", "tessera-nvmf", "-p", "tessera-ctl"], cwd=ROOT, check=True)
     if a.profile:
@@ -126,9 +148,11 @@ def main():
                   for name, req, resp in (("4k-read", 72, 4096 + 24), ("4k-write", 4096 + 72, 24))]
     wire_cases += [("128k-read", 72, 131072 + 24, 16), ("128k-write", 131072 + 72, 24, 16)]
     for name, req, resp, qd in wire_cases:
-        cmd = [tessera, "bench-wire", "--req", str(req), "--resp", str(resp), "--qd", str(qd), "--time", T, "--json"]
-        r, _ = median_of(cmd, a.runs, "ops_per_s")
-        wire[(name, qd)] = (r, " ".join(["tessera"] + cmd[1:-1]))
+        for mode in WIRE_MODES:
+            cmd = [tessera, "bench-wire", "--req", str(req), "--resp", str(resp), "--qd", str(qd), "--time", T] + \
+                (["--in-process"] if mode == "1 proc" else []) + ["--json"]
+            r, _ = median_of(cmd, a.runs, "ops_per_s")
+            wire[(name, qd, mode)] = (r, " ".join(["tessera"] + cmd[1:-1]))
 
     cases = []
     for rw in ("randread", "randwrite"):
@@ -153,48 +177,73 @@ def main():
         finally:
             t.stop()
 
+    profile_lines = profile(os.path.join(ROOT, "target", "profile")) if a.profile_too else []
+
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
     lines = [
         "# Benchmarks", "",
         "Produced by `python3 scripts/bench.py` (this whole page). Every figure is the median of "
-        f"{a.runs} runs of {a.time:g} s; the load generator (`tessera bench`) and the target share the machine's cores, "
-        "so figures are lower than with a separate host. Performance is measured here, never by timed tests.", "",
+        f"{a.runs} runs of {a.time:g} s. The load generator (`tessera bench`) and the target run on the same "
+        f"{os.cpu_count()} cores, which other jobs (compilers) shared during the run, so figures are noisy and lower "
+        "than with a separate host. Performance is measured here, never by timed tests.", "",
         "## Machine", "",
         f"{os.cpu_count()} CPUs ({cpu}), {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB RAM, "
         f"Linux {platform.release()}; run on {time.strftime('%Y-%m-%d')}. Target: `tessera-nvmf` release build, "
         "namespace of 1 GiB with 512-byte blocks, host and target on 127.0.0.1.", "",
         "## Wire limit: loopback TCP with NVMe/TCP-sized messages", "",
         "`tessera bench-wire`: a request/response pair with no storage protocol, the same message sizes and depth, "
-        "answering every whole request that has arrived with one write.", "",
-        "| messages | QD | ops/s | MiB/s | p50 µs | p99 µs | command |", "|---|---|---|---|---|---|---|",
+        "answering every whole request that has arrived with one write. *2 proc*: the server is its own process, "
+        "as `tessera-nvmf` is to `tessera bench`, so every round trip wakes the other process. *1 proc* "
+        "(`--in-process`): both ends in one tokio runtime, where a round trip can complete without leaving a worker "
+        "thread; no separate target process can reach it, but it is the floor the issue's goals were set against.", "",
+        "| messages | QD | server | ops/s | MiB/s | p50 µs | p99 µs | command |", "|---|---|---|---|---|---|---|---|",
     ]
-    for (name, qd), (r, cmd) in wire.items():
-        lines.append(f"| {name} ({r['req']} B → {r['resp']} B) | {qd} | {r['ops_per_s']:.0f} | {r['mib_per_s']:.0f} | "
+    for (name, qd, mode), (r, cmd) in wire.items():
+        lines.append(f"| {name} ({r['req']} B → {r['resp']} B) | {qd} | {mode} | {r['ops_per_s']:.0f} | {r['mib_per_s']:.0f} | "
                      f"{r['lat_p50_us']:.1f} | {r['lat_p99_us']:.1f} | `{cmd}` |")
     lines += ["", "## Tessera target over NVMe/TCP", "",
               "`tessera bench --rw RW --bs BS --qd QD --queues N --time T --target-pid PID` against `tessera-nvmf`. "
-              "*vs wire* is the ratio to the loopback TCP limit for the same message sizes and depth "
-              "(IOPS for 4 KiB, bandwidth for 128 KiB; QD1 latency compares p50 round trips). "
+              "*vs wire* is the ratio to the loopback TCP limit for the same message sizes and depth, against the "
+              "2-process and the 1-process wire figures "
+              "(IOPS for 4 KiB, bandwidth for 128 KiB; for QD1, the p50 round trip as a multiple of the wire's). "
               "*CPU* is the target's CPU seconds per million I/Os.", "",
-              "| bdev | rw | bs | QD | queues | IOPS (runs) | MiB/s | avg µs | p50 µs | p99 µs | p99.9 µs | CPU s/M I/O | vs wire |",
+              "| bdev | rw | bs | QD | queues | IOPS (runs) | MiB/s | avg µs | p50 µs | p99 µs | p99.9 µs | CPU s/M I/O | vs wire 2 proc / 1 proc |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for bdev, rw, bs, qd, queues, r, all_iops in results:
         key = ("4k-read" if "read" in rw else "4k-write") if bs == "4k" else ("128k-read" if "read" in rw else "128k-write")
-        w = wire.get((key, qd))
-        ratio = ""
-        if w:
+        ratios = []
+        for mode in WIRE_MODES:
+            w = wire.get((key, qd, mode))
+            if not w:
+                continue
             wr = w[0]
             if qd == 1:
-                ratio = f"latency {r['lat_p50_us'] / wr['lat_p50_us']:.2f}×"
+                ratios.append(f"{r['lat_p50_us'] / wr['lat_p50_us']:.2f}×")
             elif bs == "4k":
-                ratio = f"{r['iops'] / wr['ops_per_s']:.2f}"
+                ratios.append(f"{r['iops'] / wr['ops_per_s']:.2f}")
             else:
-                ratio = f"{r['mib_per_s'] / wr['mib_per_s']:.2f}"
+                ratios.append(f"{r['mib_per_s'] / wr['mib_per_s']:.2f}")
+        ratio = (("latency " if qd == 1 else "") + " / ".join(ratios)) if ratios else ""
         runs = "/".join(f"{x / 1000:.0f}k" for x in all_iops)
         cpu_m = r.get("target_cpu_seconds_per_million_ios")
         lines.append(f"| {bdev} | {rw} | {bs} | {qd} | {queues} | {r['iops']:.0f} ({runs}) | {r['mib_per_s']:.0f} | "
                      f"{r['lat_avg_us']:.1f} | {r['lat_p50_us']:.1f} | {r['lat_p99_us']:.1f} | {r['lat_p999_us']:.1f} | "
                      f"{cpu_m:.2f} | {ratio} |")
+    lines += ["", "## Profile: instructions per I/O", "",
+              "User-space instructions the target executes per 4 KiB I/O (null bdev, QD32, one queue), counted by "
+              "valgrind's callgrind (no hardware counters on this machine; kernel time is not included). Command: "
+              "`python3 scripts/bench.py --profile`, which starts `tessera-nvmf` under "
+              "`valgrind --tool=callgrind`, runs `tessera bench --rw RW --bs 4k --qd 32 --ios "
+              f"{PROFILE_WARMUP}` to warm up, zeroes the counters (`callgrind_control -z`), runs "
+              f"`tessera bench --rw RW --bs 4k --qd 32 --ios {PROFILE_IOS}`, dumps (`callgrind_control -d`) and "
+              "divides by the I/O count. Output files: `target/profile/`.", "",
+              "Before (commit d1b6503: writer task per connection fed over a channel with a byte semaphore, "
+              "`FuturesUnordered` of command futures, SipHash CID map, a `Vec` per write, a fresh buffer per "
+              "encoded PDU; about 6 allocations per I/O):", ""]
+    for rw, (total, alloc, top) in PROFILE_BEFORE.items():
+        lines.append(f"- **4 KiB {rw}**: {total:,} instructions per I/O, {alloc:,} of them in malloc/free; top: "
+                     + ", ".join(f"`{fn}` {ir}" for ir, fn in top[:6]) + ".")
+    lines += ["", "After (this build):", ""] + (profile_lines or ["(left out: `--no-profile`)", ""])
     lines += ["", "## Idle cost", "",
               f"A host with an admin queue and 2 I/O queues connected and idle for {idle['idle_seconds']:g} s: the target used "
               f"**{idle['target_cpu_seconds']:.2f} CPU seconds** ({idle['target_cpu_seconds'] / idle['idle_seconds'] * 100:.3f} %). "

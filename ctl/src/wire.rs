@@ -2,6 +2,11 @@
 //! request/response server and client in one process exchange messages of the sizes an NVMe/TCP
 //! command and its response have (for a 4 KiB read: a 72-byte capsule out, 4 KiB + a 24-byte
 //! header back), with the same depth and number of connections, and no storage protocol at all.
+//!
+//! By default the server runs in a separate process (this binary, `bench-wire --serve`), as a
+//! target and its load generator do: every round trip then crosses between two processes, like
+//! an NVMe/TCP command does. `--in-process` runs both ends in one process, where a round trip
+//! can complete without leaving a worker thread (a lower bound no separate target can reach).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -10,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Arguments of `tessera bench-wire`.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct WireArgs {
     /// Request size in bytes.
     #[arg(long, default_value_t = 72)]
@@ -30,10 +35,18 @@ pub struct WireArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Run the server in this process instead of a separate one.
+    #[arg(long)]
+    in_process: bool,
+    /// Only serve: listen on this address, print the bound address on stdout and answer until
+    /// stdin closes (what the client side starts in a child process).
+    #[arg(long, hide = true)]
+    serve: Option<SocketAddr>,
 }
 
 #[derive(serde::Serialize)]
 struct WireReport {
+    server: &'static str,
     req: usize,
     resp: usize,
     qd: usize,
@@ -108,24 +121,75 @@ async fn client(addr: SocketAddr, a: &WireArgs, until: Instant) -> std::io::Resu
     Ok((ops, lats))
 }
 
+async fn accept_loop(l: TcpListener, req: usize, resp: usize) {
+    while let Ok((s, _)) = l.accept().await {
+        tokio::spawn(serve_conn(s, req, resp));
+    }
+}
+
+/// `--serve`: answers on `addr` until stdin reaches end of file (the parent went away).
+async fn serve_until_stdin_closes(addr: SocketAddr, req: usize, resp: usize) -> Result<String, String> {
+    let l = TcpListener::bind(addr).await.map_err(|e| e.to_string())?;
+    println!("{}", l.local_addr().map_err(|e| e.to_string())?);
+    tokio::spawn(accept_loop(l, req, resp));
+    let _ = tokio::task::spawn_blocking(|| std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())).await;
+    Ok(String::new())
+}
+
+/// A server in a child process; it exits when the returned child's stdin is dropped.
+fn spawn_server(a: &WireArgs) -> Result<(std::process::Child, SocketAddr), String> {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(["bench-wire", "--serve", "127.0.0.1:0", "--req", &a.req.to_string(), "--resp", &a.resp.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the wire server: {e}"))?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        std::io::BufReader::new(out).read_line(&mut line).map_err(|e| e.to_string())?;
+    }
+    let addr = line.trim().parse().map_err(|_| format!("wire server printed {line:?}, not its address"))?;
+    Ok((child, addr))
+}
+
 /// Runs the measurement and returns the text to print.
 pub fn run(a: WireArgs) -> Result<String, String> {
     if a.req == 0 || a.resp == 0 || a.qd == 0 || a.conns == 0 {
         return Err("--req, --resp, --qd and --conns must be at least 1".into());
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
-    rt.block_on(async move {
-        let l = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-        let addr = l.local_addr().map_err(|e| e.to_string())?;
-        let (req, resp) = (a.req, a.resp);
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                tokio::spawn(serve_conn(s, req, resp));
-            }
-        });
+    if let Some(addr) = a.serve {
+        return rt.block_on(serve_until_stdin_closes(addr, a.req, a.resp));
+    }
+    let mut child = None;
+    let r = rt.block_on(async {
+        let addr = if a.in_process {
+            let l = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+            let addr = l.local_addr().map_err(|e| e.to_string())?;
+            tokio::spawn(accept_loop(l, a.req, a.resp));
+            addr
+        } else {
+            let (c, addr) = spawn_server(&a)?;
+            child = Some(c);
+            addr
+        };
+        measure(&a, addr).await
+    });
+    if let Some(mut c) = child {
+        drop(c.stdin.take());
+        let _ = c.wait();
+    }
+    r
+}
+
+async fn measure(a: &WireArgs, addr: SocketAddr) -> Result<String, String> {
+    {
         let start = Instant::now();
         let until = start + Duration::from_secs_f64(a.time);
-        let a = std::sync::Arc::new(a);
+        let a = std::sync::Arc::new(a.clone());
         let tasks: Vec<_> = (0..a.conns)
             .map(|_| {
                 let a = a.clone();
@@ -143,6 +207,7 @@ pub fn run(a: WireArgs) -> Result<String, String> {
         let pct =
             |q: f64| lats.get(((lats.len() as f64 * q) as usize).min(lats.len().saturating_sub(1))).map_or(0.0, |&n| n as f64 / 1000.0);
         let r = WireReport {
+            server: if a.in_process { "in-process" } else { "separate process" },
             req: a.req,
             resp: a.resp,
             qd: a.qd,
@@ -158,8 +223,8 @@ pub fn run(a: WireArgs) -> Result<String, String> {
             return serde_json::to_string(&r).map(|s| s + "\n").map_err(|e| e.to_string());
         }
         Ok(format!(
-            "loopback TCP req={} resp={} qd={} conns={}: {:.0} ops/s, {:.1} MiB/s, latency us p50 {:.1} p99 {:.1}\n",
-            r.req, r.resp, r.qd, r.conns, r.ops_per_s, r.mib_per_s, r.lat_p50_us, r.lat_p99_us
+            "loopback TCP ({} server) req={} resp={} qd={} conns={}: {:.0} ops/s, {:.1} MiB/s, latency us p50 {:.1} p99 {:.1}\n",
+            r.server, r.req, r.resp, r.qd, r.conns, r.ops_per_s, r.mib_per_s, r.lat_p50_us, r.lat_p99_us
         ))
-    })
+    }
 }

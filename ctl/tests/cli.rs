@@ -32,3 +32,16 @@ fn bad_input_gives_one_line_and_nonzero_exit() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("unrecognized subcommand"), "{err}");
 }
+
+#[test]
+fn bench_wire_runs_with_a_server_process_and_in_process() {
+    for mode in [&[][..], &["--in-process"][..]] {
+        let mut args = vec!["bench-wire", "--req", "72", "--resp", "4120", "--qd", "4", "--time", "0.2", "--json"];
+        args.extend_from_slice(mode);
+        let (ok, out, err) = tessera(&args);
+        assert!(ok, "{err}");
+        let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert!(r["ops"].as_u64().unwrap() > 0, "{out}");
+        assert_eq!(r["server"], if mode.is_empty() { "separate process" } else { "in-process" });
+    }
+}

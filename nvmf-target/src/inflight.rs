@@ -15,7 +15,6 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 
-use futures::future::{Fuse, FutureExt};
 use futures::task::AtomicWaker;
 
 /// What the slot wakers share with the owner.
@@ -46,7 +45,8 @@ impl Wake for SlotWake {
 }
 
 struct Slot<F> {
-    fut: Pin<Box<Fuse<F>>>,
+    /// The future, `None` once it has completed.
+    fut: Pin<Box<Option<F>>>,
     waker: Waker,
     busy: bool,
 }
@@ -73,10 +73,15 @@ impl<F: Future> Default for Inflight<F> {
     }
 }
 
-/// Polls the future in `slot` with the slot's waker.
+/// Polls the future in `slot` with the slot's waker; drops it once complete.
 fn poll_slot<F: Future>(slot: &mut Slot<F>) -> Poll<F::Output> {
     let mut cx = Context::from_waker(&slot.waker);
-    slot.fut.as_mut().poll(&mut cx)
+    let Some(fut) = slot.fut.as_mut().as_pin_mut() else { return Poll::Pending };
+    let r = fut.poll(&mut cx);
+    if r.is_ready() {
+        slot.fut.set(None);
+    }
+    r
 }
 
 impl<F: Future> Inflight<F> {
@@ -96,16 +101,22 @@ impl<F: Future> Inflight<F> {
         }
         let index = self.slots.len();
         let waker = Waker::from(Arc::new(SlotWake { index, shared: self.shared.clone() }));
-        self.slots.push(Slot { fut: Box::pin(Fuse::terminated()), waker, busy: false });
+        self.slots.push(Slot { fut: Box::pin(None), waker, busy: false });
         index
     }
 
     /// Starts `fut` and polls it once. Returns its output if it completed right away; otherwise
     /// it stays in flight and [`Inflight::next`] yields its output later.
     pub fn start(&mut self, fut: F) -> Option<F::Output> {
+        self.start_with(|| fut)
+    }
+
+    /// [`Inflight::start`] with the future made by `make`, which lets the compiler build it in
+    /// its slot instead of moving it there (command futures are a few hundred bytes).
+    pub fn start_with(&mut self, make: impl FnOnce() -> F) -> Option<F::Output> {
         let i = self.free_slot();
         let slot = self.slots.get_mut(i)?;
-        slot.fut.set(fut.fuse());
+        slot.fut.set(Some(make()));
         match poll_slot(slot) {
             Poll::Ready(out) => {
                 self.free.push(i);

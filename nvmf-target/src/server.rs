@@ -318,7 +318,7 @@ impl Connection {
             // Start what this pass accepted; what completes at once is answered in this pass.
             let mut starting = std::mem::take(&mut c.to_start);
             for (cid, work) in starting.drain(..) {
-                if let Some(d) = inflight.start(execute(cid, work)) {
+                if let Some(d) = inflight.start_with(|| execute(cid, work)) {
                     c.on_done(d);
                 }
             }
