@@ -202,7 +202,22 @@ fio_verify() {
         --ioengine=libaio --direct=1 --rw=randwrite --bs="$_bs" \
         --verify=crc32c --verify_fatal=1 --do_verify=1 \
         --group_reporting --eta=never "$@" > "$_out" 2>&1
-    _r=$?
+    fio_check "$_job" $? "$_out"
+}
+
+# fio_job NAME DEV SIZE: runs the repository's job file /fio-jobs/NAME.fio (shipped in the
+# per-boot cpio) against /dev/DEV with DEV and SIZE in its environment
+fio_job() {
+    _out="/tmp/fio-job-$1.out"
+    echo "\$ DEV=/dev/$2 SIZE=$3 fio --eta=never /fio-jobs/$1.fio"
+    [ -f "/fio-jobs/$1.fio" ] || { fail "/fio-jobs/$1.fio is not in the guest image"; return 1; }
+    DEV="/dev/$2" SIZE="$3" timeout "${FIO_TIMEOUT:-300}" fio --eta=never "/fio-jobs/$1.fio" > "$_out" 2>&1
+    fio_check "job-$1" $? "$_out"
+}
+
+# fio_check NAME STATUS OUTFILE: fails unless fio exited 0 and every job reported err=0
+fio_check() {
+    _job="$1"; _r="$2"; _out="$3"
     if [ "$_r" = 0 ] && ! grep -q 'err= *[1-9]' "$_out"; then
         grep -E 'err=|  (read|write): IOPS' "$_out"      # condensed on success
     else

@@ -519,6 +519,12 @@ class Result:
         self.name, self.ok, self.reason, self.info = name, ok, reason, info
 
 
+def fio_job_files():
+    """The repository's fio job files as cpio entries under /fio-jobs (the directory first)."""
+    jobs = sorted((REPO / "fio-jobs").glob("*.fio"))
+    return [("fio-jobs", b"", 0o040755)] + [(f"fio-jobs/{j.name}", j.read_bytes(), 0o100644) for j in jobs]
+
+
 def run_boot(boot, kernel, base_initrd, env_text, workdir, logdir, target, ctx, scale):
     """Boot a guest with boot.script; returns (dict case->Result, notes)."""
     lib = (HERE / "guest-lib.sh").read_bytes()
@@ -531,7 +537,7 @@ def run_boot(boot, kernel, base_initrd, env_text, workdir, logdir, target, ctx, 
             ("etc/test-env.sh", env_text.encode(), 0o100644),
             ("guest-lib.sh", lib, 0o100644),
             ("test.sh", script, 0o100755),
-        ]))
+        ] + fio_job_files()))
     logfile = Path(logdir) / f"console-{boot.name}.log"
     log(f"boot {boot.name}: starting guest (console log {logfile})")
     guest = Qemu(boot.name, kernel, initrd, "", logfile)

@@ -136,6 +136,12 @@ case_fio_verify_mixed() {
         --offset=128m --offset_increment=32m --rw=randwrite || return 1
 }
 
+case_fio_job_verify() {
+    ensure_connected "$NQN_A" || return 1
+    # fio-jobs/verify.fio as a user runs it: 2 jobs x 8 MiB of 4 KiB, then of 128 KiB, from LBA 0
+    fio_job verify "$(dev_a)" 8m || return 1
+}
+
 case_io_out_of_range() {
     ensure_connected "$NQN_A" || return 1
     d="$(dev_a)"
@@ -491,6 +497,7 @@ run_case smart-log            case_smart_log
 run_case fio-verify-4k        case_fio_verify_4k
 run_case fio-verify-128k      case_fio_verify_128k
 run_case fio-verify-mixed     case_fio_verify_mixed
+run_case fio-job-verify       case_fio_job_verify
 run_case io-out-of-range      case_io_out_of_range
 run_case keep-alive-idle      case_keep_alive_idle
 run_case reset-controller     case_reset_controller
