@@ -7,7 +7,8 @@ bdevs, and the idle cost, each figure the median of several runs, with the comma
     python3 scripts/bench.py --profile       # callgrind instructions per 4K read/write (QD32, null)
 
 The same-guest comparison with the Linux kernel target (nvmet-tcp) is appended from
-target/nvme-cli-logs/kernel-compare.md when that file exists (not produced by anything yet).
+target/nvme-cli-logs/kernel-compare.md, which `python3 tests/nvme-cli/run.py --kernel-compare`
+writes (a QEMU guest, a few minutes); run that first.
 """
 import argparse, json, os, platform, re, signal, socket, statistics, subprocess, sys, tempfile, time
 
@@ -254,9 +255,8 @@ def main():
     if os.path.exists(kernel):
         lines += [open(kernel).read().strip(), ""]
     else:
-        lines += ["Not measured yet: the QEMU harness runs its correctness cases against the kernel target "
-                  "(`python3 tests/nvme-cli/run.py --reference`), but the same-guest fio benchmark of both targets is "
-                  "still to be written; when it exists it writes target/nvme-cli-logs/kernel-compare.md, included here.", ""]
+        lines += ["Not measured in this run: `python3 tests/nvme-cli/run.py --kernel-compare` writes "
+                  "target/nvme-cli-logs/kernel-compare.md, which is included here when it exists.", ""]
     with open(a.out, "w") as f:
         f.write("\n".join(lines))
     print(f"wrote {a.out}")

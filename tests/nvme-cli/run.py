@@ -724,7 +724,13 @@ def main():
     ap.add_argument("--script", metavar="FILE",
                     help="debug: boot one guest running FILE (guest-lib.sh available) and echo its console")
     ap.add_argument("--verbose", "-v", action="store_true", help="echo guest consoles to stdout")
+    ap.add_argument("--kernel-compare", action="store_true",
+                    help="instead of the cases: same-guest fio comparison of nvmet-tcp (brd) and tessera-nvmf "
+                         "(malloc), written to target/nvme-cli-logs/kernel-compare.md (see kernel_compare.py)")
     args = ap.parse_args()
+    if args.kernel_compare:
+        import kernel_compare
+        return kernel_compare.main((["--no-build"] if args.no_build else []) + (["--no-setup"] if args.no_setup else []))
     global VERBOSE
     VERBOSE = args.verbose or bool(args.script)
 

@@ -98,8 +98,8 @@ KVER="$(cat "$CACHE/kver")"
 # -------------------------------------------------------- base initramfs --
 # Modules needed by the initiator (host side of the test) ...
 INIT_MODS=(virtio_pci virtio_net crc32c_generic crc32c-intel nvme-tcp)
-# ... and, optionally, by a Linux nvmet reference target (run.py --reference).
-NVMET_MODS=(configfs null_blk nvmet nvmet-tcp)
+# ... and, optionally, by a Linux nvmet target (run.py --reference; brd for --kernel-compare).
+NVMET_MODS=(configfs null_blk brd nvmet nvmet-tcp)
 
 STAMP_SRC="$( { cat "$HERE/setup.sh" "$HERE/guest-init.sh"; echo "$KVER";
                for b in "$BUSYBOX" "$(command -v nvme)" "$(command -v fio)" "$(command -v blkdiscard)"; do

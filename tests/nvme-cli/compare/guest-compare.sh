@@ -1,0 +1,79 @@
+#!/bin/sh
+# Same-guest comparison (guest side, run as /test.sh by kernel_compare.py): the same fio jobs
+# through the kernel's nvme-tcp host on 127.0.0.1 against
+#   (a) the kernel's nvmet-tcp target over a brd RAM disk, configured through configfs, and
+#   (b) tessera-nvmf (/bin/tessera-nvmf, shipped in the per-boot cpio) with a malloc namespace.
+# Both devices are SIZE_MIB large and written once in full before the jobs. Each fio run's JSON
+# goes to the console between "@@KC-BEGIN <target> <job>" and "@@KC-END" lines.
+. /guest-lib.sh
+TADDR=127.0.0.1
+NQN_K=nqn.2026-11.io.tessera:kernel-compare
+NQN_T=nqn.2026-11.io.tessera:tessera-compare
+C=/sys/kernel/config/nvmet
+KVER="$(cat /etc/kver)"
+
+die() { echo "@@KC-ERROR $*"; exit 1; }
+
+start_kernel_target() {
+    # brd was loaded at boot with its defaults; reload it with one disk of the size we want.
+    rmmod brd 2>/dev/null
+    insmod "/lib/modules/$KVER/kernel/drivers/block/brd.ko" rd_nr=1 rd_size=$((SIZE_MIB * 1024)) || return 1
+    [ -b /dev/ram0 ] || return 1
+    mkdir "$C/subsystems/$NQN_K" && echo 1 > "$C/subsystems/$NQN_K/attr_allow_any_host" || return 1
+    mkdir "$C/subsystems/$NQN_K/namespaces/1" || return 1
+    echo -n /dev/ram0 > "$C/subsystems/$NQN_K/namespaces/1/device_path" || return 1
+    echo 1 > "$C/subsystems/$NQN_K/namespaces/1/enable" || return 1
+    mkdir "$C/ports/1" || return 1
+    echo tcp > "$C/ports/1/addr_trtype"; echo ipv4 > "$C/ports/1/addr_adrfam"
+    echo 127.0.0.1 > "$C/ports/1/addr_traddr"; echo "$KPORT" > "$C/ports/1/addr_trsvcid"
+    ln -s "$C/subsystems/$NQN_K" "$C/ports/1/subsystems/$NQN_K"
+}
+
+start_tessera() {
+    cat > /tmp/tessera.toml <<TOML
+listen = ["127.0.0.1:$TESSERA_PORT"]
+
+[[subsystem]]
+nqn = "$NQN_T"
+allow_any_host = true
+
+[[subsystem.namespace]]
+nsid = 1
+bdev = "malloc"
+size_mib = $SIZE_MIB
+block_size = 512
+TOML
+    echo "\$ tessera-nvmf --config /tmp/tessera.toml $TESSERA_ARGS"
+    /bin/tessera-nvmf --config /tmp/tessera.toml $TESSERA_ARGS > /tmp/tessera.log 2>&1 &
+    i=0
+    while ! nvme discover -t tcp -a 127.0.0.1 -s "$TESSERA_PORT" >/dev/null 2>&1; do
+        i=$((i + 1)); [ $i -lt 50 ] || { cat /tmp/tessera.log; return 1; }
+        sleep 0.2
+    done
+}
+
+# measure LABEL NQN PORT: connect, fill the device, run every job, disconnect
+measure() {
+    TPORT="$3"
+    connect "$2" || die "connect to $1 failed"
+    i=0; d=""
+    while [ -z "$d" ] && [ $i -lt 50 ]; do d="$(ns_dev "$2" 1)"; [ -n "$d" ] || sleep 0.1; i=$((i + 1)); done
+    [ -n "$d" ] || die "no block device for $1"
+    echo "$1: /dev/$d, $(cat /sys/block/$d/size) sectors; filling it"
+    dd if=/dev/zero of="/dev/$d" bs=1M count="$SIZE_MIB" oflag=direct 2>&1 | tail -n1
+    for job in $JOBS; do
+        DEV="/dev/$d" RUNTIME="$RUNTIME" fio --output-format=json "/fio-jobs/$job.fio" > /tmp/fio.json 2> /tmp/fio.err \
+            || { cat /tmp/fio.err; die "fio $job against $1 failed"; }
+        echo "@@KC-BEGIN $1 $job"
+        cat /tmp/fio.json
+        echo "@@KC-END"
+    done
+    nvme disconnect -n "$2" > /dev/null
+}
+
+echo "kernel $(uname -r), $(nproc) CPUs, $(grep MemTotal /proc/meminfo)"
+start_kernel_target || die "configuring nvmet over brd failed"
+measure kernel "$NQN_K" "$KPORT"
+start_tessera || die "tessera-nvmf did not start"
+measure tessera "$NQN_T" "$TESSERA_PORT"
+echo "@@KC-DONE"
