@@ -13,11 +13,14 @@
 pub mod alloc;
 pub mod backend;
 pub mod checkpoint;
+pub mod config;
 pub mod csum;
 pub mod index;
 pub mod op;
+pub mod server;
 pub mod target;
 pub mod wal;
+pub mod worker;
 
 use std::io;
 

@@ -64,23 +64,7 @@ impl Default for TargetConfig {
     }
 }
 
-/// What an update writes.
-#[derive(Debug, Clone)]
-pub enum UpdateValue {
-    /// Bytes at `offset` of an array akey, with one CRC64 per 4 KiB chunk.
-    Array { offset: u64, data: Bytes, csums: Vec<u64> },
-    /// A whole single value with the CRC64 of all of it.
-    Single { data: Bytes, csum: u64 },
-}
-
-/// What a punch removes.
-#[derive(Debug, Clone)]
-pub enum PunchTarget {
-    Object,
-    Dkey(Bytes),
-    Akey { dkey: Bytes, akey: Bytes },
-    Range { dkey: Bytes, akey: Bytes, offset: u64, len: u64 },
-}
+pub use tessera_engine_proto::{PunchTarget, UpdateValue};
 
 /// A change requested by a client.
 #[derive(Debug, Clone)]
@@ -496,7 +480,13 @@ impl Target {
         let mut holes = Vec::new();
         for seg in self.index.fetch_array(path, offset..end, epoch) {
             match seg.source {
-                Source::Hole => holes.push(((seg.range.start - offset) as u32, (seg.range.end - seg.range.start) as u32)),
+                Source::Hole => {
+                    let (start, len) = ((seg.range.start - offset) as u32, (seg.range.end - seg.range.start) as u32);
+                    match holes.last_mut() {
+                        Some((s, l)) if *s + *l == start => *l += len,
+                        _ => holes.push((start, len)),
+                    }
+                }
                 Source::Data { extent_start, stored, .. } => {
                     self.read_segment(&stored, extent_start, &seg.range, offset, &mut buf, &mut known)?;
                 }

@@ -1,0 +1,179 @@
+//! The engine daemon's TOML configuration.
+//!
+//! ```toml
+//! rank = 0                          # this engine's rank in the system
+//! listen = "127.0.0.1:10001"        # RPC address
+//! data_dir = "/var/lib/tessera/engine0"
+//! targets = 2                       # targets (threads, each with its own files)
+//! target_capacity = "1GiB"          # data file size per target
+//!
+//! [tuning]                          # optional
+//! inline_max = 512                  # values up to this many bytes live in the metadata
+//! checkpoint_wal = "64MiB"          # checkpoint when a target's WAL segment reaches this
+//! aggregation_lag_secs = 60         # default aggregation boundary: now minus this
+//! max_batch = 256                   # most requests one group commit takes
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+use thiserror::Error;
+
+use crate::target::TargetConfig;
+
+/// A configuration file that cannot be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Optional knobs; the defaults suit most machines.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tuning {
+    pub inline_max: u64,
+    #[serde(deserialize_with = "size")]
+    pub checkpoint_wal: u64,
+    pub aggregation_lag_secs: u64,
+    pub max_batch: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        let t = TargetConfig::default();
+        Self { inline_max: t.inline_max, checkpoint_wal: t.checkpoint_wal_bytes, aggregation_lag_secs: 60, max_batch: 256 }
+    }
+}
+
+/// The engine configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    pub rank: u32,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub targets: u16,
+    #[serde(deserialize_with = "size")]
+    pub target_capacity: u64,
+    #[serde(default)]
+    pub tuning: Tuning,
+}
+
+/// Parses "4096", "64KiB", "1MiB", "1GiB", "2TiB" (also KB/MB/GB/TB as powers of 1000).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("size {s:?} does not start with a number"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "TiB" | "T" => 1 << 40,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        u => return Err(format!("unknown size unit {u:?} in {s:?} (use B, KiB, MiB, GiB, TiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Int(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Int(n) => Ok(n),
+        Size::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+impl EngineConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: EngineConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.message().to_string() })?;
+        let invalid = |message: String| ConfigError::Invalid { path: path.into(), message };
+        if cfg.targets == 0 {
+            return Err(invalid("targets must be at least 1".into()));
+        }
+        if cfg.target_capacity < 1 << 20 {
+            return Err(invalid(format!("target_capacity is {} bytes; at least 1MiB", cfg.target_capacity)));
+        }
+        if cfg.tuning.max_batch == 0 {
+            return Err(invalid("tuning.max_batch must be at least 1".into()));
+        }
+        if cfg.tuning.inline_max > 4096 {
+            return Err(invalid("tuning.inline_max must be at most 4096".into()));
+        }
+        Ok(cfg)
+    }
+
+    /// Per-target settings derived from this configuration.
+    pub fn target_config(&self) -> TargetConfig {
+        TargetConfig {
+            capacity: self.target_capacity,
+            inline_max: self.tuning.inline_max,
+            checkpoint_wal_bytes: self.tuning.checkpoint_wal,
+            aggregation_lag: self.tuning.aggregation_lag_secs.saturating_mul(1_000_000_000),
+            ..TargetConfig::default()
+        }
+    }
+
+    /// Directory of target `i`.
+    pub fn target_dir(&self, i: u16) -> PathBuf {
+        self.data_dir.join(format!("target-{i}"))
+    }
+
+    /// An example configuration for one engine on this machine.
+    pub fn example(rank: u32, port: u16, data_dir: &Path) -> String {
+        format!(
+            "rank = {rank}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ntargets = 2\ntarget_capacity = \"1GiB\"\n",
+            data_dir.display()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_example_and_sizes() {
+        let text = EngineConfig::example(3, 10003, Path::new("/tmp/e3"));
+        let cfg = EngineConfig::parse(&text, Path::new("x.toml")).unwrap();
+        assert_eq!(cfg.rank, 3);
+        assert_eq!(cfg.target_capacity, 1 << 30);
+        assert_eq!(cfg.target_dir(1), PathBuf::from("/tmp/e3/target-1"));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        let bad = "rank = 0\nlisten = \"127.0.0.1:1\"\ndata_dir = \"/x\"\ntargets = 1\ntarget_capacity = 4096\n";
+        let e = EngineConfig::parse(bad, Path::new("e.toml")).unwrap_err().to_string();
+        assert!(e.contains("target_capacity"), "{e}");
+        let unknown = format!("{}colour = \"blue\"\n", EngineConfig::example(0, 1, Path::new("/x")));
+        let e = EngineConfig::parse(&unknown, Path::new("e.toml")).unwrap_err().to_string();
+        assert!(e.contains("colour"), "{e}");
+    }
+}

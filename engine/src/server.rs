@@ -1,0 +1,311 @@
+//! The engine's RPC server: TCP connections in, target threads out.
+//!
+//! Each connection has a reader (decodes frames, routes each request to its target's thread)
+//! and a writer (sends replies as they complete, in any order, coalescing whatever is ready into
+//! one vectored write). Many requests are in flight per connection, bounded by
+//! [`MAX_INFLIGHT`]. A frame error closes the connection after one log line; a request error
+//! gets an error reply and the connection goes on.
+
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tessera_engine_proto::{
+    decode_frame, encode_reply, EnumBudget, EnumTarget, Enumerate, Fetch, FetchReply, FetchValue, Frame, FrameLimits, Reply, ReplyResult,
+    Request, RpcStatus, SingleValue, TargetHealth, TargetInfo,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::op::AkeyPath;
+use crate::target::{Health, Mutation};
+use crate::worker::{TargetHandle, TargetOp, TargetReply};
+use crate::EngineError;
+
+/// Requests one connection may have in flight; the reader stops reading beyond this.
+pub const MAX_INFLIGHT: usize = 512;
+
+/// What every connection shares.
+#[derive(Debug)]
+pub struct Engine {
+    pub rank: u32,
+    pub targets: Vec<TargetHandle>,
+    /// Newest pool map version seen; older requests are refused.
+    pub map_version: AtomicU32,
+    pub limits: FrameLimits,
+    pub shutting_down: AtomicBool,
+}
+
+impl Engine {
+    /// An engine serving `targets`.
+    pub fn new(rank: u32, targets: Vec<TargetHandle>) -> Self {
+        Self { rank, targets, map_version: AtomicU32::new(0), limits: FrameLimits::default(), shutting_down: AtomicBool::new(false) }
+    }
+}
+
+/// Accepts connections until `stop` is cancelled.
+pub async fn serve(engine: Arc<Engine>, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((sock, peer)) => {
+                    let _ = sock.set_nodelay(true);
+                    tokio::spawn(connection(engine.clone(), sock, peer, stop.clone()));
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn connection(engine: Arc<Engine>, sock: TcpStream, peer: SocketAddr, stop: CancellationToken) {
+    debug!(%peer, "connection opened");
+    let (mut rd, wr) = sock.into_split();
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<tessera_engine_proto::Encoded>();
+    let writer = tokio::spawn(write_replies(wr, out_rx));
+    let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let mut buf = BytesMut::with_capacity(256 * 1024);
+    'conn: loop {
+        let n = tokio::select! {
+            _ = stop.cancelled() => break,
+            n = rd.read_buf(&mut buf) => n,
+        };
+        match n {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                debug!(%peer, error = %e, "read failed");
+                break;
+            }
+        }
+        loop {
+            match decode_frame(&mut buf, &engine.limits) {
+                Ok(Some(frame)) => {
+                    let Ok(permit) = inflight.clone().acquire_owned().await else { break 'conn };
+                    let engine = engine.clone();
+                    let out = out_tx.clone();
+                    tokio::spawn(async move {
+                        let encoded = handle(&engine, frame).await;
+                        let _ = out.send(encoded);
+                        drop(permit);
+                    });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(%peer, error = %e, "malformed frame; closing the connection");
+                    break 'conn;
+                }
+            }
+        }
+        if buf.capacity() - buf.len() < 64 * 1024 {
+            buf.reserve(256 * 1024);
+        }
+    }
+    drop(out_tx);
+    let _ = writer.await;
+    debug!(%peer, "connection closed");
+}
+
+async fn write_replies(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<tessera_engine_proto::Encoded>) {
+    let mut pending: Vec<Bytes> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        pending.push(first.head);
+        pending.push(first.data);
+        while pending.len() < 128 {
+            match rx.try_recv() {
+                Ok(e) => {
+                    pending.push(e.head);
+                    pending.push(e.data);
+                }
+                Err(_) => break,
+            }
+        }
+        pending.retain(|b| !b.is_empty());
+        if write_all_vectored(&mut wr, &mut pending).await.is_err() {
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn write_all_vectored(wr: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
+    while !bufs.is_empty() {
+        let slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let Some(front) = bufs.first_mut() else { break };
+            if n >= front.len() {
+                n -= front.len();
+                bufs.remove(0);
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decodes, checks, runs one request and encodes its reply.
+async fn handle(engine: &Engine, frame: Frame) -> tessera_engine_proto::Encoded {
+    let h = frame.header;
+    let result = match Request::decode(&frame) {
+        Ok(req) => run_request(engine, h.target, h.map_version, req).await,
+        Err(e) => Err(e.to_error_reply()),
+    };
+    encode_reply(h.request_id, h.opcode, engine.map_version.load(Ordering::Relaxed), h.target, &result)
+}
+
+async fn run_request(engine: &Engine, target: u16, map_version: u32, req: Request) -> ReplyResult {
+    let known = engine.map_version.fetch_max(map_version, Ordering::Relaxed);
+    if map_version < known {
+        return Err((RpcStatus::StaleMapVersion, format!("pool map version {map_version} is older than {known}")));
+    }
+    if let Request::Ping = req {
+        return Ok(Reply::Pong { rank: engine.rank, targets: engine.targets.len() as u16, map_version: known.max(map_version) });
+    }
+    if engine.shutting_down.load(Ordering::Relaxed) {
+        return Err((RpcStatus::ShuttingDown, "engine is shutting down".into()));
+    }
+    let Some(handle) = engine.targets.get(target as usize) else {
+        return Err((RpcStatus::NoSuchTarget, format!("target {target} does not exist; this engine has {}", engine.targets.len())));
+    };
+    let (op, shape) = to_target_op(req)?;
+    let reply = handle.submit(op).await.map_err(|_| (RpcStatus::ShuttingDown, "target thread has stopped".to_string()))?;
+    match reply {
+        Ok(r) => to_reply(r, shape),
+        Err(e) => Err(error_reply(&e)),
+    }
+}
+
+/// How the target's answer turns into a wire reply.
+enum Shape {
+    Done(Reply),
+    Array,
+    Single,
+    Objects { budget: EnumBudget, max: usize },
+    Keys { budget: EnumBudget, max: usize },
+    Info,
+}
+
+fn path(cont: u128, obj: u128, dkey: Bytes, akey: Bytes) -> AkeyPath {
+    AkeyPath { cont, obj, dkey, akey }
+}
+
+fn to_target_op(req: Request) -> Result<(TargetOp, Shape), (RpcStatus, String)> {
+    Ok(match req {
+        Request::Ping => return Err((RpcStatus::InvalidRequest, "ping is answered by the engine".into())),
+        Request::Update(u) => {
+            let m = Mutation::Update { path: path(u.cont.0, u.obj.0, u.dkey, u.akey), epoch: u.epoch, value: u.value };
+            (TargetOp::Mutate(m), Shape::Done(Reply::Updated))
+        }
+        Request::Punch(p) => {
+            (TargetOp::Mutate(Mutation::Punch { cont: p.cont.0, obj: p.obj.0, epoch: p.epoch, what: p.what }), Shape::Done(Reply::Punched))
+        }
+        Request::SetRetention(s) => {
+            let retention = crate::index::Retention { aggregate_below: s.aggregate_below, retained: s.retained };
+            (TargetOp::Mutate(Mutation::SetRetention { cont: s.cont.0, retention }), Shape::Done(Reply::RetentionSet))
+        }
+        Request::Fetch(Fetch { cont, obj, epoch, dkey, akey, what }) => match what {
+            FetchValue::Array { offset, len } => {
+                (TargetOp::FetchArray { path: path(cont.0, obj.0, dkey, akey), offset, len: u64::from(len), epoch }, Shape::Array)
+            }
+            FetchValue::Single => (TargetOp::FetchSingle { path: path(cont.0, obj.0, dkey, akey), epoch }, Shape::Single),
+        },
+        Request::Enumerate(Enumerate { cont, epoch, what, anchor, max }) => {
+            let budget = EnumBudget::new(max);
+            let max = max.min(tessera_engine_proto::request::ENUM_MAX_KEYS) as usize;
+            match what {
+                EnumTarget::Objects => {
+                    let after = match anchor {
+                        None => None,
+                        Some(a) => Some(u128::from_be_bytes(
+                            a.as_ref().try_into().map_err(|_| (RpcStatus::InvalidRequest, "object anchor must be 16 bytes".to_string()))?,
+                        )),
+                    };
+                    (TargetOp::ListObjects { cont: cont.0, epoch, after, max }, Shape::Objects { budget, max })
+                }
+                EnumTarget::Dkeys(obj) => {
+                    (TargetOp::ListDkeys { cont: cont.0, obj: obj.0, epoch, after: anchor, max }, Shape::Keys { budget, max })
+                }
+                EnumTarget::Akeys(obj, dkey) => {
+                    (TargetOp::ListAkeys { cont: cont.0, obj: obj.0, dkey, epoch, after: anchor, max }, Shape::Keys { budget, max })
+                }
+            }
+        }
+        Request::QueryTarget => (TargetOp::Query, Shape::Info),
+    })
+}
+
+/// Keys that fit the budget, and the anchor to continue from when the budget cut the list or
+/// the target returned as many keys as asked (so there may be more).
+fn budgeted(keys: Vec<Bytes>, mut budget: EnumBudget, max: usize) -> Reply {
+    let total = keys.len();
+    let mut out = Vec::with_capacity(total);
+    for k in keys {
+        if !budget.take(&k) {
+            break;
+        }
+        out.push(k);
+    }
+    let more = out.len() < total || (total == max && max > 0);
+    let next = if more { out.last().cloned() } else { None };
+    Reply::Enumerated { keys: out, next }
+}
+
+fn to_reply(r: TargetReply, shape: Shape) -> ReplyResult {
+    Ok(match (r, shape) {
+        (TargetReply::Done, Shape::Done(reply)) => reply,
+        (TargetReply::Array(a), Shape::Array) => Reply::Fetched(FetchReply::Array { data: a.data, holes: a.holes, csums: a.csums }),
+        (TargetReply::Single(s), Shape::Single) => {
+            Reply::Fetched(FetchReply::Single { value: s.map(|(data, csum, epoch)| SingleValue { data, csum, epoch }) })
+        }
+        (TargetReply::Objects(ids), Shape::Objects { budget, max }) => {
+            let keys = ids.iter().map(|id| Bytes::copy_from_slice(&id.to_be_bytes())).collect();
+            budgeted(keys, budget, max)
+        }
+        (TargetReply::Keys(keys), Shape::Keys { budget, max }) => budgeted(keys, budget, max),
+        (TargetReply::Info(i), Shape::Info) => Reply::TargetInfo(TargetInfo {
+            capacity: i.capacity,
+            used: i.used,
+            state: match i.health {
+                Health::Healthy => TargetHealth::Healthy,
+                Health::Failed => TargetHealth::Failed,
+            },
+            objects: i.objects,
+            wal_seq: i.wal_seq,
+            checkpoint_seq: i.checkpoint_seq,
+        }),
+        (r, _) => return Err((RpcStatus::IoError, format!("internal error: unexpected target answer {r:?}"))),
+    })
+}
+
+/// The wire status and message for an engine error.
+pub fn error_reply(e: &EngineError) -> (RpcStatus, String) {
+    let status = match e {
+        EngineError::Invalid(_) => RpcStatus::InvalidRequest,
+        EngineError::ChecksumMismatch { .. } => RpcStatus::ChecksumMismatch,
+        EngineError::DataCorrupt(_) => RpcStatus::DataCorrupt,
+        EngineError::NoSpace(_) => RpcStatus::NoSpace,
+        EngineError::Io { .. } | EngineError::Failed(_) | EngineError::Corrupt { .. } => RpcStatus::IoError,
+    };
+    (status, e.to_string())
+}
+
+/// Logs the engine's listening line (tests wait for it).
+pub fn announce(addr: SocketAddr, rank: u32, targets: usize) {
+    info!(%addr, rank, targets, "engine listening");
+}

@@ -1,0 +1,197 @@
+//! The thread that owns one [`Target`]: the only code that touches that target's files.
+//!
+//! Requests arrive on a channel. The loop takes everything that is queued (up to `max_batch`),
+//! answers reads at once, stages every mutation, commits them all with one data sync and one WAL
+//! record (group commit: whatever queued up while the previous sync ran forms the next batch),
+//! and only then answers the mutations. Between batches it starts checkpoints when the WAL has
+//! grown and runs bounded aggregation steps; when idle with nothing to aggregate it blocks, so an
+//! idle engine uses no CPU.
+
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use tracing::warn;
+
+use crate::op::AkeyPath;
+use crate::target::{FetchedArray, Mutation, Target, TargetInfo};
+use crate::EngineError;
+
+/// What a client asks of a target.
+#[derive(Debug)]
+pub enum TargetOp {
+    Mutate(Mutation),
+    FetchArray { path: AkeyPath, offset: u64, len: u64, epoch: u64 },
+    FetchSingle { path: AkeyPath, epoch: u64 },
+    ListObjects { cont: u128, epoch: u64, after: Option<u128>, max: usize },
+    ListDkeys { cont: u128, obj: u128, epoch: u64, after: Option<Bytes>, max: usize },
+    ListAkeys { cont: u128, obj: u128, dkey: Bytes, epoch: u64, after: Option<Bytes>, max: usize },
+    Query,
+}
+
+/// A target's answer.
+#[derive(Debug)]
+pub enum TargetReply {
+    Done,
+    Array(FetchedArray),
+    /// (data, CRC64 of it, epoch written)
+    Single(Option<(Bytes, u64, u64)>),
+    Objects(Vec<u128>),
+    Keys(Vec<Bytes>),
+    Info(TargetInfo),
+}
+
+/// The reply channel of one request.
+pub type ReplyTx = oneshot::Sender<Result<TargetReply, EngineError>>;
+
+enum Msg {
+    Job(TargetOp, ReplyTx),
+    Shutdown(oneshot::Sender<Result<(), EngineError>>),
+}
+
+/// A handle to a running target thread; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TargetHandle {
+    tx: Sender<Msg>,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Msg::Job(op, _) => write!(f, "Job({op:?})"),
+            Msg::Shutdown(_) => write!(f, "Shutdown"),
+        }
+    }
+}
+
+/// The current epoch as the engine sees it: nanoseconds since the Unix epoch, the physical part
+/// of the hybrid logical clock clients stamp their updates with.
+pub fn now_epoch() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl TargetHandle {
+    /// Starts the thread that owns `target`.
+    pub fn spawn(name: String, target: Target, max_batch: usize) -> std::io::Result<(TargetHandle, JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new().name(name).spawn(move || run(target, &rx, max_batch.max(1)))?;
+        Ok((TargetHandle { tx }, handle))
+    }
+
+    /// Submits a request; the answer arrives on the returned receiver. If the thread is gone the
+    /// receiver reports a closed channel.
+    pub fn submit(&self, op: TargetOp) -> oneshot::Receiver<Result<TargetReply, EngineError>> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.tx.send(Msg::Job(op, tx));
+        rx
+    }
+
+    /// Asks the thread to finish queued work, commit, checkpoint and stop.
+    pub fn shutdown(&self) -> oneshot::Receiver<Result<(), EngineError>> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.tx.send(Msg::Shutdown(tx));
+        rx
+    }
+}
+
+/// How long to sleep between aggregation passes that found nothing to free.
+const AGGREGATION_IDLE: Duration = Duration::from_secs(1);
+
+fn run(mut target: Target, rx: &Receiver<Msg>, max_batch: usize) {
+    let mut aggregation_busy = true;
+    loop {
+        let first = if target.aggregation_pending() && aggregation_busy {
+            rx.try_recv().map_err(|e| match e {
+                mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                mpsc::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+            })
+        } else if target.aggregation_pending() {
+            rx.recv_timeout(AGGREGATION_IDLE)
+        } else {
+            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        };
+        match first {
+            Ok(msg) => {
+                let mut batch = vec![msg];
+                while batch.len() < max_batch {
+                    match rx.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(_) => break,
+                    }
+                }
+                if let Some(done) = execute_batch(&mut target, batch) {
+                    let _ = done.send(target.shutdown());
+                    return;
+                }
+                if let Err(e) = target.maybe_checkpoint(false) {
+                    warn!(error = %e, "checkpoint not started");
+                }
+                aggregation_busy = true;
+            }
+            Err(RecvTimeoutError::Timeout) => match target.aggregate_step(now_epoch()) {
+                Ok(freed) => aggregation_busy = freed > 0,
+                Err(e) => {
+                    warn!(error = %e, "aggregation step failed");
+                    aggregation_busy = false;
+                }
+            },
+            Err(RecvTimeoutError::Disconnected) => {
+                if let Err(e) = target.shutdown() {
+                    warn!(error = %e, "final checkpoint failed");
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Runs one batch; returns the shutdown sender if a shutdown was requested in it.
+fn execute_batch(target: &mut Target, batch: Vec<Msg>) -> Option<oneshot::Sender<Result<(), EngineError>>> {
+    let mut waiting = Vec::new();
+    let mut shutdown = None;
+    for msg in batch {
+        match msg {
+            Msg::Job(TargetOp::Mutate(m), tx) => match target.stage(m) {
+                Ok(()) => waiting.push(tx),
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            },
+            Msg::Job(op, tx) => {
+                let _ = tx.send(read(target, op));
+            }
+            Msg::Shutdown(tx) => shutdown = Some(tx),
+        }
+    }
+    match target.commit() {
+        Ok(()) => {
+            for tx in waiting {
+                let _ = tx.send(Ok(TargetReply::Done));
+            }
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            for tx in waiting {
+                let _ = tx.send(Err(EngineError::Failed(msg.clone())));
+            }
+        }
+    }
+    shutdown
+}
+
+fn read(target: &Target, op: TargetOp) -> Result<TargetReply, EngineError> {
+    let idx = target.index();
+    Ok(match op {
+        TargetOp::Mutate(_) => return Err(EngineError::Invalid("mutation routed as a read".into())),
+        TargetOp::FetchArray { path, offset, len, epoch } => TargetReply::Array(target.fetch_array(&path, offset, len, epoch)?),
+        TargetOp::FetchSingle { path, epoch } => TargetReply::Single(target.fetch_single(&path, epoch)?),
+        TargetOp::ListObjects { cont, epoch, after, max } => TargetReply::Objects(idx.list_objects(cont, epoch, after, max)),
+        TargetOp::ListDkeys { cont, obj, epoch, after, max } => TargetReply::Keys(idx.list_dkeys(cont, obj, epoch, after.as_ref(), max)),
+        TargetOp::ListAkeys { cont, obj, dkey, epoch, after, max } => {
+            TargetReply::Keys(idx.list_akeys(cont, obj, &dkey, epoch, after.as_ref(), max))
+        }
+        TargetOp::Query => TargetReply::Info(target.info()),
+    })
+}
