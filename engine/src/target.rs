@@ -107,6 +107,9 @@ pub struct TargetInfo {
 #[derive(Debug)]
 struct CheckpointJob {
     seq: u64,
+    started: Instant,
+    pause: Duration,
+    bytes: usize,
     handle: JoinHandle<Result<(), EngineError>>,
 }
 
@@ -126,9 +129,8 @@ pub struct Target {
     dirty: BTreeSet<AkeyPath>,
     failed: Option<String>,
     checkpoint_job: Option<CheckpointJob>,
-    /// Newest checkpoint known complete, and the one before it (kept as a fallback).
+    /// Newest checkpoint known complete (the one before it is kept on disk as a fallback).
     checkpoint_seq: u64,
-    prev_checkpoint_seq: Option<u64>,
     /// Longest pause a checkpoint imposed on the target thread.
     pub max_checkpoint_pause: Duration,
 }
@@ -153,23 +155,19 @@ fn read_whole(storage: &dyn Storage, name: &str) -> Result<Bytes, EngineError> {
 }
 
 /// Loads the newest valid checkpoint, falling back to older ones. Returns the index and the WAL
-/// sequence number it covers (0 when starting from nothing), and the sequence numbers of the
-/// valid checkpoints found.
-fn load_checkpoint(storage: &dyn Storage, names: &[String]) -> Result<(Index, u64, Vec<u64>), EngineError> {
+/// sequence number it covers (0 when starting from nothing).
+fn load_checkpoint(storage: &dyn Storage, names: &[String]) -> Result<(Index, u64), EngineError> {
     let mut seqs: Vec<u64> = names.iter().filter_map(|n| parse_checkpoint_name(n)).collect();
     seqs.sort_unstable_by(|a, b| b.cmp(a));
-    for (i, &seq) in seqs.iter().enumerate() {
+    for &seq in &seqs {
         let name = checkpoint_name(seq);
         match checkpoint::decode(read_whole(storage, &name)?) {
-            Ok((index, covered)) if covered == seq => {
-                let valid: Vec<u64> = seqs.get(i..).unwrap_or_default().to_vec();
-                return Ok((index, seq, valid));
-            }
+            Ok((index, covered)) if covered == seq => return Ok((index, seq)),
             Ok((_, covered)) => warn!(file = %name, covered, "checkpoint covers a different sequence than its name; trying an older one"),
             Err(reason) => warn!(file = %name, %reason, "checkpoint is corrupt; trying an older one"),
         }
     }
-    Ok((Index::new(), 0, Vec::new()))
+    Ok((Index::new(), 0))
 }
 
 /// Replays WAL records after `from` into `index`; returns the last sequence number applied.
@@ -227,7 +225,7 @@ impl Target {
         for tmp in names.iter().filter(|n| n.ends_with(".tmp")) {
             storage.remove(tmp).map_err(|e| EngineError::io(tmp, e))?;
         }
-        let (mut index, ckpt_seq, valid_ckpts) = load_checkpoint(storage.as_ref(), &names)?;
+        let (mut index, ckpt_seq) = load_checkpoint(storage.as_ref(), &names)?;
         let last_seq = replay_wal(storage.as_ref(), &names, &mut index, ckpt_seq)?;
         let total_blocks = cfg.capacity / BLOCK;
         let data_existed = names.iter().any(|n| n == DATA_FILE);
@@ -260,7 +258,6 @@ impl Target {
             failed: None,
             checkpoint_job: None,
             checkpoint_seq: ckpt_seq,
-            prev_checkpoint_seq: valid_ckpts.get(1).copied(),
             max_checkpoint_pause: Duration::ZERO,
         })
     }
@@ -633,14 +630,16 @@ impl Target {
         let paused = Instant::now();
         self.wal.rotate()?;
         let image = checkpoint::encode(&self.index, seq);
-        self.max_checkpoint_pause = self.max_checkpoint_pause.max(paused.elapsed());
+        let pause = paused.elapsed();
+        self.max_checkpoint_pause = self.max_checkpoint_pause.max(pause);
+        let bytes = image.len();
         let storage = self.storage.clone();
         let keep_from = self.checkpoint_seq;
         let handle = std::thread::Builder::new()
             .name("checkpoint".into())
             .spawn(move || write_checkpoint(storage.as_ref(), seq, &image, keep_from))
             .map_err(|e| EngineError::io("checkpoint thread", e))?;
-        self.checkpoint_job = Some(CheckpointJob { seq, handle });
+        self.checkpoint_job = Some(CheckpointJob { seq, started: paused, pause, bytes, handle });
         Ok(true)
     }
 
@@ -653,7 +652,13 @@ impl Target {
         let Some(job) = self.checkpoint_job.take() else { return Ok(()) };
         match job.handle.join() {
             Ok(Ok(())) => {
-                self.prev_checkpoint_seq = Some(self.checkpoint_seq);
+                info!(
+                    seq = job.seq,
+                    bytes = job.bytes,
+                    pause_us = job.pause.as_micros() as u64,
+                    total_ms = job.started.elapsed().as_millis() as u64,
+                    "checkpoint written"
+                );
                 self.checkpoint_seq = job.seq;
                 Ok(())
             }

@@ -27,9 +27,13 @@ struct EngineProc {
 }
 
 fn write_config(dir: &Path, capacity: &str, targets: u16) -> PathBuf {
+    write_config_with(dir, capacity, targets, "")
+}
+
+fn write_config_with(dir: &Path, capacity: &str, targets: u16, extra: &str) -> PathBuf {
     let cfg = dir.join("engine.toml");
     let text = format!(
-        "rank = 1\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ntargets = {targets}\ntarget_capacity = \"{capacity}\"\n",
+        "rank = 1\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ntargets = {targets}\ntarget_capacity = \"{capacity}\"\n{extra}",
         dir.join("data").display()
     );
     std::fs::write(&cfg, text).unwrap();
@@ -257,7 +261,8 @@ fn every_rpc_against_the_real_daemon() {
 #[test]
 fn kill_9_mid_stream_keeps_every_acknowledged_update() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "256MiB", 2);
+    // Small WAL segments: background checkpoints and WAL removal run while updates stream.
+    let cfg = write_config_with(dir.path(), "256MiB", 2, "[tuning]\ncheckpoint_wal = \"16KiB\"\n");
     let engine = EngineProc::start(&cfg);
     let acked: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
     let sent = rt().block_on(async {
@@ -289,6 +294,10 @@ fn kill_9_mid_stream_keeps_every_acknowledged_update() {
         next.load(std::sync::atomic::Ordering::Relaxed)
     });
     let acked = acked.lock().unwrap().clone();
+    let ckpts = std::fs::read_dir(dir.path().join("data/target-0"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_str().unwrap().starts_with("ckpt-"));
+    assert!(ckpts.count() >= 1, "no checkpoint was written while updates streamed");
     let restarted = EngineProc::start(&cfg);
     rt().block_on(async {
         let c = connect(restarted.addr).await;
