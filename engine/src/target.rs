@@ -124,7 +124,8 @@ pub struct Target {
     cfg: TargetConfig,
     staged: Vec<Op>,
     staged_paths: Vec<AkeyPath>,
-    data_dirty: bool,
+    /// Data of staged updates, written at commit: (byte offset in the data file, bytes).
+    pending_writes: Vec<(u64, Bytes)>,
     /// Akeys that may hold versions to aggregate.
     dirty: BTreeSet<AkeyPath>,
     failed: Option<String>,
@@ -253,7 +254,7 @@ impl Target {
             cfg,
             staged: Vec::new(),
             staged_paths: Vec::new(),
-            data_dirty: false,
+            pending_writes: Vec::new(),
             dirty,
             failed: None,
             checkpoint_job: None,
@@ -363,16 +364,7 @@ impl Target {
             let to = ((done + n) * BLOCK).min(len);
             let piece_csums = csums.get(done as usize..(done + n) as usize).map(<[u64]>::to_vec).unwrap_or_default();
             let stored = Stored { loc: Loc::Blocks { start }, len: to - from, csums: piece_csums };
-            if let Err(e) = self.data.write_at(&data[from as usize..to as usize], start * BLOCK) {
-                let err = EngineError::io(DATA_FILE, e);
-                self.release_stored(&stored);
-                for (_, p) in &pieces {
-                    self.release_stored(p);
-                }
-                self.fail(&err);
-                return Err(err);
-            }
-            self.data_dirty = true;
+            self.pending_writes.push((start * BLOCK, data.slice(from as usize..to as usize)));
             pieces.push((from, stored));
             done += n;
         }
@@ -447,15 +439,16 @@ impl Target {
             self.fail(e);
             self.staged.clear();
             self.staged_paths.clear();
+            self.pending_writes.clear();
         }
         result
     }
 
     fn commit_inner(&mut self) -> Result<(), EngineError> {
         self.check_healthy()?;
-        if self.data_dirty {
+        if !self.pending_writes.is_empty() {
+            write_coalesced(self.data.as_ref(), std::mem::take(&mut self.pending_writes))?;
             self.data.sync().map_err(|e| EngineError::io(DATA_FILE, e))?;
-            self.data_dirty = false;
         }
         self.wal.append(&encode_ops(&self.staged))?;
         for op in std::mem::take(&mut self.staged) {
@@ -705,6 +698,42 @@ fn write_checkpoint(storage: &dyn Storage, seq: u64, image: &[u8], keep_from: u6
     Ok(())
 }
 
+/// Writes a batch's data with one `pwrite` per contiguous run. Next-fit allocation places the
+/// updates of a batch one after another, so a batch of small updates is usually one write; the
+/// unused tail of a partly filled block is padded with zeros to join the next block.
+fn write_coalesced(file: &dyn StorageFile, mut writes: Vec<(u64, Bytes)>) -> Result<(), EngineError> {
+    writes.sort_unstable_by_key(|w| w.0);
+    let mut run_start = 0u64;
+    let mut run: Vec<u8> = Vec::new();
+    let mut single: Option<Bytes> = None;
+    let flush = |start: u64, run: &mut Vec<u8>, single: &mut Option<Bytes>| -> Result<(), EngineError> {
+        let result = match single.take() {
+            Some(b) => file.write_at(&b, start),
+            None if !run.is_empty() => file.write_at(run, start),
+            None => Ok(()),
+        };
+        run.clear();
+        result.map_err(|e| EngineError::io(DATA_FILE, e))
+    };
+    let mut end = 0u64;
+    for (off, bytes) in writes {
+        let joins = (single.is_some() || !run.is_empty()) && off == end.next_multiple_of(BLOCK);
+        if !joins {
+            flush(run_start, &mut run, &mut single)?;
+            run_start = off;
+            single = Some(bytes.clone());
+        } else {
+            if let Some(first) = single.take() {
+                run.extend_from_slice(&first);
+            }
+            run.resize((off - run_start) as usize, 0);
+            run.extend_from_slice(&bytes);
+        }
+        end = off + bytes.len() as u64;
+    }
+    flush(run_start, &mut run, &mut single)
+}
+
 /// Data-file blocks an aggregation op stops referencing.
 fn freed_blocks(index: &Index, op: &Op) -> Vec<(u64, u64)> {
     let Op::Aggregate { path, remove_extents, add_extents, remove_singles, .. } = op else { return Vec::new() };
@@ -744,5 +773,32 @@ impl Stored {
             Loc::Blocks { start } => format!("data file block {start}"),
             Loc::Inline(_) => "inline".into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Fault, FaultStorage, MemStorage};
+
+    #[test]
+    fn batch_data_is_written_in_contiguous_runs() {
+        let mem = MemStorage::new();
+        let counting = FaultStorage::new(Arc::new(mem.clone()), 0, Fault::Fail);
+        let file = counting.open("d", true).unwrap();
+        let writes = vec![
+            (4096, Bytes::from(vec![2u8; 4096])),
+            (0, Bytes::from(vec![1u8; 100])),
+            (8192, Bytes::from(vec![3u8; 5000])),
+            (40960, Bytes::from(vec![4u8; 10])),
+        ];
+        write_coalesced(file.as_ref(), writes).unwrap();
+        assert_eq!(counting.ops(), 2, "two runs, two writes");
+        let content = mem.contents("d").unwrap();
+        assert_eq!(&content[..100], &[1u8; 100][..]);
+        assert!(content[100..4096].iter().all(|b| *b == 0));
+        assert_eq!(&content[4096..8192], &[2u8; 4096][..]);
+        assert_eq!(&content[8192..13192], &[3u8; 5000][..]);
+        assert_eq!(&content[40960..40970], &[4u8; 10][..]);
     }
 }
