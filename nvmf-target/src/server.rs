@@ -1,5 +1,4 @@
-//! The tokio side of the target: listeners, one task per TCP connection, and a writer task per
-//! connection. This module only moves bytes and futures; protocol decisions are made by
+//! The tokio side of the target: listeners and one task per TCP connection. This module only moves bytes and futures; protocol decisions are made by
 //! [`Queue`], [`connect`], [`Controller`] and [`io`].
 //!
 //! A connection task owns its socket and its [`Queue`] and selects over: bytes from the socket,
