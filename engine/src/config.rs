@@ -10,7 +10,7 @@
 //! [tuning]                          # optional
 //! inline_max = 512                  # values up to this many bytes live in the metadata
 //! checkpoint_wal = "64MiB"          # checkpoint when a target's WAL segment reaches this
-//! aggregation_lag_secs = 60         # default aggregation boundary: now minus this
+//! aggregation_lag_secs = 5          # default aggregation boundary: now minus this
 //! max_batch = 256                   # most requests one group commit takes
 //! ```
 
@@ -47,7 +47,12 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         let t = TargetConfig::default();
-        Self { inline_max: t.inline_max, checkpoint_wal: t.checkpoint_wal_bytes, aggregation_lag_secs: 60, max_batch: 256 }
+        Self {
+            inline_max: t.inline_max,
+            checkpoint_wal: t.checkpoint_wal_bytes,
+            aggregation_lag_secs: t.aggregation_lag / 1_000_000_000,
+            max_batch: 256,
+        }
     }
 }
 

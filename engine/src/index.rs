@@ -440,6 +440,15 @@ impl Index {
         self.containers.values().map(|c| c.objects.len() as u64).sum()
     }
 
+    /// Every akey path of one object.
+    pub fn object_akey_paths(&self, cont: u128, obj: u128) -> Vec<AkeyPath> {
+        let Some(o) = self.containers.get(&cont).and_then(|c| c.objects.get(&obj)) else { return Vec::new() };
+        o.dkeys
+            .iter()
+            .flat_map(|(dk, d)| d.akeys.keys().map(move |ak| AkeyPath { cont, obj, dkey: dk.clone(), akey: ak.clone() }))
+            .collect()
+    }
+
     /// Every akey path, in order (aggregation after a restart starts from all of them).
     pub fn akey_paths(&self) -> Vec<AkeyPath> {
         let mut out = Vec::new();

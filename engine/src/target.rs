@@ -58,7 +58,7 @@ impl Default for TargetConfig {
             capacity: 1 << 30,
             inline_max: 512,
             checkpoint_wal_bytes: 64 << 20,
-            aggregation_lag: Duration::from_secs(60).as_nanos() as u64,
+            aggregation_lag: Duration::from_secs(5).as_nanos() as u64,
             aggregation_budget: 256,
         }
     }
@@ -419,7 +419,7 @@ impl Target {
     }
 
     fn mark_object_dirty(&mut self, cont: u128, obj: u128) {
-        let paths: Vec<AkeyPath> = self.index.akey_paths().into_iter().filter(|p| p.cont == cont && p.obj == obj).collect();
+        let paths = self.index.object_akey_paths(cont, obj);
         self.dirty.extend(paths);
     }
 
@@ -558,6 +558,11 @@ impl Target {
             wal_seq: self.wal.next_seq() - 1,
             checkpoint_seq: self.checkpoint_seq,
         }
+    }
+
+    /// Whether more than half of the data file is in use.
+    pub fn space_pressure(&self) -> bool {
+        self.alloc.used() * 2 > self.alloc.total()
     }
 
     /// Whether aggregation has akeys left to look at.

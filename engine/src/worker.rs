@@ -98,9 +98,13 @@ impl TargetHandle {
 
 /// How long to sleep between aggregation passes that found nothing to free.
 const AGGREGATION_IDLE: Duration = Duration::from_secs(1);
+/// Under sustained load, one aggregation step runs after this many batches (after every batch
+/// once half the space is used), so space is reclaimed even when the queue never empties.
+const BATCHES_PER_AGGREGATION: u32 = 8;
 
 fn run(mut target: Target, rx: &Receiver<Msg>, max_batch: usize) {
     let mut aggregation_busy = true;
+    let mut batches = 0u32;
     loop {
         let first = if target.aggregation_pending() && aggregation_busy {
             rx.try_recv().map_err(|e| match e {
@@ -129,6 +133,13 @@ fn run(mut target: Target, rx: &Receiver<Msg>, max_batch: usize) {
                     warn!(error = %e, "checkpoint not started");
                 }
                 aggregation_busy = true;
+                batches += 1;
+                if (batches >= BATCHES_PER_AGGREGATION || target.space_pressure()) && target.aggregation_pending() {
+                    batches = 0;
+                    if let Err(e) = target.aggregate_step(now_epoch()) {
+                        warn!(error = %e, "aggregation step failed");
+                    }
+                }
             }
             Err(RecvTimeoutError::Timeout) => match target.aggregate_step(now_epoch()) {
                 Ok(freed) => aggregation_busy = freed > 0,

@@ -354,7 +354,7 @@ fn sigterm_checkpoints_and_restart_recovers() {
 #[test]
 fn malformed_frame_closes_only_that_connection() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = EngineProc::start(&write_config(dir.path(), "16MiB", 1));
+    let engine = EngineProc::start(&write_config(dir.path(), "12MiB", 1));
     let mut raw = TcpStream::connect(engine.addr).unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     raw.write_all(&[0x55; 64]).unwrap();
@@ -477,24 +477,36 @@ fn out_of_space_is_a_clear_error_and_loses_nothing() {
 #[test]
 fn overwrites_keep_space_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = EngineProc::start(&write_config(dir.path(), "8MiB", 1));
+    let engine = EngineProc::start(&write_config(dir.path(), "12MiB", 1));
     rt().block_on(async {
         let c = connect(engine.addr).await;
-        // 64 MiB of overwrites of one 1 MiB range into an 8 MiB target: only aggregation makes room.
-        let mut peak = 0;
-        for round in 0..256u64 {
-            let off = (round % 4) * 262_144;
-            c.call(0, update(5, "x", 1000 + round, off, pattern(round, 262_144))).await.unwrap();
-            if let Reply::TargetInfo(i) = c.call(0, Request::QueryTarget).await.unwrap() {
-                peak = peak.max(i.used);
-            }
+        // 64 MiB of overwrites of one 1 MiB range into a 12 MiB target, 8 writers at once so the
+        // queue rarely empties: only aggregation under load makes room.
+        let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for w in 0..8u64 {
+            let (c, peak) = (c.clone(), peak.clone());
+            tasks.push(tokio::spawn(async move {
+                for n in 0..32u64 {
+                    let round = n * 8 + w;
+                    let off = (round % 4) * 262_144;
+                    c.call(0, update(5, "x", 1000 + round, off, pattern(round, 262_144))).await.unwrap();
+                    if let Reply::TargetInfo(i) = c.call(0, Request::QueryTarget).await.unwrap() {
+                        peak.fetch_max(i.used, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
         }
         for q in 0..4u64 {
             let round = 252 + q;
             let want = pattern(round, 262_144);
             assert_eq!(fetch_array(&c, 0, fetch(5, "x", u64::MAX, q * 262_144, 262_144)).await.unwrap().0, want);
         }
+        let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
         eprintln!("peak space used: {} KiB for 1024 KiB of live data", peak / 1024);
-        assert!(peak <= 6 << 20, "space grew to {peak} bytes");
+        assert!(peak <= 8 << 20, "space grew to {peak} bytes");
     });
 }
