@@ -510,3 +510,31 @@ fn overwrites_keep_space_bounded() {
         assert!(peak <= 8 << 20, "space grew to {peak} bytes");
     });
 }
+
+/// User + system CPU ticks of a process.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn idle_engine_uses_no_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = EngineProc::start(&write_config(dir.path(), "64MiB", 2));
+    rt().block_on(async {
+        let c = connect(engine.addr).await;
+        // Recent epochs (HLC: ns since the Unix epoch) leave versions for aggregation to revisit.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        for i in 0..64 {
+            c.call((i % 2) as u16, update(6, "x", now + i, (i % 8) * 4096, pattern(i, 4096))).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = cpu_ticks(engine.child.id());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let used = cpu_ticks(engine.child.id()) - before;
+        // Clock ticks are 10 ms: an engine that polls would burn ~300 of them in 3 s.
+        assert!(used <= 3, "idle engine used {used} CPU ticks in 3 s");
+    });
+}
