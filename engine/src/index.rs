@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -52,11 +53,12 @@ pub struct Akey {
     pub(crate) max_len: u64,
 }
 
-/// One dkey.
+/// One dkey. Akeys are shared copy-on-write so that a checkpoint's snapshot of the index costs
+/// one pointer per akey, and an update after it copies only the akey it changes.
 #[derive(Debug, Clone, Default)]
 pub struct Dkey {
     pub(crate) punches: Vec<Version>,
-    pub(crate) akeys: BTreeMap<Bytes, Akey>,
+    pub(crate) akeys: BTreeMap<Bytes, Arc<Akey>>,
 }
 
 /// One object.
@@ -172,7 +174,8 @@ impl Index {
     }
 
     fn akey_mut(&mut self, p: &AkeyPath) -> &mut Akey {
-        self.containers
+        let shared = self
+            .containers
             .entry(p.cont)
             .or_default()
             .objects
@@ -183,12 +186,13 @@ impl Index {
             .or_default()
             .akeys
             .entry(p.akey.clone())
-            .or_default()
+            .or_default();
+        Arc::make_mut(shared)
     }
 
     /// The akey at `p`, if it exists.
     pub fn akey(&self, p: &AkeyPath) -> Option<&Akey> {
-        self.containers.get(&p.cont)?.objects.get(&p.obj)?.dkeys.get(&p.dkey)?.akeys.get(&p.akey)
+        self.containers.get(&p.cont)?.objects.get(&p.obj)?.dkeys.get(&p.dkey)?.akeys.get(&p.akey).map(|a| &**a)
     }
 
     /// Retention parameters of a container (defaults if it does not exist).
@@ -256,7 +260,7 @@ impl Index {
             PunchLevel::Dkey(d) => insert_sorted(&mut o.dkeys.entry(d.clone()).or_default().punches, v),
             PunchLevel::Akey(d, a) => {
                 let akey = o.dkeys.entry(d.clone()).or_default().akeys.entry(a.clone()).or_default();
-                insert_sorted(&mut akey.punches, v);
+                insert_sorted(&mut Arc::make_mut(akey).punches, v);
             }
         }
     }
@@ -272,7 +276,7 @@ impl Index {
             }
             PunchLevel::Akey(d, a) => {
                 if let Some(ak) = o.dkeys.get_mut(d).and_then(|dk| dk.akeys.get_mut(a)) {
-                    ak.punches.retain(|p| *p != v);
+                    Arc::make_mut(ak).punches.retain(|p| *p != v);
                 }
             }
         }
@@ -291,7 +295,7 @@ impl Index {
         if let Some(d) = dkey {
             if let Some(dk) = o.dkeys.get_mut(d) {
                 if let Some(a) = akey {
-                    if dk.akeys.get(a).is_some_and(Akey::is_empty) {
+                    if dk.akeys.get(a).is_some_and(|ak| ak.is_empty()) {
                         dk.akeys.remove(a);
                     }
                 }

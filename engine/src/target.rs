@@ -109,8 +109,8 @@ struct CheckpointJob {
     seq: u64,
     started: Instant,
     pause: Duration,
-    bytes: usize,
-    handle: JoinHandle<Result<(), EngineError>>,
+    /// Yields the checkpoint's size once it is written.
+    handle: JoinHandle<Result<usize, EngineError>>,
 }
 
 /// One target.
@@ -627,17 +627,22 @@ impl Target {
         }
         let paused = Instant::now();
         self.wal.rotate()?;
-        let image = checkpoint::encode(&self.index, seq);
+        // The snapshot shares every akey with the live index (copy-on-write): the pause is one
+        // pointer copy per akey; serialising happens on the checkpoint thread.
+        let snapshot = self.index.clone();
         let pause = paused.elapsed();
         self.max_checkpoint_pause = self.max_checkpoint_pause.max(pause);
-        let bytes = image.len();
         let storage = self.storage.clone();
         let keep_from = self.checkpoint_seq;
         let handle = std::thread::Builder::new()
             .name("checkpoint".into())
-            .spawn(move || write_checkpoint(storage.as_ref(), seq, &image, keep_from))
+            .spawn(move || {
+                let image = checkpoint::encode(&snapshot, seq);
+                drop(snapshot);
+                write_checkpoint(storage.as_ref(), seq, &image, keep_from).map(|()| image.len())
+            })
             .map_err(|e| EngineError::io("checkpoint thread", e))?;
-        self.checkpoint_job = Some(CheckpointJob { seq, started: paused, pause, bytes, handle });
+        self.checkpoint_job = Some(CheckpointJob { seq, started: paused, pause, handle });
         Ok(true)
     }
 
@@ -649,10 +654,10 @@ impl Target {
         }
         let Some(job) = self.checkpoint_job.take() else { return Ok(()) };
         match job.handle.join() {
-            Ok(Ok(())) => {
+            Ok(Ok(bytes)) => {
                 info!(
                     seq = job.seq,
-                    bytes = job.bytes,
+                    bytes,
                     pause_us = job.pause.as_micros() as u64,
                     total_ms = job.started.elapsed().as_millis() as u64,
                     "checkpoint written"
