@@ -134,6 +134,17 @@ pub struct Target {
     checkpoint_seq: u64,
     /// Longest pause a checkpoint imposed on the target thread.
     pub max_checkpoint_pause: Duration,
+    /// Group commit counters since start.
+    pub stats: CommitStats,
+}
+
+/// Group commit counters: each commit is one data sync, one WAL record and one WAL sync.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommitStats {
+    /// WAL records written.
+    pub commits: u64,
+    /// Index ops they carried (an update split over several free runs counts once per run).
+    pub ops: u64,
 }
 
 fn invalid(msg: impl Into<String>) -> EngineError {
@@ -260,6 +271,7 @@ impl Target {
             checkpoint_job: None,
             checkpoint_seq: ckpt_seq,
             max_checkpoint_pause: Duration::ZERO,
+            stats: CommitStats::default(),
         })
     }
 
@@ -451,6 +463,8 @@ impl Target {
             self.data.sync().map_err(|e| EngineError::io(DATA_FILE, e))?;
         }
         self.wal.append(&encode_ops(&self.staged))?;
+        self.stats.commits += 1;
+        self.stats.ops += self.staged.len() as u64;
         for op in std::mem::take(&mut self.staged) {
             self.index.apply(&op);
         }
@@ -676,6 +690,14 @@ impl Target {
     /// Commits, finishes any checkpoint and writes a final one (graceful shutdown).
     pub fn shutdown(&mut self) -> Result<(), EngineError> {
         self.commit()?;
+        let s = self.stats;
+        info!(
+            wal_records = s.commits,
+            ops = s.ops,
+            ops_per_record = format!("{:.1}", s.ops as f64 / s.commits.max(1) as f64),
+            max_checkpoint_pause_us = self.max_checkpoint_pause.as_micros() as u64,
+            "group commit summary"
+        );
         self.reap_checkpoint(true)?;
         self.maybe_checkpoint(true)?;
         self.reap_checkpoint(true)
