@@ -1,8 +1,13 @@
-//! Tessera client library. Today it holds the engine RPC connection ([`rpc`]): a pipelined,
-//! multiplexed TCP connection to one engine speaking the `tessera-engine-proto` wire format.
-//! Placement, erasure coding and the DAOS bdev build on it later.
+//! Tessera client library.
+//!
+//! - [`rpc`]: a pipelined, multiplexed TCP connection to one engine speaking the
+//!   `tessera-engine-proto` wire format.
+//! - [`hlc`]: the hybrid logical clock that hands out epochs.
+//!
+//! The DAOS bdev builds on these.
 #![forbid(unsafe_code)]
 
+pub mod hlc;
 pub mod rpc;
 
 pub use rpc::{ConnectionOptions, EngineConnection, RpcError};
