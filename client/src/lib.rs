@@ -3,11 +3,13 @@
 //! - [`rpc`]: a pipelined, multiplexed TCP connection to one engine speaking the
 //!   `tessera-engine-proto` wire format.
 //! - [`hlc`]: the hybrid logical clock that hands out epochs.
+//! - [`ec`]: Reed-Solomon erasure coding of stripes (k data + p parity cells).
 //! - [`placement`]: pool maps, object classes and the algorithmic layout of redundancy groups.
 //!
 //! The DAOS bdev builds on these.
 #![forbid(unsafe_code)]
 
+pub mod ec;
 pub mod hlc;
 pub mod placement;
 pub mod rpc;
