@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the libFuzzer targets in fuzz/ (pdu_decode, connect_data, queue_receive, engine_frame) on
-# STABLE Rust.
+# Builds the libFuzzer targets in fuzz/ on STABLE Rust: the wire parsers (pdu_decode,
+# connect_data, queue_receive, engine_frame) and the engine's on-disk formats (engine_ops,
+# engine_wal, engine_checkpoint; see docs/ENGINE-FORMATS.md).
 #
 # cargo-fuzz needs nightly only for sanitizers (-Zsanitizer=...). With `--sanitizer none` it
 # passes nothing unstable: coverage instrumentation comes from LLVM's sancov pass, which stable
@@ -35,6 +36,11 @@
 #     mkdir -p fuzz/corpus/pdu_decode fuzz/artifacts/pdu_decode
 #     fuzz/target/x86_64-unknown-linux-gnu/release/pdu_decode -max_total_time=60 \
 #         -artifact_prefix=fuzz/artifacts/pdu_decode/ fuzz/corpus/pdu_decode
+#
+# Seeding the engine format targets with real files (WAL segments, checkpoints and WAL record
+# payloads written by a target running a small workload on the in-memory backend):
+#
+#     cargo run --manifest-path fuzz/Cargo.toml --example engine_seeds
 #
 # Reproducing a crash: pass the artifact file instead of the corpus directory,
 #     fuzz/target/x86_64-unknown-linux-gnu/release/pdu_decode fuzz/artifacts/pdu_decode/crash-...
@@ -116,7 +122,7 @@ case "$mode" in
 esac
 
 echo "fuzz-build: built ($mode) in $target_dir/$host/release:" >&2
-for t in pdu_decode connect_data queue_receive engine_frame; do
+for t in pdu_decode connect_data queue_receive engine_frame engine_ops engine_wal engine_checkpoint; do
     if [[ -x "$target_dir/$host/release/$t" ]]; then
         echo "  $target_dir/$host/release/$t" >&2
     fi
