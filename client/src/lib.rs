@@ -5,12 +5,14 @@
 //! - [`hlc`]: the hybrid logical clock that hands out epochs.
 //! - [`ec`]: Reed-Solomon erasure coding of stripes (k data + p parity cells).
 //! - [`placement`]: pool maps, object classes and the algorithmic layout of redundancy groups.
+//! - [`layout`]: a volume's block mapping, byte range → chunk (dkey) → stripe → cell.
 //!
 //! The DAOS bdev builds on these.
 #![forbid(unsafe_code)]
 
 pub mod ec;
 pub mod hlc;
+pub mod layout;
 pub mod placement;
 pub mod rpc;
 
