@@ -195,16 +195,18 @@ impl MemStorage {
         Self::default()
     }
 
-    /// The files as a crash would leave them: synced content, plus every unsynced write when
-    /// `keep_unsynced` (the device happened to persist them), so both outcomes can be tested.
+    /// The files as a crash leaves them. `keep_unsynced`: the process died but the kernel kept
+    /// its page cache, so every write is still readable yet only the synced part is on disk
+    /// (a later power cut, [`MemStorage::crash_image`] with `false`, loses the rest). Otherwise
+    /// a power cut: only synced content survives.
     pub fn crash_image(&self, keep_unsynced: bool) -> MemStorage {
         let files = lock(&self.files);
         let copied = files
             .iter()
             .map(|(name, f)| {
                 let f = lock(f);
-                let content = if keep_unsynced { f.current.clone() } else { f.synced.clone() };
-                (name.clone(), Arc::new(Mutex::new(MemFileState { current: content.clone(), synced: content })))
+                let current = if keep_unsynced { f.current.clone() } else { f.synced.clone() };
+                (name.clone(), Arc::new(Mutex::new(MemFileState { current, synced: f.synced.clone() })))
             })
             .collect();
         MemStorage { files: Arc::new(Mutex::new(copied)) }
@@ -400,6 +402,7 @@ mod tests {
         assert_eq!(lost.contents("a").unwrap(), b"hello");
         let kept = s.crash_image(true);
         assert_eq!(kept.contents("a").unwrap(), b"helloworld");
+        assert_eq!(kept.crash_image(false).contents("a").unwrap(), b"hello");
     }
 
     #[test]

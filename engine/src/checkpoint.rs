@@ -32,6 +32,7 @@ const OFF_NEXT_ID: usize = 16;
 const OFF_COUNT: usize = 24;
 const OFF_BODY_LEN: usize = 32;
 const OFF_BODY_CRC: usize = 40;
+const OFF_RESERVED: usize = 44;
 const OFF_HEADER_CRC: usize = 60;
 
 /// File name of the checkpoint covering WAL records up to `seq`.
@@ -127,7 +128,13 @@ pub fn decode(content: Bytes) -> Result<(Index, u64), String> {
     if u32::from_le_bytes(le(header, OFF_BODY_CRC)?) != crc32c::crc32c(&content[HEADER_LEN..]) {
         return Err("body checksum mismatch".into());
     }
+    if header.get(OFF_RESERVED..OFF_HEADER_CRC).is_some_and(|r| r.iter().any(|b| *b != 0)) {
+        return Err("reserved header bytes are not zero".into());
+    }
     let ops = decode_ops(content.slice(HEADER_LEN..)).map_err(|e| e.to_string())?;
+    if ops.iter().any(|op| matches!(op, Op::Aggregate { .. } | Op::Unpunch { .. })) {
+        return Err("body holds an aggregation op; a checkpoint only holds live items".into());
+    }
     if ops.len() as u64 != count {
         return Err(format!("{} ops, header says {count}", ops.len()));
     }

@@ -170,7 +170,7 @@ impl Index {
     }
 
     fn note_id(&mut self, id: u64) {
-        self.next_id = self.next_id.max(id + 1);
+        self.next_id = self.next_id.max(id.saturating_add(1));
     }
 
     fn akey_mut(&mut self, p: &AkeyPath) -> &mut Akey {
@@ -234,11 +234,15 @@ impl Index {
                 self.containers.entry(*cont).or_default().retention = retention.clone();
             }
             Op::Aggregate { path, remove_extents, add_extents, remove_singles, remove_punches } => {
+                if let Some(max) = add_extents.iter().map(|e| e.version.id).max() {
+                    self.note_id(max);
+                }
                 let akey = self.akey_mut(path);
                 for key in remove_extents {
                     akey.extents.remove(key);
                 }
                 for ext in add_extents {
+                    akey.max_len = akey.max_len.max(ext.len);
                     akey.extents.insert((ext.offset, ext.version), ExtentBody { len: ext.len, data: ext.data.clone() });
                 }
                 for v in remove_singles {
@@ -473,7 +477,9 @@ impl Index {
     /// looked at again later). Returns no op when nothing can be freed.
     pub fn plan_aggregation(&self, p: &AkeyPath, boundary: u64, retained: &[u64]) -> (Option<Op>, bool) {
         let Some(akey) = self.akey(p) else { return (None, false) };
-        let pending = akey.extents.keys().any(|(_, v)| v.epoch > boundary) || akey.singles.keys().any(|v| v.epoch > boundary);
+        let pending = akey.extents.keys().any(|(_, v)| v.epoch > boundary)
+            || akey.singles.keys().any(|v| v.epoch > boundary)
+            || akey.punches.iter().any(|v| v.epoch > boundary);
         // The smallest view at or above an epoch; every version at or below the boundary has one.
         let view_of = |epoch: u64| retained.iter().copied().filter(|r| *r >= epoch && *r <= boundary).min().unwrap_or(boundary);
         let ancestors = self.ancestor_punch_list(p);
@@ -545,7 +551,7 @@ impl Index {
         (Some(op), pending)
     }
 
-    /// Object and dkey punches above an akey (all epochs).
+    /// Object, dkey and akey punches of an akey's path (all epochs).
     fn ancestor_punch_list(&self, p: &AkeyPath) -> Vec<Version> {
         let Some(o) = self.containers.get(&p.cont).and_then(|c| c.objects.get(&p.obj)) else { return Vec::new() };
         let mut out = o.punches.clone();

@@ -313,7 +313,12 @@ impl Dec {
         Ok(self.buf.slice(start..start + n))
     }
     fn version(&mut self) -> Result<Version, DecodeError> {
-        Ok(Version { epoch: self.u64()?, id: self.u64()? })
+        let v = Version { epoch: self.u64()?, id: self.u64()? };
+        // Ids are handed out below u64::MAX so that "next id" always exists.
+        if v.id == u64::MAX {
+            return Err(DecodeError::Invalid("version id"));
+        }
+        Ok(v)
     }
     fn path(&mut self) -> Result<AkeyPath, DecodeError> {
         Ok(AkeyPath { cont: self.u128()?, obj: self.u128()?, dkey: self.bytes()?, akey: self.bytes()? })

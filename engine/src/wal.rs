@@ -33,9 +33,11 @@ pub const MAGIC: [u8; 4] = *b"TWAL";
 pub const VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 32;
 const OFF_VERSION: usize = 4;
+const OFF_FLAGS: usize = 6;
 const OFF_SEQ: usize = 8;
 const OFF_LEN: usize = 16;
 const OFF_PAYLOAD_CRC: usize = 20;
+const OFF_RESERVED: usize = 24;
 const OFF_HEADER_CRC: usize = 28;
 /// Largest payload a record may claim.
 pub const MAX_PAYLOAD: u32 = 256 << 20;
@@ -89,6 +91,9 @@ fn parse_header(buf: &[u8]) -> Option<Header> {
     if u16::from_le_bytes(h.get(OFF_VERSION..OFF_VERSION + 2)?.try_into().ok()?) != VERSION {
         return None;
     }
+    if h.get(OFF_FLAGS..OFF_VERSION + 4)?.iter().chain(h.get(OFF_RESERVED..OFF_HEADER_CRC)?).any(|b| *b != 0) {
+        return None;
+    }
     let len = le32(h, OFF_LEN)?;
     (len <= MAX_PAYLOAD).then_some(Header { seq: le64(h, OFF_SEQ)?, len, payload_crc: le32(h, OFF_PAYLOAD_CRC)? })
 }
@@ -102,7 +107,7 @@ pub struct SegmentScan {
     pub valid_end: u64,
     /// Why scanning stopped before the end of the file, if it did.
     pub stopped: Option<String>,
-    /// Whether a valid record header appears after the stop point (so the stop is not a tear).
+    /// Whether an intact later record shows the stop is damage, not a torn final write.
     pub valid_after_stop: bool,
 }
 
@@ -112,14 +117,20 @@ pub fn scan_segment(content: Bytes, first_seq: u64) -> SegmentScan {
     let mut pos = 0usize;
     let mut expect = first_seq;
     let mut stopped = None;
+    let mut valid_after_stop = false;
     while pos < content.len() {
         let rest = content.get(pos..).unwrap_or_default();
         let Some(h) = parse_header(rest) else {
             stopped = Some(format!("bad or torn record header at offset {pos}"));
+            // The length is unknown: look for the next record anywhere after this one.
+            valid_after_stop =
+                expect.checked_add(1).is_some_and(|next| (pos + 1..content.len()).any(|off| valid_record_at(&content, off, next)));
             break;
         };
         if h.seq != expect {
+            // A valid header at a record boundary of a fresh file is never a torn write.
             stopped = Some(format!("sequence {} at offset {pos}, expected {expect}", h.seq));
+            valid_after_stop = true;
             break;
         }
         let end = HEADER_LEN + h.len as usize;
@@ -127,28 +138,42 @@ pub fn scan_segment(content: Bytes, first_seq: u64) -> SegmentScan {
             stopped = Some(format!("record {expect} at offset {pos} is cut short"));
             break;
         };
-        if crc32c::crc32c(payload) != h.payload_crc {
-            stopped = Some(format!("record {expect} at offset {pos}: payload checksum mismatch"));
+        let problem = if crc32c::crc32c(payload) != h.payload_crc {
+            Some("payload checksum mismatch".to_string())
+        } else {
+            match decode_ops(content.slice(pos + HEADER_LEN..pos + end)) {
+                Ok(ops) => {
+                    records.push((expect, ops));
+                    None
+                }
+                Err(e) => Some(e.to_string()),
+            }
+        };
+        if let Some(problem) = problem {
+            stopped = Some(format!("record {expect} at offset {pos}: {problem}"));
+            // Whole but damaged: corruption if the next record follows intact.
+            valid_after_stop = expect.checked_add(1).is_some_and(|next| valid_record_at(&content, pos + end, next));
             break;
         }
-        match decode_ops(content.slice(pos + HEADER_LEN..pos + end)) {
-            Ok(ops) => records.push((expect, ops)),
-            Err(e) => {
-                stopped = Some(format!("record {expect} at offset {pos}: {e}"));
-                break;
-            }
-        }
         pos += end;
-        expect += 1;
+        let Some(next) = expect.checked_add(1) else {
+            stopped = Some("sequence numbers exhausted".into());
+            valid_after_stop = pos < content.len();
+            break;
+        };
+        expect = next;
     }
-    let valid_after_stop = stopped.is_some() && valid_header_after(&content, pos + 1, expect);
     SegmentScan { records, valid_end: pos as u64, stopped, valid_after_stop }
 }
 
-/// Whether any offset after `from` holds a valid header with a sequence number ≥ `seq`.
-fn valid_header_after(content: &[u8], from: usize, seq: u64) -> bool {
-    (from..content.len().saturating_sub(HEADER_LEN - 1)).any(|off| {
-        content.get(off..off + 4) == Some(&MAGIC[..]) && parse_header(content.get(off..).unwrap_or_default()).is_some_and(|h| h.seq >= seq)
+/// Whether a whole, valid record with sequence number `seq` starts at `off`.
+fn valid_record_at(content: &[u8], off: usize, seq: u64) -> bool {
+    let Some(rest) = content.get(off..) else { return false };
+    if rest.get(..4) != Some(&MAGIC[..]) {
+        return false;
+    }
+    parse_header(rest).is_some_and(|h| {
+        h.seq == seq && rest.get(HEADER_LEN..HEADER_LEN + h.len as usize).is_some_and(|p| crc32c::crc32c(p) == h.payload_crc)
     })
 }
 
@@ -186,6 +211,9 @@ impl WalWriter {
     /// Writes and syncs one record; returns its sequence number once it is durable.
     pub fn append(&mut self, payload: &[u8]) -> Result<u64, EngineError> {
         let seq = self.next_seq;
+        if payload.len() > MAX_PAYLOAD as usize {
+            return Err(EngineError::Invalid(format!("WAL record of {} bytes exceeds {MAX_PAYLOAD}", payload.len())));
+        }
         let rec = encode_record(seq, payload);
         let name = segment_name(self.segment_start);
         self.file.write_at(&rec, self.offset).map_err(|e| EngineError::io(&name, e))?;
@@ -247,6 +275,38 @@ mod tests {
             assert!(scan.stopped.is_some(), "flip at {off} undetected");
             assert!(scan.valid_after_stop, "flip at {off} looks like a tear");
         }
+    }
+
+    #[test]
+    fn forged_header_inside_a_torn_record_is_not_corruption() {
+        // A client's inline value can hold bytes that look like a whole WAL record.
+        let forged = encode_record(u64::MAX - 1, &payload(9));
+        let seg = segment(&[(1, payload(1)), (2, forged.clone()), (3, forged.clone())]);
+        let first = encode_record(1, &payload(1)).len();
+        let second = first + HEADER_LEN + forged.len();
+        for cut in first + 1..second {
+            let scan = scan_segment(Bytes::copy_from_slice(&seg[..cut]), 1);
+            assert_eq!(scan.records.len(), 1);
+            assert!(!scan.valid_after_stop, "cut at {cut} called corruption");
+        }
+    }
+
+    #[test]
+    fn nonzero_flags_or_reserved_are_rejected() {
+        for off in [6, 7, 24, 27] {
+            let mut rec = encode_record(1, &payload(1));
+            rec[off] = 1;
+            let crc = crc32c::crc32c(&rec[..OFF_HEADER_CRC]);
+            rec[OFF_HEADER_CRC..OFF_HEADER_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+            assert!(scan_segment(Bytes::from(rec), 1).records.is_empty(), "byte {off}");
+        }
+    }
+
+    #[test]
+    fn last_sequence_number_does_not_overflow() {
+        let seg = segment(&[(u64::MAX, payload(1))]);
+        let scan = scan_segment(Bytes::from(seg), u64::MAX);
+        assert_eq!(scan.records.len(), 1);
     }
 
     #[test]
