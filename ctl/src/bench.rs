@@ -8,6 +8,8 @@ use std::time::Duration;
 use tessera_nvme_proto::Digests;
 use tessera_nvmf_host::{Controller, ControllerOptions, Rw, Workload};
 
+use crate::report::{cpu_seconds, cpu_text, latency_text, parse_size, parse_size64, rate_text, CpuMeter};
+
 /// Arguments of `tessera bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -74,35 +76,6 @@ pub struct BenchArgs {
     idle: bool,
 }
 
-fn parse_size64(s: &str) -> Result<u64, String> {
-    let t = s.trim().to_ascii_lowercase();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, 'k')) => (&t[..i], 1u64 << 10),
-        Some((i, 'm')) => (&t[..i], 1 << 20),
-        Some((i, 'g')) => (&t[..i], 1 << 30),
-        _ => (t.as_str(), 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("{s:?} is not a size (e.g. 4096, 4k, 128k, 1m)"))
-}
-
-fn parse_size(s: &str) -> Result<u32, String> {
-    parse_size64(s).and_then(|n| u32::try_from(n).map_err(|_| format!("{s:?} is too large")))
-}
-
-/// CPU seconds (user + system) a process has used, from /proc (USER_HZ = 100 on Linux).
-fn cpu_seconds(pid: u32) -> Result<f64, String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("cannot read /proc/{pid}/stat: {e}"))?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).ok_or_else(|| format!("unexpected /proc/{pid}/stat format"));
-    Ok((ticks(11)? + ticks(12)?) as f64 / 100.0)
-}
-
 /// Holds a connected controller with its I/O queues idle and measures the target's CPU use.
 async fn idle(ctrl: &mut Controller, a: &BenchArgs) -> Result<String, String> {
     let (Some(pid), Some(secs)) = (a.target_pid, a.time) else {
@@ -162,13 +135,10 @@ async fn run_async(a: BenchArgs) -> Result<String, String> {
         range_blocks: a.range.map(|r| r / u64::from(ctrl.geometry.block_size)),
         seed: a.seed,
     };
-    let cpu0 = a.target_pid.map(cpu_seconds).transpose()?;
+    let meter = CpuMeter::start(a.target_pid)?;
     let report = w.run(&mut ctrl).await.map_err(|e| e.to_string())?;
-    let cpu = match (a.target_pid, cpu0) {
-        (Some(pid), Some(c0)) => Some(cpu_seconds(pid)? - c0),
-        _ => None,
-    };
-    let cpu_per_mio = cpu.map(|c| c / (report.ios.max(1) as f64 / 1e6));
+    let cpu_used = meter.map(|m| m.finish(report.ios)).transpose()?;
+    let (cpu, cpu_per_mio) = (cpu_used.map(|c| c.0), cpu_used.map(|c| c.1));
     if report.errors > 0 {
         return Err(format!("{} I/Os failed", report.errors));
     }
@@ -196,30 +166,12 @@ async fn run_async(a: BenchArgs) -> Result<String, String> {
         return serde_json::to_string(&o).map(|s| s + "\n").map_err(|e| e.to_string());
     }
     let r = &report;
-    let mut s = format!(
-        "{:?} bs={} qd={} queues={}: {:.0} IOPS, {:.1} MiB/s ({} I/Os in {:.2} s; {} reads, {} writes)\n\
-         latency us: avg {:.1}  p50 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}\n",
-        a.rw,
-        a.bs,
-        a.qd,
-        a.queues,
-        r.iops,
-        r.mib_per_s,
-        r.ios,
-        r.seconds,
-        r.reads,
-        r.writes,
-        r.lat_avg_us,
-        r.lat_p50_us,
-        r.lat_p99_us,
-        r.lat_p999_us,
-        r.lat_max_us
-    );
+    let mut s =
+        format!("{:?} bs={} qd={} queues={}: {}; {} reads, {} writes)\n", a.rw, a.bs, a.qd, a.queues, rate_text(r), r.reads, r.writes);
+    s.push_str(&latency_text(r));
     if a.verify {
         s.push_str(&format!("verify: {} blocks read back and matched\n", r.verified_blocks));
     }
-    if let (Some(c), Some(p)) = (cpu, cpu_per_mio) {
-        s.push_str(&format!("target CPU: {c:.2} s, {p:.2} s per million I/Os\n"));
-    }
+    s.push_str(&cpu_text("target", cpu_used));
     Ok(s)
 }

@@ -1,6 +1,6 @@
 //! `tessera`: the operator's command-line tool. Today it works with target configurations
 //! (print the default, check a file before deploying it) and benchmarks NVMe/TCP subsystems
-//! (`tessera bench`); pools, volumes, exports and snapshots
+//! (`tessera bench`) and storage engines (`tessera bench-engine`); pools, volumes, exports and snapshots
 //! join it as the management service lands.
 #![forbid(unsafe_code)]
 
@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 use tessera_nvmf::config::Config;
 
 mod bench;
+mod engine_bench;
+mod report;
 mod wire;
 
 /// Tessera command-line tool.
@@ -25,6 +27,8 @@ struct Cli {
 enum Command {
     /// Drive a workload against an NVMe/TCP subsystem and report IOPS, bandwidth and latency.
     Bench(bench::BenchArgs),
+    /// Drive array updates or fetches against a tessera-engine and report IOPS, bandwidth and latency.
+    BenchEngine(engine_bench::EngineBenchArgs),
     /// Measure the loopback TCP request/response limit for NVMe/TCP-sized messages.
     BenchWire(wire::WireArgs),
     /// NVMe/TCP target configuration.
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<String, String> {
     match cli.command {
         Command::Bench(a) => bench::run(a),
+        Command::BenchEngine(a) => engine_bench::run(a),
         Command::BenchWire(a) => wire::run(a),
         Command::Nvmf { command: NvmfCommand::DefaultConfig } => Ok(Config::default().to_toml()),
         Command::Nvmf { command: NvmfCommand::CheckConfig { file } } => {
