@@ -473,13 +473,18 @@ impl Index {
     }
 
     /// The ops that aggregate one akey below `boundary`, keeping every view in `retained`
-    /// readable, and whether the akey still holds versions above the boundary (so it must be
-    /// looked at again later). Returns no op when nothing can be freed.
-    pub fn plan_aggregation(&self, p: &AkeyPath, boundary: u64, retained: &[u64]) -> (Option<Op>, bool) {
-        let Some(akey) = self.akey(p) else { return (None, false) };
-        let pending = akey.extents.keys().any(|(_, v)| v.epoch > boundary)
-            || akey.singles.keys().any(|v| v.epoch > boundary)
-            || akey.punches.iter().any(|v| v.epoch > boundary);
+    /// readable, and the oldest epoch above the boundary the akey still holds (look at it again
+    /// once the boundary reaches that epoch). Returns no op when nothing can be freed.
+    pub fn plan_aggregation(&self, p: &AkeyPath, boundary: u64, retained: &[u64]) -> (Option<Op>, Option<u64>) {
+        let Some(akey) = self.akey(p) else { return (None, None) };
+        let pending = akey
+            .extents
+            .keys()
+            .map(|(_, v)| v.epoch)
+            .chain(akey.singles.keys().map(|v| v.epoch))
+            .chain(akey.punches.iter().map(|v| v.epoch))
+            .filter(|e| *e > boundary)
+            .min();
         // The smallest view at or above an epoch; every version at or below the boundary has one.
         let view_of = |epoch: u64| retained.iter().copied().filter(|r| *r >= epoch && *r <= boundary).min().unwrap_or(boundary);
         let ancestors = self.ancestor_punch_list(p);
@@ -706,7 +711,7 @@ mod tests {
         ext(&mut idx, 0, 4096, 30, 3);
         // Snapshot at 15 keeps epoch 10; epoch 20 is half overwritten at 30: trimmed to its 2nd chunk.
         let (op, pending) = idx.plan_aggregation(&path(), 100, &[15]);
-        assert!(!pending);
+        assert!(pending.is_none());
         idx.apply(&op.unwrap());
         assert_eq!(describe(&idx.fetch_array(&path(), 0..8192, 15)), vec![(0, 8192, 1)]);
         assert_eq!(describe(&idx.fetch_array(&path(), 0..8192, 100)), vec![(0, 4096, 3), (4096, 8192, 2)]);
@@ -727,7 +732,7 @@ mod tests {
         let v = Version { epoch: 20, id: idx.allocate_id() };
         idx.apply(&Op::Extent { path: path(), ext: Extent { offset: 0, len: 4096, version: v, data: None } });
         let (op, pending) = idx.plan_aggregation(&path(), 15, &[]);
-        assert!(op.is_none() && pending);
+        assert!(op.is_none() && pending == Some(20));
         let (op, _) = idx.plan_aggregation(&path(), 25, &[]);
         idx.apply(&op.unwrap());
         // Data and the punch that hid it are both gone, and so is the empty akey/object.

@@ -11,7 +11,8 @@
 //! it is corrupt), then the WAL from the record after it up to a torn tail, then the allocator
 //! rebuilt from the blocks the index references.
 
-use std::collections::BTreeSet;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
 use std::ops::Range;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -128,6 +129,8 @@ pub struct Target {
     pending_writes: Vec<(u64, Bytes)>,
     /// Akeys that may hold versions to aggregate.
     dirty: BTreeSet<AkeyPath>,
+    /// Akeys holding versions above the boundary, by the oldest such epoch.
+    deferred: BinaryHeap<Reverse<(u64, AkeyPath)>>,
     failed: Option<String>,
     checkpoint_job: Option<CheckpointJob>,
     /// Newest checkpoint known complete (the one before it is kept on disk as a fallback).
@@ -266,6 +269,7 @@ impl Target {
             staged_paths: Vec::new(),
             pending_writes: Vec::new(),
             dirty,
+            deferred: BinaryHeap::new(),
             failed: None,
             checkpoint_job: None,
             checkpoint_seq: ckpt_seq,
@@ -578,9 +582,30 @@ impl Target {
         self.alloc.used() * 2 > self.alloc.total()
     }
 
-    /// Whether aggregation has akeys left to look at.
+    /// Whether aggregation has akeys left to look at, now or once the boundary moves.
     pub fn aggregation_pending(&self) -> bool {
-        !self.dirty.is_empty()
+        !self.dirty.is_empty() || !self.deferred.is_empty()
+    }
+
+    fn boundary(&self, cont: u128, now: u64) -> u64 {
+        let below = self.index.retention(cont).aggregate_below;
+        if below > 0 {
+            below
+        } else {
+            now.saturating_sub(self.cfg.aggregation_lag)
+        }
+    }
+
+    /// Moves parked akeys whose waiting epoch the boundary has reached back to the dirty set.
+    fn wake_deferred(&mut self, now: u64) {
+        while let Some(Reverse((epoch, path))) = self.deferred.peek() {
+            if *epoch > self.boundary(path.cont, now) {
+                break;
+            }
+            if let Some(Reverse((_, path))) = self.deferred.pop() {
+                self.dirty.insert(path);
+            }
+        }
     }
 
     /// Aggregates up to the configured budget of akeys; `now` is the current epoch (HLC) used
@@ -591,23 +616,24 @@ impl Target {
         if self.has_staged() {
             return Ok(0);
         }
+        self.wake_deferred(now);
         let batch: Vec<AkeyPath> = self.dirty.iter().take(self.cfg.aggregation_budget).cloned().collect();
         let mut freed = Vec::new();
         let mut objects = BTreeSet::new();
         for path in batch {
             self.dirty.remove(&path);
             let retention = self.index.retention(path.cont);
-            let boundary =
-                if retention.aggregate_below > 0 { retention.aggregate_below } else { now.saturating_sub(self.cfg.aggregation_lag) };
+            let boundary = self.boundary(path.cont, now);
             let (op, pending) = self.index.plan_aggregation(&path, boundary, &retention.retained);
             if let Some(op) = op {
                 freed.extend(freed_blocks(&self.index, &op));
                 self.staged.push(op);
                 objects.insert((path.cont, path.obj, boundary));
             }
-            if pending {
-                // Newer versions may become aggregatable later; revisit when the boundary moves.
-                self.staged_paths.push(path);
+            if let Some(epoch) = pending {
+                // Newer versions become aggregatable once the boundary reaches them: park the
+                // akey until then instead of planning it again at every step.
+                self.deferred.push(Reverse((epoch, path)));
             }
         }
         let revisit = std::mem::take(&mut self.staged_paths);
