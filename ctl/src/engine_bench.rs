@@ -21,14 +21,16 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
+use tessera_client::hlc::Hlc;
 use tessera_client::rpc::{ConnectionOptions, EngineConnection};
 use tessera_engine_proto::{
     chunk_csums, key_from_u64, ContainerId, Fetch, FetchReply, FetchValue, ObjectId, Reply, Request, Update, UpdateValue, CSUM_CHUNK,
 };
+use tessera_nvmf_host::Rng;
 
 use crate::report::{cpu_text, histogram, latency_text, parse_size, parse_size64, rate_text, summarize, Counts, CpuMeter, Report};
 
@@ -111,38 +113,6 @@ pub struct EngineBenchArgs {
     json: bool,
 }
 
-/// xorshift64*: fast, deterministic, good enough for offsets.
-#[derive(Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-}
-
-/// A hybrid logical clock: every call returns a larger epoch, the wall clock when it has moved on.
-#[derive(Debug, Default)]
-struct Clock(AtomicU64);
-
-impl Clock {
-    fn next(&self) -> u64 {
-        let now = now_ns();
-        let prev = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| Some(now.max(last + 1))).unwrap_or_default();
-        now.max(prev + 1)
-    }
-}
-
 /// Where an operation goes.
 #[derive(Debug, Clone, Copy)]
 struct Io {
@@ -165,7 +135,7 @@ struct Job {
     verify: bool,
     data: Bytes,
     csums: Vec<u64>,
-    clock: Clock,
+    clock: Hlc,
     next_seq: AtomicU64,
     remaining: Option<AtomicU64>,
     deadline: Option<Instant>,
@@ -216,7 +186,7 @@ impl Job {
                     (d, c)
                 };
                 let value = UpdateValue::Array { offset, data, csums };
-                Request::Update(Update { cont: CONT, obj: OBJ, epoch: self.clock.next(), dkey, akey, value })
+                Request::Update(Update { cont: CONT, obj: OBJ, epoch: self.clock.now(), dkey, akey, value })
             }
             Op::Fetch => {
                 Request::Fetch(Fetch { cont: CONT, obj: OBJ, epoch: u64::MAX, dkey, akey, what: FetchValue::Array { offset, len: io.len } })
@@ -371,7 +341,7 @@ async fn run_async(a: EngineBenchArgs) -> Result<String, String> {
         verify: a.verify,
         data: data.slice(..bs as usize),
         csums: chunk_csums(&data.slice(..bs as usize)),
-        clock: Clock::default(),
+        clock: Hlc::new(),
         next_seq: AtomicU64::new(0),
         remaining: if timed { a.ios.map(AtomicU64::new) } else { None },
         deadline: if timed { a.time.map(|t| Instant::now() + Duration::from_secs_f64(t)) } else { None },
@@ -466,7 +436,7 @@ mod tests {
             verify: false,
             data: Bytes::from(vec![1u8; 4096]),
             csums: Vec::new(),
-            clock: Clock::default(),
+            clock: Hlc::new(),
             next_seq: AtomicU64::new(0),
             remaining: Some(AtomicU64::new(ios)),
             deadline: None,

@@ -11,4 +11,4 @@ pub mod conn;
 pub mod workload;
 
 pub use conn::{Connection, Controller, ControllerOptions, HostError};
-pub use workload::{Report, Rw, Workload};
+pub use workload::{Report, Rng, Rw, Workload};

@@ -106,15 +106,19 @@ struct QueueStats {
     first_error: Option<String>,
 }
 
-/// xorshift64*: fast, deterministic, good enough for offsets and patterns.
+/// xorshift64*: fast, deterministic, good enough for offsets and patterns (also used by the
+/// engine load generator).
 #[derive(Debug, Clone)]
-struct Rng(u64);
+pub struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64) -> Rng {
+    /// A generator seeded from `seed` (any value, zero included).
+    pub fn new(seed: u64) -> Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    fn next(&mut self) -> u64 {
+    /// The next 64 random bits.
+    #[allow(clippy::should_implement_trait)] // not an iterator: it never ends
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
