@@ -102,7 +102,7 @@ fn index_ops(index: &Index) -> impl Iterator<Item = Op> + '_ {
 }
 
 fn le<const N: usize>(b: &[u8], off: usize) -> Result<[u8; N], String> {
-    b.get(off..off + N).and_then(|s| s.try_into().ok()).ok_or_else(|| "file too short for its header".to_string())
+    crate::le_bytes(b, off).ok_or_else(|| "file too short for its header".to_string())
 }
 
 /// Loads a checkpoint; the error says what is wrong with it.

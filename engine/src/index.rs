@@ -111,7 +111,7 @@ fn insert_sorted(list: &mut Vec<Version>, v: Version) {
 }
 
 /// Subtracts `cut` from a sorted list of disjoint ranges.
-fn subtract(ranges: &mut Vec<Range<u64>>, cut: &Range<u64>) {
+pub(crate) fn subtract(ranges: &mut Vec<Range<u64>>, cut: &Range<u64>) {
     let mut out = Vec::with_capacity(ranges.len() + 1);
     for r in ranges.drain(..) {
         if cut.end <= r.start || cut.start >= r.end {

@@ -55,6 +55,11 @@ pub enum EngineError {
     Corrupt { file: String, reason: String },
 }
 
+/// `N` bytes at `off` of a header, or `None` past its end (WAL and checkpoint headers).
+pub(crate) fn le_bytes<const N: usize>(b: &[u8], off: usize) -> Option<[u8; N]> {
+    b.get(off..off.checked_add(N)?)?.try_into().ok()
+}
+
 impl EngineError {
     /// An I/O error on `file`.
     pub fn io(file: &str, source: io::Error) -> Self {

@@ -25,7 +25,7 @@ use crate::alloc::Allocator;
 use crate::backend::{Storage, StorageFile};
 use crate::checkpoint::{self, checkpoint_name, parse_checkpoint_name};
 use crate::csum::{chunk_csums, crc64};
-use crate::index::{Index, Retention, Source, Version};
+use crate::index::{subtract, Index, Retention, Source, Version};
 use crate::op::{encode_ops, AkeyPath, Extent, Loc, Op, PunchLevel, Stored};
 use crate::wal::{parse_segment_name, scan_segment, segment_name, WalWriter};
 use crate::{EngineError, BLOCK};
@@ -342,8 +342,7 @@ impl Target {
                 }
                 let csums = chunk_csums(&data);
                 let version = Version { epoch, id: self.index.allocate_id() };
-                let mut pieces = self.store_contiguous(&data, csums)?;
-                let value = pieces.pop().ok_or_else(|| invalid("empty value"))?;
+                let value = self.store_contiguous(&data, csums)?;
                 self.staged.push(Op::Single { path: path.clone(), version, value });
             }
         }
@@ -387,12 +386,13 @@ impl Target {
     }
 
     /// Like [`Target::store`] but in one piece (single values are not split).
-    fn store_contiguous(&mut self, data: &Bytes, csums: Vec<u64>) -> Result<Vec<Stored>, EngineError> {
+    fn store_contiguous(&mut self, data: &Bytes, csums: Vec<u64>) -> Result<Stored, EngineError> {
         let blocks = (data.len() as u64).div_ceil(BLOCK);
         if data.len() as u64 > self.cfg.inline_max && self.alloc.largest_free() < blocks {
             return Err(EngineError::NoSpace(format!("no free run of {blocks} blocks")));
         }
-        Ok(self.store(data, csums)?.into_iter().map(|(_, s)| s).collect())
+        let mut pieces = self.store(data, csums)?;
+        pieces.pop().map(|(_, s)| s).ok_or_else(|| invalid("empty value"))
     }
 
     fn release_stored(&mut self, s: &Stored) {
@@ -636,14 +636,11 @@ impl Target {
                 self.deferred.push(Reverse((epoch, path)));
             }
         }
-        let revisit = std::mem::take(&mut self.staged_paths);
         let count: u64 = freed.iter().map(|(_, n)| n).sum();
         for (s, n) in freed {
             self.alloc.quarantine(s, n);
         }
-        let result = self.commit();
-        self.dirty.extend(revisit);
-        result?;
+        self.commit()?;
         // Object and dkey punches left with nothing older beneath them can go too.
         for (cont, obj, boundary) in objects {
             let ops = self.index.plan_unpunch(cont, obj, boundary);
@@ -795,33 +792,18 @@ fn write_coalesced(file: &dyn StorageFile, mut writes: Vec<(u64, Bytes)>) -> Res
 fn freed_blocks(index: &Index, op: &Op) -> Vec<(u64, u64)> {
     let Op::Aggregate { path, remove_extents, add_extents, remove_singles, .. } = op else { return Vec::new() };
     let Some(akey) = index.akey(path) else { return Vec::new() };
-    let mut removed: Vec<(u64, u64)> = remove_extents
+    let mut freed: Vec<Range<u64>> = remove_extents
         .iter()
         .filter_map(|k| akey.extents.get(k))
         .filter_map(|b| b.data.as_ref().and_then(Stored::blocks))
         .chain(remove_singles.iter().filter_map(|v| akey.singles.get(v)).filter_map(Stored::blocks))
+        .map(|(s, n)| s..s + n)
         .collect();
-    for kept in add_extents.iter().filter_map(|e| e.data.as_ref().and_then(Stored::blocks)) {
-        removed = removed
-            .into_iter()
-            .flat_map(|(s, n)| {
-                let (ks, kn) = kept;
-                let mut out = Vec::new();
-                if ks >= s + n || ks + kn <= s {
-                    out.push((s, n));
-                } else {
-                    if ks > s {
-                        out.push((s, ks - s));
-                    }
-                    if ks + kn < s + n {
-                        out.push((ks + kn, s + n - ks - kn));
-                    }
-                }
-                out
-            })
-            .collect();
+    freed.sort_unstable_by_key(|r| r.start);
+    for (ks, kn) in add_extents.iter().filter_map(|e| e.data.as_ref().and_then(Stored::blocks)) {
+        subtract(&mut freed, &(ks..ks + kn));
     }
-    removed
+    freed.into_iter().map(|r| (r.start, r.end - r.start)).collect()
 }
 
 impl Stored {

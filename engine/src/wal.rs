@@ -27,7 +27,7 @@ use bytes::Bytes;
 
 use crate::backend::{Storage, StorageFile};
 use crate::op::{decode_ops, Op};
-use crate::EngineError;
+use crate::{le_bytes, EngineError};
 
 pub const MAGIC: [u8; 4] = *b"TWAL";
 pub const VERSION: u16 = 1;
@@ -68,11 +68,11 @@ pub fn encode_record(seq: u64, payload: &[u8]) -> Vec<u8> {
 }
 
 fn le32(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
+    le_bytes(b, off).map(u32::from_le_bytes)
 }
 
 fn le64(b: &[u8], off: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
+    le_bytes(b, off).map(u64::from_le_bytes)
 }
 
 /// A record header that passed its own checksum.
