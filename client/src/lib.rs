@@ -15,6 +15,7 @@ pub mod hlc;
 pub mod layout;
 pub mod placement;
 pub mod rpc;
+pub mod volume;
 
 pub use rpc::{ConnectionOptions, EngineConnection, RpcError};
 pub use tessera_engine_proto as proto;

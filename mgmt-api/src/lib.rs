@@ -1,0 +1,514 @@
+//! The management service's HTTP/JSON API: request and response types shared by the service
+//! (`tessera-mgmt`), the engines, the NVMe/TCP target and the CLI, and [`MgmtClient`], the async
+//! client they use. `docs/MGMT-API.md` documents every endpoint.
+//!
+//! Every endpoint lives under `/v1`. Errors are a 4xx/5xx status with an [`ApiError`] body
+//! (`{"error": "one line"}`). Every state change is one versioned transaction of the service's
+//! store; [`ClusterVersion`] fields carry that transaction number.
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Default address of the management service.
+pub const DEFAULT_MGMT_ADDR: &str = "127.0.0.1:7400";
+
+/// The store's transaction number: grows by one with every committed change.
+pub type ClusterVersion = u64;
+
+/// Error body of every non-2xx response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// One line saying what was wrong.
+    pub error: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// System map: engines.
+
+/// State of an engine in the system map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineState {
+    /// Registered and heartbeating.
+    Up,
+    /// Missed heartbeats for longer than the service's timeout (its targets were set DOWN in
+    /// every pool map), or never heard from since the service started and the timeout passed.
+    Down,
+}
+
+/// `POST /v1/engines`: an engine registers (at every start).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterEngine {
+    /// The engine's rank (from its config). A rank is bound to the engine's `uuid` the first
+    /// time it registers; another uuid claiming it is refused (409).
+    pub rank: u32,
+    /// The engine's identity (stored in its data directory).
+    pub uuid: Uuid,
+    /// Address clients reach its RPC server at (`ip:port`).
+    pub address: String,
+    /// Fault domain (defaults to `rank-<rank>` when empty): no two shards of a redundancy
+    /// group land in one fault domain.
+    #[serde(default)]
+    pub fault_domain: String,
+    /// Number of targets.
+    pub targets: u16,
+    /// Capacity of each target, bytes.
+    pub target_capacity: u64,
+}
+
+/// Pool map version of one pool, as engines need it to reject stale requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolVersion {
+    /// The pool's numeric id (carried in every engine RPC's header).
+    pub pool_id: u32,
+    /// Its current pool map version.
+    pub map_version: u32,
+}
+
+/// Reply to a registration or a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// How often the engine should heartbeat, milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// Current map versions of every pool that has targets on this engine.
+    pub pools: Vec<PoolVersion>,
+}
+
+/// `POST /v1/engines/{rank}/heartbeat` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The engine's identity; a heartbeat from another uuid than the registered one is refused.
+    pub uuid: Uuid,
+}
+
+/// An engine in the system map (`GET /v1/system`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineInfo {
+    /// Rank.
+    pub rank: u32,
+    /// Identity.
+    pub uuid: Uuid,
+    /// RPC address.
+    pub address: String,
+    /// Fault domain.
+    pub fault_domain: String,
+    /// Number of targets.
+    pub targets: u16,
+    /// Capacity of each target, bytes.
+    pub target_capacity: u64,
+    /// State.
+    pub state: EngineState,
+    /// Milliseconds since its last heartbeat or registration (`None` if not heard from since
+    /// the service started).
+    pub last_heartbeat_ms: Option<u64>,
+}
+
+/// `GET /v1/system`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemInfo {
+    /// Store transaction number the answer was read at.
+    pub version: ClusterVersion,
+    /// Engines, by rank.
+    pub engines: Vec<EngineInfo>,
+    /// Heartbeat timeout, milliseconds: an engine silent this long is DOWN.
+    pub heartbeat_timeout_ms: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pools.
+
+/// `POST /v1/pools`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatePool {
+    /// Name (`[A-Za-z0-9._-]{1,64}`), unique.
+    pub name: String,
+    /// Ranks of the engines whose targets the pool spans; empty = every engine now UP.
+    #[serde(default)]
+    pub ranks: Vec<u32>,
+    /// Default object class of its volumes (`S1`, `RP_<n>`, `EC_<k>P<p>`); default `EC_2P1`.
+    #[serde(default)]
+    pub default_class: Option<String>,
+}
+
+/// One target in a pool map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolTarget {
+    /// Engine rank.
+    pub rank: u32,
+    /// Target index in the engine.
+    pub index: u16,
+    /// `UP`, `DOWN`, `DOWNOUT` or `UPIN`.
+    pub state: TargetStateName,
+    /// Pool map version at which it last entered or left the placeable states (see
+    /// `tessera_client::placement::TargetEntry::fseq`).
+    pub fseq: u32,
+}
+
+/// A target state as named in the API (`tessera_client::placement::TargetState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TargetStateName {
+    /// Up, being integrated.
+    #[serde(rename = "UP")]
+    Up,
+    /// Failed; never serves I/O.
+    #[serde(rename = "DOWN")]
+    Down,
+    /// Failed and rebuilt elsewhere.
+    #[serde(rename = "DOWNOUT")]
+    DownOut,
+    /// Up and in.
+    #[serde(rename = "UPIN")]
+    UpIn,
+}
+
+/// An engine of a pool map with its address, so that a client can reach every target from the
+/// map alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolEngine {
+    /// Rank.
+    pub rank: u32,
+    /// RPC address (`ip:port`).
+    pub address: String,
+    /// Fault domain.
+    pub fault_domain: String,
+}
+
+/// `GET /v1/pools/{pool}/map`: the pool map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolMapInfo {
+    /// Pool id (engine RPC header).
+    pub pool_id: u32,
+    /// Pool map version.
+    pub version: u32,
+    /// Engines of the pool.
+    pub engines: Vec<PoolEngine>,
+    /// Targets, sorted by (rank, index).
+    pub targets: Vec<PoolTarget>,
+}
+
+/// A pool (`GET /v1/pools`, `GET /v1/pools/{pool}`, reply of `POST /v1/pools`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolInfo {
+    /// Name.
+    pub name: String,
+    /// Identity.
+    pub uuid: Uuid,
+    /// Numeric id (engine RPC header), unique, never reused.
+    pub pool_id: u32,
+    /// Default object class of new volumes.
+    pub default_class: String,
+    /// Total capacity of its targets, bytes.
+    pub capacity: u64,
+    /// Bytes promised to its volumes (sum of sizes × redundancy overhead).
+    pub allocated: u64,
+    /// Its map.
+    pub map: PoolMapInfo,
+    /// Number of volumes.
+    pub volumes: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Volumes.
+
+/// `POST /v1/pools/{pool}/volumes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateVolume {
+    /// Name, unique inside the pool (`[A-Za-z0-9._-]{1,64}`).
+    pub name: String,
+    /// Size in bytes: a positive multiple of the block size.
+    pub size: u64,
+    /// Block size: 512 or 4096 (default 4096).
+    #[serde(default)]
+    pub block_size: Option<u32>,
+    /// Object class (default: the pool's).
+    #[serde(default)]
+    pub class: Option<String>,
+    /// Cell size, bytes (default 64 KiB).
+    #[serde(default)]
+    pub cell_size: Option<u32>,
+    /// Chunk (dkey) size, bytes (default 1 MiB, rounded to a multiple of k × cell).
+    #[serde(default)]
+    pub chunk_size: Option<u64>,
+    /// End-to-end checksums (default on).
+    #[serde(default)]
+    pub checksum: Option<bool>,
+}
+
+/// A volume: a container whose blocks live in one object of its class.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    /// Pool name.
+    pub pool: String,
+    /// Pool id.
+    pub pool_id: u32,
+    /// Name.
+    pub name: String,
+    /// Identity: also the container id and the object id of its data on the engines.
+    pub uuid: Uuid,
+    /// Size, bytes.
+    pub size: u64,
+    /// Block size, bytes.
+    pub block_size: u32,
+    /// Object class.
+    pub class: String,
+    /// Cell size, bytes.
+    pub cell_size: u32,
+    /// Chunk size, bytes.
+    pub chunk_size: u64,
+    /// End-to-end checksums.
+    pub checksum: bool,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+}
+
+/// `PATCH /v1/pools/{pool}/volumes/{volume}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResizeVolume {
+    /// New size in bytes (a multiple of the block size). Shrinking an exported volume is refused.
+    pub size: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exports.
+
+/// `POST /v1/exports`: export a volume as a namespace of an NVMe subsystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateExport {
+    /// Subsystem NQN (created with the first namespace).
+    pub nqn: String,
+    /// Namespace id; default the lowest free one.
+    #[serde(default)]
+    pub nsid: Option<u32>,
+    /// Pool name.
+    pub pool: String,
+    /// Volume name.
+    pub volume: String,
+    /// Host NQNs allowed to connect to the subsystem; empty = any host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Address hosts connect to (`ip:port`, default `127.0.0.1:4420`): the NVMe/TCP target
+    /// listening there serves the export.
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
+/// An export, with what a target needs to serve it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportInfo {
+    /// Subsystem NQN.
+    pub nqn: String,
+    /// Namespace id.
+    pub nsid: u32,
+    /// Allowed host NQNs (empty = any).
+    pub hosts: Vec<String>,
+    /// Listen address.
+    pub listen: String,
+    /// The volume.
+    pub volume: VolumeInfo,
+}
+
+/// `GET /v1/exports[?after=V&wait_ms=T]`: every export. With `after`, the service answers as
+/// soon as the store's version exceeds `after`, or after `wait_ms` (≤ 60000) with the current
+/// state: targets long-poll it to follow changes without polling.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportList {
+    /// Store transaction number the list was read at.
+    pub version: ClusterVersion,
+    /// Exports, by (nqn, nsid).
+    pub exports: Vec<ExportInfo>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client.
+
+/// Failures talking to the management service.
+#[derive(Debug, thiserror::Error)]
+pub enum MgmtError {
+    /// The service could not be reached or the exchange failed.
+    #[error("management service at {addr} unreachable: {detail}")]
+    Unreachable {
+        /// Service address.
+        addr: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The service refused the request (4xx/5xx) with this message.
+    #[error("{message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The service's one-line message.
+        message: String,
+    },
+    /// The reply did not parse.
+    #[error("bad reply from the management service: {0}")]
+    BadReply(String),
+}
+
+impl MgmtError {
+    /// The HTTP status of a refusal.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            MgmtError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// An async client of the management service. Cheap to clone (shares one connection pool).
+#[derive(Debug, Clone)]
+pub struct MgmtClient {
+    addr: String,
+    http: reqwest::Client,
+}
+
+impl MgmtClient {
+    /// A client of the service at `addr` (`host:port`, or an `http://` URL). Requests time out
+    /// after 10 s (long polls after their wait plus 10 s).
+    pub fn new(addr: &str) -> MgmtClient {
+        let addr = addr.trim_end_matches('/');
+        let addr = addr.strip_prefix("http://").unwrap_or(addr).to_string();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        MgmtClient { addr, http }
+    }
+
+    /// The service's address (`host:port`).
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}/v1{}", self.addr, path)
+    }
+
+    async fn send<T: for<'de> Deserialize<'de>>(&self, req: reqwest::RequestBuilder, timeout: Duration) -> Result<T, MgmtError> {
+        let unreachable = |e: reqwest::Error| MgmtError::Unreachable { addr: self.addr.clone(), detail: one_line(&e) };
+        let resp = req.timeout(timeout).send().await.map_err(unreachable)?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(unreachable)?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ApiError>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()));
+            return Err(MgmtError::Refused { status: status.as_u16(), message });
+        }
+        let body: &[u8] = if body.is_empty() { b"null" } else { &body };
+        serde_json::from_slice(body).map_err(|e| MgmtError::BadReply(e.to_string()))
+    }
+
+    async fn get<T: for<'de> Deserialize<'de>>(&self, path: &str) -> Result<T, MgmtError> {
+        self.send(self.http.get(self.url(path)), DEFAULT_TIMEOUT).await
+    }
+
+    async fn post<B: Serialize, T: for<'de> Deserialize<'de>>(&self, path: &str, body: &B) -> Result<T, MgmtError> {
+        self.send(self.http.post(self.url(path)).json(body), DEFAULT_TIMEOUT).await
+    }
+
+    /// `POST /v1/engines`.
+    pub async fn register_engine(&self, req: &RegisterEngine) -> Result<HeartbeatReply, MgmtError> {
+        self.post("/engines", req).await
+    }
+
+    /// `POST /v1/engines/{rank}/heartbeat`.
+    pub async fn heartbeat(&self, rank: u32, uuid: Uuid) -> Result<HeartbeatReply, MgmtError> {
+        self.post(&format!("/engines/{rank}/heartbeat"), &Heartbeat { uuid }).await
+    }
+
+    /// `GET /v1/system`.
+    pub async fn system(&self) -> Result<SystemInfo, MgmtError> {
+        self.get("/system").await
+    }
+
+    /// `POST /v1/pools`.
+    pub async fn create_pool(&self, req: &CreatePool) -> Result<PoolInfo, MgmtError> {
+        self.post("/pools", req).await
+    }
+
+    /// `GET /v1/pools`.
+    pub async fn pools(&self) -> Result<Vec<PoolInfo>, MgmtError> {
+        self.get("/pools").await
+    }
+
+    /// `GET /v1/pools/{pool}`.
+    pub async fn pool(&self, pool: &str) -> Result<PoolInfo, MgmtError> {
+        self.get(&format!("/pools/{pool}")).await
+    }
+
+    /// `GET /v1/pools/{pool}/map`.
+    pub async fn pool_map(&self, pool: &str) -> Result<PoolMapInfo, MgmtError> {
+        self.get(&format!("/pools/{pool}/map")).await
+    }
+
+    /// `POST /v1/pools/{pool}/volumes`.
+    pub async fn create_volume(&self, pool: &str, req: &CreateVolume) -> Result<VolumeInfo, MgmtError> {
+        self.post(&format!("/pools/{pool}/volumes"), req).await
+    }
+
+    /// `GET /v1/pools/{pool}/volumes`.
+    pub async fn volumes(&self, pool: &str) -> Result<Vec<VolumeInfo>, MgmtError> {
+        self.get(&format!("/pools/{pool}/volumes")).await
+    }
+
+    /// `GET /v1/pools/{pool}/volumes/{volume}`.
+    pub async fn volume(&self, pool: &str, volume: &str) -> Result<VolumeInfo, MgmtError> {
+        self.get(&format!("/pools/{pool}/volumes/{volume}")).await
+    }
+
+    /// `PATCH /v1/pools/{pool}/volumes/{volume}`.
+    pub async fn resize_volume(&self, pool: &str, volume: &str, size: u64) -> Result<VolumeInfo, MgmtError> {
+        let req = self.http.patch(self.url(&format!("/pools/{pool}/volumes/{volume}"))).json(&ResizeVolume { size });
+        self.send(req, DEFAULT_TIMEOUT).await
+    }
+
+    /// `DELETE /v1/pools/{pool}/volumes/{volume}`.
+    pub async fn delete_volume(&self, pool: &str, volume: &str) -> Result<VolumeInfo, MgmtError> {
+        self.send(self.http.delete(self.url(&format!("/pools/{pool}/volumes/{volume}"))), DEFAULT_TIMEOUT).await
+    }
+
+    /// `POST /v1/exports`.
+    pub async fn create_export(&self, req: &CreateExport) -> Result<ExportInfo, MgmtError> {
+        self.post("/exports", req).await
+    }
+
+    /// `GET /v1/exports`.
+    pub async fn exports(&self) -> Result<ExportList, MgmtError> {
+        self.get("/exports").await
+    }
+
+    /// `GET /v1/exports?after=V&wait_ms=T`: waits (up to `wait`) for a store version above
+    /// `after`, then lists the exports.
+    pub async fn wait_exports(&self, after: ClusterVersion, wait: Duration) -> Result<ExportList, MgmtError> {
+        let wait_ms = wait.as_millis().min(60_000) as u64;
+        let req = self.http.get(self.url(&format!("/exports?after={after}&wait_ms={wait_ms}")));
+        self.send(req, Duration::from_millis(wait_ms) + DEFAULT_TIMEOUT).await
+    }
+
+    /// `DELETE /v1/exports/{nqn}/{nsid}`.
+    pub async fn delete_export(&self, nqn: &str, nsid: u32) -> Result<ExportInfo, MgmtError> {
+        self.send(self.http.delete(self.url(&format!("/exports/{nqn}/{nsid}"))), DEFAULT_TIMEOUT).await
+    }
+}
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An error and its sources on one line.
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        src = c.source();
+    }
+    s
+}

@@ -1,0 +1,1 @@
+//! The management service (being written).
