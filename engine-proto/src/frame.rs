@@ -18,7 +18,8 @@
 //! | 28 | 4 | body_len |
 //! | 32 | 4 | data_len |
 //! | 36 | 4 | body_crc (CRC32C of the body) |
-//! | 40 | 20 | reserved (0) |
+//! | 40 | 4 | pool (numeric pool id the map version belongs to; 0 = none) |
+//! | 44 | 16 | reserved (0) |
 //! | 60 | 4 | header_crc (CRC32C of bytes 0..60) |
 //!
 //! [`decode_frame`] validates the header — magic, version, header CRC, reserved fields, lengths
@@ -66,8 +67,10 @@ pub const OFF_BODY_LEN: usize = 28;
 pub const OFF_DATA_LEN: usize = 32;
 /// Offset of the body CRC.
 pub const OFF_BODY_CRC: usize = 36;
-/// Offset of the second reserved field (20 bytes).
-pub const OFF_RESERVED1: usize = 40;
+/// Offset of the pool id.
+pub const OFF_POOL: usize = 40;
+/// Offset of the second reserved field (16 bytes).
+pub const OFF_RESERVED1: usize = 44;
 /// Offset of the header CRC.
 pub const OFF_HEADER_CRC: usize = 60;
 
@@ -132,7 +135,8 @@ pub struct RawHeader {
     pub body_len: U32Le,
     pub data_len: U32Le,
     pub body_crc: U32Le,
-    pub reserved1: [u8; 20],
+    pub pool: U32Le,
+    pub reserved1: [u8; 16],
     pub header_crc: U32Le,
 }
 
@@ -147,6 +151,7 @@ const _: () = assert!(std::mem::offset_of!(RawHeader, status) == OFF_STATUS);
 const _: () = assert!(std::mem::offset_of!(RawHeader, body_len) == OFF_BODY_LEN);
 const _: () = assert!(std::mem::offset_of!(RawHeader, data_len) == OFF_DATA_LEN);
 const _: () = assert!(std::mem::offset_of!(RawHeader, body_crc) == OFF_BODY_CRC);
+const _: () = assert!(std::mem::offset_of!(RawHeader, pool) == OFF_POOL);
 const _: () = assert!(std::mem::offset_of!(RawHeader, reserved1) == OFF_RESERVED1);
 const _: () = assert!(std::mem::offset_of!(RawHeader, header_crc) == OFF_HEADER_CRC);
 
@@ -239,6 +244,8 @@ pub struct Header {
     pub request_id: u64,
     /// Pool map version the sender knows.
     pub map_version: u32,
+    /// The pool `map_version` belongs to (0: none; the engine then checks nothing).
+    pub pool: u32,
     /// Target index inside the engine.
     pub target: u16,
     /// Reply status (always `Ok` in a request).
@@ -248,12 +255,18 @@ pub struct Header {
 impl Header {
     /// A request header.
     pub fn request(opcode: Opcode, request_id: u64, map_version: u32, target: u16) -> Header {
-        Header { opcode, flags: 0, request_id, map_version, target, status: RpcStatus::Ok }
+        Header { opcode, flags: 0, request_id, map_version, pool: 0, target, status: RpcStatus::Ok }
+    }
+
+    /// The same header with `pool` as its pool id.
+    pub fn in_pool(mut self, pool: u32) -> Header {
+        self.pool = pool;
+        self
     }
 
     /// A reply header.
     pub fn reply(opcode: Opcode, request_id: u64, map_version: u32, target: u16, status: RpcStatus) -> Header {
-        Header { opcode, flags: flags::REPLY, request_id, map_version, target, status }
+        Header { opcode, flags: flags::REPLY, request_id, map_version, pool: 0, target, status }
     }
 
     /// Whether the reply flag is set.
@@ -277,7 +290,8 @@ impl Header {
             body_len: U32Le::new(body.len() as u32),
             data_len: U32Le::new(data_len),
             body_crc: U32Le::new(crc32c::crc32c(body)),
-            reserved1: [0; 20],
+            pool: U32Le::new(self.pool),
+            reserved1: [0; 16],
             header_crc: U32Le::default(),
         };
         raw.header_crc = U32Le::new(raw.compute_crc());
@@ -396,6 +410,7 @@ fn check_header(raw: &RawHeader, limits: &FrameLimits) -> Result<(Header, usize,
         flags: fl,
         request_id: raw.request_id.get(),
         map_version: raw.map_version.get(),
+        pool: raw.pool.get(),
         target: raw.target.get(),
         status: RpcStatus::from_code(raw.status.get()),
     };
@@ -631,7 +646,7 @@ mod tests {
         #[test]
         fn arbitrary_headers_round_trip(op in any::<u8>(), reply in any::<bool>(), id in any::<u64>(), mv in any::<u32>(), t in any::<u16>(),
                                         st in any::<u32>(), body in proptest::collection::vec(any::<u8>(), 0..100), data in proptest::collection::vec(any::<u8>(), 0..100)) {
-            let h = Header { opcode: Opcode::from_code(op), flags: if reply { flags::REPLY } else { 0 }, request_id: id, map_version: mv, target: t, status: RpcStatus::from_code(st) };
+            let h = Header { opcode: Opcode::from_code(op), flags: if reply { flags::REPLY } else { 0 }, request_id: id, map_version: mv, pool: 0, target: t, status: RpcStatus::from_code(st) };
             let e = encode_frame(&h, &body, Bytes::from(data.clone()));
             let mut b = e.to_bytes();
             let f = decode_frame(&mut b, &FrameLimits::default()).unwrap().unwrap();

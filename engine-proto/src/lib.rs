@@ -28,9 +28,10 @@ pub mod types;
 mod proptests;
 
 pub use frame::{decode_frame, encode_frame, Encoded, Frame, FrameError, FrameLimits, Header, Opcode};
-pub use reply::{encode_reply, EnumBudget, FetchReply, Reply, ReplyError, ReplyResult, SingleValue, TargetInfo};
+pub use reply::{encode_reply, DataRun, EnumBudget, FetchReply, Reply, ReplyError, ReplyResult, SingleValue, TargetInfo};
 pub use request::{
-    encode_request, EnumTarget, Enumerate, Fetch, FetchValue, Punch, PunchTarget, Request, RequestError, SetRetention, Update, UpdateValue,
+    encode_request, encode_request_in, EnumTarget, Enumerate, Fetch, FetchValue, Punch, PunchTarget, Request, RequestError, SetRetention,
+    Update, UpdateValue, FETCH_ALSO_MAX,
 };
 pub use status::{RpcStatus, TargetHealth};
 pub use types::{

@@ -6,7 +6,7 @@ use proptest::collection::{btree_set, vec};
 use proptest::prelude::*;
 
 use crate::frame::{decode_frame, FrameLimits};
-use crate::reply::{encode_reply, FetchReply, Reply, ReplyResult, SingleValue, TargetInfo, ERROR_MESSAGE_MAX};
+use crate::reply::{encode_reply, DataRun, FetchReply, Reply, ReplyResult, SingleValue, TargetInfo, ERROR_MESSAGE_MAX};
 use crate::request::*;
 use crate::status::{RpcStatus, TargetHealth};
 use crate::types::{ContainerId, ObjectId, KEY_MAX};
@@ -54,6 +54,20 @@ fn request() -> impl Strategy<Value = Request> {
                 akey,
                 what: arr.map_or(FetchValue::Single, |(offset, len)| FetchValue::Array { offset, len }),
             })
+        ),
+        (ids, key(), (0..u64::MAX / 2, 1..=u32::MAX), btree_set(key(), 0..=FETCH_ALSO_MAX)).prop_map(
+            |((c, o, epoch), dkey, (offset, len), also)| {
+                // The fetch's own akey is one not in `also`.
+                let akey = Bytes::from_static(b"\xffmain");
+                Request::Fetch(Fetch {
+                    cont: ContainerId(c),
+                    obj: ObjectId(o),
+                    epoch,
+                    dkey,
+                    akey: akey.clone(),
+                    what: FetchValue::Versions { offset, len, also: also.into_iter().filter(|k| *k != akey).collect() },
+                })
+            }
         ),
         (
             ids,
@@ -109,6 +123,19 @@ fn reply() -> impl Strategy<Value = Reply> {
         Just(Reply::Punched),
         Just(Reply::RetentionSet),
         data(20_000).prop_flat_map(|d| holes(d.len()).prop_map(move |h| Reply::Fetched(FetchReply::array(d.clone(), h)))),
+        (data(20_000), any::<u64>()).prop_flat_map(|(d, e)| holes(d.len()).prop_map(move |h| {
+            // Runs: the gaps between holes, each with its own epoch.
+            let mut runs = Vec::new();
+            let mut at = 0u32;
+            for (i, &(off, len)) in h.iter().chain(std::iter::once(&(d.len() as u32, 0))).enumerate() {
+                if off > at {
+                    runs.push(DataRun { offset: at, len: off - at, epoch: e.wrapping_add(i as u64) });
+                }
+                at = off + len;
+            }
+            let FetchReply::Array { data, holes, csums, .. } = FetchReply::array(d.clone(), h) else { unreachable!() };
+            Reply::Fetched(FetchReply::Array { data, holes, csums, runs })
+        })),
         proptest::option::of((data(5000), any::<u64>(), any::<u64>()))
             .prop_map(|v| Reply::Fetched(FetchReply::Single { value: v.map(|(data, csum, epoch)| SingleValue { data, csum, epoch }) })),
         (vec(any_key(), 0..40), proptest::option::of(any_key())).prop_map(|(keys, next)| Reply::Enumerated { keys, next }),

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | Ping | rank u32, targets u16, map_version u32 | none |
 //! | Update, Punch, SetRetention | empty | none |
-//! | Fetch | kind u8; 0 single: present u8, if 1: csum u64, epoch u64; 1 array: holes (u32 count + (offset u32, len u32) each), csums (u32 count + u64 each) | the value / the range |
+//! | Fetch | kind u8; 0 single: present u8, if 1: csum u64, epoch u64; 1 array: holes (u32 count + (offset u32, len u32) each), csums (u32 count + u64 each); 2 array with runs: as 1, then runs (u32 count + (offset u32, len u32, epoch u64) each) | the value / the range |
 //! | Enumerate | keys (u32 count + key each, keys 0..=255 bytes), next (optional key) | none |
 //! | QueryTarget | capacity u64, used u64, objects u64, wal_seq u64, checkpoint_seq u64, state u8 | none |
 //!
@@ -39,6 +39,17 @@ pub struct SingleValue {
     pub epoch: Epoch,
 }
 
+/// A run of fetched data and the epoch of the version it comes from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct DataRun {
+    /// Offset in the reply's data.
+    pub offset: u32,
+    /// Length (≥ 1).
+    pub len: u32,
+    /// Epoch of the update that wrote these bytes.
+    pub epoch: Epoch,
+}
+
 /// The result of a fetch.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum FetchReply {
@@ -51,6 +62,10 @@ pub enum FetchReply {
         holes: Vec<(u32, u32)>,
         /// [`crc64`] of each 4 KiB chunk of `data` (the last may be short).
         csums: Vec<u64>,
+        /// For a [`crate::request::FetchValue::Versions`] fetch: every run of data (not hole) with
+        /// the epoch of the version it comes from, ascending, disjoint, inside `data`; adjacent
+        /// runs of one epoch may or may not be merged. Empty for a plain array fetch.
+        runs: Vec<DataRun>,
     },
     /// A single value, `None` if there is none at the epoch.
     Single {
@@ -63,7 +78,7 @@ impl FetchReply {
     /// An array reply with its checksums computed.
     pub fn array(data: Bytes, holes: Vec<(u32, u32)>) -> FetchReply {
         let csums = chunk_csums(&data);
-        FetchReply::Array { data, holes, csums }
+        FetchReply::Array { data, holes, csums, runs: Vec::new() }
     }
 
     /// The payload.
@@ -184,6 +199,7 @@ pub enum ReplyError {
 mod kind {
     pub const SINGLE: u8 = 0;
     pub const ARRAY: u8 = 1;
+    pub const ARRAY_RUNS: u8 = 2;
 }
 
 /// Counts keys into an Enumerated reply within [`ENUM_MAX_KEYS`], the request's `max` and
@@ -226,7 +242,7 @@ fn decode_fetched(r: &mut Reader<'_>, data: &Bytes) -> Result<FetchReply, BodyEr
             let epoch = r.u64("epoch")?;
             Ok(FetchReply::Single { value: Some(SingleValue { data: data.clone(), csum, epoch }) })
         }
-        kind::ARRAY => {
+        k @ (kind::ARRAY | kind::ARRAY_RUNS) => {
             let n = r.count("holes", 8)?;
             let mut holes = Vec::with_capacity(n);
             let mut end = 0u64;
@@ -243,7 +259,22 @@ fn decode_fetched(r: &mut Reader<'_>, data: &Bytes) -> Result<FetchReply, BodyEr
             if csums.len() != csum_count(data.len()) {
                 return Err(BodyError::Inconsistent("checksum count does not match the data length"));
             }
-            Ok(FetchReply::Array { data: data.clone(), holes, csums })
+            let mut runs = Vec::new();
+            if k == kind::ARRAY_RUNS {
+                let n = r.count("runs", 16)?;
+                runs.reserve(n);
+                let mut end = 0u64;
+                for _ in 0..n {
+                    let (offset, len, epoch) = (r.u32("run offset")?, r.u32("run len")?, r.u64("run epoch")?);
+                    let run_end = u64::from(offset) + u64::from(len);
+                    if len == 0 || u64::from(offset) < end || run_end > data.len() as u64 {
+                        return Err(BodyError::Inconsistent("runs must be non-empty, ascending, disjoint and inside the data"));
+                    }
+                    end = run_end;
+                    runs.push(DataRun { offset, len, epoch });
+                }
+            }
+            Ok(FetchReply::Array { data: data.clone(), holes, csums, runs })
         }
         k => Err(BodyError::BadValue { field: "kind", value: k.into() }),
     }
@@ -341,7 +372,7 @@ impl Reply {
 
     fn body_hint(&self) -> usize {
         match self {
-            Reply::Fetched(FetchReply::Array { holes, csums, .. }) => 9 + 8 * holes.len() + 8 * csums.len(),
+            Reply::Fetched(FetchReply::Array { holes, csums, runs, .. }) => 13 + 8 * holes.len() + 8 * csums.len() + 16 * runs.len(),
             Reply::Enumerated { keys, .. } => 262 + keys.iter().map(|k| key_len(k)).sum::<usize>(),
             _ => 48,
         }
@@ -367,14 +398,22 @@ impl Reply {
                     }
                 }
             }
-            Reply::Fetched(FetchReply::Array { holes, csums, .. }) => {
-                b.put_u8(kind::ARRAY);
+            Reply::Fetched(FetchReply::Array { holes, csums, runs, .. }) => {
+                b.put_u8(if runs.is_empty() { kind::ARRAY } else { kind::ARRAY_RUNS });
                 b.put_u32_le(holes.len() as u32);
                 for &(off, len) in holes {
                     b.put_u32_le(off);
                     b.put_u32_le(len);
                 }
                 put_u64_list(b, csums);
+                if !runs.is_empty() {
+                    b.put_u32_le(runs.len() as u32);
+                    for r in runs {
+                        b.put_u32_le(r.offset);
+                        b.put_u32_le(r.len);
+                        b.put_u64_le(r.epoch);
+                    }
+                }
             }
             Reply::Enumerated { keys, next } => {
                 b.put_u32_le(keys.len() as u32);
@@ -531,7 +570,7 @@ mod tests {
             assert!(matches!(d, Err(ReplyError::Body { source: BodyError::Inconsistent(_), .. })), "{holes:?}: {d:?}");
         }
         assert!(via_wire(Opcode::Fetch, &Ok(arr(vec![(0, 10), (10, 8182)]))).is_ok());
-        let wrong_csums = Reply::Fetched(FetchReply::Array { data: data.clone(), holes: vec![], csums: vec![1] });
+        let wrong_csums = Reply::Fetched(FetchReply::Array { data: data.clone(), holes: vec![], csums: vec![1], runs: vec![] });
         assert!(matches!(via_wire(Opcode::Fetch, &Ok(wrong_csums)), Err(ReplyError::Body { .. })));
         // An absent single value carries no data.
         assert!(matches!(decode_raw(Opcode::Fetch, RpcStatus::Ok, &[0, 0], b"x"), Err(ReplyError::Body { .. })));
@@ -585,9 +624,9 @@ mod tests {
     fn fetch_replies_verify() {
         let r = FetchReply::array(Bytes::from(vec![1u8; 5000]), vec![]);
         assert_eq!(r.verify(), Ok(()));
-        let FetchReply::Array { data, holes, mut csums } = r else { unreachable!() };
+        let FetchReply::Array { data, holes, mut csums, runs } = r else { unreachable!() };
         csums[1] = 0;
-        assert_eq!(FetchReply::Array { data, holes, csums }.verify(), Err(1));
+        assert_eq!(FetchReply::Array { data, holes, csums, runs }.verify(), Err(1));
         assert_eq!(FetchReply::Single { value: None }.verify(), Ok(()));
         let v = SingleValue { data: Bytes::from_static(b"x"), csum: 1, epoch: 1 };
         assert_eq!(FetchReply::Single { value: Some(v) }.verify(), Err(0));

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | Ping (1) | empty | none |
 //! | Update (2) | cont u128, obj u128, epoch u64, dkey, akey, kind u8; kind 0 (single): csum u64; kind 1 (array): offset u64, csums (u32 count + u64 each) | the value |
-//! | Fetch (3) | cont u128, obj u128, epoch u64, dkey, akey, kind u8; kind 0 (single); kind 1 (array): offset u64, len u32 | none |
+//! | Fetch (3) | cont u128, obj u128, epoch u64, dkey, akey, kind u8; kind 0 (single); kind 1 (array): offset u64, len u32; kind 2 (array versions): offset u64, len u32, also (u8 count ≤ 3 + key each) | none |
 //! | Punch (4) | cont u128, obj u128, epoch u64, kind u8; 0 object; 1 dkey: dkey; 2 akey: dkey, akey; 3 range: dkey, akey, offset u64, len u64 | none |
 //! | Enumerate (5) | cont u128, epoch u64, kind u8; 0 objects; 1 dkeys: obj u128; 2 akeys: obj u128, dkey; then anchor (optional key), max u32 | none |
 //! | QueryTarget (6) | empty | none |
@@ -97,11 +97,19 @@ pub struct Update {
     pub value: UpdateValue,
 }
 
+/// Most extra akeys of a [`FetchValue::Versions`].
+pub const FETCH_ALSO_MAX: usize = 3;
+
 /// What a fetch reads.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub enum FetchValue {
     /// `len` bytes of the array at `offset` (len ≥ 1).
     Array { offset: u64, len: u32 },
+    /// `len` bytes at `offset` of the newest version, byte by byte, across the fetch's akey and
+    /// the array akeys in `also` (at most [`FETCH_ALSO_MAX`], distinct from it and each other), as
+    /// if they were one akey; the reply lists the epoch of every run of data
+    /// ([`crate::reply::DataRun`]).
+    Versions { offset: u64, len: u32, also: Vec<Bytes> },
     /// The single value.
     Single,
 }
@@ -231,6 +239,7 @@ impl RequestError {
 mod kind {
     pub const SINGLE: u8 = 0;
     pub const ARRAY: u8 = 1;
+    pub const ARRAY_VERSIONS: u8 = 2;
     pub const PUNCH_OBJECT: u8 = 0;
     pub const PUNCH_DKEY: u8 = 1;
     pub const PUNCH_AKEY: u8 = 2;
@@ -290,6 +299,27 @@ fn decode_fetch(r: &mut Reader<'_>) -> Result<Fetch, BodyError> {
             }
             check_range(offset, len.into())?;
             FetchValue::Array { offset, len }
+        }
+        kind::ARRAY_VERSIONS => {
+            let offset = r.u64("offset")?;
+            let len = r.u32("len")?;
+            if len == 0 {
+                return Err(bad("len", 0u8));
+            }
+            check_range(offset, len.into())?;
+            let n = r.u8("also")?;
+            if usize::from(n) > FETCH_ALSO_MAX {
+                return Err(bad("also", n));
+            }
+            let mut also: Vec<Bytes> = Vec::with_capacity(n.into());
+            for _ in 0..n {
+                let k = r.key("also")?;
+                if k == akey || also.contains(&k) {
+                    return Err(BodyError::Inconsistent("the akeys of a versions fetch must be distinct"));
+                }
+                also.push(k);
+            }
+            FetchValue::Versions { offset, len, also }
         }
         k => return Err(bad("kind", k)),
     };
@@ -409,6 +439,10 @@ impl Request {
         match self {
             Request::Update(u) => 64 + key_len(&u.dkey) + key_len(&u.akey) + 8 * csum_count(u.value.data().len()),
             Request::SetRetention(s) => 32 + 8 * s.retained.len(),
+            Request::Fetch(f) => match &f.what {
+                FetchValue::Versions { also, .. } => 600 + also.iter().map(|k| key_len(k)).sum::<usize>(),
+                _ => 600,
+            },
             _ => 600,
         }
     }
@@ -441,12 +475,21 @@ impl Request {
                 b.put_u64_le(f.epoch);
                 put_key(b, &f.dkey);
                 put_key(b, &f.akey);
-                match f.what {
+                match &f.what {
                     FetchValue::Single => b.put_u8(kind::SINGLE),
                     FetchValue::Array { offset, len } => {
                         b.put_u8(kind::ARRAY);
-                        b.put_u64_le(offset);
-                        b.put_u32_le(len);
+                        b.put_u64_le(*offset);
+                        b.put_u32_le(*len);
+                    }
+                    FetchValue::Versions { offset, len, also } => {
+                        b.put_u8(kind::ARRAY_VERSIONS);
+                        b.put_u64_le(*offset);
+                        b.put_u32_le(*len);
+                        b.put_u8(also.len() as u8);
+                        for k in also {
+                            put_key(b, k);
+                        }
                     }
                 }
             }
@@ -503,7 +546,12 @@ impl Request {
 
 /// Encodes a request frame. The update payload is carried in [`Encoded::data`] without a copy.
 pub fn encode_request(request_id: u64, map_version: u32, target: u16, req: &Request) -> Encoded {
-    let h = Header::request(req.opcode(), request_id, map_version, target);
+    encode_request_in(0, request_id, map_version, target, req)
+}
+
+/// Encodes a request frame whose `map_version` is the map version of pool `pool`.
+pub fn encode_request_in(pool: u32, request_id: u64, map_version: u32, target: u16, req: &Request) -> Encoded {
+    let h = Header::request(req.opcode(), request_id, map_version, target).in_pool(pool);
     encode_frame_with(&h, req.body_hint(), req.data(), |b| req.encode_body(b))
 }
 

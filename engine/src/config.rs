@@ -7,6 +7,11 @@
 //! targets = 2                       # targets (threads, each with its own files)
 //! target_capacity = "1GiB"          # data file size per target
 //!
+//! [mgmt]                            # optional: register with the management service
+//! address = "127.0.0.1:7400"        # the service's address
+//! advertise = "127.0.0.1:10001"     # address clients use (default: listen)
+//! fault_domain = "rack-1"           # default: "rank-<rank>"
+//!
 //! [tuning]                          # optional
 //! inline_max = 512                  # values up to this many bytes live in the metadata
 //! checkpoint_wal = "64MiB"          # checkpoint when a target's WAL segment reaches this
@@ -56,6 +61,21 @@ impl Default for Tuning {
     }
 }
 
+/// Membership: where the management service is and how this engine presents itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MgmtSection {
+    /// The management service (`host:port` or `http://host:port`).
+    pub address: String,
+    /// Address clients reach this engine at (default: `listen`; required when `listen` is a
+    /// wildcard address).
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
+    /// Fault domain (default `rank-<rank>`).
+    #[serde(default)]
+    pub fault_domain: Option<String>,
+}
+
 /// The engine configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,6 +86,8 @@ pub struct EngineConfig {
     pub targets: u16,
     #[serde(deserialize_with = "size")]
     pub target_capacity: u64,
+    #[serde(default)]
+    pub mgmt: Option<MgmtSection>,
     #[serde(default)]
     pub tuning: Tuning,
 }
@@ -127,6 +149,14 @@ impl EngineConfig {
         }
         if cfg.tuning.inline_max > 4096 {
             return Err(invalid("tuning.inline_max must be at most 4096".into()));
+        }
+        if let Some(m) = &cfg.mgmt {
+            if m.address.trim().is_empty() {
+                return Err(invalid("mgmt.address is empty".into()));
+            }
+            if m.advertise.is_none() && cfg.listen.ip().is_unspecified() {
+                return Err(invalid(format!("listen is {}: set mgmt.advertise to the address clients should use", cfg.listen)));
+            }
         }
         Ok(cfg)
     }

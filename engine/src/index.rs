@@ -97,6 +97,9 @@ pub enum Source {
 pub struct Segment {
     pub range: Range<u64>,
     pub source: Source,
+    /// The version the piece comes from (a write, or a range punch); `None` where nothing
+    /// visible covers it.
+    pub version: Option<Version>,
 }
 
 /// Newest punch visible at `epoch` in a sorted punch list.
@@ -315,22 +318,33 @@ impl Index {
 
     /// Resolves `range` of an array akey at `epoch` into data and hole segments, in order.
     pub fn fetch_array(&self, p: &AkeyPath, range: Range<u64>, epoch: u64) -> Vec<Segment> {
+        self.fetch_versions(std::slice::from_ref(p), range, epoch)
+    }
+
+    /// Resolves `range` at `epoch` across several array akeys (of one dkey) as if they were one:
+    /// byte by byte the newest visible version of any of them wins. Each akey's own punches
+    /// (and its dkey's and object's) apply to it alone; a range punch competes as a version.
+    /// Aggregation may drop a punch that hides nothing older in its own akey, so callers must
+    /// not rely on a punch in one akey hiding data in another.
+    pub fn fetch_versions(&self, paths: &[AkeyPath], range: Range<u64>, epoch: u64) -> Vec<Segment> {
         let mut segments = Vec::new();
         if range.start >= range.end {
             return segments;
         }
-        let threshold = self.ancestor_punch(p, epoch);
-        let mut candidates: Vec<(Version, u64, &ExtentBody)> = match self.akey(p) {
-            Some(akey) => akey
-                .overlapping(&range)
-                .filter(|(_, v, _)| v.epoch <= epoch && Some(*v) > threshold)
-                .map(|(off, v, body)| (v, off, body))
-                .collect(),
-            None => Vec::new(),
-        };
+        let mut candidates: Vec<(Version, u64, &ExtentBody)> = Vec::new();
+        for p in paths {
+            let threshold = self.ancestor_punch(p, epoch);
+            if let Some(akey) = self.akey(p) {
+                candidates.extend(
+                    akey.overlapping(&range)
+                        .filter(|(_, v, _)| v.epoch <= epoch && Some(*v) > threshold)
+                        .map(|(off, v, body)| (v, off, body)),
+                );
+            }
+        }
         candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
         let mut uncovered = vec![range.clone()];
-        for (_, off, body) in candidates {
+        for (version, off, body) in candidates {
             if uncovered.is_empty() {
                 break;
             }
@@ -347,11 +361,11 @@ impl Index {
                     Some(stored) => Source::Data { extent_start: off, extent_len: body.len, stored: stored.clone() },
                     None => Source::Hole,
                 };
-                segments.push(Segment { range: piece, source });
+                segments.push(Segment { range: piece, source, version: Some(version) });
             }
         }
         for u in uncovered {
-            segments.push(Segment { range: u, source: Source::Hole });
+            segments.push(Segment { range: u, source: Source::Hole, version: None });
         }
         segments.sort_by_key(|s| s.range.start);
         segments
@@ -665,6 +679,25 @@ mod tests {
                 (s.range.start, s.range.end, tag)
             })
             .collect()
+    }
+
+    #[test]
+    fn versions_fetch_merges_akeys_newest_first_and_reports_epochs() {
+        let mut idx = Index::new();
+        let a = path();
+        let b = AkeyPath { akey: Bytes::from_static(b"b"), ..path() };
+        ext(&mut idx, 0, 8192, 10, 1); // akey a, epoch 10
+        let v = Version { epoch: 20, id: idx.allocate_id() };
+        let data = Bytes::from(vec![2u8; 100]);
+        let stored = Stored { loc: Loc::Inline(data.clone()), len: 100, csums: crate::csum::chunk_csums(&data) };
+        idx.apply(&Op::Extent { path: b.clone(), ext: Extent { offset: 4096, len: 100, version: v, data: Some(stored) } });
+        let segs = idx.fetch_versions(&[a.clone(), b.clone()], 0..10000, 30);
+        assert_eq!(describe(&segs), vec![(0, 4096, 1), (4096, 4196, 2), (4196, 8192, 1), (8192, 10000, 0)]);
+        let epochs: Vec<_> = segs.iter().map(|s| s.version.map(|v| v.epoch)).collect();
+        assert_eq!(epochs, vec![Some(10), Some(20), Some(10), None]);
+        // Below the newer akey's epoch only the older one shows; one akey alone ignores the other.
+        assert_eq!(describe(&idx.fetch_versions(&[a.clone(), b.clone()], 0..8192, 15)), vec![(0, 8192, 1)]);
+        assert_eq!(describe(&idx.fetch_versions(&[b], 0..8192, 30)), vec![(0, 4096, 0), (4096, 4196, 2), (4196, 8192, 0)]);
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod csum;
 pub mod index;
+pub mod membership;
 pub mod op;
 pub mod server;
 pub mod target;

@@ -11,14 +11,17 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::error::ErrorKind;
 use tessera_engine::backend::FileStorage;
 use tessera_engine::config::{ConfigError, EngineConfig};
+use tessera_engine::membership;
 use tessera_engine::server::{self, Engine};
 use tessera_engine::target::Target;
 use tessera_engine::worker::TargetHandle;
 use tessera_engine::EngineError;
+use tessera_mgmt_api::{MgmtClient, RegisterEngine};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -48,6 +51,8 @@ enum RunError {
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("cannot start: {0}")]
     Start(std::io::Error),
+    #[error("the management service refused the registration: {0}")]
+    Register(tessera_mgmt_api::MgmtError),
 }
 
 fn parse_args() -> Result<Args, ExitCode> {
@@ -93,6 +98,8 @@ fn run(args: Args) -> Result<(), RunError> {
     let cfg = EngineConfig::load(&path)?;
     let _lock = lock_data_dir(&cfg)?;
     check_identity(&cfg)?;
+    let uuid = membership::load_or_create_uuid(&cfg.data_dir)
+        .map_err(|e| RunError::DataDir { dir: cfg.data_dir.clone(), message: format!("engine identity: {e}") })?;
     let mut handles = Vec::new();
     let mut threads = Vec::new();
     for i in 0..cfg.targets {
@@ -110,10 +117,41 @@ fn run(args: Args) -> Result<(), RunError> {
     rt.block_on(async {
         let listener = TcpListener::bind(cfg.listen).await.map_err(|source| RunError::Listen { addr: cfg.listen, source })?;
         let addr = listener.local_addr().map_err(RunError::Start)?;
-        server::announce(addr, cfg.rank, handles.len());
         let stop = CancellationToken::new();
+        let signalled = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let r = wait_for_signal().await;
+                stop.cancel();
+                r
+            }
+        });
+        let mut heartbeats = None;
+        if let Some(m) = &cfg.mgmt {
+            // Learn the pool map versions before serving anything (see `membership`).
+            let mgmt = MgmtClient::new(&m.address);
+            let req = RegisterEngine {
+                rank: cfg.rank,
+                uuid,
+                address: m.advertise.unwrap_or(addr).to_string(),
+                fault_domain: m.fault_domain.clone().unwrap_or_default(),
+                targets: cfg.targets,
+                target_capacity: cfg.target_capacity,
+            };
+            if let Some(reply) = membership::register(&mgmt, &req, &engine, &stop).await.map_err(RunError::Register)? {
+                let interval = Duration::from_millis(reply.heartbeat_interval_ms.clamp(100, 60_000));
+                heartbeats = Some(tokio::spawn(membership::heartbeat_loop(mgmt, req, engine.clone(), interval, stop.clone())));
+            }
+        }
+        server::announce(addr, cfg.rank, handles.len());
         let server = tokio::spawn(server::serve(engine.clone(), listener, stop.clone()));
-        wait_for_signal().await.map_err(RunError::Start)?;
+        stop.cancelled().await;
+        if let Ok(Err(e)) = signalled.await {
+            return Err(RunError::Start(e));
+        }
+        if let Some(h) = heartbeats {
+            let _ = h.await;
+        }
         info!("stopping: committing queued updates and writing checkpoints");
         engine.shutting_down.store(true, Ordering::Relaxed);
         stop.cancel();

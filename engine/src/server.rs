@@ -6,15 +6,16 @@
 //! [`MAX_INFLIGHT`]. A frame error closes the connection after one log line; a request error
 //! gets an error reply and the connection goes on.
 
+use std::collections::HashMap;
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tessera_engine_proto::{
-    decode_frame, encode_reply, EnumBudget, EnumTarget, Enumerate, Fetch, FetchReply, FetchValue, Frame, FrameLimits, Reply, ReplyResult,
-    Request, RpcStatus, SingleValue, TargetHealth, TargetInfo,
+    decode_frame, encode_reply, DataRun, EnumBudget, EnumTarget, Enumerate, Fetch, FetchReply, FetchValue, Frame, FrameLimits, Reply,
+    ReplyResult, Request, RpcStatus, SingleValue, TargetHealth, TargetInfo,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -36,8 +37,11 @@ pub const MAX_INFLIGHT: usize = 512;
 pub struct Engine {
     pub rank: u32,
     pub targets: Vec<TargetHandle>,
-    /// Newest pool map version seen; older requests are refused.
+    /// Newest map version seen for requests that name no pool (pool 0); older ones are refused.
     pub map_version: AtomicU32,
+    /// Newest map version known per pool id (from requests and from the management service's
+    /// heartbeat replies); requests with an older version are refused.
+    pub pool_versions: Mutex<HashMap<u32, u32>>,
     pub limits: FrameLimits,
     pub shutting_down: AtomicBool,
 }
@@ -45,7 +49,26 @@ pub struct Engine {
 impl Engine {
     /// An engine serving `targets`.
     pub fn new(rank: u32, targets: Vec<TargetHandle>) -> Self {
-        Self { rank, targets, map_version: AtomicU32::new(0), limits: FrameLimits::default(), shutting_down: AtomicBool::new(false) }
+        Self {
+            rank,
+            targets,
+            map_version: AtomicU32::new(0),
+            pool_versions: Mutex::new(HashMap::new()),
+            limits: FrameLimits::default(),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    /// Raises the known map version of `pool` to at least `version` and returns the known
+    /// version (the larger of the two). Pool 0 means no pool.
+    pub fn observe_map_version(&self, pool: u32, version: u32) -> u32 {
+        if pool == 0 {
+            return self.map_version.fetch_max(version, Ordering::Relaxed).max(version);
+        }
+        let mut known = self.pool_versions.lock().unwrap_or_else(|e| e.into_inner());
+        let v = known.entry(pool).or_insert(0);
+        *v = (*v).max(version);
+        *v
     }
 }
 
@@ -163,19 +186,20 @@ async fn write_all_vectored(wr: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> s
 async fn handle(engine: &Engine, frame: Frame) -> tessera_engine_proto::Encoded {
     let h = frame.header;
     let result = match Request::decode(&frame) {
-        Ok(req) => run_request(engine, h.target, h.map_version, req).await,
+        Ok(req) => run_request(engine, h.target, h.pool, h.map_version, req).await,
         Err(e) => Err(e.to_error_reply()),
     };
-    encode_reply(h.request_id, h.opcode, engine.map_version.load(Ordering::Relaxed), h.target, &result)
+    let known = engine.observe_map_version(h.pool, 0);
+    encode_reply(h.request_id, h.opcode, known, h.target, &result)
 }
 
-async fn run_request(engine: &Engine, target: u16, map_version: u32, req: Request) -> ReplyResult {
-    let known = engine.map_version.fetch_max(map_version, Ordering::Relaxed);
+async fn run_request(engine: &Engine, target: u16, pool: u32, map_version: u32, req: Request) -> ReplyResult {
+    let known = engine.observe_map_version(pool, map_version);
     if map_version < known {
-        return Err((RpcStatus::StaleMapVersion, format!("pool map version {map_version} is older than {known}")));
+        return Err((RpcStatus::StaleMapVersion, format!("pool {pool} map version {map_version} is older than {known}")));
     }
     if let Request::Ping = req {
-        return Ok(Reply::Pong { rank: engine.rank, targets: engine.targets.len() as u16, map_version: known.max(map_version) });
+        return Ok(Reply::Pong { rank: engine.rank, targets: engine.targets.len() as u16, map_version: known });
     }
     if engine.shutting_down.load(Ordering::Relaxed) {
         return Err((RpcStatus::ShuttingDown, "engine is shutting down".into()));
@@ -223,6 +247,11 @@ fn to_target_op(req: Request) -> Result<(TargetOp, Shape), (RpcStatus, String)> 
             FetchValue::Array { offset, len } => {
                 (TargetOp::FetchArray { path: path(cont.0, obj.0, dkey, akey), offset, len: u64::from(len), epoch }, Shape::Array)
             }
+            FetchValue::Versions { offset, len, also } => {
+                let mut paths = vec![path(cont.0, obj.0, dkey.clone(), akey)];
+                paths.extend(also.into_iter().map(|a| path(cont.0, obj.0, dkey.clone(), a)));
+                (TargetOp::FetchVersions { paths, offset, len: u64::from(len), epoch }, Shape::Array)
+            }
             FetchValue::Single => (TargetOp::FetchSingle { path: path(cont.0, obj.0, dkey, akey), epoch }, Shape::Single),
         },
         Request::Enumerate(Enumerate { cont, epoch, what, anchor, max }) => {
@@ -269,7 +298,10 @@ fn budgeted(keys: Vec<Bytes>, mut budget: EnumBudget, max: usize) -> Reply {
 fn to_reply(r: TargetReply, shape: Shape) -> ReplyResult {
     Ok(match (r, shape) {
         (TargetReply::Done, Shape::Done(reply)) => reply,
-        (TargetReply::Array(a), Shape::Array) => Reply::Fetched(FetchReply::Array { data: a.data, holes: a.holes, csums: a.csums }),
+        (TargetReply::Array(a), Shape::Array) => {
+            let runs = a.runs.into_iter().map(|(offset, len, epoch)| DataRun { offset, len, epoch }).collect();
+            Reply::Fetched(FetchReply::Array { data: a.data, holes: a.holes, csums: a.csums, runs })
+        }
         (TargetReply::Single(s), Shape::Single) => {
             Reply::Fetched(FetchReply::Single { value: s.map(|(data, csum, epoch)| SingleValue { data, csum, epoch }) })
         }

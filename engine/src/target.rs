@@ -83,6 +83,9 @@ pub struct FetchedArray {
     pub holes: Vec<(u32, u32)>,
     /// CRC64 of each 4 KiB chunk of `data`.
     pub csums: Vec<u64>,
+    /// (offset in `data`, length, epoch) of each run of data, ascending (filled only by
+    /// [`Target::fetch_versions`]).
+    pub runs: Vec<(u32, u32, u64)>,
 }
 
 /// Health of a target.
@@ -478,6 +481,14 @@ impl Target {
 
     /// Reads `len` bytes at `offset` of an array akey as of `epoch`.
     pub fn fetch_array(&self, path: &AkeyPath, offset: u64, len: u64, epoch: u64) -> Result<FetchedArray, EngineError> {
+        let mut f = self.fetch_versions(std::slice::from_ref(path), offset, len, epoch)?;
+        f.runs.clear();
+        Ok(f)
+    }
+
+    /// Reads `len` bytes at `offset` as of `epoch`, byte by byte from the newest version across
+    /// the array akeys `paths` ([`Index::fetch_versions`]), and lists the epoch of every run.
+    pub fn fetch_versions(&self, paths: &[AkeyPath], offset: u64, len: u64, epoch: u64) -> Result<FetchedArray, EngineError> {
         if len == 0 || len > MAX_IO {
             return Err(invalid(format!("fetch of {len} bytes: must be 1..={MAX_IO}")));
         }
@@ -485,7 +496,15 @@ impl Target {
         let mut buf = vec![0u8; len as usize];
         let mut known: Vec<Option<u64>> = vec![None; len.div_ceil(BLOCK) as usize];
         let mut holes = Vec::new();
-        for seg in self.index.fetch_array(path, offset..end, epoch) {
+        let mut runs: Vec<(u32, u32, u64)> = Vec::new();
+        for seg in self.index.fetch_versions(paths, offset..end, epoch) {
+            if let (Source::Data { .. }, Some(v)) = (&seg.source, seg.version) {
+                let (start, n) = ((seg.range.start - offset) as u32, (seg.range.end - seg.range.start) as u32);
+                match runs.last_mut() {
+                    Some((s, l, e)) if *s + *l == start && *e == v.epoch => *l += n,
+                    _ => runs.push((start, n, v.epoch)),
+                }
+            }
             match seg.source {
                 Source::Hole => {
                     let (start, len) = ((seg.range.start - offset) as u32, (seg.range.end - seg.range.start) as u32);
@@ -500,7 +519,7 @@ impl Target {
             }
         }
         let csums = buf.chunks(BLOCK as usize).zip(known).map(|(chunk, k)| k.unwrap_or_else(|| crc64(chunk))).collect();
-        Ok(FetchedArray { data: Bytes::from(buf), holes, csums })
+        Ok(FetchedArray { data: Bytes::from(buf), holes, csums, runs })
     }
 
     /// Copies `range` (akey offsets) of a stored extent into `buf` (which starts at `base`),

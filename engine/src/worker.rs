@@ -23,11 +23,44 @@ use crate::EngineError;
 #[derive(Debug)]
 pub enum TargetOp {
     Mutate(Mutation),
-    FetchArray { path: AkeyPath, offset: u64, len: u64, epoch: u64 },
-    FetchSingle { path: AkeyPath, epoch: u64 },
-    ListObjects { cont: u128, epoch: u64, after: Option<u128>, max: usize },
-    ListDkeys { cont: u128, obj: u128, epoch: u64, after: Option<Bytes>, max: usize },
-    ListAkeys { cont: u128, obj: u128, dkey: Bytes, epoch: u64, after: Option<Bytes>, max: usize },
+    FetchArray {
+        path: AkeyPath,
+        offset: u64,
+        len: u64,
+        epoch: u64,
+    },
+    /// A fetch across the akeys of `paths` (one dkey) with the epoch of every run.
+    FetchVersions {
+        paths: Vec<AkeyPath>,
+        offset: u64,
+        len: u64,
+        epoch: u64,
+    },
+    FetchSingle {
+        path: AkeyPath,
+        epoch: u64,
+    },
+    ListObjects {
+        cont: u128,
+        epoch: u64,
+        after: Option<u128>,
+        max: usize,
+    },
+    ListDkeys {
+        cont: u128,
+        obj: u128,
+        epoch: u64,
+        after: Option<Bytes>,
+        max: usize,
+    },
+    ListAkeys {
+        cont: u128,
+        obj: u128,
+        dkey: Bytes,
+        epoch: u64,
+        after: Option<Bytes>,
+        max: usize,
+    },
     Query,
 }
 
@@ -197,6 +230,7 @@ fn read(target: &Target, op: TargetOp) -> Result<TargetReply, EngineError> {
     Ok(match op {
         TargetOp::Mutate(_) => return Err(EngineError::Invalid("mutation routed as a read".into())),
         TargetOp::FetchArray { path, offset, len, epoch } => TargetReply::Array(target.fetch_array(&path, offset, len, epoch)?),
+        TargetOp::FetchVersions { paths, offset, len, epoch } => TargetReply::Array(target.fetch_versions(&paths, offset, len, epoch)?),
         TargetOp::FetchSingle { path, epoch } => TargetReply::Single(target.fetch_single(&path, epoch)?),
         TargetOp::ListObjects { cont, epoch, after, max } => TargetReply::Objects(idx.list_objects(cont, epoch, after, max)),
         TargetOp::ListDkeys { cont, obj, epoch, after, max } => TargetReply::Keys(idx.list_dkeys(cont, obj, epoch, after.as_ref(), max)),

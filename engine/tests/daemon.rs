@@ -145,7 +145,7 @@ fn fetch(obj: u128, akey: &str, epoch: u64, offset: u64, len: u32) -> Request {
 
 async fn fetch_array(c: &EngineConnection, target: u16, req: Request) -> Result<(Bytes, Vec<(u32, u32)>), RpcError> {
     match c.call(target, req).await? {
-        Reply::Fetched(FetchReply::Array { data, holes, csums }) => {
+        Reply::Fetched(FetchReply::Array { data, holes, csums, .. }) => {
             assert_eq!(csums, tessera_engine_proto::chunk_csums(&data), "reply checksums must match reply data");
             Ok((data, holes))
         }

@@ -1,0 +1,109 @@
+//! Membership: the engine's registration with the management service and its heartbeats.
+//!
+//! At start the engine registers (rank, identity, address, fault domain, targets) and learns the
+//! map version of every pool with targets here *before* it serves a request, so a restarted
+//! engine never answers a client whose pool map is older than the one that marked its targets
+//! DOWN. Then it heartbeats every interval the service asks for; each reply raises the known
+//! pool map versions ([`Engine::observe_map_version`]). A heartbeat answered 404 (the service
+//! lost or never had the registration) registers again.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_mgmt_api::{HeartbeatReply, MgmtClient, MgmtError, RegisterEngine};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::server::Engine;
+
+/// Name of the file holding the engine's identity inside its data directory.
+pub const UUID_FILE: &str = "ENGINE_UUID";
+
+/// The engine's identity: read from `dir/ENGINE_UUID`, created (durably) on first start.
+pub fn load_or_create_uuid(dir: &Path) -> std::io::Result<Uuid> {
+    let path = dir.join(UUID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Uuid::parse_str(text.trim())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = Uuid::new_v4();
+            let tmp = dir.join(format!("{UUID_FILE}.tmp"));
+            std::fs::write(&tmp, format!("{id}\n"))?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(dir)?.sync_all()?;
+            Ok(id)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Registers with the service, retrying every second until it answers or `stop` is cancelled.
+/// A refusal (4xx: another engine holds the rank) is returned as an error.
+pub async fn register(
+    mgmt: &MgmtClient,
+    req: &RegisterEngine,
+    engine: &Engine,
+    stop: &CancellationToken,
+) -> Result<Option<HeartbeatReply>, MgmtError> {
+    let mut warned = false;
+    loop {
+        match mgmt.register_engine(req).await {
+            Ok(reply) => {
+                apply(engine, &reply);
+                info!(mgmt = mgmt.addr(), pools = reply.pools.len(), "registered with the management service");
+                return Ok(Some(reply));
+            }
+            Err(e @ MgmtError::Refused { .. }) => return Err(e),
+            Err(e) => {
+                if !warned {
+                    warn!(error = %e, "cannot register yet; retrying every second");
+                    warned = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Heartbeats until `stop` is cancelled, re-registering when the service no longer knows us.
+pub async fn heartbeat_loop(mgmt: MgmtClient, req: RegisterEngine, engine: Arc<Engine>, mut interval: Duration, stop: CancellationToken) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let result = match mgmt.heartbeat(req.rank, req.uuid).await {
+            Err(MgmtError::Refused { status: 404, .. }) => mgmt.register_engine(&req).await,
+            other => other,
+        };
+        match result {
+            Ok(reply) => {
+                apply(&engine, &reply);
+                interval = Duration::from_millis(reply.heartbeat_interval_ms.clamp(100, 60_000));
+                if failing {
+                    info!("heartbeats reach the management service again");
+                    failing = false;
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, "heartbeat failed; still serving, retrying");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+fn apply(engine: &Engine, reply: &HeartbeatReply) {
+    for p in &reply.pools {
+        engine.observe_map_version(p.pool_id, p.map_version);
+    }
+}
