@@ -25,7 +25,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tessera_engine_proto::{decode_frame, encode_request, Encoded, Frame, FrameError, FrameLimits, Reply, ReplyError, Request, RpcStatus};
+use tessera_engine_proto::{
+    decode_frame, encode_request_in, Encoded, Frame, FrameError, FrameLimits, Reply, ReplyError, Request, RpcStatus,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -291,12 +293,18 @@ impl EngineConnection {
     /// comes within the connection's timeout, `Closed`/`Protocol` if the connection ends first,
     /// `BadReply` if the reply does not decode.
     pub async fn call(&self, target: u16, req: Request) -> Result<Reply, RpcError> {
+        self.call_at(0, self.map_version(), target, req).await
+    }
+
+    /// Like [`EngineConnection::call`], with `map_version` as the map version of pool `pool` (the
+    /// engine refuses it with `StaleMapVersion` if it knows a newer one for that pool).
+    pub async fn call_at(&self, pool: u32, map_version: u32, target: u16, req: Request) -> Result<Reply, RpcError> {
         let h = &*self.inner;
         let opcode = req.opcode();
         let (tx, rx) = oneshot::channel();
         let id = h.shared.slots().register(tx)?;
         let mut guard = SlotGuard { shared: &h.shared, id, armed: true };
-        let encoded = encode_request(id, h.shared.map_version.load(Ordering::Relaxed), target, &req);
+        let encoded = encode_request_in(pool, id, map_version, target, &req);
         drop(req);
         let exchange = async {
             h.tx.send(encoded).await.map_err(|_| RpcError::Closed)?;
