@@ -1,0 +1,225 @@
+//! Test support: a local cluster of real processes — the management service (`tessera-mgmt`),
+//! engines (`tessera-engine`, registered with it) and optionally the NVMe/TCP target
+//! (`tessera-nvmf --mgmt`) — on 127.0.0.1 with free ports and a temporary directory, for
+//! integration tests. Processes are killed and the directory removed on drop.
+//!
+//! Binaries come from the workspace's build profile (built on first use with `cargo build`).
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use tessera_mgmt_api::{EngineState, MgmtClient};
+
+/// `target/<profile>/`, where the workspace's binaries land.
+pub fn profile_dir() -> PathBuf {
+    // A test binary is target/<profile>/deps/<name>-<hash>.
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf()
+}
+
+/// Builds the daemons once per test process (same profile as the test).
+pub fn build_binaries() {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build.args(["build", "--quiet", "-p", "tessera-mgmt", "-p", "tessera-engine", "-p", "tessera-nvmf", "--bins"]);
+        if profile_dir().file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        assert!(build.status().unwrap().success(), "cargo build of the daemons failed");
+    });
+}
+
+/// A running child process whose stderr is scanned for `listening addr=` and then drained
+/// into a log file.
+#[derive(Debug)]
+pub struct Daemon {
+    /// The process.
+    pub child: Child,
+    /// The address it announced.
+    pub addr: String,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `bin` with `args`, waits (up to 60 s) for a stderr line containing `ready` and
+    /// `addr=`, and returns with the address.
+    pub fn start(bin: &str, args: &[&str], ready: &str, log: &Path) -> Daemon {
+        let mut child = Command::new(profile_dir().join(bin))
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let log_path = log.to_path_buf();
+        let wanted = ready.to_string();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut out = std::fs::File::create(&log_path).unwrap();
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = writeln!(out, "{line}");
+                if !sent && line.contains(&wanted) {
+                    if let Some(a) = line.split("addr=").nth(1).and_then(|s| s.split_whitespace().next()) {
+                        let _ = tx.send(a.to_string());
+                        sent = true;
+                    }
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("{bin} did not announce '{ready}'; log:\n{}", std::fs::read_to_string(log).unwrap_or_default())
+        });
+        Daemon { child, addr, log: log.to_path_buf() }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A local cluster: the management service and engines.
+#[derive(Debug)]
+pub struct LocalCluster {
+    /// Working directory (removed on drop).
+    pub dir: PathBuf,
+    /// The management service.
+    pub mgmt: Daemon,
+    /// Engines by rank (`None` once killed).
+    pub engines: Vec<Option<Daemon>>,
+    targets: u16,
+    capacity: String,
+}
+
+impl LocalCluster {
+    /// Starts the management service (heartbeat timeout `hb_timeout`, e.g. `"1500ms"`) and
+    /// `engines` engines with `targets` targets of `capacity` each, and waits until all are
+    /// registered and up.
+    pub fn start(name: &str, engines: u32, targets: u16, capacity: &str, hb_timeout: &str) -> LocalCluster {
+        build_binaries();
+        let dir = std::env::temp_dir().join(format!("tessera-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("mgmt.redb");
+        let mgmt = Daemon::start(
+            "tessera-mgmt",
+            &["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap(), "--heartbeat-timeout", hb_timeout, "--heartbeat-interval", "200ms"],
+            "listening",
+            &dir.join("mgmt.log"),
+        );
+        let mut c = LocalCluster { dir, mgmt, engines: Vec::new(), targets, capacity: capacity.to_string() };
+        for rank in 0..engines {
+            let d = c.start_engine(rank);
+            c.engines.push(Some(d));
+        }
+        c.wait_engines_up(engines as usize, Duration::from_secs(30));
+        c
+    }
+
+    /// The management client.
+    pub fn client(&self) -> MgmtClient {
+        MgmtClient::new(&self.mgmt.addr)
+    }
+
+    /// Starts (or restarts) engine `rank` on its data directory.
+    pub fn start_engine(&self, rank: u32) -> Daemon {
+        let edir = self.dir.join(format!("engine-{rank}"));
+        std::fs::create_dir_all(&edir).unwrap();
+        let cfg = edir.join("engine.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "rank = {rank}\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ntargets = {}\ntarget_capacity = \"{}\"\n\n[mgmt]\naddress = \"{}\"\n",
+                edir.join("data").display(),
+                self.targets,
+                self.capacity,
+                self.mgmt.addr
+            ),
+        )
+        .unwrap();
+        Daemon::start("tessera-engine", &["--config", cfg.to_str().unwrap()], "engine listening", &edir.join(format!("engine-{rank}.log")))
+    }
+
+    /// Data directory of engine `rank`'s target `t`.
+    pub fn target_dir(&self, rank: u32, t: u16) -> PathBuf {
+        self.dir.join(format!("engine-{rank}")).join("data").join(format!("target-{t}"))
+    }
+
+    /// `kill -9` engine `rank`.
+    pub fn kill_engine(&mut self, rank: u32) {
+        if let Some(mut d) = self.engines[rank as usize].take() {
+            d.kill();
+        }
+    }
+
+    /// Waits until `n` engines are registered and up.
+    pub fn wait_engines_up(&self, n: usize, timeout: Duration) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let mgmt = self.client();
+        let start = Instant::now();
+        loop {
+            let up = rt.block_on(mgmt.system()).map(|s| s.engines.iter().filter(|e| e.state == EngineState::Up).count()).unwrap_or(0);
+            if up >= n {
+                return;
+            }
+            assert!(start.elapsed() < timeout, "only {up} of {n} engines up after {timeout:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the service reports engine `rank` down.
+    pub fn wait_engine_down(&self, rank: u32, timeout: Duration) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let mgmt = self.client();
+        let start = Instant::now();
+        loop {
+            let down = rt
+                .block_on(mgmt.system())
+                .map(|s| s.engines.iter().any(|e| e.rank == rank && e.state == EngineState::Down))
+                .unwrap_or(false);
+            if down {
+                return;
+            }
+            assert!(start.elapsed() < timeout, "engine {rank} not marked down after {timeout:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for e in self.engines.iter_mut().flatten() {
+            e.kill();
+        }
+        self.mgmt.kill();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
