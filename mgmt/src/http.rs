@@ -1,0 +1,313 @@
+//! The HTTP/JSON API (axum): routes under `/v1`, request parsing that refuses malformed JSON
+//! and unknown fields, and errors as `{"error": "..."}` with the status of the
+//! [`crate::machine::CmdError`] (or 400/404/405/413 for what axum itself rejects).
+//!
+//! Handlers are thin: state changes run [`Service`] methods on the blocking pool (a commit
+//! fsyncs), reads answer from the published snapshot. `GET /v1/exports?after=V&wait_ms=T`
+//! waits on the snapshot channel until the store version exceeds `V`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tessera_mgmt_api::{
+    ApiError, ClusterVersion, CreateExport, CreatePool, CreateVolume, ExportInfo, ExportList, Heartbeat, HeartbeatReply, PoolInfo,
+    PoolMapInfo, RegisterEngine, ResizeVolume, SystemInfo, VolumeInfo,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+use crate::machine::{self, Command, Outcome};
+use crate::punch;
+use crate::service::{Service, ServiceError};
+
+/// Longest a long poll waits.
+pub const MAX_WAIT_MS: u64 = 60_000;
+/// Wait of a long poll that gives `after` but no `wait_ms`.
+pub const DEFAULT_WAIT_MS: u64 = 30_000;
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct App {
+    /// The service.
+    pub svc: Arc<Service>,
+    /// Cancelled at shutdown: long polls answer at once.
+    pub stop: CancellationToken,
+}
+
+/// An error answer: a status and one line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpError {
+    /// Status.
+    pub status: StatusCode,
+    /// Message.
+    pub message: String,
+}
+
+impl HttpError {
+    fn new(status: StatusCode, message: impl Into<String>) -> HttpError {
+        // One line, whatever the source said.
+        let message: String = message.into().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+        HttpError { status, message }
+    }
+
+    fn bad_request(message: impl Into<String>) -> HttpError {
+        HttpError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<ServiceError> for HttpError {
+    fn from(e: ServiceError) -> HttpError {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            error!("{e}");
+        }
+        HttpError::new(status, e.to_string())
+    }
+}
+
+impl From<machine::CmdError> for HttpError {
+    fn from(e: machine::CmdError) -> HttpError {
+        ServiceError::from(e).into()
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        (self.status, Json(ApiError { error: self.message })).into_response()
+    }
+}
+
+/// A JSON body: malformed JSON, trailing data and unknown fields are 400 with an [`ApiError`].
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+/// Parses a JSON request body, refusing fields `T` does not know.
+pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, HttpError> {
+    let mut unknown = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_ignored::deserialize(&mut de, |path| unknown.push(path.to_string()))
+        .map_err(|e| HttpError::bad_request(format!("invalid JSON body: {e}")))?;
+    de.end().map_err(|e| HttpError::bad_request(format!("invalid JSON body: {e}")))?;
+    if !unknown.is_empty() {
+        return Err(HttpError::bad_request(format!("invalid JSON body: unknown field {}", unknown.join(", "))));
+    }
+    Ok(value)
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = HttpError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let body = Bytes::from_request(req, state).await.map_err(|e| HttpError::new(e.status(), e.body_text()))?;
+        parse_body(&body).map(ApiJson)
+    }
+}
+
+/// Path parameters; a bad one is 400 with an [`ApiError`].
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state).await.map(|Path(v)| ApiPath(v)).map_err(|e| HttpError::new(e.status(), e.body_text()))
+    }
+}
+
+/// Query parameters; a bad one is 400 with an [`ApiError`].
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| ApiQuery(v))
+            .map_err(|e| HttpError::new(e.status(), e.body_text()))
+    }
+}
+
+/// The router of the whole API.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/v1/engines", post(register_engine))
+        .route("/v1/engines/{rank}/heartbeat", post(heartbeat))
+        .route("/v1/system", get(system))
+        .route("/v1/pools", get(list_pools).post(create_pool))
+        .route("/v1/pools/{pool}", get(get_pool))
+        .route("/v1/pools/{pool}/map", get(get_pool_map))
+        .route("/v1/pools/{pool}/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/pools/{pool}/volumes/{volume}", get(get_volume).patch(resize_volume).delete(delete_volume))
+        .route("/v1/exports", get(list_exports).post(create_export))
+        .route("/v1/exports/{nqn}/{nsid}", get(get_export).delete(delete_export))
+        .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async { HttpError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint") })
+        .with_state(app)
+}
+
+/// Runs `f` on the blocking pool (commits fsync).
+async fn blocking<T: Send + 'static>(
+    app: &App,
+    f: impl FnOnce(&Service) -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, HttpError> {
+    let svc = app.svc.clone();
+    match tokio::task::spawn_blocking(move || f(&svc)).await {
+        Ok(r) => r.map_err(HttpError::from),
+        Err(e) => Err(HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e}"))),
+    }
+}
+
+async fn execute(app: &App, cmd: Command) -> Result<Outcome, HttpError> {
+    blocking(app, move |s| s.execute(&cmd)).await
+}
+
+fn unexpected(o: Outcome) -> HttpError {
+    HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: unexpected outcome {o:?}"))
+}
+
+fn parse_rank(rank: &str) -> Result<u32, HttpError> {
+    rank.parse().map_err(|_| HttpError::bad_request(format!("rank {rank:?} is not a number")))
+}
+
+fn parse_nsid(nsid: &str) -> Result<u32, HttpError> {
+    nsid.parse().map_err(|_| HttpError::bad_request(format!("namespace id {nsid:?} is not a number")))
+}
+
+async fn register_engine(State(app): State<App>, ApiJson(req): ApiJson<RegisterEngine>) -> Result<Json<HeartbeatReply>, HttpError> {
+    Ok(Json(blocking(&app, move |s| s.register(&req)).await?))
+}
+
+async fn heartbeat(
+    State(app): State<App>,
+    ApiPath(rank): ApiPath<String>,
+    ApiJson(req): ApiJson<Heartbeat>,
+) -> Result<Json<HeartbeatReply>, HttpError> {
+    let rank = parse_rank(&rank)?;
+    Ok(Json(app.svc.heartbeat(rank, req.uuid)?))
+}
+
+async fn system(State(app): State<App>) -> Json<SystemInfo> {
+    Json(app.svc.system())
+}
+
+async fn create_pool(State(app): State<App>, ApiJson(req): ApiJson<CreatePool>) -> Result<(StatusCode, Json<PoolInfo>), HttpError> {
+    match execute(&app, Command::CreatePool(req)).await? {
+        Outcome::Pool(p) => Ok((StatusCode::CREATED, Json(*p))),
+        o => Err(unexpected(o)),
+    }
+}
+
+async fn list_pools(State(app): State<App>) -> Json<Vec<PoolInfo>> {
+    Json(machine::pools(&app.svc.snapshot().state))
+}
+
+async fn get_pool(State(app): State<App>, ApiPath(pool): ApiPath<String>) -> Result<Json<PoolInfo>, HttpError> {
+    Ok(Json(machine::pool_info(&app.svc.snapshot().state, &pool)?))
+}
+
+async fn get_pool_map(State(app): State<App>, ApiPath(pool): ApiPath<String>) -> Result<Json<PoolMapInfo>, HttpError> {
+    Ok(Json(machine::pool_map(&app.svc.snapshot().state, &pool)?))
+}
+
+async fn create_volume(
+    State(app): State<App>,
+    ApiPath(pool): ApiPath<String>,
+    ApiJson(req): ApiJson<CreateVolume>,
+) -> Result<(StatusCode, Json<VolumeInfo>), HttpError> {
+    match execute(&app, Command::CreateVolume { pool, req }).await? {
+        Outcome::Volume(v) => Ok((StatusCode::CREATED, Json(v))),
+        o => Err(unexpected(o)),
+    }
+}
+
+async fn list_volumes(State(app): State<App>, ApiPath(pool): ApiPath<String>) -> Result<Json<Vec<VolumeInfo>>, HttpError> {
+    Ok(Json(machine::volumes(&app.svc.snapshot().state, &pool)?))
+}
+
+async fn get_volume(State(app): State<App>, ApiPath((pool, volume)): ApiPath<(String, String)>) -> Result<Json<VolumeInfo>, HttpError> {
+    Ok(Json(machine::volume(&app.svc.snapshot().state, &pool, &volume)?))
+}
+
+async fn resize_volume(
+    State(app): State<App>,
+    ApiPath((pool, volume)): ApiPath<(String, String)>,
+    ApiJson(req): ApiJson<ResizeVolume>,
+) -> Result<Json<VolumeInfo>, HttpError> {
+    match execute(&app, Command::ResizeVolume { pool, volume, size: req.size }).await? {
+        Outcome::Volume(v) => Ok(Json(v)),
+        o => Err(unexpected(o)),
+    }
+}
+
+async fn delete_volume(State(app): State<App>, ApiPath((pool, volume)): ApiPath<(String, String)>) -> Result<Json<VolumeInfo>, HttpError> {
+    match execute(&app, Command::DeleteVolume { pool, volume }).await? {
+        Outcome::VolumeDeleted(v, plan) => {
+            tokio::spawn(punch::punch_volume(plan));
+            Ok(Json(v))
+        }
+        o => Err(unexpected(o)),
+    }
+}
+
+/// Query of `GET /v1/exports`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportsQuery {
+    /// Answer once the store version exceeds this.
+    pub after: Option<ClusterVersion>,
+    /// Longest wait, milliseconds (capped at [`MAX_WAIT_MS`]).
+    pub wait_ms: Option<u64>,
+}
+
+async fn list_exports(State(app): State<App>, ApiQuery(q): ApiQuery<ExportsQuery>) -> Json<ExportList> {
+    if let Some(after) = q.after {
+        let wait = Duration::from_millis(q.wait_ms.unwrap_or(DEFAULT_WAIT_MS).min(MAX_WAIT_MS));
+        let mut rx = app.svc.subscribe();
+        let changed = async {
+            tokio::select! {
+                _ = rx.wait_for(|s| s.version > after) => {}
+                _ = app.stop.cancelled() => {}
+            }
+        };
+        let _ = tokio::time::timeout(wait, changed).await;
+    }
+    let snap = app.svc.snapshot();
+    Json(ExportList { version: snap.version, exports: machine::exports(&snap.state) })
+}
+
+async fn get_export(State(app): State<App>, ApiPath((nqn, nsid)): ApiPath<(String, String)>) -> Result<Json<ExportInfo>, HttpError> {
+    let nsid = parse_nsid(&nsid)?;
+    let snap = app.svc.snapshot();
+    machine::exports(&snap.state)
+        .into_iter()
+        .find(|x| x.nqn == nqn && x.nsid == nsid)
+        .map(Json)
+        .ok_or_else(|| machine::CmdError::NoExport { nqn, nsid }.into())
+}
+
+async fn create_export(State(app): State<App>, ApiJson(req): ApiJson<CreateExport>) -> Result<(StatusCode, Json<ExportInfo>), HttpError> {
+    match execute(&app, Command::CreateExport(req)).await? {
+        Outcome::Export(x) => Ok((StatusCode::CREATED, Json(x))),
+        o => Err(unexpected(o)),
+    }
+}
+
+async fn delete_export(State(app): State<App>, ApiPath((nqn, nsid)): ApiPath<(String, String)>) -> Result<Json<ExportInfo>, HttpError> {
+    let nsid = parse_nsid(&nsid)?;
+    match execute(&app, Command::DeleteExport { nqn, nsid }).await? {
+        Outcome::Export(x) => Ok(Json(x)),
+        o => Err(unexpected(o)),
+    }
+}

@@ -1,0 +1,718 @@
+//! The service's logic as a pure state machine: [`apply`] takes a [`State`] and a [`Command`]
+//! and returns the next state and what to answer, or a [`CmdError`] that carries its HTTP
+//! status. Queries ([`pool_info`], [`exports`], [`heartbeat_pools`], ...) turn a state into the
+//! API's views.
+//!
+//! No I/O, no clock, no randomness: the caller passes them in [`Env`]. Every command validates
+//! everything before it changes anything, and works on a copy, so a refused command leaves no
+//! trace; the service commits the returned state as one store transaction.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use tessera_client::layout::VolumeLayout;
+use tessera_client::placement::{ObjectClass, PoolMap, TargetEntry, TargetRef, TargetState};
+use tessera_mgmt_api::{
+    CreateExport, CreatePool, CreateVolume, EngineState, ExportInfo, PoolEngine, PoolInfo, PoolMapInfo, PoolTarget, PoolVersion,
+    RegisterEngine, TargetStateName, VolumeInfo,
+};
+use uuid::Uuid;
+
+use crate::state::{to_api, to_placement, EngineRec, ExportRec, PoolRec, State, VolumeRec};
+
+/// Default object class of a pool.
+pub const DEFAULT_CLASS: &str = "EC_2P1";
+/// Default block size of a volume.
+pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
+/// Default cell size of a volume.
+pub const DEFAULT_CELL_SIZE: u32 = 65536;
+/// Default chunk size of a volume, before rounding up to a multiple of k × cell.
+pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
+/// Default listen address of an export.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4420";
+/// Longest NQN (NVMe Base specification).
+pub const MAX_NQN_LEN: usize = 223;
+/// The discovery subsystem's NQN, which cannot be exported to.
+pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
+
+/// What the caller supplies that the logic may not make up itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Env {
+    /// A fresh identity for whatever the command creates.
+    pub uuid: Uuid,
+    /// Now, seconds since the Unix epoch.
+    pub now: u64,
+}
+
+/// A state change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// An engine (re)registers: binds its rank to its uuid, updates address and targets, and
+    /// makes it Up (its targets' pool map states are left alone).
+    RegisterEngine(RegisterEngine),
+    /// These engines stopped heartbeating: each becomes Down and its placeable targets DOWN in
+    /// every pool (one new map version per pool touched).
+    EnginesDown(Vec<u32>),
+    /// Create a pool.
+    CreatePool(CreatePool),
+    /// Create a volume in a pool.
+    CreateVolume {
+        /// Pool name.
+        pool: String,
+        /// The request.
+        req: CreateVolume,
+    },
+    /// Change a volume's size.
+    ResizeVolume {
+        /// Pool name.
+        pool: String,
+        /// Volume name.
+        volume: String,
+        /// New size, bytes.
+        size: u64,
+    },
+    /// Delete a volume that is not exported.
+    DeleteVolume {
+        /// Pool name.
+        pool: String,
+        /// Volume name.
+        volume: String,
+    },
+    /// Export a volume.
+    CreateExport(CreateExport),
+    /// Remove an export.
+    DeleteExport {
+        /// Subsystem NQN.
+        nqn: String,
+        /// Namespace id.
+        nsid: u32,
+    },
+}
+
+/// One target to punch a deleted volume's data on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PunchSite {
+    /// Engine RPC address.
+    pub address: String,
+    /// Target index.
+    pub target: u16,
+}
+
+/// Where a deleted volume's data may live: every placeable target of its pool on an Up engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PunchPlan {
+    /// The volume's identity (container and object id).
+    pub uuid: Uuid,
+    /// Pool id.
+    pub pool_id: u32,
+    /// Pool map version.
+    pub map_version: u32,
+    /// The targets.
+    pub sites: Vec<PunchSite>,
+}
+
+/// What a command produced, besides the new state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// An engine registered.
+    Registered {
+        /// Its rank.
+        rank: u32,
+    },
+    /// These engines were marked Down (those that were Up or had placeable targets).
+    MarkedDown(Vec<u32>),
+    /// A pool was created.
+    Pool(Box<PoolInfo>),
+    /// A volume was created or resized.
+    Volume(VolumeInfo),
+    /// A volume was deleted; its data should be punched.
+    VolumeDeleted(VolumeInfo, PunchPlan),
+    /// An export was created or deleted.
+    Export(ExportInfo),
+}
+
+/// Why a command or query was refused. [`CmdError::status`] is its HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CmdError {
+    /// No engine with this rank (404).
+    #[error("no engine with rank {0} is registered")]
+    NoEngine(u32),
+    /// The engine was marked Down and must register again (404).
+    #[error("engine rank {0} is down: register again")]
+    EngineDown(u32),
+    /// No such pool (404).
+    #[error("no pool named {0:?}")]
+    NoPool(String),
+    /// No such volume (404).
+    #[error("no volume {volume:?} in pool {pool:?}")]
+    NoVolume {
+        /// Pool.
+        pool: String,
+        /// Volume.
+        volume: String,
+    },
+    /// No such export (404).
+    #[error("no namespace {nsid} is exported in subsystem {nqn}")]
+    NoExport {
+        /// Subsystem.
+        nqn: String,
+        /// Namespace id.
+        nsid: u32,
+    },
+    /// The request is malformed (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The request conflicts with the current state (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// Not enough capacity (507).
+    #[error("{0}")]
+    NoSpace(String),
+    /// An invariant broke (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl CmdError {
+    /// The HTTP status to answer with.
+    pub fn status(&self) -> u16 {
+        match self {
+            CmdError::NoEngine(_)
+            | CmdError::EngineDown(_)
+            | CmdError::NoPool(_)
+            | CmdError::NoVolume { .. }
+            | CmdError::NoExport { .. } => 404,
+            CmdError::Invalid(_) => 400,
+            CmdError::Conflict(_) => 409,
+            CmdError::NoSpace(_) => 507,
+            CmdError::Internal(_) => 500,
+        }
+    }
+}
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T, CmdError> {
+    Err(CmdError::Invalid(msg.into()))
+}
+
+fn conflict<T>(msg: impl Into<String>) -> Result<T, CmdError> {
+    Err(CmdError::Conflict(msg.into()))
+}
+
+/// Applies `cmd` to `state`. On success returns the next state (equal to `state` if nothing
+/// changed: the caller then commits nothing) and the outcome.
+pub fn apply(state: &State, cmd: &Command, env: &Env) -> Result<(State, Outcome), CmdError> {
+    let mut next = state.clone();
+    let outcome = match cmd {
+        Command::RegisterEngine(req) => register_engine(&mut next, req)?,
+        Command::EnginesDown(ranks) => engines_down(&mut next, ranks)?,
+        Command::CreatePool(req) => create_pool(&mut next, req, env)?,
+        Command::CreateVolume { pool, req } => create_volume(&mut next, pool, req, env)?,
+        Command::ResizeVolume { pool, volume, size } => resize_volume(&mut next, pool, volume, *size)?,
+        Command::DeleteVolume { pool, volume } => delete_volume(&mut next, pool, volume)?,
+        Command::CreateExport(req) => create_export(&mut next, req)?,
+        Command::DeleteExport { nqn, nsid } => delete_export(&mut next, nqn, *nsid)?,
+    };
+    Ok((next, outcome))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation helpers.
+
+/// Checks a pool or volume name: `[A-Za-z0-9._-]{1,64}`, not `.` or `..`.
+pub fn check_name(what: &str, name: &str) -> Result<(), CmdError> {
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+        return invalid(format!("{what} name {name:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ -"));
+    }
+    if name == "." || name == ".." {
+        return invalid(format!("{what} name {name:?} is reserved"));
+    }
+    Ok(())
+}
+
+/// Checks an NQN: starts with `nqn.`, at most 223 bytes, printable ASCII, no `/` (it is a path
+/// segment of the API).
+pub fn check_nqn(what: &str, nqn: &str) -> Result<(), CmdError> {
+    if !nqn.starts_with("nqn.") {
+        return invalid(format!("{what} {nqn:?} must start with \"nqn.\""));
+    }
+    if nqn.len() > MAX_NQN_LEN {
+        return invalid(format!("{what} is {} bytes long, at most {MAX_NQN_LEN} allowed", nqn.len()));
+    }
+    if let Some(c) = nqn.chars().find(|&c| !(' '..='~').contains(&c) || c == '/') {
+        return invalid(format!(
+            "{what} {:?} contains {c:?}: only printable ASCII other than '/' is allowed",
+            nqn.escape_debug().to_string()
+        ));
+    }
+    Ok(())
+}
+
+fn parse_class(s: &str) -> Result<ObjectClass, CmdError> {
+    ObjectClass::from_str(s).map_err(|e| CmdError::Invalid(format!("{e} (expected S1, RP_<n> or EC_<k>P<p>)")))
+}
+
+fn parse_addr(what: &str, s: &str) -> Result<SocketAddr, CmdError> {
+    s.parse().map_err(|_| CmdError::Invalid(format!("{what} {s:?} is not an ip:port address")))
+}
+
+fn get_pool<'a>(state: &'a State, pool: &str) -> Result<&'a PoolRec, CmdError> {
+    state.pools.get(pool).ok_or_else(|| CmdError::NoPool(pool.to_string()))
+}
+
+fn get_volume<'a>(state: &'a State, pool: &str, volume: &str) -> Result<&'a VolumeRec, CmdError> {
+    get_pool(state, pool)?;
+    state
+        .volumes
+        .get(&(pool.to_string(), volume.to_string()))
+        .ok_or_else(|| CmdError::NoVolume { pool: pool.to_string(), volume: volume.to_string() })
+}
+
+fn placement_map(p: &PoolRec) -> Result<PoolMap, CmdError> {
+    let targets =
+        p.targets.iter().map(|t| TargetEntry { rank: t.rank, index: t.index, state: to_placement(t.state), fseq: t.fseq }).collect();
+    PoolMap::new(p.map_version, targets).map_err(|e| CmdError::Internal(format!("pool {}: {e}", p.name)))
+}
+
+fn store_map(p: &mut PoolRec, m: &PoolMap) {
+    p.map_version = m.version();
+    p.targets = m.targets().iter().map(|t| PoolTarget { rank: t.rank, index: t.index, state: to_api(t.state), fseq: t.fseq }).collect();
+}
+
+/// Total capacity of a pool's targets, bytes.
+pub fn pool_capacity(state: &State, p: &PoolRec) -> u64 {
+    let total: u128 = p.targets.iter().map(|t| state.engines.get(&t.rank).map_or(0, |e| u128::from(e.target_capacity))).sum();
+    u64::try_from(total).unwrap_or(u64::MAX)
+}
+
+/// Bytes a volume of `size` takes in its pool: size × shards per group ÷ data shards, rounded up.
+pub fn footprint(size: u64, class: ObjectClass) -> u128 {
+    let (n, k) = (u128::from(class.shards_per_group()), u128::from(class.data_shards()));
+    (u128::from(size) * n).div_ceil(k)
+}
+
+fn volume_footprint(v: &VolumeRec) -> u128 {
+    // A stored class always parsed when it was stored; S1 is a safe floor otherwise.
+    footprint(v.size, ObjectClass::from_str(&v.class).unwrap_or(ObjectClass::S1))
+}
+
+/// Bytes promised to a pool's volumes.
+pub fn pool_allocated(state: &State, pool: &str) -> u128 {
+    state.pool_volumes(pool).map(volume_footprint).sum()
+}
+
+fn fault_domains(state: &State, p: &PoolRec) -> usize {
+    let ranks: BTreeSet<u32> = p.targets.iter().map(|t| t.rank).collect();
+    ranks.iter().filter_map(|r| state.engines.get(r)).map(|e| e.fault_domain.as_str()).collect::<BTreeSet<_>>().len()
+}
+
+fn check_space(state: &State, p: &PoolRec, freed: u128, needed: u128) -> Result<(), CmdError> {
+    let capacity = pool_capacity(state, p);
+    let allocated = pool_allocated(state, &p.name) - freed;
+    if allocated + needed > u128::from(capacity) {
+        return Err(CmdError::NoSpace(format!(
+            "pool {} has {} of {capacity} bytes free, {needed} needed",
+            p.name,
+            u128::from(capacity).saturating_sub(allocated)
+        )));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Engines.
+
+fn register_engine(s: &mut State, req: &RegisterEngine) -> Result<Outcome, CmdError> {
+    parse_addr("engine address", &req.address)?;
+    if req.uuid.is_nil() {
+        return invalid("engine uuid must not be nil");
+    }
+    if req.targets == 0 {
+        return invalid("an engine needs at least one target");
+    }
+    if req.target_capacity == 0 {
+        return invalid("target_capacity must be positive");
+    }
+    let fault_domain = if req.fault_domain.is_empty() { format!("rank-{}", req.rank) } else { req.fault_domain.clone() };
+    if fault_domain.len() > 64 || !fault_domain.chars().all(|c| c.is_ascii_graphic()) {
+        return invalid(format!(
+            "fault domain {:?} must be 1 to 64 printable characters without spaces",
+            fault_domain.escape_debug().to_string()
+        ));
+    }
+    if let Some(e) = s.engines.get(&req.rank) {
+        if e.uuid != req.uuid {
+            return conflict(format!("rank {} is bound to engine {}, not {}", req.rank, e.uuid, req.uuid));
+        }
+    }
+    if let Some(other) = s.engines.values().find(|e| e.uuid == req.uuid && e.rank != req.rank) {
+        return conflict(format!("engine {} is already registered as rank {}", req.uuid, other.rank));
+    }
+    for p in s.pools.values() {
+        if let Some(t) = p.targets.iter().filter(|t| t.rank == req.rank).max_by_key(|t| t.index) {
+            if t.index >= req.targets {
+                return conflict(format!(
+                    "engine rank {} has target {} in pool {}: it cannot register with only {} targets",
+                    req.rank, t.index, p.name, req.targets
+                ));
+            }
+        }
+    }
+    s.engines.insert(
+        req.rank,
+        EngineRec {
+            rank: req.rank,
+            uuid: req.uuid,
+            address: req.address.clone(),
+            fault_domain,
+            targets: req.targets,
+            target_capacity: req.target_capacity,
+            state: EngineState::Up,
+        },
+    );
+    Ok(Outcome::Registered { rank: req.rank })
+}
+
+fn engines_down(s: &mut State, ranks: &[u32]) -> Result<Outcome, CmdError> {
+    let ranks: BTreeSet<u32> = ranks.iter().copied().filter(|r| s.engines.contains_key(r)).collect();
+    let mut marked = BTreeSet::new();
+    for r in &ranks {
+        if let Some(e) = s.engines.get_mut(r) {
+            if e.state == EngineState::Up {
+                e.state = EngineState::Down;
+                marked.insert(*r);
+            }
+        }
+    }
+    for p in s.pools.values_mut() {
+        let changes: Vec<_> = p
+            .targets
+            .iter()
+            .filter(|t| ranks.contains(&t.rank) && to_placement(t.state).is_placeable())
+            .map(|t| (TargetRef { rank: t.rank, index: t.index }, TargetState::Down))
+            .collect();
+        if changes.is_empty() {
+            continue;
+        }
+        marked.extend(changes.iter().map(|(t, _)| t.rank));
+        let m = placement_map(p)?.set_states(&changes).map_err(|e| CmdError::Internal(format!("pool {}: {e}", p.name)))?;
+        store_map(p, &m);
+    }
+    Ok(Outcome::MarkedDown(marked.into_iter().collect()))
+}
+
+/// The map versions of every pool with targets on engine `rank`, for its heartbeat reply.
+pub fn pool_versions(state: &State, rank: u32) -> Vec<PoolVersion> {
+    state
+        .pools
+        .values()
+        .filter(|p| p.targets.iter().any(|t| t.rank == rank))
+        .map(|p| PoolVersion { pool_id: p.pool_id, map_version: p.map_version })
+        .collect()
+}
+
+/// Checks a heartbeat: the rank must be registered to `uuid` and Up. Returns the pool versions
+/// for the reply.
+pub fn heartbeat_pools(state: &State, rank: u32, uuid: Uuid) -> Result<Vec<PoolVersion>, CmdError> {
+    let e = state.engines.get(&rank).ok_or(CmdError::NoEngine(rank))?;
+    if e.uuid != uuid {
+        return conflict(format!("rank {rank} is bound to engine {}, not {uuid}", e.uuid));
+    }
+    if e.state == EngineState::Down {
+        return Err(CmdError::EngineDown(rank));
+    }
+    Ok(pool_versions(state, rank))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pools.
+
+fn create_pool(s: &mut State, req: &CreatePool, env: &Env) -> Result<Outcome, CmdError> {
+    check_name("pool", &req.name)?;
+    if s.pools.contains_key(&req.name) {
+        return conflict(format!("pool {:?} already exists", req.name));
+    }
+    let class = parse_class(req.default_class.as_deref().unwrap_or(DEFAULT_CLASS))?;
+    let ranks: Vec<u32> = if req.ranks.is_empty() {
+        let up: Vec<u32> = s.engines.values().filter(|e| e.state == EngineState::Up).map(|e| e.rank).collect();
+        if up.is_empty() {
+            return conflict("no engine is up: a pool needs at least one engine");
+        }
+        up
+    } else {
+        let mut seen = BTreeSet::new();
+        for &r in &req.ranks {
+            if !seen.insert(r) {
+                return invalid(format!("rank {r} is listed twice"));
+            }
+            match s.engines.get(&r) {
+                None => return invalid(format!("no engine with rank {r} is registered")),
+                Some(e) if e.state == EngineState::Down => return conflict(format!("engine rank {r} is down")),
+                Some(_) => {}
+            }
+        }
+        seen.into_iter().collect()
+    };
+    let mut targets = Vec::new();
+    for r in &ranks {
+        let e = s.engines.get(r).ok_or(CmdError::NoEngine(*r))?;
+        targets.extend((0..e.targets).map(|index| PoolTarget { rank: *r, index, state: TargetStateName::UpIn, fseq: 0 }));
+    }
+    let pool_id = s.next_pool_id;
+    let next_id = pool_id.checked_add(1).ok_or_else(|| CmdError::Conflict("pool ids are exhausted".into()))?;
+    let rec = PoolRec { name: req.name.clone(), uuid: env.uuid, pool_id, default_class: class.to_string(), map_version: 1, targets };
+    if req.default_class.is_some() && class.shards_per_group() as usize > fault_domains(s, &rec) {
+        return conflict(format!(
+            "class {class} needs {} fault domains, the pool would span {}",
+            class.shards_per_group(),
+            fault_domains(s, &rec)
+        ));
+    }
+    // The map must be one that placement accepts.
+    placement_map(&rec)?;
+    s.next_pool_id = next_id;
+    s.pools.insert(rec.name.clone(), rec);
+    Ok(Outcome::Pool(Box::new(pool_info(s, &req.name)?)))
+}
+
+/// The pool map of a pool.
+pub fn pool_map(state: &State, pool: &str) -> Result<PoolMapInfo, CmdError> {
+    let p = get_pool(state, pool)?;
+    let ranks: BTreeSet<u32> = p.targets.iter().map(|t| t.rank).collect();
+    let engines = ranks
+        .into_iter()
+        .map(|rank| {
+            let e = state.engines.get(&rank);
+            PoolEngine {
+                rank,
+                address: e.map(|e| e.address.clone()).unwrap_or_default(),
+                fault_domain: e.map(|e| e.fault_domain.clone()).unwrap_or_default(),
+            }
+        })
+        .collect();
+    Ok(PoolMapInfo { pool_id: p.pool_id, version: p.map_version, engines, targets: p.targets.clone() })
+}
+
+/// A pool.
+pub fn pool_info(state: &State, pool: &str) -> Result<PoolInfo, CmdError> {
+    let p = get_pool(state, pool)?;
+    Ok(PoolInfo {
+        name: p.name.clone(),
+        uuid: p.uuid,
+        pool_id: p.pool_id,
+        default_class: p.default_class.clone(),
+        capacity: pool_capacity(state, p),
+        allocated: u64::try_from(pool_allocated(state, pool)).unwrap_or(u64::MAX),
+        map: pool_map(state, pool)?,
+        volumes: state.pool_volumes(pool).count() as u32,
+    })
+}
+
+/// Every pool, by name.
+pub fn pools(state: &State) -> Vec<PoolInfo> {
+    state.pools.keys().filter_map(|name| pool_info(state, name).ok()).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Volumes.
+
+fn volume_info(state: &State, v: &VolumeRec) -> VolumeInfo {
+    VolumeInfo {
+        pool: v.pool.clone(),
+        pool_id: state.pools.get(&v.pool).map_or(0, |p| p.pool_id),
+        name: v.name.clone(),
+        uuid: v.uuid,
+        size: v.size,
+        block_size: v.block_size,
+        class: v.class.clone(),
+        cell_size: v.cell_size,
+        chunk_size: v.chunk_size,
+        checksum: v.checksum,
+        created: v.created,
+    }
+}
+
+/// A volume.
+pub fn volume(state: &State, pool: &str, volume: &str) -> Result<VolumeInfo, CmdError> {
+    Ok(volume_info(state, get_volume(state, pool, volume)?))
+}
+
+/// The volumes of a pool, by name.
+pub fn volumes(state: &State, pool: &str) -> Result<Vec<VolumeInfo>, CmdError> {
+    get_pool(state, pool)?;
+    Ok(state.pool_volumes(pool).map(|v| volume_info(state, v)).collect())
+}
+
+fn check_size(size: u64, block_size: u32) -> Result<(), CmdError> {
+    if size == 0 || !size.is_multiple_of(u64::from(block_size)) {
+        return invalid(format!("volume size {size} must be a positive multiple of the block size {block_size}"));
+    }
+    Ok(())
+}
+
+fn create_volume(s: &mut State, pool: &str, req: &CreateVolume, env: &Env) -> Result<Outcome, CmdError> {
+    let p = get_pool(s, pool)?;
+    check_name("volume", &req.name)?;
+    if s.volumes.contains_key(&(pool.to_string(), req.name.clone())) {
+        return conflict(format!("volume {:?} already exists in pool {pool:?}", req.name));
+    }
+    let class = parse_class(req.class.as_deref().unwrap_or(&p.default_class))?;
+    let block_size = req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+    if block_size != 512 && block_size != 4096 {
+        return invalid(format!("block size {block_size} must be 512 or 4096"));
+    }
+    check_size(req.size, block_size)?;
+    let cell_size = req.cell_size.unwrap_or(DEFAULT_CELL_SIZE);
+    let chunk_size = match req.chunk_size {
+        Some(c) => c,
+        None => {
+            let stripe = u64::from(cell_size) * u64::from(class.data_shards());
+            if stripe == 0 {
+                DEFAULT_CHUNK_SIZE
+            } else {
+                DEFAULT_CHUNK_SIZE.div_ceil(stripe) * stripe
+            }
+        }
+    };
+    VolumeLayout::new(req.size, block_size, chunk_size, cell_size, class).map_err(|e| CmdError::Invalid(e.to_string()))?;
+    let domains = fault_domains(s, p);
+    if class.shards_per_group() as usize > domains {
+        return conflict(format!("class {class} needs {} fault domains, pool {pool:?} has {domains}", class.shards_per_group()));
+    }
+    check_space(s, p, 0, footprint(req.size, class))?;
+    let rec = VolumeRec {
+        pool: pool.to_string(),
+        name: req.name.clone(),
+        uuid: env.uuid,
+        size: req.size,
+        block_size,
+        class: class.to_string(),
+        cell_size,
+        chunk_size,
+        checksum: req.checksum.unwrap_or(true),
+        created: env.now,
+    };
+    let info = volume_info(s, &rec);
+    s.volumes.insert((pool.to_string(), req.name.clone()), rec);
+    Ok(Outcome::Volume(info))
+}
+
+fn resize_volume(s: &mut State, pool: &str, volume: &str, size: u64) -> Result<Outcome, CmdError> {
+    let v = get_volume(s, pool, volume)?;
+    check_size(size, v.block_size)?;
+    if size < v.size {
+        if let Some(x) = s.export_of(pool, volume) {
+            return conflict(format!("volume {pool}/{volume} is exported (namespace {} of {}): it can grow but not shrink", x.nsid, x.nqn));
+        }
+    }
+    if size > v.size {
+        let class = parse_class(&v.class)?;
+        let p = get_pool(s, pool)?;
+        check_space(s, p, footprint(v.size, class), footprint(size, class))?;
+    }
+    let key = (pool.to_string(), volume.to_string());
+    let v = s.volumes.get_mut(&key).ok_or_else(|| CmdError::NoVolume { pool: pool.to_string(), volume: volume.to_string() })?;
+    v.size = size;
+    let v = v.clone();
+    Ok(Outcome::Volume(volume_info(s, &v)))
+}
+
+fn delete_volume(s: &mut State, pool: &str, volume: &str) -> Result<Outcome, CmdError> {
+    let v = get_volume(s, pool, volume)?;
+    if let Some(x) = s.export_of(pool, volume) {
+        return conflict(format!("volume {pool}/{volume} is exported (namespace {} of {}): delete the export first", x.nsid, x.nqn));
+    }
+    let info = volume_info(s, v);
+    let p = get_pool(s, pool)?;
+    let sites = p
+        .targets
+        .iter()
+        .filter(|t| to_placement(t.state).is_placeable())
+        .filter_map(|t| {
+            let e = s.engines.get(&t.rank)?;
+            (e.state == EngineState::Up).then(|| PunchSite { address: e.address.clone(), target: t.index })
+        })
+        .collect();
+    let plan = PunchPlan { uuid: v.uuid, pool_id: p.pool_id, map_version: p.map_version, sites };
+    s.volumes.remove(&(pool.to_string(), volume.to_string()));
+    Ok(Outcome::VolumeDeleted(info, plan))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exports.
+
+fn export_info(state: &State, x: &ExportRec) -> Result<ExportInfo, CmdError> {
+    Ok(ExportInfo {
+        nqn: x.nqn.clone(),
+        nsid: x.nsid,
+        hosts: x.hosts.clone(),
+        listen: x.listen.clone(),
+        volume: volume(state, &x.pool, &x.volume)?,
+    })
+}
+
+/// Every export, by (nqn, nsid).
+pub fn exports(state: &State) -> Vec<ExportInfo> {
+    state.exports.values().filter_map(|x| export_info(state, x).ok()).collect()
+}
+
+fn create_export(s: &mut State, req: &CreateExport) -> Result<Outcome, CmdError> {
+    check_nqn("subsystem NQN", &req.nqn)?;
+    if req.nqn == DISCOVERY_NQN {
+        return invalid("the discovery subsystem cannot export namespaces");
+    }
+    let mut hosts = BTreeSet::new();
+    for h in &req.hosts {
+        check_nqn("host NQN", h)?;
+        if !hosts.insert(h.as_str()) {
+            return invalid(format!("host NQN {h} is listed twice"));
+        }
+    }
+    if let Some(l) = &req.listen {
+        parse_addr("listen address", l)?;
+    }
+    if let Some(nsid) = req.nsid {
+        if nsid == 0 || nsid == u32::MAX {
+            return invalid(format!("namespace id {nsid} is not valid (1 to {})", u32::MAX - 1));
+        }
+    }
+    get_volume(s, &req.pool, &req.volume)?;
+    if let Some(x) = s.export_of(&req.pool, &req.volume) {
+        return conflict(format!("volume {}/{} is already exported as namespace {} of {}", req.pool, req.volume, x.nsid, x.nqn));
+    }
+    // Hosts and the listen address belong to the subsystem: a further namespace inherits them
+    // when it leaves them out and must agree when it names them.
+    let siblings: BTreeMap<u32, &ExportRec> = s.exports.values().filter(|x| x.nqn == req.nqn).map(|x| (x.nsid, x)).collect();
+    let (mut hosts, mut listen) = (req.hosts.clone(), req.listen.clone().unwrap_or_else(|| DEFAULT_LISTEN.to_string()));
+    if let Some(first) = siblings.values().next() {
+        if req.hosts.is_empty() {
+            hosts = first.hosts.clone();
+        } else if req.hosts.iter().collect::<BTreeSet<_>>() != first.hosts.iter().collect::<BTreeSet<_>>() {
+            return conflict(format!("subsystem {} allows hosts {:?}: a namespace of it cannot name other hosts", req.nqn, first.hosts));
+        }
+        match &req.listen {
+            None => listen = first.listen.clone(),
+            Some(l) if parse_addr("listen address", l)? != parse_addr("listen address", &first.listen)? => {
+                return conflict(format!("subsystem {} listens on {}, not {l}", req.nqn, first.listen));
+            }
+            Some(_) => {}
+        }
+    }
+    let nsid = match req.nsid {
+        Some(n) if siblings.contains_key(&n) => return conflict(format!("namespace {n} of {} is already exported", req.nqn)),
+        Some(n) => n,
+        None => (1..u32::MAX).find(|n| !siblings.contains_key(n)).ok_or_else(|| CmdError::Conflict("no free namespace id".into()))?,
+    };
+    let rec = ExportRec { nqn: req.nqn.clone(), nsid, hosts, listen, pool: req.pool.clone(), volume: req.volume.clone() };
+    let info = export_info(s, &rec)?;
+    s.exports.insert((rec.nqn.clone(), nsid), rec);
+    Ok(Outcome::Export(info))
+}
+
+fn delete_export(s: &mut State, nqn: &str, nsid: u32) -> Result<Outcome, CmdError> {
+    let key = (nqn.to_string(), nsid);
+    let x = s.exports.get(&key).ok_or_else(|| CmdError::NoExport { nqn: nqn.to_string(), nsid })?;
+    let info = export_info(s, x)?;
+    s.exports.remove(&key);
+    Ok(Outcome::Export(info))
+}

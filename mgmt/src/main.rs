@@ -1,0 +1,132 @@
+//! `tessera-mgmt`: the management service daemon.
+//!
+//! Opens (creating if needed) its redb database, serves the HTTP/JSON API on `--listen`, marks
+//! engines that stop heartbeating Down, and exits cleanly on SIGTERM/SIGINT. `kill -9` is safe:
+//! every change was durable before it was answered.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::error::ErrorKind;
+use tessera_mgmt::http::{self, App};
+use tessera_mgmt::parse_duration;
+use tessera_mgmt::service::{self, Service, ServiceConfig};
+use tessera_mgmt::store::{RedbStore, StoreError};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Tessera management service: system map, pools, volumes, exports.
+#[derive(clap::Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address to serve the HTTP API on (`ip:port`; port 0 picks a free one).
+    #[arg(long, default_value = tessera_mgmt_api::DEFAULT_MGMT_ADDR)]
+    listen: String,
+    /// Database file (redb), created if missing.
+    #[arg(long, default_value = "./tessera-mgmt.redb")]
+    db: PathBuf,
+    /// An engine silent this long is marked DOWN (e.g. 500ms, 5s).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    heartbeat_timeout: Duration,
+    /// How often engines are asked to heartbeat (e.g. 1s).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("cannot start: {0}")]
+    Start(std::io::Error),
+    #[error("server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+fn parse_args() -> Result<Args, ExitCode> {
+    match <Args as clap::Parser>::try_parse() {
+        Ok(a) => Ok(a),
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            Err(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("tessera-mgmt: {first} (see tessera-mgmt --help)");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessera-mgmt: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), RunError> {
+    let store = RedbStore::open(&args.db)?;
+    let config = ServiceConfig { heartbeat_timeout: args.heartbeat_timeout, heartbeat_interval: args.heartbeat_interval };
+    let svc = Arc::new(Service::open(Arc::new(store), config)?);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(RunError::Start)?;
+    rt.block_on(async {
+        let listener = TcpListener::bind(&args.listen).await.map_err(|source| RunError::Listen { addr: args.listen.clone(), source })?;
+        let addr = listener.local_addr().map_err(RunError::Start)?;
+        let snap = svc.snapshot();
+        info!(%addr, db = %args.db.display(), version = snap.version, engines = snap.state.engines.len(), pools = snap.state.pools.len(), "mgmt listening");
+        let stop = CancellationToken::new();
+        let monitor = tokio::spawn(service::monitor(svc.clone(), stop.clone()));
+        let app = App { svc: svc.clone(), stop: stop.clone() };
+        let server = axum::serve(listener, http::router(app)).with_graceful_shutdown(stop.clone().cancelled_owned());
+        let signals = wait_for_signal();
+        tokio::pin!(signals);
+        let server = tokio::spawn(async move { server.await });
+        let result = tokio::select! {
+            r = &mut signals => {
+                r.map_err(RunError::Start)?;
+                info!("stopping");
+                stop.cancel();
+                Ok(())
+            }
+            _ = stop.cancelled() => Ok(()),
+        };
+        let _ = monitor.await;
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(RunError::Serve(e)),
+            Err(e) => return Err(RunError::Serve(std::io::Error::other(e))),
+        }
+        result
+    })
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

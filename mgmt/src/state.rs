@@ -1,0 +1,403 @@
+//! The service's metadata as one value ([`State`]): the system map (engines), pools with their
+//! pool maps, volumes and exports, and its encoding as keys and values ([`State::to_kv`],
+//! [`State::from_kv`]) which every [`crate::store::Store`] persists.
+//!
+//! Pure data: no I/O. Every record is its own key, so a transaction writes only the records it
+//! changed and the layout maps one to one onto an etcd keyspace:
+//!
+//! | key | value (JSON) |
+//! |---|---|
+//! | `engine/<rank, 10 digits>` | [`EngineRec`] |
+//! | `pool/<name>` | [`PoolRec`] (with its pool map) |
+//! | `volume/<pool>/<name>` | [`VolumeRec`] |
+//! | `export/<nqn>/<nsid, 10 digits>` | [`ExportRec`] |
+//! | `meta/next_pool_id` | the next pool id (`u32`) |
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tessera_client::placement::TargetState;
+use tessera_mgmt_api::{EngineState, PoolTarget, TargetStateName};
+use uuid::Uuid;
+
+/// An engine of the system map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineRec {
+    /// Rank.
+    pub rank: u32,
+    /// Identity the rank is bound to.
+    pub uuid: Uuid,
+    /// RPC address (`ip:port`).
+    pub address: String,
+    /// Fault domain.
+    pub fault_domain: String,
+    /// Number of targets.
+    pub targets: u16,
+    /// Capacity of each target, bytes.
+    pub target_capacity: u64,
+    /// Up or Down.
+    pub state: EngineState,
+}
+
+/// A pool and its pool map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolRec {
+    /// Name.
+    pub name: String,
+    /// Identity.
+    pub uuid: Uuid,
+    /// Numeric id, never reused.
+    pub pool_id: u32,
+    /// Default object class of new volumes (canonical spelling).
+    pub default_class: String,
+    /// Pool map version.
+    pub map_version: u32,
+    /// Pool map targets, sorted by (rank, index).
+    pub targets: Vec<PoolTarget>,
+}
+
+/// A volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRec {
+    /// Pool name.
+    pub pool: String,
+    /// Name.
+    pub name: String,
+    /// Identity (container and object id of its data).
+    pub uuid: Uuid,
+    /// Size, bytes.
+    pub size: u64,
+    /// Block size, bytes.
+    pub block_size: u32,
+    /// Object class (canonical spelling).
+    pub class: String,
+    /// Cell size, bytes.
+    pub cell_size: u32,
+    /// Chunk size, bytes.
+    pub chunk_size: u64,
+    /// End-to-end checksums.
+    pub checksum: bool,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+}
+
+/// An export: one volume as namespace `nsid` of subsystem `nqn`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportRec {
+    /// Subsystem NQN.
+    pub nqn: String,
+    /// Namespace id.
+    pub nsid: u32,
+    /// Allowed host NQNs (empty = any).
+    pub hosts: Vec<String>,
+    /// Listen address.
+    pub listen: String,
+    /// Pool name.
+    pub pool: String,
+    /// Volume name.
+    pub volume: String,
+}
+
+/// Everything the service knows, as of one store version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct State {
+    /// Engines by rank.
+    pub engines: BTreeMap<u32, EngineRec>,
+    /// Pools by name.
+    pub pools: BTreeMap<String, PoolRec>,
+    /// Volumes by (pool, name).
+    pub volumes: BTreeMap<(String, String), VolumeRec>,
+    /// Exports by (nqn, nsid).
+    pub exports: BTreeMap<(String, u32), ExportRec>,
+    /// Id of the next pool (ids are never reused).
+    pub next_pool_id: u32,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State { engines: BTreeMap::new(), pools: BTreeMap::new(), volumes: BTreeMap::new(), exports: BTreeMap::new(), next_pool_id: 1 }
+    }
+}
+
+/// The encoded state did not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("stored key {key:?}: {detail}")]
+pub struct DecodeError {
+    /// The offending key.
+    pub key: String,
+    /// What is wrong with it.
+    pub detail: String,
+}
+
+const NEXT_POOL_ID: &str = "meta/next_pool_id";
+
+/// Key of an engine record.
+pub fn engine_key(rank: u32) -> String {
+    format!("engine/{rank:010}")
+}
+
+/// Key of a pool record.
+pub fn pool_key(name: &str) -> String {
+    format!("pool/{name}")
+}
+
+/// Key of a volume record.
+pub fn volume_key(pool: &str, name: &str) -> String {
+    format!("volume/{pool}/{name}")
+}
+
+/// Key of an export record.
+pub fn export_key(nqn: &str, nsid: u32) -> String {
+    format!("export/{nqn}/{nsid:010}")
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serialising these plain structs (string keys, no maps with non-string keys) cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+impl State {
+    /// The state as keys and values (see the module docs).
+    pub fn to_kv(&self) -> BTreeMap<String, Vec<u8>> {
+        let mut kv = BTreeMap::new();
+        kv.insert(NEXT_POOL_ID.to_string(), json(&self.next_pool_id));
+        for e in self.engines.values() {
+            kv.insert(engine_key(e.rank), json(e));
+        }
+        for p in self.pools.values() {
+            kv.insert(pool_key(&p.name), json(p));
+        }
+        for v in self.volumes.values() {
+            kv.insert(volume_key(&v.pool, &v.name), json(v));
+        }
+        for x in self.exports.values() {
+            kv.insert(export_key(&x.nqn, x.nsid), json(x));
+        }
+        kv
+    }
+
+    /// The state from keys and values written by [`State::to_kv`]. Every record must sit under
+    /// its own key and refer only to records that exist.
+    pub fn from_kv<'a, I>(kv: I) -> Result<State, DecodeError>
+    where
+        I: IntoIterator<Item = (&'a str, &'a [u8])>,
+    {
+        fn parse<T: for<'de> Deserialize<'de>>(key: &str, value: &[u8]) -> Result<T, DecodeError> {
+            serde_json::from_slice(value).map_err(|e| DecodeError { key: key.to_string(), detail: e.to_string() })
+        }
+        let mut s = State::default();
+        let (mut seen_next, mut empty) = (false, true);
+        for (key, value) in kv {
+            empty = false;
+            let misplaced = |expected: String| {
+                if expected == key {
+                    Ok(())
+                } else {
+                    Err(DecodeError { key: key.to_string(), detail: format!("record belongs under {expected:?}") })
+                }
+            };
+            if key == NEXT_POOL_ID {
+                s.next_pool_id = parse(key, value)?;
+                seen_next = true;
+            } else if key.starts_with("engine/") {
+                let e: EngineRec = parse(key, value)?;
+                misplaced(engine_key(e.rank))?;
+                s.engines.insert(e.rank, e);
+            } else if key.starts_with("pool/") {
+                let p: PoolRec = parse(key, value)?;
+                misplaced(pool_key(&p.name))?;
+                s.pools.insert(p.name.clone(), p);
+            } else if key.starts_with("volume/") {
+                let v: VolumeRec = parse(key, value)?;
+                misplaced(volume_key(&v.pool, &v.name))?;
+                s.volumes.insert((v.pool.clone(), v.name.clone()), v);
+            } else if key.starts_with("export/") {
+                let x: ExportRec = parse(key, value)?;
+                misplaced(export_key(&x.nqn, x.nsid))?;
+                s.exports.insert((x.nqn.clone(), x.nsid), x);
+            } else {
+                return Err(DecodeError { key: key.to_string(), detail: "unknown key".into() });
+            }
+        }
+        let broken = |key: String, detail: String| Err(DecodeError { key, detail });
+        if !seen_next && !empty {
+            return broken(NEXT_POOL_ID.into(), "missing".into());
+        }
+        for p in s.pools.values() {
+            if p.pool_id >= s.next_pool_id {
+                return broken(pool_key(&p.name), format!("pool id {} not below the next pool id {}", p.pool_id, s.next_pool_id));
+            }
+            if let Some(t) = p.targets.iter().find(|t| !s.engines.contains_key(&t.rank)) {
+                return broken(pool_key(&p.name), format!("target on unknown engine rank {}", t.rank));
+            }
+        }
+        for v in s.volumes.values() {
+            if !s.pools.contains_key(&v.pool) {
+                return broken(volume_key(&v.pool, &v.name), "volume of an unknown pool".into());
+            }
+        }
+        for x in s.exports.values() {
+            if !s.volumes.contains_key(&(x.pool.clone(), x.volume.clone())) {
+                return broken(export_key(&x.nqn, x.nsid), "export of an unknown volume".into());
+            }
+        }
+        Ok(s)
+    }
+
+    /// The volumes of one pool, by name.
+    pub fn pool_volumes<'a>(&'a self, pool: &'a str) -> impl Iterator<Item = &'a VolumeRec> + 'a {
+        self.volumes.range((pool.to_string(), String::new())..).map(|(_, v)| v).take_while(move |v| v.pool == pool)
+    }
+
+    /// The export of a volume, if it is exported.
+    pub fn export_of(&self, pool: &str, volume: &str) -> Option<&ExportRec> {
+        self.exports.values().find(|x| x.pool == pool && x.volume == volume)
+    }
+}
+
+/// The placement state of an API target state.
+pub fn to_placement(s: TargetStateName) -> TargetState {
+    match s {
+        TargetStateName::Up => TargetState::Up,
+        TargetStateName::Down => TargetState::Down,
+        TargetStateName::DownOut => TargetState::DownOut,
+        TargetStateName::UpIn => TargetState::UpIn,
+    }
+}
+
+/// The API name of a placement target state.
+pub fn to_api(s: TargetState) -> TargetStateName {
+    match s {
+        TargetState::Up => TargetStateName::Up,
+        TargetState::Down => TargetStateName::Down,
+        TargetState::DownOut => TargetStateName::DownOut,
+        TargetState::UpIn => TargetStateName::UpIn,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A state with two engines, a pool over them, a volume and its export.
+    pub(crate) fn sample() -> State {
+        let mut s = State::default();
+        for rank in 0..2u32 {
+            s.engines.insert(
+                rank,
+                EngineRec {
+                    rank,
+                    uuid: Uuid::from_u128(u128::from(rank) + 1),
+                    address: format!("127.0.0.1:{}", 10000 + rank),
+                    fault_domain: format!("rank-{rank}"),
+                    targets: 2,
+                    target_capacity: 1 << 30,
+                    state: EngineState::Up,
+                },
+            );
+        }
+        let targets = (0..2u32)
+            .flat_map(|rank| (0..2u16).map(move |index| PoolTarget { rank, index, state: TargetStateName::UpIn, fseq: 0 }))
+            .collect();
+        s.pools.insert(
+            "p".into(),
+            PoolRec { name: "p".into(), uuid: Uuid::from_u128(9), pool_id: 1, default_class: "RP_2".into(), map_version: 1, targets },
+        );
+        s.next_pool_id = 2;
+        s.volumes.insert(
+            ("p".into(), "v".into()),
+            VolumeRec {
+                pool: "p".into(),
+                name: "v".into(),
+                uuid: Uuid::from_u128(10),
+                size: 1 << 20,
+                block_size: 4096,
+                class: "RP_2".into(),
+                cell_size: 65536,
+                chunk_size: 1 << 20,
+                checksum: true,
+                created: 5,
+            },
+        );
+        s.exports.insert(
+            ("nqn.2026-01.io.x:a".into(), 1),
+            ExportRec {
+                nqn: "nqn.2026-01.io.x:a".into(),
+                nsid: 1,
+                hosts: vec![],
+                listen: "127.0.0.1:4420".into(),
+                pool: "p".into(),
+                volume: "v".into(),
+            },
+        );
+        s
+    }
+
+    fn decode(kv: &BTreeMap<String, Vec<u8>>) -> Result<State, DecodeError> {
+        State::from_kv(kv.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    }
+
+    #[test]
+    fn kv_round_trip() {
+        let s = sample();
+        let kv = s.to_kv();
+        assert_eq!(kv.len(), 1 + 2 + 1 + 1 + 1);
+        assert!(kv.contains_key("engine/0000000001"));
+        assert!(kv.contains_key("export/nqn.2026-01.io.x:a/0000000001"));
+        assert_eq!(decode(&kv).unwrap(), s);
+        assert_eq!(decode(&State::default().to_kv()).unwrap(), State::default());
+        assert_eq!(decode(&BTreeMap::new()).unwrap(), State::default());
+    }
+
+    #[test]
+    fn kv_refuses_misplaced_unknown_and_dangling_records() {
+        let kv = sample().to_kv();
+        let mut moved = kv.clone();
+        let v = moved.remove("engine/0000000001").unwrap();
+        moved.insert("engine/0000000007".into(), v);
+        assert!(decode(&moved).unwrap_err().detail.contains("belongs under"));
+
+        let mut unknown = kv.clone();
+        unknown.insert("junk/1".into(), b"{}".to_vec());
+        assert_eq!(decode(&unknown).unwrap_err().detail, "unknown key");
+
+        let mut bad = kv.clone();
+        bad.insert("pool/p".into(), b"{".to_vec());
+        assert_eq!(decode(&bad).unwrap_err().key, "pool/p");
+
+        let mut dangling = kv.clone();
+        dangling.remove("volume/p/v");
+        assert!(decode(&dangling).unwrap_err().detail.contains("unknown volume"));
+
+        let mut no_engine = kv.clone();
+        no_engine.remove("engine/0000000000");
+        assert!(decode(&no_engine).unwrap_err().detail.contains("unknown engine"));
+
+        let mut reused = kv;
+        reused.insert(NEXT_POOL_ID.into(), b"1".to_vec());
+        assert!(decode(&reused).unwrap_err().detail.contains("next pool id"));
+    }
+
+    #[test]
+    fn pool_volumes_lists_only_that_pool() {
+        let mut s = sample();
+        let mut other = s.volumes[&("p".to_string(), "v".to_string())].clone();
+        other.pool = "p2".into();
+        s.volumes.insert(("p2".into(), "v".into()), other.clone());
+        other.pool = "o".into();
+        s.volumes.insert(("o".into(), "a".into()), other);
+        let names: Vec<_> = s.pool_volumes("p").map(|v| (v.pool.as_str(), v.name.as_str())).collect();
+        assert_eq!(names, [("p", "v")]);
+        assert_eq!(s.pool_volumes("q").count(), 0);
+        assert!(s.export_of("p", "v").is_some());
+        assert!(s.export_of("p2", "v").is_none());
+    }
+
+    #[test]
+    fn target_state_names_round_trip() {
+        for s in [TargetState::Up, TargetState::Down, TargetState::DownOut, TargetState::UpIn] {
+            assert_eq!(to_placement(to_api(s)), s);
+            assert_eq!(serde_json::to_string(&to_api(s)).unwrap(), format!("\"{}\"", s.as_str()));
+        }
+    }
+}
