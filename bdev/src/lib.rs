@@ -5,19 +5,23 @@
 //! Buffers move as reference-counted [`Bytes`], so data received from the network reaches the
 //! device without a copy and read data goes back out the same way. Every call is an independent
 //! future and a device must accept many at once: the NVMe/TCP target keeps a queue depth of them
-//! in flight per connection, and a network-backed device (the DAOS bdev of a later issue) will
-//! keep hundreds outstanding across engines.
+//! in flight per connection, and the network-backed DAOS bdev keeps hundreds outstanding across
+//! engines.
 //!
-//! Modules: [`malloc`] (RAM, sparse) and [`null`] (discards writes, reads zeros). [`Bdev`] is the
-//! closed set of implementations the target dispatches to without boxing.
+//! Modules: [`malloc`] (RAM, sparse), [`null`] (discards writes, reads zeros) and [`daos`] (a
+//! Tessera volume on the storage engines). [`Bdev`] is the closed set of implementations the
+//! target dispatches to without boxing.
+#![forbid(unsafe_code)]
 
 use std::future::Future;
 
 use bytes::Bytes;
 
+pub mod daos;
 pub mod malloc;
 pub mod null;
 
+pub use daos::DaosBdev;
 pub use malloc::MallocBdev;
 pub use null::NullBdev;
 
@@ -43,6 +47,16 @@ pub enum BdevError {
     /// The backing medium failed.
     #[error("I/O error: {0}")]
     Io(String),
+    /// The data cannot be reached now (e.g. too many engines of a redundancy group are down);
+    /// retrying later may succeed.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The data was reached but every copy failed its checksum; retrying will not help.
+    #[error("data corrupt: {0}")]
+    Corrupt(String),
+    /// The device's own state is inconsistent (a bug or a misconfiguration, not the medium).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// Data of one write, possibly in several segments (e.g. one per received data PDU). The common
@@ -151,6 +165,8 @@ pub enum Bdev {
     Malloc(MallocBdev),
     /// Device that discards writes and reads zeros.
     Null(NullBdev),
+    /// A Tessera volume on the storage engines.
+    Daos(DaosBdev),
 }
 
 macro_rules! dispatch {
@@ -158,21 +174,28 @@ macro_rules! dispatch {
         match $self {
             Bdev::Malloc($d) => $e,
             Bdev::Null($d) => $e,
+            Bdev::Daos($d) => $e,
         }
     };
 }
 
 impl Bdev {
-    /// Grows the device to `blocks` blocks (shrinking is refused: it would drop host data).
+    /// Grows the device to `blocks` blocks (shrinking is refused: it would drop host data). A
+    /// DAOS bdev grows with its volume instead ([`DaosBdev::set_volume`]).
     pub fn grow(&self, blocks: u64) -> Result<(), BdevError> {
-        dispatch!(self, d => d.grow(blocks))
+        match self {
+            Bdev::Malloc(d) => d.grow(blocks),
+            Bdev::Null(d) => d.grow(blocks),
+            Bdev::Daos(_) => Err(BdevError::Unsupported("a DAOS bdev grows with its volume")),
+        }
     }
 
-    /// A short name of the module ("malloc", "null").
+    /// A short name of the module ("malloc", "null", "daos").
     pub fn kind(&self) -> &'static str {
         match self {
             Bdev::Malloc(_) => "malloc",
             Bdev::Null(_) => "null",
+            Bdev::Daos(_) => "daos",
         }
     }
 }

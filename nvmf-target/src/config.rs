@@ -137,6 +137,18 @@ pub struct Config {
     /// Subsystems.
     #[serde(default, rename = "subsystem")]
     pub subsystems: Vec<SubsystemConfig>,
+    /// The management service to take exported volumes from (managed mode), in addition to the
+    /// subsystems above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mgmt: Option<MgmtConfig>,
+}
+
+/// Managed mode: subsystems and namespaces come from the management service's exports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MgmtConfig {
+    /// Address of the management service (`host:port`).
+    pub address: String,
 }
 
 fn default_listen() -> Vec<SocketAddr> {
@@ -177,6 +189,7 @@ impl Default for Config {
                 allowed_hosts: Vec::new(),
                 namespaces: vec![NamespaceConfig { nsid: 1, bdev: BdevKind::Malloc, size_mib: 1024, block_size: 512, uuid: None }],
             }],
+            mgmt: None,
         }
     }
 }
@@ -185,7 +198,8 @@ fn invalid(msg: String) -> ConfigError {
     ConfigError::Invalid(msg)
 }
 
-fn check_nqn(what: &str, nqn: &str) -> Result<(), ConfigError> {
+/// Checks that `nqn` is an NQN ("nqn." and at most 223 printable ASCII bytes, no spaces).
+pub fn check_nqn(what: &str, nqn: &str) -> Result<(), ConfigError> {
     if !nqn.starts_with("nqn.") || nqn.len() > MAX_NQN_LEN || !nqn.is_ascii() || nqn.chars().any(|c| c.is_ascii_control() || c == ' ') {
         return Err(invalid(format!("{what} {nqn:?} is not an NQN (\"nqn.\" followed by at most {MAX_NQN_LEN} printable ASCII bytes)")));
     }
@@ -205,6 +219,12 @@ impl Config {
         let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// A configuration with no subsystems: what a target that takes everything from the
+    /// management service starts from.
+    pub fn empty() -> Config {
+        Config { subsystems: Vec::new(), ..Config::default() }
     }
 
     /// Reads, parses and validates a file.
@@ -235,6 +255,12 @@ impl Config {
                 "cntlid_min..cntlid_max = {}..{} must be a non-empty range within 1..65519",
                 self.cntlid_min, self.cntlid_max
             )));
+        }
+        if let Some(m) = &self.mgmt {
+            let a = m.address.strip_prefix("http://").unwrap_or(&m.address);
+            if a.is_empty() || a.contains(char::is_whitespace) || !a.contains(':') {
+                return Err(invalid(format!("mgmt address {:?} must be host:port", m.address)));
+            }
         }
         let mut nqns = BTreeSet::new();
         for s in &self.subsystems {
@@ -316,6 +342,20 @@ mod tests {
         assert_eq!(c.subsystems[0].namespaces[0].block_size, 512);
         assert_eq!(c.io_queue_depth, 128);
         assert_eq!(c.subsystems[0].namespaces[0].blocks(), 32768);
+    }
+
+    #[test]
+    fn mgmt_section() {
+        let c = Config::from_toml("[mgmt]\naddress = \"127.0.0.1:7400\"\n", "t").unwrap();
+        assert_eq!(c.mgmt, Some(MgmtConfig { address: "127.0.0.1:7400".into() }));
+        assert!(c.subsystems.is_empty());
+        assert_eq!(Config::from_toml(&c.to_toml(), "x").unwrap(), c);
+        let bad = |t: &str| Config::from_toml(t, "f.toml").unwrap_err().to_string();
+        assert!(bad("[mgmt]\naddress = \"\"").contains("mgmt address"));
+        assert!(bad("[mgmt]\naddress = \"nohost\"").contains("mgmt address"));
+        assert!(bad("[mgmt]\naddress = \"a:1\"\npoll = 3").contains("unknown field"));
+        assert!(!Config::default().to_toml().contains("mgmt"));
+        assert!(Config::empty().subsystems.is_empty());
     }
 
     #[test]

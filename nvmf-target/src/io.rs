@@ -8,6 +8,7 @@ use bytes::Bytes;
 use tessera_bdev::{BdevError, BlockDevice};
 use tessera_nvme_proto::opcode::{self, nvm};
 use tessera_nvme_proto::sqe::{PSDT_SGL_METABUF, SGL_ID_INCAPSULE, SGL_ID_TRANSPORT};
+use tessera_nvme_proto::status::sct;
 use tessera_nvme_proto::{Sqe, Status};
 
 use crate::target::Namespace;
@@ -203,7 +204,20 @@ pub fn dsm_ranges(data: &[Bytes], count: u32, ns: &Namespace) -> Result<Vec<(u64
     Ok(out)
 }
 
+/// Unrecovered Read Error with Do Not Retry: the data was reached and is bad, so a retry reads
+/// the same bad data.
+pub const CORRUPT_READ: Status = Status::dnr(sct::MEDIA, 0x81);
+/// Write Fault with Do Not Retry, for a write that failed on corrupt data.
+pub const CORRUPT_WRITE: Status = Status::dnr(sct::MEDIA, 0x80);
+
 /// The NVMe status for a failed bdev operation.
+///
+/// - `Unavailable` (e.g. too many engines of a volume's redundancy group down) is Namespace Not
+///   Ready without DNR: the host (Linux: up to `nvme_core.max_retries`) retries later, which is
+///   right for a condition that heals when engines return.
+/// - `Corrupt` is a media error with DNR: Unrecovered Read Error on a read, Write Fault on a
+///   write (a partial-stripe write that had to read corrupt data).
+/// - `Internal` is Internal Error without DNR.
 pub fn bdev_status(e: &BdevError, is_read: bool) -> Status {
     match e {
         BdevError::OutOfRange { .. } => Status::LBA_OUT_OF_RANGE,
@@ -211,6 +225,10 @@ pub fn bdev_status(e: &BdevError, is_read: bool) -> Status {
         BdevError::Unsupported(_) => Status::INVALID_FIELD,
         BdevError::Io(_) if is_read => Status::UNRECOVERED_READ_ERROR,
         BdevError::Io(_) => Status::WRITE_FAULT,
+        BdevError::Unavailable(_) => Status::NAMESPACE_NOT_READY,
+        BdevError::Corrupt(_) if is_read => CORRUPT_READ,
+        BdevError::Corrupt(_) => CORRUPT_WRITE,
+        BdevError::Internal(_) => Status::INTERNAL_ERROR,
     }
 }
 
@@ -298,5 +316,26 @@ mod tests {
         assert_eq!(validate_io(&d, Some(&n), DataPlan::InCapsule(32), MDTS), Ok(IoOp::DatasetManagement { ranges: 2, deallocate: true }));
         assert_eq!(validate_io(&d, Some(&n), DataPlan::InCapsule(16), MDTS), Err(Status::DATA_SGL_LENGTH_INVALID));
         assert_eq!(validate_io(&d, Some(&n), DataPlan::InCapsule(4096), MDTS), Ok(IoOp::DatasetManagement { ranges: 2, deallocate: true }));
+    }
+
+    #[test]
+    fn bdev_errors_map_to_the_statuses_hosts_act_on() {
+        let st = |e: BdevError, read| bdev_status(&e, read);
+        // Unavailable: retryable (no DNR), not a media error.
+        let s = st(BdevError::Unavailable("engines down".into()), true);
+        assert_eq!(s, Status::NAMESPACE_NOT_READY);
+        assert!(!s.is_dnr());
+        assert_eq!((s.sct(), s.sc()), (sct::GENERIC, 0x82));
+        assert_eq!(st(BdevError::Unavailable("x".into()), false), Status::NAMESPACE_NOT_READY);
+        // Corrupt: media error, do not retry.
+        let s = st(BdevError::Corrupt("crc".into()), true);
+        assert_eq!((s.sct(), s.sc(), s.is_dnr()), (sct::MEDIA, 0x81, true));
+        let s = st(BdevError::Corrupt("crc".into()), false);
+        assert_eq!((s.sct(), s.sc(), s.is_dnr()), (sct::MEDIA, 0x80, true));
+        let s = st(BdevError::Internal("bug".into()), true);
+        assert_eq!((s, s.is_dnr()), (Status::INTERNAL_ERROR, false));
+        assert_eq!(st(BdevError::Io("eio".into()), true), Status::UNRECOVERED_READ_ERROR);
+        assert_eq!(st(BdevError::Io("eio".into()), false), Status::WRITE_FAULT);
+        assert_eq!(st(BdevError::OutOfRange { lba: 1, blocks: 1, size: 1 }, true), Status::LBA_OUT_OF_RANGE);
     }
 }

@@ -7,7 +7,8 @@
 //! connection's commands in flight in reusable slots; [`connect`] handles Fabrics Connect; [`controller`] owns a
 //! controller's state and the admin command set; [`io`] validates NVM commands; [`target`] holds
 //! subsystems, namespaces and configuration reload; [`server`] is the tokio code that moves bytes
-//! between sockets and those pieces; [`config`] is the TOML configuration.
+//! between sockets and those pieces; [`config`] is the TOML configuration; [`managed`] follows the
+//! management service's exports (managed mode).
 #![forbid(unsafe_code)]
 
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod connect;
 pub mod controller;
 pub mod inflight;
 pub mod io;
+pub mod managed;
 pub mod outbox;
 pub mod queue;
 pub mod server;

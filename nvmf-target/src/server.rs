@@ -116,8 +116,12 @@ async fn execute_io(ns: &Namespace, op: IoOp, data: WriteData) -> Result<Option<
     match op {
         IoOp::Read { lba, blocks } => {
             let d = bdev.read(lba, blocks).await.map_err(|e| {
-                c.media_errors.fetch_add(1, Relaxed);
-                io::bdev_status(&e, true)
+                let s = io::bdev_status(&e, true);
+                // SMART counts data integrity errors, not "engines unreachable".
+                if s.sct() == tessera_nvme_proto::status::sct::MEDIA {
+                    c.media_errors.fetch_add(1, Relaxed);
+                }
+                s
             })?;
             c.bytes_read.fetch_add(d.len() as u64, Relaxed);
             c.read_commands.fetch_add(1, Relaxed);

@@ -1,6 +1,12 @@
 //! The target's shared state: subsystems, their namespaces and controllers, the discovery
 //! generation counter, and configuration reload.
 //!
+//! Subsystems come from two owners ([`Origin`]): the configuration file (applied at start and on
+//! SIGHUP by [`Target::reload`]) and the management service's exports (managed mode, applied by
+//! [`Target::apply_exports`]). Both describe the wanted state as [`SubsystemSpec`]s and go through
+//! the same [`Target::apply`]; each owner adds, changes and removes only its own subsystems, and
+//! an NQN belongs to one owner at a time.
+//!
 //! Locking: every lock here is a `std::sync` lock held for a lookup or an update, never across an
 //! `.await`. The I/O path takes one read lock per command to find its namespace.
 
@@ -10,7 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Instant;
 
-use tessera_bdev::{Bdev, BlockDevice, MallocBdev, NullBdev};
+use tessera_bdev::{Bdev, BdevError, BlockDevice, DaosBdev, MallocBdev, NullBdev};
+use tessera_client::volume::Volume;
 use tessera_nvme_proto::fabrics;
 
 use crate::config::{BdevKind, Config, ConfigError, NamespaceConfig, SubsystemConfig};
@@ -56,15 +63,125 @@ pub struct Namespace {
     pub counters: Counters,
 }
 
-impl Namespace {
-    fn from_config(subnqn: &str, c: &NamespaceConfig) -> Result<Namespace, ConfigError> {
-        let bdev = match c.bdev {
-            BdevKind::Malloc => Bdev::Malloc(
-                MallocBdev::new(c.block_size, c.blocks()).map_err(|e| ConfigError::Invalid(format!("namespace {}: {e}", c.nsid)))?,
-            ),
-            BdevKind::Null => Bdev::Null(NullBdev::new(c.block_size, c.blocks())),
+/// Who owns a subsystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The configuration file.
+    Config,
+    /// The management service (managed mode).
+    Mgmt,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Origin::Config => "the configuration file",
+            Origin::Mgmt => "the management service",
+        })
+    }
+}
+
+/// What backs a wanted namespace.
+#[derive(Debug, Clone)]
+pub enum Backing {
+    /// A new malloc bdev.
+    Malloc,
+    /// A new null bdev.
+    Null,
+    /// An open volume (opened beforehand: opening is asynchronous, applying is not).
+    Daos(Volume),
+}
+
+impl Backing {
+    /// The bdev module name ([`Bdev::kind`]).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Backing::Malloc => "malloc",
+            Backing::Null => "null",
+            Backing::Daos(_) => "daos",
+        }
+    }
+}
+
+/// A wanted namespace.
+#[derive(Debug, Clone)]
+pub struct NamespaceSpec {
+    pub nsid: u32,
+    /// UUID, also the NGUID.
+    pub uuid: [u8; 16],
+    pub block_size: u32,
+    pub blocks: u64,
+    pub backing: Backing,
+}
+
+impl NamespaceSpec {
+    /// The namespace a configuration file describes.
+    pub fn from_config(subnqn: &str, c: &NamespaceConfig) -> NamespaceSpec {
+        let backing = match c.bdev {
+            BdevKind::Malloc => Backing::Malloc,
+            BdevKind::Null => Backing::Null,
         };
-        Ok(Namespace { nsid: c.nsid, uuid: *c.uuid_for(subnqn).as_bytes(), bdev, counters: Counters::default() })
+        NamespaceSpec { nsid: c.nsid, uuid: *c.uuid_for(subnqn).as_bytes(), block_size: c.block_size, blocks: c.blocks(), backing }
+    }
+
+    /// A namespace serving an open volume; its UUID and NGUID are the volume's UUID, so they are
+    /// stable across restarts and re-exports, and its geometry is the volume's.
+    pub fn from_volume(nsid: u32, volume: Volume) -> NamespaceSpec {
+        let info = volume.info();
+        let blocks = if info.block_size == 0 { 0 } else { info.size / u64::from(info.block_size) };
+        NamespaceSpec { nsid, uuid: *info.uuid.as_bytes(), block_size: info.block_size, blocks, backing: Backing::Daos(volume) }
+    }
+}
+
+/// A wanted subsystem.
+#[derive(Debug, Clone)]
+pub struct SubsystemSpec {
+    pub nqn: String,
+    pub serial: String,
+    pub model: String,
+    pub access: HostAccess,
+    pub namespaces: Vec<NamespaceSpec>,
+}
+
+impl SubsystemSpec {
+    /// The subsystem a configuration file describes.
+    pub fn from_config(c: &SubsystemConfig) -> SubsystemSpec {
+        SubsystemSpec {
+            nqn: c.nqn.clone(),
+            serial: c.serial.clone(),
+            model: c.model.clone(),
+            access: HostAccess { allow_any: c.allow_any_host, hosts: c.allowed_hosts.clone() },
+            namespaces: c.namespaces.iter().map(|n| NamespaceSpec::from_config(&c.nqn, n)).collect(),
+        }
+    }
+}
+
+impl Namespace {
+    fn from_spec(n: &NamespaceSpec) -> Result<Namespace, ConfigError> {
+        let invalid = |e: BdevError| ConfigError::Invalid(format!("namespace {}: {e}", n.nsid));
+        let bdev = match &n.backing {
+            Backing::Malloc => Bdev::Malloc(MallocBdev::new(n.block_size, n.blocks).map_err(invalid)?),
+            Backing::Null => Bdev::Null(NullBdev::new(n.block_size, n.blocks)),
+            Backing::Daos(v) => Bdev::Daos(DaosBdev::new(v.clone()).map_err(invalid)?),
+        };
+        Ok(Namespace { nsid: n.nsid, uuid: n.uuid, bdev, counters: Counters::default() })
+    }
+
+    /// Whether this namespace is the one `n` describes, apart from its size.
+    fn same_identity(&self, n: &NamespaceSpec) -> bool {
+        let same_volume = match (&self.bdev, &n.backing) {
+            (Bdev::Daos(d), Backing::Daos(v)) => d.volume_uuid() == v.info().uuid,
+            _ => true,
+        };
+        self.bdev.kind() == n.backing.kind() && self.bdev.block_size() == n.block_size && self.uuid == n.uuid && same_volume
+    }
+
+    /// Grows the namespace to what `n` describes.
+    fn grow_to(&self, n: &NamespaceSpec) -> Result<(), BdevError> {
+        match (&self.bdev, &n.backing) {
+            (Bdev::Daos(d), Backing::Daos(v)) => d.set_volume(v.clone()),
+            _ => self.bdev.grow(n.blocks),
+        }
     }
 
     /// log2 of the block size.
@@ -91,6 +208,8 @@ impl HostAccess {
 #[derive(Debug)]
 pub struct Subsystem {
     pub nqn: String,
+    /// Who owns it.
+    pub origin: Origin,
     pub serial: String,
     pub model: String,
     access: RwLock<HostAccess>,
@@ -100,16 +219,17 @@ pub struct Subsystem {
 }
 
 impl Subsystem {
-    fn new(c: &SubsystemConfig, cntlid_min: u16) -> Result<Subsystem, ConfigError> {
+    fn new(c: &SubsystemSpec, origin: Origin, cntlid_min: u16) -> Result<Subsystem, ConfigError> {
         let mut namespaces = BTreeMap::new();
         for n in &c.namespaces {
-            namespaces.insert(n.nsid, Arc::new(Namespace::from_config(&c.nqn, n)?));
+            namespaces.insert(n.nsid, Arc::new(Namespace::from_spec(n)?));
         }
         Ok(Subsystem {
             nqn: c.nqn.clone(),
+            origin,
             serial: c.serial.clone(),
             model: c.model.clone(),
-            access: RwLock::new(HostAccess { allow_any: c.allow_any_host, hosts: c.allowed_hosts.clone() }),
+            access: RwLock::new(c.access.clone()),
             namespaces: RwLock::new(namespaces),
             controllers: Mutex::new(BTreeMap::new()),
             next_cntlid: Mutex::new(cntlid_min),
@@ -120,6 +240,7 @@ impl Subsystem {
     pub fn discovery() -> Subsystem {
         Subsystem {
             nqn: crate::config::DISCOVERY_NQN.into(),
+            origin: Origin::Config,
             serial: "TESSERADISCOVERY".into(),
             model: "Tessera discovery".into(),
             access: RwLock::new(HostAccess { allow_any: true, hosts: Vec::new() }),
@@ -181,27 +302,29 @@ impl Subsystem {
         self.controllers.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
     }
 
-    /// Applies a new configuration of this subsystem: adds, grows and removes namespaces and
-    /// updates host access. Returns the NSIDs whose attributes changed.
-    fn reconfigure(&self, c: &SubsystemConfig) -> Result<Vec<u32>, ConfigError> {
+    /// Applies a new description of this subsystem: adds, grows and removes namespaces and
+    /// updates host access. A namespace whose identity (bdev kind, block size, UUID, volume)
+    /// changed or that shrank is refused, or with `replace` swapped for a new one (the
+    /// management service's view is authoritative: an export re-created on another volume).
+    /// Unchanged namespaces keep their bdev. Returns the NSIDs whose attributes changed.
+    fn reconfigure(&self, c: &SubsystemSpec, replace: bool) -> Result<Vec<u32>, ConfigError> {
         let mut changed = Vec::new();
         let mut map = self.namespaces.write().unwrap_or_else(PoisonError::into_inner);
         // Validate every change before applying any.
-        for n in &c.namespaces {
+        for n in c.namespaces.iter().filter(|_| !replace) {
             if let Some(cur) = map.get(&n.nsid) {
-                let same_kind = cur.bdev.kind() == n.bdev.name();
-                if !same_kind || cur.bdev.block_size() != n.block_size || cur.uuid != *n.uuid_for(&c.nqn).as_bytes() {
+                if !cur.same_identity(n) {
                     return Err(ConfigError::Invalid(format!(
                         "subsystem {:?} namespace {}: only size_mib can change while serving (remove it and add it under a new nsid)",
                         c.nqn, n.nsid
                     )));
                 }
-                if n.blocks() < cur.bdev.num_blocks() {
+                if n.blocks < cur.bdev.num_blocks() {
                     return Err(ConfigError::Invalid(format!("subsystem {:?} namespace {}: shrinking is not supported", c.nqn, n.nsid)));
                 }
             }
         }
-        let wanted: BTreeMap<u32, &NamespaceConfig> = c.namespaces.iter().map(|n| (n.nsid, n)).collect();
+        let wanted: BTreeMap<u32, &NamespaceSpec> = c.namespaces.iter().map(|n| (n.nsid, n)).collect();
         map.retain(|id, _| {
             let keep = wanted.contains_key(id);
             if !keep {
@@ -211,19 +334,22 @@ impl Subsystem {
         });
         for (id, n) in wanted {
             match map.get(&id) {
-                Some(cur) if n.blocks() > cur.bdev.num_blocks() => {
-                    cur.bdev.grow(n.blocks()).map_err(|e| ConfigError::Invalid(format!("namespace {id}: {e}")))?;
+                Some(cur) if replace && (!cur.same_identity(n) || n.blocks < cur.bdev.num_blocks()) => {
+                    map.insert(id, Arc::new(Namespace::from_spec(n)?));
+                    changed.push(id);
+                }
+                Some(cur) if n.blocks > cur.bdev.num_blocks() => {
+                    cur.grow_to(n).map_err(|e| ConfigError::Invalid(format!("namespace {id}: {e}")))?;
                     changed.push(id);
                 }
                 Some(_) => {}
                 None => {
-                    map.insert(id, Arc::new(Namespace::from_config(&c.nqn, n)?));
+                    map.insert(id, Arc::new(Namespace::from_spec(n)?));
                     changed.push(id);
                 }
             }
         }
-        *self.access.write().unwrap_or_else(PoisonError::into_inner) =
-            HostAccess { allow_any: c.allow_any_host, hosts: c.allowed_hosts.clone() };
+        *self.access.write().unwrap_or_else(PoisonError::into_inner) = c.access.clone();
         changed.sort_unstable();
         Ok(changed)
     }
@@ -255,7 +381,7 @@ impl Target {
         cfg.validate()?;
         let mut subsystems = BTreeMap::new();
         for s in &cfg.subsystems {
-            subsystems.insert(s.nqn.clone(), Arc::new(Subsystem::new(s, cfg.cntlid_min)?));
+            subsystems.insert(s.nqn.clone(), Arc::new(Subsystem::new(&SubsystemSpec::from_config(s), Origin::Config, cfg.cntlid_min)?));
         }
         Ok(Target {
             limits: ControllerLimits {
@@ -291,24 +417,54 @@ impl Target {
         self.genctr.load(Ordering::Acquire)
     }
 
-    /// Applies a reloaded configuration. Listen addresses and controller limits are fixed for the
-    /// life of the process; everything about subsystems and namespaces may change. On error,
-    /// nothing has been applied to the subsystem that failed or any after it. Hosts attached to a
-    /// subsystem whose namespaces changed receive a Namespace Attribute Changed event.
+    /// Number of subsystems owned by `origin`.
+    pub fn subsystem_count(&self, origin: Origin) -> usize {
+        self.subsystems.read().unwrap_or_else(PoisonError::into_inner).values().filter(|s| s.origin == origin).count()
+    }
+
+    /// Who owns subsystem `nqn`, if it exists.
+    pub fn origin(&self, nqn: &str) -> Option<Origin> {
+        self.subsystems.read().unwrap_or_else(PoisonError::into_inner).get(nqn).map(|s| s.origin)
+    }
+
+    /// Applies a reloaded configuration file to the subsystems it owns (those of the management
+    /// service stay). Listen addresses and controller limits are fixed for the life of the
+    /// process; everything about subsystems and namespaces may change. On error, nothing has
+    /// been applied to the subsystem that failed or any after it. Hosts attached to a subsystem
+    /// whose namespaces changed receive a Namespace Attribute Changed event.
     pub fn reload(&self, cfg: &Config) -> Result<ReloadSummary, ConfigError> {
         cfg.validate()?;
+        let specs: Vec<SubsystemSpec> = cfg.subsystems.iter().map(SubsystemSpec::from_config).collect();
+        self.apply(Origin::Config, &specs, false)
+    }
+
+    /// Applies the management service's exports (already filtered to this target, volumes open)
+    /// to the subsystems it owns. A namespace whose volume changed is replaced rather than
+    /// refused.
+    pub fn apply_exports(&self, specs: &[SubsystemSpec]) -> Result<ReloadSummary, ConfigError> {
+        self.apply(Origin::Mgmt, specs, true)
+    }
+
+    /// Makes the subsystems owned by `origin` what `specs` describe: adds, changes and removes
+    /// them. A spec naming a subsystem of the other owner is refused before anything changes.
+    pub fn apply(&self, origin: Origin, specs: &[SubsystemSpec], replace: bool) -> Result<ReloadSummary, ConfigError> {
         let mut summary = ReloadSummary::default();
         let mut map = self.subsystems.write().unwrap_or_else(PoisonError::into_inner);
         let mut discovery_changed = false;
+        for s in specs {
+            if let Some(cur) = map.get(&s.nqn).filter(|cur| cur.origin != origin) {
+                return Err(ConfigError::Invalid(format!("subsystem {:?} is already served from {}", s.nqn, cur.origin)));
+            }
+        }
         // Build new subsystems first so a failure leaves the map untouched.
         let mut fresh = Vec::new();
-        for s in cfg.subsystems.iter().filter(|s| !map.contains_key(&s.nqn)) {
-            fresh.push(Arc::new(Subsystem::new(s, cfg.cntlid_min)?));
+        for s in specs.iter().filter(|s| !map.contains_key(&s.nqn)) {
+            fresh.push(Arc::new(Subsystem::new(s, origin, self.limits.cntlid_min)?));
         }
-        for s in &cfg.subsystems {
+        for s in specs {
             if let Some(cur) = map.get(&s.nqn) {
                 let before = cur.access.read().unwrap_or_else(PoisonError::into_inner).clone();
-                let changed = cur.reconfigure(s)?;
+                let changed = cur.reconfigure(s, replace)?;
                 if *cur.access.read().unwrap_or_else(PoisonError::into_inner) != before {
                     discovery_changed = true;
                 }
@@ -320,12 +476,17 @@ impl Target {
                 }
             }
         }
-        let wanted: std::collections::BTreeSet<&str> = cfg.subsystems.iter().map(|s| s.nqn.as_str()).collect();
-        let removed: Vec<String> = map.keys().filter(|k| !wanted.contains(k.as_str())).cloned().collect();
+        let wanted: std::collections::BTreeSet<&str> = specs.iter().map(|s| s.nqn.as_str()).collect();
+        let removed: Vec<String> =
+            map.iter().filter(|(k, s)| s.origin == origin && !wanted.contains(k.as_str())).map(|(k, _)| k.clone()).collect();
         for nqn in removed {
             if let Some(s) = map.remove(&nqn) {
+                let why = match origin {
+                    Origin::Config => "subsystem removed from the configuration",
+                    Origin::Mgmt => "subsystem no longer exported by the management service",
+                };
                 for c in s.controllers() {
-                    c.shut_down("subsystem removed from the configuration");
+                    c.shut_down(why);
                 }
             }
             summary.removed_subsystems.push(nqn);
@@ -357,5 +518,100 @@ pub struct ReloadSummary {
 /// Builds a namespace outside a subsystem (unit tests of command validation).
 #[cfg(test)]
 pub fn namespace_for_tests(subnqn: &str, c: &NamespaceConfig) -> Namespace {
-    Namespace::from_config(subnqn, c).unwrap_or_else(|e| panic!("{e}"))
+    Namespace::from_spec(&NamespaceSpec::from_config(subnqn, c)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(nqn: &str, nss: &[(u32, u8, u64)]) -> SubsystemSpec {
+        SubsystemSpec {
+            nqn: nqn.into(),
+            serial: "S".into(),
+            model: "M".into(),
+            access: HostAccess { allow_any: true, hosts: Vec::new() },
+            namespaces: nss
+                .iter()
+                .map(|&(nsid, id, blocks)| NamespaceSpec { nsid, uuid: [id; 16], block_size: 512, blocks, backing: Backing::Malloc })
+                .collect(),
+        }
+    }
+
+    fn config_target() -> Target {
+        let mut cfg = Config::default();
+        cfg.subsystems[0].nqn = "nqn.cfg".into();
+        Target::new(&cfg).unwrap()
+    }
+
+    #[test]
+    fn each_owner_changes_only_its_own_subsystems() {
+        let t = config_target();
+        let s = t.apply(Origin::Mgmt, &[spec("nqn.m1", &[(1, 1, 100)]), spec("nqn.m2", &[(1, 2, 100)])], true).unwrap();
+        assert_eq!(s.added_subsystems, vec!["nqn.m1", "nqn.m2"]);
+        assert_eq!((t.subsystem_count(Origin::Config), t.subsystem_count(Origin::Mgmt)), (1, 2));
+        assert_eq!(t.origin("nqn.m1"), Some(Origin::Mgmt));
+        // A config reload with no subsystems removes only the file's.
+        let s = t.reload(&Config::empty()).unwrap();
+        assert_eq!(s.removed_subsystems, vec!["nqn.cfg"]);
+        assert_eq!(t.subsystem_count(Origin::Mgmt), 2);
+        let t = config_target();
+        t.apply(Origin::Mgmt, &[spec("nqn.m1", &[(1, 1, 100)])], true).unwrap();
+        // The service dropping everything removes only its own.
+        let s = t.apply_exports(&[]).unwrap();
+        assert_eq!(s.removed_subsystems, vec!["nqn.m1"]);
+        assert_eq!(t.origin("nqn.cfg"), Some(Origin::Config));
+        // An NQN belongs to one owner.
+        let e = t.apply_exports(&[spec("nqn.cfg", &[(1, 1, 100)])]).unwrap_err();
+        assert!(e.to_string().contains("already served from the configuration file"), "{e}");
+        t.apply_exports(&[spec("nqn.m1", &[(1, 1, 100)])]).unwrap();
+        let mut cfg = Config::default();
+        cfg.subsystems[0].nqn = "nqn.m1".into();
+        assert!(t.reload(&cfg).unwrap_err().to_string().contains("management service"));
+        assert_eq!(t.origin("nqn.cfg"), Some(Origin::Config), "a refused reload changes nothing");
+    }
+
+    #[test]
+    fn managed_namespaces_are_kept_grown_replaced_or_removed() {
+        let t = config_target();
+        t.apply_exports(&[spec("nqn.m", &[(1, 1, 100), (2, 2, 100), (3, 3, 100)])]).unwrap();
+        let sub = t.subsystem("nqn.m").unwrap();
+        let before: Vec<Arc<Namespace>> = sub.namespaces();
+        // nsid 1 unchanged, 2 grown, 3 re-created on another volume (uuid), 4 new; nothing removed.
+        let s = t.apply_exports(&[spec("nqn.m", &[(1, 1, 100), (2, 2, 200), (3, 9, 100), (4, 4, 100)])]).unwrap();
+        assert_eq!(s.changed_namespaces, vec![("nqn.m".to_string(), vec![2, 3, 4])]);
+        let after = sub.namespaces();
+        assert!(Arc::ptr_eq(&before[0], &after[0]), "unchanged namespace keeps its bdev");
+        assert!(Arc::ptr_eq(&before[1], &after[1]), "grown in place");
+        assert_eq!(after[1].bdev.num_blocks(), 200);
+        assert!(!Arc::ptr_eq(&before[2], &after[2]));
+        assert_eq!(after[2].uuid, [9; 16]);
+        // A shrink replaces too (the service is authoritative); the file's reload refuses it.
+        t.apply_exports(&[spec("nqn.m", &[(1, 1, 50)])]).unwrap();
+        assert_eq!(sub.namespaces().len(), 1);
+        assert_eq!(sub.namespace(1).unwrap().bdev.num_blocks(), 50);
+        let mut cfg = Config::default();
+        cfg.subsystems[0].nqn = "nqn.cfg".into();
+        cfg.subsystems[0].namespaces[0].size_mib = 1;
+        assert!(t.reload(&cfg).unwrap_err().to_string().contains("shrinking"));
+        cfg.subsystems[0].namespaces[0].size_mib = 1024;
+        cfg.subsystems[0].namespaces[0].bdev = BdevKind::Null;
+        assert!(t.reload(&cfg).unwrap_err().to_string().contains("only size_mib"));
+    }
+
+    #[test]
+    fn host_access_changes_bump_the_discovery_generation() {
+        let t = config_target();
+        t.apply_exports(&[spec("nqn.m", &[(1, 1, 100)])]).unwrap();
+        let g = t.genctr();
+        let mut s = spec("nqn.m", &[(1, 1, 100)]);
+        s.access = HostAccess { allow_any: false, hosts: vec!["nqn.h".into()] };
+        t.apply_exports(std::slice::from_ref(&s)).unwrap();
+        assert!(t.genctr() > g);
+        assert!(t.visible_subsystems("nqn.other").iter().all(|x| x.nqn != "nqn.m"));
+        assert!(t.visible_subsystems("nqn.h").iter().any(|x| x.nqn == "nqn.m"));
+        let g = t.genctr();
+        t.apply_exports(&[s]).unwrap();
+        assert_eq!(t.genctr(), g, "no change, no new generation");
+    }
 }

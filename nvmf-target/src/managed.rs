@@ -1,0 +1,419 @@
+//! Managed mode: the target serves the management service's exports.
+//!
+//! A [`Manager`] task long-polls `GET /v1/exports?after=V&wait_ms=30000`
+//! ([`MgmtClient::wait_exports`]): the service answers as soon as its store changes, or after
+//! 30 s with the unchanged state, so an idle target makes one request every 30 s and otherwise
+//! sleeps. Each new export list is turned into wanted subsystems ([`plan`]): the exports whose
+//! `listen` address is one this target listens on, grouped by NQN (a subsystem exists while it
+//! has at least one namespace), each namespace backed by a DAOS bdev of the export's volume and
+//! identified by the volume's UUID (UUID and NGUID), hosts limited to the export's list (empty:
+//! any host). Volumes are opened before the list is applied (opening is asynchronous) and kept
+//! open across lists, so an unchanged namespace keeps its volume handle and a grown volume gets a
+//! new handle with the new size. The result goes through [`Target::apply_exports`], the same code
+//! as a SIGHUP reload of the configuration file: hosts get Namespace Attribute Changed and
+//! Discovery Log Change events, controllers of a subsystem that is no longer exported are torn
+//! down. Subsystems of the configuration file are never touched; an export naming one of their
+//! NQNs is skipped with a warning.
+//!
+//! If the service cannot be reached the target keeps serving what it has and retries with
+//! exponential backoff (0.5 s doubling to 30 s), logging once when the service becomes
+//! unreachable and once when it is back. A volume that fails to open is retried the same way.
+//! SIGHUP makes the manager ask again at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use tessera_client::volume::{Cluster, Volume};
+use tessera_mgmt_api::{ExportInfo, ExportList, MgmtClient, VolumeInfo};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::config::{check_nqn, DISCOVERY_NQN, MAX_NSID};
+use crate::target::{HostAccess, NamespaceSpec, Origin, SubsystemSpec, Target};
+
+/// How long one long poll waits for a change.
+pub const LONG_POLL: Duration = Duration::from_secs(30);
+/// First retry delay after a failure.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
+/// Longest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Model number of managed subsystems (Identify Controller).
+pub const MANAGED_MODEL: &str = "Tessera volume";
+
+/// Whether an export's `listen` address is served by a target listening on `listen`: equal, or
+/// the target listens on the unspecified address (0.0.0.0 / ::) at the same port.
+pub fn serves(listen: &[SocketAddr], export_listen: &str) -> bool {
+    let Ok(want) = export_listen.parse::<SocketAddr>() else {
+        return false;
+    };
+    listen.iter().any(|l| *l == want || (l.ip().is_unspecified() && l.port() == want.port() && l.is_ipv4() == want.is_ipv4()))
+}
+
+/// The serial number of a managed subsystem: derived from its NQN, so stable and distinct.
+pub fn serial_for(nqn: &str) -> String {
+    let u = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("tessera-subsystem:{nqn}").as_bytes());
+    let hex = u.simple().to_string();
+    format!("TS{}", hex.get(..18).unwrap_or(&hex))
+}
+
+/// One wanted subsystem before its volumes are open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedSubsystem {
+    pub nqn: String,
+    pub access: HostAccess,
+    /// (nsid, volume), by nsid.
+    pub namespaces: Vec<(u32, VolumeInfo)>,
+}
+
+/// What an export list means for this target.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Wanted subsystems, by NQN.
+    pub subsystems: Vec<PlannedSubsystem>,
+    /// Exports for this target that cannot be served, with why (one line each).
+    pub skipped: Vec<String>,
+}
+
+fn check_export(e: &ExportInfo) -> Result<(), String> {
+    check_nqn("subsystem nqn", &e.nqn).map_err(|x| x.to_string())?;
+    if e.nqn == DISCOVERY_NQN {
+        return Err("the discovery NQN cannot be exported".into());
+    }
+    for h in &e.hosts {
+        check_nqn("allowed host", h).map_err(|x| x.to_string())?;
+    }
+    if !(1..=MAX_NSID).contains(&e.nsid) {
+        return Err(format!("nsid {} must be 1 to {MAX_NSID}", e.nsid));
+    }
+    let v = &e.volume;
+    if v.block_size != 512 && v.block_size != 4096 {
+        return Err(format!("volume block size {} must be 512 or 4096", v.block_size));
+    }
+    if v.size == 0 || !v.size.is_multiple_of(u64::from(v.block_size)) {
+        return Err(format!("volume size {} is not a positive multiple of its block size", v.size));
+    }
+    Ok(())
+}
+
+/// Turns an export list into wanted subsystems for a target listening on `listen`.
+/// `config_owned(nqn)` says whether the configuration file serves that NQN (such exports are
+/// skipped). Exports of one NQN share a subsystem; its hosts are the union of their lists, and
+/// any host may connect only if every list is empty.
+pub fn plan(exports: &[ExportInfo], listen: &[SocketAddr], config_owned: impl Fn(&str) -> bool) -> Plan {
+    let mut p = Plan::default();
+    // Per NQN: hosts, whether every list was empty, namespaces.
+    type Grouped = (Vec<String>, bool, BTreeMap<u32, VolumeInfo>);
+    let mut subs: BTreeMap<&str, Grouped> = BTreeMap::new();
+    for e in exports.iter().filter(|e| serves(listen, &e.listen)) {
+        let at = format!("export {} nsid {} (volume {}/{})", e.nqn, e.nsid, e.volume.pool, e.volume.name);
+        if let Err(why) = check_export(e) {
+            p.skipped.push(format!("{at}: {why}"));
+            continue;
+        }
+        if config_owned(&e.nqn) {
+            p.skipped.push(format!("{at}: the configuration file already serves this NQN"));
+            continue;
+        }
+        let (hosts, any, nss) = subs.entry(&e.nqn).or_insert_with(|| (Vec::new(), true, BTreeMap::new()));
+        if nss.contains_key(&e.nsid) {
+            p.skipped.push(format!("{at}: nsid exported twice"));
+            continue;
+        }
+        nss.insert(e.nsid, e.volume.clone());
+        if !e.hosts.is_empty() {
+            *any = false;
+        }
+        for h in &e.hosts {
+            if !hosts.contains(h) {
+                hosts.push(h.clone());
+            }
+        }
+    }
+    for (nqn, (mut hosts, any, nss)) in subs {
+        hosts.sort();
+        p.subsystems.push(PlannedSubsystem {
+            nqn: nqn.to_string(),
+            access: HostAccess { allow_any: any, hosts },
+            namespaces: nss.into_iter().collect(),
+        });
+    }
+    p
+}
+
+/// Follows the management service's exports and applies them to the target.
+#[derive(Debug)]
+pub struct Manager {
+    target: Arc<Target>,
+    mgmt: MgmtClient,
+    cluster: Arc<Cluster>,
+    /// Open volumes by UUID, with the description they were opened with.
+    volumes: HashMap<Uuid, (VolumeInfo, Volume)>,
+    /// Skipped-export messages last logged (logged again only when they change).
+    skipped: Vec<String>,
+    poke: Arc<Notify>,
+}
+
+impl Manager {
+    /// A manager of `target` following the service at `addr`.
+    pub fn new(target: Arc<Target>, addr: &str) -> Manager {
+        let mgmt = MgmtClient::new(addr);
+        let cluster = Cluster::new(mgmt.clone());
+        Manager { target, mgmt, cluster, volumes: HashMap::new(), skipped: Vec::new(), poke: Arc::new(Notify::new()) }
+    }
+
+    /// Notifying it makes the manager ask the service again at once (SIGHUP).
+    pub fn poke_handle(&self) -> Arc<Notify> {
+        self.poke.clone()
+    }
+
+    /// Opens what `plan` needs and applies it. Returns whether everything was applied (false:
+    /// some volume could not be opened or the target refused the list; retry later).
+    pub async fn apply(&mut self, version: u64, plan: Plan) -> bool {
+        if plan.skipped != self.skipped {
+            for s in &plan.skipped {
+                warn!(version, "export not served: {s}");
+            }
+            self.skipped.clone_from(&plan.skipped);
+        }
+        let mut complete = true;
+        // Open every volume that is new or whose description changed (a resize), concurrently.
+        let mut wanted: BTreeMap<Uuid, VolumeInfo> = BTreeMap::new();
+        for s in &plan.subsystems {
+            for (_, v) in &s.namespaces {
+                wanted.insert(v.uuid, v.clone());
+            }
+        }
+        let to_open: Vec<VolumeInfo> =
+            wanted.values().filter(|v| self.volumes.get(&v.uuid).is_none_or(|(cur, _)| cur != *v)).cloned().collect();
+        let opened = join_all(to_open.iter().map(|v| self.cluster.open_volume(v))).await;
+        for (info, r) in to_open.into_iter().zip(opened) {
+            match r {
+                Ok(vol) => {
+                    info!(pool = %info.pool, volume = %info.name, uuid = %info.uuid, size = info.size, class = %info.class, "volume opened");
+                    self.volumes.insert(info.uuid, (info, vol));
+                }
+                Err(e) => {
+                    // A grown volume that cannot be reopened keeps its old handle (and size).
+                    warn!(pool = %info.pool, volume = %info.name, "cannot open volume, will retry: {e}");
+                    complete = false;
+                }
+            }
+        }
+        self.volumes.retain(|id, _| wanted.contains_key(id));
+        let mut specs = Vec::new();
+        for s in &plan.subsystems {
+            let namespaces: Vec<NamespaceSpec> = s
+                .namespaces
+                .iter()
+                .filter_map(|(nsid, v)| self.volumes.get(&v.uuid).map(|(_, vol)| NamespaceSpec::from_volume(*nsid, vol.clone())))
+                .collect();
+            // A subsystem exists while it has a namespace.
+            if namespaces.is_empty() {
+                continue;
+            }
+            specs.push(SubsystemSpec {
+                nqn: s.nqn.clone(),
+                serial: serial_for(&s.nqn),
+                model: MANAGED_MODEL.into(),
+                access: s.access.clone(),
+                namespaces,
+            });
+        }
+        match self.target.apply_exports(&specs) {
+            Ok(sum) => {
+                if sum != Default::default() {
+                    info!(version, added = ?sum.added_subsystems, removed = ?sum.removed_subsystems, namespaces = ?sum.changed_namespaces, "exports applied");
+                }
+                for s in specs.iter().filter(|s| sum.added_subsystems.contains(&s.nqn)) {
+                    info!(nqn = %s.nqn, namespaces = s.namespaces.len(), allow_any_host = s.access.allow_any, "subsystem ready");
+                }
+            }
+            Err(e) => {
+                warn!(version, "cannot apply the exports, will retry: {e}");
+                complete = false;
+            }
+        }
+        complete
+    }
+
+    /// Follows the service until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let addr = self.mgmt.addr().to_string();
+        let mut after = 0;
+        // Ask without waiting first, and after every failure: the answer is the state now.
+        let mut ask_now = true;
+        let mut applied: Option<Vec<ExportInfo>> = None;
+        let mut reachable: Option<bool> = None;
+        let mut backoff = BACKOFF_MIN;
+        let mut retry_apply = false;
+        loop {
+            let wait = if ask_now {
+                Duration::ZERO
+            } else if retry_apply {
+                backoff
+            } else {
+                LONG_POLL
+            };
+            let poke = self.poke.clone();
+            let r: Result<ExportList, _> = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = poke.notified() => {
+                    ask_now = true;
+                    applied = None;
+                    continue;
+                }
+                r = self.mgmt.wait_exports(after, wait) => r,
+            };
+            ask_now = false;
+            match r {
+                Ok(list) => {
+                    if reachable != Some(true) {
+                        info!(mgmt = %addr, version = list.version, exports = list.exports.len(), "management service reachable");
+                        reachable = Some(true);
+                    }
+                    after = list.version;
+                    if applied.as_ref() == Some(&list.exports) {
+                        backoff = BACKOFF_MIN;
+                        continue;
+                    }
+                    let target = self.target.clone();
+                    let p = plan(&list.exports, &target.listen, |nqn| target.origin(nqn) == Some(Origin::Config));
+                    if self.apply(list.version, p).await {
+                        applied = Some(list.exports);
+                        retry_apply = false;
+                        backoff = BACKOFF_MIN;
+                    } else {
+                        applied = None;
+                        retry_apply = true;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                }
+                Err(e) => {
+                    if reachable != Some(false) {
+                        let serving = self.target.subsystem_count(Origin::Mgmt);
+                        warn!(mgmt = %addr, subsystems = serving, "management service unreachable; serving what it last exported and retrying: {e}");
+                        reachable = Some(false);
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = poke.notified() => {}
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    ask_now = true;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vol(name: &str, id: u128, bs: u32, size: u64) -> VolumeInfo {
+        VolumeInfo {
+            pool: "p".into(),
+            pool_id: 1,
+            name: name.into(),
+            uuid: Uuid::from_u128(id),
+            size,
+            block_size: bs,
+            class: "EC_2P1".into(),
+            cell_size: 65536,
+            chunk_size: 1 << 20,
+            checksum: true,
+            created: 0,
+        }
+    }
+
+    fn export(nqn: &str, nsid: u32, listen: &str, hosts: &[&str], v: VolumeInfo) -> ExportInfo {
+        ExportInfo { nqn: nqn.into(), nsid, hosts: hosts.iter().map(|h| h.to_string()).collect(), listen: listen.into(), volume: v }
+    }
+
+    const L: &str = "127.0.0.1:4420";
+    const H1: &str = "nqn.2014-08.org.nvmexpress:uuid:1";
+    const H2: &str = "nqn.2014-08.org.nvmexpress:uuid:2";
+
+    fn listen() -> Vec<SocketAddr> {
+        vec![L.parse().unwrap()]
+    }
+
+    #[test]
+    fn listen_addresses_match_exactly_or_by_wildcard_port() {
+        let l = listen();
+        assert!(serves(&l, "127.0.0.1:4420"));
+        assert!(!serves(&l, "127.0.0.1:4421"));
+        assert!(!serves(&l, "10.0.0.1:4420"));
+        assert!(!serves(&l, "localhost:4420"));
+        let any: Vec<SocketAddr> = vec!["0.0.0.0:4420".parse().unwrap()];
+        assert!(serves(&any, "10.0.0.1:4420"));
+        assert!(!serves(&any, "10.0.0.1:4421"));
+        assert!(!serves(&any, "[::1]:4420"));
+    }
+
+    #[test]
+    fn exports_group_into_subsystems_for_this_listener() {
+        let ex = vec![
+            export("nqn.2026-11.io.tessera:a", 2, L, &[], vol("v2", 2, 4096, 1 << 20)),
+            export("nqn.2026-11.io.tessera:a", 1, L, &[], vol("v1", 1, 4096, 1 << 20)),
+            export("nqn.2026-11.io.tessera:b", 1, L, &[H2], vol("v3", 3, 512, 1 << 20)),
+            export("nqn.2026-11.io.tessera:b", 2, L, &[H1, H2], vol("v4", 4, 512, 1 << 20)),
+            export("nqn.2026-11.io.tessera:other", 1, "127.0.0.1:9999", &[], vol("v5", 5, 512, 1 << 20)),
+        ];
+        let p = plan(&ex, &listen(), |_| false);
+        assert!(p.skipped.is_empty(), "{:?}", p.skipped);
+        assert_eq!(p.subsystems.len(), 2);
+        let a = &p.subsystems[0];
+        assert_eq!(a.nqn, "nqn.2026-11.io.tessera:a");
+        assert_eq!(a.access, HostAccess { allow_any: true, hosts: vec![] });
+        assert_eq!(a.namespaces.iter().map(|(n, v)| (*n, v.name.as_str())).collect::<Vec<_>>(), vec![(1, "v1"), (2, "v2")]);
+        let b = &p.subsystems[1];
+        assert_eq!(b.access, HostAccess { allow_any: false, hosts: vec![H1.into(), H2.into()] });
+    }
+
+    #[test]
+    fn bad_and_conflicting_exports_are_skipped_with_a_reason() {
+        let ex = vec![
+            export("bogus", 1, L, &[], vol("v1", 1, 4096, 1 << 20)),
+            export(DISCOVERY_NQN, 1, L, &[], vol("v1", 1, 4096, 1 << 20)),
+            export("nqn.2026-11.io.tessera:a", 0, L, &[], vol("v1", 1, 4096, 1 << 20)),
+            export("nqn.2026-11.io.tessera:a", 1, L, &["not an nqn"], vol("v1", 1, 4096, 1 << 20)),
+            export("nqn.2026-11.io.tessera:a", 1, L, &[], vol("v1", 1, 1000, 1 << 20)),
+            export("nqn.2026-11.io.tessera:a", 1, L, &[], vol("v1", 1, 4096, 4097)),
+            export("nqn.2026-11.io.tessera:cfg", 1, L, &[], vol("v1", 1, 4096, 1 << 20)),
+            export("nqn.2026-11.io.tessera:ok", 1, L, &[], vol("v1", 1, 4096, 1 << 20)),
+            export("nqn.2026-11.io.tessera:ok", 1, L, &[], vol("v9", 9, 4096, 1 << 20)),
+        ];
+        let p = plan(&ex, &listen(), |n| n.ends_with(":cfg"));
+        assert_eq!(p.subsystems.len(), 1);
+        assert_eq!(p.subsystems[0].namespaces.len(), 1);
+        assert_eq!(p.skipped.len(), 8, "{:#?}", p.skipped);
+        for (s, want) in p.skipped.iter().zip([
+            "not an NQN",
+            "discovery NQN",
+            "nsid 0",
+            "not an NQN",
+            "block size 1000",
+            "positive multiple",
+            "configuration file already serves",
+            "nsid exported twice",
+        ]) {
+            assert!(s.contains(want), "{s} should say {want}");
+        }
+    }
+
+    #[test]
+    fn serials_are_stable_distinct_and_short() {
+        let a = serial_for("nqn.2026-11.io.tessera:a");
+        assert_eq!(a, serial_for("nqn.2026-11.io.tessera:a"));
+        assert_ne!(a, serial_for("nqn.2026-11.io.tessera:b"));
+        assert_eq!(a.len(), 20);
+        assert!(a.is_ascii());
+    }
+}
