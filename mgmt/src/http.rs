@@ -311,3 +311,32 @@ async fn delete_export(State(app): State<App>, ApiPath((nqn, nsid)): ApiPath<(St
         o => Err(unexpected(o)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_refuse_bad_json_trailing_data_and_unknown_fields() {
+        let ok: ResizeVolume = parse_body(br#"{"size": 4096}"#).unwrap();
+        assert_eq!(ok.size, 4096);
+        let e = parse_body::<ResizeVolume>(br#"{"size": 4096, "extra": 1}"#).unwrap_err();
+        assert_eq!((e.status, e.message.as_str()), (StatusCode::BAD_REQUEST, "invalid JSON body: unknown field extra"));
+        let e = parse_body::<CreatePool>(br#"{"name": "p", "ranks": [], "nested": {"a": 1}}"#).unwrap_err();
+        assert!(e.message.contains("unknown field nested"), "{}", e.message);
+        for bad in [&b""[..], b"{", b"[]", br#"{"size": "big"}"#, br#"{"size": 1} x"#, br#"{}"#] {
+            let e = parse_body::<ResizeVolume>(bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert!(e.message.starts_with("invalid JSON body: "), "{}", e.message);
+            assert!(!e.message.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn errors_are_one_line() {
+        let e = HttpError::new(StatusCode::BAD_REQUEST, "first\n  second\n\n");
+        assert_eq!(e.message, "first second");
+        let e: HttpError = machine::CmdError::NoPool("x".into()).into();
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+    }
+}

@@ -716,3 +716,7 @@ fn delete_export(s: &mut State, nqn: &str, nsid: u32) -> Result<Outcome, CmdErro
     s.exports.remove(&key);
     Ok(Outcome::Export(info))
 }
+
+#[cfg(test)]
+#[path = "machine_tests.rs"]
+mod tests;

@@ -123,7 +123,9 @@ impl Service {
     /// [`Service::execute_with`] with the write lock already held (`_w` proves it).
     fn execute_locked(&self, _w: &MutexGuard<'_, ()>, cmd: &Command, on_commit: impl FnOnce(&Snapshot)) -> Result<Outcome, ServiceError> {
         let mut snap = self.snapshot();
-        for attempt in 0.. {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
             let env = Env { uuid: Uuid::new_v4(), now: unix_now() };
             let (next, outcome) = machine::apply(&snap.state, cmd, &env)?;
             if next == snap.state {
@@ -137,7 +139,7 @@ impl Service {
                     on_commit(&s);
                     return Ok(outcome);
                 }
-                Err(StoreError::Conflict { current, .. }) if attempt < CONFLICT_RETRIES => {
+                Err(StoreError::Conflict { current, .. }) if attempt <= CONFLICT_RETRIES => {
                     warn!(expected = snap.version, current, "store changed underneath; reloading");
                     let (version, state) = self.store.load()?;
                     snap = Arc::new(Snapshot { version, state });
@@ -146,7 +148,6 @@ impl Service {
                 Err(e) => return Err(e.into()),
             }
         }
-        unreachable!("the retry loop returns")
     }
 
     /// Applies `cmd` as one transaction.
@@ -264,5 +265,155 @@ pub async fn monitor(svc: Arc<Service>, stop: CancellationToken) {
             Ok(Err(e)) => error!("heartbeat monitor: {e}"),
             Err(e) => error!("heartbeat monitor: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemStore;
+    use tessera_mgmt_api::{CreatePool, TargetStateName};
+
+    const TIMEOUT: Duration = Duration::from_millis(300);
+
+    fn config() -> ServiceConfig {
+        ServiceConfig { heartbeat_timeout: TIMEOUT, heartbeat_interval: Duration::from_millis(100) }
+    }
+
+    fn reg(rank: u32) -> RegisterEngine {
+        RegisterEngine {
+            rank,
+            uuid: Uuid::from_u128(0xA0 + u128::from(rank)),
+            address: format!("127.0.0.1:{}", 30000 + rank),
+            fault_domain: String::new(),
+            targets: 2,
+            target_capacity: 1 << 30,
+        }
+    }
+
+    fn service(store: &Arc<MemStore>) -> Service {
+        Service::open(store.clone(), config()).unwrap()
+    }
+
+    fn three_engines_and_a_pool(svc: &Service) {
+        for r in 0..3 {
+            svc.register(&reg(r)).unwrap();
+        }
+        svc.execute(&Command::CreatePool(CreatePool { name: "p".into(), ranks: vec![], default_class: None })).unwrap();
+    }
+
+    #[test]
+    fn commits_publish_snapshots_and_noops_commit_nothing() {
+        let store = Arc::new(MemStore::new());
+        let svc = service(&store);
+        let mut rx = svc.subscribe();
+        let reply = svc.register(&reg(0)).unwrap();
+        assert_eq!(reply, HeartbeatReply { heartbeat_interval_ms: 100, pools: vec![] });
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().version, 1);
+        // The same registration again: no transaction.
+        svc.register(&reg(0)).unwrap();
+        assert_eq!(store.commits(), 1);
+        assert!(!rx.has_changed().unwrap());
+        // What is published is what is stored.
+        let (v, st) = store.load().unwrap();
+        assert_eq!((v, &st), (svc.snapshot().version, &svc.snapshot().state));
+    }
+
+    #[test]
+    fn heartbeats_keep_engines_up_and_silence_takes_them_down() {
+        let store = Arc::new(MemStore::new());
+        let svc = service(&store);
+        three_engines_and_a_pool(&svc);
+        let t0 = Instant::now();
+        assert_eq!(svc.check_heartbeats(t0).unwrap(), Vec::<u32>::new());
+        // Rank 1 heartbeats later than the others.
+        std::thread::sleep(Duration::from_millis(50));
+        let hb = svc.heartbeat(1, reg(1).uuid).unwrap();
+        assert_eq!(hb.pools, [tessera_mgmt_api::PoolVersion { pool_id: 1, map_version: 1 }]);
+        let commits = store.commits();
+        let down = svc.check_heartbeats(t0 + TIMEOUT + Duration::from_millis(20)).unwrap();
+        assert_eq!(down, [0, 2]);
+        assert_eq!(store.commits(), commits + 1, "one transaction for every engine marked down");
+        let st = &svc.snapshot().state;
+        assert_eq!(st.engines[&0].state, EngineState::Down);
+        assert_eq!(st.engines[&1].state, EngineState::Up);
+        let p = &st.pools["p"];
+        assert_eq!(p.map_version, 2);
+        for t in &p.targets {
+            let want = if t.rank == 1 { (TargetStateName::UpIn, 0) } else { (TargetStateName::Down, 2) };
+            assert_eq!((t.state, t.fseq), want);
+        }
+        // A Down engine's heartbeat is refused with 404 so that it registers again.
+        let e = svc.heartbeat(0, reg(0).uuid).unwrap_err();
+        assert_eq!(e.status(), 404);
+        let reply = svc.register(&reg(0)).unwrap();
+        assert_eq!(reply.pools, [tessera_mgmt_api::PoolVersion { pool_id: 1, map_version: 2 }]);
+        assert_eq!(svc.snapshot().state.engines[&0].state, EngineState::Up);
+        assert!(svc.snapshot().state.pools["p"].targets.iter().filter(|t| t.rank == 0).all(|t| t.state == TargetStateName::Down));
+        // Its clock restarted at registration: not down again right away.
+        assert!(!svc.check_heartbeats(Instant::now()).unwrap().contains(&0));
+        let info = svc.system();
+        assert_eq!(info.heartbeat_timeout_ms, 300);
+        assert!(info.engines.iter().all(|e| e.last_heartbeat_ms.is_some()));
+    }
+
+    #[test]
+    fn heartbeat_errors() {
+        let store = Arc::new(MemStore::new());
+        let svc = service(&store);
+        svc.register(&reg(0)).unwrap();
+        assert_eq!(svc.heartbeat(5, reg(5).uuid).unwrap_err().status(), 404);
+        assert_eq!(svc.heartbeat(0, reg(5).uuid).unwrap_err().status(), 409);
+    }
+
+    #[test]
+    fn restart_gives_known_engines_a_grace_period() {
+        let store = Arc::new(MemStore::new());
+        {
+            let svc = service(&store);
+            three_engines_and_a_pool(&svc);
+        }
+        let svc = service(&store);
+        let started = Instant::now();
+        assert!(svc.system().engines.iter().all(|e| e.last_heartbeat_ms.is_none() && e.state == EngineState::Up));
+        assert_eq!(svc.check_heartbeats(started).unwrap(), Vec::<u32>::new());
+        std::thread::sleep(Duration::from_millis(100));
+        svc.heartbeat(2, reg(2).uuid).unwrap();
+        assert_eq!(svc.check_heartbeats(started + TIMEOUT + Duration::from_millis(50)).unwrap(), [0, 1]);
+    }
+
+    #[test]
+    fn a_failed_commit_changes_nothing() {
+        let store = Arc::new(MemStore::new());
+        let svc = service(&store);
+        three_engines_and_a_pool(&svc);
+        let before = svc.snapshot();
+        store.fail_commits(true);
+        let e = svc.execute(&Command::CreatePool(CreatePool { name: "q".into(), ranks: vec![], default_class: None })).unwrap_err();
+        assert_eq!(e.status(), 500);
+        assert_eq!(svc.snapshot(), before);
+        store.fail_commits(false);
+        svc.execute(&Command::CreatePool(CreatePool { name: "q".into(), ranks: vec![], default_class: None })).unwrap();
+        assert_eq!(svc.snapshot().state.pools["q"].pool_id, 2);
+    }
+
+    #[test]
+    fn a_stale_writer_reloads_and_retries() {
+        let store = Arc::new(MemStore::new());
+        let a = service(&store);
+        let b = service(&store);
+        a.register(&reg(0)).unwrap();
+        // b has not seen a's commit: its first attempt conflicts, then it reloads.
+        b.register(&reg(1)).unwrap();
+        let st = &b.snapshot().state;
+        assert_eq!(st.engines.keys().copied().collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(b.snapshot().version, 2);
+        // A refusal computed on reloaded state is still a refusal.
+        let mut stolen = reg(0);
+        stolen.uuid = Uuid::from_u128(1);
+        let c = service(&Arc::new(MemStore::new()));
+        assert!(c.register(&stolen).is_ok());
+        assert_eq!(b.register(&stolen).unwrap_err().status(), 409);
     }
 }
