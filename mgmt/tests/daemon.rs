@@ -2,6 +2,7 @@
 //! register and heartbeat, pools/volumes/exports, every error status, the heartbeat timeout,
 //! long polls, `kill -9` and restart on the same database, the restart grace period, signals,
 //! a second instance on the same database, bad arguments.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers panic on failure by design
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
