@@ -1,7 +1,8 @@
-//! `tessera`: the operator's command-line tool. Today it works with target configurations
-//! (print the default, check a file before deploying it) and benchmarks NVMe/TCP subsystems
-//! (`tessera bench`) and storage engines (`tessera bench-engine`); pools, volumes, exports and snapshots
-//! join it as the management service lands.
+//! `tessera`: the operator's command-line tool. It starts a whole system on one machine
+//! (`tessera up`), manages pools, volumes and exports through the management service
+//! (`tessera pool|volume|export|system`), works with target configurations (print the default,
+//! check a file before deploying it) and benchmarks NVMe/TCP subsystems (`tessera bench`) and
+//! storage engines (`tessera bench-engine`).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -12,19 +13,35 @@ use tessera_nvmf::config::Config;
 
 mod bench;
 mod engine_bench;
+mod mgmt;
 mod report;
+mod up;
 mod wire;
 
 /// Tessera command-line tool.
 #[derive(Parser, Debug)]
 #[command(name = "tessera", version, about)]
 struct Cli {
+    /// Address of the management service (host:port).
+    #[arg(long, global = true, env = "TESSERA_MGMT", default_value = tessera_mgmt_api::DEFAULT_MGMT_ADDR)]
+    mgmt: String,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Start a whole system on this machine: management service, engines, NVMe/TCP target, and a
+    /// pool, volume and export to connect to.
+    Up(up::UpArgs),
+    /// Pools: create, list, query.
+    Pool(mgmt::PoolArgs),
+    /// Volumes: create, list, info, resize, delete.
+    Volume(mgmt::VolumeArgs),
+    /// Exports (volumes served as NVMe namespaces): add, list, remove.
+    Export(mgmt::ExportArgs),
+    /// The system map: engines and their states.
+    System(mgmt::SystemArgs),
     /// Drive a workload against an NVMe/TCP subsystem and report IOPS, bandwidth and latency.
     Bench(bench::BenchArgs),
     /// Drive array updates or fetches against a tessera-engine and report IOPS, bandwidth and latency.
@@ -68,6 +85,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<String, String> {
     match cli.command {
+        Command::Up(a) => up::run(a),
+        Command::Pool(a) => mgmt::pool(&cli.mgmt, a),
+        Command::Volume(a) => mgmt::volume(&cli.mgmt, a),
+        Command::Export(a) => mgmt::export(&cli.mgmt, a),
+        Command::System(a) => mgmt::system(&cli.mgmt, a),
         Command::Bench(a) => bench::run(a),
         Command::BenchEngine(a) => engine_bench::run(a),
         Command::BenchWire(a) => wire::run(a),

@@ -8,20 +8,29 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 pub use tessera_nvmf_host::Report;
 
-/// Parses a size: bytes, or with a k/m/g suffix (powers of 1024).
+/// Parses a size: bytes, or with a unit, case-insensitive: `k`/`KiB`, `m`/`MiB`, `g`/`GiB`,
+/// `t`/`TiB` (powers of 1024; `4k` = `4K` = `4KiB`), `KB`/`MB`/`GB`/`TB` (powers of 1000, as
+/// the engine's configuration reads them), or `B`. Zero is refused.
 pub fn parse_size64(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_lowercase();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, 'k')) => (&t[..i], 1u64 << 10),
-        Some((i, 'm')) => (&t[..i], 1 << 20),
-        Some((i, 'g')) => (&t[..i], 1 << 30),
-        _ => (t.as_str(), 1),
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: Option<u64> = match unit.trim() {
+        "" | "b" => Some(1),
+        "k" | "kib" => Some(1 << 10),
+        "m" | "mib" => Some(1 << 20),
+        "g" | "gib" => Some(1 << 30),
+        "t" | "tib" => Some(1 << 40),
+        "kb" => Some(1_000),
+        "mb" => Some(1_000_000),
+        "gb" => Some(1_000_000_000),
+        "tb" => Some(1_000_000_000_000),
+        _ => None,
     };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
+    mult.zip(num.parse::<u64>().ok())
+        .and_then(|(m, n)| n.checked_mul(m))
         .filter(|&n| n > 0)
-        .ok_or_else(|| format!("{s:?} is not a size (e.g. 4096, 4k, 128k, 1m)"))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 4096, 4k, 64K, 512M, 1G, 1GiB)"))
 }
 
 /// [`parse_size64`] for sizes that must fit 32 bits.
@@ -130,6 +139,18 @@ mod tests {
         assert!(parse_size64("0").is_err());
         assert!(parse_size64("x").is_err());
         assert!(parse_size("8g").is_err());
+        assert_eq!(parse_size64("1G"), Ok(1 << 30));
+        assert_eq!(parse_size64("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size64("512M"), Ok(512 << 20));
+        assert_eq!(parse_size64("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size64("2T"), Ok(2 << 40));
+        assert_eq!(parse_size64("1GB"), Ok(1_000_000_000));
+        assert_eq!(parse_size64("4096B"), Ok(4096));
+        assert!(parse_size64("1.5G").is_err());
+        assert!(parse_size64("G").is_err());
+        assert!(parse_size64("-1").is_err());
+        assert!(parse_size64("12 parsecs").is_err());
+        assert!(parse_size64("99999999999T").is_err());
     }
 
     #[test]

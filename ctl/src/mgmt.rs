@@ -1,0 +1,587 @@
+//! `tessera pool|volume|export|system`: the management service's API from the command line.
+//! Aligned tables for people, `--json` (the API types serialised as they came) for scripts.
+
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use tessera_mgmt_api::{
+    CreateExport, CreatePool, CreateVolume, EngineState, ExportInfo, MgmtClient, MgmtError, PoolInfo, SystemInfo, TargetStateName,
+    VolumeInfo,
+};
+
+use crate::report::parse_size64;
+
+/// `tessera pool ...`
+#[derive(Args, Debug)]
+pub struct PoolArgs {
+    /// Print the service's answer as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: PoolCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum PoolCommand {
+    /// Create a pool over the targets of some engines.
+    Create {
+        /// Pool name ([A-Za-z0-9._-], at most 64).
+        name: String,
+        /// Engine ranks whose targets the pool spans, e.g. 0,1,2 (default: every engine up).
+        #[arg(long, value_delimiter = ',')]
+        ranks: Vec<u32>,
+        /// Default object class of its volumes: S1, RP_<n>, EC_<k>P<p> (service default EC_2P1).
+        #[arg(long)]
+        class: Option<String>,
+    },
+    /// List pools.
+    List,
+    /// Show one pool and its map.
+    Query {
+        /// Pool name.
+        name: String,
+    },
+}
+
+/// `tessera volume ...`
+#[derive(Args, Debug)]
+pub struct VolumeArgs {
+    /// Print the service's answer as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: VolumeCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCommand {
+    /// Create a volume.
+    Create {
+        /// Volume name, unique in its pool.
+        name: String,
+        /// Size: bytes or 512M, 1G, 1GiB, ... (a multiple of the block size).
+        #[arg(long, value_parser = parse_size64)]
+        size: u64,
+        /// Pool.
+        #[arg(long, default_value = "default")]
+        pool: String,
+        /// Object class (default: the pool's).
+        #[arg(long)]
+        class: Option<String>,
+        /// Block size: 512 or 4096 (service default 4096).
+        #[arg(long, value_parser = parse_size64)]
+        block_size: Option<u64>,
+        /// Cell size, e.g. 64K (service default 64 KiB).
+        #[arg(long, value_parser = parse_size64)]
+        cell_size: Option<u64>,
+        /// Chunk (dkey) size, e.g. 1M (service default 1 MiB).
+        #[arg(long, value_parser = parse_size64)]
+        chunk_size: Option<u64>,
+        /// Turn end-to-end checksums off.
+        #[arg(long)]
+        no_checksum: bool,
+    },
+    /// List volumes (of one pool, or of every pool).
+    List {
+        /// Only this pool.
+        #[arg(long)]
+        pool: Option<String>,
+    },
+    /// Show one volume.
+    Info {
+        /// Volume name.
+        name: String,
+        /// Pool.
+        #[arg(long, default_value = "default")]
+        pool: String,
+    },
+    /// Change a volume's size.
+    Resize {
+        /// Volume name.
+        name: String,
+        /// New size.
+        #[arg(long, value_parser = parse_size64)]
+        size: u64,
+        /// Pool.
+        #[arg(long, default_value = "default")]
+        pool: String,
+    },
+    /// Delete a volume and its data.
+    Delete {
+        /// Volume name.
+        name: String,
+        /// Pool.
+        #[arg(long, default_value = "default")]
+        pool: String,
+    },
+}
+
+/// `tessera export ...`
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Print the service's answer as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: ExportCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum ExportCommand {
+    /// Export a volume as a namespace of an NVMe/TCP subsystem.
+    Add {
+        /// Subsystem NQN (created with its first namespace).
+        #[arg(long)]
+        nqn: String,
+        /// Volume name.
+        #[arg(long)]
+        volume: String,
+        /// Pool.
+        #[arg(long, default_value = "default")]
+        pool: String,
+        /// Namespace ID (default: the lowest free one).
+        #[arg(long)]
+        nsid: Option<u32>,
+        /// Host NQN allowed to connect (repeat for several; none = any host).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Address hosts connect to: the target listening there serves it (service default 127.0.0.1:4420).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// List exports.
+    List,
+    /// Remove one namespace from a subsystem.
+    Remove {
+        /// Subsystem NQN.
+        #[arg(long)]
+        nqn: String,
+        /// Namespace ID.
+        #[arg(long)]
+        nsid: u32,
+    },
+}
+
+/// `tessera system ...`
+#[derive(Args, Debug)]
+pub struct SystemArgs {
+    /// Print the service's answer as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: SystemCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum SystemCommand {
+    /// Engines, their states and last heartbeats.
+    Query,
+}
+
+/// One line for a failed call: the service's own message when it refused.
+pub fn error_text(e: &MgmtError, addr: &str) -> String {
+    match e {
+        MgmtError::Unreachable { detail, .. } => format!("cannot reach the management service at {addr}: {detail}"),
+        MgmtError::Refused { message, .. } => message.clone(),
+        MgmtError::BadReply(m) => format!("bad reply from the management service at {addr}: {m}"),
+    }
+}
+
+fn block_on<T>(addr: &str, f: impl AsyncFnOnce(&MgmtClient) -> Result<T, MgmtError>) -> Result<T, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let client = MgmtClient::new(addr);
+    rt.block_on(f(&client)).map_err(|e| error_text(&e, addr))
+}
+
+fn json<T: Serialize>(v: &T) -> Result<String, String> {
+    serde_json::to_string_pretty(v).map(|s| s + "\n").map_err(|e| e.to_string())
+}
+
+fn u32_arg(what: &str, v: Option<u64>) -> Result<Option<u32>, String> {
+    v.map(|n| u32::try_from(n).map_err(|_| format!("--{what} {n} is too large"))).transpose()
+}
+
+/// `tessera pool ...`
+pub fn pool(addr: &str, a: PoolArgs) -> Result<String, String> {
+    match a.command {
+        PoolCommand::Create { name, ranks, class } => {
+            let p = block_on(addr, async |c| c.create_pool(&CreatePool { name, ranks, default_class: class }).await)?;
+            if a.json {
+                return json(&p);
+            }
+            Ok(format!(
+                "created pool {} (id {}, uuid {}): {} engines, {} targets, {}, default class {}\n",
+                p.name,
+                p.pool_id,
+                p.uuid,
+                p.map.engines.len(),
+                p.map.targets.len(),
+                size_text(p.capacity),
+                p.default_class
+            ))
+        }
+        PoolCommand::List => {
+            let pools = block_on(addr, async |c| c.pools().await)?;
+            if a.json {
+                return json(&pools);
+            }
+            Ok(pool_table(&pools))
+        }
+        PoolCommand::Query { name } => {
+            let p = block_on(addr, async |c| c.pool(&name).await)?;
+            if a.json {
+                return json(&p);
+            }
+            Ok(pool_text(&p))
+        }
+    }
+}
+
+fn targets_up(p: &PoolInfo) -> usize {
+    p.map.targets.iter().filter(|t| matches!(t.state, TargetStateName::Up | TargetStateName::UpIn)).count()
+}
+
+fn pool_table(pools: &[PoolInfo]) -> String {
+    let mut t = Table::new(&["NAME", "ID", "CLASS", "CAPACITY", "ALLOCATED", "VOLUMES", "ENGINES", "TARGETS UP", "MAP", "UUID"]);
+    for p in pools {
+        t.row(vec![
+            p.name.clone(),
+            p.pool_id.to_string(),
+            p.default_class.clone(),
+            size_text(p.capacity),
+            size_text(p.allocated),
+            p.volumes.to_string(),
+            p.map.engines.len().to_string(),
+            format!("{}/{}", targets_up(p), p.map.targets.len()),
+            format!("v{}", p.map.version),
+            p.uuid.to_string(),
+        ]);
+    }
+    t.render_or("no pools\n")
+}
+
+fn pool_text(p: &PoolInfo) -> String {
+    let mut out = format!(
+        "pool {} (id {}, uuid {})\n  default class {}\n  capacity {}, allocated {}, {} volume(s)\n  map version {}: {} engines, {}/{} targets up\n\n",
+        p.name,
+        p.pool_id,
+        p.uuid,
+        p.default_class,
+        size_text(p.capacity),
+        size_text(p.allocated),
+        p.volumes,
+        p.map.version,
+        p.map.engines.len(),
+        targets_up(p),
+        p.map.targets.len()
+    );
+    let mut t = Table::new(&["RANK", "ADDRESS", "FAULT DOMAIN", "TARGETS"]);
+    for e in &p.map.engines {
+        let states: Vec<String> =
+            p.map.targets.iter().filter(|t| t.rank == e.rank).map(|t| format!("{}:{}", t.index, target_state(t.state))).collect();
+        t.row(vec![e.rank.to_string(), e.address.clone(), e.fault_domain.clone(), states.join(" ")]);
+    }
+    out.push_str(&t.render_or("no engines\n"));
+    out
+}
+
+fn target_state(s: TargetStateName) -> &'static str {
+    match s {
+        TargetStateName::Up => "UP",
+        TargetStateName::Down => "DOWN",
+        TargetStateName::DownOut => "DOWNOUT",
+        TargetStateName::UpIn => "UPIN",
+    }
+}
+
+/// `tessera volume ...`
+pub fn volume(addr: &str, a: VolumeArgs) -> Result<String, String> {
+    match a.command {
+        VolumeCommand::Create { name, size, pool, class, block_size, cell_size, chunk_size, no_checksum } => {
+            let req = CreateVolume {
+                name,
+                size,
+                block_size: u32_arg("block-size", block_size)?,
+                class,
+                cell_size: u32_arg("cell-size", cell_size)?,
+                chunk_size,
+                checksum: no_checksum.then_some(false),
+            };
+            let v = block_on(addr, async |c| c.create_volume(&pool, &req).await)?;
+            if a.json {
+                return json(&v);
+            }
+            Ok(format!("created volume {} in pool {}: {}, {}, uuid {}\n", v.name, v.pool, size_text(v.size), v.class, v.uuid))
+        }
+        VolumeCommand::List { pool } => {
+            let vols = block_on(addr, async |c| match &pool {
+                Some(p) => c.volumes(p).await,
+                None => {
+                    let mut all = Vec::new();
+                    for p in c.pools().await? {
+                        all.extend(c.volumes(&p.name).await?);
+                    }
+                    Ok(all)
+                }
+            })?;
+            if a.json {
+                return json(&vols);
+            }
+            Ok(volume_table(&vols))
+        }
+        VolumeCommand::Info { name, pool } => {
+            let v = block_on(addr, async |c| c.volume(&pool, &name).await)?;
+            if a.json {
+                return json(&v);
+            }
+            Ok(volume_text(&v))
+        }
+        VolumeCommand::Resize { name, size, pool } => {
+            let v = block_on(addr, async |c| c.resize_volume(&pool, &name, size).await)?;
+            if a.json {
+                return json(&v);
+            }
+            Ok(format!("volume {} in pool {} is now {} ({} bytes)\n", v.name, v.pool, size_text(v.size), v.size))
+        }
+        VolumeCommand::Delete { name, pool } => {
+            let v = block_on(addr, async |c| c.delete_volume(&pool, &name).await)?;
+            if a.json {
+                return json(&v);
+            }
+            Ok(format!("deleted volume {} from pool {} (uuid {})\n", v.name, v.pool, v.uuid))
+        }
+    }
+}
+
+fn volume_table(vols: &[VolumeInfo]) -> String {
+    let mut t = Table::new(&["POOL", "NAME", "SIZE", "CLASS", "BLOCK", "CELL", "CHUNK", "CHECKSUM", "UUID"]);
+    for v in vols {
+        t.row(vec![
+            v.pool.clone(),
+            v.name.clone(),
+            size_text(v.size),
+            v.class.clone(),
+            v.block_size.to_string(),
+            size_text(u64::from(v.cell_size)),
+            size_text(v.chunk_size),
+            if v.checksum { "on" } else { "off" }.to_string(),
+            v.uuid.to_string(),
+        ]);
+    }
+    t.render_or("no volumes\n")
+}
+
+fn volume_text(v: &VolumeInfo) -> String {
+    format!(
+        "volume {} in pool {} (pool id {})\n  uuid        {}\n  size        {} ({} bytes, {} blocks of {})\n  class       {}\n  cell size   {}\n  chunk size  {}\n  checksums   {}\n  created     {} (Unix time)\n",
+        v.name,
+        v.pool,
+        v.pool_id,
+        v.uuid,
+        size_text(v.size),
+        v.size,
+        v.size / u64::from(v.block_size.max(1)),
+        v.block_size,
+        v.class,
+        size_text(u64::from(v.cell_size)),
+        size_text(v.chunk_size),
+        if v.checksum { "on" } else { "off" },
+        v.created
+    )
+}
+
+/// `tessera export ...`
+pub fn export(addr: &str, a: ExportArgs) -> Result<String, String> {
+    match a.command {
+        ExportCommand::Add { nqn, volume, pool, nsid, hosts, listen } => {
+            let req = CreateExport { nqn, nsid, pool, volume, hosts, listen };
+            let e = block_on(addr, async |c| c.create_export(&req).await)?;
+            if a.json {
+                return json(&e);
+            }
+            Ok(format!(
+                "exported {}/{} as {} nsid {} on {} ({})\n",
+                e.volume.pool,
+                e.volume.name,
+                e.nqn,
+                e.nsid,
+                e.listen,
+                hosts_text(&e.hosts)
+            ))
+        }
+        ExportCommand::List => {
+            let l = block_on(addr, async |c| c.exports().await)?;
+            if a.json {
+                return json(&l);
+            }
+            Ok(export_table(&l.exports))
+        }
+        ExportCommand::Remove { nqn, nsid } => {
+            let e = block_on(addr, async |c| c.delete_export(&nqn, nsid).await)?;
+            if a.json {
+                return json(&e);
+            }
+            Ok(format!("removed {} nsid {} ({}/{})\n", e.nqn, e.nsid, e.volume.pool, e.volume.name))
+        }
+    }
+}
+
+fn hosts_text(hosts: &[String]) -> String {
+    if hosts.is_empty() {
+        "any host".to_string()
+    } else {
+        hosts.join(",")
+    }
+}
+
+fn export_table(exports: &[ExportInfo]) -> String {
+    let mut t = Table::new(&["NQN", "NSID", "VOLUME", "SIZE", "LISTEN", "HOSTS"]);
+    for e in exports {
+        t.row(vec![
+            e.nqn.clone(),
+            e.nsid.to_string(),
+            format!("{}/{}", e.volume.pool, e.volume.name),
+            size_text(e.volume.size),
+            e.listen.clone(),
+            hosts_text(&e.hosts),
+        ]);
+    }
+    t.render_or("no exports\n")
+}
+
+/// `tessera system ...`
+pub fn system(addr: &str, a: SystemArgs) -> Result<String, String> {
+    match a.command {
+        SystemCommand::Query => {
+            let s = block_on(addr, async |c| c.system().await)?;
+            if a.json {
+                return json(&s);
+            }
+            Ok(system_text(&s))
+        }
+    }
+}
+
+fn system_text(s: &SystemInfo) -> String {
+    let up = s.engines.iter().filter(|e| e.state == EngineState::Up).count();
+    let mut out = format!(
+        "{} engine(s), {} up; heartbeat timeout {}; store version {}\n",
+        s.engines.len(),
+        up,
+        ms_text(s.heartbeat_timeout_ms),
+        s.version
+    );
+    let mut t = Table::new(&["RANK", "STATE", "ADDRESS", "TARGETS", "FAULT DOMAIN", "LAST HEARTBEAT", "UUID"]);
+    for e in &s.engines {
+        t.row(vec![
+            e.rank.to_string(),
+            match e.state {
+                EngineState::Up => "UP",
+                EngineState::Down => "DOWN",
+            }
+            .to_string(),
+            e.address.clone(),
+            format!("{} x {}", e.targets, size_text(e.target_capacity)),
+            e.fault_domain.clone(),
+            e.last_heartbeat_ms.map_or_else(|| "never (since the service started)".to_string(), |ms| format!("{} ago", ms_text(ms))),
+            e.uuid.to_string(),
+        ]);
+    }
+    if !s.engines.is_empty() {
+        out.push('\n');
+    }
+    out.push_str(&t.render_or(""));
+    out
+}
+
+fn ms_text(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        format!("{}m{:02}s", ms / 60_000, ms % 60_000 / 1000)
+    }
+}
+
+/// Bytes as the largest binary unit that keeps at least one whole unit: `1 GiB`, `1.5 GiB`,
+/// `4096 B`... exact values print without decimals.
+pub fn size_text(n: u64) -> String {
+    const UNITS: [(&str, u64); 5] = [("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (name, unit) in UNITS {
+        if n >= unit {
+            return if n.is_multiple_of(unit) { format!("{} {name}", n / unit) } else { format!("{:.1} {name}", n as f64 / unit as f64) };
+        }
+    }
+    format!("{n} B")
+}
+
+/// A table whose columns are as wide as their widest cell.
+struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(header: &[&str]) -> Table {
+        Table { rows: vec![header.iter().map(|s| (*s).to_string()).collect()] }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    /// The table, or `empty` when it has no rows besides the header.
+    fn render_or(&self, empty: &str) -> String {
+        if self.rows.len() <= 1 {
+            return empty.to_string();
+        }
+        let cols = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        let widths: Vec<usize> =
+            (0..cols).map(|i| self.rows.iter().filter_map(|r| r.get(i)).map(|c| c.chars().count()).max().unwrap_or(0)).collect();
+        let mut out = String::new();
+        for r in &self.rows {
+            let mut line = String::new();
+            for (i, c) in r.iter().enumerate() {
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                line.push_str(c);
+                let w = widths.get(i).copied().unwrap_or(0);
+                line.extend(std::iter::repeat_n(' ', w.saturating_sub(c.chars().count())));
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_back() {
+        assert_eq!(size_text(1 << 30), "1 GiB");
+        assert_eq!(size_text(3 << 29), "1.5 GiB");
+        assert_eq!(size_text(4096), "4 KiB");
+        assert_eq!(size_text(100), "100 B");
+        assert_eq!(size_text(0), "0 B");
+    }
+
+    #[test]
+    fn tables_align() {
+        let mut t = Table::new(&["A", "LONGER"]);
+        t.row(vec!["wide cell".into(), "x".into()]);
+        t.row(vec!["y".into(), "z".into()]);
+        assert_eq!(t.render_or("none"), "A          LONGER\nwide cell  x\ny          z\n");
+        assert_eq!(Table::new(&["A"]).render_or("none\n"), "none\n");
+    }
+
+    #[test]
+    fn refusals_print_the_service_message_and_unreachable_names_the_address() {
+        let e = MgmtError::Refused { status: 400, message: "unknown object class \"X\"".into() };
+        assert_eq!(error_text(&e, "a:1"), "unknown object class \"X\"");
+        let e = MgmtError::Unreachable { addr: "a:1".into(), detail: "connection refused".into() };
+        assert_eq!(error_text(&e, "a:1"), "cannot reach the management service at a:1: connection refused");
+    }
+}

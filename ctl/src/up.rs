@@ -1,0 +1,637 @@
+//! `tessera up`: a whole Tessera system on this machine, each daemon a separate process as it
+//! would be on separate machines — the management service, N engines, the NVMe/TCP target in
+//! managed mode — plus a pool, a volume and its export, so that a host can connect at once.
+//!
+//! Everything lives under `--dir`: `mgmt.redb`, `engine-<rank>/engine.toml` and
+//! `engine-<rank>/data/`, and `logs/<name>.log` (every child's stdout and stderr, appended). A
+//! second `tessera up` on the same directory reuses all of it. The children run in their own
+//! process groups, so a Ctrl-C reaches only `tessera up`, which stops them in order: the target,
+//! then the management service (so it does not mark the engines DOWN while they stop), then the
+//! engines.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use tessera_mgmt_api::{CreateExport, CreatePool, CreateVolume, EngineState, ExportInfo, MgmtClient, MgmtError, PoolInfo, VolumeInfo};
+use tessera_nvme_proto::Digests;
+use tessera_nvmf_host::{Controller, ControllerOptions};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::mpsc;
+
+use crate::mgmt::{error_text, size_text};
+use crate::report::parse_size64;
+
+/// `tessera up` options.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Directory for the service's database, the engines' data and the logs (reused next time).
+    #[arg(long, default_value = "./tessera-data")]
+    dir: PathBuf,
+    /// Number of engines (ranks 0..N).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
+    engines: u32,
+    /// Targets per engine.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    targets: u16,
+    /// Data file size of each target (sparse), e.g. 4G, 512M.
+    #[arg(long, default_value = "4G", value_parser = parse_size64)]
+    target_capacity: u64,
+    /// Size of the volume `vol0` when it is created.
+    #[arg(long, default_value = "1G", value_parser = parse_size64)]
+    volume_size: u64,
+    /// Object class of the pool and of `vol0` when they are created (S1, RP_<n>, EC_<k>P<p>).
+    #[arg(long, default_value = "EC_2P1")]
+    class: String,
+    /// Address the NVMe/TCP target listens on.
+    #[arg(long, default_value = "127.0.0.1:4420")]
+    listen: SocketAddr,
+    /// Address the management service listens on.
+    #[arg(long, default_value = tessera_mgmt_api::DEFAULT_MGMT_ADDR)]
+    mgmt_listen: SocketAddr,
+    /// Engine <rank> listens on 127.0.0.1:<this port + rank>.
+    #[arg(long, default_value_t = 7410)]
+    engine_base_port: u16,
+    /// Subsystem NQN the volume is exported as.
+    #[arg(long, default_value = "nqn.2026-11.io.tessera:vol0")]
+    nqn: String,
+    /// How long each start-up step (service up, engines registered, target serving) may take,
+    /// seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+}
+
+const POOL: &str = "default";
+const VOLUME: &str = "vol0";
+/// A second signal sooner than this after the first is the same request.
+const SIGNAL_DEBOUNCE: Duration = Duration::from_secs(2);
+/// Log lines shown when a child fails.
+const TAIL_LINES: usize = 20;
+
+/// Runs `tessera up` until SIGINT/SIGTERM.
+pub fn run(a: UpArgs) -> Result<String, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(up(a)).map(|()| String::new())
+}
+
+/// The daemons this command starts.
+#[derive(Debug)]
+struct Binaries {
+    mgmt: PathBuf,
+    engine: PathBuf,
+    nvmf: PathBuf,
+}
+
+/// Finds `name` next to the running `tessera`, else on PATH.
+fn locate(name: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().ok();
+    if let Some(p) = exe.as_ref().and_then(|e| e.parent()).map(|d| d.join(name)).filter(|p| p.is_file()) {
+        return Ok(p);
+    }
+    if let Some(p) = std::env::var_os("PATH").iter().flat_map(std::env::split_paths).map(|d| d.join(name)).find(|p| p.is_file()) {
+        return Ok(p);
+    }
+    let here = exe.as_ref().and_then(|e| e.parent()).map_or_else(|| "tessera".to_string(), |d| d.display().to_string());
+    Err(format!("cannot find {name}: not in {here} nor on PATH (build it: cargo build --release --bins)"))
+}
+
+/// Where the client reaches a service listening on `addr`.
+fn reach(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    }
+}
+
+/// Refuses to start when a port this run needs is taken (a daemon that cannot listen would exit,
+/// but a service already answering there would be mistaken for ours).
+fn check_free(what: &str, addr: SocketAddr) -> Result<(), String> {
+    TcpListener::bind(addr).map(drop).map_err(|e| format!("{what} address {addr} is not available ({e}): is another tessera up running?"))
+}
+
+/// One child process.
+#[derive(Debug)]
+struct Proc {
+    name: String,
+    pid: u32,
+    log: PathBuf,
+    /// Log file length before this run's header: where this run's output starts.
+    log_start: u64,
+    status: Option<ExitStatus>,
+}
+
+/// The children and their exits.
+#[derive(Debug)]
+struct Procs {
+    list: Vec<Proc>,
+    logs: PathBuf,
+    tx: mpsc::UnboundedSender<(usize, ExitStatus)>,
+    rx: mpsc::UnboundedReceiver<(usize, ExitStatus)>,
+}
+
+fn status_text(s: ExitStatus) -> String {
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(sig)) => format!("killed by signal {sig}{}", signal_name(sig)),
+        _ => s.to_string(),
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        2 => " (SIGINT)",
+        6 => " (SIGABRT)",
+        9 => " (SIGKILL)",
+        11 => " (SIGSEGV)",
+        15 => " (SIGTERM)",
+        _ => "",
+    }
+}
+
+impl Procs {
+    fn new(logs: PathBuf) -> Procs {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Procs { list: Vec::new(), logs, tx, rx }
+    }
+
+    /// Starts `exe args` with stdout and stderr appended to `logs/<name>.log`, in its own
+    /// process group. Returns its index.
+    fn spawn(&mut self, name: &str, exe: &Path, args: &[String]) -> Result<usize, String> {
+        let log = self.logs.join(format!("{name}.log"));
+        let mut file =
+            OpenOptions::new().create(true).append(true).open(&log).map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+        let log_start = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let _ = writeln!(file, "==== tessera up (Unix time {now}): {} {}", exe.display(), args.join(" "));
+        let err = file.try_clone().map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+        let mut child = tokio::process::Command::new(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .env("NO_COLOR", "1")
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
+        let pid = child.id().unwrap_or(0);
+        let idx = self.list.len();
+        self.list.push(Proc { name: name.to_string(), pid, log, log_start, status: None });
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            // A wait that fails cannot be retried; call it a kill so nobody waits forever.
+            let status = child.wait().await.unwrap_or_else(|_| ExitStatus::from_raw(9));
+            let _ = tx.send((idx, status));
+        });
+        Ok(idx)
+    }
+
+    fn record(&mut self, idx: usize, status: ExitStatus) -> Option<&Proc> {
+        let p = self.list.get_mut(idx)?;
+        p.status = Some(status);
+        Some(p)
+    }
+
+    /// During start-up: an error (with the child's last log lines) if any child has exited.
+    fn check_startup(&mut self) -> Result<(), String> {
+        while let Ok((idx, status)) = self.rx.try_recv() {
+            if let Some(p) = self.record(idx, status) {
+                return Err(failure(p, &format!("{} exited during start-up ({})", p.name, status_text(status))));
+            }
+        }
+        Ok(())
+    }
+
+    fn running(&self, idx: usize) -> bool {
+        self.list.get(idx).is_some_and(|p| p.status.is_none())
+    }
+
+    fn any_running(&self) -> bool {
+        self.list.iter().any(|p| p.status.is_none())
+    }
+
+    fn kill(&self, idx: usize, sig: rustix::process::Signal) {
+        if let Some(p) = self.list.get(idx).filter(|p| p.status.is_none()) {
+            if let Some(pid) = i32::try_from(p.pid).ok().and_then(rustix::process::Pid::from_raw) {
+                let _ = rustix::process::kill_process(pid, sig);
+            }
+        }
+    }
+
+    /// SIGTERMs the running children among `idxs` and waits up to `grace` for them; whatever is
+    /// left then gets SIGKILL, and so it does at once on another SIGINT/SIGTERM to `tessera up`
+    /// more than [`SIGNAL_DEBOUNCE`] after `since` (wrappers such as `timeout` deliver one
+    /// signal twice). Returns false if something had to be killed.
+    async fn stop(&mut self, idxs: &[usize], grace: Duration, signals: &mut Signals, since: Instant) -> bool {
+        let idxs: Vec<usize> = idxs.iter().copied().filter(|&i| self.running(i)).collect();
+        if idxs.is_empty() {
+            return true;
+        }
+        for &i in &idxs {
+            self.kill(i, rustix::process::Signal::TERM);
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut clean = true;
+        let mut killed = false;
+        while idxs.iter().any(|&i| self.running(i)) {
+            tokio::select! {
+                exit = self.rx.recv() => {
+                    let Some((idx, status)) = exit else { break };
+                    if let Some(p) = self.record(idx, status) {
+                        if status.success() {
+                            eprintln!("tessera up: stopped {}", p.name);
+                        } else {
+                            eprintln!("tessera up: {} ended: {} (log: {})", p.name, status_text(status), p.log.display());
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if !killed => {
+                    let names: Vec<&str> = idxs.iter().filter(|&&i| self.running(i)).filter_map(|&i| self.list.get(i)).map(|p| p.name.as_str()).collect();
+                    eprintln!("tessera up: {} still running after {:?}: killing", names.join(", "), grace);
+                    for &i in &idxs {
+                        self.kill(i, rustix::process::Signal::KILL);
+                    }
+                    clean = false;
+                    killed = true;
+                }
+                sig = signals.recv(), if !killed => {
+                    if since.elapsed() < SIGNAL_DEBOUNCE {
+                        continue;
+                    }
+                    eprintln!("tessera up: {sig} again: killing what is left");
+                    for &i in &idxs {
+                        self.kill(i, rustix::process::Signal::KILL);
+                    }
+                    clean = false;
+                    killed = true;
+                }
+            }
+        }
+        clean
+    }
+}
+
+/// `message` followed by the last lines `p` logged in this run.
+fn failure(p: &Proc, message: &str) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = File::open(&p.log) {
+        let _ = f.seek(SeekFrom::Start(p.log_start));
+        let _ = f.read_to_string(&mut text);
+    }
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("==== tessera up")).collect();
+    let tail = lines.get(lines.len().saturating_sub(TAIL_LINES)..).unwrap_or_default();
+    if tail.is_empty() {
+        eprintln!("tessera up: {} logged nothing ({})", p.name, p.log.display());
+    } else {
+        eprintln!("tessera up: last lines of {}:", p.log.display());
+        for l in tail {
+            eprintln!("  | {l}");
+        }
+    }
+    format!("{message} (log: {})", p.log.display())
+}
+
+/// SIGINT and SIGTERM.
+#[derive(Debug)]
+struct Signals {
+    int: Signal,
+    term: Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, String> {
+        let err = |e: std::io::Error| format!("cannot handle signals: {e}");
+        Ok(Signals { int: signal(SignalKind::interrupt()).map_err(err)?, term: signal(SignalKind::terminate()).map_err(err)? })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
+}
+
+/// The processes by role.
+#[derive(Debug, Default)]
+struct Roles {
+    mgmt: Vec<usize>,
+    engines: Vec<usize>,
+    nvmf: Vec<usize>,
+}
+
+/// What start-up made or found.
+#[derive(Debug)]
+struct Ready {
+    pool: PoolInfo,
+    volume: VolumeInfo,
+    export: ExportInfo,
+    notes: Vec<String>,
+}
+
+async fn up(a: UpArgs) -> Result<(), String> {
+    if a.class.trim().is_empty() {
+        return Err("--class is empty".into());
+    }
+    let bins = Binaries { mgmt: locate("tessera-mgmt")?, engine: locate("tessera-engine")?, nvmf: locate("tessera-nvmf")? };
+    std::fs::create_dir_all(a.dir.join("logs")).map_err(|e| format!("cannot create {}: {e}", a.dir.join("logs").display()))?;
+    let dir = a.dir.canonicalize().map_err(|e| format!("{}: {e}", a.dir.display()))?;
+    let lock_path = dir.join("up.lock");
+    let lock = File::create(&lock_path).map_err(|e| format!("cannot create {}: {e}", lock_path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(format!("{} is in use by another tessera up", dir.display())),
+        Err(std::fs::TryLockError::Error(e)) => return Err(format!("cannot lock {}: {e}", lock_path.display())),
+    }
+    let engine_addrs: Vec<SocketAddr> = (0..a.engines)
+        .map(|r| {
+            u16::try_from(r)
+                .ok()
+                .and_then(|r| a.engine_base_port.checked_add(r))
+                .map(|port| SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), port))
+                .ok_or_else(|| format!("--engine-base-port {} leaves no port for rank {r}", a.engine_base_port))
+        })
+        .collect::<Result<_, _>>()?;
+    check_free("management service", a.mgmt_listen)?;
+    for (r, addr) in engine_addrs.iter().enumerate() {
+        check_free(&format!("engine {r}"), *addr)?;
+    }
+    check_free("NVMe/TCP target", a.listen)?;
+
+    let mut signals = Signals::new()?;
+    let mut procs = Procs::new(dir.join("logs"));
+    let mut roles = Roles::default();
+    let started = {
+        let fut = start(&a, &dir, &bins, &engine_addrs, &mut procs, &mut roles);
+        tokio::pin!(fut);
+        tokio::select! {
+            r = &mut fut => r.map_err(Some),
+            sig = signals.recv() => {
+                eprintln!("tessera up: {sig} during start-up: stopping");
+                Err(None)
+            }
+        }
+    };
+    let ready = match started {
+        Ok(r) => r,
+        Err(e) => {
+            shutdown(&mut procs, &roles, &mut signals).await;
+            return Err(e.unwrap_or_else(|| "interrupted during start-up".into()));
+        }
+    };
+    print_summary(&a, &dir, &procs, &ready);
+
+    // Running: report children that die (an operator testing degraded mode kill -9s an engine)
+    // and keep the others going until we are told to stop.
+    let sig = loop {
+        tokio::select! {
+            sig = signals.recv() => break sig,
+            exit = procs.rx.recv() => {
+                let Some((idx, status)) = exit else { continue };
+                if let Some(p) = procs.record(idx, status) {
+                    eprintln!(
+                        "tessera up: {} (pid {}) exited: {}; the others keep running (log: {})",
+                        p.name, p.pid, status_text(status), p.log.display()
+                    );
+                }
+                if !procs.any_running() {
+                    return Err("every process has exited".into());
+                }
+            }
+        }
+    };
+    eprintln!("tessera up: {sig}: stopping the target, the management service, then the engines");
+    if shutdown(&mut procs, &roles, &mut signals).await {
+        eprintln!("tessera up: stopped; data kept in {}", dir.display());
+        Ok(())
+    } else {
+        Err("some processes had to be killed".into())
+    }
+}
+
+/// Stops the target, then the management service, then the engines.
+async fn shutdown(procs: &mut Procs, roles: &Roles, signals: &mut Signals) -> bool {
+    let since = Instant::now();
+    let a = procs.stop(&roles.nvmf, Duration::from_secs(10), signals, since).await;
+    let b = procs.stop(&roles.mgmt, Duration::from_secs(10), signals, since).await;
+    let c = procs.stop(&roles.engines, Duration::from_secs(60), signals, since).await;
+    a && b && c
+}
+
+/// A TOML basic string (JSON string escapes are valid TOML).
+fn toml_str(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+async fn start(
+    a: &UpArgs,
+    dir: &Path,
+    bins: &Binaries,
+    engine_addrs: &[SocketAddr],
+    procs: &mut Procs,
+    roles: &mut Roles,
+) -> Result<Ready, String> {
+    let timeout = Duration::from_secs(a.timeout.max(1));
+    let mgmt_addr = reach(a.mgmt_listen).to_string();
+    let client = MgmtClient::new(&mgmt_addr);
+    let call = |e: MgmtError| error_text(&e, &mgmt_addr);
+
+    // 1. The management service.
+    let db = dir.join("mgmt.redb");
+    let args = vec!["--listen".into(), a.mgmt_listen.to_string(), "--db".into(), db.display().to_string()];
+    roles.mgmt.push(procs.spawn("mgmt", &bins.mgmt, &args)?);
+    eprintln!("tessera up: started tessera-mgmt on {}", a.mgmt_listen);
+    let deadline = Instant::now() + timeout;
+    loop {
+        procs.check_startup()?;
+        match client.system().await {
+            Ok(_) => break,
+            Err(MgmtError::Unreachable { .. }) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => return Err(startup_timeout(procs, &roles.mgmt, &format!("the management service did not answer: {}", call(e)))),
+        }
+    }
+
+    // 2. The engines: they register with the service and heartbeat.
+    for (rank, addr) in engine_addrs.iter().enumerate() {
+        let edir = dir.join(format!("engine-{rank}"));
+        std::fs::create_dir_all(&edir).map_err(|e| format!("cannot create {}: {e}", edir.display()))?;
+        let config = format!(
+            "# Written by tessera up at every start.\nrank = {rank}\nlisten = \"{addr}\"\ndata_dir = {}\ntargets = {}\ntarget_capacity = {}\n\n[mgmt]\naddress = {}\n",
+            toml_str(&edir.join("data").display().to_string()),
+            a.targets,
+            a.target_capacity,
+            toml_str(&mgmt_addr),
+        );
+        let path = edir.join("engine.toml");
+        std::fs::write(&path, config).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        roles.engines.push(procs.spawn(&format!("engine-{rank}"), &bins.engine, &["--config".into(), path.display().to_string()])?);
+    }
+    eprintln!(
+        "tessera up: started {} engines on {}..; waiting for them to register",
+        engine_addrs.len(),
+        engine_addrs.first().map_or(String::new(), |a| a.to_string())
+    );
+    let deadline = Instant::now() + timeout;
+    loop {
+        procs.check_startup()?;
+        let sys = client.system().await.map_err(call)?;
+        let missing: Vec<String> = (0..a.engines)
+            .filter(|&r| !sys.engines.iter().any(|e| e.rank == r && e.state == EngineState::Up && e.last_heartbeat_ms.is_some()))
+            .map(|r| r.to_string())
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let idxs: Vec<usize> =
+                missing.iter().filter_map(|r| r.parse::<usize>().ok()).filter_map(|r| roles.engines.get(r).copied()).collect();
+            return Err(startup_timeout(procs, &idxs, &format!("engine(s) {} did not register within {timeout:?}", missing.join(", "))));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 3. Pool, volume, export: created once, found again on later runs.
+    let mut notes = Vec::new();
+    let pool = match client.pools().await.map_err(call)?.into_iter().find(|p| p.name == POOL) {
+        Some(p) => p,
+        None => client
+            .create_pool(&CreatePool { name: POOL.into(), ranks: (0..a.engines).collect(), default_class: Some(a.class.clone()) })
+            .await
+            .map_err(|e| format!("creating pool {POOL}: {}", call(e)))?,
+    };
+    let volume = match client.volumes(POOL).await.map_err(call)?.into_iter().find(|v| v.name == VOLUME) {
+        Some(v) => {
+            if v.size != a.volume_size || v.class != a.class {
+                notes.push(format!(
+                    "volume {VOLUME} already exists ({}, {}); --volume-size and --class apply only when it is created",
+                    size_text(v.size),
+                    v.class
+                ));
+            }
+            v
+        }
+        None => client
+            .create_volume(
+                POOL,
+                &CreateVolume {
+                    name: VOLUME.into(),
+                    size: a.volume_size,
+                    block_size: None,
+                    class: Some(a.class.clone()),
+                    cell_size: None,
+                    chunk_size: None,
+                    checksum: None,
+                },
+            )
+            .await
+            .map_err(|e| format!("creating volume {VOLUME}: {}", call(e)))?,
+    };
+    let export = match client.exports().await.map_err(call)?.exports.into_iter().find(|e| e.nqn == a.nqn && e.volume.uuid == volume.uuid) {
+        Some(e) => {
+            if e.listen != a.listen.to_string() {
+                notes.push(format!(
+                    "{} is exported on {}, not on --listen {}: the target here will not serve it",
+                    e.nqn, e.listen, a.listen
+                ));
+            }
+            e
+        }
+        None => client
+            .create_export(&CreateExport {
+                nqn: a.nqn.clone(),
+                nsid: None,
+                pool: POOL.into(),
+                volume: VOLUME.into(),
+                hosts: Vec::new(),
+                listen: Some(a.listen.to_string()),
+            })
+            .await
+            .map_err(|e| format!("exporting {POOL}/{VOLUME} as {}: {}", a.nqn, call(e)))?,
+    };
+
+    // 4. The NVMe/TCP target, serving the exports of the service; ready once a host can
+    //    connect to the subsystem and identify the namespace.
+    let args = vec!["--mgmt".into(), mgmt_addr.clone(), "--listen".into(), a.listen.to_string()];
+    roles.nvmf.push(procs.spawn("nvmf", &bins.nvmf, &args)?);
+    eprintln!("tessera up: started tessera-nvmf on {}; waiting for it to serve {}", a.listen, export.nqn);
+    let opts = ControllerOptions {
+        addr: reach(a.listen),
+        subnqn: export.nqn.clone(),
+        hostnqn: format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid::Uuid::new_v4()),
+        hostid: *uuid::Uuid::new_v4().as_bytes(),
+        digests: Digests { header: false, data: false },
+        kato_ms: 0,
+        disable_sqflow: false,
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        procs.check_startup()?;
+        let last = match tokio::time::timeout(Duration::from_secs(5), Controller::connect(opts.clone(), export.nsid)).await {
+            Ok(Ok(ctrl)) => {
+                let bytes = ctrl.geometry.blocks.saturating_mul(u64::from(ctrl.geometry.block_size));
+                if bytes == volume.size {
+                    break;
+                }
+                format!("namespace {} has {bytes} bytes, volume {VOLUME} {}", export.nsid, volume.size)
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer in 5s".to_string(),
+        };
+        if Instant::now() >= deadline {
+            return Err(startup_timeout(
+                procs,
+                &roles.nvmf,
+                &format!("the target does not serve {} nsid {}: {last}", export.nqn, export.nsid),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(Ready { pool, volume, export, notes })
+}
+
+/// A start-up step that timed out: the message, after the log tails of the children concerned.
+fn startup_timeout(procs: &Procs, idxs: &[usize], message: &str) -> String {
+    let mut out = message.to_string();
+    for p in idxs.iter().filter_map(|&i| procs.list.get(i)) {
+        out = failure(p, &out);
+    }
+    out
+}
+
+fn print_summary(a: &UpArgs, dir: &Path, procs: &Procs, r: &Ready) {
+    let mut out = format!("Tessera is up (data in {}):\n", dir.display());
+    for p in &procs.list {
+        out.push_str(&format!("  {:<10} pid {:<8} log {}\n", p.name, p.pid, p.log.display()));
+    }
+    out.push_str(&format!(
+        "  pool {}: {} engines, {} targets, {}, class {}\n",
+        r.pool.name,
+        r.pool.map.engines.len(),
+        r.pool.map.targets.len(),
+        size_text(r.pool.capacity),
+        r.pool.default_class
+    ));
+    out.push_str(&format!("  volume {}: {}, {}, uuid {}\n", r.volume.name, size_text(r.volume.size), r.volume.class, r.volume.uuid));
+    out.push_str(&format!("  export: {} nsid {} on {} (any host)\n", r.export.nqn, r.export.nsid, r.export.listen));
+    for n in &r.notes {
+        out.push_str(&format!("  note: {n}\n"));
+    }
+    let host = reach(a.listen);
+    out.push_str(&format!(
+        "\nConnect a Linux host (modprobe nvme-tcp first):\n  nvme discover -t tcp -a {ip} -s {port}\n  nvme connect -t tcp -a {ip} -s {port} -n {nqn}\n",
+        ip = host.ip(),
+        port = host.port(),
+        nqn = r.export.nqn
+    ));
+    out.push_str(&format!(
+        "Manage it: tessera --mgmt {m} system query | volume list | export list\nCtrl-C stops everything.\n",
+        m = reach(a.mgmt_listen)
+    ));
+    print!("{out}");
+    let _ = std::io::stdout().flush();
+}
