@@ -184,7 +184,7 @@ fn pools_volumes_exports_and_error_statuses() {
         assert_eq!((p.pool_id, p.default_class.as_str(), p.capacity, p.map.version), (1, "EC_2P1", 6 << 30, 1));
         assert_eq!(p.map.targets.len(), 6);
         assert!(p.map.targets.iter().all(|t| t.state == TargetStateName::UpIn));
-        assert_eq!(c.pools().await.unwrap(), [p.clone()]);
+        assert_eq!(c.pools().await.unwrap(), std::slice::from_ref(&p));
         assert_eq!(c.pool("p").await.unwrap(), p);
         assert_eq!(c.pool_map("p").await.unwrap(), p.map);
         assert_eq!(status(c.create_pool(&pool("p")).await), 409);
@@ -201,7 +201,7 @@ fn pools_volumes_exports_and_error_statuses() {
             (1, 64 << 20, 4096, "EC_2P1", 1 << 20, true)
         );
         assert_eq!(c.volume("p", "v").await.unwrap(), v);
-        assert_eq!(c.volumes("p").await.unwrap(), [v.clone()]);
+        assert_eq!(c.volumes("p").await.unwrap(), std::slice::from_ref(&v));
         assert_eq!(c.pool("p").await.unwrap().allocated, 96 << 20);
         assert_eq!(status(c.create_volume("p", &volume("v", 4096)).await), 409);
         assert_eq!(status(c.create_volume("p", &volume("w", 4095)).await), 400);
@@ -215,7 +215,7 @@ fn pools_volumes_exports_and_error_statuses() {
         let x = c.create_export(&export("nqn.2026-11.io.tessera:a", "v")).await.unwrap();
         assert_eq!((x.nsid, x.listen.as_str(), &x.volume), (1, "127.0.0.1:4420", &v));
         let list = c.exports().await.unwrap();
-        assert_eq!(list.exports, [x.clone()]);
+        assert_eq!(list.exports, std::slice::from_ref(&x));
         assert_eq!(status(c.create_export(&export("nqn.2026-11.io.tessera:b", "v")).await), 409);
         assert_eq!(status(c.create_export(&CreateExport { nsid: Some(1), ..export("nqn.2026-11.io.tessera:a", "w") }).await), 404);
         assert_eq!(status(c.create_export(&export("iqn.bad", "v")).await), 400);
