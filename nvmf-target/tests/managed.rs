@@ -1,0 +1,312 @@
+//! Managed mode end to end: the real management service, three real engines and the real
+//! `tessera-nvmf --mgmt`, driven by the project's own NVMe/TCP host. A pool and an EC_2P1 volume
+//! are created and exported through the management API; the target picks the export up by
+//! long poll and serves the volume as a namespace backed by the DAOS bdev; the host writes and
+//! reads back data (verify mode, hundreds of commands in flight), checks the namespace's identity
+//! and geometry, FUA, Flush and Write Zeroes, the discovery log, host access lists, a resize, an
+//! export's removal, and that the target keeps serving when the management service dies.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::HostConn;
+use tessera_mgmt_api::{CreateExport, CreatePool, CreateVolume, MgmtClient, VolumeInfo};
+use tessera_nvme_proto::identify::ns_off;
+use tessera_nvme_proto::log::disc_off;
+use tessera_nvme_proto::opcode::{admin, cns};
+use tessera_nvme_proto::reader::u64_at;
+use tessera_nvme_proto::{Digests, Sqe, Status};
+use tessera_nvmf_host::{Connection, Controller, ControllerOptions, HostError, Rw, Workload};
+use tessera_testkit::{Daemon, LocalCluster};
+
+const NQN: &str = "nqn.2026-11.io.tessera:managed-vol";
+const NQN_RESTRICTED: &str = "nqn.2026-11.io.tessera:managed-restricted";
+const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000aa";
+const OTHER_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000bb";
+const DISCOVERY: &str = "nqn.2014-08.org.nvmexpress.discovery";
+const MIB: u64 = 1 << 20;
+
+fn opts(addr: SocketAddr, subnqn: &str, hostnqn: &str) -> ControllerOptions {
+    ControllerOptions {
+        addr,
+        subnqn: subnqn.into(),
+        hostnqn: hostnqn.into(),
+        hostid: [7; 16],
+        digests: Digests::default(),
+        kato_ms: 0,
+        disable_sqflow: false,
+    }
+}
+
+/// Connects (retrying while the export has not reached the target yet) within `timeout`.
+async fn connect_when_served(o: ControllerOptions, timeout: Duration) -> Controller {
+    let start = Instant::now();
+    loop {
+        match Controller::connect(o.clone(), 1).await {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(start.elapsed() < timeout, "{} not served after {timeout:?}: {e}", o.subnqn);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Waits until Connect to `subnqn` fails with `status` (the subsystem is gone or refuses).
+async fn wait_connect_refused(o: ControllerOptions, status: Status, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        match Controller::connect(o.clone(), 1).await {
+            Err(HostError::Status { status: s, .. }) if s == status => return,
+            other => {
+                assert!(start.elapsed() < timeout, "connect to {} still {other:?} after {timeout:?}", o.subnqn);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn workload(rw: Rw, bs: u32, qd: u16, queues: u16, ios: u64, range_blocks: u64, seed: u64) -> Workload {
+    Workload { rw, mix_read_pct: 50, bs, qd, queues, duration: None, ios: Some(ios), verify: true, range_blocks: Some(range_blocks), seed }
+}
+
+async fn verify(ctrl: &mut Controller, w: Workload) {
+    let what = format!("{:?} bs {} qd {} x{}", w.rw, w.bs, w.qd, w.queues);
+    let r = tokio::time::timeout(Duration::from_secs(120), w.run(ctrl)).await.unwrap_or_else(|_| panic!("{what} timed out"));
+    let r = r.unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(r.errors, 0, "{what}");
+    assert!(r.verified_blocks > 0, "{what}: nothing verified");
+}
+
+fn io_cmd(q: &mut Connection, opcode: u8, nsid: u32, lba: u64, blocks: u32, cdw12_flags: u32) -> Sqe {
+    let mut sqe = Sqe::new(opcode, q.cid());
+    let nlb = blocks.saturating_sub(1);
+    sqe.set_nsid(nsid).set_cdw(10, lba as u32).set_cdw(11, (lba >> 32) as u32).set_cdw(12, nlb | cdw12_flags);
+    sqe
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8).collect()
+}
+
+/// Subsystem NQNs in a discovery log page.
+fn discovery_nqns(page: &[u8]) -> Vec<String> {
+    let n = u64_at(page, 8).unwrap() as usize;
+    (0..n)
+        .map(|i| {
+            let e = &page[1024 * (i + 1)..1024 * (i + 2)];
+            let nqn = &e[disc_off::SUBNQN..disc_off::SUBNQN + 256];
+            String::from_utf8_lossy(nqn).trim_end_matches('\0').to_string()
+        })
+        .collect()
+}
+
+fn discover(addr: SocketAddr, hostnqn: &str) -> Vec<String> {
+    let mut d = HostConn::admin(addr, DISCOVERY, hostnqn, 0);
+    let page = d.get_log(0x70, 0, 8192, 0);
+    assert!(page.cqe.status.is_success(), "{:?}", page.cqe);
+    discovery_nqns(&page.data)
+}
+
+async fn create_volume(mgmt: &MgmtClient, name: &str, size: u64) -> VolumeInfo {
+    let req = CreateVolume {
+        name: name.into(),
+        size,
+        block_size: Some(4096),
+        class: Some("EC_2P1".into()),
+        cell_size: None,
+        chunk_size: None,
+        checksum: None,
+    };
+    mgmt.create_volume("pool0", &req).await.unwrap()
+}
+
+fn log_text(d: &Daemon) -> String {
+    std::fs::read_to_string(&d.log).unwrap_or_default()
+}
+
+#[test]
+fn managed_target_serves_an_exported_ec_volume() {
+    let cluster = LocalCluster::start("nvmf-managed", 3, 2, "256MiB", "3s");
+    let mut nvmf = Daemon::start(
+        "tessera-nvmf",
+        &["--mgmt", &cluster.mgmt.addr, "--listen", "127.0.0.1:0", "--threads", "2"],
+        "listening",
+        &cluster.dir.join("nvmf.log"),
+    );
+    let addr: SocketAddr = nvmf.addr.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mgmt = cluster.client();
+
+    // Pool, EC_2P1 volume, export at this target's address.
+    let vol = rt.block_on(async {
+        mgmt.create_pool(&CreatePool { name: "pool0".into(), ranks: Vec::new(), default_class: None }).await.unwrap();
+        let vol = create_volume(&mgmt, "vol0", 64 * MIB).await;
+        let req = CreateExport {
+            nqn: NQN.into(),
+            nsid: Some(1),
+            pool: "pool0".into(),
+            volume: "vol0".into(),
+            hosts: Vec::new(),
+            listen: Some(addr.to_string()),
+        };
+        mgmt.create_export(&req).await.unwrap();
+        vol
+    });
+
+    rt.block_on(async {
+        let mut ctrl = connect_when_served(opts(addr, NQN, HOSTNQN), Duration::from_secs(20)).await;
+        // Geometry from the volume; UUID/NGUID are the volume's UUID; no volatile write cache.
+        assert_eq!((ctrl.geometry.block_size, ctrl.geometry.blocks), (4096, 64 * MIB / 4096));
+        let ns = ctrl.admin.admin_read("Identify Namespace", admin::IDENTIFY, 1, &[(10, u32::from(cns::NAMESPACE))], 4096).await.unwrap();
+        assert_eq!(&ns[ns_off::NGUID..ns_off::NGUID + 16], vol.uuid.as_bytes());
+        let id = ctrl.admin.admin_read("Identify Controller", admin::IDENTIFY, 0, &[(10, u32::from(cns::CONTROLLER))], 4096).await.unwrap();
+        assert_eq!(id[tessera_nvme_proto::identify::ctrl_off::VWC] & 1, 0, "VWC: no volatile write cache");
+
+        // Verify mode: random 4 KiB writes at 2 x 127 in flight, then 128 KiB (R2T) writes and a
+        // read/write mix, every block read back and compared.
+        verify(&mut ctrl, workload(Rw::RandWrite, 4096, 127, 2, 3000, 4096, 1)).await;
+        verify(&mut ctrl, workload(Rw::Write, 128 * 1024, 16, 2, 200, 8192, 2)).await;
+        verify(&mut ctrl, workload(Rw::RandRw, 8192, 32, 2, 1000, 16384, 3)).await;
+
+        // Single commands: a FUA write, Flush, read back; Write Zeroes and Deallocate read as zeros.
+        ctrl.set_queue_count(8).await.unwrap();
+        let mut q = ctrl.io_queue(8, 32).await.unwrap();
+        let data = pattern(3 * 4096, 5);
+        let w = io_cmd(&mut q, 0x01, 1, 1000, 3, 1 << 30);
+        q.exec_ok("Write FUA", w, Some(&data), 8192).await.unwrap();
+        let f = io_cmd(&mut q, 0x00, 1, 0, 0, 0);
+        q.exec_ok("Flush", f, None, 0).await.unwrap();
+        let r = io_cmd(&mut q, 0x02, 1, 1000, 3, 0);
+        assert_eq!(read(&mut q, r, 3 * 4096).await, data);
+        let z = io_cmd(&mut q, 0x08, 1, 1001, 1, 0);
+        q.exec_ok("Write Zeroes", z, None, 0).await.unwrap();
+        let r = io_cmd(&mut q, 0x02, 1, 1000, 3, 0);
+        let got = read(&mut q, r, 3 * 4096).await;
+        assert_eq!(&got[..4096], &data[..4096]);
+        assert!(got[4096..8192].iter().all(|&b| b == 0));
+        assert_eq!(&got[8192..], &data[8192..]);
+        // Dataset Management, deallocate LBA 1002.
+        let mut dsm = Sqe::new(0x09, q.cid());
+        dsm.set_nsid(1).set_cdw(10, 0).set_cdw(11, 1 << 2);
+        let mut range = vec![0u8; 16];
+        range[4..8].copy_from_slice(&1u32.to_le_bytes());
+        range[8..16].copy_from_slice(&1002u64.to_le_bytes());
+        q.exec_ok("Deallocate", dsm, Some(&range), 8192).await.unwrap();
+        let r = io_cmd(&mut q, 0x02, 1, 1002, 1, 0);
+        assert!(read(&mut q, r, 4096).await.iter().all(|&b| b == 0));
+        // Out of range is refused by the target before the volume sees it.
+        let r = io_cmd(&mut q, 0x02, 1, 64 * MIB / 4096, 1, 0);
+        let reply = exec_read(&mut q, r, 4096).await;
+        assert_eq!(reply, Status::LBA_OUT_OF_RANGE);
+    });
+
+    // Discovery lists the exported subsystem.
+    assert!(discover(addr, HOSTNQN).contains(&NQN.to_string()));
+
+    // A second export limited to one host: others can neither connect nor discover it.
+    rt.block_on(async {
+        create_volume(&mgmt, "vol1", 16 * MIB).await;
+        let req = CreateExport {
+            nqn: NQN_RESTRICTED.into(),
+            nsid: None,
+            pool: "pool0".into(),
+            volume: "vol1".into(),
+            hosts: vec![OTHER_HOST.into()],
+            listen: Some(addr.to_string()),
+        };
+        let e = mgmt.create_export(&req).await.unwrap();
+        let mut ctrl = connect_when_served(opts(addr, NQN_RESTRICTED, OTHER_HOST), Duration::from_secs(20)).await;
+        assert_eq!(ctrl.geometry.blocks, 16 * MIB / 4096);
+        verify(&mut ctrl, workload(Rw::RandWrite, 4096, 32, 1, 300, 4096, 4)).await;
+        let refused = Controller::connect(opts(addr, NQN_RESTRICTED, HOSTNQN), 1).await.unwrap_err();
+        assert!(matches!(refused, HostError::Status { status: Status::CONNECT_INVALID_HOST, .. }), "{refused}");
+        drop(ctrl);
+        let seen_by_other = tokio::task::spawn_blocking(move || discover(addr, OTHER_HOST)).await.unwrap();
+        assert!(seen_by_other.contains(&NQN_RESTRICTED.to_string()), "{seen_by_other:?}");
+        let seen = tokio::task::spawn_blocking(move || discover(addr, HOSTNQN)).await.unwrap();
+        assert!(!seen.contains(&NQN_RESTRICTED.to_string()), "{seen:?}");
+
+        // Removing the export removes the subsystem.
+        mgmt.delete_export(&e.nqn, e.nsid).await.unwrap();
+        wait_connect_refused(opts(addr, NQN_RESTRICTED, OTHER_HOST), Status::CONNECT_INVALID_PARAMETERS, Duration::from_secs(20)).await;
+    });
+
+    // Growing the volume grows the namespace; data written before is still there.
+    rt.block_on(async {
+        let mut ctrl = connect_when_served(opts(addr, NQN, HOSTNQN), Duration::from_secs(5)).await;
+        ctrl.set_queue_count(8).await.unwrap();
+        let mut q = ctrl.io_queue(8, 32).await.unwrap();
+        let data = pattern(4096, 9);
+        let w = io_cmd(&mut q, 0x01, 1, 7, 1, 0);
+        q.exec_ok("Write", w, Some(&data), 8192).await.unwrap();
+        mgmt.resize_volume("pool0", "vol0", 128 * MIB).await.unwrap();
+        let start = Instant::now();
+        loop {
+            let ns =
+                ctrl.admin.admin_read("Identify Namespace", admin::IDENTIFY, 1, &[(10, u32::from(cns::NAMESPACE))], 4096).await.unwrap();
+            if u64_at(&ns, ns_off::NSZE) == Some(128 * MIB / 4096) {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "namespace did not grow");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let r = io_cmd(&mut q, 0x02, 1, 7, 1, 0);
+        assert_eq!(read(&mut q, r, 4096).await, data);
+        let top = 128 * MIB / 4096 - 1;
+        let w = io_cmd(&mut q, 0x01, 1, top, 1, 0);
+        q.exec_ok("Write at the new end", w, Some(&data), 8192).await.unwrap();
+        let r = io_cmd(&mut q, 0x02, 1, top, 1, 0);
+        assert_eq!(read(&mut q, r, 4096).await, data);
+        verify(&mut ctrl, workload(Rw::RandWrite, 4096, 64, 1, 500, 4096, 6)).await;
+    });
+
+    // Idle (no hosts, nothing changing): the long poll costs no measurable CPU.
+    let before = cpu_ticks(nvmf.child.id());
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(nvmf.child.id()) - before;
+    assert!(used <= 3, "idle managed target used {used} ticks of CPU in 3 s");
+
+    // The management service dies: the target keeps serving, logs it once, and keeps retrying.
+    let mut cluster = cluster;
+    cluster.mgmt.kill();
+    rt.block_on(async {
+        let mut ctrl = connect_when_served(opts(addr, NQN, HOSTNQN), Duration::from_secs(5)).await;
+        verify(&mut ctrl, workload(Rw::RandRw, 4096, 32, 2, 1000, 8192, 7)).await;
+        // Backoff 0.5, 1, 2 s: several retries within 5 s.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        verify(&mut ctrl, workload(Rw::RandWrite, 4096, 16, 1, 200, 4096, 8)).await;
+    });
+    let log = log_text(&nvmf);
+    assert_eq!(log.matches("management service unreachable").count(), 1, "{log}");
+    assert!(nvmf.child.try_wait().unwrap().is_none(), "target exited");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(nvmf.terminate().success());
+}
+
+async fn exec_read(q: &mut Connection, mut sqe: Sqe, len: u32) -> Status {
+    use tessera_nvme_proto::sqe::{SglDescriptor, SGL_ID_TRANSPORT};
+    sqe.set_sgl(SglDescriptor { address: 0, length: len, id: SGL_ID_TRANSPORT });
+    q.exec(sqe, None, 0).await.unwrap().cqe.status
+}
+
+async fn read(q: &mut Connection, mut sqe: Sqe, len: u32) -> Vec<u8> {
+    use tessera_nvme_proto::sqe::{SglDescriptor, SGL_ID_TRANSPORT};
+    sqe.set_sgl(SglDescriptor { address: 0, length: len, id: SGL_ID_TRANSPORT });
+    let r = q.exec(sqe, None, 0).await.unwrap();
+    assert!(r.cqe.status.is_success(), "read: {:?}", r.cqe.status);
+    assert_eq!(r.data.len(), len as usize);
+    r.data
+}
+
+/// User + system CPU time of process `pid`, in clock ticks (1/100 s).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses): utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
