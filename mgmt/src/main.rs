@@ -91,6 +91,9 @@ fn run(args: Args) -> Result<(), RunError> {
     let svc = Arc::new(Service::open(Arc::new(store), config)?);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(RunError::Start)?;
     rt.block_on(async {
+        // Handlers first: a signal that arrives once the listening line is out must stop cleanly.
+        let mut term = signal(SignalKind::terminate()).map_err(RunError::Start)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(RunError::Start)?;
         let listener = TcpListener::bind(&args.listen).await.map_err(|source| RunError::Listen { addr: args.listen.clone(), source })?;
         let addr = listener.local_addr().map_err(RunError::Start)?;
         let snap = svc.snapshot();
@@ -99,34 +102,18 @@ fn run(args: Args) -> Result<(), RunError> {
         let monitor = tokio::spawn(service::monitor(svc.clone(), stop.clone()));
         let app = App { svc: svc.clone(), stop: stop.clone() };
         let server = axum::serve(listener, http::router(app)).with_graceful_shutdown(stop.clone().cancelled_owned());
-        let signals = wait_for_signal();
-        tokio::pin!(signals);
         let server = tokio::spawn(async move { server.await });
-        let result = tokio::select! {
-            r = &mut signals => {
-                r.map_err(RunError::Start)?;
-                info!("stopping");
-                stop.cancel();
-                Ok(())
-            }
-            _ = stop.cancelled() => Ok(()),
-        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: stopping"),
+            _ = int.recv() => info!("SIGINT: stopping"),
+        }
+        stop.cancel();
         let _ = monitor.await;
         match server.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(RunError::Serve(e)),
             Err(e) => return Err(RunError::Serve(std::io::Error::other(e))),
         }
-        result
+        Ok(())
     })
-}
-
-async fn wait_for_signal() -> std::io::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }
