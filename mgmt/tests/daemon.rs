@@ -491,3 +491,62 @@ fn bad_arguments_exit_2_with_one_line() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen on not-an-address"));
 }
+
+/// A fake engine that records the (pool, map version, target, object) of every Punch it gets.
+async fn fake_engine() -> (String, Arc<Mutex<Vec<(u32, u32, u16, u128)>>>) {
+    use tessera_client::proto::{decode_frame, encode_reply, FrameLimits, Opcode, Reply, Request};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let seen: Arc<Mutex<Vec<(u32, u32, u16, u128)>>> = Arc::default();
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let mut buf = bytes::BytesMut::new();
+                loop {
+                    while let Some(frame) = decode_frame(&mut buf, &FrameLimits::default()).unwrap() {
+                        let h = frame.header;
+                        if let Request::Punch(p) = Request::decode(&frame).unwrap() {
+                            seen.lock().unwrap().push((h.pool, h.map_version, h.target, p.obj.0));
+                        }
+                        let reply = encode_reply(h.request_id, Opcode::Punch, h.map_version, h.target, &Ok(Reply::Punched));
+                        sock.write_all(&reply.to_bytes()).await.unwrap();
+                    }
+                    if sock.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn deleting_a_volume_punches_its_data_on_the_pools_up_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Mgmt::start(&db(&dir), &["--heartbeat-timeout", "300ms"]);
+    rt().block_on(async {
+        let c = m.client();
+        let (addr, seen) = fake_engine().await;
+        // Ranks 0 and 1 are the fake engine; rank 2 goes silent and DOWN first.
+        for r in 0..3 {
+            c.register_engine(&RegisterEngine { address: addr.clone(), ..engine(r) }).await.unwrap();
+        }
+        c.create_pool(&CreatePool { default_class: Some("RP_2".into()), ..pool("p") }).await.unwrap();
+        let v = c.create_volume("p", &volume("v", 1 << 20)).await.unwrap();
+        let alive = keep_alive(c.clone(), vec![0, 1]);
+        wait_until("rank 2 down", Duration::from_secs(5), || async { c.pool_map("p").await.unwrap().version == 2 }).await;
+        c.delete_volume("p", "v").await.unwrap();
+        wait_until("4 punches", Duration::from_secs(5), || async { seen.lock().unwrap().len() >= 4 }).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        alive.abort();
+        let mut got = seen.lock().unwrap().clone();
+        got.sort();
+        // Both targets of ranks 0 and 1 (one fake engine answers for both); none for DOWN rank 2.
+        let o = v.uuid.as_u128();
+        assert_eq!(got, [(1, 2, 0, o), (1, 2, 0, o), (1, 2, 1, o), (1, 2, 1, o)]);
+    });
+}
