@@ -492,13 +492,16 @@ fn bad_arguments_exit_2_with_one_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen on not-an-address"));
 }
 
-/// A fake engine that records the (pool, map version, target, object) of every Punch it gets.
-async fn fake_engine() -> (String, Arc<Mutex<Vec<(u32, u32, u16, u128)>>>) {
+/// (pool, map version, target, object) of every Punch a fake engine received.
+type Punches = Arc<Mutex<Vec<(u32, u32, u16, u128)>>>;
+
+/// A fake engine that records every Punch it gets.
+async fn fake_engine() -> (String, Punches) {
     use tessera_client::proto::{decode_frame, encode_reply, FrameLimits, Opcode, Reply, Request};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let seen: Arc<Mutex<Vec<(u32, u32, u16, u128)>>> = Arc::default();
+    let seen: Punches = Arc::default();
     let seen2 = seen.clone();
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
