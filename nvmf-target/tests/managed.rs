@@ -287,6 +287,66 @@ fn managed_target_serves_an_exported_ec_volume() {
     assert!(nvmf.terminate().success());
 }
 
+#[test]
+fn engine_failures_degrade_then_complete_with_namespace_not_ready() {
+    let mut cluster = LocalCluster::start("nvmf-managed-fail", 3, 1, "128MiB", "2s");
+    let nvmf = Daemon::start(
+        "tessera-nvmf",
+        &["--mgmt", &cluster.mgmt.addr, "--listen", "127.0.0.1:0", "--threads", "2"],
+        "listening",
+        &cluster.dir.join("nvmf.log"),
+    );
+    let addr: SocketAddr = nvmf.addr.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mgmt = cluster.client();
+    rt.block_on(async {
+        mgmt.create_pool(&CreatePool { name: "pool0".into(), ranks: Vec::new(), default_class: None }).await.unwrap();
+        create_volume(&mgmt, "vol0", 16 * MIB).await;
+        let req = CreateExport {
+            nqn: NQN.into(),
+            nsid: Some(1),
+            pool: "pool0".into(),
+            volume: "vol0".into(),
+            hosts: Vec::new(),
+            listen: Some(addr.to_string()),
+        };
+        mgmt.create_export(&req).await.unwrap();
+        drop(connect_when_served(opts(addr, NQN, HOSTNQN), Duration::from_secs(20)).await);
+    });
+    // A blocking host whose reads may wait longer than the volume's 10 s read deadline.
+    let mut admin = HostConn::admin(addr, NQN, HOSTNQN, 0);
+    let mut io = HostConn::open(addr, Digests::default());
+    assert!(io.connect(NQN, HOSTNQN, 1, 31, admin.cntlid, 0).status.is_success());
+    io.sock.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    let data = pattern(32 * 4096, 3);
+    assert!(io.write(1, 0, &data, 4096, false).cqe.status.is_success());
+
+    // One engine of three down: EC_2P1 still reads (reconstructing) and writes (degraded).
+    cluster.kill_engine(2);
+    cluster.wait_engine_down(2, Duration::from_secs(20));
+    let r = io.read(1, 0, 32, 4096);
+    assert!(r.cqe.status.is_success(), "degraded read: {:?}", r.cqe.status);
+    assert_eq!(r.data, data);
+    let more = pattern(4096, 4);
+    assert!(io.write(1, 100, &more, 4096, false).cqe.status.is_success(), "degraded write");
+    assert_eq!(io.read(1, 100, 1, 4096).data, more);
+
+    // Two down: more than the class survives. Reads and writes of a whole stripe complete with
+    // Namespace Not Ready, without Do Not Retry; the target stays up and counts no media error.
+    cluster.kill_engine(1);
+    cluster.wait_engine_down(1, Duration::from_secs(20));
+    let st = io.read(1, 0, 32, 4096).cqe.status;
+    assert_eq!(st, Status::NAMESPACE_NOT_READY, "read: {st:?}");
+    assert!(!st.is_dnr());
+    let st = io.write(1, 0, &data, 4096, false).cqe.status;
+    assert_eq!(st, Status::NAMESPACE_NOT_READY, "write: {st:?}");
+    let smart = admin.get_log(0x02, 0xFFFF_FFFF, 512, 0);
+    assert!(smart.cqe.status.is_success());
+    assert_eq!(u64_at(&smart.data, 160), Some(0), "media errors");
+    let log = log_text(&nvmf);
+    assert!(!log.contains("panicked"), "{log}");
+}
+
 async fn exec_read(q: &mut Connection, mut sqe: Sqe, len: u32) -> Status {
     use tessera_nvme_proto::sqe::{SglDescriptor, SGL_ID_TRANSPORT};
     sqe.set_sgl(SglDescriptor { address: 0, length: len, id: SGL_ID_TRANSPORT });
