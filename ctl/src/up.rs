@@ -18,7 +18,9 @@ use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use tessera_mgmt_api::{CreateExport, CreatePool, CreateVolume, EngineState, ExportInfo, MgmtClient, MgmtError, PoolInfo, VolumeInfo};
+use tessera_mgmt_api::{
+    CreateExport, CreatePool, CreateVolume, EngineState, ExportInfo, MgmtClient, MgmtError, PoolInfo, TargetStateName, VolumeInfo,
+};
 use tessera_nvme_proto::Digests;
 use tessera_nvmf_host::{Controller, ControllerOptions};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -608,16 +610,30 @@ fn print_summary(a: &UpArgs, dir: &Path, procs: &Procs, r: &Ready) {
     for p in &procs.list {
         out.push_str(&format!("  {:<10} pid {:<8} log {}\n", p.name, p.pid, p.log.display()));
     }
+    let targets = &r.pool.map.targets;
+    let down: Vec<String> = targets
+        .iter()
+        .filter(|t| !matches!(t.state, TargetStateName::Up | TargetStateName::UpIn))
+        .map(|t| format!("{}:{}", t.rank, t.index))
+        .collect();
     out.push_str(&format!(
-        "  pool {}: {} engines, {} targets, {}, class {}\n",
+        "  pool {}: {} engines, {} targets ({} up), {}, class {}\n",
         r.pool.name,
         r.pool.map.engines.len(),
-        r.pool.map.targets.len(),
+        targets.len(),
+        targets.len() - down.len(),
         size_text(r.pool.capacity),
         r.pool.default_class
     ));
     out.push_str(&format!("  volume {}: {}, {}, uuid {}\n", r.volume.name, size_text(r.volume.size), r.volume.class, r.volume.uuid));
     out.push_str(&format!("  export: {} nsid {} on {} (any host)\n", r.export.nqn, r.export.nsid, r.export.listen));
+    if !down.is_empty() {
+        out.push_str(&format!(
+            "  note: targets (rank:index) {} are not up in pool {}'s map: its volumes run degraded\n",
+            down.join(" "),
+            r.pool.name
+        ));
+    }
     for n in &r.notes {
         out.push_str(&format!("  note: {n}\n"));
     }

@@ -1,0 +1,488 @@
+//! `tessera pool|volume|export|system` and `tessera up` as an operator runs them: the real
+//! `tessera`, `tessera-mgmt`, `tessera-engine` and `tessera-nvmf` binaries over real TCP.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Runs `tessera args` with `envs`; returns (exit code, stdout, stderr).
+fn tessera_env(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).env_remove("TESSERA_MGMT").envs(envs.iter().copied()).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn tessera(args: &[&str]) -> (i32, String, String) {
+    tessera_env(args, &[])
+}
+
+/// `tessera args --json`, which must succeed.
+fn tessera_json(mgmt: &str, args: &[&str]) -> Value {
+    let mut all = vec!["--mgmt", mgmt];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let (code, out, err) = tessera(&all);
+    assert_eq!(code, 0, "tessera {all:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("tessera {all:?} printed no JSON ({e}): {out}"))
+}
+
+/// Builds the daemons `tessera up` starts, next to the `tessera` binary under test.
+fn build_daemons() {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        let exe = PathBuf::from(env!("CARGO_BIN_EXE_tessera"));
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "--quiet", "-p", "tessera-mgmt", "-p", "tessera-engine", "-p", "tessera-nvmf", "--bins"]);
+        build.current_dir(env!("CARGO_MANIFEST_DIR"));
+        if exe.parent().and_then(Path::file_name).is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        assert!(build.status().unwrap().success(), "building tessera-mgmt, tessera-engine and tessera-nvmf failed");
+    });
+}
+
+fn bin(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tessera")).parent().unwrap().join(name)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A port p with p..p+n free.
+fn free_ports(n: u16) -> u16 {
+    loop {
+        let base = free_port();
+        if base.checked_add(n).is_some() && (1..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tessera-ctl-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie has exited; only its parent has not collected it yet.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+}
+
+/// Pids of live processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if pid == std::process::id() {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(needle) && alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A single-line error message on stderr.
+fn one_line(err: &str) -> &str {
+    assert_eq!(err.lines().count(), 1, "expected one line on stderr: {err:?}");
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+    err.trim_end()
+}
+
+#[test]
+fn bad_arguments_are_one_line_and_exit_2() {
+    for args in [
+        &["volume", "create", "v", "--size", "1x"][..],
+        &["volume", "create", "v", "--size", "0"],
+        &["volume", "create", "v", "--size", "1.5G"],
+        &["volume", "create", "v"],
+        &["volume", "resize", "v", "--size", "12 parsecs"],
+        &["pool", "create"],
+        &["pool", "create", "p", "--ranks", "0,x"],
+        &["export", "remove", "--nqn", "nqn.x"],
+        &["export", "add", "--nqn", "nqn.x"],
+        &["system", "frobnicate"],
+        &["up", "--engines", "0"],
+        &["up", "--target-capacity", "lots"],
+        &["up", "--listen", "nowhere"],
+    ] {
+        let (code, out, err) = tessera(args);
+        assert_eq!(code, 2, "tessera {args:?}: {err}");
+        assert!(out.is_empty(), "{out}");
+        assert!(one_line(&err).starts_with("tessera: "), "{err}");
+    }
+    let (_, _, err) = tessera(&["volume", "create", "v", "--size", "1x"]);
+    assert!(err.contains("\"1x\" is not a size"), "{err}");
+}
+
+#[test]
+fn an_unreachable_service_is_named() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    for args in
+        [&["--mgmt", &addr, "system", "query"][..], &["pool", "list", "--mgmt", &addr], &["volume", "list", "--json", "--mgmt", &addr]]
+    {
+        let (code, out, err) = tessera(args);
+        assert_eq!(code, 1, "{err}");
+        assert!(out.is_empty(), "{out}");
+        let line = one_line(&err);
+        assert!(line.starts_with(&format!("tessera: cannot reach the management service at {addr}: ")), "{line}");
+        assert!(line.contains("refused"), "{line}");
+    }
+    // TESSERA_MGMT is the default; --mgmt wins over it.
+    let (code, _, err) = tessera_env(&["system", "query"], &[("TESSERA_MGMT", &addr)]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&addr), "{err}");
+    let (code, help, _) = tessera(&["system", "query", "--help"]);
+    assert_eq!(code, 0);
+    assert!(help.contains("[env: TESSERA_MGMT=]") && help.contains("[default: 127.0.0.1:7400]"), "{help}");
+}
+
+/// A `tessera-mgmt` process on a free port with its own database, killed on drop.
+struct Mgmt {
+    child: Child,
+    addr: String,
+    dir: PathBuf,
+}
+
+impl Mgmt {
+    fn start() -> Mgmt {
+        build_daemons();
+        let dir = temp_dir("mgmt");
+        let mut child = Command::new(bin("tessera-mgmt"))
+            .args(["--listen", "127.0.0.1:0", "--db"])
+            .arg(dir.join("mgmt.redb"))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|l| l.contains("listening").then(|| l.split("addr=").nth(1)?.split_whitespace().next().map(str::to_string)).flatten())
+            .expect("tessera-mgmt exited before listening");
+        std::thread::spawn(move || lines.for_each(drop));
+        Mgmt { child, addr, dir }
+    }
+}
+
+impl Drop for Mgmt {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn service_refusals_print_its_message_and_exit_1() {
+    let m = Mgmt::start();
+    let a = m.addr.as_str();
+    assert_eq!(tessera_json(a, &["pool", "list"]), serde_json::json!([]));
+    assert_eq!(tessera_json(a, &["system", "query"])["engines"], serde_json::json!([]));
+    let (code, out, _) = tessera(&["--mgmt", a, "pool", "list"]);
+    assert_eq!((code, out.as_str()), (0, "no pools\n"));
+
+    for (args, needle) in [
+        (&["pool", "create", "p", "--class", "BOGUS"][..], "BOGUS"),
+        (&["pool", "create", "p"], "no engine is up"),
+        (&["pool", "query", "nope"], "nope"),
+        (&["volume", "info", "vol0", "--pool", "nope"], "nope"),
+        (&["volume", "create", "v", "--size", "1G", "--pool", "nope"], "nope"),
+        (&["export", "remove", "--nqn", "nqn.2026-11.io.tessera:none", "--nsid", "1"], "nqn.2026-11.io.tessera:none"),
+    ] {
+        let mut all = vec!["--mgmt", a];
+        all.extend_from_slice(args);
+        let (code, out, err) = tessera(&all);
+        assert_eq!(code, 1, "tessera {all:?}: {err}");
+        assert!(out.is_empty(), "{out}");
+        let line = one_line(&err);
+        assert!(line.starts_with("tessera: ") && line.contains(needle), "tessera {all:?}: {line}");
+        assert!(!line.contains("HTTP") && !line.contains("{"), "the service's message, not its envelope: {line}");
+    }
+}
+
+/// A running `tessera up`: its output lines as they come, and cleanup if a test fails.
+struct Up {
+    child: Child,
+    out: mpsc::Receiver<String>,
+    err: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Pids from the summary: name -> pid.
+    pids: Vec<(String, u32)>,
+    stdout: Vec<String>,
+}
+
+#[derive(Clone)]
+struct Ports {
+    mgmt: u16,
+    nvmf: u16,
+    engines: u16,
+}
+
+impl Ports {
+    fn pick() -> Ports {
+        Ports { mgmt: free_port(), nvmf: free_port(), engines: free_ports(3) }
+    }
+}
+
+impl Up {
+    fn start(dir: &Path, ports: &Ports, extra: &[&str]) -> Up {
+        build_daemons();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .arg("up")
+            .arg("--dir")
+            .arg(dir)
+            .args(["--engines", "3", "--targets", "2", "--target-capacity", "64M", "--volume-size", "32M"])
+            .args(["--mgmt-listen", &format!("127.0.0.1:{}", ports.mgmt)])
+            .args(["--listen", &format!("127.0.0.1:{}", ports.nvmf)])
+            .args(["--engine-base-port", &ports.engines.to_string()])
+            .args(extra)
+            .env_remove("TESSERA_MGMT")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, out) = mpsc::channel();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for l in stdout.lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let err = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let sink = err.clone();
+        std::thread::spawn(move || {
+            for l in stderr.lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        Up { child, out, err, pids: Vec::new(), stdout: Vec::new() }
+    }
+
+    fn stderr(&self) -> String {
+        self.err.lock().unwrap().join("\n")
+    }
+
+    /// Waits for the `nvme connect` line; returns it.
+    fn wait_ready(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            match self.out.recv_timeout(Duration::from_millis(200)) {
+                Ok(l) => {
+                    let words: Vec<&str> = l.split_whitespace().collect();
+                    if let [name, "pid", pid, ..] = words[..] {
+                        self.pids.push((name.to_string(), pid.parse().unwrap()));
+                    }
+                    self.stdout.push(l.clone());
+                    if l.trim_start().starts_with("nvme connect ") {
+                        return l.trim().to_string();
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(st) = self.child.try_wait().unwrap() {
+                        std::thread::sleep(Duration::from_millis(200));
+                        panic!("tessera up exited ({st}) before it was ready:\n{}\n{}", self.stdout.join("\n"), self.stderr());
+                    }
+                    assert!(Instant::now() < deadline, "tessera up not ready in time:\n{}\n{}", self.stdout.join("\n"), self.stderr());
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let st = self.child.wait().unwrap();
+                    std::thread::sleep(Duration::from_millis(200));
+                    panic!("tessera up exited ({st}) before it was ready:\n{}\n{}", self.stdout.join("\n"), self.stderr());
+                }
+            }
+        }
+    }
+
+    fn pid(&self, name: &str) -> u32 {
+        self.pids.iter().find(|(n, _)| n == name).map(|(_, p)| *p).unwrap_or_else(|| panic!("no pid for {name} in {:?}", self.pids))
+    }
+
+    /// Waits up to `secs` for `tessera up` to exit; its exit code.
+    fn wait_exit(&mut self, secs: u64) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                return st.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "tessera up still running after {secs}s:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for a stderr line containing `needle`.
+    fn wait_stderr(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.stderr().contains(needle) {
+            assert!(Instant::now() < deadline, "no {needle:?} on stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            signal(self.child.id(), "TERM");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for (_, pid) in &self.pids {
+            if alive(*pid) {
+                signal(*pid, "KILL");
+            }
+        }
+    }
+}
+
+#[test]
+fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
+    let dir = temp_dir("up");
+    let ports = Ports::pick();
+    let mgmt = format!("127.0.0.1:{}", ports.mgmt);
+    let nqn = "nqn.2026-11.io.tessera:vol0";
+
+    let mut up = Up::start(&dir, &ports, &[]);
+    let connect = up.wait_ready();
+    assert_eq!(connect, format!("nvme connect -t tcp -a 127.0.0.1 -s {} -n {nqn}", ports.nvmf));
+    assert!(up.stdout.iter().any(|l| l.trim() == format!("nvme discover -t tcp -a 127.0.0.1 -s {}", ports.nvmf)), "{:?}", up.stdout);
+    let names: Vec<&str> = up.pids.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["mgmt", "engine-0", "engine-1", "engine-2", "nvmf"]);
+    for (name, pid) in &up.pids {
+        assert!(alive(*pid), "{name} is not running");
+    }
+    for f in ["mgmt.redb", "engine-0/engine.toml", "engine-2/data/ENGINE", "logs/mgmt.log", "logs/engine-1.log", "logs/nvmf.log"] {
+        assert!(dir.join(f).exists(), "no {f} in {}", dir.display());
+    }
+
+    let pools = tessera_json(&mgmt, &["pool", "list"]);
+    let pools = pools.as_array().unwrap();
+    assert_eq!(pools.len(), 1, "{pools:?}");
+    assert_eq!(pools[0]["name"], "default");
+    assert_eq!(pools[0]["default_class"], "EC_2P1");
+    assert_eq!(pools[0]["map"]["targets"].as_array().unwrap().len(), 6);
+
+    let vols = tessera_json(&mgmt, &["volume", "list"]);
+    assert_eq!(vols.as_array().unwrap().len(), 1, "{vols}");
+    assert_eq!(vols[0]["name"], "vol0");
+    assert_eq!(vols[0]["size"], 32 << 20);
+    assert_eq!(vols[0]["class"], "EC_2P1");
+    let uuid = vols[0]["uuid"].as_str().unwrap().to_string();
+
+    let exports = tessera_json(&mgmt, &["export", "list"]);
+    assert_eq!(exports["exports"].as_array().unwrap().len(), 1, "{exports}");
+    assert_eq!(exports["exports"][0]["nqn"], nqn);
+    assert_eq!(exports["exports"][0]["nsid"], 1);
+    assert_eq!(exports["exports"][0]["listen"], format!("127.0.0.1:{}", ports.nvmf));
+    assert_eq!(exports["exports"][0]["volume"]["uuid"], uuid.as_str());
+
+    let sys = tessera_json(&mgmt, &["system", "query"]);
+    let engines = sys["engines"].as_array().unwrap();
+    assert_eq!(engines.len(), 3, "{sys}");
+    for (r, e) in engines.iter().enumerate() {
+        assert_eq!(e["rank"], r);
+        assert_eq!(e["state"], "up", "{sys}");
+        assert_eq!(e["address"], format!("127.0.0.1:{}", usize::from(ports.engines) + r));
+    }
+
+    // The human forms name the same things.
+    let (code, out, err) = tessera(&["--mgmt", &mgmt, "volume", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("POOL ") && out.contains(&uuid) && out.contains("32 MiB"), "{out}");
+    let (_, out, _) = tessera(&["--mgmt", &mgmt, "system", "query"]);
+    assert!(out.starts_with("3 engine(s), 3 up"), "{out}");
+
+    // Blocks go through the target, the DAOS bdev and the engines and come back the same.
+    let addr = format!("127.0.0.1:{}", ports.nvmf);
+    let (code, out, err) = tessera(&[
+        "bench", "--addr", &addr, "--nqn", nqn, "--rw", "randrw", "--bs", "8k", "--qd", "4", "--ios", "300", "--verify", "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["ios"], 300, "{report}");
+
+    // An engine killed -9 is reported; the others keep running.
+    let victim = up.pid("engine-2");
+    signal(victim, "KILL");
+    up.wait_stderr(&format!("engine-2 (pid {victim}) exited: killed by signal 9"));
+    assert!(up.child.try_wait().unwrap().is_none(), "tessera up stopped when an engine died:\n{}", up.stderr());
+    assert_eq!(tessera_json(&mgmt, &["pool", "list"]).as_array().unwrap().len(), 1);
+
+    // Ctrl-C: target, then service, then engines; exit 0 and nothing left running.
+    signal(up.child.id(), "INT");
+    assert_eq!(up.wait_exit(120), 0, "{}", up.stderr());
+    let err = up.stderr();
+    let at = |s: &str| err.find(s).unwrap_or_else(|| panic!("no {s:?} in:\n{err}"));
+    assert!(at("stopped nvmf") < at("stopped mgmt"), "{err}");
+    assert!(at("stopped mgmt") < at("stopped engine-0") && at("stopped mgmt") < at("stopped engine-1"), "{err}");
+    for (name, pid) in &up.pids {
+        assert!(!alive(*pid), "{name} (pid {pid}) still running after tessera up exited");
+    }
+    assert_eq!(processes_mentioning(dir.to_str().unwrap()), Vec::<u32>::new());
+    drop(up);
+
+    // Again on the same directory: the same pool, volume and export, all three engines back.
+    let mut up = Up::start(&dir, &ports, &[]);
+    assert_eq!(up.wait_ready(), connect);
+    let vols = tessera_json(&mgmt, &["volume", "list"]);
+    assert_eq!(vols.as_array().unwrap().len(), 1, "{vols}");
+    assert_eq!(vols[0]["uuid"], uuid.as_str());
+    assert_eq!(tessera_json(&mgmt, &["export", "list"])["exports"].as_array().unwrap().len(), 1);
+    let sys = tessera_json(&mgmt, &["system", "query"]);
+    assert!(sys["engines"].as_array().unwrap().iter().all(|e| e["state"] == "up"), "{sys}");
+    signal(up.child.id(), "TERM");
+    assert_eq!(up.wait_exit(120), 0, "{}", up.stderr());
+    for (name, pid) in &up.pids {
+        assert!(!alive(*pid), "{name} (pid {pid}) still running after tessera up exited");
+    }
+    drop(up);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn up_reports_a_daemon_that_fails_to_start_and_stops_the_others() {
+    let dir = temp_dir("up-fail");
+    // Engine 1's data directory belongs to another layout: that engine refuses to start.
+    std::fs::create_dir_all(dir.join("engine-1/data")).unwrap();
+    std::fs::write(dir.join("engine-1/data/ENGINE"), "rank = 7\ntargets = 5\n").unwrap();
+    let ports = Ports::pick();
+    let mut up = Up::start(&dir, &ports, &["--timeout", "60"]);
+    let code = up.wait_exit(120);
+    let err = up.stderr();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("engine-1 exited during start-up (exit status 1)"), "{err}");
+    assert!(err.contains("holds data of another engine layout"), "the engine's own log line is shown: {err}");
+    assert!(err.contains("stopped mgmt") && err.contains("stopped engine-0") && err.contains("stopped engine-2"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let printed: Vec<String> = up.out.try_iter().collect();
+    assert!(!printed.iter().any(|l| l.contains("nvme connect")), "{printed:?}");
+    assert_eq!(processes_mentioning(dir.to_str().unwrap()), Vec::<u32>::new());
+    drop(up);
+    let _ = std::fs::remove_dir_all(&dir);
+}
