@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds Tessera and starts the NVMe/TCP target with the built-in default configuration:
-# subsystem nqn.2026-11.io.tessera:default, one 1 GiB malloc namespace, on 127.0.0.1:4420.
-# Extra arguments go to tessera-nvmf (for example --config FILE).
+# Builds Tessera and starts a whole system on this machine with `tessera up`: the management
+# service (127.0.0.1:7400), 3 engines with 2 targets each (127.0.0.1:7410-7412), and the
+# NVMe/TCP target (127.0.0.1:4420) serving volume vol0 (1 GiB, EC_2P1) of pool default as
+# nqn.2026-11.io.tessera:vol0. Data and logs go to ./tessera-data and are reused next time.
+# Ctrl-C stops everything. Extra arguments go to `tessera up` (see `tessera up --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bins
-exec target/release/tessera-nvmf "$@"
+exec target/release/tessera up "$@"
