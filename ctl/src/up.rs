@@ -298,23 +298,30 @@ fn failure(p: &Proc, message: &str) -> String {
     format!("{message} (log: {})", p.log.display())
 }
 
-/// SIGINT and SIGTERM.
+/// SIGINT, SIGTERM and SIGHUP (a closed terminal would otherwise end `tessera up` and leave
+/// its daemons running).
 #[derive(Debug)]
 struct Signals {
     int: Signal,
     term: Signal,
+    hup: Signal,
 }
 
 impl Signals {
     fn new() -> Result<Signals, String> {
         let err = |e: std::io::Error| format!("cannot handle signals: {e}");
-        Ok(Signals { int: signal(SignalKind::interrupt()).map_err(err)?, term: signal(SignalKind::terminate()).map_err(err)? })
+        Ok(Signals {
+            int: signal(SignalKind::interrupt()).map_err(err)?,
+            term: signal(SignalKind::terminate()).map_err(err)?,
+            hup: signal(SignalKind::hangup()).map_err(err)?,
+        })
     }
 
     async fn recv(&mut self) -> &'static str {
         tokio::select! {
             _ = self.int.recv() => "SIGINT",
             _ = self.term.recv() => "SIGTERM",
+            _ = self.hup.recv() => "SIGHUP",
         }
     }
 }
@@ -339,6 +346,11 @@ struct Ready {
 async fn up(a: UpArgs) -> Result<(), String> {
     if a.class.trim().is_empty() {
         return Err("--class is empty".into());
+    }
+    for (flag, addr) in [("--mgmt-listen", a.mgmt_listen), ("--listen", a.listen)] {
+        if addr.port() == 0 {
+            return Err(format!("{flag} {addr}: give a port (clients need to know it)"));
+        }
     }
     let bins = Binaries { mgmt: locate("tessera-mgmt")?, engine: locate("tessera-engine")?, nvmf: locate("tessera-nvmf")? };
     std::fs::create_dir_all(a.dir.join("logs")).map_err(|e| format!("cannot create {}: {e}", a.dir.join("logs").display()))?;
@@ -481,7 +493,15 @@ async fn start(
     let deadline = Instant::now() + timeout;
     loop {
         procs.check_startup()?;
-        let sys = client.system().await.map_err(call)?;
+        let sys = match client.system().await {
+            Ok(s) => s,
+            Err(e) => {
+                // The service may have just died: say so, with its log, rather than "unreachable".
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                procs.check_startup()?;
+                return Err(call(e));
+            }
+        };
         let missing: Vec<String> = (0..a.engines)
             .filter(|&r| !sys.engines.iter().any(|e| e.rank == r && e.state == EngineState::Up && e.last_heartbeat_ms.is_some()))
             .map(|r| r.to_string())

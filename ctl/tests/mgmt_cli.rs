@@ -466,6 +466,37 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
 }
 
 #[test]
+fn up_refuses_unusable_addresses_before_starting_anything() {
+    build_daemons();
+    let dir = temp_dir("up-addr");
+    let d = dir.to_str().unwrap();
+    let (code, out, err) = tessera(&["up", "--dir", d, "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(out.is_empty());
+    assert!(one_line(&err).contains("--listen 127.0.0.1:0: give a port"), "{err}");
+    // A port in use (here: by this test) is refused, naming the address.
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let ports = Ports::pick();
+    let (code, _, err) = tessera(&[
+        "up",
+        "--dir",
+        d,
+        "--mgmt-listen",
+        &format!("127.0.0.1:{}", ports.mgmt),
+        "--listen",
+        &format!("127.0.0.1:{}", ports.nvmf),
+        "--engine-base-port",
+        &port.to_string(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    let line = one_line(&err);
+    assert!(line.contains(&format!("engine 0 address 127.0.0.1:{port} is not available")), "{line}");
+    assert!(!dir.join("logs/mgmt.log").exists(), "nothing was started");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn up_reports_a_daemon_that_fails_to_start_and_stops_the_others() {
     let dir = temp_dir("up-fail");
     // Engine 1's data directory belongs to another layout: that engine refuses to start.
