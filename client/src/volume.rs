@@ -239,7 +239,8 @@ impl Cluster {
         *last = Instant::now();
         match self.mgmt.pool_map(&pool.name).await {
             Ok(info) => match PoolView::from_info(&info) {
-                Ok(view) if view.map.version() > before => {
+                // A newer map, or the same map with an engine at a new address (restarted).
+                Ok(view) if view.map.version() > before || (view.map.version() == before && view.addrs != pool.current().addrs) => {
                     info!(pool = %pool.name, from = before, to = view.map.version(), "pool map updated");
                     *pool.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
                 }
@@ -590,12 +591,27 @@ impl VolumeInner {
                     }
                     let before = view.map.version();
                     self.cluster.refresh(&self.pool).await;
-                    if self.pool.current().map.version() == before {
+                    let view = self.pool.current();
+                    if !self.can_serve(&self.group(&view, &dkey)?, p) {
+                        // The map itself says too few shards are left: no retry can help until
+                        // a reintegration, so fail now rather than at the deadline.
+                        return Err(e);
+                    }
+                    if view.map.version() == before {
                         tokio::time::sleep(RETRY_PAUSE).await;
                     }
                 }
             }
         }
+    }
+
+    /// Whether the map leaves enough readable shards to serve piece `p` of this group.
+    fn can_serve(&self, group: &Group, p: &Piece) -> bool {
+        if !self.class.is_ec() {
+            return group.readable_count() > 0;
+        }
+        group.shards.get(p.cell as usize).is_some_and(ShardPlacement::readable)
+            || group.readable_count() >= self.class.data_shards() as usize
     }
 
     fn fetch(&self, dkey: &Bytes, akey: &'static [u8], offset: u64, len: u32, epoch: Epoch, also: &[&'static [u8]]) -> Request {
