@@ -1,0 +1,246 @@
+//! Volume I/O against a real local cluster: the management service and three engines as
+//! separate processes on 127.0.0.1, through the client library (what the DAOS bdev uses).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tessera_client::volume::{Cluster, Volume, VolumeError};
+use tessera_mgmt_api::{CreatePool, CreateVolume};
+use tessera_testkit::LocalCluster;
+
+/// A seeded xorshift generator.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+async fn open(c: &LocalCluster, class: &str, size: u64) -> Volume {
+    let mgmt = c.client();
+    mgmt.create_pool(&CreatePool { name: "p".into(), ranks: vec![], default_class: None }).await.unwrap();
+    let info = mgmt
+        .create_volume(
+            "p",
+            &CreateVolume {
+                name: "v".into(),
+                size,
+                block_size: Some(4096),
+                class: Some(class.into()),
+                cell_size: Some(16 * 1024),
+                chunk_size: None,
+                checksum: None,
+            },
+        )
+        .await
+        .unwrap();
+    Cluster::new(mgmt).open_volume(&info).await.unwrap()
+}
+
+/// The bytes every write stores: a function of (offset, generation).
+fn pattern(offset: u64, len: usize, gen: u64) -> Bytes {
+    let mut v = vec![0u8; len];
+    for (i, b) in v.iter_mut().enumerate() {
+        let x = (offset + i as u64).wrapping_mul(0x9e37_79b9).wrapping_add(gen.wrapping_mul(0x85eb_ca6b));
+        *b = (x >> 13) as u8;
+    }
+    Bytes::from(v)
+}
+
+/// One random write (a partial stripe, a whole stripe, or several stripes and chunks), applied
+/// to the model too.
+async fn random_write(vol: &Volume, model: &mut [u8], rng: &mut Rng, gen: u64) -> Result<(), VolumeError> {
+    let size = model.len() as u64;
+    let block = 4096u64;
+    let blocks = match rng.below(4) {
+        0 => 1,
+        1 => 1 + rng.below(8),
+        2 => 8,                  // 32 KiB: one whole EC_2P1 stripe of 16 KiB cells when aligned
+        _ => 16 + rng.below(64), // up to 320 KiB: spans stripes and sometimes chunks
+    };
+    let off = rng.below(size / block - blocks) * block;
+    let len = (blocks * block) as usize;
+    let data = pattern(off, len, gen);
+    model[off as usize..off as usize + len].copy_from_slice(&data);
+    vol.write(off, data).await
+}
+
+async fn verify_all(vol: &Volume, model: &[u8]) {
+    let step = 256 * 1024;
+    for off in (0..model.len()).step_by(step) {
+        let got = vol.read(off as u64, step as u64).await.unwrap_or_else(|e| panic!("read at {off}: {e}"));
+        assert!(got[..] == model[off..off + step], "data differs in {off}..{}", off + step);
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+#[test]
+fn ec_2p1_survives_one_engine_killed_mid_workload_and_refuses_after_two() {
+    let mut c = LocalCluster::start("vol-ec", 3, 2, "256MiB", "1500ms");
+    let rt = runtime();
+    let size = 8 << 20;
+    let vol = rt.block_on(open(&c, "EC_2P1", size));
+    let mut model = vec![0u8; size as usize];
+    let mut rng = Rng(0x5eed_1234);
+    // Start from a fully written volume so every read checks real data.
+    rt.block_on(async {
+        for off in (0..size).step_by(1 << 20) {
+            let d = pattern(off, 1 << 20, 7);
+            model[off as usize..(off + (1 << 20)) as usize].copy_from_slice(&d);
+            vol.write(off, d).await.unwrap();
+        }
+    });
+    rt.block_on(sequential_random_writes(&vol, &mut model, &mut rng, 150, 1));
+    rt.block_on(verify_all(&vol, &model));
+    assert_eq!(vol.stats().degraded_reads, 0);
+
+    // kill -9 one engine while writes are in flight.
+    let writer = {
+        let vol = vol.clone();
+        let mut model2 = model.clone();
+        let mut rng2 = Rng(0xabcdef);
+        std::thread::spawn(move || {
+            let rt = runtime();
+            rt.block_on(sequential_random_writes(&vol, &mut model2, &mut rng2, 200, 2));
+            model2
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    c.kill_engine(1);
+    let model = writer.join().unwrap();
+    rt.block_on(verify_all(&vol, &model));
+    let s = vol.stats();
+    assert!(s.degraded_reads > 0, "{s:?}");
+    c.wait_engine_down(1, Duration::from_secs(10));
+    // Writes after the engine is DOWN are degraded but succeed, and read back.
+    let mut model = model;
+    rt.block_on(sequential_random_writes(&vol, &mut model, &mut rng, 100, 3));
+    rt.block_on(verify_all(&vol, &model));
+    assert!(vol.stats().degraded_writes > 0);
+
+    // A second engine lost: more than p = 1 shards of every group; I/O fails clearly, reads
+    // never return wrong data.
+    c.kill_engine(2);
+    c.wait_engine_down(2, Duration::from_secs(10));
+    // Engines learn the new map version from their next heartbeat (every 200 ms here) and from
+    // then on refuse our stale map, which makes us fetch the new one.
+    std::thread::sleep(Duration::from_secs(1));
+    let err = rt.block_on(vol.write(0, pattern(0, 8192, 99))).unwrap_err();
+    assert!(matches!(err, VolumeError::Unavailable(_)), "{err}");
+    assert!(err.to_string().contains("down"), "{err}");
+    let mut failed = 0;
+    for off in (0..size).step_by(64 * 1024) {
+        match rt.block_on(vol.read(off, 64 * 1024)) {
+            Ok(d) => assert!(d[..] == model[off as usize..off as usize + 64 * 1024], "wrong data at {off}"),
+            Err(e) => {
+                assert!(matches!(e, VolumeError::Unavailable(_)), "{e}");
+                failed += 1;
+            }
+        }
+    }
+    assert!(failed > 0, "with two of three engines gone some reads must fail");
+}
+
+/// Random writes one after another (so the model is exact).
+async fn sequential_random_writes(vol: &Volume, model: &mut [u8], rng: &mut Rng, count: usize, gen: u64) {
+    for i in 0..count {
+        random_write(vol, model, rng, gen * 10_000 + i as u64).await.unwrap_or_else(|e| panic!("write {i}: {e}"));
+    }
+}
+
+#[test]
+fn checksum_corruption_on_one_engine_is_detected_and_served_from_redundancy() {
+    let c = LocalCluster::start("vol-csum", 3, 1, "64MiB", "5s");
+    let rt = runtime();
+    let size = 4 << 20;
+    let vol = rt.block_on(open(&c, "EC_2P1", size));
+    let mut model = vec![0u8; size as usize];
+    // Whole-stripe writes (base cells + parity) and partial ones (deltas + copies).
+    rt.block_on(async {
+        for off in (0..size).step_by(1 << 20) {
+            let d = pattern(off, 1 << 20, 1);
+            model[off as usize..(off + (1 << 20)) as usize].copy_from_slice(&d);
+            vol.write(off, d).await.unwrap();
+        }
+        for off in (0..size).step_by(96 * 1024) {
+            let d = pattern(off, 4096, 2);
+            model[off as usize..off as usize + 4096].copy_from_slice(&d);
+            vol.write(off, d).await.unwrap();
+        }
+    });
+    // Flip bytes all over engine 0's data file (every 4 KiB block).
+    let path = c.target_dir(0, 0).join("data.blk");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mut flipped = 0;
+    for i in (100..bytes.len()).step_by(4096) {
+        bytes[i] ^= 0x5a;
+        flipped += 1;
+    }
+    assert!(flipped > 100);
+    std::fs::write(&path, &bytes).unwrap();
+    rt.block_on(verify_all(&vol, &model));
+    let s = vol.stats();
+    assert!(s.checksum_errors > 0, "{s:?}");
+    assert!(s.degraded_reads > 0, "{s:?}");
+}
+
+#[test]
+fn rp_3_and_write_zeroes() {
+    let mut c = LocalCluster::start("vol-rp", 3, 2, "64MiB", "1500ms");
+    let rt = runtime();
+    let size = 4 << 20;
+    let vol = rt.block_on(open(&c, "RP_3", size));
+    let mut model = vec![0u8; size as usize];
+    let mut rng = Rng(42);
+    rt.block_on(sequential_random_writes(&vol, &mut model, &mut rng, 60, 1));
+    rt.block_on(verify_all(&vol, &model));
+    // Zero a range that covers whole stripes and partial ones.
+    rt.block_on(vol.write_zeroes(12 * 1024, 300 * 1024)).unwrap();
+    model[12 * 1024..312 * 1024].fill(0);
+    rt.block_on(verify_all(&vol, &model));
+    c.kill_engine(0);
+    rt.block_on(verify_all(&vol, &model));
+    c.wait_engine_down(0, Duration::from_secs(10));
+    rt.block_on(sequential_random_writes(&vol, &mut model, &mut rng, 30, 2));
+    rt.block_on(verify_all(&vol, &model));
+}
+
+#[test]
+fn ec_write_zeroes_whole_and_partial_stripes_read_back_degraded() {
+    // A long heartbeat timeout: engines are only ever unreachable here, never marked DOWN.
+    let mut c = LocalCluster::start("vol-ecz", 3, 1, "64MiB", "60s");
+    let rt = runtime();
+    let size = 2 << 20;
+    let vol = rt.block_on(open(&c, "EC_2P1", size));
+    let mut model = vec![0u8; size as usize];
+    rt.block_on(async {
+        let d = pattern(0, size as usize, 3);
+        model.copy_from_slice(&d);
+        vol.write(0, d).await.unwrap();
+        vol.write_zeroes(4096, 100 * 1024).await.unwrap();
+        model[4096..4096 + 100 * 1024].fill(0);
+        let d = pattern(40 * 1024, 8192, 4);
+        model[40 * 1024..48 * 1024].copy_from_slice(&d);
+        vol.write(40 * 1024, d).await.unwrap();
+    });
+    rt.block_on(verify_all(&vol, &model));
+    for rank in 0..3 {
+        // Each engine in turn unreachable: every byte is served by the other two.
+        c.kill_engine(rank);
+        rt.block_on(verify_all(&vol, &model));
+        let d = c.start_engine(rank);
+        c.engines[rank as usize] = Some(d);
+    }
+}
