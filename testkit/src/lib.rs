@@ -115,6 +115,7 @@ pub struct LocalCluster {
     pub engines: Vec<Option<Daemon>>,
     targets: u16,
     capacity: String,
+    engine_extra: String,
 }
 
 impl LocalCluster {
@@ -122,6 +123,12 @@ impl LocalCluster {
     /// `engines` engines with `targets` targets of `capacity` each, and waits until all are
     /// registered and up.
     pub fn start(name: &str, engines: u32, targets: u16, capacity: &str, hb_timeout: &str) -> LocalCluster {
+        Self::start_with(name, engines, targets, capacity, hb_timeout, "")
+    }
+
+    /// Like [`LocalCluster::start`], with `engine_extra` (TOML, e.g. a `[tuning]` section)
+    /// appended to every engine's configuration.
+    pub fn start_with(name: &str, engines: u32, targets: u16, capacity: &str, hb_timeout: &str, engine_extra: &str) -> LocalCluster {
         build_binaries();
         let dir = std::env::temp_dir().join(format!("tessera-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -133,7 +140,14 @@ impl LocalCluster {
             "listening",
             &dir.join("mgmt.log"),
         );
-        let mut c = LocalCluster { dir, mgmt, engines: Vec::new(), targets, capacity: capacity.to_string() };
+        let mut c = LocalCluster {
+            dir,
+            mgmt,
+            engines: Vec::new(),
+            targets,
+            capacity: capacity.to_string(),
+            engine_extra: engine_extra.to_string(),
+        };
         for rank in 0..engines {
             let d = c.start_engine(rank);
             c.engines.push(Some(d));
@@ -155,11 +169,12 @@ impl LocalCluster {
         std::fs::write(
             &cfg,
             format!(
-                "rank = {rank}\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ntargets = {}\ntarget_capacity = \"{}\"\n\n[mgmt]\naddress = \"{}\"\n",
+                "rank = {rank}\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ntargets = {}\ntarget_capacity = \"{}\"\n\n[mgmt]\naddress = \"{}\"\n{}",
                 edir.join("data").display(),
                 self.targets,
                 self.capacity,
-                self.mgmt.addr
+                self.mgmt.addr,
+                self.engine_extra
             ),
         )
         .unwrap();
