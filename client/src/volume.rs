@@ -832,6 +832,141 @@ mod tests {
         assert!(single_epoch(&[run(0, 50, 7)], 100).is_err());
     }
 
+    fn volume(class: &str, map: PoolMap) -> VolumeInner {
+        let class: ObjectClass = class.parse().unwrap();
+        let layout = VolumeLayout::new(4 << 20, 4096, 1 << 20, 16 * 1024, class).unwrap();
+        let addrs = map.engines().iter().map(|e| (e.rank, SocketAddr::from(([127, 0, 0, 1], 7410 + e.rank as u16)))).collect();
+        let pool = Arc::new(PoolCache {
+            name: "p".into(),
+            pool_id: 1,
+            view: RwLock::new(Arc::new(PoolView { map, addrs })),
+            refresh: tokio::sync::Mutex::new(Instant::now()),
+        });
+        let info = VolumeInfo {
+            pool: "p".into(),
+            pool_id: 1,
+            name: "v".into(),
+            uuid: uuid::Uuid::from_u128(77),
+            size: 4 << 20,
+            block_size: 4096,
+            class: class.to_string(),
+            cell_size: 16 * 1024,
+            chunk_size: 1 << 20,
+            checksum: true,
+            created: 0,
+        };
+        VolumeInner {
+            cluster: Cluster::new(MgmtClient::new("127.0.0.1:9")),
+            pool,
+            info,
+            layout,
+            class,
+            codec: if class.is_ec() { Some(Codec::for_class(class).unwrap()) } else { None },
+            cont: ContainerId(77),
+            oid: ObjectId(77),
+            counters: Counters::default(),
+        }
+    }
+
+    /// (akey, offset, length, is a punch) of every planned op, sorted.
+    fn summary(ops: &[ShardOp]) -> Vec<(Vec<u8>, u64, u64, bool)> {
+        let mut v: Vec<_> = ops
+            .iter()
+            .map(|op| match &op.req {
+                Request::Update(u) => match &u.value {
+                    UpdateValue::Array { offset, data, .. } => (u.akey.to_vec(), *offset, data.len() as u64, false),
+                    UpdateValue::Single { .. } => panic!("single value planned"),
+                },
+                Request::Punch(Punch { what: PunchTarget::Range { akey, offset, len, .. }, .. }) => (akey.to_vec(), *offset, *len, true),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn ec_plans_full_stripes_as_base_and_parity_and_partial_ones_as_delta_and_copies() {
+        let v = volume("EC_2P1", PoolMap::uniform(3, 2).unwrap());
+        let view = v.pool.current();
+        // Bytes 32 KiB .. 72 KiB: stripe 1 whole (32..64 KiB), stripe 2 partly (64..72 KiB).
+        let data = Bytes::from(vec![7u8; 40 * 1024]);
+        let (ops, skipped) = v.plan(&view, &v.layout.map(32 * 1024, 40 * 1024).unwrap(), Some(&data), 5).unwrap();
+        assert!(!skipped);
+        let b = |s: &str| s.as_bytes().to_vec();
+        assert_eq!(
+            summary(&ops),
+            vec![
+                (b("B"), 16384, 16384, false), // stripe 1, cell 0
+                (b("B"), 16384, 16384, false), // stripe 1, cell 1
+                (b("C"), 65536, 8192, false),  // copy of the fragment at its chunk offset
+                (b("D"), 32768, 8192, false),  // stripe 2, cell 0, shard offset 2 × 16 KiB
+                (b("P"), 16384, 16384, false), // stripe 1 parity
+            ]
+        );
+        // Every shard of a group is on its own engine; the parity of a full stripe is the
+        // code's parity of the two cells.
+        let group = v.group(&view, &key_from_u64(0)).unwrap();
+        let ranks: std::collections::BTreeSet<_> = group.shards.iter().map(|s| s.rank).collect();
+        assert_eq!(ranks.len(), 3);
+        let parity = ops.iter().find_map(|op| match &op.req {
+            Request::Update(u) if &u.akey[..] == b"P" => Some(u.value.data().clone()),
+            _ => None,
+        });
+        let expect = Codec::new(2, 1).unwrap().encode(&[vec![7u8; 16384], vec![7u8; 16384]]).unwrap();
+        assert_eq!(parity.unwrap().to_vec(), expect[0]);
+    }
+
+    #[test]
+    fn write_zeroes_punches_whole_stripes_in_every_akey_and_writes_zeros_elsewhere() {
+        let v = volume("EC_2P1", PoolMap::uniform(3, 1).unwrap());
+        let view = v.pool.current();
+        let (ops, _) = v.plan(&view, &v.layout.map(28 * 1024, 36 * 1024).unwrap(), None, 5).unwrap();
+        let b = |s: &str| s.as_bytes().to_vec();
+        assert_eq!(
+            summary(&ops),
+            vec![
+                (b("B"), 16384, 16384, true),
+                (b("B"), 16384, 16384, true),
+                (b("C"), 28672, 4096, false), // the partial piece of stripe 0, as zeros
+                (b("C"), 32768, 32768, true),
+                (b("D"), 12288, 4096, false),
+                (b("D"), 16384, 16384, true),
+                (b("D"), 16384, 16384, true),
+                (b("P"), 16384, 16384, true),
+            ]
+        );
+        assert!(ops.iter().all(|op| match &op.req {
+            Request::Update(u) => u.value.data().iter().all(|&x| x == 0),
+            _ => true,
+        }));
+    }
+
+    #[test]
+    fn plans_skip_down_shards_and_refuse_more_than_p() {
+        let map = PoolMap::uniform(3, 1).unwrap().set_engine_state(1, TargetState::Down).unwrap();
+        let v = volume("EC_2P1", map);
+        let view = v.pool.current();
+        let data = Bytes::from(vec![1u8; 4096]);
+        let (ops, skipped) = v.plan(&view, &v.layout.map(0, 4096).unwrap(), Some(&data), 5).unwrap();
+        assert!(ops.iter().all(|op| op.shard.rank != 1));
+        let group = v.group(&view, &key_from_u64(0)).unwrap();
+        assert_eq!(skipped, group.shards.iter().any(|s| s.rank == 1 && (s.shard == 0 || s.shard == 2)));
+        let map =
+            PoolMap::uniform(3, 1).unwrap().set_engine_state(1, TargetState::Down).unwrap().set_engine_state(2, TargetState::Down).unwrap();
+        let v = volume("EC_2P1", map);
+        let view = v.pool.current();
+        let e = v.plan(&view, &v.layout.map(0, 4096).unwrap(), Some(&data), 5).unwrap_err();
+        assert!(matches!(e, VolumeError::Unavailable(_)), "{e}");
+        // Three replicas survive two losses.
+        let map =
+            PoolMap::uniform(3, 1).unwrap().set_engine_state(1, TargetState::Down).unwrap().set_engine_state(2, TargetState::Down).unwrap();
+        let v = volume("RP_3", map);
+        let view = v.pool.current();
+        let (ops, skipped) = v.plan(&view, &v.layout.map(0, 4096).unwrap(), Some(&data), 5).unwrap();
+        assert_eq!((ops.len(), skipped), (1, true));
+    }
+
     fn assert_send<T: Send>(_: T) {}
 
     #[allow(dead_code)]
