@@ -24,8 +24,8 @@ if [ -x scripts/fuzz-build.sh ]; then
     scripts/fuzz-build.sh
 fi
 
-step "real Linux host in QEMU: nvme-cli, fio, nvme-tcp"
-cargo build --release -p tessera-nvmf
+step "real Linux host in QEMU: nvme-cli, fio, nvme-tcp (also an EC volume of tessera up, one engine killed)"
+cargo build --release -p tessera-nvmf -p tessera-ctl -p tessera-mgmt -p tessera-engine
 python3 tests/nvme-cli/run.py --no-setup --no-build
 
 step "all tests passed"

@@ -481,6 +481,330 @@ class ReferenceTarget(TargetLog):
             self.vm.close()
 
 
+# ----------------------------------------------------------------- cluster --
+EC_NQN = "nqn.2026-11.io.tessera:ec-vol0"
+EC_CLASS = "EC_2P1"
+EC_SIZE_MIB = 256
+EC_ENGINES = 3
+EC_TARGETS = 2
+EC_KILL_RANK = 1
+EC_PORT_RANGE = (21000, 31000)  # below Linux's ephemeral range (32768..)
+
+
+def port_free(port, host="127.0.0.1"):
+    """True if nothing listens on (or holds) host:port: a plain bind succeeds."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind((host, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def free_port_block(n, lo, hi, rng):
+    """The first port of n consecutive free ports, from a random start in [lo, hi)."""
+    for _ in range(200):
+        base = rng.randrange(lo, hi - n)
+        if all(port_free(base + i) for i in range(n)):
+            return base
+    raise TargetError(f"no {n} consecutive free ports found in {lo}..{hi}")
+
+
+class TesseraCluster(TargetLog):
+    """A whole Tessera system on 127.0.0.1 started by `tessera up`: tessera-mgmt, EC_ENGINES
+    tessera-engine processes (EC_TARGETS targets each) and tessera-nvmf in managed mode,
+    serving one EC_2P1 volume as EC_NQN.  Ports are free ones found at start (a block of
+    EC_ENGINES + 2 consecutive ports: mgmt, the engines, the NVMe/TCP listener)."""
+
+    kind = "tessera up"
+
+    def __init__(self, tessera_bin, workdir, logdir, port_base=None):
+        self.bin = Path(tessera_bin)
+        self.dir = Path(workdir) / "ec-cluster"
+        self.logdir = Path(logdir)
+        self.logpath = self.logdir / "ec-cluster.log"  # tessera up's own output + harness notes
+        self.port_base = port_base
+        self.proc = None
+        self.lines = []  # tessera up's stdout/stderr lines
+        self.pids = {}  # daemon name -> pid, from tessera up's summary
+        self.killed = {}  # daemon name -> (pid, time, note)
+        self.volume = None
+        self.down_msg = None  # what wait_engine_down saw
+        self.down_after = {}  # rank -> seconds from SIGKILL until the service showed it down
+        self.exit_status = None
+        self.logf = None
+        self._cond = threading.Condition()
+
+    # ports: mgmt = base, engine r = base + 1 + r, NVMe/TCP = base + 1 + EC_ENGINES
+    @property
+    def mgmt_addr(self):
+        return f"127.0.0.1:{self.base}"
+
+    @property
+    def port(self):
+        return self.base + 1 + EC_ENGINES
+
+    def note(self, msg):
+        line = f"## harness {time.strftime('%H:%M:%S')}: {msg}"
+        with self._cond:
+            if self.logf and not self.logf.closed:
+                self.logf.write(line + "\n")
+                self.logf.flush()
+
+    def annotate(self, msg):
+        self.note(msg)
+        try:  # also in the target's log, between its own lines (tessera up opened it O_APPEND)
+            with open(self.dir / "logs" / "nvmf.log", "a") as f:
+                f.write(f"## harness {time.strftime('%H:%M:%S')}: {msg}\n")
+        except OSError:
+            pass
+
+    def _read(self, stream):
+        for raw in stream:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self._cond:
+                self.lines.append(line)
+                if self.logf and not self.logf.closed:
+                    self.logf.write(f"[{time.strftime('%H:%M:%S')}] {line}\n")
+                    self.logf.flush()
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append(None)
+            self._cond.notify_all()
+
+    def _wait_line(self, pred, timeout):
+        """Waits until a line of tessera up's output satisfies pred (returns it) or the output
+        ends / timeout passes (returns None)."""
+        deadline = time.time() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    if line is None:
+                        return None
+                    if pred(line):
+                        return line
+                seen = len(self.lines)
+                left = deadline - time.time()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def tessera(self, *args, timeout=30):
+        """Runs `tessera --mgmt ADDR ARGS --json`; returns the parsed JSON."""
+        import json
+        p = subprocess.run([str(self.bin), "--mgmt", self.mgmt_addr, *args, "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+        if p.returncode != 0:
+            raise TargetError(f"tessera {' '.join(args)}: exit {p.returncode}: {p.stderr.strip()}")
+        return json.loads(p.stdout)
+
+    def start(self):
+        import random
+        rng = random.Random()
+        self.logf = open(self.logpath, "a")
+        for attempt in range(5):
+            self.base = self.port_base if self.port_base else free_port_block(EC_ENGINES + 2, *EC_PORT_RANGE, rng)
+            if self._start_once(attempt):
+                return
+            if self.port_base:
+                break
+        raise TargetError(f"tessera up did not start; last lines:\n{self.log_tail()}")
+
+    def _start_once(self, attempt):
+        self.exit_status = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        cmd = [str(self.bin), "up", "--dir", str(self.dir),
+               "--engines", str(EC_ENGINES), "--targets", str(EC_TARGETS), "--target-capacity", "2G",
+               "--listen", f"127.0.0.1:{self.port}", "--mgmt-listen", self.mgmt_addr,
+               "--engine-base-port", str(self.base + 1),
+               "--class", EC_CLASS, "--volume-size", f"{EC_SIZE_MIB}M", "--nqn", EC_NQN, "--timeout", "60"]
+        self.note(f"attempt {attempt + 1}: {' '.join(cmd)}")
+        env = dict(os.environ)
+        env.setdefault("RUST_LOG", "info")
+        env.setdefault("RUST_BACKTRACE", "1")
+        env.setdefault("NO_COLOR", "1")
+        with self._cond:
+            self.lines = []
+        self.pids = {}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
+        ready = self._wait_line(lambda l: l.startswith("Ctrl-C stops everything"), 240)
+        if ready is None:
+            if self.proc.poll() is None:
+                self.stop_up(grace=15)
+            self.exit_status = self.proc.wait()
+            text = "\n".join(l for l in self.lines if l)
+            if "in use" in text or "Address already" in text:
+                self.note("a port was taken meanwhile; trying other ports")
+                return False
+            raise TargetError(f"tessera up did not come up (exit {self.exit_status}):\n{self.log_tail()}")
+        for line in self.lines:
+            m = re.match(r"\s+(mgmt|engine-\d+|nvmf)\s+pid (\d+)\s", line or "")
+            if m:
+                self.pids[m.group(1)] = int(m.group(2))
+        want = {"mgmt", "nvmf"} | {f"engine-{r}" for r in range(EC_ENGINES)}
+        if set(self.pids) != want:
+            raise TargetError(f"tessera up's summary names {sorted(self.pids)}, expected {sorted(want)}")
+        exports = [e for e in self.tessera("export", "list")["exports"] if e["nqn"] == EC_NQN]
+        if len(exports) != 1:
+            raise TargetError(f"the service lists {len(exports)} exports of {EC_NQN}")
+        self.volume = exports[0]["volume"]
+        self.note(f"up: pids {self.pids}; volume {self.volume}")
+        return True
+
+    def check_up(self):
+        """None if the cluster looks as asked for, else what is wrong."""
+        sysq = self.tessera("system", "query")
+        up = [e["rank"] for e in sysq["engines"] if e["state"] == "up"]
+        v = self.volume
+        if sorted(up) != list(range(EC_ENGINES)):
+            return f"engines up: {up}, expected 0..{EC_ENGINES - 1}"
+        if v["class"] != EC_CLASS or v["size"] != EC_SIZE_MIB << 20:
+            return f"exported volume is {v['class']} of {v['size']} bytes, expected {EC_CLASS} of {EC_SIZE_MIB} MiB"
+        pool = self.tessera("pool", "query", v["pool"])
+        states = [t["state"] for t in pool["map"]["targets"]]
+        if len(states) != EC_ENGINES * EC_TARGETS or any(s not in ("UP", "UPIN") for s in states):
+            return f"pool targets: {states}"
+        return None
+
+    def info(self):
+        v = self.volume
+        return (f"{EC_ENGINES} engines x {EC_TARGETS} targets, {v['class']} volume of {v['size'] >> 20} MiB "
+                f"({v['block_size']} B blocks) as {EC_NQN} on port {self.port}, mgmt on {self.base}")
+
+    def proc_alive(self, pid):
+        """The process exists and is not a zombie."""
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    def alive(self):
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        return all(self.proc_alive(pid) for name, pid in self.pids.items() if name not in self.killed)
+
+    def status(self):
+        if self.proc is None:
+            return "not started"
+        if self.proc.poll() is not None:
+            return f"tessera up exited with status {self.proc.returncode}"
+        dead = [n for n, pid in self.pids.items() if n not in self.killed and not self.proc_alive(pid)]
+        return f"{', '.join(dead)} not running" if dead else "running"
+
+    def kill_engine(self, rank, during=""):
+        """SIGKILLs engine `rank` and waits until tessera up reports it killed by signal 9."""
+        name = f"engine-{rank}"
+        pid = self.pids.get(name)
+        if pid is None or name in self.killed:
+            raise TargetError(f"no running {name}")
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            raise TargetError(f"{name} (pid {pid}) is not running")
+        if "tessera-engine" not in cmdline or f"engine-{rank}" not in cmdline:
+            raise TargetError(f"pid {pid} is not {name}: {cmdline}")
+        os.kill(pid, signal.SIGKILL)
+        t = time.time()
+        msg = f"SIGKILL {name} (pid {pid}) {during}".strip()
+        self.annotate(msg)
+        log(f"  {msg}")
+        self.killed[name] = (pid, t, during)
+        threading.Thread(target=self._time_down, args=(rank, t), daemon=True).start()
+        line = self._wait_line(lambda l: f"{name} (pid {pid}) exited: killed by signal 9" in l, 10)
+        if line is None:
+            raise TargetError(f"sent SIGKILL to {name} (pid {pid}) but tessera up did not report it killed")
+        return f"{name} pid {pid} SIGKILLed; {line.strip()}"
+
+    def _time_down(self, rank, t_kill):
+        """Measures how long after the kill the service shows engine `rank` down."""
+        while time.time() - t_kill < 120 and self.proc and self.proc.poll() is None:
+            try:
+                sysq = self.tessera("system", "query", timeout=5)
+                if any(e["rank"] == rank and e["state"] == "down" for e in sysq["engines"]):
+                    self.down_after[rank] = time.time() - t_kill
+                    self.note(f"engine {rank} marked down {self.down_after[rank]:.1f}s after its SIGKILL")
+                    return
+            except (TargetError, subprocess.SubprocessError, ValueError, KeyError):
+                pass
+            time.sleep(0.2)
+
+    def wait_engine_down(self, rank, limit):
+        t0 = time.time()
+        while True:
+            sysq = self.tessera("system", "query")
+            st = [e["state"] for e in sysq["engines"] if e["rank"] == rank]
+            if st == ["down"]:
+                pool = self.tessera("pool", "query", self.volume["pool"])
+                tgt = [t["state"] for t in pool["map"]["targets"] if t["rank"] == rank]
+                msg = (f"engine {rank} down after {time.time() - t0:.1f}s "
+                       f"(heartbeat timeout {sysq['heartbeat_timeout_ms']} ms), its targets {tgt}")
+                self.note(msg)
+                self.down_msg = self.down_msg or msg
+                return msg
+            if time.time() - t0 > limit:
+                raise TargetError(f"engine {rank} is {st} after {limit:.0f}s, not down")
+            time.sleep(0.5)
+
+    def problems(self):
+        """Panics in the daemons' logs (the copies in the log dir once stopped)."""
+        bad = []
+        logs = self.dir / "logs" if (self.dir / "logs").is_dir() else self.logdir / "ec-cluster"
+        for f in sorted(logs.glob("*.log")):
+            try:
+                text = f.read_text(errors="replace")
+            except OSError:
+                continue
+            bad += [f"{f.name}: {l}" for l in text.splitlines() if "panicked at" in l]
+        return bad
+
+    def stop_up(self, grace=60):
+        """SIGTERM to tessera up (it stops its daemons in order); returns its exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.note(f"tessera up still running {grace}s after SIGTERM: killing it and its daemons")
+                self.proc.kill()
+                self.proc.wait()
+        # whatever it left behind (it was SIGKILLed, or it failed): its daemons by pid
+        for name, pid in self.pids.items():
+            if self.proc_alive(pid):
+                self.note(f"{name} (pid {pid}) still running after tessera up ended: SIGKILL")
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        return self.proc.returncode
+
+    def stop(self):
+        if self.proc is not None and self.exit_status is None:
+            self.exit_status = self.stop_up()
+            self._wait_line(lambda l: False, 2)  # let the reader drain the last lines
+            self.note(f"tessera up exited with status {self.exit_status}")
+        logs = self.dir / "logs"
+        if logs.is_dir():
+            dest = self.logdir / "ec-cluster"
+            dest.mkdir(exist_ok=True)
+            for f in logs.glob("*.log"):
+                shutil.copy(f, dest / f.name)
+        if self.logf:
+            self.logf.close()
+            self.logf = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return self.exit_status
+
+
 # ------------------------------------------------------------------- boots --
 class Boot:
     """One guest boot running one guest script."""
@@ -644,6 +968,7 @@ class Context:
     def __init__(self, target, selected, port):
         self.port = port
         self.target = target
+        self.cluster = None  # TesseraCluster while the ec boot runs
         self._selected = selected
 
     def selected(self, name):
@@ -662,6 +987,18 @@ class Context:
                 self.target.remove_namespace(int(parts[1]))
             elif parts[0] == "allow-host-b":
                 self.target.allow_host_b(parts[1])
+            elif parts[0] == "kill-engine":
+                if not self.cluster:
+                    return "err no cluster is running"
+                msg = self.cluster.kill_engine(int(parts[1]), during=f"at the request of guest boot {guest.name}")
+                guest.note(msg)
+                return "ok " + msg
+            elif parts[0] == "expect-engine-down":
+                if not self.cluster:
+                    return "err no cluster is running"
+                msg = self.cluster.wait_engine_down(int(parts[1]), float(parts[2]))
+                guest.note(msg)
+                return "ok " + msg
             elif parts[0] == "expect-conns-min":
                 n = established_conns(self.port)
                 if n < int(parts[1]):
@@ -689,19 +1026,115 @@ class Context:
 
 
 # ------------------------------------------------------------------- main --
-def guest_env(port, cases):
+def run_ec_boot(boot, tessera_bin, kernel, base_initrd, workdir, logdir, ctx, args, selected):
+    """Starts the tessera up cluster, runs the ec boot against it, judges the host-side
+    cases (ec-cluster-up, ec-engine-killed, ec-cluster-clean) and stops the cluster."""
+    results = {}
+    names = boot.cases + EC_HOST_CASES
+
+    def fail_rest(why):
+        for c in names:
+            results.setdefault(c, Result(c, False, why))
+        return results
+
+    if not tessera_bin.exists():
+        return fail_rest(f"{tessera_bin} not found (cargo build --release -p tessera-ctl -p tessera-mgmt "
+                         f"-p tessera-engine -p tessera-nvmf)")
+    cluster = TesseraCluster(tessera_bin, workdir, logdir, args.ec_port_base)
+    try:
+        log(f"starting a {EC_CLASS} cluster with tessera up (log {cluster.logpath})")
+        t0 = time.time()
+        try:
+            cluster.start()
+            bad = cluster.check_up()
+        except (TargetError, subprocess.SubprocessError, OSError, ValueError, KeyError) as e:
+            print(str(e))
+            return fail_rest(f"tessera up cluster did not start: {str(e).splitlines()[0]}")
+        if bad:
+            return fail_rest(f"tessera up cluster is not as asked for: {bad}")
+        results["ec-cluster-up"] = Result("ec-cluster-up", True, info=f"{cluster.info()}; up in {time.time() - t0:.0f}s")
+        log(f"cluster up: {cluster.info()}")
+        v = cluster.volume
+        env_text = guest_env(args.port, selected, {
+            "EC_NQN": EC_NQN, "EC_PORT": cluster.port, "EC_SIZE_MIB": v["size"] >> 20,
+            "EC_BLOCK_SIZE": v["block_size"], "EC_KILL_RANK": EC_KILL_RANK,
+        })
+        ctx.cluster = cluster
+        try:
+            r, _notes = run_boot(boot, kernel, base_initrd, env_text, workdir, logdir, cluster, ctx, args.timeout_scale)
+        finally:
+            ctx.cluster = None
+        results.update(r)
+
+        # ec-engine-killed: the harness killed the engine at the guest's request (which the guest
+        # makes only with fio's write phase under way and checks afterwards), tessera up saw it
+        # die of SIGKILL, and the management service marked it down.
+        name = f"engine-{EC_KILL_RANK}"
+        kr = r.get("ec-kill-during-write")
+        if name not in cluster.killed:
+            results["ec-engine-killed"] = Result("ec-engine-killed", False,
+                                                 f"{name} was never killed (the guest did not request it)")
+        elif not cluster.down_msg:
+            results["ec-engine-killed"] = Result("ec-engine-killed", False,
+                                                 f"{name} was SIGKILLed but never seen down in the management service")
+        elif not kr or not kr.ok:
+            results["ec-engine-killed"] = Result("ec-engine-killed", False,
+                                                 f"{name} was SIGKILLed but the guest did not confirm it hit fio's "
+                                                 f"write phase: {kr.reason if kr else 'no result'}")
+        elif cluster.proc_alive(cluster.killed[name][0]):
+            results["ec-engine-killed"] = Result("ec-engine-killed", False, f"{name} is still running")
+        else:
+            pid, _t, _ = cluster.killed[name]
+            d = cluster.down_after.get(EC_KILL_RANK)
+            results["ec-engine-killed"] = Result("ec-engine-killed", True,
+                                                 info=f"{name} pid {pid} SIGKILLed during fio's write phase, "
+                                                      f"marked down {f'{d:.1f}s' if d is not None else 'at some point'} later; "
+                                                      f"{cluster.down_msg}")
+
+        # ec-cluster-clean: the survivors kept running, no panic anywhere, ordered stop
+        alive, status = cluster.alive(), cluster.status()
+        rc = cluster.stop()
+        why = []
+        if not alive:
+            why.append(f"cluster not running at the end: {status}")
+        bad = cluster.problems()
+        if bad:
+            why.append(f"{len(bad)} panic line(s), first: {bad[0].strip()}")
+        if rc != 0:
+            why.append(f"tessera up exited with status {rc} on SIGTERM")
+        results["ec-cluster-clean"] = Result("ec-cluster-clean", not why, "; ".join(why),
+                                             "survivors ran to the end, no panics, tessera up exit 0")
+        log(f"cluster stopped (tessera up exit {rc}); logs in {logdir / 'ec-cluster'}")
+        return fail_rest("not reached")
+    finally:
+        ctx.cluster = None
+        cluster.stop()
+
+
+def guest_env(port, cases, extra=None):
     v = {
         "TADDR": GUEST_HOST_ADDR, "TPORT": port, "NQN_A": NQN_A, "NQN_B": NQN_B,
         "SERIAL_A": SERIAL_A, "MODEL_A": MODEL_A, "SIZE_A_MIB": SIZE_A_MIB,
         "SIZE_B_MIB": SIZE_B_MIB, "NS2_MIB": NS2_MIB, "NS2_GROW_MIB": NS2_GROW_MIB,
         "ALLOWED_HOSTNQN": ALLOWED_HOSTNQN, "ALLOWED_HOSTID": ALLOWED_HOSTID,
         "CASES": " ".join(cases),
+        **(extra or {}),
     }
     return "".join(f"{k}='{val}'\n" for k, val in v.items())
 
 
 DEPENDS = {"ns-grow": ["ns-add-aen"], "ns-remove-aen": ["ns-add-aen"]}
 HOST_CASES = ["host-vanishes", "target-alive", "target-log-clean", "target-no-fd-leak"]
+EC_HOST_CASES = ["ec-cluster-up", "ec-engine-killed", "ec-cluster-clean"]
+DEFAULT_PORT = 4420
+
+
+def pick_port(preferred, lo, hi):
+    """preferred if nothing listens there, else the first free port in lo..hi."""
+    for p in [preferred] + list(range(lo, hi)):
+        if port_free(p) and not port_open(p):
+            return p
+    raise TargetError(f"no free port in {preferred}, {lo}..{hi}")
 
 
 def main():
@@ -716,7 +1149,16 @@ def main():
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build")
     ap.add_argument("--no-setup", action="store_true", help="do not run setup.sh (cache must exist)")
     ap.add_argument("--target-bin", help="target binary (default target/release/tessera-nvmf)")
-    ap.add_argument("--port", type=int, default=4420)
+    ap.add_argument("--port", type=int, default=None,
+                    help=f"port of the TOML/malloc target (default {DEFAULT_PORT}, or the first free one in "
+                         f"{DEFAULT_PORT + 1}..{DEFAULT_PORT + 79} when something else listens there)")
+    ap.add_argument("--ec-port-base", type=int, metavar="PORT",
+                    help=f"first of the {EC_ENGINES + 2} consecutive ports of the tessera up cluster (mgmt, "
+                         f"engines, NVMe/TCP); default: a free block found in {EC_PORT_RANGE[0]}..{EC_PORT_RANGE[1]}")
+    ap.add_argument("--no-ec", action="store_true",
+                    help="skip the erasure-coded cluster (tessera up) boot and its cases")
+    ap.add_argument("--tessera-bin", help="tessera CLI for tessera up (default target/release/tessera; "
+                                          "it runs the daemons from its own directory)")
     ap.add_argument("--log-dir", help="default target/nvme-cli-logs/<timestamp>")
     ap.add_argument("--timeout-scale", type=float, default=1.0, help="multiply guest boot timeouts")
     ap.add_argument("--reference", action="store_true",
@@ -741,15 +1183,22 @@ def main():
              on_mark={"fio-running": lambda g: vanish.kill_guest(g, target, args.port)}),
         Boot("host-vanishes-2", "host-vanishes-2.sh", timeout=400),
     ]
+    with_ec = not (args.no_ec or args.reference)
+    if with_ec:
+        # last: its own system (tessera up), started for this boot and stopped after it
+        boots.append(Boot("ec", "ec.sh", timeout=900))
     if args.script:
         boots = [Boot("script", Path(args.script).resolve(), timeout=1500)]
-    all_cases = [c for b in boots for c in b.cases] + (["target-alive", "target-log-clean", "target-no-fd-leak"] if args.script else HOST_CASES)
+        with_ec = False
+    host_cases = HOST_CASES + (EC_HOST_CASES if with_ec else [])
+    all_cases = [c for b in boots for c in b.cases] + (["target-alive", "target-log-clean", "target-no-fd-leak"] if args.script else host_cases)
+    ec_cases = [c for b in boots if b.name == "ec" for c in b.cases] + (EC_HOST_CASES if with_ec else [])
     if args.list:
         for b in boots:
             for c in b.cases:
                 print(f"{c:24s} (guest boot {b.name})")
-        for c in HOST_CASES:
-            print(f"{c:24s} (host side)")
+        for c in host_cases:
+            print(f"{c:24s} (host side{', tessera up cluster' if c in ec_cases else ''})")
         return 0
     selected = set()
     for c in args.case:
@@ -761,8 +1210,17 @@ def main():
         selected.update(["host-vanishes-start", "host-vanishes-next-host"])
     if selected & {"host-vanishes-start", "host-vanishes-next-host"}:
         selected.update(["host-vanishes", "host-vanishes-start", "host-vanishes-next-host"])
+    if selected & set(ec_cases):
+        selected.update(ec_cases)  # one sequence: connect, write, kill, re-read
     if selected:
         selected.update(["target-alive", "target-log-clean", "target-no-fd-leak"])
+    if args.port is None:
+        try:
+            args.port = pick_port(DEFAULT_PORT, DEFAULT_PORT + 1, DEFAULT_PORT + 80)
+        except TargetError as e:
+            ap.error(str(e))
+        if args.port != DEFAULT_PORT:
+            log(f"port {DEFAULT_PORT} is in use: the target uses {args.port}")
 
     def want(name):
         return not selected or name in selected
@@ -834,11 +1292,14 @@ def main():
         else:
             binary = Path(args.target_bin) if args.target_bin else REPO / "target" / "release" / "tessera-nvmf"
             if not args.no_build and not args.target_bin:
-                log("cargo build --release -p tessera-nvmf")
+                pkgs = ["tessera-nvmf"]
+                if with_ec and any(want(c) for c in ec_cases) and not args.tessera_bin:
+                    pkgs += ["tessera-ctl", "tessera-mgmt", "tessera-engine"]
+                cmd = ["cargo", "build", "--release"] + [a for p in pkgs for a in ("-p", p)]
+                log(" ".join(cmd))
                 blog = logdir / "build.log"
                 with open(blog, "w") as bf:
-                    p = subprocess.run(["cargo", "build", "--release", "-p", "tessera-nvmf"],
-                                       cwd=REPO, stdout=bf, stderr=subprocess.STDOUT)
+                    p = subprocess.run(cmd, cwd=REPO, stdout=bf, stderr=subprocess.STDOUT)
                 if p.returncode != 0:
                     tail = "\n".join(blog.read_text(errors="replace").splitlines()[-25:])
                     print(tail)
@@ -863,6 +1324,11 @@ def main():
     try:
         for boot in boots:
             if boot.cases and not any(want(c) for c in boot.cases):
+                continue
+            if boot.name == "ec":
+                tessera_bin = Path(args.tessera_bin) if args.tessera_bin else REPO / "target" / "release" / "tessera"
+                results.update(run_ec_boot(boot, tessera_bin, kernel, base_initrd, workdir, logdir, ctx,
+                                           args, sorted(selected)))
                 continue
             if not target.alive():
                 for c in boot.cases:

@@ -1,0 +1,189 @@
+# Erasure-coded volume boot: the kernel's nvme-tcp host against a whole Tessera system that
+# run.py started on the host with `tessera up` (tessera-mgmt, 3 engines x 2 targets,
+# tessera-nvmf in managed mode), exporting one EC_2P1 volume as $EC_NQN on $TADDR:$EC_PORT.
+# One engine is SIGKILLed (by run.py, on request) while fio's write phase runs; every later
+# read of the data goes through the degraded path (reconstruction from the surviving cells).
+#
+# Regions of the volume (all fio jobs are randwrite, 4k..128k blocks, crc32c verify headers,
+# and replayable with --verify_only because fio's random sequence repeats by default):
+#   ec-base      0 .. 32 MiB   written and verified with all engines up
+#   ec-kill     64 .. 128 MiB  written while engine $EC_KILL_RANK is killed, then verified
+#   ec-degraded 160 .. 184 MiB written and verified with the engine down
+#   224 MiB ..                 never written: a --verify_only there must fail (control)
+. /guest-lib.sh
+
+EC_FIO="--ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-128k --iodepth=16 --numjobs=1 \
+--verify=crc32c --verify_fatal=1 --group_reporting --eta=never"
+BASE_ARGS="--offset=0 --size=32m"
+KILL_ARGS="--offset=64m --size=64m"
+DEGR_ARGS="--offset=160m --size=24m"
+KILL_AFTER_MIB=8        # the kill is requested once this much of ec-kill has been written
+
+ec_dev() { ns_dev "$EC_NQN" 1; }
+
+# stat_field DEV N: field N of the block statistics of DEV (3 = sectors read, 7 = sectors
+# written; 512-byte sectors whatever the block size).  With native multipath the head device
+# (nvme0n1) counts nothing, its path devices (nvme0c0n1, ...) do: their sum.
+stat_field() {
+    _sum=0; _found=
+    for _p in /sys/block/nvme*c*n*; do
+        [ -e "$_p/stat" ] || continue
+        [ "$(cat "$_p/device/subsysnqn" 2>/dev/null)" = "$EC_NQN" ] || continue
+        [ "${_p##*n}" = "${1##*n}" ] || continue
+        _sum=$(( _sum + $(awk -v n="$2" '{print $n}' "$_p/stat") )); _found=1
+    done
+    [ -n "$_found" ] || _sum=$(awk -v n="$2" '{print $n}' "/sys/block/$1/stat")
+    echo "$_sum"
+}
+
+ec_connect() {
+    echo "\$ nvme connect -t tcp -a $TADDR -s $EC_PORT -n $EC_NQN $CONNECT_OPTS"
+    timeout 90 nvme connect -t tcp -a "$TADDR" -s "$EC_PORT" -n "$EC_NQN" $CONNECT_OPTS
+    _r=$?
+    [ "$_r" = 0 ] || { fail "nvme connect to $EC_NQN failed: exit $_r"; return 1; }
+    wait_ns_dev "$EC_NQN" 1 20 >/dev/null || { fail "no block device for $EC_NQN nsid 1 within 20s"; return 1; }
+}
+
+ec_ensure_connected() {
+    for _c in $(ctrl_of "$EC_NQN"); do
+        [ "$(cat /sys/class/nvme/$_c/state 2>/dev/null)" = live ] && return 0
+    done
+    ec_connect
+}
+
+# ec_fio NAME ARGS...: one fio run (write + verify, or --verify_only) with the common options
+ec_fio() {
+    _job="$1"; shift
+    _out="/tmp/fio-$_job.out"
+    _d="$(ec_dev)" || { fail "no block device for $EC_NQN"; return 1; }
+    echo "\$ fio --name=$_job --filename=/dev/$_d $EC_FIO $*"
+    timeout "${FIO_TIMEOUT:-400}" fio --name="$_job" --filename="/dev/$_d" $EC_FIO "$@" > "$_out" 2>&1
+    fio_check "$_job" $? "$_out"
+}
+
+# ec_reverify NAME ARGS...: --verify_only replay of a job; fails unless it read the whole
+# region (fio's read total and the block device's sector counter both grew by its size)
+ec_reverify() {
+    _job="$1"; _mib="$2"; shift 2
+    _d="$(ec_dev)" || { fail "no block device for $EC_NQN"; return 1; }
+    _r0="$(stat_field "$_d" 3)"
+    ec_fio "$_job" --verify_only "$@" || return 1
+    _rd=$(( ($(stat_field "$_d" 3) - _r0) / 2048 ))
+    echo "verify-only $_job: $_rd MiB read from /dev/$_d"
+    [ "$_rd" -ge "$_mib" ] || { fail "verify-only $_job read $_rd MiB, expected >= $_mib"; return 1; }
+    grep -q "read: IOPS=.*(${_mib}\.0MiB/" "/tmp/fio-$_job.out" \
+        || { fail "verify-only $_job: fio did not report ${_mib} MiB read"; return 1; }
+}
+
+# ------------------------------------------------------------------ cases
+case_ec_discover() {
+    disconnect_all
+    must "discover" sh -c "nvme discover -t tcp -a $TADDR -s $EC_PORT > /tmp/ecdisc.txt 2>&1"
+    _r=$?; cat /tmp/ecdisc.txt; [ $_r = 0 ] || return 1
+    awk '$1 == "subnqn:" {print $2}' /tmp/ecdisc.txt > /tmp/ecdisc.nqns
+    grep -qxF "$EC_NQN" /tmp/ecdisc.nqns || { fail "discovery log lacks $EC_NQN"; return 1; }
+    grep -q 'trtype: *tcp' /tmp/ecdisc.txt || { fail "discovery entry trtype is not tcp"; return 1; }
+    grep -q "trsvcid: *$EC_PORT\$" /tmp/ecdisc.txt || { fail "discovery entry trsvcid is not $EC_PORT"; return 1; }
+}
+
+case_ec_connect() {
+    disconnect_all
+    ec_connect || return 1
+    d="$(ec_dev)"; c="$(ctrl_of "$EC_NQN" | head -n1)"
+    echo "controller $c state=$(cat /sys/class/nvme/$c/state) transport=$(cat /sys/class/nvme/$c/transport) model=$(cat /sys/class/nvme/$c/model)"
+    echo "block device /dev/$d size=$(cat /sys/block/$d/size) sectors, logical block $(cat /sys/block/$d/queue/logical_block_size)"
+    [ "$(cat /sys/class/nvme/$c/transport)" = tcp ] || { fail "transport is not tcp"; return 1; }
+    sz=$(( $(cat /sys/block/$d/size) / 2048 ))
+    [ "$sz" = "$EC_SIZE_MIB" ] || { fail "/dev/$d is $sz MiB, expected $EC_SIZE_MIB"; return 1; }
+    lbs="$(cat /sys/block/$d/queue/logical_block_size)"
+    [ "$lbs" = "$EC_BLOCK_SIZE" ] || { fail "/dev/$d logical block size $lbs, expected $EC_BLOCK_SIZE"; return 1; }
+    must "nvme id-ns" sh -c "nvme id-ns /dev/$d > /tmp/ecidns.txt 2>&1"; _r=$?
+    [ $_r = 0 ] || { cat /tmp/ecidns.txt; return 1; }
+    nsze="$(awk -F: '$1 ~ /^nsze *$/ {gsub(/ /, "", $2); print $2}' /tmp/ecidns.txt)"
+    exp=$(( EC_SIZE_MIB * 1048576 / EC_BLOCK_SIZE ))
+    [ "$(printf '%d' "$nsze")" = "$exp" ] || { fail "id-ns nsze=$nsze, expected $exp blocks"; return 1; }
+    grep "(in use)" /tmp/ecidns.txt
+    must "nvme list" sh -c "nvme list | grep /dev/$d"
+}
+
+case_ec_fio_verify() {
+    ec_ensure_connected || return 1
+    ec_fio ec-base $BASE_ARGS --do_verify=1 || return 1
+    ec_reverify ec-base 32 $BASE_ARGS || return 1
+    # control: the same replay over a region nothing wrote must fail, or the later
+    # verify-only passes would prove nothing
+    _d="$(ec_dev)"
+    echo "\$ fio --name=ec-control --verify_only --offset=224m --size=4m (must fail)"
+    timeout 120 fio --name=ec-control --filename="/dev/$_d" $EC_FIO --verify_only --offset=224m --size=4m \
+        > /tmp/fio-ec-control.out 2>&1
+    _r=$?
+    grep -m2 -E 'verify: bad|err=' /tmp/fio-ec-control.out
+    [ "$_r" != 0 ] && grep -q 'verify: bad' /tmp/fio-ec-control.out \
+        || { fail "control: fio --verify_only over unwritten blocks did not fail (exit $_r)"; return 1; }
+}
+
+case_ec_kill_during_write() {
+    ec_ensure_connected || return 1
+    d="$(ec_dev)"
+    w0="$(stat_field "$d" 7)"; r0="$(stat_field "$d" 3)"
+    echo "\$ fio --name=ec-kill --filename=/dev/$d $EC_FIO $KILL_ARGS --do_verify=1 &"
+    timeout 600 fio --name=ec-kill --filename="/dev/$d" $EC_FIO $KILL_ARGS --do_verify=1 \
+        > /tmp/fio-ec-kill.out 2>&1 &
+    pid=$!
+    # wait until KILL_AFTER_MIB of the write phase is done, then have the host kill an engine
+    i=0
+    while :; do
+        w=$(( ($(stat_field "$d" 7) - w0) / 2048 ))
+        [ "$w" -ge "$KILL_AFTER_MIB" ] && break
+        kill -0 "$pid" 2>/dev/null || { cat /tmp/fio-ec-kill.out; fail "fio ended before ${KILL_AFTER_MIB} MiB were written"; return 1; }
+        [ $i -lt 1200 ] || { kill "$pid"; fail "fio wrote only $w MiB in 120s"; return 1; }
+        sleep 0.1; i=$((i + 1))
+    done
+    echo "ec-kill: $w MiB written, fio pid $pid running; asking the host to kill engine $EC_KILL_RANK"
+    request kill-engine "$EC_KILL_RANK" || { kill "$pid"; return 1; }
+    wk=$(( ($(stat_field "$d" 7) - w0) / 2048 )); rk=$(( $(stat_field "$d" 3) - r0 ))
+    running=no; kill -0 "$pid" 2>/dev/null && running=yes
+    echo "ec-kill: engine killed with $wk MiB of 64 written, $rk sectors read so far, fio running: $running"
+    wait "$pid"; st=$?
+    wf=$(( ($(stat_field "$d" 7) - w0) / 2048 )); rf=$(( ($(stat_field "$d" 3) - r0) / 2048 ))
+    echo "ec-kill: fio exit $st; in all $wf MiB written, $rf MiB read (verify phase); $(( wf - wk )) MiB written after the kill"
+    echo "ec-kill: write completion latency (the writes held while the engine was not yet marked down):"
+    awk '/ write: /{w=1} w && / clat \(/{print; exit}' /tmp/fio-ec-kill.out
+    fio_check ec-kill "$st" /tmp/fio-ec-kill.out || return 1
+    # the kill really hit the write phase: fio was still writing (nothing read yet, more
+    # written afterwards) when the host answered, and the verify phase read everything back
+    [ "$running" = yes ] && [ "$rk" = 0 ] || { fail "the kill did not land in fio's write phase (fio running: $running, $rk sectors read before)"; return 1; }
+    [ $(( wf - wk )) -ge 8 ] || { fail "only $(( wf - wk )) MiB written after the kill"; return 1; }
+    [ "$rf" -ge 64 ] || { fail "verify phase read only $rf MiB of 64"; return 1; }
+    request expect-engine-down "$EC_KILL_RANK" 30 || return 1
+}
+
+case_ec_reverify_degraded() {
+    ec_ensure_connected || return 1
+    request expect-engine-down "$EC_KILL_RANK" 5 || return 1
+    ec_reverify ec-kill 64 $KILL_ARGS || return 1
+    ec_reverify ec-base 32 $BASE_ARGS || return 1
+}
+
+case_ec_degraded_write() {
+    ec_ensure_connected || return 1
+    ec_fio ec-degraded $DEGR_ARGS --do_verify=1 || return 1
+}
+
+case_ec_reconnect_reverify() {
+    ec_ensure_connected || return 1
+    disconnect "$EC_NQN" || return 1
+    ec_connect || return 1
+    ec_reverify ec-base 32 $BASE_ARGS || return 1
+    ec_reverify ec-kill 64 $KILL_ARGS || return 1
+    ec_reverify ec-degraded 24 $DEGR_ARGS || return 1
+    disconnect "$EC_NQN" || return 1
+}
+
+run_case ec-discover            case_ec_discover
+run_case ec-connect             case_ec_connect
+run_case ec-fio-verify          case_ec_fio_verify
+run_case ec-kill-during-write   case_ec_kill_during_write
+run_case ec-reverify-degraded   case_ec_reverify_degraded
+run_case ec-degraded-write      case_ec_degraded_write
+run_case ec-reconnect-reverify  case_ec_reconnect_reverify
