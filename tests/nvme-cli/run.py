@@ -744,8 +744,9 @@ class TesseraCluster(TargetLog):
             if st == ["down"]:
                 pool = self.tessera("pool", "query", self.volume["pool"])
                 tgt = [t["state"] for t in pool["map"]["targets"] if t["rank"] == rank]
-                msg = (f"engine {rank} down after {time.time() - t0:.1f}s "
-                       f"(heartbeat timeout {sysq['heartbeat_timeout_ms']} ms), its targets {tgt}")
+                waited = time.time() - t0
+                msg = (f"the service shows engine {rank} down (heartbeat timeout {sysq['heartbeat_timeout_ms']} ms)"
+                       f"{f' after waiting {waited:.1f}s' if waited >= 0.5 else ''}, its targets {tgt}")
                 self.note(msg)
                 self.down_msg = self.down_msg or msg
                 return msg
@@ -1020,7 +1021,7 @@ class Context:
                     time.sleep(0.5)
             else:
                 return f"err unknown request {parts[0]}"
-        except (TargetError, IndexError, ValueError) as e:
+        except (TargetError, IndexError, ValueError, KeyError, OSError, subprocess.SubprocessError) as e:
             return f"err {e}"
         return "ok"
 
@@ -1214,7 +1215,8 @@ def main():
         selected.update(ec_cases)  # one sequence: connect, write, kill, re-read
     if selected:
         selected.update(["target-alive", "target-log-clean", "target-no-fd-leak"])
-    if args.port is None:
+    auto_port = args.port is None
+    if auto_port:
         try:
             args.port = pick_port(DEFAULT_PORT, DEFAULT_PORT + 1, DEFAULT_PORT + 80)
         except TargetError as e:
@@ -1307,7 +1309,18 @@ def main():
             if not binary.exists():
                 return fail_all(f"target binary {binary} not found")
             target = TesseraTarget(binary, workdir, logdir, args.port)
-        target.start()
+        for attempt in range(5):
+            try:
+                target.start()
+                break
+            except TargetError:
+                # a parallel run took the port between pick_port and the bind: another one
+                if not auto_port or attempt == 4 or not port_open(args.port) or args.reference:
+                    raise
+                target.stop()
+                args.port = pick_port(args.port + 1, args.port + 2, DEFAULT_PORT + 80)
+                log(f"port taken meanwhile: the target uses {args.port}")
+                target = TesseraTarget(target.binary, workdir, logdir, args.port)
         log(f"target up ({target.kind}) on 127.0.0.1:{args.port}; log {target.logpath}")
     except TargetError as e:
         print(str(e))
