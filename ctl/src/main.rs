@@ -67,7 +67,7 @@ enum NvmfCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = match tessera_nvmf::cli::parse_args::<Cli>("tessera") {
+    let cli = match tessera_cli_support::parse_args::<Cli>("tessera") {
         Ok(c) => c,
         Err(code) => return code,
     };

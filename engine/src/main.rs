@@ -6,14 +6,12 @@
 //! WAL is for.
 
 use std::fs::File;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::error::ErrorKind;
 use tessera_engine::backend::FileStorage;
 use tessera_engine::config::{ConfigError, EngineConfig};
 use tessera_engine::membership;
@@ -55,39 +53,13 @@ enum RunError {
     Register(tessera_mgmt_api::MgmtError),
 }
 
-fn parse_args() -> Result<Args, ExitCode> {
-    match <Args as clap::Parser>::try_parse() {
-        Ok(a) => Ok(a),
-        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
-            let _ = e.print();
-            Err(ExitCode::SUCCESS)
-        }
-        Err(e) => {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-            eprintln!("tessera-engine: {first} (see tessera-engine --help)");
-            Err(ExitCode::from(2))
-        }
-    }
-}
-
 fn main() -> ExitCode {
-    let args = match parse_args() {
+    let args = match tessera_cli_support::parse_args::<Args>("tessera-engine") {
         Ok(a) => a,
         Err(code) => return code,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tessera-engine: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    tessera_cli_support::init_logging();
+    tessera_cli_support::exit_status("tessera-engine", run(args))
 }
 
 fn run(args: Args) -> Result<(), RunError> {

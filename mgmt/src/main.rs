@@ -4,13 +4,11 @@
 //! engines that stop heartbeating Down, and exits cleanly on SIGTERM/SIGINT. `kill -9` is safe:
 //! every change was durable before it was answered.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::error::ErrorKind;
 use tessera_mgmt::http::{self, App};
 use tessera_mgmt::parse_duration;
 use tessera_mgmt::service::{self, Service, ServiceConfig};
@@ -50,39 +48,13 @@ enum RunError {
     Serve(std::io::Error),
 }
 
-fn parse_args() -> Result<Args, ExitCode> {
-    match <Args as clap::Parser>::try_parse() {
-        Ok(a) => Ok(a),
-        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
-            let _ = e.print();
-            Err(ExitCode::SUCCESS)
-        }
-        Err(e) => {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-            eprintln!("tessera-mgmt: {first} (see tessera-mgmt --help)");
-            Err(ExitCode::from(2))
-        }
-    }
-}
-
 fn main() -> ExitCode {
-    let args = match parse_args() {
+    let args = match tessera_cli_support::parse_args::<Args>("tessera-mgmt") {
         Ok(a) => a,
         Err(code) => return code,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tessera-mgmt: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    tessera_cli_support::init_logging();
+    tessera_cli_support::exit_status("tessera-mgmt", run(args))
 }
 
 fn run(args: Args) -> Result<(), RunError> {

@@ -11,7 +11,6 @@
 //! management service's exports (managed mode).
 #![forbid(unsafe_code)]
 
-pub mod cli;
 pub mod config;
 pub mod connect;
 pub mod controller;

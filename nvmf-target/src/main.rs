@@ -9,7 +9,6 @@
 //! replaces the file's listen addresses; port 0 picks a free port, and the log line
 //! `listening addr=…` says which.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,22 +58,12 @@ enum RunError {
 }
 
 fn main() -> ExitCode {
-    let args = match tessera_nvmf::cli::parse_args::<Args>("tessera-nvmf") {
+    let args = match tessera_cli_support::parse_args::<Args>("tessera-nvmf") {
         Ok(a) => a,
         Err(code) => return code,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tessera-nvmf: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    tessera_cli_support::init_logging();
+    tessera_cli_support::exit_status("tessera-nvmf", run(args))
 }
 
 fn run(args: Args) -> Result<(), RunError> {
