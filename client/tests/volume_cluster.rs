@@ -82,6 +82,27 @@ async fn verify_all(vol: &Volume, model: &[u8]) {
     }
 }
 
+/// Writes the whole volume, 1 MiB (whole stripes) at a time, with generation `gen`.
+async fn write_whole(vol: &Volume, model: &mut [u8], gen: u64) {
+    for off in (0..model.len() as u64).step_by(1 << 20) {
+        let d = pattern(off, 1 << 20, gen);
+        model[off as usize..(off + (1 << 20)) as usize].copy_from_slice(&d);
+        vol.write(off, d).await.unwrap();
+    }
+}
+
+/// Kills each engine in turn, verifies every byte from the other two, and restarts it before
+/// the heartbeat timeout (the cluster's must be long), so it is never marked DOWN.
+fn verify_with_each_engine_down(c: &mut LocalCluster, rt: &tokio::runtime::Runtime, vol: &Volume, model: &[u8]) {
+    for rank in 0..3 {
+        c.kill_engine(rank);
+        rt.block_on(verify_all(vol, model));
+        let d = c.start_engine(rank);
+        c.engines[rank as usize] = Some(d);
+        c.wait_engines_up(3, Duration::from_secs(10));
+    }
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
@@ -96,11 +117,7 @@ fn ec_2p1_survives_one_engine_killed_mid_workload_and_refuses_after_two() {
     let mut rng = Rng(0x5eed_1234);
     // Start from a fully written volume so every read checks real data.
     rt.block_on(async {
-        for off in (0..size).step_by(1 << 20) {
-            let d = pattern(off, 1 << 20, 7);
-            model[off as usize..(off + (1 << 20)) as usize].copy_from_slice(&d);
-            vol.write(off, d).await.unwrap();
-        }
+        write_whole(&vol, &mut model, 7).await;
     });
     rt.block_on(sequential_random_writes(&vol, &mut model, &mut rng, 150, 1));
     rt.block_on(verify_all(&vol, &model));
@@ -169,11 +186,7 @@ fn checksum_corruption_on_one_engine_is_detected_and_served_from_redundancy() {
     let mut model = vec![0u8; size as usize];
     // Whole-stripe writes (base cells + parity) and partial ones (deltas + copies).
     rt.block_on(async {
-        for off in (0..size).step_by(1 << 20) {
-            let d = pattern(off, 1 << 20, 1);
-            model[off as usize..(off + (1 << 20)) as usize].copy_from_slice(&d);
-            vol.write(off, d).await.unwrap();
-        }
+        write_whole(&vol, &mut model, 1).await;
         for off in (0..size).step_by(96 * 1024) {
             let d = pattern(off, 4096, 2);
             model[off as usize..off as usize + 4096].copy_from_slice(&d);
@@ -236,13 +249,7 @@ fn ec_write_zeroes_whole_and_partial_stripes_read_back_degraded() {
         vol.write(40 * 1024, d).await.unwrap();
     });
     rt.block_on(verify_all(&vol, &model));
-    for rank in 0..3 {
-        // Each engine in turn unreachable: every byte is served by the other two.
-        c.kill_engine(rank);
-        rt.block_on(verify_all(&vol, &model));
-        let d = c.start_engine(rank);
-        c.engines[rank as usize] = Some(d);
-    }
+    verify_with_each_engine_down(&mut c, &rt, &vol, &model);
 }
 
 /// Bytes in use on every target of every live engine (QueryTarget over the engine RPC).
@@ -276,11 +283,7 @@ fn degraded_reads_stay_right_after_the_engines_aggregate() {
     rt.block_on(async {
         // Several generations of whole-stripe overwrites and partial writes on top.
         for gen in 0..4u64 {
-            for off in (0..size).step_by(1 << 20) {
-                let d = pattern(off, 1 << 20, 100 + gen);
-                model[off as usize..(off + (1 << 20)) as usize].copy_from_slice(&d);
-                vol.write(off, d).await.unwrap();
-            }
+            write_whole(&vol, &mut model, 100 + gen).await;
             sequential_random_writes(&vol, &mut model, &mut rng, 40, gen).await;
         }
     });
@@ -304,13 +307,6 @@ fn degraded_reads_stay_right_after_the_engines_aggregate() {
     }
     assert!(after < before * 2 / 3, "aggregation should have freed the overwritten versions: {before} -> {after} bytes");
     rt.block_on(verify_all(&vol, &model));
-    for rank in 0..3 {
-        c.kill_engine(rank);
-        rt.block_on(verify_all(&vol, &model));
-        let d = c.start_engine(rank);
-        c.engines[rank as usize] = Some(d);
-        // Back long before the (30 s) heartbeat timeout: never marked DOWN.
-        c.wait_engines_up(3, Duration::from_secs(10));
-    }
+    verify_with_each_engine_down(&mut c, &rt, &vol, &model);
     assert!(vol.stats().degraded_reads > 0);
 }
