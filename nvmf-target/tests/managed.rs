@@ -111,6 +111,22 @@ fn discover(addr: SocketAddr, hostnqn: &str) -> Vec<String> {
     discovery_nqns(&page.data)
 }
 
+/// Pool `pool0`, volume `vol0` of `size` bytes, exported as namespace 1 of [`NQN`] at `addr`.
+async fn export_new_volume(mgmt: &MgmtClient, size: u64, addr: SocketAddr) -> VolumeInfo {
+    mgmt.create_pool(&CreatePool { name: "pool0".into(), ranks: Vec::new(), default_class: None }).await.unwrap();
+    let vol = create_volume(mgmt, "vol0", size).await;
+    let req = CreateExport {
+        nqn: NQN.into(),
+        nsid: Some(1),
+        pool: "pool0".into(),
+        volume: "vol0".into(),
+        hosts: Vec::new(),
+        listen: Some(addr.to_string()),
+    };
+    mgmt.create_export(&req).await.unwrap();
+    vol
+}
+
 async fn create_volume(mgmt: &MgmtClient, name: &str, size: u64) -> VolumeInfo {
     let req = CreateVolume {
         name: name.into(),
@@ -142,20 +158,7 @@ fn managed_target_serves_an_exported_ec_volume() {
     let mgmt = cluster.client();
 
     // Pool, EC_2P1 volume, export at this target's address.
-    let vol = rt.block_on(async {
-        mgmt.create_pool(&CreatePool { name: "pool0".into(), ranks: Vec::new(), default_class: None }).await.unwrap();
-        let vol = create_volume(&mgmt, "vol0", 64 * MIB).await;
-        let req = CreateExport {
-            nqn: NQN.into(),
-            nsid: Some(1),
-            pool: "pool0".into(),
-            volume: "vol0".into(),
-            hosts: Vec::new(),
-            listen: Some(addr.to_string()),
-        };
-        mgmt.create_export(&req).await.unwrap();
-        vol
-    });
+    let vol = rt.block_on(async { export_new_volume(&mgmt, 64 * MIB, addr).await });
 
     rt.block_on(async {
         let mut ctrl = connect_when_served(opts(addr, NQN, HOSTNQN), Duration::from_secs(20)).await;
@@ -300,17 +303,7 @@ fn engine_failures_degrade_then_complete_with_namespace_not_ready() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mgmt = cluster.client();
     rt.block_on(async {
-        mgmt.create_pool(&CreatePool { name: "pool0".into(), ranks: Vec::new(), default_class: None }).await.unwrap();
-        create_volume(&mgmt, "vol0", 16 * MIB).await;
-        let req = CreateExport {
-            nqn: NQN.into(),
-            nsid: Some(1),
-            pool: "pool0".into(),
-            volume: "vol0".into(),
-            hosts: Vec::new(),
-            listen: Some(addr.to_string()),
-        };
-        mgmt.create_export(&req).await.unwrap();
+        export_new_volume(&mgmt, 16 * MIB, addr).await;
         drop(connect_when_served(opts(addr, NQN, HOSTNQN), Duration::from_secs(20)).await);
     });
     // A blocking host whose reads may wait longer than the volume's 10 s read deadline.
