@@ -185,16 +185,19 @@ async fn write_all_vectored(wr: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> s
 /// Decodes, checks, runs one request and encodes its reply.
 async fn handle(engine: &Engine, frame: Frame) -> tessera_engine_proto::Encoded {
     let h = frame.header;
-    let result = match Request::decode(&frame) {
-        Ok(req) => run_request(engine, h.target, h.pool, h.map_version, req).await,
-        Err(e) => Err(e.to_error_reply()),
+    // One look at the pool's known map version per request: it checks the request and goes
+    // back in the reply header.
+    let (known, result) = match Request::decode(&frame) {
+        Ok(req) => {
+            let known = engine.observe_map_version(h.pool, h.map_version);
+            (known, run_request(engine, h.target, h.pool, h.map_version, known, req).await)
+        }
+        Err(e) => (engine.observe_map_version(h.pool, 0), Err(e.to_error_reply())),
     };
-    let known = engine.observe_map_version(h.pool, 0);
     encode_reply(h.request_id, h.opcode, known, h.target, &result)
 }
 
-async fn run_request(engine: &Engine, target: u16, pool: u32, map_version: u32, req: Request) -> ReplyResult {
-    let known = engine.observe_map_version(pool, map_version);
+async fn run_request(engine: &Engine, target: u16, pool: u32, map_version: u32, known: u32, req: Request) -> ReplyResult {
     if map_version < known {
         return Err((RpcStatus::StaleMapVersion, format!("pool {pool} map version {map_version} is older than {known}")));
     }
