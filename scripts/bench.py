@@ -361,7 +361,7 @@ def engine_measure(runs, secs):
 def git_state():
     """The short commit, with ' + uncommitted engine changes' when engine/ differs from it."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "engine", "engine-proto", "client"], cwd=ROOT,
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "engine", "engine-proto", "engine-client", "client"], cwd=ROOT,
                            capture_output=True, text=True).stdout.strip()
     return (head or "?") + (" + uncommitted engine changes" if dirty else "")
 

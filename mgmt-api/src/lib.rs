@@ -143,11 +143,11 @@ pub struct PoolTarget {
     /// `UP`, `DOWN`, `DOWNOUT` or `UPIN`.
     pub state: TargetStateName,
     /// Pool map version at which it last entered or left the placeable states (see
-    /// `tessera_client::placement::TargetEntry::fseq`).
+    /// `tessera_placement::placement::TargetEntry::fseq`).
     pub fseq: u32,
 }
 
-/// A target state as named in the API (`tessera_client::placement::TargetState`).
+/// A target state as named in the API (`tessera_placement::placement::TargetState`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TargetStateName {
     /// Up, being integrated.

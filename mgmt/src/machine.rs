@@ -11,12 +11,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::str::FromStr;
 
-use tessera_client::layout::VolumeLayout;
-use tessera_client::placement::{ObjectClass, PoolMap, TargetEntry, TargetRef, TargetState};
 use tessera_mgmt_api::{
     CreateExport, CreatePool, CreateVolume, EngineState, ExportInfo, PoolEngine, PoolInfo, PoolMapInfo, PoolTarget, PoolVersion,
     RegisterEngine, TargetStateName, VolumeInfo,
 };
+use tessera_placement::layout::{default_chunk_size, VolumeLayout, DEFAULT_CELL_SIZE};
+use tessera_placement::placement::{ObjectClass, PoolMap, TargetEntry, TargetRef, TargetState};
 use uuid::Uuid;
 
 use crate::state::{to_api, to_placement, EngineRec, ExportRec, PoolRec, State, VolumeRec};
@@ -25,10 +25,6 @@ use crate::state::{to_api, to_placement, EngineRec, ExportRec, PoolRec, State, V
 pub const DEFAULT_CLASS: &str = "EC_2P1";
 /// Default block size of a volume.
 pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
-/// Default cell size of a volume.
-pub const DEFAULT_CELL_SIZE: u32 = 65536;
-/// Default chunk size of a volume, before rounding up to a multiple of k × cell.
-pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
 /// Default listen address of an export.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4420";
 /// Longest NQN (NVMe Base specification).
@@ -563,17 +559,7 @@ fn create_volume(s: &mut State, pool: &str, req: &CreateVolume, env: &Env) -> Re
     }
     check_size(req.size, block_size)?;
     let cell_size = req.cell_size.unwrap_or(DEFAULT_CELL_SIZE);
-    let chunk_size = match req.chunk_size {
-        Some(c) => c,
-        None => {
-            let stripe = u64::from(cell_size) * u64::from(class.data_shards());
-            if stripe == 0 {
-                DEFAULT_CHUNK_SIZE
-            } else {
-                DEFAULT_CHUNK_SIZE.div_ceil(stripe) * stripe
-            }
-        }
-    };
+    let chunk_size = req.chunk_size.unwrap_or_else(|| default_chunk_size(class, cell_size));
     VolumeLayout::new(req.size, block_size, chunk_size, cell_size, class).map_err(|e| CmdError::Invalid(e.to_string()))?;
     let domains = fault_domains(s, p);
     if class.shards_per_group() as usize > domains {

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use futures::future::join_all;
-use tessera_client::hlc;
-use tessera_client::proto::{ContainerId, ObjectId, Punch, PunchTarget, Request};
-use tessera_client::{ConnectionOptions, EngineConnection};
+use tessera_engine_client::hlc;
+use tessera_engine_client::{ConnectionOptions, EngineConnection};
+use tessera_engine_proto::{ContainerId, ObjectId, Punch, PunchTarget, Request};
 use tracing::{info, warn};
 
 use crate::machine::PunchPlan;
@@ -68,7 +68,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use bytes::BytesMut;
-    use tessera_client::proto::{decode_frame, encode_reply, FrameLimits, Opcode, Reply, RpcStatus};
+    use tessera_engine_proto::{decode_frame, encode_reply, FrameLimits, Opcode, Reply, RpcStatus};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
     use uuid::Uuid;

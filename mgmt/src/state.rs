@@ -16,8 +16,8 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tessera_client::placement::TargetState;
 use tessera_mgmt_api::{EngineState, PoolTarget, TargetStateName};
+use tessera_placement::placement::TargetState;
 use uuid::Uuid;
 
 /// An engine of the system map.

@@ -497,7 +497,7 @@ type Punches = Arc<Mutex<Vec<(u32, u32, u16, u128)>>>;
 
 /// A fake engine that records every Punch it gets.
 async fn fake_engine() -> (String, Punches) {
-    use tessera_client::proto::{decode_frame, encode_reply, FrameLimits, Opcode, Reply, Request};
+    use tessera_engine_proto::{decode_frame, encode_reply, FrameLimits, Opcode, Reply, Request};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();

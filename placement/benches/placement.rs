@@ -1,15 +1,15 @@
 //! Cost of computing one group's layout (`placement::layout`) on healthy and degraded pools.
 //!
 //! ```sh
-//! cargo bench -p tessera-client --bench placement
+//! cargo bench -p tessera-placement --bench placement
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use tessera_client::placement::{layout, ObjectClass, PoolMap, TargetState};
-use tessera_client::proto::ObjectId;
+use tessera_engine_proto::ObjectId;
+use tessera_placement::placement::{layout, ObjectClass, PoolMap, TargetState};
 
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("layout");

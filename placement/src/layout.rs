@@ -20,10 +20,22 @@
 
 use crate::placement::ObjectClass;
 
-/// Default chunk (dkey) size: 1 MiB.
+/// Default chunk (dkey) size: 1 MiB (a new volume's, before rounding up to a multiple of
+/// k × cell: [`default_chunk_size`]).
 pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
 /// Default cell size: 64 KiB.
 pub const DEFAULT_CELL_SIZE: u32 = 64 << 10;
+
+/// The chunk size of a new volume that names none: [`DEFAULT_CHUNK_SIZE`] rounded up to a
+/// multiple of the stripe's data size, k × `cell_size` (unchanged if that is 0).
+pub fn default_chunk_size(class: ObjectClass, cell_size: u32) -> u64 {
+    let stripe = u64::from(cell_size) * u64::from(class.data_shards());
+    if stripe == 0 {
+        DEFAULT_CHUNK_SIZE
+    } else {
+        DEFAULT_CHUNK_SIZE.div_ceil(stripe) * stripe
+    }
+}
 
 /// Why a layout or a mapping could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -8,12 +8,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tessera_client::proto::frame::{RawHeader, U32Le, HEADER_LEN};
-use tessera_client::proto::{
+use tessera_engine_client::{ConnectionOptions, EngineConnection, RpcError};
+use tessera_engine_proto::frame::{RawHeader, U32Le, HEADER_LEN};
+use tessera_engine_proto::{
     decode_frame, encode_reply, ContainerId, Fetch, FetchReply, FetchValue, Frame, FrameError, FrameLimits, ObjectId, Opcode, Reply,
     Request, RpcStatus, Update, UpdateValue,
 };
-use tessera_client::{ConnectionOptions, EngineConnection, RpcError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;

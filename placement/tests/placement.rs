@@ -5,10 +5,10 @@
 use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
-use tessera_client::placement::{
+use tessera_engine_proto::ObjectId;
+use tessera_placement::placement::{
     dkey_hash, group_count, layout, layout_for_dkey, Group, ObjectClass, PlacementError, PoolMap, TargetEntry, TargetRef, TargetState,
 };
-use tessera_client::proto::ObjectId;
 
 fn class() -> impl Strategy<Value = ObjectClass> {
     prop_oneof![

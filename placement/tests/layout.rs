@@ -4,8 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use proptest::prelude::*;
-use tessera_client::layout::VolumeLayout;
-use tessera_client::placement::ObjectClass;
+use tessera_placement::layout::VolumeLayout;
+use tessera_placement::placement::ObjectClass;
 
 fn volume() -> impl Strategy<Value = VolumeLayout> {
     (

@@ -1,0 +1,316 @@
+//! Volume I/O: a volume's byte ranges read and written as erasure-coded or replicated objects
+//! across engines (the client half of the DAOS bdev).
+//!
+//! A volume is one object (container id = object id = the volume's uuid) laid out by
+//! [`VolumeLayout`]: chunk = dkey, stripe, cell = data shard. What each shard stores, per dkey:
+//!
+//! | class | shard | akey | holds, at which offset |
+//! |---|---|---|---|
+//! | `S1`, `RP_n` | every replica | `D` | the chunk's bytes at their chunk offset |
+//! | `EC_kPp` | data shard `c` | `B` (base) | cells written by **full-stripe** writes, at shard offset (`stripe × cell + offset in cell`) |
+//! | | | `D` (delta) | fragments of **partial-stripe** writes, at shard offset |
+//! | | parity shard | `P` | parity cells of full-stripe writes, at shard offset |
+//! | | | `C` (copies) | a copy of every partial-stripe fragment of every data cell, at its **chunk** offset |
+//!
+//! A full-stripe write encodes parity and writes `B` on the k data shards and `P` on the p parity
+//! shards, all at one epoch. A partial-stripe write never reads: its fragment goes to `D` of its
+//! data shard and to `C` of every parity shard, so it is as redundant as the class promises at
+//! once. A normal read asks the data shard for the newest version per byte across `B` and `D`
+//! (one "versions" fetch). Because `B` only ever receives whole cells from full-stripe writes,
+//! the newest `B` of every data shard and the newest `P` share one epoch `E_p` — the parity stays
+//! consistent with the base cells however the engines aggregate their versions. A degraded read
+//! of cell `c` (its shard down, unreachable, or failing its checksum) takes from a parity shard
+//! the copies in `C` (with their epochs) and the parity's epoch `E_p`; bytes whose newest copy is
+//! newer than `E_p` come from the copy, the rest are reconstructed from any k of (`B` of the other
+//! data shards, `P`) read at exactly `E_p`. Reads that find the base cells at another epoch than
+//! the parity (a stripe torn by a client that died mid-write) fail with `Corrupt` instead of
+//! returning wrong data.
+//!
+//! Write zeroes punches whole stripes in every akey and writes zeros into partial stripes (a
+//! punch in `D` would not reliably hide `B` once the engine aggregates, see
+//! `Index::fetch_versions`).
+//!
+//! Writes go to every *writable* shard of the current pool map and succeed only when all of them
+//! acknowledge (the engines acknowledge only durable data). When an engine cannot be reached the
+//! write refreshes the pool map and retries, at the same epoch, until the management service has
+//! marked the target DOWN (the write then skips it: a degraded write) or [`WRITE_DEADLINE`]
+//! passes. More than `p` unavailable shards in a group is [`VolumeError::Unavailable`].
+//!
+//! The module in files: this one owns the public API ([`Volume`], [`VolumeError`],
+//! [`VolumeStats`], the akeys and the deadlines) and the one request to one shard that reads and
+//! writes share; `cluster` the shared client state ([`Cluster`]: pool map cache and refresh, one
+//! connection per engine); `write` the planning and running of writes and write-zeroes; `read`
+//! normal and degraded reads.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::join_all;
+use tessera_engine_proto::{ContainerId, ObjectId, Reply, Request, RpcStatus};
+use tessera_mgmt_api::VolumeInfo;
+use tracing::warn;
+
+use crate::ec::Codec;
+use crate::hlc;
+use crate::layout::{Mapping, VolumeLayout};
+use crate::placement::{layout_for_dkey, Group, ObjectClass, ShardPlacement};
+use crate::rpc::RpcError;
+
+mod cluster;
+mod read;
+mod write;
+
+pub use cluster::Cluster;
+use cluster::{PoolCache, PoolView};
+
+/// Akey of EC base cells (full-stripe writes) on data shards.
+pub const AKEY_BASE: &[u8] = b"B";
+/// Akey of partial-stripe fragments on data shards, and of all data of replicated classes.
+pub const AKEY_DELTA: &[u8] = b"D";
+/// Akey of parity cells on EC parity shards.
+pub const AKEY_PARITY: &[u8] = b"P";
+/// Akey of copies of partial-stripe fragments on EC parity shards (at chunk offsets).
+pub const AKEY_COPY: &[u8] = b"C";
+
+/// Longest a write keeps retrying a shard that cannot be reached before failing.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(25);
+/// Longest a read keeps retrying when not enough shards answer.
+pub const READ_DEADLINE: Duration = Duration::from_secs(10);
+/// Pause between retries.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+/// Why a volume operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VolumeError {
+    /// The range is empty, misaligned to blocks or beyond the volume.
+    #[error("invalid range: {0}")]
+    Range(String),
+    /// Too many shards of a redundancy group are unreachable or down: the data cannot be read
+    /// or written with the redundancy the class promises.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// Every copy of the data failed its checksum or the stripe is inconsistent.
+    #[error("data corrupt: {0}")]
+    Corrupt(String),
+    /// The volume's description is invalid (class, layout) or the pool map could not be had.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Counters of one volume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolumeStats {
+    /// Reads served without the data shard (from a copy or by reconstruction).
+    pub degraded_reads: u64,
+    /// Checksum mismatches detected (on the engine or by the client).
+    pub checksum_errors: u64,
+    /// Writes that skipped an unavailable shard.
+    pub degraded_writes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    degraded_reads: AtomicU64,
+    checksum_errors: AtomicU64,
+    degraded_writes: AtomicU64,
+}
+
+/// How one shard request failed.
+#[derive(Debug)]
+enum ShardError {
+    /// The engine could not be reached or did not answer: the shard may come back or be marked
+    /// DOWN.
+    Unreachable(String),
+    /// Our pool map is older than the engine's.
+    Stale,
+    /// The data failed a checksum (on the engine or here).
+    Checksum(String),
+    /// Any other error answer.
+    Failed(String),
+}
+
+impl std::fmt::Display for ShardError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ShardError::Unreachable(m) => write!(f, "unreachable: {m}"),
+            ShardError::Stale => f.write_str("stale pool map"),
+            ShardError::Checksum(m) => write!(f, "checksum: {m}"),
+            ShardError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+/// An open volume. Cheap to clone; every method may run concurrently with any other.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    inner: Arc<VolumeInner>,
+}
+
+#[derive(Debug)]
+struct VolumeInner {
+    cluster: Arc<Cluster>,
+    pool: Arc<PoolCache>,
+    info: VolumeInfo,
+    layout: VolumeLayout,
+    class: ObjectClass,
+    codec: Option<Codec>,
+    cont: ContainerId,
+    oid: ObjectId,
+    counters: Counters,
+}
+
+impl Volume {
+    /// Its description.
+    pub fn info(&self) -> &VolumeInfo {
+        &self.inner.info
+    }
+
+    /// Its layout.
+    pub fn layout(&self) -> &VolumeLayout {
+        &self.inner.layout
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> VolumeStats {
+        let c = &self.inner.counters;
+        VolumeStats {
+            degraded_reads: c.degraded_reads.load(Ordering::Relaxed),
+            checksum_errors: c.checksum_errors.load(Ordering::Relaxed),
+            degraded_writes: c.degraded_writes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn map_range(&self, offset: u64, len: u64) -> Result<Mapping, VolumeError> {
+        let bs = u64::from(self.inner.layout.block_size());
+        if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+            return Err(VolumeError::Range(format!("{offset}+{len} is not aligned to the block size {bs}")));
+        }
+        self.inner.layout.map(offset, len).map_err(|e| VolumeError::Range(e.to_string()))
+    }
+
+    /// Writes `data` at `offset` (multiples of the block size). When it returns `Ok` the data is
+    /// durable on every writable shard.
+    pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), VolumeError> {
+        let mapping = self.map_range(offset, data.len() as u64)?;
+        let epoch = hlc::now();
+        self.inner.mutate(&mapping, Some(&data), epoch).await
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros (whole stripes punched, the rest written as
+    /// zeros). Durable when it returns `Ok`.
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        let mapping = self.map_range(offset, len)?;
+        let epoch = hlc::now();
+        self.inner.mutate(&mapping, None, epoch).await
+    }
+
+    /// Reads `len` bytes at `offset` (both multiples of the block size).
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, VolumeError> {
+        let mapping = self.map_range(offset, len)?;
+        let epoch = hlc::now();
+        let v = &*self.inner;
+        let mut results = join_all(mapping.pieces.iter().map(|p| v.read_piece(p, epoch))).await;
+        if results.len() == 1 {
+            // One piece (a read inside one cell, the common small read): its bytes are the
+            // whole answer, no copy.
+            if let Some(r) = results.pop() {
+                return r;
+            }
+        }
+        let mut out = BytesMut::zeroed(len as usize);
+        for (p, r) in mapping.pieces.iter().zip(results) {
+            let bytes = r?;
+            let at = p.buf_offset as usize;
+            out[at..at + p.len as usize].copy_from_slice(&bytes);
+        }
+        Ok(out.freeze())
+    }
+}
+
+impl VolumeInner {
+    fn group(&self, view: &PoolView, dkey: &Bytes) -> Result<Group, VolumeError> {
+        layout_for_dkey(&view.map, self.oid, dkey, self.class).map_err(|e| VolumeError::Config(e.to_string()))
+    }
+
+    /// Sends one request to one shard.
+    async fn call(&self, view: &PoolView, shard: &ShardPlacement, req: Request) -> Result<Reply, ShardError> {
+        let addr = *view.addrs.get(&shard.rank).ok_or_else(|| ShardError::Failed(format!("no address for engine {}", shard.rank)))?;
+        let conn =
+            self.cluster.connection(addr).await.map_err(|e| ShardError::Unreachable(format!("engine {} at {addr}: {e}", shard.rank)))?;
+        match conn.call_at(self.pool.pool_id, view.map.version(), shard.target_index, req).await {
+            Ok(r) => Ok(r),
+            Err(RpcError::Remote { status: RpcStatus::StaleMapVersion, .. }) => Err(ShardError::Stale),
+            Err(RpcError::Remote { status: RpcStatus::ChecksumMismatch | RpcStatus::DataCorrupt, message }) => {
+                self.counters.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(volume = %self.info.name, rank = shard.rank, target = shard.target_index, %message, "checksum error on an engine");
+                Err(ShardError::Checksum(message))
+            }
+            Err(RpcError::Remote { status: RpcStatus::ShuttingDown, message }) => Err(ShardError::Unreachable(message)),
+            Err(e @ RpcError::Remote { .. }) => {
+                Err(ShardError::Failed(format!("engine {} target {}: {e}", shard.rank, shard.target_index)))
+            }
+            Err(e) => Err(ShardError::Unreachable(format!("engine {} at {addr}: {e}", shard.rank))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::RwLock;
+    use std::time::Instant;
+
+    use tessera_mgmt_api::MgmtClient;
+
+    use super::*;
+    use crate::placement::PoolMap;
+
+    /// A volume of 4 MiB (chunk 1 MiB, cell 16 KiB) of `class` on a pool with map `map`, whose
+    /// engines are never reached (for planning).
+    pub(super) fn volume(class: &str, map: PoolMap) -> VolumeInner {
+        let class: ObjectClass = class.parse().unwrap();
+        let layout = VolumeLayout::new(4 << 20, 4096, 1 << 20, 16 * 1024, class).unwrap();
+        let addrs = map.engines().iter().map(|e| (e.rank, SocketAddr::from(([127, 0, 0, 1], 7410 + e.rank as u16)))).collect();
+        let pool = Arc::new(PoolCache {
+            name: "p".into(),
+            pool_id: 1,
+            view: RwLock::new(Arc::new(PoolView { map, addrs })),
+            refresh: tokio::sync::Mutex::new(Instant::now()),
+        });
+        let info = VolumeInfo {
+            pool: "p".into(),
+            pool_id: 1,
+            name: "v".into(),
+            uuid: uuid::Uuid::from_u128(77),
+            size: 4 << 20,
+            block_size: 4096,
+            class: class.to_string(),
+            cell_size: 16 * 1024,
+            chunk_size: 1 << 20,
+            checksum: true,
+            created: 0,
+        };
+        VolumeInner {
+            cluster: Cluster::new(MgmtClient::new("127.0.0.1:9")),
+            pool,
+            info,
+            layout,
+            class,
+            codec: if class.is_ec() { Some(Codec::for_class(class).unwrap()) } else { None },
+            cont: ContainerId(77),
+            oid: ObjectId(77),
+            counters: Counters::default(),
+        }
+    }
+
+    fn assert_send<T: Send>(_: T) {}
+
+    #[allow(dead_code)]
+    fn volume_futures_are_send(v: &Volume) {
+        assert_send(v.read(0, 4096));
+        assert_send(v.write(0, Bytes::new()));
+        assert_send(v.write_zeroes(0, 4096));
+    }
+}
