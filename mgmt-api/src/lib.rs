@@ -12,6 +12,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+mod heal;
+pub use heal::*;
+
 /// Default address of the management service.
 pub const DEFAULT_MGMT_ADDR: &str = "127.0.0.1:7400";
 
@@ -60,12 +63,15 @@ pub struct RegisterEngine {
 }
 
 /// Pool map version of one pool, as engines need it to reject stale requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolVersion {
     /// The pool's numeric id (carried in every engine RPC's header).
     pub pool_id: u32,
     /// Its current pool map version.
     pub map_version: u32,
+    /// The pool's name (engines fetch its map and volumes to rebuild and scrub).
+    #[serde(default)]
+    pub name: String,
 }
 
 /// Reply to a registration or a heartbeat.
@@ -145,6 +151,14 @@ pub struct PoolTarget {
     /// Pool map version at which it last entered or left the placeable states (see
     /// `tessera_placement::placement::TargetEntry::fseq`).
     pub fseq: u32,
+    /// While the target is out (DOWN, DOWNOUT) or being reintegrated (UP): reintegration copies
+    /// only what changed above this epoch, and engines keep every version above it from
+    /// aggregation so that punches stay visible. 0: a full rebuild onto it.
+    #[serde(default)]
+    pub since_epoch: u64,
+    /// The operator drained it: once rebuilt elsewhere (DOWNOUT) its engine deletes its data.
+    #[serde(default)]
+    pub drained: bool,
 }
 
 /// A target state as named in the API (`tessera_placement::placement::TargetState`).
@@ -187,6 +201,14 @@ pub struct PoolMapInfo {
     pub engines: Vec<PoolEngine>,
     /// Targets, sorted by (rank, index).
     pub targets: Vec<PoolTarget>,
+    /// Version of the last *settled* map (every shard's data where its layout says: no target
+    /// DOWN or UP). A shard whose target differs between the base layout and the current one,
+    /// or whose target is UP, is being rebuilt: written, not read.
+    #[serde(default)]
+    pub base_version: u32,
+    /// Targets of the base map (empty: the current map is the base).
+    #[serde(default)]
+    pub base_targets: Vec<PoolTarget>,
 }
 
 /// A pool (`GET /v1/pools`, `GET /v1/pools/{pool}`, reply of `POST /v1/pools`).
@@ -208,6 +230,17 @@ pub struct PoolInfo {
     pub map: PoolMapInfo,
     /// Number of volumes.
     pub volumes: u32,
+    /// The rebuild (or reintegration) of the pool.
+    #[serde(default)]
+    pub rebuild: RebuildStatus,
+    /// Scrub counters summed over the pool's engines.
+    #[serde(default)]
+    pub scrub: ScrubCounters,
+    /// Some redundancy group has two shards in one fault domain (too few Up engines to keep
+    /// them apart): the class's redundancy holds against target failures, but one engine
+    /// failure may now cost two shards.
+    #[serde(default)]
+    pub fault_domains_reduced: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -444,6 +477,27 @@ impl MgmtClient {
     /// `GET /v1/pools/{pool}/map`.
     pub async fn pool_map(&self, pool: &str) -> Result<PoolMapInfo, MgmtError> {
         self.get(&format!("/pools/{pool}/map")).await
+    }
+
+    /// `POST /v1/pools/{pool}/engines/{rank}/report`: an engine's rebuild progress and scrub
+    /// counters for the pool.
+    pub async fn report(&self, pool: &str, rank: u32, report: &EngineReport) -> Result<(), MgmtError> {
+        self.post(&format!("/pools/{pool}/engines/{rank}/report"), report).await
+    }
+
+    /// `POST /v1/pools/{pool}/exclude`: the selected targets become DOWN (rebuilt elsewhere).
+    pub async fn exclude(&self, pool: &str, sel: &TargetSelector) -> Result<PoolInfo, MgmtError> {
+        self.post(&format!("/pools/{pool}/exclude"), sel).await
+    }
+
+    /// `POST /v1/pools/{pool}/drain`: the selected healthy targets are emptied onto the others.
+    pub async fn drain(&self, pool: &str, sel: &TargetSelector) -> Result<PoolInfo, MgmtError> {
+        self.post(&format!("/pools/{pool}/drain"), sel).await
+    }
+
+    /// `POST /v1/pools/{pool}/reintegrate`: the selected out targets become UP and are filled.
+    pub async fn reintegrate(&self, pool: &str, sel: &TargetSelector) -> Result<PoolInfo, MgmtError> {
+        self.post(&format!("/pools/{pool}/reintegrate"), sel).await
     }
 
     /// `POST /v1/pools/{pool}/volumes`.
