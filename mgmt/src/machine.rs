@@ -272,7 +272,11 @@ fn placement_map(p: &PoolRec) -> Result<PoolMap, CmdError> {
 
 fn store_map(p: &mut PoolRec, m: &PoolMap) {
     p.map_version = m.version();
-    p.targets = m.targets().iter().map(|t| PoolTarget { rank: t.rank, index: t.index, state: to_api(t.state), fseq: t.fseq }).collect();
+    p.targets = m
+        .targets()
+        .iter()
+        .map(|t| PoolTarget { rank: t.rank, index: t.index, state: to_api(t.state), fseq: t.fseq, since_epoch: 0, drained: false })
+        .collect();
 }
 
 /// Total capacity of a pool's targets, bytes.
@@ -403,7 +407,7 @@ pub fn pool_versions(state: &State, rank: u32) -> Vec<PoolVersion> {
         .pools
         .values()
         .filter(|p| p.targets.iter().any(|t| t.rank == rank))
-        .map(|p| PoolVersion { pool_id: p.pool_id, map_version: p.map_version })
+        .map(|p| PoolVersion { pool_id: p.pool_id, map_version: p.map_version, name: p.name.clone() })
         .collect()
 }
 
@@ -452,7 +456,14 @@ fn create_pool(s: &mut State, req: &CreatePool, env: &Env) -> Result<Outcome, Cm
     let mut targets = Vec::new();
     for r in &ranks {
         let e = s.engines.get(r).ok_or(CmdError::NoEngine(*r))?;
-        targets.extend((0..e.targets).map(|index| PoolTarget { rank: *r, index, state: TargetStateName::UpIn, fseq: 0 }));
+        targets.extend((0..e.targets).map(|index| PoolTarget {
+            rank: *r,
+            index,
+            state: TargetStateName::UpIn,
+            fseq: 0,
+            since_epoch: 0,
+            drained: false,
+        }));
     }
     let pool_id = s.next_pool_id;
     let next_id = pool_id.checked_add(1).ok_or_else(|| CmdError::Conflict("pool ids are exhausted".into()))?;
@@ -486,7 +497,14 @@ pub fn pool_map(state: &State, pool: &str) -> Result<PoolMapInfo, CmdError> {
             }
         })
         .collect();
-    Ok(PoolMapInfo { pool_id: p.pool_id, version: p.map_version, engines, targets: p.targets.clone() })
+    Ok(PoolMapInfo {
+        pool_id: p.pool_id,
+        version: p.map_version,
+        engines,
+        targets: p.targets.clone(),
+        base_version: 0,
+        base_targets: Vec::new(),
+    })
 }
 
 /// A pool.
@@ -501,6 +519,9 @@ pub fn pool_info(state: &State, pool: &str) -> Result<PoolInfo, CmdError> {
         allocated: u64::try_from(pool_allocated(state, pool)).unwrap_or(u64::MAX),
         map: pool_map(state, pool)?,
         volumes: state.pool_volumes(pool).count() as u32,
+        rebuild: Default::default(),
+        scrub: Default::default(),
+        fault_domains_reduced: false,
     })
 }
 

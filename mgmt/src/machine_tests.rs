@@ -178,7 +178,7 @@ fn heartbeat_checks_rank_uuid_and_state() {
     let uuid = |r: u32| reg(r, "", 1).uuid;
     assert_eq!(
         heartbeat_pools(&s, 0, uuid(0)).unwrap(),
-        [PoolVersion { pool_id: 1, map_version: 1 }, PoolVersion { pool_id: 2, map_version: 1 }]
+        [PoolVersion { pool_id: 1, map_version: 1, name: "p".into() }, PoolVersion { pool_id: 2, map_version: 1, name: "q".into() }]
     );
     assert_eq!(heartbeat_pools(&s, 3, uuid(3)).unwrap(), []);
     assert_eq!(heartbeat_pools(&s, 9, uuid(9)).unwrap_err(), CmdError::NoEngine(9));
@@ -186,7 +186,10 @@ fn heartbeat_checks_rank_uuid_and_state() {
     let s = run(&s, Command::EnginesDown(vec![0]));
     let e = heartbeat_pools(&s, 0, uuid(0)).unwrap_err();
     assert_eq!((e.clone(), e.status()), (CmdError::EngineDown(0), 404));
-    assert_eq!(pool_versions(&s, 0), [PoolVersion { pool_id: 1, map_version: 2 }, PoolVersion { pool_id: 2, map_version: 2 }]);
+    assert_eq!(
+        pool_versions(&s, 0),
+        [PoolVersion { pool_id: 1, map_version: 2, name: "p".into() }, PoolVersion { pool_id: 2, map_version: 2, name: "q".into() }]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

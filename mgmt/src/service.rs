@@ -330,7 +330,7 @@ mod tests {
         // Rank 1 heartbeats later than the others.
         std::thread::sleep(Duration::from_millis(50));
         let hb = svc.heartbeat(1, reg(1).uuid).unwrap();
-        assert_eq!(hb.pools, [tessera_mgmt_api::PoolVersion { pool_id: 1, map_version: 1 }]);
+        assert_eq!(hb.pools, [tessera_mgmt_api::PoolVersion { pool_id: 1, map_version: 1, name: "p".into() }]);
         let commits = store.commits();
         let down = svc.check_heartbeats(t0 + TIMEOUT + Duration::from_millis(20)).unwrap();
         assert_eq!(down, [0, 2]);
@@ -348,7 +348,7 @@ mod tests {
         let e = svc.heartbeat(0, reg(0).uuid).unwrap_err();
         assert_eq!(e.status(), 404);
         let reply = svc.register(&reg(0)).unwrap();
-        assert_eq!(reply.pools, [tessera_mgmt_api::PoolVersion { pool_id: 1, map_version: 2 }]);
+        assert_eq!(reply.pools, [tessera_mgmt_api::PoolVersion { pool_id: 1, map_version: 2, name: "p".into() }]);
         assert_eq!(svc.snapshot().state.engines[&0].state, EngineState::Up);
         assert!(svc.snapshot().state.pools["p"].targets.iter().filter(|t| t.rank == 0).all(|t| t.state == TargetStateName::Down));
         // Its clock restarted at registration: not down again right away.

@@ -297,7 +297,16 @@ pub(crate) mod tests {
             );
         }
         let targets = (0..2u32)
-            .flat_map(|rank| (0..2u16).map(move |index| PoolTarget { rank, index, state: TargetStateName::UpIn, fseq: 0 }))
+            .flat_map(|rank| {
+                (0..2u16).map(move |index| PoolTarget {
+                    rank,
+                    index,
+                    state: TargetStateName::UpIn,
+                    fseq: 0,
+                    since_epoch: 0,
+                    drained: false,
+                })
+            })
             .collect();
         s.pools.insert(
             "p".into(),
