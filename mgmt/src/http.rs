@@ -19,8 +19,8 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tessera_mgmt_api::{
-    ApiError, ClusterVersion, CreateExport, CreatePool, CreateVolume, ExportInfo, ExportList, Heartbeat, HeartbeatReply, PoolInfo,
-    PoolMapInfo, RegisterEngine, ResizeVolume, SystemInfo, VolumeInfo,
+    ApiError, ClusterVersion, CreateExport, CreatePool, CreateVolume, EngineReport, ExportInfo, ExportList, Heartbeat, HeartbeatReply,
+    PoolInfo, PoolMapInfo, RegisterEngine, ResizeVolume, SystemInfo, TargetSelector, VolumeInfo,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::error;
@@ -148,6 +148,10 @@ pub fn router(app: App) -> Router {
         .route("/v1/pools", get(list_pools).post(create_pool))
         .route("/v1/pools/{pool}", get(get_pool))
         .route("/v1/pools/{pool}/map", get(get_pool_map))
+        .route("/v1/pools/{pool}/engines/{rank}/report", post(report))
+        .route("/v1/pools/{pool}/exclude", post(exclude))
+        .route("/v1/pools/{pool}/drain", post(drain))
+        .route("/v1/pools/{pool}/reintegrate", post(reintegrate))
         .route("/v1/pools/{pool}/volumes", get(list_volumes).post(create_volume))
         .route("/v1/pools/{pool}/volumes/{volume}", get(get_volume).patch(resize_volume).delete(delete_volume))
         .route("/v1/exports", get(list_exports).post(create_export))
@@ -210,11 +214,45 @@ async fn create_pool(State(app): State<App>, ApiJson(req): ApiJson<CreatePool>) 
 }
 
 async fn list_pools(State(app): State<App>) -> Json<Vec<PoolInfo>> {
-    Json(machine::pools(&app.svc.snapshot().state))
+    Json(app.svc.pools())
 }
 
 async fn get_pool(State(app): State<App>, ApiPath(pool): ApiPath<String>) -> Result<Json<PoolInfo>, HttpError> {
-    Ok(Json(machine::pool_info(&app.svc.snapshot().state, &pool)?))
+    Ok(Json(app.svc.pool_info(&pool)?))
+}
+
+async fn report(
+    State(app): State<App>,
+    ApiPath((pool, rank)): ApiPath<(String, String)>,
+    ApiJson(req): ApiJson<EngineReport>,
+) -> Result<StatusCode, HttpError> {
+    let rank = parse_rank(&rank)?;
+    blocking(&app, move |s| s.report(&pool, rank, &req)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn exclude(
+    State(app): State<App>,
+    ApiPath(pool): ApiPath<String>,
+    ApiJson(sel): ApiJson<TargetSelector>,
+) -> Result<Json<PoolInfo>, HttpError> {
+    Ok(Json(blocking(&app, move |s| s.exclude(&pool, sel)).await?))
+}
+
+async fn drain(
+    State(app): State<App>,
+    ApiPath(pool): ApiPath<String>,
+    ApiJson(sel): ApiJson<TargetSelector>,
+) -> Result<Json<PoolInfo>, HttpError> {
+    Ok(Json(blocking(&app, move |s| s.drain(&pool, sel)).await?))
+}
+
+async fn reintegrate(
+    State(app): State<App>,
+    ApiPath(pool): ApiPath<String>,
+    ApiJson(sel): ApiJson<TargetSelector>,
+) -> Result<Json<PoolInfo>, HttpError> {
+    Ok(Json(blocking(&app, move |s| s.reintegrate(&pool, sel)).await?))
 }
 
 async fn get_pool_map(State(app): State<App>, ApiPath(pool): ApiPath<String>) -> Result<Json<PoolMapInfo>, HttpError> {

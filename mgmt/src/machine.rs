@@ -11,12 +11,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::str::FromStr;
 
+use tessera_engine_proto::ObjectId;
 use tessera_mgmt_api::{
     CreateExport, CreatePool, CreateVolume, EngineState, ExportInfo, PoolEngine, PoolInfo, PoolMapInfo, PoolTarget, PoolVersion,
-    RegisterEngine, TargetStateName, VolumeInfo,
+    RegisterEngine, TargetSelector, TargetStateName, VolumeInfo,
 };
 use tessera_placement::layout::{default_chunk_size, VolumeLayout, DEFAULT_CELL_SIZE};
-use tessera_placement::placement::{ObjectClass, PoolMap, TargetEntry, TargetRef, TargetState};
+use tessera_placement::placement::{group_count, group_layout, ObjectClass, PoolMap, TargetEntry, TargetRef, TargetState};
 use uuid::Uuid;
 
 use crate::state::{to_api, to_placement, EngineRec, ExportRec, PoolRec, State, VolumeRec};
@@ -39,17 +40,62 @@ pub struct Env {
     pub uuid: Uuid,
     /// Now, seconds since the Unix epoch.
     pub now: u64,
+    /// The epoch floor of a target that goes DOWN now: the HLC epoch of 30 s ago (a write is
+    /// retried for at most 25 s, so whatever a DOWN target missed is above it).
+    pub epoch_floor: u64,
 }
+
+/// How far back [`Env::epoch_floor`] lies.
+pub const EPOCH_FLOOR_LAG: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A state change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// An engine (re)registers: binds its rank to its uuid, updates address and targets, and
-    /// makes it Up (its targets' pool map states are left alone).
-    RegisterEngine(RegisterEngine),
+    /// makes it Up. A rank bound to another uuid is taken over only if that engine is Down (a
+    /// replacement with an empty data directory: its targets' floors become 0).
+    RegisterEngine {
+        /// The registration.
+        req: RegisterEngine,
+        /// Reintegrate: its DOWN and DOWNOUT targets that were not drained become UP (one new
+        /// map version per pool). Otherwise their states are left alone.
+        reintegrate: bool,
+    },
     /// These engines stopped heartbeating: each becomes Down and its placeable targets DOWN in
-    /// every pool (one new map version per pool touched).
+    /// every pool (one new map version per pool touched), with their epoch floors set.
     EnginesDown(Vec<u32>),
+    /// The operator takes targets out: selected UPIN/UP targets become DOWN (rebuilt elsewhere).
+    Exclude {
+        /// Pool name.
+        pool: String,
+        /// The targets.
+        sel: TargetSelector,
+    },
+    /// The operator empties healthy targets: selected UPIN targets become DOWN and drained
+    /// (their engine deletes their data once rebuilt elsewhere; never reintegrated on their own).
+    Drain {
+        /// Pool name.
+        pool: String,
+        /// The targets.
+        sel: TargetSelector,
+    },
+    /// The operator brings targets back: selected DOWN/DOWNOUT targets of an Up engine become UP
+    /// (filled by reintegration).
+    Reintegrate {
+        /// Pool name.
+        pool: String,
+        /// The targets.
+        sel: TargetSelector,
+    },
+    /// Every engine finished rebuilding towards map `version`: if that is still the pool's
+    /// version, DOWN targets become DOWNOUT and UP targets UPIN in one new version, which becomes
+    /// the base map. Otherwise (stale, or nothing to finish) nothing happens.
+    RebuildDone {
+        /// Pool name.
+        pool: String,
+        /// The map version the engines rebuilt towards.
+        version: u32,
+    },
     /// Create a pool.
     CreatePool(CreatePool),
     /// Create a volume in a pool.
@@ -115,6 +161,26 @@ pub enum Outcome {
     Registered {
         /// Its rank.
         rank: u32,
+        /// It took the rank over from this (Down) engine.
+        replaced: Option<Uuid>,
+        /// Pools in which its targets became UP, with the new map version.
+        reintegrated: Vec<(String, u32)>,
+    },
+    /// Targets of a pool changed state (exclude, drain, reintegrate).
+    TargetsChanged {
+        /// Pool name.
+        pool: String,
+        /// The new map version.
+        version: u32,
+        /// The targets changed.
+        targets: Vec<TargetRef>,
+    },
+    /// A rebuild finished: the new (settled) map version, or `None` if the command was stale.
+    RebuildDone {
+        /// Pool name.
+        pool: String,
+        /// The new map version, if the map changed.
+        version: Option<u32>,
     },
     /// These engines were marked Down (those that were Up or had placeable targets).
     MarkedDown(Vec<u32>),
@@ -148,6 +214,9 @@ pub enum CmdError {
         /// Volume.
         volume: String,
     },
+    /// No such target in a pool (404).
+    #[error("{0}")]
+    NoTarget(String),
     /// No such export (404).
     #[error("no namespace {nsid} is exported in subsystem {nqn}")]
     NoExport {
@@ -178,6 +247,7 @@ impl CmdError {
             | CmdError::EngineDown(_)
             | CmdError::NoPool(_)
             | CmdError::NoVolume { .. }
+            | CmdError::NoTarget(_)
             | CmdError::NoExport { .. } => 404,
             CmdError::Invalid(_) => 400,
             CmdError::Conflict(_) => 409,
@@ -200,8 +270,12 @@ fn conflict<T>(msg: impl Into<String>) -> Result<T, CmdError> {
 pub fn apply(state: &State, cmd: &Command, env: &Env) -> Result<(State, Outcome), CmdError> {
     let mut next = state.clone();
     let outcome = match cmd {
-        Command::RegisterEngine(req) => register_engine(&mut next, req)?,
-        Command::EnginesDown(ranks) => engines_down(&mut next, ranks)?,
+        Command::RegisterEngine { req, reintegrate } => register_engine(&mut next, req, *reintegrate)?,
+        Command::EnginesDown(ranks) => engines_down(&mut next, ranks, env)?,
+        Command::Exclude { pool, sel } => exclude(&mut next, pool, sel, env)?,
+        Command::Drain { pool, sel } => drain(&mut next, pool, sel)?,
+        Command::Reintegrate { pool, sel } => reintegrate(&mut next, pool, sel)?,
+        Command::RebuildDone { pool, version } => rebuild_done(&mut next, pool, *version)?,
         Command::CreatePool(req) => create_pool(&mut next, req, env)?,
         Command::CreateVolume { pool, req } => create_volume(&mut next, pool, req, env)?,
         Command::ResizeVolume { pool, volume, size } => resize_volume(&mut next, pool, volume, *size)?,
@@ -270,13 +344,60 @@ fn placement_map(p: &PoolRec) -> Result<PoolMap, CmdError> {
     PoolMap::new(p.map_version, targets).map_err(|e| CmdError::Internal(format!("pool {}: {e}", p.name)))
 }
 
+/// Stores `m` as `p`'s map. A placement map carries no epoch floors or drain marks: each target
+/// keeps its own.
 fn store_map(p: &mut PoolRec, m: &PoolMap) {
+    let kept: BTreeMap<(u32, u16), (u64, bool)> = p.targets.iter().map(|t| ((t.rank, t.index), (t.since_epoch, t.drained))).collect();
     p.map_version = m.version();
     p.targets = m
         .targets()
         .iter()
-        .map(|t| PoolTarget { rank: t.rank, index: t.index, state: to_api(t.state), fseq: t.fseq, since_epoch: 0, drained: false })
+        .map(|t| {
+            let (since_epoch, drained) = kept.get(&(t.rank, t.index)).copied().unwrap_or_default();
+            PoolTarget { rank: t.rank, index: t.index, state: to_api(t.state), fseq: t.fseq, since_epoch, drained }
+        })
         .collect();
+}
+
+/// One new map version of `p` with `changes` applied. A settled map is the base: it is
+/// recorded as such before the change (records stored before rebuilds existed have no base),
+/// and a change that leaves the map settled (rebuild done) makes the new map the base.
+fn set_states(p: &mut PoolRec, changes: &[(TargetRef, TargetState)]) -> Result<(), CmdError> {
+    if p.settled() {
+        p.base_version = p.map_version;
+        p.base_targets = p.targets.clone();
+    }
+    let m = placement_map(p)?.set_states(changes).map_err(|e| CmdError::Internal(format!("pool {}: {e}", p.name)))?;
+    store_map(p, &m);
+    if p.settled() {
+        p.base_version = p.map_version;
+        p.base_targets = p.targets.clone();
+    }
+    Ok(())
+}
+
+fn target_mut(p: &mut PoolRec, t: TargetRef) -> Option<&mut PoolTarget> {
+    p.targets.iter_mut().find(|x| x.rank == t.rank && x.index == t.index)
+}
+
+/// The epoch floor of `t` when it goes DOWN now. A target that failed again while being
+/// reintegrated keeps the smaller floor; one being filled from scratch (floor 0) stays at 0,
+/// since it never held what came before.
+fn down_floor(t: &PoolTarget, floor: u64) -> u64 {
+    match (t.state, t.since_epoch) {
+        (TargetStateName::Up, 0) => 0,
+        (_, 0) => floor,
+        (_, since) => since.min(floor),
+    }
+}
+
+fn target_ref(t: &PoolTarget) -> TargetRef {
+    TargetRef { rank: t.rank, index: t.index }
+}
+
+/// `rank:index` of targets, comma separated.
+pub fn targets_text(ts: &[TargetRef]) -> String {
+    ts.iter().map(|t| format!("{}:{}", t.rank, t.index)).collect::<Vec<_>>().join(",")
 }
 
 /// Total capacity of a pool's targets, bytes.
@@ -322,7 +443,7 @@ fn check_space(state: &State, p: &PoolRec, freed: u128, needed: u128) -> Result<
 // ---------------------------------------------------------------------------------------------
 // Engines.
 
-fn register_engine(s: &mut State, req: &RegisterEngine) -> Result<Outcome, CmdError> {
+fn register_engine(s: &mut State, req: &RegisterEngine, reintegrate: bool) -> Result<Outcome, CmdError> {
     parse_addr("engine address", &req.address)?;
     if req.uuid.is_nil() {
         return invalid("engine uuid must not be nil");
@@ -340,9 +461,14 @@ fn register_engine(s: &mut State, req: &RegisterEngine) -> Result<Outcome, CmdEr
             fault_domain.escape_debug().to_string()
         ));
     }
+    let mut replaced = None;
     if let Some(e) = s.engines.get(&req.rank) {
         if e.uuid != req.uuid {
-            return conflict(format!("rank {} is bound to engine {}, not {}", req.rank, e.uuid, req.uuid));
+            if e.state == EngineState::Up {
+                return conflict(format!("rank {} is bound to engine {} which is up, not {}", req.rank, e.uuid, req.uuid));
+            }
+            // The bound engine is Down: this is its replacement, with an empty data directory.
+            replaced = Some(e.uuid);
         }
     }
     if let Some(other) = s.engines.values().find(|e| e.uuid == req.uuid && e.rank != req.rank) {
@@ -370,10 +496,40 @@ fn register_engine(s: &mut State, req: &RegisterEngine) -> Result<Outcome, CmdEr
             state: EngineState::Up,
         },
     );
-    Ok(Outcome::Registered { rank: req.rank })
+    let mut reintegrated = Vec::new();
+    for p in s.pools.values_mut() {
+        let mine = |t: &&PoolTarget| t.rank == req.rank;
+        if !p.targets.iter().any(|t| mine(&t)) {
+            continue;
+        }
+        // A replacement holds nothing: whatever comes back onto it is a full rebuild.
+        let wiped = replaced.is_some() && p.targets.iter().filter(mine).any(|t| t.since_epoch != 0);
+        let back: Vec<TargetRef> = if reintegrate {
+            p.targets
+                .iter()
+                .filter(mine)
+                .filter(|t| matches!(t.state, TargetStateName::Down | TargetStateName::DownOut) && !t.drained)
+                .map(target_ref)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if back.is_empty() && !wiped {
+            continue;
+        }
+        let changes: Vec<_> = back.iter().map(|&t| (t, TargetState::Up)).collect();
+        set_states(p, &changes)?;
+        if replaced.is_some() {
+            p.targets.iter_mut().filter(|t| t.rank == req.rank).for_each(|t| t.since_epoch = 0);
+        }
+        if !back.is_empty() {
+            reintegrated.push((p.name.clone(), p.map_version));
+        }
+    }
+    Ok(Outcome::Registered { rank: req.rank, replaced, reintegrated })
 }
 
-fn engines_down(s: &mut State, ranks: &[u32]) -> Result<Outcome, CmdError> {
+fn engines_down(s: &mut State, ranks: &[u32], env: &Env) -> Result<Outcome, CmdError> {
     let ranks: BTreeSet<u32> = ranks.iter().copied().filter(|r| s.engines.contains_key(r)).collect();
     let mut marked = BTreeSet::new();
     for r in &ranks {
@@ -385,20 +541,130 @@ fn engines_down(s: &mut State, ranks: &[u32]) -> Result<Outcome, CmdError> {
         }
     }
     for p in s.pools.values_mut() {
-        let changes: Vec<_> = p
+        let floors: Vec<(TargetRef, u64)> = p
             .targets
             .iter()
             .filter(|t| ranks.contains(&t.rank) && to_placement(t.state).is_placeable())
-            .map(|t| (TargetRef { rank: t.rank, index: t.index }, TargetState::Down))
+            .map(|t| (target_ref(t), down_floor(t, env.epoch_floor)))
             .collect();
-        if changes.is_empty() {
+        if floors.is_empty() {
             continue;
         }
-        marked.extend(changes.iter().map(|(t, _)| t.rank));
-        let m = placement_map(p)?.set_states(&changes).map_err(|e| CmdError::Internal(format!("pool {}: {e}", p.name)))?;
-        store_map(p, &m);
+        marked.extend(floors.iter().map(|(t, _)| t.rank));
+        take_down(p, &floors, false)?;
     }
     Ok(Outcome::MarkedDown(marked.into_iter().collect()))
+}
+
+/// One new map version in which these targets are DOWN with these floors (and drained marks).
+fn take_down(p: &mut PoolRec, floors: &[(TargetRef, u64)], drained: bool) -> Result<(), CmdError> {
+    let changes: Vec<_> = floors.iter().map(|&(t, _)| (t, TargetState::Down)).collect();
+    set_states(p, &changes)?;
+    for &(t, since) in floors {
+        if let Some(x) = target_mut(p, t) {
+            x.since_epoch = since;
+            x.drained = drained;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exclude, drain, reintegrate, rebuild completion.
+
+/// The targets `sel` names in pool `p` (404 if the pool has none such) and of those the ones in
+/// a state that `fits` (409 if a named target does not fit, or none of the engine's does).
+fn select(p: &PoolRec, sel: &TargetSelector, what: &str, fits: impl Fn(TargetStateName) -> bool) -> Result<Vec<PoolTarget>, CmdError> {
+    let named: Vec<&PoolTarget> = p.targets.iter().filter(|t| t.rank == sel.rank && sel.target.is_none_or(|i| i == t.index)).collect();
+    if named.is_empty() {
+        return Err(CmdError::NoTarget(match sel.target {
+            Some(i) if p.targets.iter().any(|t| t.rank == sel.rank) => format!("pool {} has no target {}:{i}", p.name, sel.rank),
+            _ => format!("pool {} has no targets on engine rank {}", p.name, sel.rank),
+        }));
+    }
+    let fitting: Vec<PoolTarget> = named.iter().filter(|t| fits(t.state)).map(|t| **t).collect();
+    if fitting.is_empty() {
+        let states: BTreeSet<&str> = named.iter().map(|t| to_placement(t.state).as_str()).collect();
+        let states = states.into_iter().collect::<Vec<_>>().join("/");
+        return conflict(match sel.target {
+            Some(i) => format!("target {}:{i} of pool {} is {states}: {what}", sel.rank, p.name),
+            None => format!("the targets of engine rank {} in pool {} are {states}: {what}", sel.rank, p.name),
+        });
+    }
+    Ok(fitting)
+}
+
+fn get_pool_mut<'a>(s: &'a mut State, pool: &str) -> Result<&'a mut PoolRec, CmdError> {
+    s.pools.get_mut(pool).ok_or_else(|| CmdError::NoPool(pool.to_string()))
+}
+
+fn changed(p: &PoolRec, targets: &[PoolTarget]) -> Outcome {
+    Outcome::TargetsChanged { pool: p.name.clone(), version: p.map_version, targets: targets.iter().map(target_ref).collect() }
+}
+
+fn exclude(s: &mut State, pool: &str, sel: &TargetSelector, env: &Env) -> Result<Outcome, CmdError> {
+    let p = get_pool_mut(s, pool)?;
+    let ts = select(p, sel, "only UPIN or UP targets can be excluded", |st| to_placement(st).is_placeable())?;
+    let floors: Vec<_> = ts.iter().map(|t| (target_ref(t), down_floor(t, env.epoch_floor))).collect();
+    take_down(p, &floors, false)?;
+    Ok(changed(p, &ts))
+}
+
+fn drain(s: &mut State, pool: &str, sel: &TargetSelector) -> Result<Outcome, CmdError> {
+    let p = get_pool_mut(s, pool)?;
+    let ts = select(p, sel, "only UPIN targets can be drained", |st| st == TargetStateName::UpIn)?;
+    // A drained target's data is deleted: it never comes back incrementally.
+    let floors: Vec<_> = ts.iter().map(|t| (target_ref(t), 0)).collect();
+    take_down(p, &floors, true)?;
+    Ok(changed(p, &ts))
+}
+
+fn reintegrate(s: &mut State, pool: &str, sel: &TargetSelector) -> Result<Outcome, CmdError> {
+    let engine_down = s.engines.get(&sel.rank).is_some_and(|e| e.state == EngineState::Down);
+    let p = get_pool_mut(s, pool)?;
+    let ts = select(p, sel, "only DOWN or DOWNOUT targets can be reintegrated", |st| {
+        matches!(st, TargetStateName::Down | TargetStateName::DownOut)
+    })?;
+    if engine_down {
+        return conflict(format!("engine rank {} is down: it must be up to be reintegrated", sel.rank));
+    }
+    let changes: Vec<_> = ts.iter().map(|t| (target_ref(t), TargetState::Up)).collect();
+    set_states(p, &changes)?;
+    for t in &ts {
+        if let Some(x) = target_mut(p, target_ref(t)) {
+            if x.drained {
+                // Its data was deleted: a full rebuild onto it.
+                x.since_epoch = 0;
+                x.drained = false;
+            }
+        }
+    }
+    Ok(changed(p, &ts))
+}
+
+fn rebuild_done(s: &mut State, pool: &str, version: u32) -> Result<Outcome, CmdError> {
+    let p = get_pool_mut(s, pool)?;
+    let noop = Outcome::RebuildDone { pool: pool.to_string(), version: None };
+    if p.map_version != version || p.settled() {
+        return Ok(noop);
+    }
+    let changes: Vec<_> = p
+        .targets
+        .iter()
+        .filter_map(|t| match t.state {
+            TargetStateName::Down => Some((target_ref(t), TargetState::DownOut)),
+            TargetStateName::Up => Some((target_ref(t), TargetState::UpIn)),
+            _ => None,
+        })
+        .collect();
+    set_states(p, &changes)?;
+    for t in p.targets.iter_mut().filter(|t| t.state == TargetStateName::UpIn) {
+        t.since_epoch = 0;
+        t.drained = false;
+    }
+    // The map is settled now: set_states made it the base; refresh it with the floors cleared.
+    p.base_targets = p.targets.clone();
+    Ok(Outcome::RebuildDone { pool: pool.to_string(), version: Some(p.map_version) })
 }
 
 /// The map versions of every pool with targets on engine `rank`, for its heartbeat reply.
@@ -467,7 +733,16 @@ fn create_pool(s: &mut State, req: &CreatePool, env: &Env) -> Result<Outcome, Cm
     }
     let pool_id = s.next_pool_id;
     let next_id = pool_id.checked_add(1).ok_or_else(|| CmdError::Conflict("pool ids are exhausted".into()))?;
-    let rec = PoolRec { name: req.name.clone(), uuid: env.uuid, pool_id, default_class: class.to_string(), map_version: 1, targets };
+    let rec = PoolRec {
+        name: req.name.clone(),
+        uuid: env.uuid,
+        pool_id,
+        default_class: class.to_string(),
+        map_version: 1,
+        base_version: 1,
+        base_targets: targets.clone(),
+        targets,
+    };
     if req.default_class.is_some() && class.shards_per_group() as usize > fault_domains(s, &rec) {
         return conflict(format!(
             "class {class} needs {} fault domains, the pool would span {}",
@@ -497,13 +772,14 @@ pub fn pool_map(state: &State, pool: &str) -> Result<PoolMapInfo, CmdError> {
             }
         })
         .collect();
+    let (base_version, base_targets) = p.base();
     Ok(PoolMapInfo {
         pool_id: p.pool_id,
         version: p.map_version,
         engines,
         targets: p.targets.clone(),
-        base_version: 0,
-        base_targets: Vec::new(),
+        base_version,
+        base_targets: base_targets.to_vec(),
     })
 }
 
@@ -521,7 +797,38 @@ pub fn pool_info(state: &State, pool: &str) -> Result<PoolInfo, CmdError> {
         volumes: state.pool_volumes(pool).count() as u32,
         rebuild: Default::default(),
         scrub: Default::default(),
-        fault_domains_reduced: false,
+        fault_domains_reduced: fault_domains_reduced(state, p),
+    })
+}
+
+/// Whether some redundancy group of some volume of the pool has two writable shards on one
+/// engine under the current map. Placement keeps a group's shards on distinct engines while it
+/// can, so this is only computed when fewer engines serve the pool (Up, with an UPIN or UP
+/// target) than some volume's class has shards per group.
+pub fn fault_domains_reduced(state: &State, p: &PoolRec) -> bool {
+    let serving: BTreeSet<u32> = p
+        .targets
+        .iter()
+        .filter(|t| to_placement(t.state).is_placeable())
+        .filter(|t| state.engines.get(&t.rank).is_some_and(|e| e.state == EngineState::Up))
+        .map(|t| t.rank)
+        .collect();
+    let short: Vec<(ObjectId, ObjectClass)> = state
+        .pool_volumes(&p.name)
+        .filter_map(|v| Some((ObjectId(v.uuid.as_u128()), ObjectClass::from_str(&v.class).ok()?)))
+        .filter(|(_, c)| c.shards_per_group() as usize > serving.len())
+        .collect();
+    if short.is_empty() {
+        return false;
+    }
+    let Ok(m) = placement_map(p) else { return false };
+    short.iter().any(|&(oid, class)| {
+        (0..group_count(&m, class)).any(|g| {
+            group_layout(&m, oid, g, class).is_ok_and(|grp| {
+                let mut ranks = BTreeSet::new();
+                grp.shards.iter().filter(|s| s.writable()).any(|s| !ranks.insert(s.rank))
+            })
+        })
     })
 }
 

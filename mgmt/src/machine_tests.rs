@@ -2,8 +2,16 @@
 
 use super::*;
 
+/// The epoch floor `env` hands out.
+const FLOOR: u64 = 5 << 40;
+
 fn env(n: u128) -> Env {
-    Env { uuid: Uuid::from_u128(n), now: 1000 + n as u64 }
+    Env { uuid: Uuid::from_u128(n), now: 1000 + n as u64, epoch_floor: FLOOR }
+}
+
+/// A registration with automatic reintegration.
+fn register(req: RegisterEngine) -> Command {
+    Command::RegisterEngine { req, reintegrate: true }
 }
 
 fn reg(rank: u32, fault_domain: &str, targets: u16) -> RegisterEngine {
@@ -40,7 +48,7 @@ fn status(s: &State, cmd: Command) -> u16 {
 fn cluster() -> State {
     let mut s = State::default();
     for r in 0..3 {
-        s = run(&s, Command::RegisterEngine(reg(r, "", 2)));
+        s = run(&s, register(reg(r, "", 2)));
     }
     run(&s, Command::CreatePool(pool_req("p", &[], None)))
 }
@@ -68,10 +76,10 @@ const NQN: &str = "nqn.2026-11.io.tessera:a";
 
 #[test]
 fn register_new_engine_is_up_with_default_fault_domain() {
-    let s = run(&State::default(), Command::RegisterEngine(reg(4, "", 3)));
+    let s = run(&State::default(), register(reg(4, "", 3)));
     let e = &s.engines[&4];
     assert_eq!((e.state, e.fault_domain.as_str(), e.targets), (EngineState::Up, "rank-4", 3));
-    let s = run(&s, Command::RegisterEngine(reg(5, "rack-1", 1)));
+    let s = run(&s, register(reg(5, "rack-1", 1)));
     assert_eq!(s.engines[&5].fault_domain, "rack-1");
 }
 
@@ -81,11 +89,11 @@ fn reregister_same_uuid_updates_address_and_targets() {
     let mut r = reg(1, "", 4);
     r.address = "127.0.0.1:1".into();
     r.target_capacity = 5 << 30;
-    let (n, out) = ok(&s, Command::RegisterEngine(r));
-    assert_eq!(out, Outcome::Registered { rank: 1 });
+    let (n, out) = ok(&s, register(r));
+    assert_eq!(out, Outcome::Registered { rank: 1, replaced: None, reintegrated: vec![] });
     assert_eq!((n.engines[&1].address.as_str(), n.engines[&1].targets, n.engines[&1].target_capacity), ("127.0.0.1:1", 4, 5 << 30));
     // The same registration again changes nothing.
-    assert_eq!(run(&s, Command::RegisterEngine(reg(1, "", 2))), s);
+    assert_eq!(run(&s, register(reg(1, "", 2))), s);
 }
 
 #[test]
@@ -93,24 +101,24 @@ fn register_refusals() {
     let s = cluster();
     let mut other_uuid = reg(1, "", 2);
     other_uuid.uuid = Uuid::from_u128(99);
-    assert_eq!(status(&s, Command::RegisterEngine(other_uuid)), 409);
+    assert_eq!(status(&s, register(other_uuid)), 409);
     let mut stolen = reg(7, "", 2);
     stolen.uuid = s.engines[&0].uuid;
-    assert!(err(&s, Command::RegisterEngine(stolen)).to_string().contains("already registered as rank 0"));
+    assert!(err(&s, register(stolen)).to_string().contains("already registered as rank 0"));
     let mut bad_addr = reg(7, "", 2);
     bad_addr.address = "localhost".into();
-    assert_eq!(status(&s, Command::RegisterEngine(bad_addr)), 400);
+    assert_eq!(status(&s, register(bad_addr)), 400);
     let mut nil = reg(7, "", 2);
     nil.uuid = Uuid::nil();
-    assert_eq!(status(&s, Command::RegisterEngine(nil)), 400);
-    assert_eq!(status(&s, Command::RegisterEngine(reg(7, "", 0))), 400);
+    assert_eq!(status(&s, register(nil)), 400);
+    assert_eq!(status(&s, register(reg(7, "", 0))), 400);
     let mut no_cap = reg(7, "", 2);
     no_cap.target_capacity = 0;
-    assert_eq!(status(&s, Command::RegisterEngine(no_cap)), 400);
-    assert_eq!(status(&s, Command::RegisterEngine(reg(7, "rack 1", 2))), 400);
-    assert_eq!(status(&s, Command::RegisterEngine(reg(7, &"x".repeat(65), 2))), 400);
+    assert_eq!(status(&s, register(no_cap)), 400);
+    assert_eq!(status(&s, register(reg(7, "rack 1", 2))), 400);
+    assert_eq!(status(&s, register(reg(7, &"x".repeat(65), 2))), 400);
     // Pool "p" uses targets 0 and 1 of rank 2.
-    let e = err(&s, Command::RegisterEngine(reg(2, "", 1)));
+    let e = err(&s, register(reg(2, "", 1)));
     assert_eq!(e.status(), 409);
     assert!(e.to_string().contains("target 1 in pool p"), "{e}");
 }
@@ -118,7 +126,7 @@ fn register_refusals() {
 #[test]
 fn engines_down_marks_targets_down_in_one_new_map_version_per_pool() {
     let mut s = cluster();
-    s = run(&s, Command::RegisterEngine(reg(3, "", 1)));
+    s = run(&s, register(reg(3, "", 1)));
     s = run(&s, Command::CreatePool(pool_req("q", &[2, 3], Some("S1"))));
     s = run(&s, Command::CreatePool(pool_req("r", &[0, 3], Some("S1"))));
     let before = s.clone();
@@ -162,9 +170,9 @@ fn engines_down_leaves_downout_targets_alone() {
 }
 
 #[test]
-fn down_engine_reregisters_up_but_its_targets_stay_down() {
+fn down_engine_reregisters_up_but_with_manual_reintegration_its_targets_stay_down() {
     let s = run(&cluster(), Command::EnginesDown(vec![1]));
-    let n = run(&s, Command::RegisterEngine(reg(1, "", 2)));
+    let n = run(&s, Command::RegisterEngine { req: reg(1, "", 2), reintegrate: false });
     assert_eq!(n.engines[&1].state, EngineState::Up);
     assert_eq!(n.pools["p"], s.pools["p"]);
     assert!(n.pools["p"].targets.iter().filter(|t| t.rank == 1).all(|t| t.state == TargetStateName::Down));
@@ -173,7 +181,7 @@ fn down_engine_reregisters_up_but_its_targets_stay_down() {
 #[test]
 fn heartbeat_checks_rank_uuid_and_state() {
     let mut s = cluster();
-    s = run(&s, Command::RegisterEngine(reg(3, "", 1)));
+    s = run(&s, register(reg(3, "", 1)));
     s = run(&s, Command::CreatePool(pool_req("q", &[0], Some("S1"))));
     let uuid = |r: u32| reg(r, "", 1).uuid;
     assert_eq!(
@@ -303,7 +311,7 @@ fn create_volume_defaults() {
 fn create_volume_chunk_rounds_up_to_whole_stripes() {
     let mut s = cluster();
     for r in 3..6 {
-        s = run(&s, Command::RegisterEngine(reg(r, "", 2)));
+        s = run(&s, register(reg(r, "", 2)));
     }
     s = run(&s, Command::CreatePool(pool_req("big", &[], None)));
     let mut req = vol_req("v", 1 << 30);
@@ -352,7 +360,7 @@ fn create_volume_refusals() {
 fn fault_domains_count_distinct_domains_not_engines() {
     let mut s = State::default();
     for r in 0..3 {
-        s = run(&s, Command::RegisterEngine(reg(r, if r < 2 { "rack-a" } else { "rack-b" }, 1)));
+        s = run(&s, register(reg(r, if r < 2 { "rack-a" } else { "rack-b" }, 1)));
     }
     s = run(&s, Command::CreatePool(pool_req("p", &[], Some("S1"))));
     let mut req = vol_req("v", 4096);
@@ -560,4 +568,275 @@ fn footprint_rounds_up() {
     assert_eq!(footprint(4096, ObjectClass::Ec { k: 4, p: 2 }), 6144);
     assert_eq!(footprint(4097, ObjectClass::Ec { k: 2, p: 1 }), 6146);
     assert_eq!(footprint(u64::MAX, ObjectClass::Rp(3)), 3 * u128::from(u64::MAX));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Self-healing: floors, reintegration, exclude, drain, rebuild completion, the base map.
+
+fn at(env_floor: u64) -> Env {
+    Env { epoch_floor: env_floor, ..env(7) }
+}
+
+fn target(s: &State, pool: &str, rank: u32, index: u16) -> PoolTarget {
+    s.pools[pool].targets.iter().find(|t| t.rank == rank && t.index == index).copied().unwrap()
+}
+
+fn sel(rank: u32, target: Option<u16>) -> TargetSelector {
+    TargetSelector { rank, target }
+}
+
+fn exclude_cmd(rank: u32, target: Option<u16>) -> Command {
+    Command::Exclude { pool: "p".into(), sel: sel(rank, target) }
+}
+
+fn drain_cmd(rank: u32, target: Option<u16>) -> Command {
+    Command::Drain { pool: "p".into(), sel: sel(rank, target) }
+}
+
+fn reintegrate_cmd(rank: u32, target: Option<u16>) -> Command {
+    Command::Reintegrate { pool: "p".into(), sel: sel(rank, target) }
+}
+
+fn done(version: u32) -> Command {
+    Command::RebuildDone { pool: "p".into(), version }
+}
+
+fn states(s: &State, rank: u32) -> Vec<(TargetStateName, u64, bool)> {
+    s.pools["p"].targets.iter().filter(|t| t.rank == rank).map(|t| (t.state, t.since_epoch, t.drained)).collect()
+}
+
+use TargetStateName::{Down as DOWN, DownOut as DOWNOUT, Up as UP, UpIn as UPIN};
+
+#[test]
+fn engines_down_sets_epoch_floors_and_a_second_failure_keeps_the_smaller() {
+    let s = run(&cluster(), Command::EnginesDown(vec![1]));
+    assert_eq!(states(&s, 1), [(DOWN, FLOOR, false), (DOWN, FLOOR, false)]);
+    assert_eq!(states(&s, 0), [(UPIN, 0, false), (UPIN, 0, false)]);
+    // Back (UP, floor kept), then down again while being reintegrated: the older floor stays.
+    let s = run(&s, register(reg(1, "", 2)));
+    assert_eq!(states(&s, 1), [(UP, FLOOR, false), (UP, FLOOR, false)]);
+    let (later, _) = apply(&s, &Command::EnginesDown(vec![1]), &at(FLOOR + 1000)).unwrap();
+    assert_eq!(states(&later, 1), [(DOWN, FLOOR, false), (DOWN, FLOOR, false)]);
+    let (earlier, _) = apply(&s, &Command::EnginesDown(vec![1]), &at(FLOOR - 1000)).unwrap();
+    assert_eq!(states(&earlier, 1), [(DOWN, FLOOR - 1000, false), (DOWN, FLOOR - 1000, false)]);
+    // A target filled from scratch (floor 0) that fails again still needs everything.
+    let mut zero = s.clone();
+    zero.pools.get_mut("p").unwrap().targets.iter_mut().filter(|t| t.rank == 1).for_each(|t| t.since_epoch = 0);
+    let n = run(&zero, Command::EnginesDown(vec![1]));
+    assert_eq!(states(&n, 1), [(DOWN, 0, false), (DOWN, 0, false)]);
+}
+
+#[test]
+fn a_returning_engine_is_reintegrated_in_one_new_version_per_pool() {
+    let mut s = cluster();
+    s = run(&s, Command::CreatePool(pool_req("q", &[1, 2], Some("S1"))));
+    s = run(&s, Command::CreatePool(pool_req("r", &[0, 2], Some("S1"))));
+    s = run(&s, Command::EnginesDown(vec![1]));
+    // Target 1:1 of p was rebuilt (DOWNOUT) meanwhile: it comes back too.
+    s = run(&s, done(2));
+    assert_eq!(states(&s, 1), [(DOWNOUT, FLOOR, false), (DOWNOUT, FLOOR, false)]);
+    let before = s.clone();
+    let (n, out) = ok(&s, register(reg(1, "", 2)));
+    assert_eq!(out, Outcome::Registered { rank: 1, replaced: None, reintegrated: vec![("p".into(), 4), ("q".into(), 3)] });
+    assert_eq!(n.engines[&1].state, EngineState::Up);
+    assert_eq!(states(&n, 1), [(UP, FLOOR, false), (UP, FLOOR, false)]);
+    assert!(n.pools["p"].targets.iter().filter(|t| t.rank == 1).all(|t| t.fseq == 4));
+    assert_eq!(n.pools["q"].map_version, 3);
+    assert_eq!(n.pools["r"], before.pools["r"]);
+    // Registering again changes nothing more.
+    assert_eq!(run(&n, register(reg(1, "", 2))), n);
+}
+
+#[test]
+fn drained_targets_are_not_reintegrated_automatically() {
+    let mut s = run(&cluster(), drain_cmd(1, Some(0)));
+    s = run(&s, Command::EnginesDown(vec![1]));
+    assert_eq!(states(&s, 1), [(DOWN, 0, true), (DOWN, FLOOR, false)]);
+    let n = run(&s, register(reg(1, "", 2)));
+    assert_eq!(states(&n, 1), [(DOWN, 0, true), (UP, FLOOR, false)]);
+}
+
+#[test]
+fn a_replacement_engine_takes_over_a_down_rank_and_is_filled_from_scratch() {
+    let s = run(&cluster(), Command::EnginesDown(vec![1]));
+    let mut new = reg(1, "", 2);
+    new.uuid = Uuid::from_u128(0xBEEF);
+    new.address = "127.0.0.1:1".into();
+    let (n, out) = ok(&s, register(new.clone()));
+    assert_eq!(out, Outcome::Registered { rank: 1, replaced: Some(reg(1, "", 2).uuid), reintegrated: vec![("p".into(), 3)] });
+    assert_eq!((n.engines[&1].uuid, n.engines[&1].address.as_str(), n.engines[&1].state), (new.uuid, "127.0.0.1:1", EngineState::Up));
+    assert_eq!(states(&n, 1), [(UP, 0, false), (UP, 0, false)]);
+    // The old engine is refused now.
+    assert_eq!(heartbeat_pools(&n, 1, reg(1, "", 2).uuid).unwrap_err().status(), 409);
+    // Manual reintegration: the targets stay out, but their floors are gone (a new version says so).
+    let (m, _) = ok(&s, Command::RegisterEngine { req: new.clone(), reintegrate: false });
+    assert_eq!(states(&m, 1), [(DOWN, 0, false), (DOWN, 0, false)]);
+    assert_eq!(m.pools["p"].map_version, 3);
+    // An Up rank is not taken over.
+    let e = err(&n, register(reg(1, "", 2)));
+    assert_eq!(e.status(), 409, "{e}");
+    assert!(e.to_string().contains("which is up"), "{e}");
+}
+
+#[test]
+fn exclude_takes_placeable_targets_down_with_floors() {
+    let s = cluster();
+    let (n, out) = ok(&s, exclude_cmd(1, Some(0)));
+    assert_eq!(out, Outcome::TargetsChanged { pool: "p".into(), version: 2, targets: vec![TargetRef { rank: 1, index: 0 }] });
+    assert_eq!(states(&n, 1), [(DOWN, FLOOR, false), (UPIN, 0, false)]);
+    assert_eq!(target(&n, "p", 1, 0).fseq, 2);
+    // The whole engine: only the target still in changes.
+    let (n2, out) = ok(&n, exclude_cmd(1, None));
+    assert_eq!(out, Outcome::TargetsChanged { pool: "p".into(), version: 3, targets: vec![TargetRef { rank: 1, index: 1 }] });
+    assert_eq!(states(&n2, 1), [(DOWN, FLOOR, false), (DOWN, FLOOR, false)]);
+    // An UP target can be excluded (it keeps its floor).
+    let up = run(&run(&n2, Command::EnginesDown(vec![1])), register(reg(1, "", 2)));
+    let (n3, _) = apply(&up, &exclude_cmd(1, Some(0)), &at(FLOOR + 1)).unwrap();
+    assert_eq!(states(&n3, 1)[0], (DOWN, FLOOR, false));
+    // Refusals.
+    let e = err(&n, exclude_cmd(1, Some(0)));
+    assert_eq!(e.status(), 409);
+    assert_eq!(e.to_string(), "target 1:0 of pool p is DOWN: only UPIN or UP targets can be excluded");
+    assert_eq!(status(&n2, exclude_cmd(1, None)), 409);
+    assert_eq!(err(&s, exclude_cmd(7, None)).to_string(), "pool p has no targets on engine rank 7");
+    assert_eq!(status(&s, exclude_cmd(7, None)), 404);
+    assert_eq!(err(&s, exclude_cmd(1, Some(5))).to_string(), "pool p has no target 1:5");
+    assert_eq!(status(&s, exclude_cmd(1, Some(5))), 404);
+    assert_eq!(status(&s, Command::Exclude { pool: "nope".into(), sel: sel(1, None) }), 404);
+}
+
+#[test]
+fn drain_takes_upin_targets_down_for_good() {
+    let s = cluster();
+    let (n, out) = ok(&s, drain_cmd(2, None));
+    assert!(matches!(out, Outcome::TargetsChanged { version: 2, ref targets, .. } if targets.len() == 2), "{out:?}");
+    assert_eq!(states(&n, 2), [(DOWN, 0, true), (DOWN, 0, true)]);
+    // Rebuilt: DOWNOUT, still drained.
+    let n = run(&n, done(2));
+    assert_eq!(states(&n, 2), [(DOWNOUT, 0, true), (DOWNOUT, 0, true)]);
+    assert_eq!(err(&n, drain_cmd(2, Some(0))).to_string(), "target 2:0 of pool p is DOWNOUT: only UPIN targets can be drained");
+    // UP targets cannot be drained.
+    let up = run(&run(&s, Command::EnginesDown(vec![1])), register(reg(1, "", 2)));
+    assert_eq!(status(&up, drain_cmd(1, None)), 409);
+    assert_eq!(status(&s, drain_cmd(9, None)), 404);
+    // A drained target comes back only when asked, from scratch.
+    let (back, _) = ok(&n, reintegrate_cmd(2, Some(1)));
+    assert_eq!(states(&back, 2), [(DOWNOUT, 0, true), (UP, 0, false)]);
+}
+
+#[test]
+fn reintegrate_brings_out_targets_of_an_up_engine_back() {
+    let s = run(&cluster(), Command::EnginesDown(vec![1]));
+    let e = err(&s, reintegrate_cmd(1, None));
+    assert_eq!((e.status(), e.to_string().as_str()), (409, "engine rank 1 is down: it must be up to be reintegrated"));
+    let s = run(&s, Command::RegisterEngine { req: reg(1, "", 2), reintegrate: false });
+    let s = run(&s, done(2));
+    let (n, out) = ok(&s, reintegrate_cmd(1, Some(1)));
+    assert_eq!(out, Outcome::TargetsChanged { pool: "p".into(), version: 4, targets: vec![TargetRef { rank: 1, index: 1 }] });
+    assert_eq!(states(&n, 1), [(DOWNOUT, FLOOR, false), (UP, FLOOR, false)]);
+    let (n, _) = ok(&n, reintegrate_cmd(1, None));
+    assert_eq!(states(&n, 1), [(UP, FLOOR, false), (UP, FLOOR, false)]);
+    let e = err(&n, reintegrate_cmd(1, None));
+    assert_eq!(e.status(), 409);
+    assert!(e.to_string().contains("are UP: only DOWN or DOWNOUT targets can be reintegrated"), "{e}");
+    assert_eq!(status(&n, reintegrate_cmd(0, Some(0))), 409);
+    assert_eq!(status(&n, reintegrate_cmd(4, None)), 404);
+    assert_eq!(status(&n, Command::Reintegrate { pool: "nope".into(), sel: sel(1, None) }), 404);
+}
+
+#[test]
+fn rebuild_done_settles_the_current_version_only() {
+    let s = run(&cluster(), exclude_cmd(1, None));
+    assert_eq!(s.pools["p"].map_version, 2);
+    // Stale or future versions: nothing.
+    for v in [1, 3] {
+        let (n, out) = ok(&s, done(v));
+        assert_eq!((n, out), (s.clone(), Outcome::RebuildDone { pool: "p".into(), version: None }));
+    }
+    let (n, out) = ok(&s, done(2));
+    assert_eq!(out, Outcome::RebuildDone { pool: "p".into(), version: Some(3) });
+    assert_eq!(states(&n, 1), [(DOWNOUT, FLOOR, false), (DOWNOUT, FLOOR, false)]);
+    // DOWN -> DOWNOUT keeps fseq.
+    assert_eq!(target(&n, "p", 1, 0).fseq, 2);
+    let p = &n.pools["p"];
+    assert_eq!((p.base_version, &p.base_targets), (3, &p.targets));
+    // Settled: nothing to finish.
+    assert_eq!(ok(&n, done(3)).1, Outcome::RebuildDone { pool: "p".into(), version: None });
+    // Reintegrated and finished: UPIN with floors cleared, the base again.
+    let n = run(&n, reintegrate_cmd(1, None));
+    let n = run(&n, done(4));
+    assert_eq!(states(&n, 1), [(UPIN, 0, false), (UPIN, 0, false)]);
+    let p = &n.pools["p"];
+    assert_eq!((p.map_version, p.base_version, &p.base_targets), (5, 5, &p.targets));
+    assert_eq!(status(&n, Command::RebuildDone { pool: "nope".into(), version: 1 }), 404);
+}
+
+#[test]
+fn rebuild_done_handles_down_and_up_together() {
+    let s = run(&cluster(), Command::EnginesDown(vec![1]));
+    let s = run(&s, register(reg(1, "", 2)));
+    let s = run(&s, exclude_cmd(2, Some(0)));
+    assert_eq!(states(&s, 1), [(UP, FLOOR, false), (UP, FLOOR, false)]);
+    let n = run(&s, done(4));
+    assert_eq!(states(&n, 1), [(UPIN, 0, false), (UPIN, 0, false)]);
+    assert_eq!(states(&n, 2), [(DOWNOUT, FLOOR, false), (UPIN, 0, false)]);
+    assert_eq!(n.pools["p"].map_version, 5);
+}
+
+#[test]
+fn the_base_map_is_the_last_settled_one() {
+    let s = cluster();
+    let m = pool_map(&s, "p").unwrap();
+    assert_eq!((m.base_version, &m.base_targets), (1, &m.targets));
+    // Unsettled: the base stays at version 1 while the map moves on.
+    let n = run(&run(&s, exclude_cmd(0, Some(0))), exclude_cmd(2, None));
+    let m = pool_map(&n, "p").unwrap();
+    assert_eq!((m.version, m.base_version), (3, 1));
+    assert_eq!(m.base_targets, s.pools["p"].targets);
+    // A record stored before bases existed: the current map is served as the base, and is
+    // recorded as the base when the map first changes.
+    let mut old = s.clone();
+    let p = old.pools.get_mut("p").unwrap();
+    (p.base_version, p.base_targets) = (0, Vec::new());
+    let m = pool_map(&old, "p").unwrap();
+    assert_eq!((m.base_version, &m.base_targets), (1, &m.targets));
+    let n = run(&old, exclude_cmd(0, Some(0)));
+    assert_eq!((n.pools["p"].base_version, &n.pools["p"].base_targets), (1, &s.pools["p"].targets));
+}
+
+#[test]
+fn store_map_keeps_floors_and_drain_marks() {
+    let mut s = run(&run(&cluster(), exclude_cmd(1, Some(0))), drain_cmd(2, Some(1)));
+    let p = s.pools.get_mut("p").unwrap();
+    let before = p.targets.clone();
+    let m = placement_map(p).unwrap().set_state(0, 0, TargetState::Down).unwrap();
+    store_map(p, &m);
+    for (a, b) in before.iter().zip(&p.targets) {
+        assert_eq!((a.since_epoch, a.drained), (b.since_epoch, b.drained), "{a:?} {b:?}");
+    }
+    assert_eq!(target(&s, "p", 1, 0).since_epoch, FLOOR);
+    assert!(target(&s, "p", 2, 1).drained);
+}
+
+#[test]
+fn fault_domain_check_runs_only_when_engines_are_short() {
+    let s = run(&cluster(), create_vol("p", vol_req("v", 1 << 20)));
+    assert!(!pool_info(&s, "p").unwrap().fault_domains_reduced);
+    // Two engines left for EC_2P1 (3 shards): whatever placement does with the third shard
+    // (leave it unavailable, or put it on a second target of a used engine), the flag says
+    // whether some group has two writable shards on one engine.
+    let n = run(&s, Command::EnginesDown(vec![2]));
+    let m = placement_map(&n.pools["p"]).unwrap();
+    let oid = ObjectId(n.volumes[&("p".to_string(), "v".to_string())].uuid.as_u128());
+    let class = ObjectClass::Ec { k: 2, p: 1 };
+    let doubled = (0..group_count(&m, class)).any(|g| {
+        let grp = group_layout(&m, oid, g, class).unwrap();
+        let w: Vec<u32> = grp.shards.iter().filter(|s| s.writable()).map(|s| s.rank).collect();
+        w.iter().collect::<BTreeSet<_>>().len() < w.len()
+    });
+    assert_eq!(fault_domains_reduced(&n, &n.pools["p"]), doubled);
+    assert_eq!(pool_info(&n, "p").unwrap().fault_domains_reduced, doubled);
+    // No volume, nothing to reduce.
+    let empty = run(&cluster(), Command::EnginesDown(vec![2]));
+    assert!(!pool_info(&empty, "p").unwrap().fault_domains_reduced);
 }

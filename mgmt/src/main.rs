@@ -34,6 +34,10 @@ struct Args {
     /// How often engines are asked to heartbeat (e.g. 1s).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     heartbeat_interval: Duration,
+    /// An engine that comes back keeps its targets out (DOWN/DOWNOUT) until the operator runs
+    /// `tessera pool reintegrate`; by default they are reintegrated at its registration.
+    #[arg(long)]
+    manual_reintegration: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +63,11 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), RunError> {
     let store = RedbStore::open(&args.db)?;
-    let config = ServiceConfig { heartbeat_timeout: args.heartbeat_timeout, heartbeat_interval: args.heartbeat_interval };
+    let config = ServiceConfig {
+        heartbeat_timeout: args.heartbeat_timeout,
+        heartbeat_interval: args.heartbeat_interval,
+        auto_reintegrate: !args.manual_reintegration,
+    };
     let svc = Arc::new(Service::open(Arc::new(store), config)?);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(RunError::Start)?;
     rt.block_on(async {
@@ -69,7 +77,7 @@ fn run(args: Args) -> Result<(), RunError> {
         let listener = TcpListener::bind(&args.listen).await.map_err(|source| RunError::Listen { addr: args.listen.clone(), source })?;
         let addr = listener.local_addr().map_err(RunError::Start)?;
         let snap = svc.snapshot();
-        info!(%addr, db = %args.db.display(), version = snap.version, engines = snap.state.engines.len(), pools = snap.state.pools.len(), "mgmt listening");
+        info!(%addr, db = %args.db.display(), version = snap.version, engines = snap.state.engines.len(), pools = snap.state.pools.len(), auto_reintegrate = config.auto_reintegrate, "mgmt listening");
         let stop = CancellationToken::new();
         let monitor = tokio::spawn(service::monitor(svc.clone(), stop.clone()));
         let app = App { svc: svc.clone(), stop: stop.clone() };

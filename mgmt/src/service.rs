@@ -1,39 +1,179 @@
 //! The service: a [`Store`], the last committed state ([`Snapshot`], published on a
 //! `tokio::sync::watch` channel so that long polls wake on every commit), the engines'
-//! heartbeat clocks (memory only), and the heartbeat monitor.
+//! heartbeat clocks (memory only), the heartbeat monitor, and the engines' rebuild and scrub
+//! reports (memory only): when every engine that must has finished rebuilding towards a pool's
+//! current map version, the service runs [`Command::RebuildDone`].
 //!
 //! Writes are serialised by one lock: take the latest snapshot, [`machine::apply`] the command,
 //! commit the result against the snapshot's version, publish. If the store reports a conflict
 //! (another writer), the state is reloaded and the command applied again. Reads use the
 //! published snapshot and take no lock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tessera_mgmt_api::{ClusterVersion, EngineInfo, EngineState, HeartbeatReply, RegisterEngine, SystemInfo};
+use tessera_engine_client::hlc;
+use tessera_mgmt_api::{
+    ClusterVersion, EngineInfo, EngineRebuildState, EngineReport, EngineState, HeartbeatReply, PoolInfo, RebuildProgress, RebuildState,
+    RebuildStatus, RegisterEngine, ScrubCounters, SystemInfo, TargetSelector, TargetStateName,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use crate::machine::{self, CmdError, Command, Env, Outcome};
-use crate::state::State;
+use crate::state::{PoolRec, State};
 use crate::store::{Store, StoreError};
 
-/// Heartbeat settings.
+/// Heartbeat and reintegration settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServiceConfig {
     /// An engine silent this long is marked Down.
     pub heartbeat_timeout: Duration,
     /// How often engines are told to heartbeat.
     pub heartbeat_interval: Duration,
+    /// An engine that registers gets its DOWN and DOWNOUT (not drained) targets back: UP, to be
+    /// reintegrated. Off: they stay out until `POST /v1/pools/{pool}/reintegrate`.
+    pub auto_reintegrate: bool,
 }
 
 impl Default for ServiceConfig {
     fn default() -> Self {
-        ServiceConfig { heartbeat_timeout: Duration::from_secs(5), heartbeat_interval: Duration::from_secs(1) }
+        ServiceConfig { heartbeat_timeout: Duration::from_secs(5), heartbeat_interval: Duration::from_secs(1), auto_reintegrate: true }
     }
+}
+
+/// What the service knows of one pool's rebuild (memory only).
+#[derive(Debug, Default)]
+struct PoolHeal {
+    /// The map version `reports` are for.
+    version: u32,
+    /// When that version was first seen with DOWN or UP targets.
+    started: Option<Instant>,
+    /// When the first report for that version came.
+    first_report: Option<Instant>,
+    /// Latest rebuild report per rank for `version`.
+    reports: BTreeMap<u32, RebuildProgress>,
+    /// Latest scrub counters per rank.
+    scrub: BTreeMap<u32, ScrubCounters>,
+    /// Rebuilds completed since the service started.
+    completed: u32,
+    /// The last completed rebuild, shown while idle.
+    last: Option<RebuildStatus>,
+}
+
+impl PoolHeal {
+    /// Moves on to `p`'s current map version (never back: a report may carry an older snapshot).
+    fn sync(&mut self, p: &PoolRec) {
+        if p.map_version <= self.version {
+            return;
+        }
+        self.version = p.map_version;
+        self.reports.clear();
+        self.first_report = None;
+        self.started = None;
+        if !p.settled() {
+            self.started = Some(Instant::now());
+            let (down, up) = down_up(p);
+            info!(pool = %p.name, version = p.map_version, targets_down = down, targets_up = up, "rebuild started");
+        }
+    }
+}
+
+fn down_up(p: &PoolRec) -> (u32, u32) {
+    let count = |s: TargetStateName| p.targets.iter().filter(|t| t.state == s).count() as u32;
+    (count(TargetStateName::Down), count(TargetStateName::Up))
+}
+
+/// The engines that must finish a rebuild of `p`: the Up engines with an UPIN target in it (or,
+/// when there is none, with an UP target: they can only rebuild among themselves).
+pub fn required_engines(state: &State, p: &PoolRec) -> BTreeSet<u32> {
+    let with = |s: TargetStateName| -> BTreeSet<u32> {
+        p.targets
+            .iter()
+            .filter(|t| t.state == s)
+            .filter(|t| state.engines.get(&t.rank).is_some_and(|e| e.state == EngineState::Up))
+            .map(|t| t.rank)
+            .collect()
+    };
+    let upin = with(TargetStateName::UpIn);
+    if upin.is_empty() {
+        with(TargetStateName::Up)
+    } else {
+        upin
+    }
+}
+
+/// Whether every engine that must has reported `done` for `p`'s current map version (and there
+/// is something to finish).
+fn all_done(state: &State, p: &PoolRec, h: &PoolHeal) -> bool {
+    let required = required_engines(state, p);
+    !p.settled()
+        && h.version == p.map_version
+        && !required.is_empty()
+        && required.iter().all(|r| h.reports.get(r).is_some_and(|x| x.state == EngineRebuildState::Done))
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// The rebuild status of `p` from its map and the reports.
+fn rebuild_status(state: &State, p: &PoolRec, h: &PoolHeal, now: Instant) -> RebuildStatus {
+    let (down, up) = down_up(p);
+    if down + up == 0 {
+        let mut st = h.last.clone().unwrap_or_default();
+        st.state = RebuildState::Idle;
+        st.eta_seconds = None;
+        st.completed = h.completed;
+        return st;
+    }
+    let required = required_engines(state, p);
+    let current = h.version == p.map_version;
+    let reports: Vec<(u32, &RebuildProgress)> = if current { h.reports.iter().map(|(r, x)| (*r, x)).collect() } else { Vec::new() };
+    let mut st = RebuildStatus {
+        state: RebuildState::Running,
+        map_version: p.map_version,
+        targets_down: down,
+        targets_up: up,
+        engines_total: required.len() as u32,
+        completed: h.completed,
+        ..Default::default()
+    };
+    for (_, x) in &reports {
+        st.objects_done += x.objects_done;
+        st.objects_total += x.objects_total;
+        st.dkeys_done += x.dkeys_done;
+        st.dkeys_total += x.dkeys_total;
+        st.bytes_done += x.bytes_done;
+        st.bytes_total += x.bytes_total;
+    }
+    let of = |r: &u32| reports.iter().find(|(k, _)| k == r).map(|(_, x)| *x);
+    st.engines_done = required.iter().filter(|r| of(r).is_some_and(|x| x.state == EngineRebuildState::Done)).count() as u32;
+    if required.iter().any(|r| of(r).is_some_and(|x| x.state == EngineRebuildState::Failed)) {
+        st.state = RebuildState::Failed;
+    }
+    st.last_error = reports
+        .iter()
+        .filter(|(_, x)| x.state == EngineRebuildState::Failed)
+        .chain(reports.iter())
+        .find_map(|(r, x)| x.last_error.as_ref().map(|e| format!("rank {r}: {e}")));
+    if current {
+        st.elapsed_seconds = h.started.map_or(0, |t| now.saturating_duration_since(t).as_secs());
+        if let Some(t) = h.first_report {
+            let s = secs(now.saturating_duration_since(t));
+            if s > 0.0 {
+                st.rate_bytes_per_sec = (st.bytes_done as f64 / s) as u64;
+            }
+        }
+    }
+    let scanned = required.iter().all(|r| of(r).is_some_and(|x| x.state != EngineRebuildState::Scanning));
+    if st.rate_bytes_per_sec > 0 && scanned {
+        st.eta_seconds = Some(st.bytes_total.saturating_sub(st.bytes_done) / st.rate_bytes_per_sec);
+    }
+    st
 }
 
 /// A committed state and its store version.
@@ -80,6 +220,8 @@ pub struct Service {
     /// Last registration or heartbeat per rank, since this process started.
     clocks: Mutex<HashMap<u32, Instant>>,
     started: Instant,
+    /// Rebuild and scrub reports per pool (lock order: `write` before `heal`).
+    heal: Mutex<HashMap<String, PoolHeal>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -90,12 +232,35 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The epoch floor of a target going DOWN now: the HLC epoch of [`machine::EPOCH_FLOOR_LAG`] ago.
+pub fn epoch_floor_now() -> u64 {
+    let lag = machine::EPOCH_FLOOR_LAG.as_nanos() as u64;
+    hlc::epoch_from_nanos(hlc::physical_nanos(hlc::now()).saturating_sub(lag))
+}
+
 impl Service {
     /// Loads the state from `store`. Every known engine's heartbeat clock starts now (grace).
     pub fn open(store: Arc<dyn Store>, config: ServiceConfig) -> Result<Service, StoreError> {
         let (version, state) = store.load()?;
-        let (snap, _) = watch::channel(Arc::new(Snapshot { version, state }));
-        Ok(Service { store, config, write: Mutex::new(()), snap, clocks: Mutex::new(HashMap::new()), started: Instant::now() })
+        let svc = Service {
+            store,
+            config,
+            write: Mutex::new(()),
+            snap: watch::channel(Arc::new(Snapshot { version, state })).0,
+            clocks: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            heal: Mutex::new(HashMap::new()),
+        };
+        svc.observe(&svc.snapshot().state);
+        Ok(svc)
+    }
+
+    /// Follows every pool's map version in the rebuild bookkeeping (logs rebuilds starting).
+    fn observe(&self, state: &State) {
+        let mut heal = lock(&self.heal);
+        for p in state.pools.values() {
+            heal.entry(p.name.clone()).or_default().sync(p);
+        }
     }
 
     /// The settings.
@@ -126,7 +291,7 @@ impl Service {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let env = Env { uuid: Uuid::new_v4(), now: unix_now() };
+            let env = Env { uuid: Uuid::new_v4(), now: unix_now(), epoch_floor: epoch_floor_now() };
             let (next, outcome) = machine::apply(&snap.state, cmd, &env)?;
             if next == snap.state {
                 on_commit(&snap);
@@ -136,6 +301,7 @@ impl Service {
                 Ok(version) => {
                     let s = Arc::new(Snapshot { version, state: next });
                     self.snap.send_replace(s.clone());
+                    self.observe(&s.state);
                     on_commit(&s);
                     return Ok(outcome);
                 }
@@ -167,14 +333,28 @@ impl Service {
     pub fn register(&self, req: &RegisterEngine) -> Result<HeartbeatReply, ServiceError> {
         let mut reply = None;
         let was = self.snapshot().state.engines.get(&req.rank).map(|e| e.state);
-        self.execute_with(&Command::RegisterEngine(req.clone()), |s| {
+        let cmd = Command::RegisterEngine { req: req.clone(), reintegrate: self.config.auto_reintegrate };
+        let out = self.execute_with(&cmd, |s| {
             lock(&self.clocks).insert(req.rank, Instant::now());
             reply = Some(self.heartbeat_reply(&s.state, req.rank));
         })?;
+        let (replaced, reintegrated) = match out {
+            Outcome::Registered { replaced, reintegrated, .. } => (replaced, reintegrated),
+            _ => (None, Vec::new()),
+        };
+        if let Some(old) = replaced {
+            warn!(rank = req.rank, old = %old, new = %req.uuid, address = %req.address, "rank taken over by a replacement engine: its targets are rebuilt from scratch");
+        }
         match was {
             None => info!(rank = req.rank, uuid = %req.uuid, address = %req.address, targets = req.targets, "engine registered"),
-            Some(EngineState::Down) => info!(rank = req.rank, address = %req.address, "engine up again (its targets stay DOWN)"),
+            Some(EngineState::Down) if !self.config.auto_reintegrate => {
+                info!(rank = req.rank, address = %req.address, "engine up again (manual reintegration: its targets stay out)")
+            }
+            Some(EngineState::Down) => info!(rank = req.rank, address = %req.address, "engine up again"),
             Some(EngineState::Up) => {}
+        }
+        for (pool, version) in &reintegrated {
+            info!(rank = req.rank, pool = %pool, version, "reintegrating the engine's targets: UP");
         }
         Ok(reply.unwrap_or_else(|| self.heartbeat_reply(&self.snapshot().state, req.rank)))
     }
@@ -242,10 +422,163 @@ impl Service {
                         "engine missed its heartbeats: DOWN, its targets DOWN in every pool"
                     );
                 }
+                // Fewer engines must finish now: the others may all be done.
+                let pools: Vec<String> = self.snapshot().state.pools.keys().cloned().collect();
+                for pool in pools {
+                    self.finish_locked(&w, &pool)?;
+                }
                 Ok(ranks)
             }
             other => Err(CmdError::Internal(format!("unexpected outcome {other:?}")).into()),
         }
+    }
+
+    /// Exclude, drain or reintegrate targets ([`Command::Exclude`], [`Command::Drain`],
+    /// [`Command::Reintegrate`]); the pool as it is afterwards.
+    pub fn change_targets(&self, cmd: &Command) -> Result<PoolInfo, ServiceError> {
+        let what = match cmd {
+            Command::Exclude { .. } => "excluded: DOWN, rebuilt elsewhere",
+            Command::Drain { .. } => "drained: DOWN, rebuilt elsewhere, then deleted",
+            Command::Reintegrate { .. } => "reintegrating: UP",
+            _ => return Err(CmdError::Internal(format!("not a target command: {cmd:?}")).into()),
+        };
+        match self.execute(cmd)? {
+            Outcome::TargetsChanged { pool, version, targets } => {
+                info!(pool = %pool, version, targets = %machine::targets_text(&targets), "targets {what}");
+                Ok(self.pool_info(&pool)?)
+            }
+            other => Err(CmdError::Internal(format!("unexpected outcome {other:?}")).into()),
+        }
+    }
+
+    /// Exclude targets of `pool`.
+    pub fn exclude(&self, pool: &str, sel: TargetSelector) -> Result<PoolInfo, ServiceError> {
+        self.change_targets(&Command::Exclude { pool: pool.to_string(), sel })
+    }
+
+    /// Drain targets of `pool`.
+    pub fn drain(&self, pool: &str, sel: TargetSelector) -> Result<PoolInfo, ServiceError> {
+        self.change_targets(&Command::Drain { pool: pool.to_string(), sel })
+    }
+
+    /// Reintegrate targets of `pool`.
+    pub fn reintegrate(&self, pool: &str, sel: TargetSelector) -> Result<PoolInfo, ServiceError> {
+        self.change_targets(&Command::Reintegrate { pool: pool.to_string(), sel })
+    }
+
+    /// An engine's rebuild progress and scrub counters for `pool`. The rank must be registered
+    /// to `report.uuid` (409) and have targets in the pool (404). A report for the pool's current
+    /// map version while it has DOWN or UP targets counts towards the rebuild; when every engine
+    /// that must has reported `done`, the rebuild is finished ([`Command::RebuildDone`]).
+    pub fn report(&self, pool: &str, rank: u32, report: &EngineReport) -> Result<(), ServiceError> {
+        let snap = self.snapshot();
+        let p = snap.state.pools.get(pool).ok_or_else(|| CmdError::NoPool(pool.to_string()))?;
+        let e = snap.state.engines.get(&rank).ok_or(CmdError::NoEngine(rank))?;
+        if e.uuid != report.uuid {
+            return Err(CmdError::Conflict(format!("rank {rank} is bound to engine {}, not {}", e.uuid, report.uuid)).into());
+        }
+        if !p.targets.iter().any(|t| t.rank == rank) {
+            return Err(CmdError::NoTarget(format!("pool {pool} has no targets on engine rank {rank}")).into());
+        }
+        let done = {
+            let mut heal = lock(&self.heal);
+            let h = heal.entry(pool.to_string()).or_default();
+            h.sync(p);
+            h.scrub.insert(rank, report.scrub);
+            let r = &report.rebuild;
+            if r.map_version != h.version || p.map_version != h.version || p.settled() {
+                return Ok(());
+            }
+            let prev = h.reports.insert(rank, r.clone());
+            h.first_report.get_or_insert_with(Instant::now);
+            let newly_failed = prev.as_ref().is_none_or(|x| x.state != EngineRebuildState::Failed || x.attempt != r.attempt);
+            if r.state == EngineRebuildState::Failed && newly_failed {
+                warn!(
+                    pool,
+                    rank,
+                    version = r.map_version,
+                    attempt = r.attempt,
+                    error = r.last_error.as_deref().unwrap_or("(none given)"),
+                    "rebuild failed on an engine; it retries"
+                );
+            }
+            all_done(&snap.state, p, h)
+        };
+        if done {
+            let w = lock(&self.write);
+            self.finish_locked(&w, pool)?;
+        }
+        Ok(())
+    }
+
+    /// Finishes `pool`'s rebuild if every engine that must is done with its current version.
+    fn finish_locked(&self, w: &MutexGuard<'_, ()>, pool: &str) -> Result<(), ServiceError> {
+        let snap = self.snapshot();
+        let Some(p) = snap.state.pools.get(pool) else { return Ok(()) };
+        let status = {
+            let mut heal = lock(&self.heal);
+            let h = heal.entry(pool.to_string()).or_default();
+            h.sync(p);
+            if !all_done(&snap.state, p, h) {
+                return Ok(());
+            }
+            rebuild_status(&snap.state, p, h, Instant::now())
+        };
+        let out = self.execute_locked(w, &Command::RebuildDone { pool: pool.to_string(), version: p.map_version }, |_| {})?;
+        if let Outcome::RebuildDone { version: Some(settled), .. } = out {
+            let mut heal = lock(&self.heal);
+            let h = heal.entry(pool.to_string()).or_default();
+            h.completed += 1;
+            let took = h.started.map_or(Duration::ZERO, |t| t.elapsed());
+            info!(
+                pool,
+                version = status.map_version,
+                settled_version = settled,
+                seconds = format!("{:.1}", took.as_secs_f64()),
+                bytes = status.bytes_done,
+                dkeys = status.dkeys_done,
+                "rebuild complete"
+            );
+            let mut last = status;
+            last.state = RebuildState::Idle;
+            last.engines_done = last.engines_total;
+            last.elapsed_seconds = took.as_secs();
+            last.eta_seconds = None;
+            last.last_error = None;
+            h.last = Some(last);
+        }
+        Ok(())
+    }
+
+    /// A pool with its rebuild and scrub status.
+    pub fn pool_info(&self, pool: &str) -> Result<PoolInfo, CmdError> {
+        let snap = self.snapshot();
+        let mut info = machine::pool_info(&snap.state, pool)?;
+        self.fill_heal(&snap.state, &mut info);
+        Ok(info)
+    }
+
+    /// Every pool, by name, with its rebuild and scrub status.
+    pub fn pools(&self) -> Vec<PoolInfo> {
+        let snap = self.snapshot();
+        let mut pools = machine::pools(&snap.state);
+        for p in &mut pools {
+            self.fill_heal(&snap.state, p);
+        }
+        pools
+    }
+
+    fn fill_heal(&self, state: &State, info: &mut PoolInfo) {
+        let Some(p) = state.pools.get(&info.name) else { return };
+        let mut heal = lock(&self.heal);
+        let h = heal.entry(info.name.clone()).or_default();
+        h.sync(p);
+        info.rebuild = rebuild_status(state, p, h, Instant::now());
+        let mut scrub = ScrubCounters::default();
+        for c in h.scrub.values() {
+            scrub.add(c);
+        }
+        info.scrub = scrub;
     }
 }
 
@@ -277,7 +610,7 @@ mod tests {
     const TIMEOUT: Duration = Duration::from_millis(300);
 
     fn config() -> ServiceConfig {
-        ServiceConfig { heartbeat_timeout: TIMEOUT, heartbeat_interval: Duration::from_millis(100) }
+        ServiceConfig { heartbeat_timeout: TIMEOUT, heartbeat_interval: Duration::from_millis(100), auto_reintegrate: true }
     }
 
     fn reg(rank: u32) -> RegisterEngine {
@@ -347,15 +680,162 @@ mod tests {
         // A Down engine's heartbeat is refused with 404 so that it registers again.
         let e = svc.heartbeat(0, reg(0).uuid).unwrap_err();
         assert_eq!(e.status(), 404);
+        // It registers again: Up, and its targets UP (reintegrated) in a new map version.
         let reply = svc.register(&reg(0)).unwrap();
-        assert_eq!(reply.pools, [tessera_mgmt_api::PoolVersion { pool_id: 1, map_version: 2, name: "p".into() }]);
+        assert_eq!(reply.pools, [tessera_mgmt_api::PoolVersion { pool_id: 1, map_version: 3, name: "p".into() }]);
         assert_eq!(svc.snapshot().state.engines[&0].state, EngineState::Up);
-        assert!(svc.snapshot().state.pools["p"].targets.iter().filter(|t| t.rank == 0).all(|t| t.state == TargetStateName::Down));
+        assert!(svc.snapshot().state.pools["p"].targets.iter().filter(|t| t.rank == 0).all(|t| t.state == TargetStateName::Up));
         // Its clock restarted at registration: not down again right away.
         assert!(!svc.check_heartbeats(Instant::now()).unwrap().contains(&0));
         let info = svc.system();
         assert_eq!(info.heartbeat_timeout_ms, 300);
         assert!(info.engines.iter().all(|e| e.last_heartbeat_ms.is_some()));
+    }
+
+    fn progress(version: u32, state: EngineRebuildState, bytes: (u64, u64)) -> RebuildProgress {
+        RebuildProgress {
+            map_version: version,
+            state,
+            objects_total: 1,
+            objects_done: 1,
+            dkeys_total: 10,
+            dkeys_done: if state == EngineRebuildState::Done { 10 } else { 4 },
+            bytes_total: bytes.1,
+            bytes_done: bytes.0,
+            attempt: 1,
+            last_error: None,
+        }
+    }
+
+    fn report(rank: u32, rebuild: RebuildProgress, scrubbed: u64) -> EngineReport {
+        EngineReport { uuid: reg(rank).uuid, rebuild, scrub: ScrubCounters { scrubbed, passes: 1, ..Default::default() } }
+    }
+
+    fn exclude(svc: &Service, rank: u32) -> PoolInfo {
+        svc.exclude("p", TargetSelector { rank, target: None }).unwrap()
+    }
+
+    use EngineRebuildState::{Done, Failed, Running, Scanning};
+
+    #[test]
+    fn reports_finish_a_rebuild_once_every_required_engine_is_done() {
+        let store = Arc::new(MemStore::new());
+        let svc = service(&store);
+        three_engines_and_a_pool(&svc);
+        let idle = svc.pool_info("p").unwrap().rebuild;
+        assert_eq!((idle.state, idle.map_version, idle.completed), (RebuildState::Idle, 0, 0));
+        // Reports while nothing is rebuilt only count their scrub counters.
+        svc.report("p", 0, &report(0, progress(1, Done, (0, 0)), 5)).unwrap();
+        assert_eq!(svc.pool_info("p").unwrap().rebuild, idle);
+        let p = exclude(&svc, 2);
+        assert_eq!(p.map.version, 2);
+        assert_eq!((p.rebuild.state, p.rebuild.map_version, p.rebuild.targets_down), (RebuildState::Running, 2, 2));
+        // Ranks 0 and 1 must finish; rank 2 has no UPIN target left.
+        assert_eq!((p.rebuild.engines_total, p.rebuild.engines_done), (2, 0));
+
+        // Refused reports change nothing.
+        let mut wrong = report(0, progress(2, Done, (0, 0)), 0);
+        wrong.uuid = reg(1).uuid;
+        assert_eq!(svc.report("p", 0, &wrong).unwrap_err().status(), 409);
+        assert_eq!(svc.report("nope", 0, &report(0, progress(2, Done, (0, 0)), 0)).unwrap_err().status(), 404);
+        assert_eq!(svc.report("p", 9, &report(9, progress(2, Done, (0, 0)), 0)).unwrap_err().status(), 404);
+
+        svc.report("p", 0, &report(0, progress(2, Done, (100, 100)), 7)).unwrap();
+        svc.report("p", 1, &report(1, progress(2, Scanning, (10, 300)), 3)).unwrap();
+        // Rank 2 reports too (it counts in the sums, not in the required set).
+        svc.report("p", 2, &report(2, progress(2, Done, (0, 0)), 0)).unwrap();
+        // A stale version is not counted.
+        svc.report("p", 1, &report(1, progress(1, Done, (0, 0)), 3)).unwrap();
+        let p = svc.pool_info("p").unwrap();
+        let r = &p.rebuild;
+        assert_eq!((r.state, r.engines_total, r.engines_done), (RebuildState::Running, 2, 1));
+        assert_eq!((r.bytes_done, r.bytes_total, r.dkeys_done, r.dkeys_total, r.objects_total), (110, 400, 24, 30, 3));
+        assert_eq!(r.eta_seconds, None, "rank 1 is still scanning");
+        assert_eq!((p.scrub.scrubbed, p.scrub.passes), (10, 3));
+        assert_eq!(p.map.version, 2);
+        std::thread::sleep(Duration::from_millis(20));
+        svc.report("p", 1, &report(1, progress(2, Running, (20, 300)), 3)).unwrap();
+        let r = svc.pool_info("p").unwrap().rebuild;
+        assert!(r.rate_bytes_per_sec > 0, "{r:?}");
+        assert!(r.eta_seconds.is_some(), "{r:?}");
+
+        // The last required engine is done: DOWN -> DOWNOUT in version 3, which is the base.
+        svc.report("p", 1, &report(1, progress(2, Done, (300, 300)), 3)).unwrap();
+        let p = svc.pool_info("p").unwrap();
+        assert_eq!(p.map.version, 3);
+        assert_eq!(p.map.base_version, 3);
+        assert!(p.map.targets.iter().filter(|t| t.rank == 2).all(|t| t.state == TargetStateName::DownOut));
+        let r = &p.rebuild;
+        assert_eq!((r.state, r.map_version, r.completed, r.engines_done, r.bytes_done), (RebuildState::Idle, 2, 1, 2, 400));
+        // Late reports for the old version do nothing.
+        svc.report("p", 0, &report(0, progress(2, Done, (0, 0)), 7)).unwrap();
+        assert_eq!(svc.snapshot().state.pools["p"].map_version, 3);
+    }
+
+    #[test]
+    fn a_failed_engine_marks_the_rebuild_failed_until_it_retries() {
+        let store = Arc::new(MemStore::new());
+        let svc = service(&store);
+        three_engines_and_a_pool(&svc);
+        exclude(&svc, 2);
+        let mut failed = progress(2, Failed, (5, 100));
+        failed.last_error = Some("engine 1 unreachable".into());
+        svc.report("p", 0, &report(0, failed, 0)).unwrap();
+        let r = svc.pool_info("p").unwrap().rebuild;
+        assert_eq!((r.state, r.last_error.as_deref()), (RebuildState::Failed, Some("rank 0: engine 1 unreachable")));
+        let mut retry = progress(2, Running, (6, 100));
+        retry.attempt = 2;
+        svc.report("p", 0, &report(0, retry, 0)).unwrap();
+        assert_eq!(svc.pool_info("p").unwrap().rebuild.state, RebuildState::Running);
+    }
+
+    #[test]
+    fn an_engine_going_down_leaves_the_required_set() {
+        let store = Arc::new(MemStore::new());
+        let svc = service(&store);
+        for r in 0..4 {
+            svc.register(&reg(r)).unwrap();
+        }
+        svc.execute(&Command::CreatePool(CreatePool { name: "p".into(), ranks: vec![], default_class: None })).unwrap();
+        exclude(&svc, 3);
+        svc.report("p", 0, &report(0, progress(2, Done, (1, 1)), 0)).unwrap();
+        svc.report("p", 1, &report(1, progress(2, Done, (1, 1)), 0)).unwrap();
+        assert_eq!(svc.pool_info("p").unwrap().rebuild.engines_total, 3);
+        // Rank 2 never reports; it stops heartbeating and goes Down: a new map version (its
+        // targets DOWN too) that only ranks 0 and 1 must finish.
+        let t0 = Instant::now();
+        for r in [0, 1, 3] {
+            svc.heartbeat(r, reg(r).uuid).unwrap();
+        }
+        std::thread::sleep(TIMEOUT + Duration::from_millis(20));
+        for r in [0, 1, 3] {
+            svc.heartbeat(r, reg(r).uuid).unwrap();
+        }
+        assert_eq!(svc.check_heartbeats(t0 + TIMEOUT + Duration::from_millis(10)).unwrap(), [2]);
+        let r = svc.pool_info("p").unwrap().rebuild;
+        assert_eq!((r.map_version, r.engines_total, r.engines_done, r.targets_down), (3, 2, 0, 4));
+        svc.report("p", 0, &report(0, progress(3, Done, (1, 1)), 0)).unwrap();
+        svc.report("p", 1, &report(1, progress(3, Done, (1, 1)), 0)).unwrap();
+        let p = svc.pool_info("p").unwrap();
+        assert_eq!((p.map.version, p.rebuild.state, p.rebuild.completed), (4, RebuildState::Idle, 1));
+    }
+
+    #[test]
+    fn manual_reintegration_keeps_a_returning_engine_out_until_asked() {
+        let store = Arc::new(MemStore::new());
+        let svc = Service::open(store.clone(), ServiceConfig { auto_reintegrate: false, ..config() }).unwrap();
+        three_engines_and_a_pool(&svc);
+        svc.execute(&Command::EnginesDown(vec![2])).unwrap();
+        svc.register(&reg(2)).unwrap();
+        let p = svc.pool_info("p").unwrap();
+        assert_eq!(p.map.version, 2);
+        assert!(p.map.targets.iter().filter(|t| t.rank == 2).all(|t| t.state == TargetStateName::Down));
+        let p = svc.reintegrate("p", TargetSelector { rank: 2, target: Some(1) }).unwrap();
+        assert_eq!(p.map.version, 3);
+        let st: Vec<_> = p.map.targets.iter().filter(|t| t.rank == 2).map(|t| t.state).collect();
+        assert_eq!(st, [TargetStateName::Down, TargetStateName::Up]);
+        assert_eq!((p.rebuild.state, p.rebuild.targets_down, p.rebuild.targets_up), (RebuildState::Running, 1, 1));
+        assert_eq!(svc.drain("p", TargetSelector { rank: 2, target: Some(0) }).unwrap_err().status(), 409);
     }
 
     #[test]

@@ -54,6 +54,30 @@ pub struct PoolRec {
     pub map_version: u32,
     /// Pool map targets, sorted by (rank, index).
     pub targets: Vec<PoolTarget>,
+    /// Version of the base map: the last *settled* map (no target DOWN or UP). Records stored
+    /// before rebuilds existed have none (0 with no targets): the current map is the base.
+    #[serde(default)]
+    pub base_version: u32,
+    /// Targets of the base map (empty: the current map is the base).
+    #[serde(default)]
+    pub base_targets: Vec<PoolTarget>,
+}
+
+impl PoolRec {
+    /// Whether the map is settled: no target DOWN (being rebuilt elsewhere) or UP (being
+    /// reintegrated).
+    pub fn settled(&self) -> bool {
+        self.targets.iter().all(|t| matches!(t.state, TargetStateName::UpIn | TargetStateName::DownOut))
+    }
+
+    /// The base map's version and targets (the current map when none is stored).
+    pub fn base(&self) -> (u32, &[PoolTarget]) {
+        if self.base_targets.is_empty() {
+            (self.map_version, &self.targets)
+        } else {
+            (self.base_version, &self.base_targets)
+        }
+    }
 }
 
 /// A volume.
@@ -296,7 +320,7 @@ pub(crate) mod tests {
                 },
             );
         }
-        let targets = (0..2u32)
+        let targets: Vec<PoolTarget> = (0..2u32)
             .flat_map(|rank| {
                 (0..2u16).map(move |index| PoolTarget {
                     rank,
@@ -310,7 +334,16 @@ pub(crate) mod tests {
             .collect();
         s.pools.insert(
             "p".into(),
-            PoolRec { name: "p".into(), uuid: Uuid::from_u128(9), pool_id: 1, default_class: "RP_2".into(), map_version: 1, targets },
+            PoolRec {
+                name: "p".into(),
+                uuid: Uuid::from_u128(9),
+                pool_id: 1,
+                default_class: "RP_2".into(),
+                map_version: 1,
+                base_version: 1,
+                base_targets: targets.clone(),
+                targets,
+            },
         );
         s.next_pool_id = 2;
         s.volumes.insert(
@@ -400,6 +433,25 @@ pub(crate) mod tests {
         assert_eq!(s.pool_volumes("q").count(), 0);
         assert!(s.export_of("p", "v").is_some());
         assert!(s.export_of("p2", "v").is_none());
+    }
+
+    #[test]
+    fn pool_records_without_a_base_load_and_serve_the_current_map_as_base() {
+        let p = &sample().pools["p"];
+        let mut v: serde_json::Value = serde_json::to_value(p).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("base_version");
+        o.remove("base_targets");
+        for t in o["targets"].as_array_mut().unwrap() {
+            let t = t.as_object_mut().unwrap();
+            t.remove("since_epoch");
+            t.remove("drained");
+        }
+        let old: PoolRec = serde_json::from_value(v).unwrap();
+        assert_eq!((old.base_version, old.base_targets.len()), (0, 0));
+        assert_eq!(old.targets, p.targets);
+        assert_eq!(old.base(), (1, &p.targets[..]));
+        assert!(old.settled());
     }
 
     #[test]

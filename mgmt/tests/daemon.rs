@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tessera_mgmt_api::{
-    CreateExport, CreatePool, CreateVolume, EngineState, ExportList, MgmtClient, MgmtError, PoolInfo, RegisterEngine, SystemInfo,
-    TargetStateName,
+    CreateExport, CreatePool, CreateVolume, EngineRebuildState, EngineReport, EngineState, ExportList, MgmtClient, MgmtError, PoolInfo,
+    RebuildProgress, RebuildState, RegisterEngine, ScrubCounters, SystemInfo, TargetSelector, TargetStateName,
 };
 use uuid::Uuid;
 
@@ -289,9 +289,9 @@ async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, within: D
 }
 
 #[test]
-fn silent_engine_goes_down_with_its_targets_and_stays_down_after_reregistering() {
+fn silent_engine_goes_down_with_its_targets_and_with_manual_reintegration_stays_down_after_reregistering() {
     let dir = tempfile::tempdir().unwrap();
-    let m = Mgmt::start(&db(&dir), &["--heartbeat-timeout", "300ms", "--heartbeat-interval", "100ms"]);
+    let m = Mgmt::start(&db(&dir), &["--heartbeat-timeout", "300ms", "--heartbeat-interval", "100ms", "--manual-reintegration"]);
     rt().block_on(async {
         let c = m.client();
         for r in 0..3 {
@@ -377,6 +377,139 @@ fn long_poll_wakes_on_change_and_times_out_otherwise() {
         assert_eq!(list.exports.len(), 1);
         assert_eq!(list.exports[0].volume.name, "v");
     });
+}
+
+fn done(rank: u32, version: u32, bytes: u64) -> EngineReport {
+    EngineReport {
+        uuid: engine(rank).uuid,
+        rebuild: RebuildProgress {
+            map_version: version,
+            state: EngineRebuildState::Done,
+            objects_total: 1,
+            objects_done: 1,
+            dkeys_total: 2,
+            dkeys_done: 2,
+            bytes_total: bytes,
+            bytes_done: bytes,
+            attempt: 1,
+            last_error: None,
+        },
+        scrub: ScrubCounters { scrubbed: 1, ..Default::default() },
+    }
+}
+
+fn sel(rank: u32, target: Option<u16>) -> TargetSelector {
+    TargetSelector { rank, target }
+}
+
+fn state_of(p: &PoolInfo, rank: u32, index: u16) -> (TargetStateName, u64, bool) {
+    let t = p.map.targets.iter().find(|t| t.rank == rank && t.index == index).unwrap();
+    (t.state, t.since_epoch, t.drained)
+}
+
+#[test]
+fn exclude_reports_rebuild_drain_reintegrate_and_replacement() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Mgmt::start(&db(&dir), &["--heartbeat-timeout", "600ms", "--heartbeat-interval", "100ms"]);
+    rt().block_on(async {
+        let c = m.client();
+        for r in 0..3 {
+            c.register_engine(&engine(r)).await.unwrap();
+        }
+        let alive = keep_alive(c.clone(), vec![0, 1, 2]);
+        let p = c.create_pool(&pool("p")).await.unwrap();
+        assert_eq!((p.map.base_version, &p.map.base_targets), (1, &p.map.targets));
+        assert_eq!(p.rebuild.state, RebuildState::Idle);
+        c.create_volume("p", &volume("v", 1 << 20)).await.unwrap();
+
+        // Exclude one target: DOWN with a floor about 30 s back, rebuild running.
+        let now_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        let p = c.exclude("p", &sel(2, Some(0))).await.unwrap();
+        assert_eq!(p.map.version, 2);
+        let (st, since, drained) = state_of(&p, 2, 0);
+        assert_eq!((st, drained), (TargetStateName::Down, false));
+        let lag = now_ns.saturating_sub(since);
+        assert!(lag > 29_000_000_000 && lag < 40_000_000_000, "floor {since} is {lag} ns before now");
+        assert_eq!(since & 0xffff, 0);
+        assert_eq!((p.map.base_version, p.map.base_targets.iter().all(|t| t.state == TargetStateName::UpIn)), (1, true));
+        assert_eq!(
+            (p.rebuild.state, p.rebuild.map_version, p.rebuild.targets_down, p.rebuild.engines_total),
+            (RebuildState::Running, 2, 1, 3)
+        );
+        let (s, b) = raw(&m.addr, "GET", "/v1/pools/p", None).await;
+        assert_eq!((s, b["rebuild"]["state"].as_str()), (200, Some("running")));
+
+        // Refusals, each one line.
+        let addr = m.addr.as_str();
+        for (path, body, want) in [
+            ("/v1/pools/p/exclude", r#"{"rank":2,"target":0}"#, 409),
+            ("/v1/pools/p/exclude", r#"{"rank":9}"#, 404),
+            ("/v1/pools/p/exclude", r#"{"rank":2,"target":7}"#, 404),
+            ("/v1/pools/nope/exclude", r#"{"rank":2}"#, 404),
+            ("/v1/pools/p/exclude", r#"{"rank":"x"}"#, 400),
+            ("/v1/pools/p/drain", r#"{"rank":2,"colour":1}"#, 400),
+            ("/v1/pools/p/drain", r#"{"rank":2,"target":0}"#, 409),
+            ("/v1/pools/p/reintegrate", r#"{"rank":1}"#, 409),
+            ("/v1/pools/p/engines/x/report", "{}", 400),
+            ("/v1/pools/p/engines/0/report", r#"{"uuid":"00000000-0000-0000-0000-000000000007"}"#, 400),
+        ] {
+            let (s, b) = raw(addr, "POST", path, Some(body)).await;
+            assert_eq!(s, want, "{path} {body}: {b}");
+            error_line(&b);
+        }
+        let mut wrong = done(0, 2, 0);
+        wrong.uuid = engine(1).uuid;
+        assert_eq!(status(c.report("p", 0, &wrong).await), 409);
+        assert_eq!(status(c.report("p", 7, &done(7, 2, 0)).await), 404);
+
+        // Every engine with an UPIN target reports done: DOWN -> DOWNOUT, the new base.
+        c.report("p", 0, &done(0, 2, 1000)).await.unwrap();
+        c.report("p", 1, &done(1, 2, 2000)).await.unwrap();
+        let p = c.pool("p").await.unwrap();
+        assert_eq!((p.map.version, p.rebuild.engines_done, p.rebuild.bytes_done), (2, 2, 3000));
+        c.report("p", 2, &done(2, 2, 0)).await.unwrap();
+        let p = c.pool("p").await.unwrap();
+        assert_eq!((p.map.version, p.map.base_version), (3, 3));
+        assert_eq!(state_of(&p, 2, 0), (TargetStateName::DownOut, since, false));
+        assert_eq!((p.rebuild.state, p.rebuild.completed, p.rebuild.map_version), (RebuildState::Idle, 1, 2));
+        assert_eq!(p.scrub.scrubbed, 3);
+        assert_eq!(c.pools().await.unwrap()[0].rebuild, p.rebuild);
+
+        // Reintegrate it (UP, floor kept) and drain another (DOWN, drained).
+        let p = c.reintegrate("p", &sel(2, Some(0))).await.unwrap();
+        assert_eq!((p.map.version, state_of(&p, 2, 0)), (4, (TargetStateName::Up, since, false)));
+        let p = c.drain("p", &sel(1, Some(1))).await.unwrap();
+        assert_eq!((p.map.version, state_of(&p, 1, 1)), (5, (TargetStateName::Down, 0, true)));
+        assert_eq!((p.rebuild.targets_up, p.rebuild.targets_down), (1, 1));
+        for r in 0..3 {
+            c.report("p", r, &done(r, 5, 10)).await.unwrap();
+        }
+        let p = c.pool("p").await.unwrap();
+        assert_eq!(p.map.version, 6);
+        assert_eq!(state_of(&p, 2, 0), (TargetStateName::UpIn, 0, false));
+        assert_eq!(state_of(&p, 1, 1), (TargetStateName::DownOut, 0, true));
+        assert_eq!(p.rebuild.completed, 2);
+
+        // Rank 2 dies and a replacement (new uuid, empty data) takes its rank: its targets come
+        // back UP, from scratch.
+        alive.abort();
+        let alive = keep_alive(c.clone(), vec![0, 1]);
+        wait_until("rank 2 down", Duration::from_secs(5), || async {
+            c.system().await.unwrap().engines.iter().any(|e| e.rank == 2 && e.state == EngineState::Down)
+        })
+        .await;
+        let p = c.pool("p").await.unwrap();
+        assert_eq!((p.map.version, state_of(&p, 2, 1).0), (7, TargetStateName::Down));
+        let reply = c.register_engine(&RegisterEngine { uuid: Uuid::from_u128(0xBEEF), ..engine(2) }).await.unwrap();
+        assert_eq!(reply.pools[0].map_version, 8);
+        let p = c.pool("p").await.unwrap();
+        assert_eq!((state_of(&p, 2, 0), state_of(&p, 2, 1)), ((TargetStateName::Up, 0, false), (TargetStateName::Up, 0, false)));
+        assert_eq!(p.rebuild.state, RebuildState::Running);
+        alive.abort();
+    });
+    let log = m.log();
+    assert!(log.contains("rebuild started") && log.contains("rebuild complete"), "{log}");
+    assert!(log.contains("replacement engine"), "{log}");
 }
 
 fn comparable(mut s: SystemInfo) -> SystemInfo {
