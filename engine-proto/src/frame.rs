@@ -189,6 +189,8 @@ pub enum Opcode {
     QueryTarget,
     /// Aggregation bounds of a container.
     SetRetention,
+    /// Delete the versions of an object or dkey above an epoch (rebuild, reintegration, GC).
+    Discard,
     /// An opcode this implementation does not know; answered with `UnknownOpcode`.
     Unknown(u8),
 }
@@ -204,6 +206,7 @@ impl Opcode {
             5 => Opcode::Enumerate,
             6 => Opcode::QueryTarget,
             7 => Opcode::SetRetention,
+            8 => Opcode::Discard,
             other => Opcode::Unknown(other),
         }
     }
@@ -218,6 +221,7 @@ impl Opcode {
             Opcode::Enumerate => 5,
             Opcode::QueryTarget => 6,
             Opcode::SetRetention => 7,
+            Opcode::Discard => 8,
             Opcode::Unknown(c) => c,
         }
     }
@@ -624,6 +628,8 @@ mod tests {
         assert_eq!(Opcode::from_code(0), Opcode::Unknown(0));
         assert_eq!(Opcode::from_code(99).to_string(), "opcode 99");
         assert_eq!(Opcode::Fetch.to_string(), "Fetch");
+        assert_eq!(Opcode::from_code(8), Opcode::Discard);
+        assert_eq!(Opcode::from_code(9), Opcode::Unknown(9));
         let h = Header::reply(Opcode::Unknown(200), 1, 0, 0, RpcStatus::UnknownOpcode);
         let f = decode_all(&encode_frame(&h, b"", Bytes::new()).to_bytes()).unwrap().unwrap();
         assert_eq!(f.header, h);

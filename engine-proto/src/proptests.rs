@@ -92,6 +92,8 @@ fn request() -> impl Strategy<Value = Request> {
                     .prop_map(|(_, a)| (EnumTarget::Objects, a.map(|a| ObjectId(a).to_key()))),
                 (any::<u128>(), proptest::option::of(any_key())).prop_map(|(o, a)| (EnumTarget::Dkeys(ObjectId(o)), a)),
                 (any::<u128>(), key(), proptest::option::of(any_key())).prop_map(|(o, d, a)| (EnumTarget::Akeys(ObjectId(o), d), a)),
+                (any::<u128>(), any::<u64>(), proptest::option::of(any_key()))
+                    .prop_map(|(o, since, a)| (EnumTarget::DkeysSince(ObjectId(o), since), a)),
             ],
             1..=ENUM_MAX_KEYS
         )
@@ -105,6 +107,8 @@ fn request() -> impl Strategy<Value = Request> {
         (any::<u128>(), any::<u64>(), btree_set(any::<u64>(), 0..50)).prop_map(|(c, aggregate_below, r)| Request::SetRetention(
             SetRetention { cont: ContainerId(c), aggregate_below, retained: r.into_iter().collect() }
         )),
+        (any::<u128>(), any::<u128>(), any::<u64>(), proptest::option::of(key()))
+            .prop_map(|(c, o, above, dkey)| Request::Discard(Discard { cont: ContainerId(c), obj: ObjectId(o), above, dkey })),
     ]
 }
 
@@ -122,6 +126,7 @@ fn reply() -> impl Strategy<Value = Reply> {
         Just(Reply::Updated),
         Just(Reply::Punched),
         Just(Reply::RetentionSet),
+        any::<u64>().prop_map(|versions| Reply::Discarded { versions }),
         data(20_000).prop_flat_map(|d| holes(d.len()).prop_map(move |h| Reply::Fetched(FetchReply::array(d.clone(), h)))),
         (data(20_000), any::<u64>()).prop_flat_map(|(d, e)| holes(d.len()).prop_map(move |h| {
             // Runs: the gaps between holes, each with its own epoch.

@@ -9,6 +9,7 @@
 //! | Fetch | kind u8; 0 single: present u8, if 1: csum u64, epoch u64; 1 array: holes (u32 count + (offset u32, len u32) each), csums (u32 count + u64 each); 2 array with runs: as 1, then runs (u32 count + (offset u32, len u32, epoch u64) each) | the value / the range |
 //! | Enumerate | keys (u32 count + key each, keys 0..=255 bytes), next (optional key) | none |
 //! | QueryTarget | capacity u64, used u64, objects u64, wal_seq u64, checkpoint_seq u64, state u8 | none |
+//! | Discard | versions u64 | none |
 //!
 //! With any other status the body is a UTF-8 message of at most [`ERROR_MESSAGE_MAX`] bytes and
 //! there is no data.
@@ -152,6 +153,13 @@ pub enum Reply {
     TargetInfo(TargetInfo),
     /// SetRetention.
     RetentionSet,
+    /// Discard.
+    Discarded {
+        /// Versions deleted: array updates (one each, however many pieces the engine stored it
+        /// in), range punches, single values and punches of every level. 0 when there was
+        /// nothing above the epoch.
+        versions: u64,
+    },
 }
 
 /// A reply as sent or received: success, or the status and message of an error reply.
@@ -314,6 +322,7 @@ impl Reply {
             Reply::Enumerated { .. } => Opcode::Enumerate,
             Reply::TargetInfo(_) => Opcode::QueryTarget,
             Reply::RetentionSet => Opcode::SetRetention,
+            Reply::Discarded { .. } => Opcode::Discard,
         }
     }
 
@@ -356,6 +365,7 @@ impl Reply {
             Opcode::Fetch => Reply::Fetched(decode_fetched(&mut r, &frame.data).map_err(body)?),
             Opcode::Enumerate => decode_enumerated(&mut r).map_err(body)?,
             Opcode::QueryTarget => decode_target_info(&mut r).map_err(body)?,
+            Opcode::Discard => Reply::Discarded { versions: r.u64("versions").map_err(body)? },
             Opcode::Unknown(c) => return Err(ReplyError::UnknownOpcode(c)),
         };
         r.finish().map_err(body)?;
@@ -430,6 +440,7 @@ impl Reply {
                 b.put_u64_le(t.checkpoint_seq);
                 b.put_u8(t.state.code());
             }
+            Reply::Discarded { versions } => b.put_u64_le(*versions),
         }
     }
 }
@@ -480,6 +491,8 @@ mod tests {
             Reply::Updated,
             Reply::Punched,
             Reply::RetentionSet,
+            Reply::Discarded { versions: 0 },
+            Reply::Discarded { versions: u64::MAX },
             Reply::Fetched(FetchReply::array(data.clone(), vec![])),
             Reply::Fetched(FetchReply::array(data.slice(..8192), vec![(0, 4096), (5000, 100)])),
             Reply::Fetched(FetchReply::Single { value: None }),
@@ -523,7 +536,7 @@ mod tests {
             seen.insert(r.opcode());
             assert_eq!(via_wire(r.opcode(), &Ok(r.clone())), Ok(Ok(r)));
         }
-        assert_eq!(seen.len(), 7);
+        assert_eq!(seen.len(), 8);
     }
 
     #[test]
@@ -591,6 +604,10 @@ mod tests {
         let e = encode_reply(1, Opcode::Punch, 0, 0, &Ok(Reply::Punched));
         let f = decode_frame(&mut e.to_bytes(), &FrameLimits::default()).unwrap().unwrap();
         assert_eq!(Reply::decode(Opcode::Update, &f), Err(ReplyError::OpcodeMismatch { expected: Opcode::Update, got: Opcode::Punch }));
+        let e = encode_reply(1, Opcode::Discard, 0, 0, &Ok(Reply::Discarded { versions: 3 }));
+        let f = decode_frame(&mut e.to_bytes(), &FrameLimits::default()).unwrap().unwrap();
+        assert_eq!(&f.body[..], &3u64.to_le_bytes());
+        assert_eq!(Reply::decode(Opcode::Punch, &f), Err(ReplyError::OpcodeMismatch { expected: Opcode::Punch, got: Opcode::Discard }));
         let req = encode_frame(&Header::request(Opcode::Punch, 1, 0, 0), b"", Bytes::new());
         let f = decode_frame(&mut req.to_bytes(), &FrameLimits::default()).unwrap().unwrap();
         assert_eq!(Reply::decode(Opcode::Punch, &f), Err(ReplyError::NotAReply));

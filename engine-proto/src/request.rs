@@ -8,9 +8,10 @@
 //! | Update (2) | cont u128, obj u128, epoch u64, dkey, akey, kind u8; kind 0 (single): csum u64; kind 1 (array): offset u64, csums (u32 count + u64 each) | the value |
 //! | Fetch (3) | cont u128, obj u128, epoch u64, dkey, akey, kind u8; kind 0 (single); kind 1 (array): offset u64, len u32; kind 2 (array versions): offset u64, len u32, also (u8 count ≤ 3 + key each) | none |
 //! | Punch (4) | cont u128, obj u128, epoch u64, kind u8; 0 object; 1 dkey: dkey; 2 akey: dkey, akey; 3 range: dkey, akey, offset u64, len u64 | none |
-//! | Enumerate (5) | cont u128, epoch u64, kind u8; 0 objects; 1 dkeys: obj u128; 2 akeys: obj u128, dkey; then anchor (optional key), max u32 | none |
+//! | Enumerate (5) | cont u128, epoch u64, kind u8; 0 objects; 1 dkeys: obj u128; 2 akeys: obj u128, dkey; 3 dkeys changed since: obj u128, since u64; then anchor (optional key), max u32 | none |
 //! | QueryTarget (6) | empty | none |
 //! | SetRetention (7) | cont u128, aggregate_below u64, retained (u32 count + u64 each, strictly ascending) | none |
+//! | Discard (8) | cont u128, obj u128, above u64, dkey (optional key, 1..=255 bytes when present) | none |
 //!
 //! Decoding checks structure only: field bounds, tags, non-empty keys, lengths that cannot
 //! overflow, checksum counts that match the data. Whether the checksums match the data
@@ -156,9 +157,15 @@ pub enum EnumTarget {
     Dkeys(ObjectId),
     /// Akeys under a dkey.
     Akeys(ObjectId, Bytes),
+    /// Dkeys of an object changed after an epoch: every dkey holding any version (update, or
+    /// punch of the dkey, an akey or a range) with an epoch in `(since, epoch]`, visible or not,
+    /// and every dkey of the object with a version at or below `epoch` when the object itself
+    /// has a punch in `(since, epoch]`. Reintegration copies only these.
+    DkeysSince(ObjectId, Epoch),
 }
 
-/// Enumerate (opcode 5): list keys visible at an epoch, in key order, after `anchor`.
+/// Enumerate (opcode 5): list keys visible at an epoch (or, for [`EnumTarget::DkeysSince`],
+/// changed up to it), in key order, after `anchor`.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Enumerate {
     pub cont: ContainerId,
@@ -180,6 +187,25 @@ pub struct SetRetention {
     pub retained: Vec<Epoch>,
 }
 
+/// Discard (opcode 8): *delete* (not punch) every version of an object, or of one dkey of it,
+/// whose epoch is strictly greater than `above`: array extents, single values, and punches of
+/// every level (object punches only when no dkey is given; dkey, akey and range punches under
+/// the scope). Older versions become visible again as if the deleted ones had never been
+/// written. `above = 0` deletes everything in scope. Durable when acknowledged, like an update.
+///
+/// A target that returns after an outage discards everything above the epoch it failed at
+/// before rebuild refills it (a punch would hide the older epochs rebuild rewrites); garbage
+/// collection discards a dkey a target no longer holds.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Discard {
+    pub cont: ContainerId,
+    pub obj: ObjectId,
+    /// Versions with an epoch strictly greater than this are deleted (0: all of them).
+    pub above: Epoch,
+    /// Only this dkey (1..=255 bytes) and everything under it; `None`: the whole object.
+    pub dkey: Option<Bytes>,
+}
+
 /// A request to one target.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Request {
@@ -190,6 +216,7 @@ pub enum Request {
     Enumerate(Enumerate),
     QueryTarget,
     SetRetention(SetRetention),
+    Discard(Discard),
 }
 
 /// A request the engine cannot execute. The connection survives: the engine answers with an
@@ -247,6 +274,7 @@ mod kind {
     pub const ENUM_OBJECTS: u8 = 0;
     pub const ENUM_DKEYS: u8 = 1;
     pub const ENUM_AKEYS: u8 = 2;
+    pub const ENUM_DKEYS_SINCE: u8 = 3;
 }
 
 fn bad(field: &'static str, value: impl Into<u64>) -> BodyError {
@@ -355,6 +383,7 @@ fn decode_enumerate(r: &mut Reader<'_>) -> Result<Enumerate, BodyError> {
         kind::ENUM_OBJECTS => EnumTarget::Objects,
         kind::ENUM_DKEYS => EnumTarget::Dkeys(ObjectId(r.u128("obj")?)),
         kind::ENUM_AKEYS => EnumTarget::Akeys(ObjectId(r.u128("obj")?), r.key("dkey")?),
+        kind::ENUM_DKEYS_SINCE => EnumTarget::DkeysSince(ObjectId(r.u128("obj")?), r.u64("since")?),
         k => return Err(bad("kind", k)),
     };
     let anchor = r.opt_key("anchor")?;
@@ -383,6 +412,17 @@ fn decode_set_retention(r: &mut Reader<'_>) -> Result<SetRetention, BodyError> {
     Ok(SetRetention { cont, aggregate_below, retained })
 }
 
+fn decode_discard(r: &mut Reader<'_>) -> Result<Discard, BodyError> {
+    let cont = ContainerId(r.u128("cont")?);
+    let obj = ObjectId(r.u128("obj")?);
+    let above = r.u64("above")?;
+    let dkey = r.opt_key("dkey")?;
+    if dkey.as_ref().is_some_and(Bytes::is_empty) {
+        return Err(bad("dkey", 0u8));
+    }
+    Ok(Discard { cont, obj, above, dkey })
+}
+
 impl Request {
     /// The opcode.
     pub fn opcode(&self) -> Opcode {
@@ -394,6 +434,7 @@ impl Request {
             Request::Enumerate(_) => Opcode::Enumerate,
             Request::QueryTarget => Opcode::QueryTarget,
             Request::SetRetention(_) => Opcode::SetRetention,
+            Request::Discard(_) => Opcode::Discard,
         }
     }
 
@@ -420,6 +461,7 @@ impl Request {
             Opcode::Punch => Request::Punch(decode_punch(&mut r).map_err(body)?),
             Opcode::Enumerate => Request::Enumerate(decode_enumerate(&mut r).map_err(body)?),
             Opcode::SetRetention => Request::SetRetention(decode_set_retention(&mut r).map_err(body)?),
+            Opcode::Discard => Request::Discard(decode_discard(&mut r).map_err(body)?),
             Opcode::Unknown(c) => return Err(RequestError::UnknownOpcode(c)),
         };
         r.finish().map_err(body)?;
@@ -531,6 +573,11 @@ impl Request {
                         b.put_u128_le(o.0);
                         put_key(b, d);
                     }
+                    EnumTarget::DkeysSince(o, since) => {
+                        b.put_u8(kind::ENUM_DKEYS_SINCE);
+                        b.put_u128_le(o.0);
+                        b.put_u64_le(*since);
+                    }
                 }
                 put_opt_key(b, e.anchor.as_ref());
                 b.put_u32_le(e.max);
@@ -539,6 +586,12 @@ impl Request {
                 b.put_u128_le(s.cont.0);
                 b.put_u64_le(s.aggregate_below);
                 put_u64_list(b, &s.retained);
+            }
+            Request::Discard(d) => {
+                b.put_u128_le(d.cont.0);
+                b.put_u128_le(d.obj.0);
+                b.put_u64_le(d.above);
+                put_opt_key(b, d.dkey.as_ref());
             }
         }
     }
@@ -613,8 +666,18 @@ mod tests {
             Request::Enumerate(Enumerate { cont, epoch: 9, what: EnumTarget::Objects, anchor: Some(obj.to_key()), max: 1 }),
             Request::Enumerate(Enumerate { cont, epoch: 9, what: EnumTarget::Dkeys(obj), anchor: Some(dkey.clone()), max: ENUM_MAX_KEYS }),
             Request::Enumerate(Enumerate { cont, epoch: 9, what: EnumTarget::Akeys(obj, dkey.clone()), anchor: None, max: 3 }),
+            Request::Enumerate(Enumerate { cont, epoch: 9, what: EnumTarget::DkeysSince(obj, 4), anchor: None, max: 10 }),
+            Request::Enumerate(Enumerate {
+                cont,
+                epoch: u64::MAX,
+                what: EnumTarget::DkeysSince(obj, u64::MAX - 1),
+                anchor: Some(Bytes::new()),
+                max: 1,
+            }),
             Request::SetRetention(SetRetention { cont, aggregate_below: 100, retained: vec![] }),
             Request::SetRetention(SetRetention { cont, aggregate_below: 100, retained: vec![3, 50, 99] }),
+            Request::Discard(Discard { cont, obj, above: 0, dkey: None }),
+            Request::Discard(Discard { cont, obj, above: 77, dkey: Some(dkey.clone()) }),
         ]
     }
 
@@ -633,7 +696,7 @@ mod tests {
             assert_eq!(via_wire(&req).as_ref(), Ok(&req));
             seen.insert(req.opcode());
         }
-        assert_eq!(seen.len(), 7);
+        assert_eq!(seen.len(), 8);
     }
 
     #[test]
@@ -711,6 +774,13 @@ mod tests {
         assert!(matches!(err(&ret(vec![6, 5])), RequestError::Body { .. }));
         assert!(matches!(err(&ret((0..=RETAINED_MAX as u64).collect())), RequestError::Body { .. }));
         assert!(via_wire(&ret((0..RETAINED_MAX as u64).collect())).is_ok());
+        // A discard's dkey, when present, is not empty.
+        let discard = |dkey| Request::Discard(Discard { cont, obj, above: 3, dkey });
+        assert_eq!(
+            err(&discard(Some(Bytes::new()))),
+            RequestError::Body { opcode: Opcode::Discard, source: BodyError::BadValue { field: "dkey", value: 0 } }
+        );
+        assert!(via_wire(&discard(Some(Bytes::from(vec![0xff; 255])))).is_ok());
     }
 
     #[test]
@@ -728,6 +798,29 @@ mod tests {
         assert_eq!(e, Err(RequestError::UnknownOpcode(77)));
         assert_eq!(e.unwrap_err().to_error_reply().0, RpcStatus::UnknownOpcode);
         assert_eq!(decode_raw(Opcode::Ping, b"x", b"").unwrap_err().status(), RpcStatus::InvalidRequest);
+        // Discard: a present flag other than 0/1, and no data allowed.
+        let mut body = BytesMut::new();
+        Request::Discard(Discard { cont: ContainerId(1), obj: ObjectId(1), above: 1, dkey: None }).encode_body(&mut body);
+        assert_eq!(body.len(), 16 + 16 + 8 + 1);
+        assert_eq!(decode_raw(Opcode::Discard, &body, b"x"), Err(RequestError::UnexpectedData { opcode: Opcode::Discard, len: 1 }));
+        let n = body.len();
+        body[n - 1] = 2;
+        assert_eq!(
+            decode_raw(Opcode::Discard, &body, b""),
+            Err(RequestError::Body { opcode: Opcode::Discard, source: BodyError::BadValue { field: "dkey", value: 2 } })
+        );
+        // Enumerate kind 3 carries obj and since; an unknown kind is refused.
+        let mut body = BytesMut::new();
+        let e = Enumerate { cont: ContainerId(1), epoch: 9, what: EnumTarget::DkeysSince(ObjectId(2), 5), anchor: None, max: 1 };
+        Request::Enumerate(e).encode_body(&mut body);
+        assert_eq!(body.len(), 16 + 8 + 1 + 16 + 8 + 1 + 4);
+        assert_eq!(body[24], 3);
+        assert_eq!(&body[41..49], &5u64.to_le_bytes());
+        body[24] = 4;
+        assert_eq!(
+            decode_raw(Opcode::Enumerate, &body, b""),
+            Err(RequestError::Body { opcode: Opcode::Enumerate, source: BodyError::BadValue { field: "kind", value: 4 } })
+        );
         let reply = encode_frame(&Header::reply(Opcode::Ping, 1, 0, 0, RpcStatus::Ok), b"", Bytes::new());
         let f = decode_frame(&mut reply.to_bytes(), &FrameLimits::default()).unwrap().unwrap();
         assert_eq!(Request::decode(&f), Err(RequestError::NotARequest));

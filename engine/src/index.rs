@@ -9,7 +9,8 @@
 //! recovered index equals the one that was lost. Reads ([`Index::fetch_array`],
 //! [`Index::fetch_single`]) resolve, for each byte, the newest version visible at the read epoch.
 //! [`Index::plan_aggregation`] computes which versions no retained view can see any more and
-//! returns the ops that drop or trim them.
+//! returns the ops that drop or trim them; [`Index::plan_discard`] returns the same kinds of ops
+//! to delete every version of an object or dkey above an epoch (rebuild and reintegration).
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -419,6 +420,24 @@ impl Index {
             .collect()
     }
 
+    /// Dkeys of an object changed in the epoch window `(since, epoch]`, after `anchor`, at most
+    /// `max`: every dkey holding a version of any kind (extent, range punch, single value, akey
+    /// or dkey punch) with an epoch in the window, whether or not anything in it is visible at
+    /// `epoch`. If the object itself has a punch in the window, every dkey holding any version
+    /// at or below `epoch`.
+    pub fn list_dkeys_since(&self, cont: u128, obj: u128, since: u64, epoch: u64, after: Option<&Bytes>, max: usize) -> Vec<Bytes> {
+        let Some(o) = self.containers.get(&cont).and_then(|c| c.objects.get(&obj)) else { return Vec::new() };
+        let in_window = |v: &Version| v.epoch > since && v.epoch <= epoch;
+        let object_punched = o.punches.iter().any(in_window);
+        let start = after.map_or(std::ops::Bound::Unbounded, |a| std::ops::Bound::Excluded(a.clone()));
+        o.dkeys
+            .range((start, std::ops::Bound::Unbounded))
+            .filter(|(_, d)| if object_punched { dkey_has_version(d, |v| v.epoch <= epoch) } else { dkey_has_version(d, in_window) })
+            .map(|(k, _)| k.clone())
+            .take(max)
+            .collect()
+    }
+
     /// Akeys of a dkey visible at `epoch`, after `anchor`, at most `max`.
     pub fn list_akeys(&self, cont: u128, obj: u128, dkey: &Bytes, epoch: u64, after: Option<&Bytes>, max: usize) -> Vec<Bytes> {
         let Some(o) = self.containers.get(&cont).and_then(|c| c.objects.get(&obj)) else { return Vec::new() };
@@ -583,6 +602,54 @@ impl Index {
         out
     }
 
+    /// The ops that delete every version of object `obj` with an epoch strictly above `above`
+    /// (every version when `above` is 0), or with `dkey` only those under that dkey, and the
+    /// number of versions they delete (the pieces of one update count once). Unlike a punch,
+    /// the versions are gone: older ones become visible again. One `Aggregate` op per akey that
+    /// loses anything (its extents, range punches, single values and akey punches above the
+    /// epoch; nothing is added), then an `Unpunch` per dkey punch and, for the whole object, per
+    /// object punch above the epoch. Applying them deletes akeys, dkeys and the object when they
+    /// become empty.
+    pub fn plan_discard(&self, cont: u128, obj: u128, above: u64, dkey: Option<&Bytes>) -> (Vec<Op>, u64) {
+        let Some(o) = self.containers.get(&cont).and_then(|c| c.objects.get(&obj)) else { return (Vec::new(), 0) };
+        let newer = |v: &Version| v.epoch > above;
+        let dkeys: Vec<(&Bytes, &Dkey)> = match dkey {
+            Some(d) => o.dkeys.get_key_value(d).into_iter().collect(),
+            None => o.dkeys.iter().collect(),
+        };
+        let mut ops = Vec::new();
+        let mut unpunches = Vec::new();
+        let mut versions = 0u64;
+        for (dk, d) in dkeys {
+            for (ak, a) in &d.akeys {
+                let remove_extents: Vec<(u64, Version)> = a.extents.keys().filter(|(_, v)| newer(v)).copied().collect();
+                let remove_singles: Vec<Version> = a.singles.keys().copied().filter(newer).collect();
+                let remove_punches: Vec<Version> = a.punches.iter().copied().filter(newer).collect();
+                // An update stored in several pieces (or trimmed by aggregation) is one version.
+                let mut extent_versions: Vec<Version> = remove_extents.iter().map(|(_, v)| *v).collect();
+                extent_versions.sort_unstable();
+                extent_versions.dedup();
+                let n = extent_versions.len() + remove_singles.len() + remove_punches.len();
+                if n > 0 {
+                    versions += n as u64;
+                    let path = AkeyPath { cont, obj, dkey: dk.clone(), akey: ak.clone() };
+                    ops.push(Op::Aggregate { path, remove_extents, add_extents: Vec::new(), remove_singles, remove_punches });
+                }
+            }
+            for &version in d.punches.iter().filter(|v| newer(v)) {
+                unpunches.push(Op::Unpunch { cont, obj, level: PunchLevel::Dkey(dk.clone()), version });
+            }
+        }
+        if dkey.is_none() {
+            for &version in o.punches.iter().filter(|v| newer(v)) {
+                unpunches.push(Op::Unpunch { cont, obj, level: PunchLevel::Object, version });
+            }
+        }
+        versions += unpunches.len() as u64;
+        ops.extend(unpunches);
+        (ops, versions)
+    }
+
     /// Object and dkey punches at or below `boundary` that no longer shadow anything.
     pub fn plan_unpunch(&self, cont: u128, obj: u128, boundary: u64) -> Vec<Op> {
         let Some(o) = self.containers.get(&cont).and_then(|c| c.objects.get(&obj)) else { return Vec::new() };
@@ -602,6 +669,13 @@ impl Index {
         }
         ops
     }
+}
+
+/// Whether a dkey holds a version for which `f` is true: a punch of the dkey or of one of its
+/// akeys, a single value, or an extent (data or range punch).
+fn dkey_has_version(d: &Dkey, f: impl Fn(&Version) -> bool) -> bool {
+    d.punches.iter().any(&f)
+        || d.akeys.values().any(|a| a.punches.iter().any(&f) || a.singles.keys().any(&f) || a.extents.keys().any(|(_, v)| f(v)))
 }
 
 /// The parts of `ext` (written at `v`) not covered by a newer version visible at `view`.
@@ -771,5 +845,170 @@ mod tests {
         // Data and the punch that hid it are both gone, and so is the empty akey/object.
         assert!(idx.akey(&path()).is_none());
         assert_eq!(idx.object_count(), 0);
+    }
+
+    fn at(dkey: &'static [u8], akey: &'static [u8]) -> AkeyPath {
+        AkeyPath { cont: 1, obj: 2, dkey: Bytes::from_static(dkey), akey: Bytes::from_static(akey) }
+    }
+
+    /// A data extent (`fill` bytes, or a range punch when `fill` is `None`) at `p`.
+    fn put(idx: &mut Index, p: &AkeyPath, offset: u64, len: u64, epoch: u64, fill: Option<u8>) -> Version {
+        let version = Version { epoch, id: idx.allocate_id() };
+        let data = fill.map(|f| {
+            let d = Bytes::from(vec![f; len as usize]);
+            Stored { loc: Loc::Inline(d.clone()), len, csums: crate::csum::chunk_csums(&d) }
+        });
+        idx.apply(&Op::Extent { path: p.clone(), ext: Extent { offset, len, version, data } });
+        version
+    }
+
+    fn single(idx: &mut Index, p: &AkeyPath, epoch: u64, value: &'static [u8]) -> Version {
+        let version = Version { epoch, id: idx.allocate_id() };
+        let d = Bytes::from_static(value);
+        let value = Stored { loc: Loc::Inline(d.clone()), len: d.len() as u64, csums: crate::csum::chunk_csums(&d) };
+        idx.apply(&Op::Single { path: p.clone(), version, value });
+        version
+    }
+
+    fn punch(idx: &mut Index, level: PunchLevel, epoch: u64) -> Version {
+        let version = Version { epoch, id: idx.allocate_id() };
+        idx.apply(&Op::Punch { cont: 1, obj: 2, level, version });
+        version
+    }
+
+    fn discard(idx: &mut Index, above: u64, dkey: Option<&'static [u8]>) -> u64 {
+        let dkey = dkey.map(Bytes::from_static);
+        let (ops, n) = idx.plan_discard(1, 2, above, dkey.as_ref());
+        // Discard is built from the ops aggregation already logs: they survive the WAL encoding.
+        assert_eq!(crate::op::decode_ops(Bytes::from(crate::op::encode_ops(&ops))).unwrap(), ops);
+        for op in &ops {
+            idx.apply(op);
+        }
+        n
+    }
+
+    fn single_at(idx: &Index, p: &AkeyPath, epoch: u64) -> Option<u64> {
+        idx.fetch_single(p, epoch).map(|(v, _)| v.epoch)
+    }
+
+    #[test]
+    fn discard_deletes_versions_above_the_epoch_at_every_level() {
+        let mut idx = Index::new();
+        let (da, ds, ea, eb) = (at(b"d", b"a"), at(b"d", b"s"), at(b"e", b"a"), at(b"e", b"b"));
+        let dkey = |k: &'static [u8]| PunchLevel::Dkey(Bytes::from_static(k));
+        let obj_old = punch(&mut idx, PunchLevel::Object, 2);
+        punch(&mut idx, dkey(b"d"), 3);
+        put(&mut idx, &da, 0, 50, 5, None);
+        put(&mut idx, &da, 0, 4096, 10, Some(1));
+        put(&mut idx, &da, 100, 100, 25, None);
+        put(&mut idx, &da, 0, 4096, 30, Some(3));
+        single(&mut idx, &ds, 10, b"old");
+        punch(&mut idx, PunchLevel::Akey(Bytes::from_static(b"d"), Bytes::from_static(b"s")), 20);
+        single(&mut idx, &ds, 30, b"new");
+        punch(&mut idx, dkey(b"d"), 40);
+        put(&mut idx, &ea, 0, 4096, 10, Some(7));
+        put(&mut idx, &ea, 0, 4096, 50, Some(8));
+        put(&mut idx, &eb, 0, 10, 60, Some(9));
+        punch(&mut idx, PunchLevel::Object, 45);
+        let before = idx.clone();
+        assert_eq!(describe(&idx.fetch_array(&da, 0..4096, 44)), vec![(0, 4096, 0)], "the dkey punch at 40 hides it all");
+
+        // Only dkey "d", above 20: the extent and range punch at 30 and 25, the single value at
+        // 30 and the dkey punch at 40 go. The akey punch at exactly 20 stays, and so does
+        // everything of "e" and the object punch.
+        assert_eq!(discard(&mut idx, 20, Some(b"d")), 4);
+        assert_eq!(describe(&idx.fetch_array(&da, 0..4096, 44)), vec![(0, 4096, 1)]);
+        assert_eq!(describe(&idx.fetch_array(&da, 0..4096, 9)), vec![(0, 50, 0), (50, 4096, 0)]);
+        assert_eq!(single_at(&idx, &ds, 44), None, "the akey punch at 20 still hides the value at 10");
+        assert_eq!(single_at(&idx, &ds, 15), Some(10));
+        assert_eq!(describe(&idx.fetch_array(&ea, 0..4096, 47)), vec![(0, 4096, 0)], "the object punch at 45 is not under the dkey");
+        assert_eq!(describe(&idx.fetch_array(&ea, 0..4096, 44)), vec![(0, 4096, 7)]);
+        assert_eq!(describe(&idx.fetch_array(&ea, 0..4096, 55)), vec![(0, 4096, 8)]);
+        assert_eq!(idx.akey(&eb).unwrap().extents.len(), 1);
+        // Everything of "d" at or below 20 is exactly as before.
+        for e in [0, 2, 3, 5, 10, 19, 20] {
+            assert_eq!(idx.fetch_array(&da, 0..4096, e), before.fetch_array(&da, 0..4096, e), "epoch {e}");
+            assert_eq!(idx.fetch_single(&ds, e), before.fetch_single(&ds, e), "epoch {e}");
+        }
+        // Nothing left above 20 under "d".
+        assert_eq!(discard(&mut idx, 20, Some(b"d")), 0);
+
+        // The whole object above 20: "e"'s extents at 50 and 60 (akey "b" disappears) and the
+        // object punch at 45; the one at 2 stays.
+        assert_eq!(discard(&mut idx, 20, None), 3);
+        assert_eq!(describe(&idx.fetch_array(&da, 0..4096, u64::MAX)), vec![(0, 4096, 1)]);
+        assert_eq!(describe(&idx.fetch_array(&ea, 0..4096, u64::MAX)), vec![(0, 4096, 7)]);
+        assert!(idx.akey(&eb).is_none());
+        let o = &idx.containers[&1].objects[&2];
+        assert_eq!(o.punches, vec![obj_old]);
+        assert_eq!(idx.list_dkeys(1, 2, u64::MAX, None, 10), vec![Bytes::from_static(b"d"), Bytes::from_static(b"e")]);
+
+        // Above 0 deletes everything: first one dkey (it disappears), then the rest.
+        assert_eq!(discard(&mut idx, 0, Some(b"e")), 1);
+        assert!(!idx.containers[&1].objects[&2].dkeys.contains_key(&Bytes::from_static(b"e")));
+        // "d": range punch at 5, extent at 10, single at 10, akey punch at 20, dkey punch at 3;
+        // and the object punch at 2.
+        assert_eq!(discard(&mut idx, 0, None), 6);
+        assert_eq!(idx.object_count(), 0);
+        assert!(idx.referenced_blocks().is_empty());
+        assert_eq!(idx.plan_discard(1, 2, 0, None), (Vec::new(), 0));
+        assert_eq!(idx.plan_discard(1, 9, 0, Some(&Bytes::from_static(b"d"))), (Vec::new(), 0));
+    }
+
+    #[test]
+    fn discard_of_a_dkey_keeps_other_dkeys_and_missing_dkeys_are_no_ops() {
+        let mut idx = Index::new();
+        let (da, ea) = (at(b"d", b"a"), at(b"e", b"a"));
+        put(&mut idx, &da, 0, 100, 10, Some(1));
+        put(&mut idx, &ea, 0, 100, 10, Some(2));
+        punch(&mut idx, PunchLevel::Dkey(Bytes::from_static(b"e")), 11);
+        assert_eq!(discard(&mut idx, 0, Some(b"x")), 0);
+        assert_eq!(discard(&mut idx, 10, Some(b"e")), 1);
+        assert_eq!(describe(&idx.fetch_array(&ea, 0..100, u64::MAX)), vec![(0, 100, 2)], "the punch is deleted, not hidden");
+        // An update the target stored in two pieces (one version) and the one at 10.
+        let v = Version { epoch: 12, id: idx.allocate_id() };
+        for offset in [0, 50] {
+            let d = Bytes::from(vec![3u8; 50]);
+            let data = Some(Stored { loc: Loc::Inline(d.clone()), len: 50, csums: crate::csum::chunk_csums(&d) });
+            idx.apply(&Op::Extent { path: da.clone(), ext: Extent { offset, len: 50, version: v, data } });
+        }
+        assert_eq!(describe(&idx.fetch_array(&da, 0..100, 12)), vec![(0, 50, 3), (50, 100, 3)]);
+        assert_eq!(discard(&mut idx, 0, Some(b"d")), 2);
+        assert!(idx.akey(&da).is_none());
+        assert_eq!(idx.list_dkeys(1, 2, u64::MAX, None, 10), vec![Bytes::from_static(b"e")]);
+        assert_eq!(idx.object_count(), 1);
+    }
+
+    #[test]
+    fn dkeys_since_lists_every_change_in_the_window() {
+        let mut idx = Index::new();
+        let keys = |v: Vec<Bytes>| v.iter().map(|k| k[0]).collect::<Vec<u8>>();
+        put(&mut idx, &at(b"a", b"x"), 0, 10, 10, Some(1));
+        put(&mut idx, &at(b"b", b"x"), 0, 10, 10, Some(1));
+        put(&mut idx, &at(b"b", b"x"), 0, 10, 30, Some(2));
+        single(&mut idx, &at(b"c", b"s"), 10, b"v");
+        punch(&mut idx, PunchLevel::Dkey(Bytes::from_static(b"c")), 30);
+        put(&mut idx, &at(b"d", b"x"), 0, 10, 10, Some(1));
+        put(&mut idx, &at(b"d", b"x"), 5, 1, 30, None);
+        put(&mut idx, &at(b"e", b"x"), 0, 10, 10, Some(1));
+        punch(&mut idx, PunchLevel::Akey(Bytes::from_static(b"e"), Bytes::from_static(b"x")), 30);
+        put(&mut idx, &at(b"f", b"x"), 0, 10, 50, Some(1));
+        single(&mut idx, &at(b"g", b"s"), 20, b"v");
+        // An update, a wholly punched dkey (nothing visible), a range punch and an akey punch.
+        assert_eq!(keys(idx.list_dkeys_since(1, 2, 20, 40, None, 100)), b"bcde".to_vec());
+        assert!(!idx.list_dkeys(1, 2, 40, None, 100).contains(&Bytes::from_static(b"c")));
+        assert_eq!(keys(idx.list_dkeys_since(1, 2, 20, 40, Some(&Bytes::from_static(b"b")), 2)), b"cd".to_vec());
+        assert_eq!(keys(idx.list_dkeys_since(1, 2, 20, 60, None, 100)), b"bcdef".to_vec());
+        assert_eq!(keys(idx.list_dkeys_since(1, 2, 19, 20, None, 100)), b"g".to_vec());
+        assert!(idx.list_dkeys_since(1, 2, 40, 40, None, 100).is_empty());
+        assert!(idx.list_dkeys_since(1, 2, 60, 40, None, 100).is_empty());
+        assert!(idx.list_dkeys_since(1, 3, 0, u64::MAX, None, 100).is_empty());
+        // An object punch in the window lists every dkey that has a version at or below the
+        // epoch; one outside the window changes nothing.
+        punch(&mut idx, PunchLevel::Object, 35);
+        assert_eq!(keys(idx.list_dkeys_since(1, 2, 34, 40, None, 100)), b"abcdeg".to_vec());
+        assert!(idx.list_dkeys_since(1, 2, 35, 40, None, 100).is_empty());
+        assert_eq!(keys(idx.list_dkeys_since(1, 2, 34, 60, None, 100)), b"abcdefg".to_vec());
+        assert_eq!(keys(idx.list_dkeys_since(1, 2, 34, 40, Some(&Bytes::from_static(b"c")), 2)), b"de".to_vec());
     }
 }

@@ -45,6 +45,9 @@ pub enum EngineError {
     /// The data file has no room for the update.
     #[error("no space: {0}")]
     NoSpace(String),
+    /// The request is well formed but exceeds a size limit of the engine.
+    #[error("too large: {0}")]
+    TooLarge(String),
     /// A file operation failed.
     #[error("{file}: {source}")]
     Io { file: String, source: io::Error },

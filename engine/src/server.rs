@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tessera_engine_proto::{
-    decode_frame, encode_reply, DataRun, EnumBudget, EnumTarget, Enumerate, Fetch, FetchReply, FetchValue, Frame, FrameLimits, Reply,
-    ReplyResult, Request, RpcStatus, SingleValue, TargetHealth, TargetInfo,
+    decode_frame, encode_reply, DataRun, Discard, EnumBudget, EnumTarget, Enumerate, Fetch, FetchReply, FetchValue, Frame, FrameLimits,
+    Reply, ReplyResult, Request, RpcStatus, SingleValue, TargetHealth, TargetInfo,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -221,6 +221,7 @@ async fn run_request(engine: &Engine, target: u16, pool: u32, map_version: u32, 
 /// How the target's answer turns into a wire reply.
 enum Shape {
     Done(Reply),
+    Discarded,
     Array,
     Single,
     Objects { budget: EnumBudget, max: usize },
@@ -245,6 +246,9 @@ fn to_target_op(req: Request) -> Result<(TargetOp, Shape), (RpcStatus, String)> 
         Request::SetRetention(s) => {
             let retention = crate::index::Retention { aggregate_below: s.aggregate_below, retained: s.retained };
             (TargetOp::Mutate(Mutation::SetRetention { cont: s.cont.0, retention }), Shape::Done(Reply::RetentionSet))
+        }
+        Request::Discard(Discard { cont, obj, above, dkey }) => {
+            (TargetOp::Mutate(Mutation::Discard { cont: cont.0, obj: obj.0, above, dkey }), Shape::Discarded)
         }
         Request::Fetch(Fetch { cont, obj, epoch, dkey, akey, what }) => match what {
             FetchValue::Array { offset, len } => {
@@ -276,6 +280,9 @@ fn to_target_op(req: Request) -> Result<(TargetOp, Shape), (RpcStatus, String)> 
                 EnumTarget::Akeys(obj, dkey) => {
                     (TargetOp::ListAkeys { cont: cont.0, obj: obj.0, dkey, epoch, after: anchor, max }, Shape::Keys { budget, max })
                 }
+                EnumTarget::DkeysSince(obj, since) => {
+                    (TargetOp::ListDkeysSince { cont: cont.0, obj: obj.0, since, epoch, after: anchor, max }, Shape::Keys { budget, max })
+                }
             }
         }
         Request::QueryTarget => (TargetOp::Query, Shape::Info),
@@ -301,6 +308,7 @@ fn budgeted(keys: Vec<Bytes>, mut budget: EnumBudget, max: usize) -> Reply {
 fn to_reply(r: TargetReply, shape: Shape) -> ReplyResult {
     Ok(match (r, shape) {
         (TargetReply::Done, Shape::Done(reply)) => reply,
+        (TargetReply::Discarded(versions), Shape::Discarded) => Reply::Discarded { versions },
         (TargetReply::Array(a), Shape::Array) => {
             let runs = a.runs.into_iter().map(|(offset, len, epoch)| DataRun { offset, len, epoch }).collect();
             Reply::Fetched(FetchReply::Array { data: a.data, holes: a.holes, csums: a.csums, runs })
@@ -335,6 +343,7 @@ pub fn error_reply(e: &EngineError) -> (RpcStatus, String) {
         EngineError::ChecksumMismatch { .. } => RpcStatus::ChecksumMismatch,
         EngineError::DataCorrupt(_) => RpcStatus::DataCorrupt,
         EngineError::NoSpace(_) => RpcStatus::NoSpace,
+        EngineError::TooLarge(_) => RpcStatus::TooLarge,
         EngineError::Io { .. } | EngineError::Failed(_) | EngineError::Corrupt { .. } => RpcStatus::IoError,
     };
     (status, e.to_string())

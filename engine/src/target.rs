@@ -36,6 +36,10 @@ pub const DATA_FILE: &str = "data.blk";
 pub const MAX_IO: u64 = 16 << 20;
 /// Longest key.
 pub const KEY_MAX: usize = 255;
+/// Largest encoded ops of one discard (its WAL record): a discard that would delete more is
+/// refused with [`EngineError::TooLarge`] (discard dkey by dkey then). 64 MiB is about 2.5
+/// million extent versions, a quarter of the WAL's record limit.
+pub const DISCARD_MAX_BYTES: usize = 64 << 20;
 
 /// Per-target settings.
 #[derive(Debug, Clone)]
@@ -70,9 +74,39 @@ pub use tessera_engine_proto::{PunchTarget, UpdateValue};
 /// A change requested by a client.
 #[derive(Debug, Clone)]
 pub enum Mutation {
-    Update { path: AkeyPath, epoch: u64, value: UpdateValue },
-    Punch { cont: u128, obj: u128, epoch: u64, what: PunchTarget },
-    SetRetention { cont: u128, retention: Retention },
+    Update {
+        path: AkeyPath,
+        epoch: u64,
+        value: UpdateValue,
+    },
+    Punch {
+        cont: u128,
+        obj: u128,
+        epoch: u64,
+        what: PunchTarget,
+    },
+    SetRetention {
+        cont: u128,
+        retention: Retention,
+    },
+    /// Delete every version of the object (or only of `dkey`) with an epoch above `above`
+    /// ([`Index::plan_discard`]). Planned from the committed index, so it must be staged when
+    /// nothing else is.
+    Discard {
+        cont: u128,
+        obj: u128,
+        above: u64,
+        dkey: Option<Bytes>,
+    },
+}
+
+/// What a staged mutation reports once its batch is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staged {
+    /// An update, punch or retention change.
+    Done,
+    /// A discard, and the number of versions it deletes.
+    Discarded { versions: u64 },
 }
 
 /// The result of an array fetch.
@@ -301,18 +335,46 @@ impl Target {
     }
 
     /// Validates a mutation, writes its data and queues its ops for the next commit.
-    pub fn stage(&mut self, m: Mutation) -> Result<(), EngineError> {
+    pub fn stage(&mut self, m: Mutation) -> Result<Staged, EngineError> {
         self.check_healthy()?;
         match m {
-            Mutation::Update { path, epoch, value } => self.stage_update(path, epoch, value),
-            Mutation::Punch { cont, obj, epoch, what } => self.stage_punch(cont, obj, epoch, what),
+            Mutation::Update { path, epoch, value } => self.stage_update(path, epoch, value).map(|()| Staged::Done),
+            Mutation::Punch { cont, obj, epoch, what } => self.stage_punch(cont, obj, epoch, what).map(|()| Staged::Done),
             Mutation::SetRetention { cont, mut retention } => {
                 retention.retained.sort_unstable();
                 retention.retained.dedup();
                 self.staged.push(Op::Retention { cont, retention });
-                Ok(())
+                Ok(Staged::Done)
+            }
+            Mutation::Discard { cont, obj, above, dkey } => self.stage_discard(cont, obj, above, dkey),
+        }
+    }
+
+    /// Plans a discard from the index and stages its ops (`Aggregate` and `Unpunch`, as
+    /// aggregation writes them), quarantining the blocks it frees until its record is durable.
+    /// The plan is only right if every earlier mutation is in the index, so nothing may be
+    /// staged yet; mutations staged after it are applied after it.
+    fn stage_discard(&mut self, cont: u128, obj: u128, above: u64, dkey: Option<Bytes>) -> Result<Staged, EngineError> {
+        if let Some(d) = &dkey {
+            check_key("dkey", d)?;
+        }
+        if self.has_staged() {
+            return Err(invalid("a discard is planned from the committed index: commit the staged mutations first"));
+        }
+        let (ops, versions) = self.index.plan_discard(cont, obj, above, dkey.as_ref());
+        let bytes = encode_ops(&ops).len();
+        if bytes > DISCARD_MAX_BYTES {
+            return Err(EngineError::TooLarge(format!(
+                "discarding {versions} versions takes {bytes} bytes of WAL, more than {DISCARD_MAX_BYTES}: discard dkey by dkey"
+            )));
+        }
+        for op in &ops {
+            for (start, n) in freed_blocks(&self.index, op) {
+                self.alloc.quarantine(start, n);
             }
         }
+        self.staged.extend(ops);
+        Ok(Staged::Discarded { versions })
     }
 
     fn stage_update(&mut self, path: AkeyPath, epoch: u64, value: UpdateValue) -> Result<(), EngineError> {
@@ -858,5 +920,114 @@ mod tests {
         assert_eq!(&content[4096..8192], &[2u8; 4096][..]);
         assert_eq!(&content[8192..13192], &[3u8; 5000][..]);
         assert_eq!(&content[40960..40970], &[4u8; 10][..]);
+    }
+
+    fn small() -> TargetConfig {
+        TargetConfig { capacity: 8 * BLOCK, inline_max: 512, checkpoint_wal_bytes: 1 << 40, aggregation_lag: 0, aggregation_budget: 64 }
+    }
+
+    fn p(dkey: &'static [u8], akey: &'static [u8]) -> AkeyPath {
+        AkeyPath { cont: 1, obj: 7, dkey: Bytes::from_static(dkey), akey: Bytes::from_static(akey) }
+    }
+
+    fn array(path: AkeyPath, epoch: u64, len: usize, fill: u8) -> Mutation {
+        Mutation::Update { path, epoch, value: UpdateValue::array(0, Bytes::from(vec![fill; len])) }
+    }
+
+    fn discard(above: u64, dkey: Option<&'static [u8]>) -> Mutation {
+        Mutation::Discard { cont: 1, obj: 7, above, dkey: dkey.map(Bytes::from_static) }
+    }
+
+    /// (data byte 0 or 0 for a hole, hole count) of the first 8 KiB of an array akey at `epoch`.
+    fn read(t: &Target, path: &AkeyPath, epoch: u64) -> (u8, usize) {
+        let f = t.fetch_array(path, 0, 8192, epoch).unwrap();
+        (f.data[0], f.holes.len())
+    }
+
+    /// What the tests below expect after the discard above 15: the epoch-10 data of "d"/"a"
+    /// visible again, the single value and "e" gone, 2 blocks in use.
+    fn check_discarded(t: &Target, what: &str) {
+        assert_eq!(read(t, &p(b"d", b"a"), u64::MAX), (1, 0), "{what}");
+        assert_eq!(t.fetch_single(&p(b"d", b"s"), u64::MAX).unwrap(), None, "{what}");
+        assert_eq!(read(t, &p(b"e", b"a"), u64::MAX), (0, 1), "{what}");
+        assert!(t.index().akey(&p(b"e", b"a")).is_none(), "{what}");
+        assert_eq!(t.info().used, 2 * BLOCK, "{what}");
+        assert_eq!(t.info().objects, 1, "{what}");
+    }
+
+    #[test]
+    fn discard_is_durable_frees_blocks_only_once_committed_and_replays() {
+        let mem = MemStorage::new();
+        let mut t = Target::open(Arc::new(mem.clone()), small()).unwrap();
+        // 7 of 8 blocks: "d"/"a" at 10 and at 20 (2 each), a 5000-byte single value at 20 (2),
+        // "e"/"a" at 20 (1); then an object punch at 25.
+        for m in [
+            array(p(b"d", b"a"), 10, 8192, 1),
+            array(p(b"d", b"a"), 20, 8192, 2),
+            Mutation::Update { path: p(b"d", b"s"), epoch: 20, value: UpdateValue::single(Bytes::from(vec![3u8; 5000])) },
+            array(p(b"e", b"a"), 20, 4096, 4),
+            Mutation::Punch { cont: 1, obj: 7, epoch: 25, what: PunchTarget::Object },
+        ] {
+            assert_eq!(t.stage(m).unwrap(), Staged::Done);
+        }
+        t.commit().unwrap();
+        assert_eq!(read(&t, &p(b"d", b"a"), 24), (2, 0));
+        assert_eq!(read(&t, &p(b"d", b"a"), u64::MAX), (0, 1));
+        assert_eq!(t.info().used, 7 * BLOCK);
+
+        // A discard must see every earlier mutation in the index: not staged behind another.
+        t.stage(array(p(b"f", b"a"), 30, 10, 9)).unwrap();
+        assert!(matches!(t.stage(discard(15, None)), Err(EngineError::Invalid(_))));
+        t.commit().unwrap();
+
+        // Above 15: the three updates at 20, the object punch at 25 and the update at 30.
+        assert_eq!(t.stage(discard(15, None)).unwrap(), Staged::Discarded { versions: 5 });
+        // Staged, not committed: nothing changed yet, and the freed blocks are quarantined.
+        assert_eq!(read(&t, &p(b"d", b"a"), 24), (2, 0));
+        assert_eq!(t.info().used, 7 * BLOCK);
+        assert!(matches!(t.stage(array(p(b"g", b"a"), 40, 8192, 5)), Err(EngineError::NoSpace(_))));
+        // A crash now loses the discard entirely.
+        let before_commit = mem.crash_image(true);
+        t.commit().unwrap();
+        check_discarded(&t, "committed");
+        // The freed blocks are reusable once the record is durable (and the update is not yet
+        // in the index, so a discard cannot follow it into this commit).
+        t.stage(array(p(b"g", b"a"), 40, 8192, 5)).unwrap();
+        assert!(matches!(t.stage(discard(0, Some(b"g"))), Err(EngineError::Invalid(_))));
+        t.commit().unwrap();
+        assert_eq!(t.stage(discard(0, Some(b"g"))).unwrap(), Staged::Discarded { versions: 1 });
+        t.commit().unwrap();
+        assert_eq!(t.stage(discard(15, None)).unwrap(), Staged::Discarded { versions: 0 });
+        assert!(!t.has_staged());
+        check_discarded(&t, "after reuse");
+        drop(t);
+
+        let t = Target::open(Arc::new(before_commit), small()).unwrap();
+        assert_eq!(read(&t, &p(b"d", b"a"), 24), (2, 0), "an uncommitted discard is not recovered");
+        assert_eq!(t.info().used, 7 * BLOCK);
+        drop(t);
+        // WAL replay (of a crash image holding only what was synced) and a checkpoint bring the
+        // discard back exactly, blocks included.
+        let mut t = Target::open(Arc::new(mem.crash_image(false)), small()).unwrap();
+        check_discarded(&t, "replayed");
+        t.maybe_checkpoint(true).unwrap();
+        t.reap_checkpoint(true).unwrap();
+        drop(t);
+        let mut t = Target::open(Arc::new(mem.clone()), small()).unwrap();
+        check_discarded(&t, "reopened");
+        t.maybe_checkpoint(true).unwrap();
+        t.reap_checkpoint(true).unwrap();
+        drop(t);
+        let mut t = Target::open(Arc::new(mem.clone()), small()).unwrap();
+        check_discarded(&t, "from the checkpoint");
+        // Above 0 on one dkey, then on the rest: the object is gone, every block free.
+        assert_eq!(t.stage(discard(0, Some(b"d"))).unwrap(), Staged::Discarded { versions: 1 });
+        t.commit().unwrap();
+        assert_eq!(t.info().objects, 0);
+        assert_eq!(t.info().used, 0);
+        assert_eq!(t.stage(discard(0, None)).unwrap(), Staged::Discarded { versions: 0 });
+        drop(t);
+        let t = Target::open(Arc::new(mem), small()).unwrap();
+        assert_eq!((t.info().objects, t.info().used), (0, 0));
     }
 }

@@ -3,9 +3,10 @@
 //! Requests arrive on a channel. The loop takes everything that is queued (up to `max_batch`),
 //! answers reads at once, stages every mutation, commits them all with one data sync and one WAL
 //! record (group commit: whatever queued up while the previous sync ran forms the next batch),
-//! and only then answers the mutations. Between batches it starts checkpoints when the WAL has
-//! grown and runs bounded aggregation steps; when idle with nothing to aggregate it blocks, so an
-//! idle engine uses no CPU.
+//! and only then answers the mutations. A discard is planned from the committed index, so when
+//! one comes, what the batch staged before it is committed and answered first. Between batches
+//! it starts checkpoints when the WAL has grown and runs bounded aggregation steps; when idle
+//! with nothing to aggregate it blocks, so an idle engine uses no CPU.
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
@@ -16,7 +17,7 @@ use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::op::AkeyPath;
-use crate::target::{FetchedArray, Mutation, Target, TargetInfo};
+use crate::target::{FetchedArray, Mutation, Staged, Target, TargetInfo};
 use crate::EngineError;
 
 /// What a client asks of a target.
@@ -61,6 +62,15 @@ pub enum TargetOp {
         after: Option<Bytes>,
         max: usize,
     },
+    /// Dkeys with any version in `(since, epoch]` ([`crate::index::Index::list_dkeys_since`]).
+    ListDkeysSince {
+        cont: u128,
+        obj: u128,
+        since: u64,
+        epoch: u64,
+        after: Option<Bytes>,
+        max: usize,
+    },
     Query,
 }
 
@@ -68,6 +78,8 @@ pub enum TargetOp {
 #[derive(Debug)]
 pub enum TargetReply {
     Done,
+    /// A discard: the number of versions it deleted.
+    Discarded(u64),
     Array(FetchedArray),
     /// (data, CRC64 of it, epoch written)
     Single(Option<(Bytes, u64, u64)>),
@@ -197,32 +209,48 @@ fn execute_batch(target: &mut Target, batch: Vec<Msg>) -> Option<oneshot::Sender
     let mut shutdown = None;
     for msg in batch {
         match msg {
-            Msg::Job(TargetOp::Mutate(m), tx) => match target.stage(m) {
-                Ok(()) => waiting.push(tx),
-                Err(e) => {
-                    let _ = tx.send(Err(e));
+            Msg::Job(TargetOp::Mutate(m), tx) => {
+                // A discard is planned from the committed index: whatever the batch staged
+                // before it is committed (and answered) first.
+                if matches!(m, Mutation::Discard { .. }) && target.has_staged() {
+                    settle(target, &mut waiting);
                 }
-            },
+                match target.stage(m) {
+                    Ok(staged) => waiting.push((tx, staged)),
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            }
             Msg::Job(op, tx) => {
                 let _ = tx.send(read(target, op));
             }
             Msg::Shutdown(tx) => shutdown = Some(tx),
         }
     }
+    settle(target, &mut waiting);
+    shutdown
+}
+
+/// Commits what is staged and answers the mutations waiting for it.
+fn settle(target: &mut Target, waiting: &mut Vec<(ReplyTx, Staged)>) {
     match target.commit() {
         Ok(()) => {
-            for tx in waiting {
-                let _ = tx.send(Ok(TargetReply::Done));
+            for (tx, staged) in waiting.drain(..) {
+                let reply = match staged {
+                    Staged::Done => TargetReply::Done,
+                    Staged::Discarded { versions } => TargetReply::Discarded(versions),
+                };
+                let _ = tx.send(Ok(reply));
             }
         }
         Err(e) => {
             let msg = e.to_string();
-            for tx in waiting {
+            for (tx, _) in waiting.drain(..) {
                 let _ = tx.send(Err(EngineError::Failed(msg.clone())));
             }
         }
     }
-    shutdown
 }
 
 fn read(target: &Target, op: TargetOp) -> Result<TargetReply, EngineError> {
@@ -237,6 +265,42 @@ fn read(target: &Target, op: TargetOp) -> Result<TargetReply, EngineError> {
         TargetOp::ListAkeys { cont, obj, dkey, epoch, after, max } => {
             TargetReply::Keys(idx.list_akeys(cont, obj, &dkey, epoch, after.as_ref(), max))
         }
+        TargetOp::ListDkeysSince { cont, obj, since, epoch, after, max } => {
+            TargetReply::Keys(idx.list_dkeys_since(cont, obj, since, epoch, after.as_ref(), max))
+        }
         TargetOp::Query => TargetReply::Info(target.info()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::backend::MemStorage;
+    use crate::target::{TargetConfig, UpdateValue};
+
+    #[test]
+    fn a_discard_sees_every_mutation_queued_before_it() {
+        let target = Target::open(Arc::new(MemStorage::new()), TargetConfig::default()).unwrap();
+        let (h, thread) = TargetHandle::spawn("t".into(), target, 64).unwrap();
+        let path = AkeyPath { cont: 1, obj: 2, dkey: Bytes::from_static(b"d"), akey: Bytes::from_static(b"a") };
+        let update = |epoch| {
+            let value = UpdateValue::array(0, Bytes::from(vec![epoch as u8; 100]));
+            TargetOp::Mutate(Mutation::Update { path: path.clone(), epoch, value })
+        };
+        let discard = |above| TargetOp::Mutate(Mutation::Discard { cont: 1, obj: 2, above, dkey: None });
+        // Queued back to back, so that they usually share batches: each discard still deletes
+        // the update queued just before it, and mutations after it are applied after it.
+        let replies: Vec<_> = [update(20), discard(10), update(30), update(5), discard(25), discard(25)].map(|op| h.submit(op)).into();
+        let got: Vec<String> = replies.into_iter().map(|r| format!("{:?}", r.blocking_recv().unwrap().unwrap())).collect();
+        assert_eq!(got, ["Done", "Discarded(1)", "Done", "Done", "Discarded(1)", "Discarded(0)"]);
+        let read = h.submit(TargetOp::FetchArray { path: path.clone(), offset: 0, len: 100, epoch: u64::MAX });
+        match read.blocking_recv().unwrap().unwrap() {
+            TargetReply::Array(a) => assert_eq!((a.data[0], a.holes.len()), (5, 0)),
+            r => panic!("{r:?}"),
+        }
+        h.shutdown().blocking_recv().unwrap().unwrap();
+        thread.join().unwrap();
+    }
 }

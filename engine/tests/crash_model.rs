@@ -1,6 +1,6 @@
 //! Model-based crash tests of one target.
 //!
-//! A seeded workload of updates, punches, retention changes, aggregation and checkpoints runs
+//! A seeded workload of updates, punches, discards, retention changes, aggregation and checkpoints runs
 //! against a target on a fault-injecting in-memory backend. For every write or sync the workload
 //! performs, a run cuts the power at exactly that operation (tearing the write in half), and the
 //! target is recovered from the crash image — once with every unsynced write lost, once with all
@@ -69,7 +69,31 @@ fn hides(m: &Mutation, p: &AkeyPath) -> bool {
     }
 }
 
+/// Whether discard `d` deletes `m` (of epoch `epoch`).
+fn discards(d: &Mutation, epoch: u64, m: &Mutation) -> bool {
+    let Mutation::Discard { obj, above, dkey, .. } = d else { return false };
+    let in_scope = |o: u128, k: Option<&Bytes>| o == *obj && (dkey.is_none() || k == dkey.as_ref());
+    epoch > *above
+        && match m {
+            Mutation::Update { path, .. } => in_scope(path.obj, Some(&path.dkey)),
+            Mutation::Punch { obj, what, .. } => match what {
+                PunchTarget::Object => in_scope(*obj, None) && dkey.is_none(),
+                PunchTarget::Dkey(d) | PunchTarget::Akey { dkey: d, .. } | PunchTarget::Range { dkey: d, .. } => in_scope(*obj, Some(d)),
+            },
+            _ => false,
+        }
+}
+
 impl Model {
+    /// Records an acknowledged mutation: a discard deletes the earlier ones it covers.
+    fn push(&mut self, op: ModelOp) {
+        if matches!(op.m, Mutation::Discard { .. }) {
+            self.ops.retain(|o| !discards(&op.m, o.epoch, &o.m));
+        } else {
+            self.ops.push(op);
+        }
+    }
+
     /// Ops visible at `epoch`, newest last (epoch, then submission order).
     fn ordered(&self, epoch: u64) -> Vec<&ModelOp> {
         let mut v: Vec<(usize, &ModelOp)> = self.ops.iter().enumerate().filter(|(_, o)| o.epoch <= epoch).collect();
@@ -185,6 +209,17 @@ impl Workload {
         (epoch, m)
     }
 
+    /// A discard of one object, or of one of its dkeys, above an epoch at or above every
+    /// aggregation boundary so far (aggregation may already have dropped versions that newer
+    /// ones hid, and those cannot come back).
+    fn discard(&mut self) -> Mutation {
+        let r = &mut self.rng;
+        let obj = OBJS[r.below(2) as usize];
+        let dkey = (r.below(2) == 0).then(|| Bytes::copy_from_slice(DKEYS[r.below(2) as usize]));
+        let above = self.floor.max(self.base.saturating_sub(r.below(8)));
+        Mutation::Discard { cont: 1, obj, above, dkey }
+    }
+
     fn retention(&mut self) -> Mutation {
         if self.rng.below(2) == 0 {
             self.snapshots.push(self.base);
@@ -226,8 +261,15 @@ fn run(storage: Arc<dyn Storage>, seed: u64, batches: usize) -> Outcome {
         w.base += 1 + w.rng.below(2);
         let mut batch = Vec::new();
         let n = 1 + w.rng.below(4);
-        for _ in 0..n {
-            let (epoch, m) = if w.rng.below(8) == 0 { (0, w.retention()) } else { w.mutation() };
+        for i in 0..n {
+            // A discard is planned from the committed index: only first in a batch.
+            let (epoch, m) = if i == 0 && w.rng.below(10) == 0 {
+                (0, w.discard())
+            } else if w.rng.below(8) == 0 {
+                (0, w.retention())
+            } else {
+                w.mutation()
+            };
             if target.stage(m.clone()).is_ok() {
                 if !matches!(m, Mutation::SetRetention { .. }) {
                     batch.push(ModelOp { epoch, m });
@@ -239,7 +281,9 @@ fn run(storage: Arc<dyn Storage>, seed: u64, batches: usize) -> Outcome {
         if target.commit().is_err() {
             return Outcome { acked, inflight: batch, views: w.views() };
         }
-        acked.ops.extend(batch);
+        for op in batch {
+            acked.push(op);
+        }
         if b % 3 == 2 {
             let retention = target.index().retention(1);
             let boundary = if retention.aggregate_below > 0 { retention.aggregate_below } else { w.base - LAG };
@@ -309,7 +353,9 @@ fn matches(target: &Target, model: &Model, views: &[u64]) -> Result<(), String> 
 fn check_recovery(image: MemStorage, out: &Outcome, what: &str) {
     let target = Target::open(Arc::new(image.clone()), config()).unwrap_or_else(|e| panic!("{what}: recovery failed: {e}"));
     let mut with_inflight = out.acked.clone();
-    with_inflight.ops.extend(out.inflight.iter().cloned());
+    for op in &out.inflight {
+        with_inflight.push(op.clone());
+    }
     let model = match matches(&target, &out.acked, &out.views) {
         Ok(()) => &out.acked,
         Err(without) => match matches(&target, &with_inflight, &out.views) {

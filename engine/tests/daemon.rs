@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tessera_client::rpc::{ConnectionOptions, EngineConnection, RpcError};
 use tessera_engine_proto::{
-    ContainerId, EnumTarget, Enumerate, Fetch, FetchReply, FetchValue, ObjectId, Punch, PunchTarget, Reply, Request, RpcStatus,
+    ContainerId, Discard, EnumTarget, Enumerate, Fetch, FetchReply, FetchValue, ObjectId, Punch, PunchTarget, Reply, Request, RpcStatus,
     SetRetention, TargetHealth, Update, UpdateValue,
 };
 
@@ -228,6 +228,20 @@ fn every_rpc_against_the_real_daemon() {
         let e =
             Request::Enumerate(Enumerate { cont: CONT, epoch: 20, what: EnumTarget::Akeys(ObjectId(7), key("d")), anchor: None, max: 10 });
         assert_eq!(c.call(1, e).await.unwrap(), Reply::Enumerated { keys: vec![key("a"), key("meta")], next: None });
+        // Dkeys changed since an epoch (the range punch at 11 and the single value at 12), then
+        // a discard of everything above epoch 10: the punch is deleted, so the data of epoch 10
+        // reads whole again.
+        let since = |since| {
+            Request::Enumerate(Enumerate { cont: CONT, epoch: 20, what: EnumTarget::DkeysSince(ObjectId(7), since), anchor: None, max: 10 })
+        };
+        assert_eq!(c.call(1, since(10)).await.unwrap(), Reply::Enumerated { keys: vec![key("d")], next: None });
+        assert_eq!(c.call(1, since(12)).await.unwrap(), Reply::Enumerated { keys: vec![], next: None });
+        let discard = Request::Discard(Discard { cont: CONT, obj: ObjectId(7), above: 10, dkey: None });
+        assert_eq!(c.call(1, discard.clone()).await.unwrap(), Reply::Discarded { versions: 2 });
+        let (got, holes) = fetch_array(&c, 1, fetch(7, "a", 20, 4096, 10_000)).await.unwrap();
+        assert_eq!((got, holes), (data.clone(), vec![]));
+        assert_eq!(c.call(1, discard).await.unwrap(), Reply::Discarded { versions: 0 });
+        assert_eq!(c.call(1, since(10)).await.unwrap(), Reply::Enumerated { keys: vec![], next: None });
         // Query and retention.
         match c.call(1, Request::QueryTarget).await.unwrap() {
             Reply::TargetInfo(i) => {
