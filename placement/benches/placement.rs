@@ -22,7 +22,10 @@ fn bench(c: &mut Criterion) {
     ] {
         let healthy = PoolMap::uniform(engines, targets).unwrap();
         let degraded = healthy.set_engine_state(1, TargetState::Down).unwrap().set_state(2, 0, TargetState::Down).unwrap();
-        for (name, map) in [("healthy", &healthy), ("degraded", &degraded)] {
+        // The same failures with the healthy map as the base (rebuilding decided against it: a
+        // second layout of the group).
+        let with_base = degraded.clone().with_base(healthy.clone());
+        for (name, map) in [("healthy", &healthy), ("degraded", &degraded), ("degraded+base", &with_base)] {
             let mut d = 0u64;
             g.bench_function(BenchmarkId::new(format!("{engines}x{targets}/{class}"), name), |b| {
                 b.iter(|| {

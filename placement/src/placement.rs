@@ -17,19 +17,28 @@
 //! 3. Failures are replayed in the order they happened (the pool map version at which each
 //!    target left the UP states, [`TargetEntry::fseq`]): a shard whose target failed walks again
 //!    and takes the first step on a target that was still alive at that time and on an engine no
-//!    other shard of the group occupies. Nothing else moves, so when one target fails only the
-//!    shards that were on it move. A shard that finds no such target (too few engines left)
-//!    stays where it was and the layout reports it unavailable: I/O on that group is degraded.
+//!    other shard of the group occupies; if there is none (too few engines left), the first step
+//!    on a target that was alive then and that no other shard of the group occupies (the group
+//!    then has two shards in one fault domain, [`ShardPlacement::shared_domain`]). Nothing else
+//!    moves, so when one target fails only the shards that were on it move. A shard that finds no
+//!    target at all (every placeable target is taken by the group) stays where it was and the
+//!    layout reports it unavailable: I/O on that group is degraded.
+//! 4. A shard is *rebuilding* (written, not read) when its data is not there yet. A map may carry
+//!    a *base map* ([`PoolMap::with_base`]), the last settled map: a shard is rebuilding when its
+//!    target differs from the base layout's or is `Up` (being reintegrated). So a shard is
+//!    readable only on the target where the base layout put it.
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use tessera_engine_proto::ObjectId;
 
 /// The state of a target in the pool map (the DAOS states).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TargetState {
-    /// Up and serving, but being (re)integrated: new shards are placed on it.
+    /// Up, being (re)integrated: shards are placed on it and written, but it does not hold their
+    /// older data yet, so a shard on it is always `rebuilding` (not read).
     Up,
     /// Failed; the data it held is being rebuilt elsewhere. Never serves I/O.
     Down,
@@ -123,11 +132,16 @@ impl EngineEntry {
 
 /// A versioned pool map: the pool's engines (fault domains) and targets with their states.
 /// Targets are kept sorted by (rank, index); engines sorted by rank.
+///
+/// A map may carry a *base map* ([`PoolMap::with_base`]): the last settled map, in which every
+/// shard's data is where that map's layout puts it. The base decides which shards are
+/// `rebuilding`; it never changes where shards are placed. Equality compares the bases too.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolMap {
     version: u32,
     engines: Vec<EngineEntry>,
     targets: Vec<TargetEntry>,
+    base: Option<Arc<PoolMap>>,
 }
 
 impl PoolMap {
@@ -148,7 +162,7 @@ impl PoolMap {
                 _ => engines.push(EngineEntry { rank: t.rank, first: i, count: 1 }),
             }
         }
-        Ok(PoolMap { version, engines, targets })
+        Ok(PoolMap { version, engines, targets, base: None })
     }
 
     /// A pool of `engines` engines (ranks 0..engines) with `targets_per_engine` targets each, all
@@ -163,6 +177,23 @@ impl PoolMap {
     /// The map's version.
     pub fn version(&self) -> u32 {
         self.version
+    }
+
+    /// This map with `base` as its base map: the last *settled* map (no target `Down` or `Up`;
+    /// every shard's data is where the base layout puts it). With a base, a shard is
+    /// [`rebuilding`](ShardPlacement::rebuilding) when its target differs from the one the base
+    /// layout gives it, or is `Up`. The base's own base is dropped. A base with a different
+    /// number of targets (the pool grew or shrank) is kept but ignored by [`group_layout`].
+    pub fn with_base(mut self, mut base: PoolMap) -> PoolMap {
+        base.base = None;
+        self.base = Some(Arc::new(base));
+        self
+    }
+
+    /// The base map, if one was attached with [`PoolMap::with_base`]. [`PoolMap::set_state`]
+    /// and friends keep it.
+    pub fn base(&self) -> Option<&PoolMap> {
+        self.base.as_deref()
     }
 
     /// The engines, sorted by rank.
@@ -190,8 +221,8 @@ impl PoolMap {
     }
 
     /// A new map, one version later, in which target (rank, index) has `state`; its `fseq` becomes
-    /// the new version if the target entered or left the placeable states. Errors if there is no
-    /// such target.
+    /// the new version if the target entered or left the placeable states. The base map, if any,
+    /// is kept. Errors if there is no such target.
     pub fn set_state(&self, rank: u32, index: u16, state: TargetState) -> Result<PoolMap, PlacementError> {
         self.set_states(&[(TargetRef { rank, index }, state)])
     }
@@ -331,14 +362,20 @@ pub struct ShardPlacement {
     /// Target index inside the engine.
     pub target_index: u16,
     /// The state of that target. Not placeable (`Down`/`DownOut`) only when the shard could not be
-    /// moved anywhere (too few engines left): the shard is unavailable.
+    /// moved anywhere (every placeable target is taken by the group): the shard is unavailable.
     pub state: TargetState,
     /// The shard's natural target, if the shard was moved away from it by a failure.
     pub moved_from: Option<TargetRef>,
-    /// The target the shard was moved to does not hold its older data yet: the failure that
-    /// moved it (the last target it left) is `Down`, not yet `DownOut` (rebuilt). Write there, but
-    /// read older data from the group's other shards.
+    /// The shard's target does not hold its older data yet: write there, but read older data
+    /// from the group's other shards. With a base map ([`PoolMap::with_base`]): the target is
+    /// placeable and differs from the base layout's target of this shard, or is `Up`. Without
+    /// one: the target is placeable and either `Up` (being reintegrated) or the target the shard
+    /// last left is `Down` (not yet `DownOut`, rebuilt).
     pub rebuilding: bool,
+    /// Another shard of the group is on the same engine (fault domain): the group survives fewer
+    /// engine losses than its class promises until the pool has enough engines again. Only set
+    /// when a failed shard found no target on an engine the group does not use.
+    pub shared_domain: bool,
 }
 
 impl ShardPlacement {
@@ -376,6 +413,12 @@ impl Group {
     /// Shards that cannot take writes (their target is down and they could not be moved).
     pub fn unavailable_count(&self) -> usize {
         self.shards.iter().filter(|s| !s.writable()).count()
+    }
+
+    /// Whether two shards of the group share an engine (fault-domain redundancy reduced, see
+    /// [`ShardPlacement::shared_domain`]).
+    pub fn shares_domain(&self) -> bool {
+        self.shards.iter().any(|s| s.shared_domain)
     }
 }
 
@@ -527,11 +570,13 @@ struct Slot {
     stuck: bool,
 }
 
-/// The layout of group `g` of `oid`.
-pub fn group_layout(map: &PoolMap, oid: ObjectId, g: u32, class: ObjectClass) -> Result<Group, PlacementError> {
+/// The layout of group `g` of `oid`: where its shards are placed and why, before the states
+/// are looked at for `rebuilding`.
+fn place(map: &PoolMap, oid: ObjectId, g: u32, class: ObjectClass) -> Result<Vec<Slot>, PlacementError> {
     let n = class.shards_per_group() as usize;
+    let not_enough = || PlacementError::NotEnoughEngines { class, shards: n as u32, engines: map.engines.len() };
     if map.engines.len() < n {
-        return Err(PlacementError::NotEnoughEngines { class, shards: n as u32, engines: map.engines.len() });
+        return Err(not_enough());
     }
     let engine_of = |t: usize| map.targets[t].rank;
     let seeds: Vec<u64> =
@@ -543,12 +588,14 @@ pub fn group_layout(map: &PoolMap, oid: ObjectId, g: u32, class: ObjectClass) ->
         let t = (0..walk_len(map))
             .map(|i| walk_step(map, sd, i))
             .find(|&t| slots.iter().all(|s| engine_of(s.target) != engine_of(t)))
-            .ok_or(PlacementError::NotEnoughEngines { class, shards: n as u32, engines: map.engines.len() })?;
+            .ok_or_else(not_enough)?;
         slots.push(Slot { target: t, natural: t, last_left: None, stuck: false });
     }
 
     // 2. Replay failures in fseq order: move each shard off a failed target to the first step of
-    //    its walk that was alive then and is on an engine no other shard occupies.
+    //    its walk that was alive then and is on an engine no other shard occupies; failing that
+    //    (too few engines), to the first step that was alive then and that no other shard
+    //    occupies (a distinct target in a shared fault domain).
     let failed_at = |t: usize| {
         let e = &map.targets[t];
         (!e.state.is_placeable()).then_some(e.fseq)
@@ -557,9 +604,9 @@ pub fn group_layout(map: &PoolMap, oid: ObjectId, g: u32, class: ObjectClass) ->
         let next = (0..n).filter(|&s| !slots[s].stuck).filter_map(|s| failed_at(slots[s].target).map(|f| (f, slots[s].target, s))).min();
         let Some((f, from, s)) = next else { break };
         let alive_at_f = |t: usize| failed_at(t).is_none_or(|ft| ft > f);
-        let found = (0..walk_len(map))
-            .map(|i| walk_step(map, seeds[s], i))
-            .find(|&t| alive_at_f(t) && slots.iter().enumerate().all(|(o, other)| o == s || engine_of(other.target) != engine_of(t)));
+        let others = || slots.iter().enumerate().filter(move |&(o, _)| o != s).map(|(_, other)| other.target);
+        let walk = || (0..walk_len(map)).map(|i| walk_step(map, seeds[s], i)).filter(|&t| alive_at_f(t));
+        let found = walk().find(|&t| others().all(|o| engine_of(o) != engine_of(t))).or_else(|| walk().find(|&t| others().all(|o| o != t)));
         match found {
             Some(t) => {
                 slots[s].target = t;
@@ -568,20 +615,38 @@ pub fn group_layout(map: &PoolMap, oid: ObjectId, g: u32, class: ObjectClass) ->
             None => slots[s].stuck = true,
         }
     }
+    Ok(slots)
+}
 
-    let tref = |t: usize| TargetRef { rank: map.targets[t].rank, index: map.targets[t].index };
+/// The layout of group `g` of `oid`.
+pub fn group_layout(map: &PoolMap, oid: ObjectId, g: u32, class: ObjectClass) -> Result<Group, PlacementError> {
+    let slots = place(map, oid, g, class)?;
+    let tref = |m: &PoolMap, t: usize| TargetRef { rank: m.targets[t].rank, index: m.targets[t].index };
+    // With a base map of the same size (so the same groups), a shard's data is where the base
+    // layout put it. Otherwise fall back to the last move: rebuilding while its source is DOWN.
+    let base_targets: Option<Vec<TargetRef>> = map
+        .base
+        .as_deref()
+        .filter(|b| b.targets.len() == map.targets.len())
+        .and_then(|b| place(b, oid, g, class).ok().map(|bs| bs.iter().map(|slot| tref(b, slot.target)).collect()));
     let shards = slots
         .iter()
         .enumerate()
         .map(|(s, slot)| {
             let t = &map.targets[slot.target];
+            let here = tref(map, slot.target);
+            let elsewhere = match &base_targets {
+                Some(base) => base[s] != here,
+                None => slot.last_left.is_some_and(|l| map.targets[l].state == TargetState::Down),
+            };
             ShardPlacement {
                 shard: s as u32,
                 rank: t.rank,
                 target_index: t.index,
                 state: t.state,
-                moved_from: (slot.target != slot.natural).then(|| tref(slot.natural)),
-                rebuilding: t.state.is_placeable() && slot.last_left.is_some_and(|l| map.targets[l].state == TargetState::Down),
+                moved_from: (slot.target != slot.natural).then(|| tref(map, slot.natural)),
+                rebuilding: t.state.is_placeable() && (elsewhere || t.state == TargetState::Up),
+                shared_domain: slots.iter().enumerate().any(|(o, other)| o != s && map.targets[other.target].rank == t.rank),
             }
         })
         .collect();
@@ -666,19 +731,41 @@ mod tests {
     #[test]
     fn three_engines_one_down_is_degraded_not_an_error() {
         // The `tessera up` shape: three engines, two targets each, EC_2P1. With one engine down
-        // every group has exactly one unavailable shard.
+        // no engine is free, so the shard that was on it moves to the spare target of a
+        // surviving engine: every group stays whole, with two shards in one fault domain.
         let m = PoolMap::uniform(3, 2).unwrap();
         let ec = ObjectClass::Ec { k: 2, p: 1 };
         let down = m.set_engine_state(1, TargetState::Down).unwrap();
+        let with_base = down.clone().with_base(m.clone());
         for d in 0..500u64 {
             let healthy = layout_for_dkey(&m, ObjectId(7), &d.to_be_bytes(), ec).unwrap();
             let g = layout_for_dkey(&down, ObjectId(7), &d.to_be_bytes(), ec).unwrap();
-            assert_eq!(g.unavailable_count(), 1);
+            assert!(!healthy.shares_domain());
+            assert_eq!(g.unavailable_count(), 0);
             assert_eq!(g.readable_count(), 2);
+            assert!(g.shares_domain());
             for (a, b) in healthy.shards.iter().zip(&g.shards) {
-                assert_eq!(a.target(), b.target(), "nothing can move: every other engine is in use");
-                assert_eq!(b.state, if b.rank == 1 { TargetState::Down } else { TargetState::UpIn });
+                assert_eq!(b.state, TargetState::UpIn);
+                if a.rank == 1 {
+                    assert_ne!(b.rank, 1);
+                    assert!(g.shards.iter().all(|o| o.shard == b.shard || o.target() != b.target()), "{g:?}");
+                    assert_eq!(b.moved_from, Some(a.target()));
+                    assert!(b.shared_domain && b.rebuilding && b.writable() && !b.readable());
+                } else {
+                    assert_eq!(a.target(), b.target(), "only the shard on the failed engine moves");
+                    assert!(b.readable());
+                    assert_eq!(b.shared_domain, g.shards.iter().filter(|s| s.rank == b.rank).count() == 2);
+                }
             }
+            // The base map (the healthy one) gives the same answer.
+            assert_eq!(layout_for_dkey(&with_base, ObjectId(7), &d.to_be_bytes(), ec).unwrap(), g);
+        }
+        // Two engines down: only two targets left for three shards, so one stays unavailable.
+        let two_down = down.set_engine_state(2, TargetState::Down).unwrap();
+        for d in 0..100u64 {
+            let g = layout_for_dkey(&two_down, ObjectId(7), &d.to_be_bytes(), ec).unwrap();
+            assert_eq!((g.unavailable_count(), g.readable_count()), (1, 1), "{g:?}");
+            assert!(g.shards.iter().filter(|s| s.writable()).all(|s| s.rank == 0));
         }
     }
 
@@ -701,5 +788,61 @@ mod tests {
         let g3 = layout(&m3, ObjectId(99), 5, ec).unwrap();
         assert_eq!(g3.shards[1].target(), moved.target());
         assert!(g3.shards[1].readable());
+    }
+
+    #[test]
+    fn base_map_accessors() {
+        let m = PoolMap::uniform(4, 2).unwrap();
+        assert!(m.base().is_none());
+        let inner = m.clone().with_base(m.clone());
+        let outer = m.set_state(0, 0, TargetState::Down).unwrap().with_base(inner.clone());
+        // The base's own base is dropped; state changes keep the base.
+        assert_eq!(outer.base(), Some(&m));
+        assert!(outer.base().unwrap().base().is_none());
+        let next = outer.set_state(0, 0, TargetState::DownOut).unwrap();
+        assert_eq!(next.base(), Some(&m));
+        assert_ne!(next, next.clone().with_base(next.clone()), "equality compares the bases");
+    }
+
+    /// A target fails, is rebuilt elsewhere, comes back (reintegration) and is in again: the
+    /// shard that was on it moves away and back, and is read only where its data is.
+    #[test]
+    fn fail_rebuild_reintegrate_against_the_base_map() {
+        let ec = ObjectClass::Ec { k: 2, p: 1 };
+        let m0 = PoolMap::uniform(6, 4).unwrap();
+        let at = |m: &PoolMap| layout(m, ObjectId(99), 5, ec).unwrap();
+        let g0 = at(&m0);
+        let victim = g0.shards[1].target();
+        // Fail: base = before. Only shard 1 moves; it is rebuilding.
+        let m1 = m0.set_state(victim.rank, victim.index, TargetState::Down).unwrap().with_base(m0.clone());
+        let g1 = at(&m1);
+        assert_eq!((g1.shards[0], g1.shards[2]), (g0.shards[0], g0.shards[2]));
+        assert!(g1.shards[1].target() != victim && g1.shards[1].rebuilding && !g1.shards[1].readable());
+        // Rebuild done: DOWNOUT, and the map is the new base. Nothing moves or is rebuilding.
+        let m2 = m1.set_state(victim.rank, victim.index, TargetState::DownOut).unwrap();
+        let m2 = m2.clone().with_base(m2);
+        let g2 = at(&m2);
+        assert!(g2.shards.iter().zip(&g1.shards).all(|(a, b)| a.target() == b.target() && a.readable()));
+        // Reintegrate: UP with the DOWNOUT map as base. Shard 1 goes back, written, not read.
+        let m3 = m2.set_state(victim.rank, victim.index, TargetState::Up).unwrap();
+        let g3 = at(&m3);
+        assert_eq!(g3.shards[1].target(), victim);
+        assert!(g3.shards[1].rebuilding && g3.shards[1].writable() && !g3.shards[1].readable());
+        assert!(g3.shards[0].readable() && g3.shards[2].readable());
+        // Without a base a shard on an UP target is rebuilding too.
+        let m3_no_base = PoolMap::new(m3.version(), m3.targets().to_vec()).unwrap();
+        assert_eq!(at(&m3_no_base), g3);
+        // Reintegration done: UPIN, new base. The original layout, all readable.
+        let m4 = m3.set_state(victim.rank, victim.index, TargetState::UpIn).unwrap();
+        let m4 = m4.clone().with_base(m4);
+        let g4 = at(&m4);
+        assert!(g4.shards.iter().zip(&g0.shards).all(|(a, b)| a.target() == b.target() && a.readable()));
+        // The old rule without a base would call shard 1 readable on the UPIN target as soon as
+        // it is UPIN; with a stale base (the DOWNOUT map) it stays rebuilding.
+        let stale = m3.set_state(victim.rank, victim.index, TargetState::UpIn).unwrap();
+        assert!(at(&stale).shards[1].rebuilding);
+        // A base of another size (the pool grew) is ignored: the last move decides.
+        let grown = m1.clone().with_base(PoolMap::uniform(7, 4).unwrap());
+        assert_eq!(at(&grown), at(&PoolMap::new(m1.version(), m1.targets().to_vec()).unwrap()));
     }
 }

@@ -7,7 +7,8 @@ use std::collections::{HashMap, HashSet};
 use proptest::prelude::*;
 use tessera_engine_proto::ObjectId;
 use tessera_placement::placement::{
-    dkey_hash, group_count, layout, layout_for_dkey, Group, ObjectClass, PlacementError, PoolMap, TargetEntry, TargetRef, TargetState,
+    dkey_hash, group_count, group_layout, layout, layout_for_dkey, Group, ObjectClass, PlacementError, PoolMap, ShardPlacement,
+    TargetEntry, TargetRef, TargetState,
 };
 
 fn class() -> impl Strategy<Value = ObjectClass> {
@@ -46,9 +47,150 @@ fn pool() -> impl Strategy<Value = PoolMap> {
     })
 }
 
-fn engines_distinct(g: &Group) -> bool {
+/// The checks every layout must pass: shards on distinct targets, `state` and `shared_domain`
+/// as the map and the group say; a shard on a non-placeable target only when every placeable
+/// target is taken by the group; two shards on one engine only when every engine with a
+/// placeable target is taken by the group; a shard on an UP target is rebuilding.
+fn check_group(map: &PoolMap, g: &Group, what: &str) -> Result<(), TestCaseError> {
     let mut seen = HashSet::new();
-    g.shards.iter().all(|s| seen.insert(s.rank))
+    prop_assert!(g.shards.iter().all(|s| seen.insert(s.target())), "{what}: two shards on one target: {g:?}");
+    let placeable: Vec<&TargetEntry> = map.targets().iter().filter(|t| t.state.is_placeable()).collect();
+    for s in &g.shards {
+        let t = map.target(s.rank, s.target_index).unwrap();
+        prop_assert_eq!(t.state, s.state);
+        let others: Vec<&ShardPlacement> = g.shards.iter().filter(|o| o.shard != s.shard).collect();
+        prop_assert_eq!(s.shared_domain, others.iter().any(|o| o.rank == s.rank), "{}: shared_domain of shard {}", what, s.shard);
+        if !s.state.is_placeable() {
+            prop_assert!(!s.rebuilding);
+            for p in &placeable {
+                prop_assert!(
+                    others.iter().any(|o| (o.rank, o.target_index) == (p.rank, p.index)),
+                    "{what}: shard {} stuck on a down target but target {}.{} is free: {g:?}",
+                    s.shard,
+                    p.rank,
+                    p.index
+                );
+            }
+        } else if s.shared_domain {
+            for e in map.engines() {
+                let has_placeable = map.engine_targets(e).iter().any(|t| t.state.is_placeable());
+                prop_assert!(
+                    !has_placeable || others.iter().any(|o| o.rank == e.rank),
+                    "{what}: shard {} shares an engine but engine {} is free: {g:?}",
+                    s.shard,
+                    e.rank
+                );
+            }
+        }
+        if s.state == TargetState::Up {
+            prop_assert!(s.rebuilding, "{what}: shard {} on an UP target is read", s.shard);
+        }
+    }
+    prop_assert_eq!(g.shares_domain(), g.shards.iter().any(|s| s.shared_domain));
+    Ok(())
+}
+
+/// `b` is `layout(map)` with a base: a readable shard is on its base target, placeable, not UP;
+/// every shard off its base target (or on an UP target) is rebuilding.
+fn check_against_base(map: &PoolMap, oid: ObjectId, g: &Group, class: ObjectClass) -> Result<(), TestCaseError> {
+    let base = map.base().unwrap();
+    let bg = group_layout(base, oid, g.index, class).unwrap();
+    for (s, b) in g.shards.iter().zip(&bg.shards) {
+        if s.readable() {
+            prop_assert_eq!(s.target(), b.target(), "readable shard {} is off its base target", s.shard);
+            prop_assert!(s.state == TargetState::UpIn);
+        }
+        prop_assert_eq!(s.rebuilding, s.state.is_placeable() && (s.target() != b.target() || s.state == TargetState::Up));
+    }
+    Ok(())
+}
+
+/// The classes the map-change tests run for (the balance tests also use wider ones).
+fn lifecycle_class() -> impl Strategy<Value = ObjectClass> {
+    prop_oneof![
+        Just(ObjectClass::S1),
+        Just(ObjectClass::Rp(2)),
+        Just(ObjectClass::Rp(3)),
+        Just(ObjectClass::Ec { k: 2, p: 1 }),
+        Just(ObjectClass::Ec { k: 4, p: 2 }),
+    ]
+}
+
+/// A settled pool (no DOWN or UP target) of at least `min` engines (up to `min + 5`, sparse
+/// ranks, 1..=4 targets each), some targets already DOWNOUT at distinct earlier versions, with
+/// itself as its base.
+fn settled_pool(min: usize) -> impl Strategy<Value = PoolMap> {
+    prop::collection::vec((1u16..=4, prop::collection::vec(0u8..12, 4)), min..=min + 5).prop_map(|engines| {
+        let mut targets = Vec::new();
+        let mut fseq = 1;
+        for (e, (count, fail)) in engines.iter().enumerate() {
+            for index in 0..*count {
+                let state = if fail[index as usize] == 0 { TargetState::DownOut } else { TargetState::UpIn };
+                if state == TargetState::DownOut {
+                    fseq += 1;
+                }
+                targets.push(TargetEntry { rank: (e as u32) * 2 + 3, index, state, fseq: if state.is_placeable() { 0 } else { fseq } });
+            }
+        }
+        let map = PoolMap::new(fseq + 1, targets).unwrap();
+        map.clone().with_base(map)
+    })
+}
+
+/// A settled map, one class with enough engines for it, an object and which targets fail.
+fn lifecycle_case() -> impl Strategy<Value = (PoolMap, ObjectClass, u128, prop::sample::Index, bool, prop::sample::Index)> {
+    lifecycle_class().prop_flat_map(|class| {
+        (
+            settled_pool(class.shards_per_group() as usize),
+            Just(class),
+            any::<u128>(),
+            any::<prop::sample::Index>(),
+            any::<bool>(),
+            any::<prop::sample::Index>(),
+        )
+    })
+}
+
+fn refs(ts: &[TargetRef], state: TargetState) -> Vec<(TargetRef, TargetState)> {
+    ts.iter().map(|&t| (t, state)).collect()
+}
+
+/// `after` is `before` with `failed` DOWN and `before` (settled) as its base: only the shards on
+/// the failed targets move, exactly those are rebuilding, everything else is as readable as
+/// before. Returns the layouts after.
+fn check_failure(
+    before: &PoolMap,
+    after: &PoolMap,
+    failed: &[TargetRef],
+    class: ObjectClass,
+    oid: ObjectId,
+) -> Result<Vec<Group>, TestCaseError> {
+    let mut out = Vec::new();
+    for d in 0..24u64 {
+        let a = layout(before, oid, d, class).unwrap();
+        let b = layout(after, oid, d, class).unwrap();
+        check_group(after, &b, "after a failure")?;
+        check_against_base(after, oid, &b, class)?;
+        prop_assert_eq!(a.index, b.index);
+        for (x, y) in a.shards.iter().zip(&b.shards) {
+            prop_assert!(!x.rebuilding, "the map before is settled");
+            if failed.contains(&x.target()) {
+                if y.target() == x.target() {
+                    // Stuck: every placeable target is taken by the group (check_group).
+                    prop_assert_eq!(y.state, TargetState::Down);
+                } else {
+                    prop_assert!(!failed.contains(&y.target()));
+                    prop_assert!(y.writable() && y.rebuilding && !y.readable(), "moved shard {:?}", y);
+                }
+            } else {
+                prop_assert_eq!(x.target(), y.target(), "shard {} moved though its target did not fail", x.shard);
+                prop_assert!(!y.rebuilding);
+                prop_assert_eq!(x.readable(), y.readable());
+            }
+        }
+        out.push(b);
+    }
+    Ok(out)
 }
 
 proptest! {
@@ -77,25 +219,55 @@ proptest! {
         }
     }
 
+    /// No two shards of a group on one target; two on one engine, or one on a down target, only
+    /// when the group has taken every engine, or every target, that could take it.
     #[test]
-    fn never_two_shards_on_one_engine(map in pool(), class in class(), oid in any::<u128>()) {
+    fn never_two_shards_on_one_target(map in pool(), class in class(), oid in any::<u128>()) {
         prop_assume!(map.engines().len() >= class.shards_per_group() as usize);
         for d in 0..64u64 {
             let g = layout(&map, ObjectId(oid), d.wrapping_mul(0x9e37_79b9_7f4a_7c15), class).unwrap();
-            prop_assert!(engines_distinct(&g), "{:?}", g);
-            for s in &g.shards {
-                let t = map.target(s.rank, s.target_index).unwrap();
-                prop_assert_eq!(t.state, s.state);
-                // A shard is on a non-placeable target only when it could not move: then every
-                // engine is either used by another shard of the group or has no placeable target.
-                if !s.state.is_placeable() {
-                    let used: HashSet<u32> = g.shards.iter().filter(|o| o.shard != s.shard).map(|o| o.rank).collect();
-                    for e in map.engines() {
-                        let has_alive = map.engine_targets(e).iter().any(|t| t.state.is_placeable());
-                        prop_assert!(used.contains(&e.rank) || !has_alive, "shard {} stuck on a down target but engine {} is free", s.shard, e.rank);
-                    }
-                }
+            check_group(&map, &g, "random pool")?;
+        }
+    }
+
+    /// The base map decides only `rebuilding`, never where shards go; a readable shard is always
+    /// on the target the base layout gives it (and that target is UPIN).
+    #[test]
+    fn readable_shards_are_on_their_base_target(
+        base in pool(),
+        class in class(),
+        oid in any::<u128>(),
+        changes in prop::collection::vec((any::<prop::sample::Index>(), 0u8..4), 0..6),
+    ) {
+        prop_assume!(base.engines().len() >= class.shards_per_group() as usize);
+        let states = [TargetState::Up, TargetState::Down, TargetState::DownOut, TargetState::UpIn];
+        let changes: Vec<(TargetRef, TargetState)> = changes
+            .iter()
+            .map(|(i, s)| {
+                let t = i.get(base.targets());
+                (TargetRef { rank: t.rank, index: t.index }, states[*s as usize])
+            })
+            .collect();
+        let bare = base.set_states(&changes).unwrap();
+        let map = bare.clone().with_base(base.clone());
+        for d in 0..32u64 {
+            let g = layout(&map, ObjectId(oid), d, class).unwrap();
+            let plain = layout(&bare, ObjectId(oid), d, class).unwrap();
+            check_group(&map, &g, "with a base")?;
+            check_against_base(&map, ObjectId(oid), &g, class)?;
+            for (x, y) in g.shards.iter().zip(&plain.shards) {
+                prop_assert_eq!((x.target(), x.state, x.moved_from, x.shared_domain), (y.target(), y.state, y.moved_from, y.shared_domain));
             }
+        }
+    }
+
+    /// A settled map that is its own base has nothing rebuilding.
+    #[test]
+    fn settled_map_has_nothing_rebuilding(map in settled_pool(1), class in class(), oid in any::<u128>()) {
+        prop_assume!(map.engines().len() >= class.shards_per_group() as usize);
+        for d in 0..32u64 {
+            let g = layout(&map, ObjectId(oid), d, class).unwrap();
+            prop_assert!(g.shards.iter().all(|s| !s.rebuilding && s.readable() == s.writable()), "{:?}", g);
         }
     }
 
@@ -114,7 +286,7 @@ proptest! {
             prop_assert_eq!(a.index, b.index);
             for (x, y) in a.shards.iter().zip(&b.shards) {
                 if x.target() == vref {
-                    // It moved, or it is stuck there (no free engine) and reported down.
+                    // It moved, or it is stuck there (every placeable target taken) and reported down.
                     prop_assert!(y.target() != vref || y.state == TargetState::Down);
                 } else {
                     prop_assert_eq!(x.target(), y.target(), "shard {} moved though its target did not fail", x.shard);
@@ -139,11 +311,12 @@ proptest! {
                     prop_assert!(y.rank != rank || y.state == TargetState::Down);
                 }
             }
-            prop_assert!(engines_distinct(&b));
+            check_group(&after, &b, "engine failure")?;
         }
     }
 
-    /// DOWN -> DOWNOUT (rebuild finished) moves nothing; it only makes moved shards readable.
+    /// DOWN -> DOWNOUT (rebuild finished) moves nothing; without a base map only shards on UP
+    /// targets are still rebuilding.
     #[test]
     fn rebuild_completion_moves_nothing(map in pool(), class in class(), oid in any::<u128>()) {
         prop_assume!(map.engines().len() >= class.shards_per_group() as usize);
@@ -155,8 +328,114 @@ proptest! {
             let b = layout(&after, ObjectId(oid), d, class).unwrap();
             for (x, y) in a.shards.iter().zip(&b.shards) {
                 prop_assert_eq!(x.target(), y.target());
+                prop_assert_eq!(y.rebuilding, y.state == TargetState::Up);
+            }
+        }
+    }
+
+    /// Which shards move, and which are read, through a target's (or an engine's) whole life:
+    /// fail, rebuild done, reintegrate, reintegration done, drain.
+    #[test]
+    fn fail_rebuild_reintegrate_drain((m0, class, oid, pick, whole_engine, pick2) in lifecycle_case()) {
+        let oid = ObjectId(oid);
+        let placeable = |m: &PoolMap| -> Vec<TargetRef> {
+            m.targets().iter().filter(|t| t.state.is_placeable()).map(|t| TargetRef { rank: t.rank, index: t.index }).collect()
+        };
+        let alive = placeable(&m0);
+        prop_assume!(!alive.is_empty());
+        let victim = *pick.get(&alive);
+        let failed: Vec<TargetRef> = if whole_engine { alive.iter().copied().filter(|t| t.rank == victim.rank).collect() } else { vec![victim] };
+        let original: Vec<Group> = (0..24u64).map(|d| layout(&m0, oid, d, class).unwrap()).collect();
+
+        // Fail: the failed targets DOWN, the map before is the base.
+        let m1 = m0.set_states(&refs(&failed, TargetState::Down)).unwrap().with_base(m0.clone());
+        let after_failure = check_failure(&m0, &m1, &failed, class, oid)?;
+
+        // Rebuild done: DOWN -> DOWNOUT and that map is the new base. Nothing moves, nothing is
+        // rebuilding.
+        let m2 = m1.set_states(&refs(&failed, TargetState::DownOut)).unwrap();
+        let m2 = m2.clone().with_base(m2);
+        for (d, b) in after_failure.iter().enumerate() {
+            let c = layout(&m2, oid, d as u64, class).unwrap();
+            check_group(&m2, &c, "rebuilt")?;
+            for (x, y) in b.shards.iter().zip(&c.shards) {
+                prop_assert_eq!(x.target(), y.target());
+                prop_assert!(!y.rebuilding && y.readable() == y.writable());
+            }
+        }
+
+        // Reintegrate: DOWNOUT -> UP, the DOWNOUT map stays the base. Shards go back exactly to
+        // where they were before the failure: to the reintegrated targets, rebuilding; shards whose
+        // natural target it is are on it; nothing readable is off its base target.
+        let m3 = m2.set_states(&refs(&failed, TargetState::Up)).unwrap();
+        prop_assert_eq!(m3.base(), Some(m2.base().unwrap()));
+        for (d, (orig, b)) in original.iter().zip(&after_failure).enumerate() {
+            let e = layout(&m3, oid, d as u64, class).unwrap();
+            check_group(&m3, &e, "reintegrating")?;
+            check_against_base(&m3, oid, &e, class)?;
+            for ((o, x), y) in orig.shards.iter().zip(&b.shards).zip(&e.shards) {
+                prop_assert_eq!(o.target(), y.target(), "reintegration must restore the layout before the failure");
+                prop_assert_eq!((o.moved_from, o.shared_domain), (y.moved_from, y.shared_domain));
+                if failed.contains(&y.moved_from.unwrap_or(y.target())) {
+                    prop_assert_eq!(y.moved_from, None, "a shard whose natural target is back is on it");
+                }
+                if x.target() != y.target() {
+                    prop_assert!(failed.contains(&y.target()));
+                }
+                if failed.contains(&y.target()) {
+                    prop_assert!(y.rebuilding && !y.readable() && y.writable());
+                } else {
+                    prop_assert_eq!(x.target(), y.target());
+                    prop_assert!(!y.rebuilding);
+                    prop_assert_eq!(y.readable(), y.writable());
+                }
+            }
+        }
+
+        // Reintegration done: UP -> UPIN and that map is the new base: nothing rebuilding, the
+        // layout of before the failure.
+        let m4 = m3.set_states(&refs(&failed, TargetState::UpIn)).unwrap();
+        let m4 = m4.clone().with_base(m4);
+        for (d, orig) in original.iter().enumerate() {
+            let f = layout(&m4, oid, d as u64, class).unwrap();
+            check_group(&m4, &f, "reintegrated")?;
+            for (o, y) in orig.shards.iter().zip(&f.shards) {
+                prop_assert_eq!((o.target(), o.readable(), o.moved_from), (y.target(), y.readable(), y.moved_from));
                 prop_assert!(!y.rebuilding);
             }
+        }
+
+        // Drain one target (UPIN -> DOWN, the operator's choice): like a failure.
+        let alive = placeable(&m4);
+        let drained = *pick2.get(&alive);
+        let m5 = m4.set_states(&refs(&[drained], TargetState::Down)).unwrap().with_base(m4.clone());
+        check_failure(&m4, &m5, &[drained], class, oid)?;
+    }
+
+    /// Too few engines for a failed shard to find an engine of its own: it goes to a distinct
+    /// target of an engine the group already uses (shared_domain) rather than staying down.
+    #[test]
+    fn too_few_engines_share_a_domain_rather_than_stay_down(
+        class in lifecycle_class(),
+        targets in 2u16..=4,
+        oid in any::<u128>(),
+        pick in any::<prop::sample::Index>(),
+    ) {
+        let n = class.shards_per_group();
+        prop_assume!(n >= 2);
+        let m0 = PoolMap::uniform(n, targets).unwrap();
+        let m0 = m0.clone().with_base(m0);
+        let rank = pick.get(m0.engines()).rank;
+        let m1 = m0.set_engine_state(rank, TargetState::Down).unwrap().with_base(m0.clone());
+        let failed: Vec<TargetRef> = (0..targets).map(|index| TargetRef { rank, index }).collect();
+        let groups = check_failure(&m0, &m1, &failed, class, ObjectId(oid))?;
+        for g in &groups {
+            // n − 1 engines with at least two targets each hold n shards: nobody is stuck.
+            prop_assert_eq!(g.unavailable_count(), 0);
+            prop_assert!(g.shares_domain());
+            let moved: Vec<&ShardPlacement> = g.shards.iter().filter(|s| s.moved_from.is_some()).collect();
+            prop_assert_eq!(moved.len(), 1);
+            prop_assert!(moved[0].shared_domain && moved[0].rank != rank && moved[0].rebuilding);
         }
     }
 }

@@ -30,23 +30,31 @@ pub(super) struct PoolView {
 
 impl PoolView {
     fn from_info(info: &PoolMapInfo) -> Result<PoolView, VolumeError> {
-        let targets = info
-            .targets
-            .iter()
-            .map(|t| TargetEntry {
-                rank: t.rank,
-                index: t.index,
-                state: match t.state {
-                    TargetStateName::Up => TargetState::Up,
-                    TargetStateName::Down => TargetState::Down,
-                    TargetStateName::DownOut => TargetState::DownOut,
-                    TargetStateName::UpIn => TargetState::UpIn,
-                },
-                fseq: t.fseq,
-            })
-            .collect();
+        let entries = |targets: &[tessera_mgmt_api::PoolTarget]| -> Vec<TargetEntry> {
+            targets
+                .iter()
+                .map(|t| TargetEntry {
+                    rank: t.rank,
+                    index: t.index,
+                    state: match t.state {
+                        TargetStateName::Up => TargetState::Up,
+                        TargetStateName::Down => TargetState::Down,
+                        TargetStateName::DownOut => TargetState::DownOut,
+                        TargetStateName::UpIn => TargetState::UpIn,
+                    },
+                    fseq: t.fseq,
+                })
+                .collect()
+        };
         // States and failure sequences come from the service, which keeps them with `PoolMap`.
-        let map = PoolMap::new(info.version, targets).map_err(|e| VolumeError::Config(format!("pool map: {e}")))?;
+        let mut map = PoolMap::new(info.version, entries(&info.targets)).map_err(|e| VolumeError::Config(format!("pool map: {e}")))?;
+        // The base (last settled) map decides which shards are being rebuilt (written, not
+        // read). None listed: the current map is settled, so it is its own base.
+        if !info.base_targets.is_empty() {
+            let base = PoolMap::new(info.base_version, entries(&info.base_targets))
+                .map_err(|e| VolumeError::Config(format!("base pool map: {e}")))?;
+            map = map.with_base(base);
+        }
         let mut addrs = HashMap::new();
         for e in &info.engines {
             let a: SocketAddr = e.address.parse().map_err(|_| VolumeError::Config(format!("engine {} address {:?}", e.rank, e.address)))?;
