@@ -14,6 +14,7 @@ use tessera_nvmf::config::Config;
 mod bench;
 mod engine_bench;
 mod mgmt;
+mod pool_status;
 mod report;
 mod up;
 mod wire;
@@ -34,7 +35,7 @@ enum Command {
     /// Start a whole system on this machine: management service, engines, NVMe/TCP target, and a
     /// pool, volume and export to connect to.
     Up(up::UpArgs),
-    /// Pools: create, list, query.
+    /// Pools: create, list, query (with rebuild status), exclude, drain, reintegrate.
     Pool(mgmt::PoolArgs),
     /// Volumes: create, list, info, resize, delete.
     Volume(mgmt::VolumeArgs),

@@ -4,10 +4,11 @@
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use tessera_mgmt_api::{
-    CreateExport, CreatePool, CreateVolume, EngineState, ExportInfo, MgmtClient, MgmtError, PoolInfo, SystemInfo, TargetStateName,
-    VolumeInfo,
+    CreateExport, CreatePool, CreateVolume, EngineState, ExportInfo, MgmtClient, MgmtError, PoolInfo, SystemInfo, TargetSelector,
+    TargetStateName, VolumeInfo,
 };
 
+use crate::pool_status;
 use crate::report::parse_size64;
 
 /// `tessera pool ...`
@@ -35,11 +36,33 @@ enum PoolCommand {
     },
     /// List pools.
     List,
-    /// Show one pool and its map.
+    /// Show one pool: its map, rebuild, scrub counters.
     Query {
         /// Pool name.
         name: String,
+        /// Follow the rebuild with a progress bar until the pool is idle.
+        #[arg(long)]
+        watch: bool,
     },
+    /// Take targets out: they become DOWN and their data is rebuilt elsewhere.
+    Exclude(TargetArgs),
+    /// Empty healthy targets onto the others for good (their data is deleted once rebuilt).
+    Drain(TargetArgs),
+    /// Bring out targets of an up engine back: they become UP and are filled.
+    Reintegrate(TargetArgs),
+}
+
+/// The targets `exclude`, `drain` and `reintegrate` act on.
+#[derive(Args, Debug)]
+struct TargetArgs {
+    /// Pool name.
+    name: String,
+    /// Engine rank.
+    #[arg(long)]
+    rank: u32,
+    /// One target index of that engine (default: all of its targets in the pool).
+    #[arg(long)]
+    target: Option<u16>,
 }
 
 /// `tessera volume ...`
@@ -226,14 +249,33 @@ pub fn pool(addr: &str, a: PoolArgs) -> Result<String, String> {
             }
             Ok(pool_table(&pools))
         }
-        PoolCommand::Query { name } => {
+        PoolCommand::Query { name, watch } => {
+            if watch {
+                return pool_status::watch(addr, &name, a.json);
+            }
             let p = block_on(addr, async |c| c.pool(&name).await)?;
             if a.json {
                 return json(&p);
             }
             Ok(pool_text(&p))
         }
+        PoolCommand::Exclude(t) => change_targets(addr, t, a.json, "exclude"),
+        PoolCommand::Drain(t) => change_targets(addr, t, a.json, "drain"),
+        PoolCommand::Reintegrate(t) => change_targets(addr, t, a.json, "reintegrate"),
     }
+}
+
+fn change_targets(addr: &str, t: TargetArgs, as_json: bool, verb: &str) -> Result<String, String> {
+    let sel = TargetSelector { rank: t.rank, target: t.target };
+    let p = block_on(addr, async |c| match verb {
+        "drain" => c.drain(&t.name, &sel).await,
+        "reintegrate" => c.reintegrate(&t.name, &sel).await,
+        _ => c.exclude(&t.name, &sel).await,
+    })?;
+    if as_json {
+        return json(&p);
+    }
+    Ok(pool_status::change_line(&p, &sel, verb))
 }
 
 fn targets_up(p: &PoolInfo) -> usize {
@@ -281,6 +323,20 @@ fn pool_text(p: &PoolInfo) -> String {
         t.row(vec![e.rank.to_string(), e.address.clone(), e.fault_domain.clone(), states.join(" ")]);
     }
     out.push_str(&t.render_or("no engines\n"));
+    out.push('\n');
+    let mut t = Table::new(&["RANK", "TARGET", "STATE", "FSEQ", "NOTE"]);
+    for x in &p.map.targets {
+        let note = match (x.drained, x.since_epoch) {
+            (true, _) => "drained".to_string(),
+            (false, 0) if x.state == TargetStateName::Up => "full rebuild".to_string(),
+            (false, 0) => String::new(),
+            (false, e) => format!("changes since epoch {e}"),
+        };
+        t.row(vec![x.rank.to_string(), x.index.to_string(), target_state(x.state).to_string(), x.fseq.to_string(), note]);
+    }
+    out.push_str(&t.render_or("no targets\n"));
+    out.push('\n');
+    out.push_str(&pool_status::health_text(p));
     out
 }
 

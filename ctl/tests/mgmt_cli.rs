@@ -164,7 +164,9 @@ struct Mgmt {
 impl Mgmt {
     fn start() -> Mgmt {
         build_daemons();
-        let dir = temp_dir("mgmt");
+        // One directory per service: tests run in parallel.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let dir = temp_dir(&format!("mgmt{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
         let mut child = Command::new(bin("tessera-mgmt"))
             .args(["--listen", "127.0.0.1:0", "--db"])
             .arg(dir.join("mgmt.redb"))
@@ -516,4 +518,141 @@ fn up_reports_a_daemon_that_fails_to_start_and_stops_the_others() {
     assert_eq!(processes_mentioning(dir.to_str().unwrap()), Vec::<u32>::new());
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Registers fake engines 0..3 (2 targets each) and heartbeats them until dropped.
+struct FakeEngines {
+    rt: tokio::runtime::Runtime,
+    client: tessera_mgmt_api::MgmtClient,
+    alive: tokio::task::JoinHandle<()>,
+}
+
+fn fake_uuid(rank: u32) -> uuid::Uuid {
+    uuid::Uuid::from_u128(0x5000 + u128::from(rank))
+}
+
+impl FakeEngines {
+    fn register(addr: &str) -> FakeEngines {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let client = tessera_mgmt_api::MgmtClient::new(addr);
+        rt.block_on(async {
+            for rank in 0..3 {
+                let req = tessera_mgmt_api::RegisterEngine {
+                    rank,
+                    uuid: fake_uuid(rank),
+                    address: format!("127.0.0.1:{}", 1 + rank),
+                    fault_domain: String::new(),
+                    targets: 2,
+                    target_capacity: 1 << 30,
+                };
+                client.register_engine(&req).await.unwrap();
+            }
+        });
+        let c = client.clone();
+        let alive = rt.spawn(async move {
+            loop {
+                for rank in 0..3 {
+                    let _ = c.heartbeat(rank, fake_uuid(rank)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        FakeEngines { rt, client, alive }
+    }
+
+    /// Every engine reports its rebuild towards `version` done.
+    fn all_done(&self, pool: &str, version: u32) {
+        self.rt.block_on(async {
+            for rank in 0..3 {
+                let rebuild = tessera_mgmt_api::RebuildProgress {
+                    map_version: version,
+                    state: tessera_mgmt_api::EngineRebuildState::Done,
+                    dkeys_total: 4,
+                    dkeys_done: 4,
+                    bytes_total: 1 << 20,
+                    bytes_done: 1 << 20,
+                    attempt: 1,
+                    ..Default::default()
+                };
+                let report = tessera_mgmt_api::EngineReport { uuid: fake_uuid(rank), rebuild, scrub: Default::default() };
+                self.client.report(pool, rank, &report).await.unwrap();
+            }
+        });
+    }
+}
+
+impl Drop for FakeEngines {
+    fn drop(&mut self) {
+        self.alive.abort();
+    }
+}
+
+#[test]
+fn pool_exclude_query_and_watch_a_rebuild() {
+    let m = Mgmt::start();
+    let a = m.addr.as_str();
+    let engines = FakeEngines::register(a);
+    tessera_json(a, &["pool", "create", "p"]);
+    let run = |args: &[&str]| {
+        let mut all = vec!["--mgmt", a];
+        all.extend_from_slice(args);
+        tessera(&all)
+    };
+
+    let (code, out, err) = run(&["pool", "exclude", "p", "--rank", "2", "--target", "0"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "pool p: target 2:0 DOWN at map version 2; rebuild started — watch with: tessera pool query p --watch\n");
+    let p = tessera_json(a, &["pool", "query", "p"]);
+    assert_eq!(p["rebuild"]["state"], "running", "{p}");
+    assert_eq!(p["rebuild"]["map_version"], 2);
+    assert_eq!(p["map"]["base_version"], 1);
+    let (code, out, err) = run(&["pool", "query", "p"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("rebuild: running (rebuild towards map version 2)"), "{out}");
+    assert!(out.contains("  engines     0/3 done"), "{out}");
+    assert!(out.contains("scrub: 0 extents scrubbed"), "{out}");
+
+    // Refusals: the service's line and exit 1; bad arguments exit 2.
+    let (code, out, err) = run(&["pool", "exclude", "p", "--rank", "2", "--target", "0"]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert_eq!(one_line(&err), "tessera: target 2:0 of pool p is DOWN: only UPIN or UP targets can be excluded");
+    let (code, _, err) = run(&["pool", "reintegrate", "p", "--rank", "9"]);
+    assert_eq!(code, 1);
+    assert!(one_line(&err).contains("no targets on engine rank 9"), "{err}");
+    for bad in [
+        &["pool", "exclude", "p"][..],
+        &["pool", "drain", "p", "--rank", "x"],
+        &["pool", "exclude", "p", "--rank", "1", "--target", "70000"],
+    ] {
+        let (code, _, err) = run(bad);
+        assert_eq!(code, 2, "{bad:?}: {err}");
+        assert!(one_line(&err).starts_with("tessera: "), "{err}");
+    }
+
+    // --watch off a terminal: a line per state change, then the final line once idle.
+    let mut watcher = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["--mgmt", a, "pool", "query", "p", "--watch"])
+        .env_remove("TESSERA_MGMT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watcher.stdout.take().unwrap()).lines().map_while(Result::ok);
+    let first = lines.next().unwrap();
+    assert!(first.starts_with("pool p: rebuild running at map version 2, engines 0/3 done"), "{first}");
+    engines.all_done("p", 2);
+    let rest: Vec<String> = lines.collect();
+    assert!(watcher.wait().unwrap().success());
+    let last = rest.last().unwrap();
+    assert!(last.starts_with("pool p: rebuild idle at map version 3 (last rebuild: map version 2, 3 MiB in "), "{rest:?}");
+    let p = tessera_json(a, &["pool", "query", "p"]);
+    assert_eq!((p["rebuild"]["state"].as_str(), p["rebuild"]["completed"].as_u64()), (Some("idle"), Some(1)));
+    assert_eq!(p["map"]["targets"][4]["state"], "DOWNOUT", "{p}");
+
+    // Back in: UP, reintegration.
+    let (code, out, err) = run(&["pool", "reintegrate", "p", "--rank", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "pool p: target 2:0 UP at map version 4; reintegration started — watch with: tessera pool query p --watch\n");
+    let p = tessera_json(a, &["pool", "drain", "p", "--rank", "1", "--target", "1"]);
+    assert_eq!(p["map"]["targets"][3]["drained"], true, "{p}");
 }

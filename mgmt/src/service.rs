@@ -494,7 +494,7 @@ impl Service {
             let newly_failed = prev.as_ref().is_none_or(|x| x.state != EngineRebuildState::Failed || x.attempt != r.attempt);
             if r.state == EngineRebuildState::Failed && newly_failed {
                 warn!(
-                    pool,
+                    pool = %pool,
                     rank,
                     version = r.map_version,
                     attempt = r.attempt,
@@ -515,23 +515,22 @@ impl Service {
     fn finish_locked(&self, w: &MutexGuard<'_, ()>, pool: &str) -> Result<(), ServiceError> {
         let snap = self.snapshot();
         let Some(p) = snap.state.pools.get(pool) else { return Ok(()) };
-        let status = {
+        let (status, took) = {
             let mut heal = lock(&self.heal);
             let h = heal.entry(pool.to_string()).or_default();
             h.sync(p);
             if !all_done(&snap.state, p, h) {
                 return Ok(());
             }
-            rebuild_status(&snap.state, p, h, Instant::now())
+            (rebuild_status(&snap.state, p, h, Instant::now()), h.started.map_or(Duration::ZERO, |t| t.elapsed()))
         };
         let out = self.execute_locked(w, &Command::RebuildDone { pool: pool.to_string(), version: p.map_version }, |_| {})?;
         if let Outcome::RebuildDone { version: Some(settled), .. } = out {
             let mut heal = lock(&self.heal);
             let h = heal.entry(pool.to_string()).or_default();
             h.completed += 1;
-            let took = h.started.map_or(Duration::ZERO, |t| t.elapsed());
             info!(
-                pool,
+                pool = %pool,
                 version = status.map_version,
                 settled_version = settled,
                 seconds = format!("{:.1}", took.as_secs_f64()),
