@@ -5,25 +5,12 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use tessera_client::volume::{Cluster, Volume, VolumeError};
 use tessera_mgmt_api::{CreatePool, CreateVolume};
 use tessera_testkit::LocalCluster;
 
-/// A seeded xorshift generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+mod common;
+use common::{pattern, runtime, sequential_random_writes, verify_all, write_whole, Rng};
 
 async fn open(c: &LocalCluster, class: &str, size: u64) -> Volume {
     let mgmt = c.client();
@@ -46,51 +33,6 @@ async fn open(c: &LocalCluster, class: &str, size: u64) -> Volume {
     Cluster::new(mgmt).open_volume(&info).await.unwrap()
 }
 
-/// The bytes every write stores: a function of (offset, generation).
-fn pattern(offset: u64, len: usize, gen: u64) -> Bytes {
-    let mut v = vec![0u8; len];
-    for (i, b) in v.iter_mut().enumerate() {
-        let x = (offset + i as u64).wrapping_mul(0x9e37_79b9).wrapping_add(gen.wrapping_mul(0x85eb_ca6b));
-        *b = (x >> 13) as u8;
-    }
-    Bytes::from(v)
-}
-
-/// One random write (a partial stripe, a whole stripe, or several stripes and chunks), applied
-/// to the model too.
-async fn random_write(vol: &Volume, model: &mut [u8], rng: &mut Rng, gen: u64) -> Result<(), VolumeError> {
-    let size = model.len() as u64;
-    let block = 4096u64;
-    let blocks = match rng.below(4) {
-        0 => 1,
-        1 => 1 + rng.below(8),
-        2 => 8,                  // 32 KiB: one whole EC_2P1 stripe of 16 KiB cells when aligned
-        _ => 16 + rng.below(64), // up to 320 KiB: spans stripes and sometimes chunks
-    };
-    let off = rng.below(size / block - blocks) * block;
-    let len = (blocks * block) as usize;
-    let data = pattern(off, len, gen);
-    model[off as usize..off as usize + len].copy_from_slice(&data);
-    vol.write(off, data).await
-}
-
-async fn verify_all(vol: &Volume, model: &[u8]) {
-    let step = 256 * 1024;
-    for off in (0..model.len()).step_by(step) {
-        let got = vol.read(off as u64, step as u64).await.unwrap_or_else(|e| panic!("read at {off}: {e}"));
-        assert!(got[..] == model[off..off + step], "data differs in {off}..{}", off + step);
-    }
-}
-
-/// Writes the whole volume, 1 MiB (whole stripes) at a time, with generation `gen`.
-async fn write_whole(vol: &Volume, model: &mut [u8], gen: u64) {
-    for off in (0..model.len() as u64).step_by(1 << 20) {
-        let d = pattern(off, 1 << 20, gen);
-        model[off as usize..(off + (1 << 20)) as usize].copy_from_slice(&d);
-        vol.write(off, d).await.unwrap();
-    }
-}
-
 /// Kills each engine in turn, verifies every byte from the other two, and restarts it before
 /// the heartbeat timeout (the cluster's must be long), so it is never marked DOWN.
 fn verify_with_each_engine_down(c: &mut LocalCluster, rt: &tokio::runtime::Runtime, vol: &Volume, model: &[u8]) {
@@ -101,10 +43,6 @@ fn verify_with_each_engine_down(c: &mut LocalCluster, rt: &tokio::runtime::Runti
         c.engines[rank as usize] = Some(d);
         c.wait_engines_up(3, Duration::from_secs(10));
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
 #[test]
@@ -168,13 +106,6 @@ fn ec_2p1_survives_one_engine_killed_mid_workload_and_refuses_after_two() {
         }
     }
     assert!(failed > 0, "with two of three engines gone some reads must fail");
-}
-
-/// Random writes one after another (so the model is exact).
-async fn sequential_random_writes(vol: &Volume, model: &mut [u8], rng: &mut Rng, count: usize, gen: u64) {
-    for i in 0..count {
-        random_write(vol, model, rng, gen * 10_000 + i as u64).await.unwrap_or_else(|e| panic!("write {i}: {e}"));
-    }
 }
 
 #[test]

@@ -17,6 +17,11 @@
 //! checkpoint_wal = "64MiB"          # checkpoint when a target's WAL segment reaches this
 //! aggregation_lag_secs = 5          # default aggregation boundary: now minus this
 //! max_batch = 256                   # most requests one group commit takes
+//!
+//! [heal]                            # optional: self-healing (needs [mgmt])
+//! rebuild_rate = "64MiB"            # most bytes per second this engine rebuilds
+//! scrub_period_secs = 86400         # verify all data once per this period ...
+//! scrub_rate = "8MiB"               # ... but never faster than this (bytes per second)
 //! ```
 
 use std::net::SocketAddr;
@@ -61,6 +66,26 @@ impl Default for Tuning {
     }
 }
 
+/// Self-healing: rebuild and scrub rates.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealSection {
+    /// Most bytes per second written into rebuilt shards by this engine.
+    #[serde(deserialize_with = "size")]
+    pub rebuild_rate: u64,
+    /// Scrub every byte once per this many seconds.
+    pub scrub_period_secs: u64,
+    /// Upper bound of the scrub rate, bytes per second (0: no scrub).
+    #[serde(deserialize_with = "size")]
+    pub scrub_rate: u64,
+}
+
+impl Default for HealSection {
+    fn default() -> Self {
+        HealSection { rebuild_rate: 64 << 20, scrub_period_secs: 86_400, scrub_rate: 8 << 20 }
+    }
+}
+
 /// Membership: where the management service is and how this engine presents itself.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,6 +115,8 @@ pub struct EngineConfig {
     pub mgmt: Option<MgmtSection>,
     #[serde(default)]
     pub tuning: Tuning,
+    #[serde(default)]
+    pub heal: HealSection,
 }
 
 /// Parses "4096", "64KiB", "1MiB", "1GiB", "2TiB" (also KB/MB/GB/TB as powers of 1000).

@@ -15,6 +15,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod csum;
+pub mod heal;
 pub mod index;
 pub mod membership;
 pub mod op;

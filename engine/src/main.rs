@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use tessera_engine::backend::FileStorage;
 use tessera_engine::config::{ConfigError, EngineConfig};
-use tessera_engine::membership;
 use tessera_engine::server::{self, Engine};
 use tessera_engine::target::Target;
 use tessera_engine::worker::TargetHandle;
 use tessera_engine::EngineError;
+use tessera_engine::{heal, membership};
 use tessera_mgmt_api::{MgmtClient, RegisterEngine};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -99,6 +99,7 @@ fn run(args: Args) -> Result<(), RunError> {
             }
         });
         let mut heartbeats = None;
+        let mut healing = None;
         if let Some(m) = &cfg.mgmt {
             // Learn the pool map versions before serving anything (see `membership`).
             let mgmt = MgmtClient::new(&m.address);
@@ -110,9 +111,12 @@ fn run(args: Args) -> Result<(), RunError> {
                 targets: cfg.targets,
                 target_capacity: cfg.target_capacity,
             };
-            if let Some(reply) = membership::register(&mgmt, &req, &engine, &stop).await.map_err(RunError::Register)? {
+            let (pools_tx, pools_rx) = tokio::sync::watch::channel(Vec::new());
+            if let Some(reply) = membership::register(&mgmt, &req, &engine, &pools_tx, &stop).await.map_err(RunError::Register)? {
                 let interval = Duration::from_millis(reply.heartbeat_interval_ms.clamp(100, 60_000));
-                heartbeats = Some(tokio::spawn(membership::heartbeat_loop(mgmt, req, engine.clone(), interval, stop.clone())));
+                let healer = heal::Healer::new(mgmt.clone(), cfg.rank, uuid, cfg.heal);
+                healing = Some(tokio::spawn(healer.run(pools_rx, stop.clone())));
+                heartbeats = Some(tokio::spawn(membership::heartbeat_loop(mgmt, req, engine.clone(), pools_tx, interval, stop.clone())));
             }
         }
         server::announce(addr, cfg.rank, handles.len());
@@ -122,6 +126,9 @@ fn run(args: Args) -> Result<(), RunError> {
             return Err(RunError::Start(e));
         }
         if let Some(h) = heartbeats {
+            let _ = h.await;
+        }
+        if let Some(h) = healing {
             let _ = h.await;
         }
         info!("stopping: committing queued updates and writing checkpoints");

@@ -4,14 +4,15 @@
 //! map version of every pool with targets here *before* it serves a request, so a restarted
 //! engine never answers a client whose pool map is older than the one that marked its targets
 //! DOWN. Then it heartbeats every interval the service asks for; each reply raises the known
-//! pool map versions ([`Engine::observe_map_version`]). A heartbeat answered 404 (the service
+//! pool map versions ([`Engine::observe_map_version`]) and is published to the healer (`heal`). A heartbeat answered 404 (the service
 //! lost or never had the registration) registers again.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_mgmt_api::{HeartbeatReply, MgmtClient, MgmtError, RegisterEngine};
+use tessera_mgmt_api::{HeartbeatReply, MgmtClient, MgmtError, PoolVersion, RegisterEngine};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
@@ -46,13 +47,14 @@ pub async fn register(
     mgmt: &MgmtClient,
     req: &RegisterEngine,
     engine: &Engine,
+    pools: &watch::Sender<Vec<PoolVersion>>,
     stop: &CancellationToken,
 ) -> Result<Option<HeartbeatReply>, MgmtError> {
     let mut warned = false;
     loop {
         match mgmt.register_engine(req).await {
             Ok(reply) => {
-                apply(engine, &reply);
+                apply(engine, pools, &reply);
                 info!(mgmt = mgmt.addr(), pools = reply.pools.len(), "registered with the management service");
                 return Ok(Some(reply));
             }
@@ -72,7 +74,14 @@ pub async fn register(
 }
 
 /// Heartbeats until `stop` is cancelled, re-registering when the service no longer knows us.
-pub async fn heartbeat_loop(mgmt: MgmtClient, req: RegisterEngine, engine: Arc<Engine>, mut interval: Duration, stop: CancellationToken) {
+pub async fn heartbeat_loop(
+    mgmt: MgmtClient,
+    req: RegisterEngine,
+    engine: Arc<Engine>,
+    pools: watch::Sender<Vec<PoolVersion>>,
+    mut interval: Duration,
+    stop: CancellationToken,
+) {
     let mut failing = false;
     loop {
         tokio::select! {
@@ -85,7 +94,7 @@ pub async fn heartbeat_loop(mgmt: MgmtClient, req: RegisterEngine, engine: Arc<E
         };
         match result {
             Ok(reply) => {
-                apply(&engine, &reply);
+                apply(&engine, &pools, &reply);
                 interval = Duration::from_millis(reply.heartbeat_interval_ms.clamp(100, 60_000));
                 if failing {
                     info!("heartbeats reach the management service again");
@@ -102,8 +111,17 @@ pub async fn heartbeat_loop(mgmt: MgmtClient, req: RegisterEngine, engine: Arc<E
     }
 }
 
-fn apply(engine: &Engine, reply: &HeartbeatReply) {
+/// Raises the known map versions first, then tells the healer: by the time it acts on a new
+/// version, this engine already refuses requests made with an older map.
+fn apply(engine: &Engine, pools: &watch::Sender<Vec<PoolVersion>>, reply: &HeartbeatReply) {
     for p in &reply.pools {
         engine.observe_map_version(p.pool_id, p.map_version);
     }
+    pools.send_if_modified(|current| {
+        let changed = *current != reply.pools;
+        if changed {
+            current.clone_from(&reply.pools);
+        }
+        changed
+    });
 }

@@ -55,15 +55,17 @@ use tracing::warn;
 use crate::ec::Codec;
 use crate::hlc;
 use crate::layout::{Mapping, VolumeLayout};
-use crate::placement::{layout_for_dkey, Group, ObjectClass, ShardPlacement};
+use crate::placement::{layout_for_dkey, Group, ObjectClass, ShardPlacement, TargetRef};
 use crate::rpc::RpcError;
 
 mod cluster;
 mod read;
+mod rebuild;
 mod write;
 
 pub use cluster::Cluster;
 use cluster::{PoolCache, PoolView};
+pub use rebuild::{RebuildOptions, ShardRebuilt};
 
 /// Akey of EC base cells (full-stripe writes) on data shards.
 pub const AKEY_BASE: &[u8] = b"B";
@@ -236,21 +238,25 @@ impl VolumeInner {
 
     /// Sends one request to one shard.
     async fn call(&self, view: &PoolView, shard: &ShardPlacement, req: Request) -> Result<Reply, ShardError> {
+        self.call_target(view, shard.target(), req).await
+    }
+
+    /// Sends one request to one target.
+    async fn call_target(&self, view: &PoolView, target: TargetRef, req: Request) -> Result<Reply, ShardError> {
+        let shard = target;
         let addr = *view.addrs.get(&shard.rank).ok_or_else(|| ShardError::Failed(format!("no address for engine {}", shard.rank)))?;
         let conn =
             self.cluster.connection(addr).await.map_err(|e| ShardError::Unreachable(format!("engine {} at {addr}: {e}", shard.rank)))?;
-        match conn.call_at(self.pool.pool_id, view.map.version(), shard.target_index, req).await {
+        match conn.call_at(self.pool.pool_id, view.map.version(), shard.index, req).await {
             Ok(r) => Ok(r),
             Err(RpcError::Remote { status: RpcStatus::StaleMapVersion, .. }) => Err(ShardError::Stale),
             Err(RpcError::Remote { status: RpcStatus::ChecksumMismatch | RpcStatus::DataCorrupt, message }) => {
                 self.counters.checksum_errors.fetch_add(1, Ordering::Relaxed);
-                warn!(volume = %self.info.name, rank = shard.rank, target = shard.target_index, %message, "checksum error on an engine");
+                warn!(volume = %self.info.name, rank = shard.rank, target = shard.index, %message, "checksum error on an engine");
                 Err(ShardError::Checksum(message))
             }
             Err(RpcError::Remote { status: RpcStatus::ShuttingDown, message }) => Err(ShardError::Unreachable(message)),
-            Err(e @ RpcError::Remote { .. }) => {
-                Err(ShardError::Failed(format!("engine {} target {}: {e}", shard.rank, shard.target_index)))
-            }
+            Err(e @ RpcError::Remote { .. }) => Err(ShardError::Failed(format!("engine {} target {}: {e}", shard.rank, shard.index))),
             Err(e) => Err(ShardError::Unreachable(format!("engine {} at {addr}: {e}", shard.rank))),
         }
     }

@@ -60,7 +60,7 @@ impl VolumeInner {
             || group.readable_count() >= self.class.data_shards() as usize
     }
 
-    fn fetch(&self, dkey: &Bytes, akey: &'static [u8], offset: u64, len: u32, epoch: Epoch, also: &[&'static [u8]]) -> Request {
+    pub(super) fn fetch(&self, dkey: &Bytes, akey: &'static [u8], offset: u64, len: u32, epoch: Epoch, also: &[&'static [u8]]) -> Request {
         Request::Fetch(Fetch {
             cont: self.cont,
             obj: self.oid,
@@ -72,7 +72,12 @@ impl VolumeInner {
     }
 
     /// A versions fetch from one shard, verified end to end: data and runs.
-    async fn fetch_runs(&self, view: &PoolView, shard: &ShardPlacement, req: Request) -> Result<(Bytes, Vec<DataRun>), ShardError> {
+    pub(super) async fn fetch_runs(
+        &self,
+        view: &PoolView,
+        shard: &ShardPlacement,
+        req: Request,
+    ) -> Result<(Bytes, Vec<DataRun>), ShardError> {
         let Reply::Fetched(f) = self.call(view, shard, req).await? else {
             return Err(ShardError::Failed(format!("engine {} answered a fetch with another reply", shard.rank)));
         };

@@ -23,7 +23,15 @@ struct ShardOp {
     req: Request,
 }
 
-fn array_update(cont: ContainerId, oid: ObjectId, epoch: Epoch, dkey: &Bytes, akey: &'static [u8], offset: u64, data: Bytes) -> Request {
+pub(super) fn array_update(
+    cont: ContainerId,
+    oid: ObjectId,
+    epoch: Epoch,
+    dkey: &Bytes,
+    akey: &'static [u8],
+    offset: u64,
+    data: Bytes,
+) -> Request {
     Request::Update(Update {
         cont,
         obj: oid,
