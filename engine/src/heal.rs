@@ -54,10 +54,11 @@ const SETTLE_TORN_AFTER: u32 = 3;
 pub fn leads(group: &Group, class: ObjectClass, me: TargetRef) -> bool {
     let k = class.data_shards();
     let complete = |s: &&ShardPlacement| !class.is_ec() || s.shard >= k;
-    let mut readable = group.shards.iter().filter(|s| s.readable());
-    match readable.clone().find(complete) {
+    // Shards where their data can be read now (a rebuilding shard at its base target).
+    let sources: Vec<ShardPlacement> = group.shards.iter().filter(|s| s.read_from().is_some()).map(ShardPlacement::for_reads).collect();
+    match sources.iter().find(complete) {
         Some(l) => l.target() == me,
-        None => readable.any(|s| s.target() == me),
+        None => sources.iter().any(|s| s.target() == me),
     }
 }
 
@@ -265,7 +266,7 @@ impl Healer {
                 let all: BTreeSet<u64> = chunks.iter().copied().chain(changed.values().flatten().copied()).collect();
                 for chunk in all {
                     let group = v.chunk_group(chunk).map_err(|e| e.to_string())?;
-                    let Some(_) = group.shards.iter().find(|s| s.target() == me) else {
+                    let Some(_) = group.shards.iter().find(|s| s.target() == me || s.base_source == Some(me)) else {
                         if !moving {
                             stale.push((vi, me, chunk));
                         }
@@ -369,7 +370,7 @@ mod tests {
     use tessera_client::placement::TargetState;
 
     fn shard(shard: u32, rank: u32, state: TargetState, rebuilding: bool) -> ShardPlacement {
-        ShardPlacement { shard, rank, target_index: 0, state, moved_from: None, rebuilding, shared_domain: false }
+        ShardPlacement { shard, rank, target_index: 0, state, moved_from: None, rebuilding, shared_domain: false, base_source: None }
     }
 
     fn me(rank: u32) -> TargetRef {

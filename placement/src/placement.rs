@@ -376,9 +376,40 @@ pub struct ShardPlacement {
     /// engine losses than its class promises until the pool has enough engines again. Only set
     /// when a failed shard found no target on an engine the group does not use.
     pub shared_domain: bool,
+    /// While the shard is rebuilding: its target in the base layout, if that target is still
+    /// `UpIn` and no other shard of the group is placed on it now. It still holds the shard's
+    /// data, so reads go there and writes go there too (as well as to the new target) until the
+    /// rebuild completes: a reintegration or a cascade of moves never leaves the group with
+    /// fewer readable shards than before.
+    pub base_source: Option<TargetRef>,
 }
 
 impl ShardPlacement {
+    /// Where this shard's data can be read now: its target when readable, else its base source.
+    pub fn read_from(&self) -> Option<TargetRef> {
+        if self.readable() {
+            Some(self.target())
+        } else {
+            self.base_source
+        }
+    }
+
+    /// The placement reads use: a rebuilding shard with a base source stands at its base target
+    /// (readable there); anything else as it is.
+    pub fn for_reads(&self) -> ShardPlacement {
+        match (self.readable(), self.base_source) {
+            (false, Some(b)) => ShardPlacement {
+                rank: b.rank,
+                target_index: b.index,
+                state: TargetState::UpIn,
+                rebuilding: false,
+                base_source: None,
+                ..*self
+            },
+            _ => *self,
+        }
+    }
+
     /// The shard's target address.
     pub fn target(&self) -> TargetRef {
         TargetRef { rank: self.rank, index: self.target_index }
@@ -413,6 +444,11 @@ impl Group {
     /// Shards that cannot take writes (their target is down and they could not be moved).
     pub fn unavailable_count(&self) -> usize {
         self.shards.iter().filter(|s| !s.writable()).count()
+    }
+
+    /// The group as reads see it ([`ShardPlacement::for_reads`] of every shard).
+    pub fn for_reads(&self) -> Group {
+        Group { index: self.index, shards: self.shards.iter().map(ShardPlacement::for_reads).collect() }
     }
 
     /// Whether two shards of the group share an engine (fault-domain redundancy reduced, see
@@ -629,12 +665,16 @@ pub fn group_layout(map: &PoolMap, oid: ObjectId, g: u32, class: ObjectClass) ->
         .as_deref()
         .filter(|b| b.targets.len() == map.targets.len())
         .and_then(|b| place(b, oid, g, class).ok().map(|bs| bs.iter().map(|slot| tref(b, slot.target)).collect()));
+    let current: Vec<TargetRef> = slots.iter().map(|slot| tref(map, slot.target)).collect();
     let shards = slots
         .iter()
         .enumerate()
         .map(|(s, slot)| {
             let t = &map.targets[slot.target];
             let here = tref(map, slot.target);
+            let base_source = base_targets.as_ref().map(|b| b[s]).filter(|b| {
+                *b != here && !current.contains(b) && map.target(b.rank, b.index).is_some_and(|e| e.state == TargetState::UpIn)
+            });
             let elsewhere = match &base_targets {
                 Some(base) => base[s] != here,
                 None => slot.last_left.is_some_and(|l| map.targets[l].state == TargetState::Down),
@@ -647,6 +687,7 @@ pub fn group_layout(map: &PoolMap, oid: ObjectId, g: u32, class: ObjectClass) ->
                 moved_from: (slot.target != slot.natural).then(|| tref(map, slot.natural)),
                 rebuilding: t.state.is_placeable() && (elsewhere || t.state == TargetState::Up),
                 shared_domain: slots.iter().enumerate().any(|(o, other)| o != s && map.targets[other.target].rank == t.rank),
+                base_source: if t.state.is_placeable() { base_source } else { None },
             }
         })
         .collect();

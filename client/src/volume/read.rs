@@ -22,7 +22,7 @@ impl VolumeInner {
         loop {
             let view = self.pool.current();
             let dkey = key_from_u64(p.dkey);
-            let group = self.group(&view, &dkey)?;
+            let group = self.group(&view, &dkey)?.for_reads();
             let r = if self.class.is_ec() {
                 self.read_ec(&view, &group, &dkey, p, epoch).await
             } else {
@@ -38,7 +38,7 @@ impl VolumeInner {
                     let before = view.map.version();
                     self.cluster.refresh(&self.pool).await;
                     let view = self.pool.current();
-                    if !self.can_serve(&self.group(&view, &dkey)?, p) {
+                    if !self.can_serve(&self.group(&view, &dkey)?.for_reads(), p) {
                         // The map itself says too few shards are left: no retry can help until
                         // a reintegration, so fail now rather than at the deadline.
                         return Err(e);

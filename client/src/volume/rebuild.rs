@@ -244,6 +244,8 @@ impl VolumeInner {
         if !dest.writable() {
             return Err(VolumeError::Unavailable(format!("chunk {chunk} shard {shard}: its target is down and has no new home")));
         }
+        // Sources: every shard where reads find it (a rebuilding shard at its base target).
+        let group = group.for_reads();
         let epoch = hlc::now();
         // What the destination holds above the floor goes first: a punch could not hide it
         // without hiding the older epochs about to be rewritten.

@@ -75,6 +75,11 @@ impl VolumeInner {
             }
             let mut push = |shard: &ShardPlacement, req: Request| {
                 if shard.writable() {
+                    // A rebuilding shard whose base target still holds its data is written
+                    // there too, so reads from the base stay current until the rebuild is done.
+                    if shard.base_source.is_some() {
+                        ops.push(ShardOp { shard: shard.for_reads(), req: req.clone() });
+                    }
                     ops.push(ShardOp { shard: *shard, req });
                 } else {
                     skipped = true;
