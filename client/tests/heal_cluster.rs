@@ -7,8 +7,9 @@
 
 use std::time::{Duration, Instant};
 
+use tessera_client::placement::TargetRef;
 use tessera_client::volume::{Cluster, Volume};
-use tessera_mgmt_api::{CreatePool, CreateVolume, MgmtClient, PoolInfo, RebuildState, TargetStateName};
+use tessera_mgmt_api::{CreatePool, CreateVolume, MgmtClient, PoolInfo, RebuildState, TargetSelector, TargetStateName};
 use tessera_testkit::LocalCluster;
 
 mod common;
@@ -58,7 +59,10 @@ fn states(p: &PoolInfo, rank: u32) -> Vec<TargetStateName> {
 
 #[test]
 fn rebuild_then_second_failure_then_reintegration_then_third_failure() {
-    let mut c = LocalCluster::start_with("heal", 4, 2, "256MiB", "1500ms", HEAL);
+    // Writes here retry for at most the heartbeat timeout before a target is DOWN, so a
+    // reintegration floor 4 s before the marking is safe (the default, 30 s, covers the
+    // clients' 25 s write deadline); it lets the test tell an incremental reintegration apart.
+    let mut c = LocalCluster::start_full("heal", 4, 2, "256MiB", "1500ms", HEAL, &["--reintegration-floor-lag", "4s"]);
     let rt = runtime();
     let mgmt = c.client();
     rt.block_on(mgmt.create_pool(&CreatePool { name: "p".into(), ranks: vec![], default_class: None })).unwrap();
@@ -81,6 +85,9 @@ fn rebuild_then_second_failure_then_reintegration_then_third_failure() {
     rt.block_on(async {
         sequential_random_writes(&ec, &mut m_ec, &mut rng, 40, 3).await;
         sequential_random_writes(&rp, &mut m_rp, &mut rng, 40, 3).await;
+    });
+    let last_write = Instant::now();
+    rt.block_on(async {
         verify_all(&ec, &m_ec).await;
         verify_all(&rp, &m_rp).await;
     });
@@ -92,6 +99,11 @@ fn rebuild_then_second_failure_then_reintegration_then_third_failure() {
     });
 
     // 2. A second engine: without the rebuild, groups that had shards on both would be lost.
+    //    Everything written so far must lie below its reintegration floor (4 s before the
+    //    marking), so that step 3 can tell what changed while it was away.
+    while last_write.elapsed() < Duration::from_secs(4) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     c.kill_engine(2);
     c.wait_engine_down(2, Duration::from_secs(10));
     let full = wait_healed(&rt, &mgmt, Duration::from_secs(60)).rebuild;
@@ -134,4 +146,124 @@ fn rebuild_then_second_failure_then_reintegration_then_third_failure() {
         verify_all(&ec, &m_ec).await;
         verify_all(&rp, &m_rp).await;
     });
+
+    // 5. Drain a healthy target: its data moves to the others, then it holds nothing.
+    let drained = TargetRef { rank: 0, index: 1 };
+    let p = rt.block_on(mgmt.drain("p", &TargetSelector { rank: 0, target: Some(1) })).unwrap();
+    assert!(p.map.targets.iter().any(|t| t.rank == 0 && t.index == 1 && t.drained));
+    let p = wait_healed(&rt, &mgmt, Duration::from_secs(60));
+    assert!(p.map.targets.iter().any(|t| t.rank == 0 && t.index == 1 && t.state == TargetStateName::DownOut));
+    let start = Instant::now();
+    loop {
+        let left: usize = rt.block_on(async {
+            let mut n = 0;
+            for v in [&ec, &rp] {
+                v.refresh_pool_map(p.map.version).await;
+                n += v.list_chunks(drained, None).await.unwrap().len();
+            }
+            n
+        });
+        if left == 0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the drained target still holds {left} chunks");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rt.block_on(async {
+        verify_all(&ec, &m_ec).await;
+        verify_all(&rp, &m_rp).await;
+    });
+}
+
+/// Flips one byte of every 4 KiB block that holds data in `path`, in place; returns how many.
+fn flip_every_block(path: &std::path::Path) -> usize {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let len = f.metadata().unwrap().len();
+    let mut block = vec![0u8; 4096];
+    let mut flipped = 0;
+    for off in (0..len).step_by(4096) {
+        f.read_exact_at(&mut block, off).unwrap();
+        if block.iter().any(|&b| b != 0) {
+            f.write_all_at(&[block[100] ^ 0x5a], off + 100).unwrap();
+            flipped += 1;
+        }
+    }
+    flipped
+}
+
+/// Lines of engine `rank`'s log containing `what`.
+fn log_lines(c: &LocalCluster, rank: u32, what: &str) -> Vec<String> {
+    let log = std::fs::read_to_string(c.dir.join(format!("engine-{rank}")).join(format!("engine-{rank}.log"))).unwrap_or_default();
+    log.lines().filter(|l| l.contains(what)).map(str::to_string).collect()
+}
+
+#[test]
+fn scrub_repairs_corrupt_data_before_a_failure_needs_it() {
+    const SCRUB: &str = "\n[heal]\nrebuild_rate = \"1GiB\"\nscrub_period_secs = 1\nscrub_rate = \"64MiB\"\n";
+    let mut c = LocalCluster::start_with("scrub", 4, 2, "64MiB", "1500ms", SCRUB);
+    let rt = runtime();
+    let mgmt = c.client();
+    rt.block_on(mgmt.create_pool(&CreatePool { name: "p".into(), ranks: vec![], default_class: None })).unwrap();
+    let size = 8u64 << 20;
+    let ec = rt.block_on(create(&mgmt, "ec", "EC_2P1", size));
+    let mut model = vec![0u8; size as usize];
+    rt.block_on(write_whole(&ec, &mut model, 1));
+    // Chunk-shards engine 1 holds: each must be repaired exactly once.
+    let chunks = size / (256 * 1024);
+    let on_1: usize = (0..chunks).map(|ch| ec.chunk_group(ch).unwrap().shards.iter().filter(|s| s.rank == 1).count()).sum();
+    assert!(on_1 > 0);
+
+    // Every engine scrubs its data about once a second; nothing is bad yet.
+    let start = Instant::now();
+    loop {
+        let p = rt.block_on(mgmt.pool("p")).unwrap();
+        if p.scrub.passes >= 8 && p.scrub.bytes > 0 {
+            assert_eq!((p.scrub.repaired, p.scrub.unrepairable), (0, 0), "{:?}", p.scrub);
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no scrub passes: {:?}", p.scrub);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Flip a byte in every block engine 1 stores, with no host read afterwards.
+    let flipped: usize = (0..2).map(|t| flip_every_block(&c.target_dir(1, t).join("data.blk"))).sum();
+    assert!(flipped > 100, "{flipped}");
+    let corrupted = Instant::now();
+    // Scrub finds and repairs every chunk-shard; then two passes of engine 1 find nothing.
+    let mut repaired_after = None;
+    loop {
+        let p = rt.block_on(mgmt.pool("p")).unwrap();
+        assert_eq!(p.scrub.unrepairable, 0, "{:?}", p.scrub);
+        let repairs = log_lines(&c, 1, "scrub: repaired a chunk-shard").len();
+        if repairs == on_1 && repaired_after.is_none() {
+            repaired_after = Some(corrupted.elapsed());
+        }
+        let clean_passes = log_lines(&c, 1, "scrub pass done").iter().rev().take_while(|l| l.contains(" bad=0")).count();
+        if repaired_after.is_some() && clean_passes >= 2 && p.scrub.repaired > 0 {
+            assert_eq!(repairs, on_1, "each chunk-shard repaired once");
+            eprintln!(
+                "scrub: {flipped} blocks of engine 1 corrupted; {on_1} chunk-shards repaired after {:.2}s; counters {:?}",
+                repaired_after.unwrap_or_default().as_secs_f64(),
+                p.scrub
+            );
+            for l in log_lines(&c, 1, "scrub pass done").iter().rev().take(2) {
+                eprintln!("engine 1: {l}");
+            }
+            break;
+        }
+        assert!(corrupted.elapsed() < Duration::from_secs(60), "not repaired: {repairs} of {on_1} chunk-shards, {:?}", p.scrub);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Now another engine fails: the groups it shares with engine 1 need engine 1's shards.
+    c.kill_engine(2);
+    rt.block_on(verify_all(&ec, &model));
+    c.wait_engine_down(2, Duration::from_secs(10));
+    wait_healed(&rt, &mgmt, Duration::from_secs(60));
+    rt.block_on(verify_all(&ec, &model));
+    let p = rt.block_on(mgmt.pool("p")).unwrap();
+    assert_eq!(p.scrub.unrepairable, 0, "{:?}", p.scrub);
+    assert!(p.scrub.repaired >= on_1 as u64, "{:?}", p.scrub);
+    assert_eq!(ec.stats().checksum_errors, 0, "no host read met the corruption: {:?}", ec.stats());
 }

@@ -150,15 +150,24 @@ impl Healer {
         }
     }
 
-    async fn report(&self, pool: &str, progress: &RebuildProgress) {
-        let scrub = self.scrub.lock().unwrap_or_else(|e| e.into_inner()).values().fold(ScrubCounters::default(), |mut a, c| {
-            a.add(c);
-            a
-        });
-        let r = EngineReport { uuid: self.uuid, rebuild: progress.clone(), scrub };
-        if let Err(e) = self.mgmt.report(pool, self.rank, &r).await {
-            warn!(pool, error = %e, "cannot report rebuild progress");
+    /// This engine's scrub counters for pool `pool_id`.
+    pub fn scrub_counters(&self, pool_id: u32) -> ScrubCounters {
+        self.scrub.lock().unwrap_or_else(|e| e.into_inner()).get(&pool_id).copied().unwrap_or_default()
+    }
+
+    /// Reports the rebuild progress of `pool` with its scrub counters.
+    async fn report(&self, pool: &PoolVersion, progress: &RebuildProgress) {
+        let r = EngineReport { uuid: self.uuid, rebuild: progress.clone(), scrub: self.scrub_counters(pool.pool_id) };
+        if let Err(e) = self.mgmt.report(&pool.name, self.rank, &r).await {
+            warn!(pool = %pool.name, error = %e, "cannot report rebuild progress");
         }
+    }
+
+    /// Reports the scrub counters of `pool` alone: the rebuild part names no map version (0),
+    /// which the service does not count towards any rebuild.
+    pub async fn report_scrub(&self, pool: &PoolVersion) -> Result<(), tessera_mgmt_api::MgmtError> {
+        let r = EngineReport { uuid: self.uuid, rebuild: RebuildProgress::default(), scrub: self.scrub_counters(pool.pool_id) };
+        self.mgmt.report(&pool.name, self.rank, &r).await
     }
 
     /// One pass for `p`. `Ok(Some(version))` when it completed, `Ok(None)` when a newer map
@@ -209,13 +218,13 @@ impl Healer {
         let result = loop {
             tokio::select! {
                 r = &mut body => break r,
-                _ = tokio::time::sleep(REPORT_EVERY) => self.report(&p.name, &shared.get()).await,
+                _ = tokio::time::sleep(REPORT_EVERY) => self.report(p, &shared.get()).await,
             }
         };
         match result {
             Ok(true) => {
                 shared.update(|g| g.state = EngineRebuildState::Done);
-                self.report(&p.name, &shared.get()).await;
+                self.report(p, &shared.get()).await;
                 Ok(Some(version))
             }
             Ok(false) => Ok(None),
@@ -224,7 +233,7 @@ impl Healer {
                     g.state = EngineRebuildState::Failed;
                     g.last_error = Some(e.clone());
                 });
-                self.report(&p.name, &shared.get()).await;
+                self.report(p, &shared.get()).await;
                 Err(e)
             }
         }
@@ -307,7 +316,12 @@ impl Healer {
                 return Ok(false);
             }
             let v = &volumes[t.volume];
-            let opts = RebuildOptions { since: t.since, settle_torn: attempt > SETTLE_TORN_AFTER };
+            // Reintegration is incremental per chunk: only chunks changed above the floor are
+            // tasks, and each is rebuilt whole (everything the returning target holds of it is
+            // replaced). Copying only the versions above the floor inside a chunk
+            // (`RebuildOptions::since`) returned wrong data in the reintegration test; until that
+            // is understood, whole chunks.
+            let opts = RebuildOptions { since: 0, settle_torn: attempt > SETTLE_TORN_AFTER };
             let mut outcome = Err(VolumeError::Unavailable("not tried".into()));
             for i in 0..CHUNK_ATTEMPTS {
                 outcome = v.rebuild_shard(t.chunk, t.shard, opts).await;
@@ -329,7 +343,7 @@ impl Healer {
                 }
                 Err(e) => {
                     failures += 1;
-                    let msg = format!("volume {} chunk {} shard {}: {e}", v.info().name, t.chunk, t.shard);
+                    let msg = format!("volume {} chunk {} shard {} (floor {}): {e}", v.info().name, t.chunk, t.shard, t.since);
                     warn!(pool = %p.name, "{msg}");
                     shared.update(|g| g.last_error = Some(msg.clone()));
                     last_error = Some(msg);

@@ -38,6 +38,10 @@ struct Args {
     /// `tessera pool reintegrate`; by default they are reintegrated at its registration.
     #[arg(long)]
     manual_reintegration: bool,
+    /// A target marked DOWN is later refilled with what changed above the epoch this long
+    /// before the marking; it must exceed the clients' write retry deadline (25 s).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    reintegration_floor_lag: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +71,7 @@ fn run(args: Args) -> Result<(), RunError> {
         heartbeat_timeout: args.heartbeat_timeout,
         heartbeat_interval: args.heartbeat_interval,
         auto_reintegrate: !args.manual_reintegration,
+        floor_lag: args.reintegration_floor_lag,
     };
     let svc = Arc::new(Service::open(Arc::new(store), config)?);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(RunError::Start)?;

@@ -37,11 +37,19 @@ pub struct ServiceConfig {
     /// An engine that registers gets its DOWN and DOWNOUT (not drained) targets back: UP, to be
     /// reintegrated. Off: they stay out until `POST /v1/pools/{pool}/reintegrate`.
     pub auto_reintegrate: bool,
+    /// How far before a DOWN marking a target's reintegration floor lies: must exceed the
+    /// longest a client retries a write (25 s), so every write the target missed is above it.
+    pub floor_lag: Duration,
 }
 
 impl Default for ServiceConfig {
     fn default() -> Self {
-        ServiceConfig { heartbeat_timeout: Duration::from_secs(5), heartbeat_interval: Duration::from_secs(1), auto_reintegrate: true }
+        ServiceConfig {
+            heartbeat_timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(1),
+            auto_reintegrate: true,
+            floor_lag: machine::EPOCH_FLOOR_LAG,
+        }
     }
 }
 
@@ -233,8 +241,8 @@ fn unix_now() -> u64 {
 }
 
 /// The epoch floor of a target going DOWN now: the HLC epoch of [`machine::EPOCH_FLOOR_LAG`] ago.
-pub fn epoch_floor_now() -> u64 {
-    let lag = machine::EPOCH_FLOOR_LAG.as_nanos() as u64;
+pub fn epoch_floor_now(lag: Duration) -> u64 {
+    let lag = lag.as_nanos() as u64;
     hlc::epoch_from_nanos(hlc::physical_nanos(hlc::now()).saturating_sub(lag))
 }
 
@@ -291,7 +299,7 @@ impl Service {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let env = Env { uuid: Uuid::new_v4(), now: unix_now(), epoch_floor: epoch_floor_now() };
+            let env = Env { uuid: Uuid::new_v4(), now: unix_now(), epoch_floor: epoch_floor_now(self.config.floor_lag) };
             let (next, outcome) = machine::apply(&snap.state, cmd, &env)?;
             if next == snap.state {
                 on_commit(&snap);
@@ -609,7 +617,12 @@ mod tests {
     const TIMEOUT: Duration = Duration::from_millis(300);
 
     fn config() -> ServiceConfig {
-        ServiceConfig { heartbeat_timeout: TIMEOUT, heartbeat_interval: Duration::from_millis(100), auto_reintegrate: true }
+        ServiceConfig {
+            heartbeat_timeout: TIMEOUT,
+            heartbeat_interval: Duration::from_millis(100),
+            auto_reintegrate: true,
+            floor_lag: machine::EPOCH_FLOOR_LAG,
+        }
     }
 
     fn reg(rank: u32) -> RegisterEngine {

@@ -129,6 +129,19 @@ impl LocalCluster {
     /// Like [`LocalCluster::start`], with `engine_extra` (TOML, e.g. a `[tuning]` section)
     /// appended to every engine's configuration.
     pub fn start_with(name: &str, engines: u32, targets: u16, capacity: &str, hb_timeout: &str, engine_extra: &str) -> LocalCluster {
+        Self::start_full(name, engines, targets, capacity, hb_timeout, engine_extra, &[])
+    }
+
+    /// Like [`LocalCluster::start_with`], with `mgmt_extra` arguments for the management service.
+    pub fn start_full(
+        name: &str,
+        engines: u32,
+        targets: u16,
+        capacity: &str,
+        hb_timeout: &str,
+        engine_extra: &str,
+        mgmt_extra: &[&str],
+    ) -> LocalCluster {
         build_binaries();
         let dir = std::env::temp_dir().join(format!("tessera-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -136,7 +149,20 @@ impl LocalCluster {
         let db = dir.join("mgmt.redb");
         let mgmt = Daemon::start(
             "tessera-mgmt",
-            &["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap(), "--heartbeat-timeout", hb_timeout, "--heartbeat-interval", "200ms"],
+            &[
+                &[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--db",
+                    db.to_str().unwrap(),
+                    "--heartbeat-timeout",
+                    hb_timeout,
+                    "--heartbeat-interval",
+                    "200ms",
+                ],
+                mgmt_extra,
+            ]
+            .concat(),
             "listening",
             &dir.join("mgmt.log"),
         );
