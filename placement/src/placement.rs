@@ -870,9 +870,18 @@ mod tests {
         assert_eq!(g3.shards[1].target(), victim);
         assert!(g3.shards[1].rebuilding && g3.shards[1].writable() && !g3.shards[1].readable());
         assert!(g3.shards[0].readable() && g3.shards[2].readable());
-        // Without a base a shard on an UP target is rebuilding too.
+        // With the base, the shard's interim home (UPIN, free) stays its source: read there
+        // and written there too until the reintegration is done.
+        assert!(g3.shards[1].base_source.is_some_and(|b| b != victim && b == g2.shards[1].target()));
+        assert_eq!(g3.shards[1].read_from(), g3.shards[1].base_source);
+        // Without a base a shard on an UP target is rebuilding too (and has no known source).
         let m3_no_base = PoolMap::new(m3.version(), m3.targets().to_vec()).unwrap();
-        assert_eq!(at(&m3_no_base), g3);
+        let no_base = at(&m3_no_base);
+        assert_eq!(
+            no_base.shards.iter().map(|s| (s.target(), s.rebuilding)).collect::<Vec<_>>(),
+            g3.shards.iter().map(|s| (s.target(), s.rebuilding)).collect::<Vec<_>>()
+        );
+        assert!(no_base.shards.iter().all(|s| s.base_source.is_none()));
         // Reintegration done: UPIN, new base. The original layout, all readable.
         let m4 = m3.set_state(victim.rank, victim.index, TargetState::UpIn).unwrap();
         let m4 = m4.clone().with_base(m4);
