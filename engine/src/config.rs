@@ -20,8 +20,10 @@
 //!
 //! [heal]                            # optional: self-healing (needs [mgmt])
 //! rebuild_rate = "64MiB"            # most bytes per second this engine rebuilds
-//! scrub_period_secs = 86400         # verify all data once per this period ...
-//! scrub_rate = "8MiB"               # ... but never faster than this (bytes per second)
+//! scrub_period_secs = 86400         # verify all stored data once per this period (at least
+//!                                   # 256 KiB/s) ...
+//! scrub_rate = "8MiB"               # ... but never faster than this (bytes per second; 0: no
+//!                                   # scrub). See docs/HEALING.md, "Scrub".
 //! ```
 
 use std::net::SocketAddr;
@@ -73,7 +75,8 @@ pub struct HealSection {
     /// Most bytes per second written into rebuilt shards by this engine.
     #[serde(deserialize_with = "size")]
     pub rebuild_rate: u64,
-    /// Scrub every byte once per this many seconds.
+    /// Scrub every byte once per this many seconds (at least [`crate::scrub::RATE_FLOOR`]
+    /// bytes per second).
     pub scrub_period_secs: u64,
     /// Upper bound of the scrub rate, bytes per second (0: no scrub).
     #[serde(deserialize_with = "size")]
@@ -227,6 +230,18 @@ mod tests {
         assert_eq!(parse_size("64KiB"), Ok(65536));
         assert!(parse_size("12 parsecs").is_err());
         assert!(parse_size("99999999999TiB").is_err());
+    }
+
+    #[test]
+    fn heal_section_sets_the_scrub_pace() {
+        let base = EngineConfig::example(0, 1, Path::new("/x"));
+        let cfg = EngineConfig::parse(&base, Path::new("e.toml")).unwrap();
+        assert_eq!((cfg.heal.scrub_period_secs, cfg.heal.scrub_rate), (86_400, 8 << 20));
+        let text = format!("{base}[heal]\nscrub_period_secs = 1\nscrub_rate = \"64MiB\"\n");
+        let cfg = EngineConfig::parse(&text, Path::new("e.toml")).unwrap();
+        assert_eq!((cfg.heal.scrub_period_secs, cfg.heal.scrub_rate, cfg.heal.rebuild_rate), (1, 64 << 20, 64 << 20));
+        let off = format!("{base}[heal]\nscrub_rate = 0\n");
+        assert_eq!(EngineConfig::parse(&off, Path::new("e.toml")).unwrap().heal.scrub_rate, 0);
     }
 
     #[test]

@@ -103,6 +103,14 @@ pub struct Segment {
     pub version: Option<Version>,
 }
 
+/// A stored value's place within its akey, in index order: array extents by (offset, version),
+/// then single values by version (scrub cursors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ItemKey {
+    Extent { offset: u64, version: Version },
+    Single(Version),
+}
+
 /// Newest punch visible at `epoch` in a sorted punch list.
 fn newest_punch(punches: &[Version], epoch: u64) -> Option<Version> {
     punches.iter().rev().find(|p| p.epoch <= epoch).copied()
@@ -488,6 +496,54 @@ impl Index {
             .iter()
             .flat_map(|(dk, d)| d.akeys.keys().map(move |ak| AkeyPath { cont, obj, dkey: dk.clone(), akey: ak.clone() }))
             .collect()
+    }
+
+    /// Visits every stored value (array extents with data, single values) in index order —
+    /// container, object, dkey, akey, then [`ItemKey`] — from `from` (included; or the first
+    /// value after it when it no longer exists) until `f` returns false. Range punches hold no
+    /// data and are skipped.
+    pub fn visit_stored(&self, from: Option<(&AkeyPath, ItemKey)>, mut f: impl FnMut(&AkeyPath, ItemKey, &Stored) -> bool) {
+        use std::ops::Bound::{Included, Unbounded};
+        fn at(b: Option<&AkeyPath>) -> std::ops::Bound<&AkeyPath> {
+            b.map_or(Unbounded, Included)
+        }
+        let start = from.map(|(p, _)| p);
+        for (cid, c) in self.containers.range((at(start).map(|p| &p.cont), Unbounded)) {
+            let start = start.filter(|p| p.cont == *cid);
+            for (oid, o) in c.objects.range((at(start).map(|p| &p.obj), Unbounded)) {
+                let start = start.filter(|p| p.obj == *oid);
+                for (dk, d) in o.dkeys.range::<Bytes, _>((at(start).map(|p| &p.dkey), Unbounded)) {
+                    let start = start.filter(|p| p.dkey == *dk);
+                    for (ak, a) in d.akeys.range::<Bytes, _>((at(start).map(|p| &p.akey), Unbounded)) {
+                        let item = from.filter(|_| start.is_some_and(|p| p.akey == *ak)).map(|(_, k)| k);
+                        let path = AkeyPath { cont: *cid, obj: *oid, dkey: dk.clone(), akey: ak.clone() };
+                        let extents_from = match item {
+                            None => Some((0, Version { epoch: 0, id: 0 })),
+                            Some(ItemKey::Extent { offset, version }) => Some((offset, version)),
+                            Some(ItemKey::Single(_)) => None,
+                        };
+                        if let Some(k) = extents_from {
+                            for ((offset, version), body) in a.extents.range(k..) {
+                                if let Some(stored) = &body.data {
+                                    if !f(&path, ItemKey::Extent { offset: *offset, version: *version }, stored) {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                        let singles_from = match item {
+                            Some(ItemKey::Single(v)) => v,
+                            _ => Version { epoch: 0, id: 0 },
+                        };
+                        for (v, stored) in a.singles.range(singles_from..) {
+                            if !f(&path, ItemKey::Single(*v), stored) {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Every akey path, in order (aggregation after a restart starts from all of them).

@@ -7,7 +7,10 @@
 //! - [`wal`], [`checkpoint`]: the on-disk formats (see `docs/ENGINE-FORMATS.md`).
 //! - [`alloc`]: the data file's block allocator, rebuilt from the index at start.
 //! - [`target`]: one target: validation, data writes, group commit, fetch, aggregation,
-//!   checkpoints and recovery.
+//!   checkpoints, recovery, and the bounded scrub step that verifies stored checksums.
+//! - [`worker`]: the thread that owns a target; [`server`]: the RPC server.
+//! - [`heal`]: rebuild, reintegration and clean-up passes; [`scrub`]: background verification
+//!   of stored checksums and repair from redundancy.
 #![forbid(unsafe_code)]
 
 pub mod alloc;
@@ -19,6 +22,7 @@ pub mod heal;
 pub mod index;
 pub mod membership;
 pub mod op;
+pub mod scrub;
 pub mod server;
 pub mod target;
 pub mod wal;

@@ -16,9 +16,9 @@ use tessera_engine::backend::FileStorage;
 use tessera_engine::config::{ConfigError, EngineConfig};
 use tessera_engine::server::{self, Engine};
 use tessera_engine::target::Target;
-use tessera_engine::worker::TargetHandle;
+use tessera_engine::worker::{CorruptReads, TargetHandle};
 use tessera_engine::EngineError;
-use tessera_engine::{heal, membership};
+use tessera_engine::{heal, membership, scrub};
 use tessera_mgmt_api::{MgmtClient, RegisterEngine};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -74,13 +74,15 @@ fn run(args: Args) -> Result<(), RunError> {
         .map_err(|e| RunError::DataDir { dir: cfg.data_dir.clone(), message: format!("engine identity: {e}") })?;
     let mut handles = Vec::new();
     let mut threads = Vec::new();
+    let corrupt_reads = CorruptReads::new();
     for i in 0..cfg.targets {
         let dir = cfg.target_dir(i);
         let storage =
             FileStorage::new(&dir).map_err(|source| RunError::Target { dir: dir.clone(), source: EngineError::io(".", source) })?;
         let target =
             Target::open(Arc::new(storage), cfg.target_config()).map_err(|source| RunError::Target { dir: dir.clone(), source })?;
-        let (handle, thread) = TargetHandle::spawn(format!("target-{i}"), target, cfg.tuning.max_batch).map_err(RunError::Start)?;
+        let (handle, thread) = TargetHandle::spawn_noting(format!("target-{i}"), target, cfg.tuning.max_batch, i, corrupt_reads.clone())
+            .map_err(RunError::Start)?;
         handles.push(handle);
         threads.push(thread);
     }
@@ -100,6 +102,7 @@ fn run(args: Args) -> Result<(), RunError> {
         });
         let mut heartbeats = None;
         let mut healing = None;
+        let mut scrubbing = None;
         if let Some(m) = &cfg.mgmt {
             // Learn the pool map versions before serving anything (see `membership`).
             let mgmt = MgmtClient::new(&m.address);
@@ -115,6 +118,18 @@ fn run(args: Args) -> Result<(), RunError> {
             if let Some(reply) = membership::register(&mgmt, &req, &engine, &pools_tx, &stop).await.map_err(RunError::Register)? {
                 let interval = Duration::from_millis(reply.heartbeat_interval_ms.clamp(100, 60_000));
                 let healer = heal::Healer::new(mgmt.clone(), cfg.rank, uuid, cfg.heal);
+                if cfg.heal.scrub_rate > 0 {
+                    let scrubber = scrub::Scrubber::new(
+                        mgmt.clone(),
+                        healer.clone(),
+                        cfg.rank,
+                        handles.clone(),
+                        corrupt_reads,
+                        cfg.heal,
+                        pools_rx.clone(),
+                    );
+                    scrubbing = Some(tokio::spawn(scrubber.run(stop.clone())));
+                }
                 healing = Some(tokio::spawn(healer.run(pools_rx, stop.clone())));
                 heartbeats = Some(tokio::spawn(membership::heartbeat_loop(mgmt, req, engine.clone(), pools_tx, interval, stop.clone())));
             }
@@ -129,6 +144,9 @@ fn run(args: Args) -> Result<(), RunError> {
             let _ = h.await;
         }
         if let Some(h) = healing {
+            let _ = h.await;
+        }
+        if let Some(h) = scrubbing {
             let _ = h.await;
         }
         info!("stopping: committing queued updates and writing checkpoints");

@@ -7,17 +7,23 @@
 //! one comes, what the batch staged before it is committed and answered first. Between batches
 //! it starts checkpoints when the WAL has grown and runs bounded aggregation steps; when idle
 //! with nothing to aggregate it blocks, so an idle engine uses no CPU.
+//!
+//! Scrub runs here too, as bounded steps the scrubber (`scrub`) asks for like any read
+//! ([`TargetOp::Scrub`]), so it never races the index. A fetch that finds stored data failing its
+//! checksum is noted in the engine's [`CorruptReads`] for the scrubber to repair.
 
+use std::collections::VecDeque;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tracing::warn;
 
 use crate::op::AkeyPath;
-use crate::target::{FetchedArray, Mutation, Staged, Target, TargetInfo};
+use crate::target::{Fence, FetchedArray, Mutation, ScrubCursor, ScrubStep, Staged, Target, TargetInfo};
 use crate::EngineError;
 
 /// What a client asks of a target.
@@ -72,7 +78,74 @@ pub enum TargetOp {
         max: usize,
     },
     Query,
+    /// One bounded scrub step ([`Target::scrub_step`]).
+    Scrub {
+        from: Option<ScrubCursor>,
+        max_bytes: u64,
+    },
+    /// Puts up or lifts a repair fence ([`Target::set_fence`]).
+    Fence {
+        fence: Fence,
+        on: bool,
+    },
+    /// The fences in place.
+    Fences,
 }
+
+impl TargetOp {
+    /// The akey a fetch reads (the first one of a versions fetch), for noting corrupt reads.
+    fn fetched_path(&self) -> Option<&AkeyPath> {
+        match self {
+            TargetOp::FetchArray { path, .. } | TargetOp::FetchSingle { path, .. } => Some(path),
+            TargetOp::FetchVersions { paths, .. } => paths.first(),
+            _ => None,
+        }
+    }
+}
+
+/// Fetches that found stored data failing its checksum (or unreadable), for the scrubber to
+/// repair: (target index, akey). Bounded ([`CorruptReads::MAX`]; more are dropped — the next
+/// scrub pass finds them) and without duplicates. The scrubber waits with
+/// [`CorruptReads::wait`].
+#[derive(Debug, Default)]
+pub struct CorruptReads {
+    queue: Mutex<VecDeque<(u16, AkeyPath)>>,
+    notify: Notify,
+}
+
+impl CorruptReads {
+    /// Most entries kept.
+    pub const MAX: usize = 1024;
+
+    /// An empty queue.
+    pub fn new() -> Arc<CorruptReads> {
+        Arc::new(CorruptReads::default())
+    }
+
+    /// Notes a corrupt read of `path` on target `target`.
+    pub fn note(&self, target: u16, path: AkeyPath) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= Self::MAX || q.iter().any(|(t, p)| *t == target && *p == path) {
+            return;
+        }
+        q.push_back((target, path));
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    /// Takes every entry.
+    pub fn take(&self) -> Vec<(u16, AkeyPath)> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect()
+    }
+
+    /// Waits until something is noted (at once if something was noted since the last wait).
+    pub async fn wait(&self) {
+        self.notify.notified().await;
+    }
+}
+
+/// Where a target thread notes corrupt reads: its index and the engine's queue.
+type CorruptSink = Option<(u16, Arc<CorruptReads>)>;
 
 /// A target's answer.
 #[derive(Debug)]
@@ -86,6 +159,8 @@ pub enum TargetReply {
     Objects(Vec<u128>),
     Keys(Vec<Bytes>),
     Info(TargetInfo),
+    Scrub(ScrubStep),
+    Fences(Vec<Fence>),
 }
 
 /// The reply channel of one request.
@@ -120,8 +195,24 @@ pub fn now_epoch() -> u64 {
 impl TargetHandle {
     /// Starts the thread that owns `target`.
     pub fn spawn(name: String, target: Target, max_batch: usize) -> std::io::Result<(TargetHandle, JoinHandle<()>)> {
+        Self::spawn_with(name, target, max_batch, None)
+    }
+
+    /// Like [`TargetHandle::spawn`], noting fetches that find corrupt data in `corrupt` as
+    /// target `index`.
+    pub fn spawn_noting(
+        name: String,
+        target: Target,
+        max_batch: usize,
+        index: u16,
+        corrupt: Arc<CorruptReads>,
+    ) -> std::io::Result<(TargetHandle, JoinHandle<()>)> {
+        Self::spawn_with(name, target, max_batch, Some((index, corrupt)))
+    }
+
+    fn spawn_with(name: String, target: Target, max_batch: usize, sink: CorruptSink) -> std::io::Result<(TargetHandle, JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel();
-        let handle = std::thread::Builder::new().name(name).spawn(move || run(target, &rx, max_batch.max(1)))?;
+        let handle = std::thread::Builder::new().name(name).spawn(move || run(target, &rx, max_batch.max(1), &sink))?;
         Ok((TargetHandle { tx }, handle))
     }
 
@@ -147,7 +238,7 @@ const AGGREGATION_IDLE: Duration = Duration::from_secs(1);
 /// once half the space is used), so space is reclaimed even when the queue never empties.
 const BATCHES_PER_AGGREGATION: u32 = 8;
 
-fn run(mut target: Target, rx: &Receiver<Msg>, max_batch: usize) {
+fn run(mut target: Target, rx: &Receiver<Msg>, max_batch: usize, sink: &CorruptSink) {
     let mut aggregation_busy = true;
     let mut batches = 0u32;
     loop {
@@ -170,7 +261,7 @@ fn run(mut target: Target, rx: &Receiver<Msg>, max_batch: usize) {
                         Err(_) => break,
                     }
                 }
-                if let Some(done) = execute_batch(&mut target, batch) {
+                if let Some(done) = execute_batch(&mut target, batch, sink) {
                     let _ = done.send(target.shutdown());
                     return;
                 }
@@ -204,7 +295,7 @@ fn run(mut target: Target, rx: &Receiver<Msg>, max_batch: usize) {
 }
 
 /// Runs one batch; returns the shutdown sender if a shutdown was requested in it.
-fn execute_batch(target: &mut Target, batch: Vec<Msg>) -> Option<oneshot::Sender<Result<(), EngineError>>> {
+fn execute_batch(target: &mut Target, batch: Vec<Msg>, sink: &CorruptSink) -> Option<oneshot::Sender<Result<(), EngineError>>> {
     let mut waiting = Vec::new();
     let mut shutdown = None;
     for msg in batch {
@@ -222,8 +313,21 @@ fn execute_batch(target: &mut Target, batch: Vec<Msg>) -> Option<oneshot::Sender
                     }
                 }
             }
+            Msg::Job(TargetOp::Fence { fence, on }, tx) => {
+                let _ = tx.send(target.set_fence(fence, on).map(|()| TargetReply::Done));
+            }
             Msg::Job(op, tx) => {
-                let _ = tx.send(read(target, op));
+                let fetched = sink.as_ref().and_then(|_| op.fetched_path().cloned());
+                let reply = read(target, op);
+                if let (Err(EngineError::DataCorrupt(_) | EngineError::Io { .. }), Some(path), Some((index, corrupt))) =
+                    (&reply, fetched, sink)
+                {
+                    // A fenced dkey is being repaired already.
+                    if !target.is_fenced(&path) {
+                        corrupt.note(*index, path);
+                    }
+                }
+                let _ = tx.send(reply);
             }
             Msg::Shutdown(tx) => shutdown = Some(tx),
         }
@@ -269,6 +373,9 @@ fn read(target: &Target, op: TargetOp) -> Result<TargetReply, EngineError> {
             TargetReply::Keys(idx.list_dkeys_since(cont, obj, since, epoch, after.as_ref(), max))
         }
         TargetOp::Query => TargetReply::Info(target.info()),
+        TargetOp::Scrub { from, max_bytes } => TargetReply::Scrub(target.scrub_step(from.as_ref(), max_bytes)),
+        TargetOp::Fences => TargetReply::Fences(target.fences()),
+        TargetOp::Fence { .. } => return Err(EngineError::Invalid("fence routed as a read".into())),
     })
 }
 
@@ -277,7 +384,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::backend::MemStorage;
+    use crate::backend::{MemStorage, Storage};
     use crate::target::{TargetConfig, UpdateValue};
 
     #[test]
@@ -298,6 +405,38 @@ mod tests {
         let read = h.submit(TargetOp::FetchArray { path: path.clone(), offset: 0, len: 100, epoch: u64::MAX });
         match read.blocking_recv().unwrap().unwrap() {
             TargetReply::Array(a) => assert_eq!((a.data[0], a.holes.len()), (5, 0)),
+            r => panic!("{r:?}"),
+        }
+        h.shutdown().blocking_recv().unwrap().unwrap();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn fetches_of_corrupt_data_are_noted_once_unless_fenced() {
+        let mem = MemStorage::new();
+        let target = Target::open(Arc::new(mem.clone()), TargetConfig::default()).unwrap();
+        let corrupt = CorruptReads::new();
+        let (h, thread) = TargetHandle::spawn_noting("t".into(), target, 64, 3, corrupt.clone()).unwrap();
+        let path = AkeyPath { cont: 1, obj: 2, dkey: Bytes::from_static(b"d"), akey: Bytes::from_static(b"a") };
+        let value = UpdateValue::array(0, Bytes::from(vec![7u8; 8192]));
+        h.submit(TargetOp::Mutate(Mutation::Update { path: path.clone(), epoch: 5, value })).blocking_recv().unwrap().unwrap();
+        let fetch = || {
+            let r = h.submit(TargetOp::FetchArray { path: path.clone(), offset: 0, len: 8192, epoch: 9 }).blocking_recv().unwrap();
+            matches!(r, Err(EngineError::DataCorrupt(_)))
+        };
+        assert!(!fetch());
+        assert!(corrupt.take().is_empty());
+        // The first (and only) update went to block 0.
+        mem.open(crate::target::DATA_FILE, false).unwrap().write_at(&[0xee], 5000).unwrap();
+        assert!(fetch() && fetch());
+        assert_eq!(corrupt.take(), vec![(3, path.clone())], "noted once");
+        // A fenced dkey is being repaired: not noted again.
+        let fence = TargetOp::Fence { fence: Fence::of(&path), on: true };
+        h.submit(fence).blocking_recv().unwrap().unwrap();
+        assert!(fetch());
+        assert!(corrupt.take().is_empty());
+        match h.submit(TargetOp::Fences).blocking_recv().unwrap().unwrap() {
+            TargetReply::Fences(f) => assert_eq!(f, vec![Fence::of(&path)]),
             r => panic!("{r:?}"),
         }
         h.shutdown().blocking_recv().unwrap().unwrap();
