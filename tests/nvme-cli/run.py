@@ -532,6 +532,7 @@ class TesseraCluster(TargetLog):
         self.killed = {}  # daemon name -> (pid, time, note)
         self.volume = None
         self.down_msg = None  # what wait_engine_down saw
+        self.rebuilt_msg = None  # what wait_engine_rebuilt saw
         self.down_after = {}  # rank -> seconds from SIGKILL until the service showed it down
         self.exit_status = None
         self.logf = None
@@ -752,6 +753,29 @@ class TesseraCluster(TargetLog):
                 return msg
             if time.time() - t0 > limit:
                 raise TargetError(f"engine {rank} is {st} after {limit:.0f}s, not down")
+            time.sleep(0.5)
+
+    def wait_engine_rebuilt(self, rank, limit):
+        """Waits until the surviving engines have rebuilt engine `rank`'s shards: its targets
+        DOWNOUT (the service commits that when every survivor reported its rebuild pass done)
+        and no rebuild running."""
+        t0 = time.time()
+        while True:
+            pool = self.tessera("pool", "query", self.volume["pool"])
+            tgt = [t["state"] for t in pool["map"]["targets"] if t["rank"] == rank]
+            rb = pool.get("rebuild", {})
+            if tgt and all(s == "DOWNOUT" for s in tgt) and rb.get("state") == "idle":
+                waited = time.time() - t0
+                msg = (f"engine {rank}'s shards rebuilt on the survivors' targets (its targets {tgt}, "
+                       f"{rb.get('completed')} rebuild(s) completed, pool map version {pool['map']['version']}, "
+                       f"fault-domain redundancy reduced: {pool.get('fault_domains_reduced')})"
+                       f"{f' after waiting {waited:.1f}s' if waited >= 0.5 else ''}")
+                self.note(msg)
+                self.rebuilt_msg = self.rebuilt_msg or msg
+                return msg
+            if time.time() - t0 > limit:
+                raise TargetError(f"engine {rank}'s shards not rebuilt after {limit:.0f}s: its targets {tgt}, "
+                                  f"rebuild {rb.get('state')} (last error: {rb.get('last_error')})")
             time.sleep(0.5)
 
     def problems(self):
@@ -1000,6 +1024,12 @@ class Context:
                 msg = self.cluster.wait_engine_down(int(parts[1]), float(parts[2]))
                 guest.note(msg)
                 return "ok " + msg
+            elif parts[0] == "expect-engine-rebuilt":
+                if not self.cluster:
+                    return "err no cluster is running"
+                msg = self.cluster.wait_engine_rebuilt(int(parts[1]), float(parts[2]))
+                guest.note(msg)
+                return "ok " + msg
             elif parts[0] == "expect-conns-min":
                 n = established_conns(self.port)
                 if n < int(parts[1]):
@@ -1090,7 +1120,8 @@ def run_ec_boot(boot, tessera_bin, kernel, base_initrd, workdir, logdir, ctx, ar
             results["ec-engine-killed"] = Result("ec-engine-killed", True,
                                                  info=f"{name} pid {pid} SIGKILLed during fio's write phase, "
                                                       f"marked down {f'{d:.1f}s' if d is not None else 'at some point'} later; "
-                                                      f"{cluster.down_msg}")
+                                                      f"{cluster.down_msg}"
+                                                      f"{f'; {cluster.rebuilt_msg}' if cluster.rebuilt_msg else ''}")
 
         # ec-cluster-clean: the survivors kept running, no panic anywhere, ordered stop
         alive, status = cluster.alive(), cluster.status()

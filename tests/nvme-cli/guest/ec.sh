@@ -1,14 +1,17 @@
 # Erasure-coded volume boot: the kernel's nvme-tcp host against a whole Tessera system that
 # run.py started on the host with `tessera up` (tessera-mgmt, 3 engines x 2 targets,
 # tessera-nvmf in managed mode), exporting one EC_2P1 volume as $EC_NQN on $TADDR:$EC_PORT.
-# One engine is SIGKILLed (by run.py, on request) while fio's write phase runs; every later
-# read of the data goes through the degraded path (reconstruction from the surviving cells).
+# One engine is SIGKILLed (by run.py, on request) while fio's write phase runs. Once the
+# service marks it down, the two surviving engines rebuild its shards on their spare targets
+# (each group then has two shards on one engine) while fio goes on writing; reads are degraded
+# (reconstruction from the surviving cells) only until that rebuild is done, about a second.
+# The later passes check every block against what the rebuild produced.
 #
 # Regions of the volume (all fio jobs are randwrite, 4k..128k blocks, crc32c verify headers,
 # and replayable with --verify_only because fio's random sequence repeats by default):
 #   ec-base      0 .. 32 MiB   written and verified with all engines up
 #   ec-kill     64 .. 128 MiB  written while engine $EC_KILL_RANK is killed, then verified
-#   ec-degraded 160 .. 184 MiB written and verified with the engine down
+#   ec-degraded 160 .. 184 MiB written and verified with the engine down (and its shards rebuilt)
 #   224 MiB ..                 never written: a --verify_only there must fail (control)
 . /guest-lib.sh
 
@@ -161,6 +164,8 @@ case_ec_kill_during_write() {
 case_ec_reverify_degraded() {
     ec_ensure_connected || return 1
     request expect-engine-down "$EC_KILL_RANK" 5 || return 1
+    # the survivors rebuilt the lost engine's shards: these replays read what the rebuild wrote
+    request expect-engine-rebuilt "$EC_KILL_RANK" 45 || return 1
     ec_reverify ec-kill 64 $KILL_ARGS || return 1
     ec_reverify ec-base 32 $BASE_ARGS || return 1
 }
