@@ -209,8 +209,11 @@ fn checksum_corruption_on_one_engine_is_detected_and_served_from_redundancy() {
             vol.write(off, d).await.unwrap();
         }
     });
-    // Flip bytes all over engine 0's data file (every 4 KiB block).
-    let path = c.target_dir(0, 0).join("data.blk");
+    // Flip bytes all over the data file (every 4 KiB block) of the engine holding the first
+    // data shard of chunk 0: reads go to data shards, so an engine that happens to hold only
+    // parity shards of this volume's few chunks (the volume uuid is random) would never be read.
+    let victim = vol.chunk_group(0).unwrap().shards[0];
+    let path = c.target_dir(victim.rank, victim.target_index).join("data.blk");
     let mut bytes = std::fs::read(&path).unwrap();
     let mut flipped = 0;
     for i in (100..bytes.len()).step_by(4096) {
