@@ -63,7 +63,10 @@ impl VolumeInner {
         for span in &mapping.stripes {
             let dkey = key_from_u64(span.dkey);
             let group = self.group(view, &dkey)?;
-            let lost = group.unavailable_count();
+            // A group with fewer than k shards readable anywhere could not serve what we write:
+            // refuse rather than acknowledge data that cannot be read back.
+            let sources = group.shards.iter().filter(|s| s.read_from().is_some()).count();
+            let lost = group.unavailable_count().max(group.shards.len().saturating_sub(sources));
             if lost as u32 > self.class.parity_shards() {
                 return Err(VolumeError::Unavailable(format!(
                     "{lost} of the {} shards of chunk {} are down: more than the {} the class {} survives",
