@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use tessera_client::placement::TargetRef;
 use tessera_client::volume::{Cluster, Volume};
-use tessera_mgmt_api::{CreatePool, CreateVolume, MgmtClient, PoolInfo, RebuildState, TargetSelector, TargetStateName};
-use tessera_testkit::LocalCluster;
+use tessera_mgmt_api::{CreatePool, CreateVolume, MgmtClient, PoolInfo, TargetSelector, TargetStateName};
+use tessera_testkit::{wait_for, LocalCluster};
 
 mod common;
-use common::{runtime, sequential_random_writes, verify_all, write_whole, Rng};
+use common::{runtime, sequential_random_writes, verify_all, wait_healed, write_whole, Rng};
 
 const HEAL: &str = "\n[heal]\nrebuild_rate = \"1GiB\"\n";
 
@@ -34,23 +34,6 @@ async fn create(mgmt: &MgmtClient, name: &str, class: &str, size: u64) -> Volume
         .await
         .unwrap();
     Cluster::new(mgmt.clone()).open_volume(&info).await.unwrap()
-}
-
-/// Waits until the pool has no DOWN or UP target and its rebuild is idle; returns the pool.
-fn wait_healed(rt: &tokio::runtime::Runtime, mgmt: &MgmtClient, timeout: Duration) -> PoolInfo {
-    let start = Instant::now();
-    let mut last = None;
-    loop {
-        if let Ok(p) = rt.block_on(mgmt.pool("p")) {
-            let moving = p.map.targets.iter().any(|t| matches!(t.state, TargetStateName::Down | TargetStateName::Up));
-            if !moving && p.rebuild.state == RebuildState::Idle {
-                return p;
-            }
-            last = Some(p);
-        }
-        assert!(start.elapsed() < timeout, "pool not healed after {timeout:?}: {last:#?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn states(p: &PoolInfo, rank: u32) -> Vec<TargetStateName> {
@@ -101,9 +84,14 @@ fn rebuild_then_second_failure_then_reintegration_then_third_failure() {
     // 2. A second engine: without the rebuild, groups that had shards on both would be lost.
     //    Everything written so far must lie below its reintegration floor (4 s before the
     //    marking), so that step 3 can tell what changed while it was away.
-    while last_write.elapsed() < Duration::from_secs(4) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("the writes so far 4 s old", Duration::from_secs(10), || {
+        let age = last_write.elapsed();
+        if age >= Duration::from_secs(4) {
+            Ok(())
+        } else {
+            Err(format!("{age:?}"))
+        }
+    });
     c.kill_engine(2);
     c.wait_engine_down(2, Duration::from_secs(10));
     let full = wait_healed(&rt, &mgmt, Duration::from_secs(60)).rebuild;
@@ -153,8 +141,7 @@ fn rebuild_then_second_failure_then_reintegration_then_third_failure() {
     assert!(p.map.targets.iter().any(|t| t.rank == 0 && t.index == 1 && t.drained));
     let p = wait_healed(&rt, &mgmt, Duration::from_secs(60));
     assert!(p.map.targets.iter().any(|t| t.rank == 0 && t.index == 1 && t.state == TargetStateName::DownOut));
-    let start = Instant::now();
-    loop {
+    wait_for("the drained target emptied", Duration::from_secs(30), || {
         let left: usize = rt.block_on(async {
             let mut n = 0;
             for v in [&ec, &rp] {
@@ -164,11 +151,11 @@ fn rebuild_then_second_failure_then_reintegration_then_third_failure() {
             n
         });
         if left == 0 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("it holds {left} chunks"))
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "the drained target still holds {left} chunks");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
     rt.block_on(async {
         verify_all(&ec, &m_ec).await;
         verify_all(&rp, &m_rp).await;
@@ -218,16 +205,15 @@ fn scrub_repairs_corrupt_data_before_a_failure_needs_it() {
     assert!(on_1 > 0);
 
     // Every engine scrubs its data about once a second; nothing is bad yet.
-    let start = Instant::now();
-    loop {
+    wait_for("scrub passes", Duration::from_secs(30), || {
         let p = rt.block_on(mgmt.pool("p")).unwrap();
         if p.scrub.passes >= 8 && p.scrub.bytes > 0 {
             assert_eq!((p.scrub.repaired, p.scrub.unrepairable), (0, 0), "{:?}", p.scrub);
-            break;
+            Ok(())
+        } else {
+            Err(format!("{:?}", p.scrub))
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "no scrub passes: {:?}", p.scrub);
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
 
     // Flip a byte in every block engine 1 stores, with no host read afterwards.
     let flipped: usize = (0..2).map(|t| flip_every_block(&c.target_dir(1, t).join("data.blk"))).sum();
@@ -235,7 +221,7 @@ fn scrub_repairs_corrupt_data_before_a_failure_needs_it() {
     let corrupted = Instant::now();
     // Scrub finds and repairs every chunk-shard; then two passes of engine 1 find nothing.
     let mut repaired_after = None;
-    loop {
+    wait_for("engine 1 repaired and scrubbed clean", Duration::from_secs(60), || {
         let p = rt.block_on(mgmt.pool("p")).unwrap();
         assert_eq!(p.scrub.unrepairable, 0, "{:?}", p.scrub);
         let repairs = log_lines(&c, 1, "scrub: repaired a chunk-shard").len();
@@ -254,11 +240,11 @@ fn scrub_repairs_corrupt_data_before_a_failure_needs_it() {
             for l in log_lines(&c, 1, "scrub pass done").iter().rev().take(2) {
                 eprintln!("engine 1: {l}");
             }
-            break;
+            Ok(())
+        } else {
+            Err(format!("{repairs} of {on_1} chunk-shards repaired, {:?}", p.scrub))
         }
-        assert!(corrupted.elapsed() < Duration::from_secs(60), "not repaired: {repairs} of {on_1} chunk-shards, {:?}", p.scrub);
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
 
     // Now another engine fails: the groups it shares with engine 1 need engine 1's shards.
     c.kill_engine(2);
@@ -292,8 +278,7 @@ fn scrub_repairs_corrupt_data_before_a_failure_needs_it() {
     rt.block_on(verify_all(&ec, &model));
     let errors = ec.stats().checksum_errors;
     assert!(errors > 0, "{:?}", ec.stats());
-    let start = Instant::now();
-    loop {
+    wait_for("engine 3 repaired", Duration::from_secs(60), || {
         let p = rt.block_on(mgmt.pool("p")).unwrap();
         assert_eq!(p.scrub.unrepairable, 0, "{:?}", p.scrub);
         let passes = log_lines(&c, 3, "scrub pass done");
@@ -302,11 +287,11 @@ fn scrub_repairs_corrupt_data_before_a_failure_needs_it() {
             let by_read = log_lines(&c, 3, "found_by=read").len();
             eprintln!("scrub: engine 3 repaired {} values, {by_read} chunk-shards found by reads", p.scrub.repaired - repaired);
             assert!(by_read > 0, "no repair was triggered by a read");
-            break;
+            Ok(())
+        } else {
+            Err(format!("{:?}", p.scrub))
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "engine 3 not repaired: {:?}", p.scrub);
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
     rt.block_on(verify_all(&ec, &model));
     assert_eq!(ec.stats().checksum_errors, errors, "everything was repaired: {:?}", ec.stats());
 }

@@ -3,14 +3,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tessera_client::volume::{Cluster, Volume, VolumeError};
-use tessera_mgmt_api::{CreatePool, CreateVolume, MgmtClient, PoolInfo, RebuildState, TargetStateName};
+use tessera_mgmt_api::{CreatePool, CreateVolume, MgmtClient, TargetStateName};
 use tessera_testkit::LocalCluster;
 
 mod common;
-use common::{pattern, runtime, sequential_random_writes, verify_all, write_whole, Rng};
+use common::{pattern, runtime, sequential_random_writes, verify_all, wait_healed, write_whole, Rng};
 
 async fn open(c: &LocalCluster, class: &str, size: u64) -> Volume {
     let mgmt = c.client();
@@ -42,23 +42,6 @@ fn verify_with_each_engine_down(c: &mut LocalCluster, rt: &tokio::runtime::Runti
         let d = c.start_engine(rank);
         c.engines[rank as usize] = Some(d);
         c.wait_engines_up(3, Duration::from_secs(10));
-    }
-}
-
-/// Waits until no target of pool "p" is DOWN or UP and its rebuild is idle; returns the pool.
-fn wait_healed(rt: &tokio::runtime::Runtime, mgmt: &MgmtClient, timeout: Duration) -> PoolInfo {
-    let start = Instant::now();
-    let mut last = None;
-    loop {
-        if let Ok(p) = rt.block_on(mgmt.pool("p")) {
-            let moving = p.map.targets.iter().any(|t| matches!(t.state, TargetStateName::Down | TargetStateName::Up));
-            if !moving && p.rebuild.state == RebuildState::Idle {
-                return p;
-            }
-            last = Some(p);
-        }
-        assert!(start.elapsed() < timeout, "pool not healed after {timeout:?}: {last:#?}");
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

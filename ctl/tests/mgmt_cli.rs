@@ -121,6 +121,7 @@ fn bad_arguments_are_one_line_and_exit_2() {
         &["up", "--engines", "0"],
         &["up", "--target-capacity", "lots"],
         &["up", "--listen", "nowhere"],
+        &["up", "--rebuild-rate", "0"],
     ] {
         let (code, out, err) = tessera(args);
         assert_eq!(code, 2, "tessera {args:?}: {err}");
@@ -382,16 +383,15 @@ fn settled(pool: &Value) -> bool {
 /// Polls `tessera pool query default` and `tessera system query` until `done(pool, system)`;
 /// returns the pool.
 fn wait_for(mgmt: &str, timeout: Duration, what: &str, done: impl Fn(&Value, &Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
+    tessera_testkit::wait_for(what, timeout, || {
         let pool = tessera_json(mgmt, &["pool", "query", "default"]);
         let sys = tessera_json(mgmt, &["system", "query"]);
         if done(&pool, &sys) {
-            return pool;
+            Ok(pool)
+        } else {
+            Err(format!("\n{pool:#}\n{sys:#}"))
         }
-        assert!(start.elapsed() < timeout, "not {what} after {timeout:?}:\n{pool:#}\n{sys:#}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    })
 }
 
 /// `tessera bench --verify` of `ios` 8 KiB random reads and writes through the target.
@@ -412,7 +412,7 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
     let mgmt = format!("127.0.0.1:{}", ports.mgmt);
     let nqn = "nqn.2026-11.io.tessera:vol0";
 
-    let mut up = Up::start(&dir, &ports, &[]);
+    let mut up = Up::start(&dir, &ports, &["--rebuild-rate", "256M"]);
     let connect = up.wait_ready();
     assert_eq!(connect, format!("nvme connect -t tcp -a 127.0.0.1 -s {} -n {nqn}", ports.nvmf));
     assert!(up.stdout.iter().any(|l| l.trim() == format!("nvme discover -t tcp -a 127.0.0.1 -s {}", ports.nvmf)), "{:?}", up.stdout);
@@ -424,6 +424,9 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
     for f in ["mgmt.redb", "engine-0/engine.toml", "engine-2/data/ENGINE", "logs/mgmt.log", "logs/engine-1.log", "logs/nvmf.log"] {
         assert!(dir.join(f).exists(), "no {f} in {}", dir.display());
     }
+    // --rebuild-rate becomes every engine's [heal] rebuild_rate (and the engines accept it).
+    let engine_toml = || std::fs::read_to_string(dir.join("engine-1/engine.toml")).unwrap();
+    assert!(engine_toml().contains("\n[heal]\nrebuild_rate = 268435456\n"), "{}", engine_toml());
 
     let pools = tessera_json(&mgmt, &["pool", "list"]);
     let pools = pools.as_array().unwrap();
@@ -506,6 +509,7 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
     // Again on the same directory: the same pool, volume and export, all three engines back.
     let mut up = Up::start(&dir, &ports, &[]);
     assert_eq!(up.wait_ready(), connect);
+    assert!(!engine_toml().contains("[heal]"), "without --rebuild-rate the engine's default: {}", engine_toml());
     let vols = tessera_json(&mgmt, &["volume", "list"]);
     assert_eq!(vols.as_array().unwrap().len(), 1, "{vols}");
     assert_eq!(vols[0]["uuid"], uuid.as_str());

@@ -16,6 +16,22 @@ use std::time::{Duration, Instant};
 
 use tessera_mgmt_api::{EngineState, MgmtClient};
 
+/// How often [`wait_for`] looks again.
+pub const POLL: Duration = Duration::from_millis(100);
+
+/// Waits on state: calls `check` every [`POLL`] until it returns `Ok`, and fails the test with
+/// `what` and the last `Err` (what the state was instead) once `timeout` has passed.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let start = Instant::now();
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(state) => assert!(start.elapsed() < timeout, "{what}: not after {timeout:?}: {state}"),
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
 /// `target/<profile>/`, where the workspace's binaries land.
 pub fn profile_dir() -> PathBuf {
     // A test binary is target/<profile>/deps/<name>-<hash>.
@@ -223,33 +239,31 @@ impl LocalCluster {
     pub fn wait_engines_up(&self, n: usize, timeout: Duration) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let mgmt = self.client();
-        let start = Instant::now();
-        loop {
+        wait_for(&format!("{n} engines up"), timeout, || {
             let up = rt.block_on(mgmt.system()).map(|s| s.engines.iter().filter(|e| e.state == EngineState::Up).count()).unwrap_or(0);
             if up >= n {
-                return;
+                Ok(())
+            } else {
+                Err(format!("{up} up"))
             }
-            assert!(start.elapsed() < timeout, "only {up} of {n} engines up after {timeout:?}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        })
     }
 
     /// Waits until the service reports engine `rank` down.
     pub fn wait_engine_down(&self, rank: u32, timeout: Duration) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let mgmt = self.client();
-        let start = Instant::now();
-        loop {
+        wait_for(&format!("engine {rank} marked down"), timeout, || {
             let down = rt
                 .block_on(mgmt.system())
                 .map(|s| s.engines.iter().any(|e| e.rank == rank && e.state == EngineState::Down))
                 .unwrap_or(false);
             if down {
-                return;
+                Ok(())
+            } else {
+                Err("still up".into())
             }
-            assert!(start.elapsed() < timeout, "engine {rank} not marked down after {timeout:?}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        })
     }
 }
 

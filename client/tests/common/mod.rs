@@ -2,8 +2,12 @@
 //! the volume and its writers and verifier.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use tessera_client::volume::{Volume, VolumeError};
+use tessera_mgmt_api::{MgmtClient, PoolInfo, RebuildState, TargetStateName};
+use tessera_testkit::wait_for;
 
 /// A seeded xorshift generator.
 pub struct Rng(pub u64);
@@ -74,4 +78,17 @@ pub async fn sequential_random_writes(vol: &Volume, model: &mut [u8], rng: &mut 
 
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// Waits until no target of pool "p" is DOWN or UP and its rebuild is idle; returns the pool.
+pub fn wait_healed(rt: &tokio::runtime::Runtime, mgmt: &MgmtClient, timeout: Duration) -> PoolInfo {
+    wait_for("pool p healed", timeout, || {
+        let p = rt.block_on(mgmt.pool("p")).map_err(|e| e.to_string())?;
+        let moving = p.map.targets.iter().any(|t| matches!(t.state, TargetStateName::Down | TargetStateName::Up));
+        if !moving && p.rebuild.state == RebuildState::Idle {
+            Ok(p)
+        } else {
+            Err(format!("{p:#?}"))
+        }
+    })
 }
