@@ -189,6 +189,12 @@ impl Healer {
             v.refresh_pool_map(version).await;
             volumes.push(v);
         }
+        // Every engine refuses the older map from here on (one announcement covers the pool).
+        // A write it accepted just before is in a target's queue and commits within its next
+        // group commit, long before the scan below reaches data.
+        if let Some(v) = volumes.first() {
+            v.announce_map().await;
+        }
         let shared = Arc::new(Shared::default());
         shared
             .update(|g| *g = RebuildProgress { map_version: version, attempt, objects_total: volumes.len() as u64, ..Default::default() });

@@ -24,11 +24,13 @@
 use std::ops::Range;
 
 use bytes::Bytes;
+use futures::future::join_all;
 use futures::stream::{self, StreamExt};
 use tessera_engine_proto::request::ENUM_MAX_KEYS;
 use tessera_engine_proto::{
     key_from_u64, key_to_u64, DataRun, Discard, EnumTarget, Enumerate, Epoch, Punch, PunchTarget, Reply, Request, SetRetention,
 };
+use tracing::debug;
 
 use super::{PoolView, ShardError, Volume, VolumeError, VolumeInner, AKEY_BASE, AKEY_COPY, AKEY_DELTA, AKEY_PARITY};
 use crate::hlc;
@@ -167,6 +169,33 @@ impl Volume {
             }
         }
         v.pool.current().map.version()
+    }
+
+    /// Makes every engine with a placeable target in the pool enforce this volume's pool map
+    /// version now: a Ping carrying it to each (engines raise their known version from every
+    /// request). From then on no read or write planned with an older map is accepted, so a
+    /// rebuild's reads see every write the old map could still route, and a clean-up never
+    /// discards what an old map still reads. Engines that cannot be reached are skipped: their
+    /// targets are on their way to DOWN.
+    pub async fn announce_map(&self) {
+        let v = &self.inner;
+        let view = v.pool.current();
+        let engines: Vec<TargetRef> = view
+            .map
+            .engines()
+            .iter()
+            .filter_map(|e| view.map.engine_targets(e).iter().find(|t| t.state.is_placeable()))
+            .map(|t| TargetRef { rank: t.rank, index: t.index })
+            .collect();
+        join_all(engines.into_iter().map(|t| {
+            let view = &view;
+            async move {
+                if let Err(e) = v.call_target(view, t, Request::Ping).await {
+                    debug!(volume = %v.info.name, rank = t.rank, error = %e, "map announcement not delivered");
+                }
+            }
+        }))
+        .await;
     }
 
     /// The redundancy group of chunk `chunk` under the current map.
