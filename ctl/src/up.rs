@@ -62,6 +62,10 @@ pub struct UpArgs {
     /// Subsystem NQN the volume is exported as.
     #[arg(long, default_value = "nqn.2026-11.io.tessera:vol0")]
     nqn: String,
+    /// Most bytes per second each engine writes into rebuilt shards (`[heal] rebuild_rate` in
+    /// the engine configurations), e.g. 1G; default: the engine's own (64 MiB/s).
+    #[arg(long, value_parser = parse_size64)]
+    rebuild_rate: Option<u64>,
     /// How long each start-up step (service up, engines registered, target serving) may take,
     /// seconds.
     #[arg(long, default_value_t = 60)]
@@ -474,13 +478,16 @@ async fn start(
     for (rank, addr) in engine_addrs.iter().enumerate() {
         let edir = dir.join(format!("engine-{rank}"));
         std::fs::create_dir_all(&edir).map_err(|e| format!("cannot create {}: {e}", edir.display()))?;
-        let config = format!(
+        let mut config = format!(
             "# Written by tessera up at every start.\nrank = {rank}\nlisten = \"{addr}\"\ndata_dir = {}\ntargets = {}\ntarget_capacity = {}\n\n[mgmt]\naddress = {}\n",
             toml_str(&edir.join("data").display().to_string()),
             a.targets,
             a.target_capacity,
             toml_str(&mgmt_addr),
         );
+        if let Some(rate) = a.rebuild_rate {
+            config.push_str(&format!("\n[heal]\nrebuild_rate = {rate}\n"));
+        }
         let path = edir.join("engine.toml");
         std::fs::write(&path, config).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         roles.engines.push(procs.spawn(&format!("engine-{rank}"), &bins.engine, &["--config".into(), path.display().to_string()])?);
