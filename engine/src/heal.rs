@@ -322,12 +322,9 @@ impl Healer {
                 return Ok(false);
             }
             let v = &volumes[t.volume];
-            // Reintegration is incremental per chunk: only chunks changed above the floor are
-            // tasks, and each is rebuilt whole (everything the returning target holds of it is
-            // replaced). Copying only the versions above the floor inside a chunk
-            // (`RebuildOptions::since`) returned wrong data in the reintegration test; until that
-            // is understood, whole chunks.
-            let opts = RebuildOptions { since: 0, settle_torn: attempt > SETTLE_TORN_AFTER };
+            // Reintegration is incremental twice over: only chunks changed above the floor are
+            // tasks, and inside each only the versions above it are copied (`since`).
+            let opts = RebuildOptions { since: t.since, settle_torn: attempt > SETTLE_TORN_AFTER };
             let mut outcome = Err(VolumeError::Unavailable("not tried".into()));
             for i in 0..CHUNK_ATTEMPTS {
                 outcome = v.rebuild_shard(t.chunk, t.shard, opts).await;

@@ -275,11 +275,15 @@ impl VolumeInner {
         }
         // Sources: every shard where reads find it (a rebuilding shard at its base target).
         let group = group.for_reads();
-        let epoch = hlc::now();
         // What the destination holds above the floor goes first: a punch could not hide it
         // without hiding the older epochs about to be rewritten.
         let discard = Request::Discard(Discard { cont: self.cont, obj: self.oid, above: opts.since, dkey: Some(dkey.clone()) });
         self.call(&view, &dest, discard).await.map_err(|e| shard_fail(&dest, e))?;
+        // The survivors are read only now, at an epoch above every write the discard may have
+        // removed: a write that reached the destination before it (new writes go there at once)
+        // was stamped before this moment, so the read below brings it back. Writes that arrive
+        // after the discard stay where they land.
+        let epoch = hlc::now();
 
         let mut plan = Plan::default();
         if !self.class.is_ec() {
@@ -350,7 +354,11 @@ impl VolumeInner {
         })
     }
 
-    /// Runs newer than the floor as updates; with a floor, holes as punches at the floor.
+    /// Runs newer than the stripe's base epoch and the floor as updates. With a floor, the holes
+    /// as punches at the floor — but only where the stripe has no base (no full-stripe write is
+    /// visible): a data shard's reads merge `B` and `D` newest first, so a punch in `D` at the
+    /// floor would also hide an older base cell; where a base exists, it already hides every stale
+    /// fragment below it (a stripe is only ever punched whole, which removes its base too).
     #[allow(clippy::too_many_arguments)]
     fn push_runs(
         &self,
@@ -359,15 +367,15 @@ impl VolumeInner {
         akey: &'static [u8],
         runs: &[Run],
         range: &Range<u64>,
-        newer_than: Epoch,
+        base: Option<Epoch>,
         since: Epoch,
     ) {
         for x in within(runs, range) {
-            if x.epoch > newer_than.max(since) {
+            if x.epoch > base.unwrap_or(0).max(since) {
                 plan.reqs.push(self.update(dkey, akey, x.off, x.data, x.epoch));
             }
         }
-        if since > 0 {
+        if since > 0 && base.is_none() {
             for h in holes(runs, range) {
                 plan.reqs.push(self.punch_range(dkey, akey, &h, since));
             }
@@ -390,7 +398,7 @@ impl VolumeInner {
         for s in group.shards.iter().filter(|s| s.shard != dest.shard && s.readable()) {
             match self.runs(view, s, dkey, AKEY_DELTA, 0..chunk, epoch).await {
                 Ok(runs) => {
-                    self.push_runs(plan, dkey, AKEY_DELTA, &runs, &(0..chunk), 0, opts.since);
+                    self.push_runs(plan, dkey, AKEY_DELTA, &runs, &(0..chunk), None, opts.since);
                     return Ok(());
                 }
                 Err(e) => last = e.to_string(),
@@ -527,7 +535,7 @@ impl VolumeInner {
             let in_chunk = self.cell_in_chunk(s, c);
             let shift = |x: Run| Run { off: x.off - in_chunk.start + r.start, ..x };
             let mine: Vec<Run> = within(&copies, &in_chunk).into_iter().map(shift).collect();
-            self.push_runs(plan, dkey, AKEY_DELTA, &mine, &r, e_p.unwrap_or(0), opts.since);
+            self.push_runs(plan, dkey, AKEY_DELTA, &mine, &r, e_p, opts.since);
         }
         if !torn.is_empty() {
             return Err(VolumeError::Unavailable(format!(
@@ -620,7 +628,6 @@ impl VolumeInner {
                 None => {}
             }
             // Copies of this stripe's fragments newer than its base, at chunk offsets.
-            let base = e_s.unwrap_or(0);
             let stripe_chunk = self.cell_in_chunk(s, 0).start..self.cell_in_chunk(s, k as u64 - 1).end;
             let stripe_copies: Vec<Run> = match &copies {
                 Some(cp) => within(cp, &stripe_chunk),
@@ -636,7 +643,7 @@ impl VolumeInner {
                     })
                     .collect(),
             };
-            self.push_runs(plan, dkey, AKEY_COPY, &stripe_copies, &stripe_chunk, base, opts.since);
+            self.push_runs(plan, dkey, AKEY_COPY, &stripe_copies, &stripe_chunk, e_s, opts.since);
         }
         if !torn.is_empty() {
             return Err(VolumeError::Unavailable(format!(
