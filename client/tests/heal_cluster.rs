@@ -13,7 +13,7 @@ use tessera_mgmt_api::{CreatePool, CreateVolume, MgmtClient, PoolInfo, TargetSel
 use tessera_testkit::{wait_for, LocalCluster};
 
 mod common;
-use common::{runtime, sequential_random_writes, verify_all, wait_healed, write_whole, Rng};
+use common::{log_lines, runtime, sequential_random_writes, verify_all, wait_healed, write_whole, Rng};
 
 const HEAL: &str = "\n[heal]\nrebuild_rate = \"1GiB\"\n";
 
@@ -121,6 +121,9 @@ fn rebuild_then_second_failure_then_reintegration_then_third_failure() {
     assert!(full.dkeys_done >= 8, "the full rebuild moved {} chunks", full.dkeys_done);
     assert!(back.dkeys_done <= 2 * 2, "reintegration copied {} chunk shards (full rebuild: {})", back.dkeys_done, full.dkeys_done);
     assert!(back.bytes_done < full.bytes_done / 2, "reintegration {} bytes, full rebuild {}", back.bytes_done, full.bytes_done);
+    // And inside those chunks only the versions written meanwhile: at most the 3 × 4 KiB per
+    // volume (a chunk shard holds 128–256 KiB).
+    assert!(back.bytes_done <= 2 * 3 * 4096, "reintegration copied {} bytes for 2 × 3 writes of 4 KiB", back.bytes_done);
     rt.block_on(async {
         verify_all(&ec, &m_ec).await;
         verify_all(&rp, &m_rp).await;
@@ -179,15 +182,9 @@ fn flip_every_block(path: &std::path::Path) -> usize {
     flipped
 }
 
-/// Lines of engine `rank`'s log containing `what`.
-fn log_lines(c: &LocalCluster, rank: u32, what: &str) -> Vec<String> {
-    let log = std::fs::read_to_string(c.dir.join(format!("engine-{rank}")).join(format!("engine-{rank}.log"))).unwrap_or_default();
-    log.lines().filter(|l| l.contains(what)).map(str::to_string).collect()
-}
-
 /// Scrub: every block one engine stores is corrupted; the engines' scrubbers (a pass a second)
 /// find and repair every chunk-shard from redundancy with no host read, so a later failure of
-/// another engine loses nothing. Then reads that meet corrupt data trigger the same repair.
+/// another engine loses nothing. (Repairs triggered by reads: volume_cluster's checksum test.)
 #[test]
 fn scrub_repairs_corrupt_data_before_a_failure_needs_it() {
     const SCRUB: &str = "\n[heal]\nrebuild_rate = \"1GiB\"\nscrub_period_secs = 1\nscrub_rate = \"64MiB\"\n";
@@ -250,48 +247,10 @@ fn scrub_repairs_corrupt_data_before_a_failure_needs_it() {
     c.kill_engine(2);
     rt.block_on(verify_all(&ec, &model));
     c.wait_engine_down(2, Duration::from_secs(10));
-    let healed = wait_healed(&rt, &mgmt, Duration::from_secs(60));
+    wait_healed(&rt, &mgmt, Duration::from_secs(60));
     rt.block_on(verify_all(&ec, &model));
     let p = rt.block_on(mgmt.pool("p")).unwrap();
     assert_eq!(p.scrub.unrepairable, 0, "{:?}", p.scrub);
     assert!(p.scrub.repaired >= on_1 as u64, "{:?}", p.scrub);
     assert_eq!(ec.stats().checksum_errors, 0, "no host read met the corruption: {:?}", ec.stats());
-
-    // Reads that meet a checksum error trigger the same repair: corrupt the target of engine 3
-    // holding more data shards and at once read its chunks (correct data, from redundancy),
-    // last chunk first — scrub goes from the first, so reads get to most of them first.
-    let repaired = p.scrub.repaired;
-    rt.block_on(ec.refresh_pool_map(healed.map.version));
-    let data_on = |t: u16| -> Vec<u64> {
-        (0..chunks).filter(|&ch| ec.chunk_group(ch).unwrap().shards[..2].iter().any(|s| s.rank == 3 && s.target_index == t)).collect()
-    };
-    let t = if data_on(0).len() >= data_on(1).len() { 0 } else { 1 };
-    let read_first = data_on(t);
-    assert!(!read_first.is_empty());
-    let passes_before = log_lines(&c, 3, "scrub pass done").len();
-    assert!(flip_every_block(&c.target_dir(3, t).join("data.blk")) > 0);
-    for &ch in read_first.iter().rev() {
-        let (off, len) = (ch * 256 * 1024, 256 * 1024);
-        let got = rt.block_on(ec.read(off, len)).unwrap();
-        assert!(got[..] == model[off as usize..(off + len) as usize], "chunk {ch} differs");
-    }
-    rt.block_on(verify_all(&ec, &model));
-    let errors = ec.stats().checksum_errors;
-    assert!(errors > 0, "{:?}", ec.stats());
-    wait_for("engine 3 repaired", Duration::from_secs(60), || {
-        let p = rt.block_on(mgmt.pool("p")).unwrap();
-        assert_eq!(p.scrub.unrepairable, 0, "{:?}", p.scrub);
-        let passes = log_lines(&c, 3, "scrub pass done");
-        let clean = passes.len() >= passes_before + 3 && passes.iter().rev().take(2).all(|l| l.contains(" bad=0"));
-        if clean && p.scrub.repaired > repaired {
-            let by_read = log_lines(&c, 3, "found_by=read").len();
-            eprintln!("scrub: engine 3 repaired {} values, {by_read} chunk-shards found by reads", p.scrub.repaired - repaired);
-            assert!(by_read > 0, "no repair was triggered by a read");
-            Ok(())
-        } else {
-            Err(format!("{:?}", p.scrub))
-        }
-    });
-    rt.block_on(verify_all(&ec, &model));
-    assert_eq!(ec.stats().checksum_errors, errors, "everything was repaired: {:?}", ec.stats());
 }

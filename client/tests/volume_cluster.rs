@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use tessera_client::volume::{Cluster, Volume, VolumeError};
 use tessera_mgmt_api::{CreatePool, CreateVolume, MgmtClient, TargetStateName};
-use tessera_testkit::LocalCluster;
+use tessera_testkit::{wait_for, LocalCluster};
 
 mod common;
-use common::{pattern, runtime, sequential_random_writes, verify_all, wait_healed, write_whole, Rng};
+use common::{log_lines, pattern, runtime, sequential_random_writes, verify_all, wait_healed, write_whole, Rng};
 
 async fn open(c: &LocalCluster, class: &str, size: u64) -> Volume {
     let mgmt = c.client();
@@ -215,6 +215,27 @@ fn checksum_corruption_on_one_engine_is_detected_and_served_from_redundancy() {
     let s = vol.stats();
     assert!(s.checksum_errors > 0, "{s:?}");
     assert!(s.degraded_reads > 0, "{s:?}");
+    // Reads that met the corruption trigger its repair (scrub, at its default pace of one pass
+    // a day, is far too slow to get there first): the engine logs repairs found by reads, and
+    // then a full read meets no checksum error any more.
+    wait_for("repairs found by reads", Duration::from_secs(60), || {
+        let n = log_lines(&c, victim.rank, "found_by=read").len();
+        if n > 0 {
+            Ok(())
+        } else {
+            Err("none yet".into())
+        }
+    });
+    wait_for("a full read without checksum errors", Duration::from_secs(60), || {
+        let before = vol.stats().checksum_errors;
+        rt.block_on(verify_all(&vol, &model));
+        let after = vol.stats().checksum_errors;
+        if after == before {
+            Ok(())
+        } else {
+            Err(format!("{} more checksum errors", after - before))
+        }
+    });
 }
 
 #[test]

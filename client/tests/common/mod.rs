@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tessera_client::volume::{Volume, VolumeError};
 use tessera_mgmt_api::{MgmtClient, PoolInfo, RebuildState, TargetStateName};
-use tessera_testkit::wait_for;
+use tessera_testkit::{wait_for, LocalCluster};
 
 /// A seeded xorshift generator.
 pub struct Rng(pub u64);
@@ -56,7 +56,15 @@ pub async fn verify_all(vol: &Volume, model: &[u8]) {
     let step = 256 * 1024;
     for off in (0..model.len()).step_by(step) {
         let got = vol.read(off as u64, step as u64).await.unwrap_or_else(|e| panic!("read at {off}: {e}"));
-        assert!(got[..] == model[off..off + step], "data differs in {off}..{}", off + step);
+        if got[..] != model[off..off + step] {
+            // Where exactly: the differing 4 KiB blocks.
+            let bad: Vec<usize> = (0..step / 4096)
+                .filter(|b| got[b * 4096..(b + 1) * 4096] != model[off + b * 4096..off + (b + 1) * 4096])
+                .map(|b| off + b * 4096)
+                .collect();
+            let zeros = bad.iter().filter(|&&b| got[b - off..b - off + 4096].iter().all(|&x| x == 0)).count();
+            panic!("data differs in {off}..{}: blocks {bad:?} ({zeros} of them read as zeros)", off + step);
+        }
     }
 }
 
@@ -91,4 +99,10 @@ pub fn wait_healed(rt: &tokio::runtime::Runtime, mgmt: &MgmtClient, timeout: Dur
             Err(format!("{p:#?}"))
         }
     })
+}
+
+/// Lines of engine `rank`'s log containing `what`.
+pub fn log_lines(c: &LocalCluster, rank: u32, what: &str) -> Vec<String> {
+    let log = std::fs::read_to_string(c.dir.join(format!("engine-{rank}")).join(format!("engine-{rank}.log"))).unwrap_or_default();
+    log.lines().filter(|l| l.contains(what)).map(str::to_string).collect()
 }
