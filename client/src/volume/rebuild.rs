@@ -443,9 +443,9 @@ impl VolumeInner {
         futures::future::join_all(reads).await
     }
 
-    /// Cell `s` of every shard in `have` exactly at epoch `e`: from the prefetched runs when they
-    /// are at `e`, else fetched at `e`. Returns the cells found at `e` (at most `want`).
-    #[allow(clippy::too_many_arguments)]
+    /// k cells of stripe `s` exactly at epoch `e`, in shard order (the others `None`): from the
+    /// prefetched runs in `have` when they are at `e`, else fetched at `e`. `None` when fewer
+    /// than k shards hold the stripe at `e` (torn, or a full-stripe write racing the rebuild).
     async fn cells_at(
         &self,
         view: &PoolView,
@@ -454,9 +454,9 @@ impl VolumeInner {
         have: &[Option<Vec<Run>>],
         s: u64,
         e: Epoch,
-        want: usize,
-    ) -> Vec<Option<Vec<u8>>> {
+    ) -> Option<Vec<Option<Vec<u8>>>> {
         let k = self.class.data_shards();
+        let want = k as usize;
         let r = self.cell_in_shard(s);
         let mut cells: Vec<Option<Vec<u8>>> = vec![None; group.shards.len()];
         let mut got = 0;
@@ -480,7 +480,7 @@ impl VolumeInner {
                 }
             }
         }
-        cells
+        (got >= want).then_some(cells)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -518,11 +518,10 @@ impl VolumeInner {
             };
             match e_p {
                 Some(e) if e > opts.since => {
-                    let mut cells = self.cells_at(view, group, dkey, &have, s, e, k).await;
-                    if cells.iter().filter(|x| x.is_some()).count() < k {
+                    let Some(mut cells) = self.cells_at(view, group, dkey, &have, s, e).await else {
                         torn.push(s);
                         continue;
-                    }
+                    };
                     codec.reconstruct_data(&mut cells).map_err(|e| VolumeError::Corrupt(e.to_string()))?;
                     let cell = cells[c as usize].take().ok_or_else(|| VolumeError::Corrupt("reconstruction left the cell empty".into()))?;
                     plan.reqs.push(self.update(dkey, AKEY_BASE, r.start, Bytes::from(cell), e));
@@ -613,11 +612,10 @@ impl VolumeInner {
             };
             match e_s {
                 Some(e) if e > opts.since => {
-                    let mut cells = self.cells_at(view, group, dkey, &have, s, e, k).await;
-                    if cells.iter().filter(|x| x.is_some()).count() < k {
+                    let Some(mut cells) = self.cells_at(view, group, dkey, &have, s, e).await else {
                         torn.push(s);
                         continue;
-                    }
+                    };
                     cells.resize(n, None);
                     codec.reconstruct(&mut cells).map_err(|e| VolumeError::Corrupt(e.to_string()))?;
                     let cell = cells[j].take().ok_or_else(|| VolumeError::Corrupt("re-encoding left the parity cell empty".into()))?;
