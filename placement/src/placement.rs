@@ -660,11 +660,15 @@ pub fn group_layout(map: &PoolMap, oid: ObjectId, g: u32, class: ObjectClass) ->
     let tref = |m: &PoolMap, t: usize| TargetRef { rank: m.targets[t].rank, index: m.targets[t].index };
     // With a base map of the same size (so the same groups), a shard's data is where the base
     // layout put it. Otherwise fall back to the last move: rebuilding while its source is DOWN.
-    let base_targets: Option<Vec<TargetRef>> = map
-        .base
-        .as_deref()
-        .filter(|b| b.targets.len() == map.targets.len())
-        .and_then(|b| place(b, oid, g, class).ok().map(|bs| bs.iter().map(|slot| tref(b, slot.target)).collect()));
+    // A base identical to the map (the settled case, which is most of the time) places every
+    // shard where the map does: no second walk.
+    let base_targets: Option<Vec<TargetRef>> = match map.base.as_deref() {
+        Some(b) if b.targets == map.targets => Some(slots.iter().map(|slot| tref(map, slot.target)).collect()),
+        Some(b) if b.targets.len() == map.targets.len() => {
+            place(b, oid, g, class).ok().map(|bs| bs.iter().map(|slot| tref(b, slot.target)).collect())
+        }
+        _ => None,
+    };
     let current: Vec<TargetRef> = slots.iter().map(|slot| tref(map, slot.target)).collect();
     let shards = slots
         .iter()
