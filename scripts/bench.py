@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
 """Produces docs/BENCHMARKS.md: the loopback TCP limit, the Tessera target with null and malloc
-bdevs, the idle cost, and the storage engine over its RPC next to raw fio on the same
-filesystem, each figure the median of several runs, with the commands used.
+bdevs, the idle cost, the storage engine over its RPC next to raw fio on the same
+filesystem, and self-healing (rebuild, host I/O during it, reintegration), each figure the
+median of several runs, with the commands used.
 
-    python3 scripts/bench.py                 # full run (~10 minutes on 2 cores)
+    python3 scripts/bench.py                 # full run (~20 minutes on 2 cores; --no-heal: ~10)
     python3 scripts/bench.py --runs 1 --time 1 --idle 5 --out /tmp/b.md   # quick smoke run
     python3 scripts/bench.py --profile       # callgrind instructions per 4K read/write (QD32, null)
     python3 scripts/bench.py --engine-only   # only the storage engine section (~6 minutes), spliced
                                              # into the existing page
+    python3 scripts/bench.py --heal          # only the self-healing section (~10 minutes): rebuild
+                                             # bandwidth after kill -9 of an engine of `tessera up
+                                             # --engines 4`, host I/O during the rebuild, reintegration
 
 The same-guest comparison with the Linux kernel target (nvmet-tcp) is appended from
 target/nvme-cli-logs/kernel-compare.md, which `python3 tests/nvme-cli/run.py --kernel-compare`
 writes (a QEMU guest, a few minutes); run that first.
 """
-import argparse, json, os, platform, re, signal, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, platform, queue, re, signal, socket, statistics, subprocess, sys, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
@@ -556,17 +560,494 @@ def engine_limits(res, S):
         "it the loopback `writev` of replies, the `pread` and CRC64s; the load generator needs the rest).", ""]
 
 
-def splice_section(page, section_lines):
-    """Replaces the engine section of an existing page (or inserts it before the kernel
-    comparison, or appends it)."""
-    lines = page.split("\n")
-    start = next((i for i, l in enumerate(lines) if l.strip() == ENGINE_SECTION), None)
+# ---------------------------------------------------------------------------------------------
+# Self-healing: a whole `tessera up` system, an engine killed -9, its shards rebuilt.
+
+HEAL_DIR = os.path.join(ROOT, "target", "bench-heal")
+HEAL_SECTION = "## Self-healing: rebuild and reintegration"
+HEAL_ENGINES = 4
+HEAL_VICTIM = HEAL_ENGINES - 1    # the rank killed
+HEAL_VOLUME = "2G"
+HEAL_VOLUME_BYTES = 2 << 30
+HEAL_FAST_RATE = "4G"             # `tessera up --rebuild-rate`: far above what the disk takes
+HEAL_DEFAULT_RATE = 64 << 20      # the engine's default `[heal] rebuild_rate`
+HEAL_FLOOR_LAG = 30               # s: tessera-mgmt's default --reintegration-floor-lag
+HEAL_OUTAGE_IOS = 512             # 128 KiB writes while the engine is out: 64 MiB
+HEAL_NQN = "nqn.2026-11.io.tessera:vol0"
+HEAL_POLL = 0.25                  # s between `tessera pool query` calls
+HEAL_RWS = ("randwrite", "randread")
+HEAL_RESULTS = os.path.join(HEAL_DIR, "results.json")   # every measurement, for --heal-results
+
+
+def free_ports(n):
+    """The first of n consecutive free ports."""
+    for _ in range(100):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            pass
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+def cpu_jiffies():
+    """(all, idle + iowait) jiffies of every CPU, from /proc/stat."""
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return sum(f), f[3] + f[4]
+
+
+def busy_between(a, b):
+    """Share of all CPUs busy between two cpu_jiffies() samples."""
+    return 1 - (b[1] - a[1]) / max(b[0] - a[0], 1)
+
+
+def background_busy(secs=2.0):
+    """Share of all CPUs busy (anything not idle or iowait) over `secs`."""
+    a = cpu_jiffies()
+    time.sleep(secs)
+    return busy_between(a, cpu_jiffies())
+
+
+def cpu_of(pids):
+    return sum(cpu_seconds(p) for p in pids if os.path.exists(f"/proc/{p}"))
+
+
+class UpSystem:
+    """`tessera up --engines 4 --volume-size 2G` on fresh free ports, in target/bench-heal/NAME."""
+
+    def __init__(self, name, rate, volume=HEAL_VOLUME):
+        self.dir = os.path.join(HEAL_DIR, name)
+        subprocess.run(["rm", "-rf", self.dir], check=True)
+        os.makedirs(self.dir)
+        self.mgmt = f"127.0.0.1:{free_port()}"
+        self.addr = f"127.0.0.1:{free_port()}"
+        self.cmd = [os.path.join(BIN, "tessera"), "up", "--dir", "DIR", "--engines", str(HEAL_ENGINES),
+                    "--volume-size", volume] + (["--rebuild-rate", rate] if rate else [])
+        cmd = [self.dir if x == "DIR" else x for x in self.cmd]
+        self.proc = subprocess.Popen(cmd + ["--mgmt-listen", self.mgmt, "--listen", self.addr,
+                                            "--engine-base-port", str(free_ports(HEAL_ENGINES))],
+                                     stdout=subprocess.PIPE, stderr=open(os.path.join(self.dir, "up.err"), "w"), text=True)
+        self.pids = {}
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(l) for l in self.proc.stdout], daemon=True).start()
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                l = lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("tessera up did not start:\n" + open(os.path.join(self.dir, "up.err")).read()[-3000:])
+                continue
+            w = l.split()
+            if len(w) >= 3 and w[1] == "pid":
+                self.pids[w[0]] = int(w[2])
+            if l.strip().startswith("nvme connect "):
+                break
+        self.own_engine = None  # the victim restarted by this script (not a child of tessera up)
+
+    def engine_config(self, rank):
+        return os.path.join(self.dir, f"engine-{rank}", "engine.toml")
+
+    def restart_engine(self, rank):
+        """Starts engine `rank` again with the configuration tessera up wrote, as `tessera up` would."""
+        self.own_engine = subprocess.Popen([os.path.join(BIN, "tessera-engine"), "--config", self.engine_config(rank)],
+                                           stdout=open(os.path.join(self.dir, "logs", f"engine-{rank}.log"), "a"),
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+        return self.own_engine
+
+    def engine_pids(self):
+        pids = [p for n, p in self.pids.items() if n.startswith("engine-") and n != f"engine-{HEAL_VICTIM}"]
+        if self.own_engine and self.own_engine.poll() is None:
+            pids.append(self.own_engine.pid)
+        return pids
+
+    def pool(self):
+        out = subprocess.run([os.path.join(BIN, "tessera"), "--mgmt", self.mgmt, "pool", "query", "default", "--json"],
+                             check=True, capture_output=True, text=True).stdout
+        return json.loads(out)
+
+    def bench_cmd(self, rw, bs, qd, secs=None, ios=None):
+        return [os.path.join(BIN, "tessera"), "bench", "--addr", self.addr, "--nqn", HEAL_NQN, "--rw", rw, "--bs", bs,
+                "--qd", str(qd)] + (["--time", f"{secs:g}"] if secs else ["--ios", str(ios)]) + ["--json"]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=180)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if self.own_engine and self.own_engine.poll() is None:
+            self.own_engine.send_signal(signal.SIGTERM)
+            self.own_engine.wait(timeout=120)
+
+
+class PoolMonitor(threading.Thread):
+    """Polls `tessera pool query default --json` every HEAL_POLL s: (monotonic time, states of the
+    victim's targets, rebuild status)."""
+
+    def __init__(self, up):
+        super().__init__(daemon=True)
+        self.up, self.samples, self.done, self.error = up, [], threading.Event(), None
+        self.start()
+
+    def run(self):
+        while not self.done.is_set():
+            try:
+                p = self.up.pool()
+                st = tuple(t["state"] for t in p["map"]["targets"] if t["rank"] == HEAL_VICTIM)
+                self.samples.append((time.monotonic(), st, p["rebuild"]))
+            except (subprocess.CalledProcessError, ValueError, KeyError) as e:
+                self.error = str(e)
+            self.done.wait(HEAL_POLL)
+
+    def wait(self, pred, since, what, timeout=600):
+        """The first sample taken after `since` for which pred(states, rebuild) holds: (t, rebuild)."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            for t, st, rb in self.samples[seen:]:
+                if t >= since and pred(st, rb):
+                    return t, rb
+            seen = len(self.samples)
+            time.sleep(HEAL_POLL / 2)
+        last = self.samples[-1] if self.samples else None
+        raise RuntimeError(f"not {what} within {timeout} s; last pool query: {last}; error: {self.error}")
+
+    def stop(self):
+        self.done.set()
+        self.join(timeout=30)
+
+
+def rebuilt(st, rb):
+    return st and all(s == "DOWNOUT" for s in st) and rb["state"] == "idle"
+
+
+def wait_quiet(pids, quiet=0.1, limit=20):
+    """Until the processes together use less than `quiet` CPU seconds per second (background
+    passes over), at most `limit` seconds."""
+    last = cpu_of(pids)
+    for _ in range(limit):
+        time.sleep(1)
+        now = cpu_of(pids)
+        if now - last < quiet:
+            return
+        last = now
+
+
+def heal_rep(name, rate, io_secs, fcmd, dcmd, order):
+    """One system: fill, raw fio, full rebuild after kill -9, outage writes, reintegration after the
+    restart, then host I/O before and during a second full rebuild. Returns its figures."""
+    r = {"background_busy": background_busy()}
+    up = UpSystem(name, rate)
+    mon = PoolMonitor(up)
+    try:
+        r["up_cmd"] = show_cmd(up.cmd)
+        fill_cmd = up.bench_cmd("write", "128k", 16, ios=HEAL_VOLUME_BYTES // (128 << 10))
+        r["fill"], r["fill_cmd"] = run_json(fill_cmd), show_cmd(fill_cmd)
+        r["engine_bytes"] = [int(subprocess.run(["du", "-s", "-B1", os.path.join(up.dir, f"engine-{e}", "data")],
+                                                capture_output=True, text=True).stdout.split()[0]) for e in range(HEAL_ENGINES)]
+        t_written = time.monotonic()
+        # The disk's write bandwidth right now, while the engines idle (plain and durable).
+        r["fio"], r["fio_durable"] = run_fio(fcmd), run_fio(dcmd)
+        # Everything written so far must lie below the reintegration floor (the DOWN marking
+        # minus HEAL_FLOOR_LAG s), or the reintegration copies it back too.
+        time.sleep(max(0.0, t_written + HEAL_FLOOR_LAG - time.monotonic()))
+
+        # 1. Full rebuild of the killed engine's shards.
+        t_kill = time.monotonic()
+        os.kill(up.pids[f"engine-{HEAL_VICTIM}"], signal.SIGKILL)
+        t_down, _ = mon.wait(lambda st, rb: "DOWN" in st, t_kill, "DOWN", 120)
+        survivors = up.engine_pids()
+        cpu0, jif0 = cpu_of(survivors), cpu_jiffies()
+        t_done, rb = mon.wait(rebuilt, t_down, "rebuilt")
+        cpu1, jif1 = cpu_of(survivors), cpu_jiffies()
+        r["rebuild"] = {"detect": t_down - t_kill, "secs": t_done - t_down, "bytes": rb["bytes_done"],
+                        "dkeys": rb["dkeys_done"], "service_rate": rb["rate_bytes_per_sec"],
+                        "service_secs": rb["elapsed_seconds"], "completed": rb["completed"],
+                        "engine_cores": (cpu1 - cpu0) / max(t_done - t_down, 1e-9), "busy": busy_between(jif0, jif1)}
+
+        # 2. A short outage with a little data written, then the engine back: reintegration.
+        outage_cmd = up.bench_cmd("write", "128k", 16, ios=HEAL_OUTAGE_IOS)
+        r["outage"], r["outage_cmd"] = run_json(outage_cmd), show_cmd(outage_cmd)
+        t_restart = time.monotonic()
+        r["outage_secs"] = t_restart - t_kill
+        up.restart_engine(HEAL_VICTIM)
+        t_up, _ = mon.wait(lambda st, rb: "UP" in st, t_restart, "UP", 120)
+        t_in, rb = mon.wait(lambda st, rb: st and all(s == "UPIN" for s in st) and rb["state"] == "idle", t_up, "UPIN")
+        r["reint"] = {"register": t_up - t_restart, "secs": t_in - t_up, "bytes": rb["bytes_done"], "dkeys": rb["dkeys_done"],
+                      "service_secs": rb["elapsed_seconds"]}
+        wait_quiet(up.engine_pids())  # the clean-up pass (chunks that moved back are discarded)
+
+        # 3. Host I/O before and during a second full rebuild (same engine killed again).
+        r["before"], r["during"], r["io_cmds"] = {}, {}, {}
+        for rw in order:
+            cmd = up.bench_cmd(rw, "4k", 16, secs=io_secs)
+            r["before"][rw], r["io_cmds"][rw] = run_json(cmd), show_cmd(cmd)
+        t_kill = time.monotonic()
+        up.own_engine.kill()
+        up.own_engine.wait()
+        t_down, _ = mon.wait(lambda st, rb: "DOWN" in st, t_kill, "DOWN again", 120)
+        for rw in order:
+            try:
+                r["during"][rw] = run_json(up.bench_cmd(rw, "4k", 16, secs=io_secs))
+            except subprocess.CalledProcessError as e:
+                r["during"][rw] = {"iops": 0.0, "error": (e.stderr or "").strip()[-300:]}
+        t_io_end = time.monotonic()
+        t_done, rb = mon.wait(rebuilt, t_down, "rebuilt again")
+        r["loaded"] = {"secs": t_done - t_down, "bytes": rb["bytes_done"], "io_within": t_io_end <= t_done,
+                       "io_secs_left": t_done - t_io_end}
+    finally:
+        mon.stop()
+        up.stop()
+    subprocess.run(["rm", "-rf", up.dir], check=True)
+    return r
+
+
+HEAL_CHECK_RATE, HEAL_CHECK_VOLUME = "4M", "512M"   # the throttle check: a rate the disk and CPUs easily exceed
+
+
+def heal_throttle_check():
+    """One rebuild of a smaller volume at a low `--rebuild-rate`: is the throttle honoured?"""
+    up = UpSystem("throttle", HEAL_CHECK_RATE, HEAL_CHECK_VOLUME)
+    mon = PoolMonitor(up)
+    try:
+        run_json(up.bench_cmd("write", "128k", 16, ios=parse_size_text(HEAL_CHECK_VOLUME) // (128 << 10)))
+        t_kill = time.monotonic()
+        os.kill(up.pids[f"engine-{HEAL_VICTIM}"], signal.SIGKILL)
+        t_down, _ = mon.wait(lambda st, rb: "DOWN" in st, t_kill, "DOWN", 120)
+        t_done, rb = mon.wait(rebuilt, t_down, "rebuilt")
+        r = {"cmd": show_cmd(up.cmd), "secs": t_done - t_down, "bytes": rb["bytes_done"]}
+    finally:
+        mon.stop()
+        up.stop()
+    subprocess.run(["rm", "-rf", up.dir], check=True)
+    return r
+
+
+def parse_size_text(s):
+    return int(s[:-1]) << {"K": 10, "M": 20, "G": 30}[s[-1]]
+
+
+def heal_measure(runs, io_secs, fio_secs=5.0):
+    """`runs` repetitions of heal_rep() for each throttle, interleaved (fast, default, fast, …)."""
+    os.makedirs(HEAL_DIR, exist_ok=True)
+    os.makedirs(ENGINE_DIR, exist_ok=True)
+    fio_path = os.path.join(ENGINE_DIR, FIO_FILE)
+    subprocess.run(["fio", "--name=fill", "--filename", fio_path, f"--size={ENGINE_TARGETS * ENGINE_RANGE_GIB}g",
+                    "--direct=1", "--ioengine=io_uring", "--rw=write", "--bs=1m", "--iodepth=8"],
+                   check=True, capture_output=True)
+    fcmd = fio_cmd("write", "128k", 32, fio_secs)
+    dcmd = fio_cmd("write", "128k", 32, fio_secs, ["--fdatasync=32"])
+    res = {"runs": runs, "io_secs": io_secs, "fio_cmd": show_cmd(fcmd), "durable_cmd": show_cmd(dcmd),
+           "reps": {"fast": [], "default": []}, "started": time.monotonic()}
+    try:
+        for i in range(runs):
+            for label, rate in (("fast", HEAL_FAST_RATE), ("default", None)):
+                order = HEAL_RWS if i % 2 == 0 else HEAL_RWS[::-1]
+                print(f"heal: run {i + 1}/{runs}, {label} rebuild rate", file=sys.stderr)
+                res["reps"][label].append(heal_rep(f"{label}-{i}", rate, io_secs, fcmd, dcmd, order))
+        print("heal: throttle check", file=sys.stderr)
+        res["check"] = heal_throttle_check()
+    finally:
+        os.remove(fio_path)
+        res["minutes"] = (time.monotonic() - res["started"]) / 60
+        res["date"], res["commit"] = time.strftime("%Y-%m-%d"), git_state()
+        with open(HEAL_RESULTS, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+def heal_section(res):
+    """The self-healing section of the page, from heal_measure()'s results."""
+    runs, reps = res["runs"], res["reps"]
+    mib = lambda b: b / 2**20
+    k = lambda xs, f="{:.1f}": "/".join(f.format(x) for x in xs)
+    fs = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", HEAL_DIR], capture_output=True, text=True).stdout.split()
+    fs_text = f"{fs[0]} on {fs[1]}" if len(fs) == 2 else "the repository's filesystem"
+    one = reps["fast"][0]
+    busy = [x["background_busy"] for rs in reps.values() for x in rs]
+    rate_text = {"fast": f"`--rebuild-rate {HEAL_FAST_RATE}` (unthrottled)",
+                 "default": f"default ({mib(HEAL_DEFAULT_RATE):.0f} MiB/s per engine)"}
+    outage_mib = mib(HEAL_OUTAGE_IOS * (128 << 10))
+    pct = lambda xs: f"{min(xs) * 100:.0f}–{max(xs) * 100:.0f} %" if round(min(xs), 2) < round(max(xs), 2) else f"{xs[0] * 100:.0f} %"
+    lines = [HEAL_SECTION, "",
+             f"Regenerate this section alone with `python3 scripts/bench.py --heal` (also part of the full run; "
+             f"{res['minutes']:.0f} minutes this time, {runs} runs per throttle). Each run is a fresh "
+             f"`{one['up_cmd']}` (free ports; release build: {HEAL_ENGINES} engines × 2 targets, one EC_2P1 volume of "
+             f"{HEAL_VOLUME}iB = 2048 chunks of 1 MiB; DIR under `target/bench-heal/`: {fs_text}, one disk shared "
+             f"by every engine, and {os.cpu_count()} CPUs shared by the engines, the target and the load generator). "
+             f"The volume is written whole through the NVMe/TCP target (`{one['fill_cmd']}`), then engine "
+             f"{HEAL_VICTIM} is killed with SIGKILL, and `tessera pool query default --json` is polled every "
+             f"{HEAL_POLL:g} s. **Rebuild time** runs from the first poll that shows the engine's targets DOWN (the "
+             "service's heartbeat timeout marks them; *kill → DOWN* is that wait) to the first that shows them "
+             "DOWNOUT with the rebuild idle. **Written** is the completed rebuild's `rebuild.bytes_done`, what the "
+             "survivors wrote into rebuilt shards (and *shards* its `dkeys_done`); *lost engine held* is `du` of "
+             "the killed engine's data directory just before the kill. Throttles alternate run by run "
+             f"(unthrottled, default, unthrottled, …); figures are medians, each run's in parentheses. The **raw "
+             f"disk** figures are the engine section's raw sequential-write commands, `{res['fio_cmd']}` and, "
+             f"durable, the same with `--fdatasync=32`, run in every run right after the fill (the disk's speed "
+             "drifts within minutes); the ratios are medians of the per-run ratios. *CPU* is what the three "
+             "surviving engines used during the rebuild (cores) and how busy the whole machine was.", "",
+             f"Machine: {os.cpu_count()} CPUs ({cpu_model()}), "
+             f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB RAM, Linux {platform.release()}, "
+             f"{disk_model(fs[1] if len(fs) == 2 else '')}; run on {res['date']} with binaries built "
+             f"from commit {res['commit']}. Other jobs (builds and tests of other work) shared the machine: before each "
+             f"run, with none of this benchmark's processes running, its CPUs were {pct(busy)} busy"
+             + (f" (median {median(busy) * 100:.0f} %)." if len(set(round(b, 2) for b in busy)) > 1 else ".")
+             + " Figures taken on a loaded machine are lower and noisier than on an idle one.", "",
+             "### Rebuild after an engine is lost", "",
+             "| rebuild throttle | kill → DOWN s | rebuild s (runs) | written MiB (shards) | lost engine held MiB | **written MiB/s** (runs) | CPU: survivors, machine | raw write MiB/s (runs) | **rebuild / raw** | durable raw MiB/s | rebuild / durable raw |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    S = {}
+    for label in ("fast", "default"):
+        rs = reps[label]
+        rb = [x["rebuild"] for x in rs]
+        bw = [mib(b["bytes"]) / b["secs"] for b in rb]
+        raw = [x["fio"]["mib_per_s"] for x in rs]
+        dur = [x["fio_durable"]["mib_per_s"] for x in rs]
+        S[label] = {"secs": median([b["secs"] for b in rb]), "bytes": median([b["bytes"] for b in rb]),
+                    "dkeys": median([b["dkeys"] for b in rb]), "bw": median(bw),
+                    "ratio": median([b / f for b, f in zip(bw, raw)]), "dratio": median([b / f for b, f in zip(bw, dur)]),
+                    "held": median([x["engine_bytes"][HEAL_VICTIM] for x in rs]),
+                    "cores": median([b["engine_cores"] for b in rb]), "busy": median([b["busy"] for b in rb]),
+                    "detect": median([b["detect"] for b in rb]), "service_rate": median([b["service_rate"] for b in rb])}
+        m = S[label]
+        lines.append(f"| {rate_text[label]} | {m['detect']:.1f} | {m['secs']:.1f} ({k([b['secs'] for b in rb])}) | "
+                     f"{mib(m['bytes']):.0f} ({m['dkeys']:.0f}) | {mib(m['held']):.0f} | **{m['bw']:.0f}** ({k(bw, '{:.0f}')}) | "
+                     f"{m['cores']:.2f}, {m['busy'] * 100:.0f} % | {median(raw):.0f} ({k(raw, '{:.0f}')}) | **{m['ratio']:.2f}** | "
+                     f"{median(dur):.0f} | {m['dratio']:.2f} |")
+    f, d = S["fast"], S["default"]
+    fill = [x["fill"]["mib_per_s"] for rs in reps.values() for x in rs]
+    chunks = HEAL_VOLUME_BYTES >> 20
+    lines += ["",
+              f"- **Written vs lost.** The killed engine held a shard of about 3/4 of the {chunks} chunks "
+              f"(EC_2P1 over {HEAL_ENGINES} engines), {chunks * 3 // 4} shards of 512 KiB, yet a rebuild writes "
+              f"about {f['dkeys']:.0f} shards: when a group's lost shard is its parity, no parity is left to lead and *both* "
+              "data shards' engines rebuild it (`engine/src/heal.rs`, `leads`: harmless, the same versions twice, "
+              f"but {f['dkeys'] / (chunks * 3 / 4) - 1:.0%} more writing than the data lost).",
+              f"- **Throttle.** The default allows {HEAL_ENGINES - 1} × {mib(HEAL_DEFAULT_RATE):.0f} = "
+              f"{(HEAL_ENGINES - 1) * mib(HEAL_DEFAULT_RATE):.0f} MiB/s; the default runs wrote {d['bw']:.0f} MiB/s "
+              f"against {f['bw']:.0f} MiB/s unthrottled ({d['bw'] / f['bw']:.2f}×), so "
+              + ("the throttle is what limits the rebuild here." if d["bw"] < 0.8 * f["bw"] else
+                 "the throttle is not what limits the rebuild here.")
+              + f" Unthrottled it reaches {f['ratio']:.2f}× the raw and {f['dratio']:.2f}× the durable raw write "
+              f"bandwidth of the disk while the survivors use {f['cores']:.2f} cores and the machine is "
+              f"{f['busy'] * 100:.0f} % busy. Each engine rebuilds one chunk at a time (read the group's other "
+              "shards over the engine RPC, decode, write the lost shard as a durable update, wait for it)"
+              + (", so the rebuild is bound by that per-chunk round trip and by the shared CPUs, not by the disk; "
+                 "several chunks in flight per engine would use more of it." if f["dratio"] < 0.5 else
+                 "; with that it is close to what the disk takes."),
+              f"- **The throttle is honoured** when it is what limits: one more run, `{res['check']['cmd']}` (the same "
+              f"fill and kill), allows {HEAL_ENGINES - 1} × {HEAL_CHECK_RATE[:-1]} = "
+              f"{(HEAL_ENGINES - 1) * int(HEAL_CHECK_RATE[:-1])} MiB/s and rebuilt {mib(res['check']['bytes']):.0f} MiB in "
+              f"{res['check']['secs']:.1f} s: **{mib(res['check']['bytes']) / res['check']['secs']:.1f} MiB/s**.",
+              f"- The service's own figure, the pool query's `rebuild.rate_bytes_per_sec` (bytes since the first "
+              f"progress report, so without the scan), was {mib(f['service_rate']):.0f} MiB/s unthrottled and "
+              f"{mib(d['service_rate']):.0f} MiB/s with the default throttle (medians). For scale: the fill writes the volume through the target at "
+              f"{median(fill):.0f} MiB/s of host data ({median(fill) * 1.5:.0f} MiB/s of shards with parity).", "",
+              "### Host I/O during a rebuild", "",
+              "After the reintegration below, on the same system: 4 KiB random writes and reads at QD16 through the "
+              f"target (`{one['io_cmds']['randwrite']}`, and `--rw randread`), {res['io_secs']:g} s each, right "
+              f"before engine {HEAL_VICTIM} is killed again, and again as soon as its targets show DOWN, while the "
+              "same shards are rebuilt (the order of the two workloads alternates between runs). *During / before* "
+              "is the median of the per-run ratios; the last column is how long that rebuild took under this load. "
+              "Reads of the lost engine's shards are degraded reads (the other two shards read and decoded) until "
+              "their chunk is rebuilt; the engines serve reads from the page cache.", "",
+              "| rebuild throttle | workload | IOPS before (runs) | IOPS during rebuild (runs) | **during / before** | rebuild s under this load (runs) |",
+              "|---|---|---|---|---|---|"]
+    host, notes = {}, []
+    for label in ("fast", "default"):
+        rs = reps[label]
+        loaded = [x["loaded"]["secs"] for x in rs]
+        for rw in HEAL_RWS:
+            before = [x["before"][rw]["iops"] for x in rs]
+            during = [x["during"][rw]["iops"] for x in rs]
+            host[(label, rw)] = median([a / b for a, b in zip(during, before)])
+            lines.append(f"| {rate_text[label]} | 4 KiB {rw} QD16 | {median(before):.0f} ({k([b / 1000 for b in before], '{:.1f}k')}) | "
+                         f"{median(during):.0f} ({k([x / 1000 for x in during], '{:.1f}k')}) | **{host[(label, rw)]:.2f}** | "
+                         f"{median(loaded):.1f} ({k(loaded)}) |")
+            for i, x in enumerate(rs):
+                if "error" in x["during"][rw]:
+                    notes.append(f"run {i + 1} ({label}): {rw} during the rebuild failed: {x['during'][rw]['error']}")
+        for i, x in enumerate(rs):
+            if not x["loaded"]["io_within"]:
+                notes.append(f"run {i + 1} ({label}): the rebuild was over {-x['loaded']['io_secs_left']:.1f} s before "
+                             "the host I/O ended, so part of its *during* run saw no rebuild")
+    lines += ["", "The issue's goal, host I/O keeps at least half its throughput during a rebuild at the default "
+              f"throttle: 4 KiB random writes {verdict(host[('default', 'randwrite')], 0.5)}; 4 KiB random reads "
+              f"{verdict(host[('default', 'randread')], 0.5)}."]
+    if d["bw"] < 0.8 * (HEAL_ENGINES - 1) * mib(HEAL_DEFAULT_RATE):
+        lines += ["", f"On this machine the default throttle never engages (the rebuild runs at {d['bw']:.0f} MiB/s, below "
+                  f"its {(HEAL_ENGINES - 1) * mib(HEAL_DEFAULT_RATE):.0f} MiB/s), so it does not protect host I/O: the "
+                  "rebuild competes with it for the CPUs unchecked. A lower `rebuild_rate`, or a throttle that "
+                  "yields to host I/O, would protect it."]
+    if notes:
+        lines += ["", "Odd runs: " + "; ".join(notes) + "."]
+    lines += ["", "### Reintegration after a short outage", "",
+              f"In the same runs, after the full rebuild: `{one['outage_cmd']}` writes {outage_mib:.0f} MiB (the "
+              f"first {outage_mib:.0f} chunks) while the engine is out; then it is started again with the "
+              f"configuration `tessera up` wrote (`tessera-engine --config DIR/engine-{HEAL_VICTIM}/engine.toml`; "
+              f"kill to restart took {median([x['outage_secs'] for rs in reps.values() for x in rs]):.0f} s). It "
+              "registers, its targets go UP, the survivors copy back the chunks changed above the floor (the DOWN "
+              f"marking minus {HEAL_FLOOR_LAG} s; the fill ended at least {HEAL_FLOOR_LAG} s before the kill, so it "
+              "lies below), and the targets become UPIN. *Restart → UP* is the engine's start and registration; "
+              "**reintegration** runs from UP to UPIN with the pass idle, against the full rebuild of the same run.", "",
+              "| rebuild throttle | restart → UP s | **reintegration s** (runs) | copied MiB (shards) | full rebuild s, MiB (shards) | **reintegration / full rebuild**: time, bytes |",
+              "|---|---|---|---|---|---|"]
+    for label in ("fast", "default"):
+        rs = reps[label]
+        ri = [x["reint"] for x in rs]
+        rb = [x["rebuild"] for x in rs]
+        lines.append(f"| {rate_text[label]} | {median([a['register'] for a in ri]):.1f} | **{median([a['secs'] for a in ri]):.1f}** "
+                     f"({k([a['secs'] for a in ri])}) | {mib(median([a['bytes'] for a in ri])):.0f} ({median([a['dkeys'] for a in ri]):.0f}) | "
+                     f"{S[label]['secs']:.1f}, {mib(S[label]['bytes']):.0f} ({S[label]['dkeys']:.0f}) | "
+                     f"**{median([a['secs'] / b['secs'] for a, b in zip(ri, rb)]):.2f}**, "
+                     f"**{median([a['bytes'] / b['bytes'] for a, b in zip(ri, rb)]):.3f}** |")
+    lines += ["", f"Only chunks changed above the floor are copied (`docs/HEALING.md`, \"Reintegration is "
+              f"incremental\"); the returning engine holds a shard of about 3/4 of the {outage_mib:.0f} chunks "
+              "written meanwhile.", ""]
+    return lines
+
+
+def section_span(lines, heading):
+    """(start, end) of the section `heading` (up to the next `## ` heading) in the page's lines, or None."""
+    start = next((i for i, l in enumerate(lines) if l.strip() == heading), None)
     if start is None:
-        start = next((i for i, l in enumerate(lines) if l.startswith("## Same-guest comparison")), len(lines))
-        end = start
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    return "\n".join(lines[:start] + section_lines + lines[end:])
+        return None
+    return start, next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+
+
+def splice_section(page, section_lines, heading=ENGINE_SECTION, after=None):
+    """Replaces the section `heading` of an existing page (or inserts it after the section `after`
+    when given and present, else before the kernel comparison, else at the end)."""
+    lines = page.split("\n")
+    span = section_span(lines, heading)
+    if span is None:
+        prev = section_span(lines, after) if after else None
+        at = prev[1] if prev else next((i for i, l in enumerate(lines) if l.startswith("## Same-guest comparison")), len(lines))
+        span = (at, at)
+    return "\n".join(lines[:span[0]] + section_lines + lines[span[1]:])
+
+
+def existing_section(path, heading):
+    """The lines of section `heading` of the page at `path`, or []."""
+    if not os.path.exists(path):
+        return []
+    lines = open(path).read().split("\n")
+    span = section_span(lines, heading)
+    return lines[span[0]:span[1]] if span else []
 
 
 def main():
@@ -581,11 +1062,27 @@ def main():
     ap.add_argument("--engine-only", action="store_true",
                     help="only the storage engine section, replaced in the existing page")
     ap.add_argument("--engine-time", type=float, default=5.0, help="seconds per engine and fio run")
+    ap.add_argument("--heal", action="store_true",
+                    help="only the self-healing section (rebuild, host I/O during it, reintegration), replaced in the existing page")
+    ap.add_argument("--no-heal", dest="heal_too", action="store_false",
+                    help="full run without the self-healing measurement (the page keeps its existing heal section)")
+    ap.add_argument("--heal-runs", type=int, default=3, help="runs per rebuild throttle (each a fresh tessera up, ~1.5 minutes)")
+    ap.add_argument("--heal-io-time", type=float, default=4.0, help="seconds per host I/O run before and during a rebuild")
+    ap.add_argument("--heal-results", metavar="JSON",
+                    help=f"with --heal: write the section from a saved measurement (every one is saved to {os.path.relpath(HEAL_RESULTS, ROOT)}) instead of measuring")
     a = ap.parse_args()
-    subprocess.run(["cargo", "build", "--release", "-p", "tessera-nvmf", "-p", "tessera-engine", "-p", "tessera-ctl"],
-                   cwd=ROOT, check=True)
+    if not a.heal_results:
+        subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
     if a.profile:
         print("\n".join(profile(os.path.join(ROOT, "target", "profile"))))
+        return 0
+    if a.heal:
+        res = json.load(open(a.heal_results)) if a.heal_results else heal_measure(a.heal_runs, a.heal_io_time)
+        section = heal_section(res)
+        page = open(a.out).read() if os.path.exists(a.out) else "# Benchmarks\n"
+        with open(a.out, "w") as f:
+            f.write(splice_section(page, section, HEAL_SECTION, after=ENGINE_SECTION))
+        print(f"wrote the self-healing section of {a.out}")
         return 0
     if a.engine_only:
         section = engine_section(engine_measure(a.runs, a.engine_time))
@@ -736,6 +1233,7 @@ def main():
               "No busy polling: idle connections wait in epoll.", "",
               f"Command: `tessera bench --idle --queues 2 --time {a.idle:g} --target-pid PID`.", ""]
     lines += engine_section(engine_measure(a.runs, a.engine_time))
+    lines += heal_section(heal_measure(a.heal_runs, a.heal_io_time)) if a.heal_too else existing_section(a.out, HEAL_SECTION)
     kernel = os.path.join(ROOT, "target", "nvme-cli-logs", "kernel-compare.md")
     lines += ["## Same-guest comparison with the Linux kernel target", ""]
     if os.path.exists(kernel):
