@@ -17,6 +17,7 @@
 #   ALLOWED_HOSTNQN ALLOWED_HOSTID   the host identity B allows
 #   SERIAL_A MODEL_A       expected serial/model of A
 #   SIZE_A_MIB SIZE_B_MIB  namespace sizes
+#   EC_NQN EC_PORT EC_SIZE_MIB EC_BLOCK_SIZE   (tessera up boots) the exported volume
 #   CASES                  space separated case filter (empty: all)
 
 . /etc/test-env.sh
@@ -234,4 +235,65 @@ fio_check() {
 smart_field() {
     nvme smart-log "/dev/$1" -o json 2>/dev/null \
     | tr -d ' \t' | grep "^\"$2\":" | head -n1 | sed 's/^[^:]*://; s/"//g; s/[^0-9].*$//'
+}
+
+# ------------------------------------------------- tessera up cluster boots --
+# For the boots against a whole system started with `tessera up` (guest/ec.sh, guest/heal.sh):
+# the volume is namespace 1 of $EC_NQN on $TADDR:$EC_PORT.  Scripts set EC_FIO (the common fio
+# options) before calling ec_fio / ec_reverify.
+
+ec_dev() { ns_dev "$EC_NQN" 1; }
+
+# stat_field DEV N: field N of the block statistics of DEV (3 = sectors read, 7 = sectors
+# written; 512-byte sectors whatever the block size).  With native multipath the head device
+# (nvme0n1) counts nothing, its path devices (nvme0c0n1, ...) do: their sum.
+stat_field() {
+    _sum=0; _found=
+    for _p in /sys/block/nvme*c*n*; do
+        [ -e "$_p/stat" ] || continue
+        [ "$(cat "$_p/device/subsysnqn" 2>/dev/null)" = "$EC_NQN" ] || continue
+        [ "${_p##*n}" = "${1##*n}" ] || continue
+        _sum=$(( _sum + $(awk -v n="$2" '{print $n}' "$_p/stat") )); _found=1
+    done
+    [ -n "$_found" ] || _sum=$(awk -v n="$2" '{print $n}' "/sys/block/$1/stat")
+    echo "$_sum"
+}
+
+ec_connect() {
+    echo "\$ nvme connect -t tcp -a $TADDR -s $EC_PORT -n $EC_NQN $CONNECT_OPTS"
+    timeout 90 nvme connect -t tcp -a "$TADDR" -s "$EC_PORT" -n "$EC_NQN" $CONNECT_OPTS
+    _r=$?
+    [ "$_r" = 0 ] || { fail "nvme connect to $EC_NQN failed: exit $_r"; return 1; }
+    wait_ns_dev "$EC_NQN" 1 20 >/dev/null || { fail "no block device for $EC_NQN nsid 1 within 20s"; return 1; }
+}
+
+ec_ensure_connected() {
+    for _c in $(ctrl_of "$EC_NQN"); do
+        [ "$(cat /sys/class/nvme/$_c/state 2>/dev/null)" = live ] && return 0
+    done
+    ec_connect
+}
+
+# ec_fio NAME ARGS...: one fio run (write + verify, or --verify_only) with the common options
+ec_fio() {
+    _job="$1"; shift
+    _out="/tmp/fio-$_job.out"
+    _d="$(ec_dev)" || { fail "no block device for $EC_NQN"; return 1; }
+    echo "\$ fio --name=$_job --filename=/dev/$_d $EC_FIO $*"
+    timeout "${FIO_TIMEOUT:-400}" fio --name="$_job" --filename="/dev/$_d" $EC_FIO "$@" > "$_out" 2>&1
+    fio_check "$_job" $? "$_out"
+}
+
+# ec_reverify NAME MIB ARGS...: --verify_only replay of a job over MIB MiB; fails unless it read
+# the whole region (fio's read total and the block device's sector counter both grew by its size)
+ec_reverify() {
+    _job="$1"; _mib="$2"; shift 2
+    _d="$(ec_dev)" || { fail "no block device for $EC_NQN"; return 1; }
+    _r0="$(stat_field "$_d" 3)"
+    ec_fio "$_job" --verify_only "$@" || return 1
+    _rd=$(( ($(stat_field "$_d" 3) - _r0) / 2048 ))
+    echo "verify-only $_job: $_rd MiB read from /dev/$_d"
+    [ "$_rd" -ge "$_mib" ] || { fail "verify-only $_job read $_rd MiB, expected >= $_mib"; return 1; }
+    grep -q "read: IOPS=.*(${_mib}\.0MiB/" "/tmp/fio-$_job.out" \
+        || { fail "verify-only $_job: fio did not report ${_mib} MiB read"; return 1; }
 }

@@ -488,6 +488,11 @@ EC_SIZE_MIB = 256
 EC_ENGINES = 3
 EC_TARGETS = 2
 EC_KILL_RANK = 1
+# the heal boot: a second cluster of HEAL_ENGINES engines (same class, size and targets per
+# engine), two of them killed one after the other, then restarted in reverse order
+HEAL_NQN = "nqn.2026-11.io.tessera:heal-vol0"
+HEAL_ENGINES = 4
+HEAL_KILL_RANKS = (1, 3)  # killed in this order, restarted (reintegrated) in the reverse order
 EC_PORT_RANGE = (21000, 31000)  # below Linux's ephemeral range (32768..)
 
 
@@ -513,18 +518,23 @@ def free_port_block(n, lo, hi, rng):
 
 
 class TesseraCluster(TargetLog):
-    """A whole Tessera system on 127.0.0.1 started by `tessera up`: tessera-mgmt, EC_ENGINES
+    """A whole Tessera system on 127.0.0.1 started by `tessera up`: tessera-mgmt, `engines`
     tessera-engine processes (EC_TARGETS targets each) and tessera-nvmf in managed mode,
-    serving one EC_2P1 volume as EC_NQN.  Ports are free ones found at start (a block of
-    EC_ENGINES + 2 consecutive ports: mgmt, the engines, the NVMe/TCP listener)."""
+    serving one EC_2P1 volume as `nqn`.  Ports are free ones found at start (a block of
+    engines + 2 consecutive ports: mgmt, the engines, the NVMe/TCP listener).  `name` names
+    its directory (WORK/<name>-cluster), its log (<name>-cluster.log) and the copy of the
+    daemons' logs (<name>-cluster/)."""
 
     kind = "tessera up"
 
-    def __init__(self, tessera_bin, workdir, logdir, port_base=None):
+    def __init__(self, tessera_bin, workdir, logdir, port_base=None, name="ec", engines=EC_ENGINES, nqn=EC_NQN):
         self.bin = Path(tessera_bin)
-        self.dir = Path(workdir) / "ec-cluster"
+        self.name = name
+        self.engines = engines
+        self.nqn = nqn
+        self.dir = Path(workdir) / f"{name}-cluster"
         self.logdir = Path(logdir)
-        self.logpath = self.logdir / "ec-cluster.log"  # tessera up's own output + harness notes
+        self.logpath = self.logdir / f"{name}-cluster.log"  # tessera up's own output + harness notes
         self.port_base = port_base
         self.proc = None
         self.lines = []  # tessera up's stdout/stderr lines
@@ -534,18 +544,24 @@ class TesseraCluster(TargetLog):
         self.down_msg = None  # what wait_engine_down saw
         self.rebuilt_msg = None  # what wait_engine_rebuilt saw
         self.down_after = {}  # rank -> seconds from SIGKILL until the service showed it down
+        self.rebuilt = {}  # rank -> (seconds from SIGKILL, message) when its shards were seen rebuilt
+        self.argv = {}  # daemon name -> its command line (read from /proc when it was killed)
+        self.restarted = {}  # engine name -> (Popen, time) of the harness's restart of a killed engine
+        self.registered_after = {}  # rank -> seconds from the restart until the service showed it up
+        self.reintegrated = {}  # rank -> (seconds from the restart, message) when its targets were UPIN
+        self.restart_status = {}  # engine name -> exit status of the restarted engine at the end
         self.exit_status = None
         self.logf = None
         self._cond = threading.Condition()
 
-    # ports: mgmt = base, engine r = base + 1 + r, NVMe/TCP = base + 1 + EC_ENGINES
+    # ports: mgmt = base, engine r = base + 1 + r, NVMe/TCP = base + 1 + engines
     @property
     def mgmt_addr(self):
         return f"127.0.0.1:{self.base}"
 
     @property
     def port(self):
-        return self.base + 1 + EC_ENGINES
+        return self.base + 1 + self.engines
 
     def note(self, msg):
         line = f"## harness {time.strftime('%H:%M:%S')}: {msg}"
@@ -607,7 +623,7 @@ class TesseraCluster(TargetLog):
         rng = random.Random()
         self.logf = open(self.logpath, "a")
         for attempt in range(5):
-            self.base = self.port_base if self.port_base else free_port_block(EC_ENGINES + 2, *EC_PORT_RANGE, rng)
+            self.base = self.port_base if self.port_base else free_port_block(self.engines + 2, *EC_PORT_RANGE, rng)
             if self._start_once(attempt):
                 return
             if self.port_base:
@@ -619,10 +635,10 @@ class TesseraCluster(TargetLog):
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         cmd = [str(self.bin), "up", "--dir", str(self.dir),
-               "--engines", str(EC_ENGINES), "--targets", str(EC_TARGETS), "--target-capacity", "2G",
+               "--engines", str(self.engines), "--targets", str(EC_TARGETS), "--target-capacity", "2G",
                "--listen", f"127.0.0.1:{self.port}", "--mgmt-listen", self.mgmt_addr,
                "--engine-base-port", str(self.base + 1),
-               "--class", EC_CLASS, "--volume-size", f"{EC_SIZE_MIB}M", "--nqn", EC_NQN, "--timeout", "60"]
+               "--class", EC_CLASS, "--volume-size", f"{EC_SIZE_MIB}M", "--nqn", self.nqn, "--timeout", "60"]
         self.note(f"attempt {attempt + 1}: {' '.join(cmd)}")
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
@@ -648,12 +664,12 @@ class TesseraCluster(TargetLog):
             m = re.match(r"\s+(mgmt|engine-\d+|nvmf)\s+pid (\d+)\s", line or "")
             if m:
                 self.pids[m.group(1)] = int(m.group(2))
-        want = {"mgmt", "nvmf"} | {f"engine-{r}" for r in range(EC_ENGINES)}
+        want = {"mgmt", "nvmf"} | {f"engine-{r}" for r in range(self.engines)}
         if set(self.pids) != want:
             raise TargetError(f"tessera up's summary names {sorted(self.pids)}, expected {sorted(want)}")
-        exports = [e for e in self.tessera("export", "list")["exports"] if e["nqn"] == EC_NQN]
+        exports = [e for e in self.tessera("export", "list")["exports"] if e["nqn"] == self.nqn]
         if len(exports) != 1:
-            raise TargetError(f"the service lists {len(exports)} exports of {EC_NQN}")
+            raise TargetError(f"the service lists {len(exports)} exports of {self.nqn}")
         self.volume = exports[0]["volume"]
         self.note(f"up: pids {self.pids}; volume {self.volume}")
         return True
@@ -663,20 +679,20 @@ class TesseraCluster(TargetLog):
         sysq = self.tessera("system", "query")
         up = [e["rank"] for e in sysq["engines"] if e["state"] == "up"]
         v = self.volume
-        if sorted(up) != list(range(EC_ENGINES)):
-            return f"engines up: {up}, expected 0..{EC_ENGINES - 1}"
+        if sorted(up) != list(range(self.engines)):
+            return f"engines up: {up}, expected 0..{self.engines - 1}"
         if v["class"] != EC_CLASS or v["size"] != EC_SIZE_MIB << 20:
             return f"exported volume is {v['class']} of {v['size']} bytes, expected {EC_CLASS} of {EC_SIZE_MIB} MiB"
         pool = self.tessera("pool", "query", v["pool"])
         states = [t["state"] for t in pool["map"]["targets"]]
-        if len(states) != EC_ENGINES * EC_TARGETS or any(s not in ("UP", "UPIN") for s in states):
+        if len(states) != self.engines * EC_TARGETS or any(s not in ("UP", "UPIN") for s in states):
             return f"pool targets: {states}"
         return None
 
     def info(self):
         v = self.volume
-        return (f"{EC_ENGINES} engines x {EC_TARGETS} targets, {v['class']} volume of {v['size'] >> 20} MiB "
-                f"({v['block_size']} B blocks) as {EC_NQN} on port {self.port}, mgmt on {self.base}")
+        return (f"{self.engines} engines x {EC_TARGETS} targets, {v['class']} volume of {v['size'] >> 20} MiB "
+                f"({v['block_size']} B blocks) as {self.nqn} on port {self.port}, mgmt on {self.base}")
 
     def proc_alive(self, pid):
         """The process exists and is not a zombie."""
@@ -686,17 +702,29 @@ class TesseraCluster(TargetLog):
         except (OSError, IndexError):
             return False
 
+    def dead_daemons(self):
+        """Daemons that should be running and are not: tessera up's children except the ones
+        the harness killed, and the engines the harness restarted."""
+        dead = []
+        for name, pid in self.pids.items():
+            if name in self.restarted:
+                if self.restarted[name][0].poll() is not None:
+                    dead.append(f"{name} (restarted)")
+            elif name not in self.killed and not self.proc_alive(pid):
+                dead.append(name)
+        return dead
+
     def alive(self):
         if self.proc is None or self.proc.poll() is not None:
             return False
-        return all(self.proc_alive(pid) for name, pid in self.pids.items() if name not in self.killed)
+        return not self.dead_daemons()
 
     def status(self):
         if self.proc is None:
             return "not started"
         if self.proc.poll() is not None:
             return f"tessera up exited with status {self.proc.returncode}"
-        dead = [n for n, pid in self.pids.items() if n not in self.killed and not self.proc_alive(pid)]
+        dead = self.dead_daemons()
         return f"{', '.join(dead)} not running" if dead else "running"
 
     def kill_engine(self, rank, during=""):
@@ -712,6 +740,8 @@ class TesseraCluster(TargetLog):
             raise TargetError(f"{name} (pid {pid}) is not running")
         if "tessera-engine" not in cmdline or f"engine-{rank}" not in cmdline:
             raise TargetError(f"pid {pid} is not {name}: {cmdline}")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:  # for a restart: the same command line
+            self.argv[name] = [a.decode() for a in f.read().split(b"\0") if a]
         os.kill(pid, signal.SIGKILL)
         t = time.time()
         msg = f"SIGKILL {name} (pid {pid}) {during}".strip()
@@ -755,6 +785,111 @@ class TesseraCluster(TargetLog):
                 raise TargetError(f"engine {rank} is {st} after {limit:.0f}s, not down")
             time.sleep(0.5)
 
+    def restart_engine(self, rank, limit):
+        """Starts killed engine `rank` again as tessera up started it (the same command line:
+        tessera-engine --config DIR/engine-RANK/engine.toml, which tessera up wrote; its output
+        appended to DIR/logs/engine-RANK.log) and waits until the service shows it up again.
+        tessera up cannot restart a child; the harness stops this one itself at the end."""
+        name = f"engine-{rank}"
+        if name not in self.killed or name not in self.argv:
+            raise TargetError(f"{name} was not killed by the harness")
+        if name in self.restarted:
+            raise TargetError(f"{name} was already restarted (pid {self.restarted[name][0].pid})")
+        old = self.killed[name][0]
+        if self.proc_alive(old):
+            raise TargetError(f"{name} (pid {old}) is still running")
+        argv = self.argv[name]
+        env = dict(os.environ)
+        env.setdefault("RUST_LOG", "info")
+        env.setdefault("RUST_BACKTRACE", "1")
+        env["NO_COLOR"] = "1"
+        with open(self.dir / "logs" / f"{name}.log", "a") as logf:
+            logf.write(f"==== harness restart (Unix time {int(time.time())}): {' '.join(argv)}\n")
+            logf.flush()
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                    env=env, start_new_session=True)
+        t = time.time()
+        self.restarted[name] = (proc, t)
+        msg = f"restarted {name} (pid {proc.pid}): {' '.join(argv)}"
+        self.annotate(msg)
+        log(f"  {msg}")
+        while True:
+            if proc.poll() is not None:
+                raise TargetError(f"restarted {name} exited with status {proc.returncode} "
+                                  f"(log {self.dir / 'logs' / (name + '.log')})")
+            sysq = self.tessera("system", "query")
+            st = [e["state"] for e in sysq["engines"] if e["rank"] == rank]
+            if st == ["up"]:
+                self.registered_after[rank] = time.time() - t
+                msg = f"{name} restarted (pid {proc.pid}) and registered: the service shows it up " \
+                      f"{self.registered_after[rank]:.1f}s after the start"
+                self.note(msg)
+                return msg
+            if time.time() - t > limit:
+                raise TargetError(f"restarted {name} (pid {proc.pid}) is {st} in the service after {limit:.0f}s, not up")
+            time.sleep(0.2)
+
+    def targets_of(self, pool, rank):
+        return [t["state"] for t in pool["map"]["targets"] if t["rank"] == rank]
+
+    def wait_engine_reintegrated(self, rank, limit):
+        """Waits until restarted engine `rank` is reintegrated: every target of it UPIN (the
+        service commits UP -> UPIN when the survivors have copied back what changed while it
+        was away) and no rebuild running."""
+        name = f"engine-{rank}"
+        if name not in self.restarted:
+            raise TargetError(f"{name} was not restarted")
+        t_start = self.restarted[name][1]
+        t0 = time.time()
+        seen = []  # the states the engine's targets went through
+        while True:
+            pool = self.tessera("pool", "query", self.volume["pool"])
+            tgt = self.targets_of(pool, rank)
+            rb = pool.get("rebuild", {})
+            if not seen or seen[-1] != tgt:
+                seen.append(tgt)
+            if tgt and all(s == "UPIN" for s in tgt) and rb.get("state") == "idle":
+                after = time.time() - t_start
+                others = {r: self.targets_of(pool, r) for r in range(self.engines) if r != rank}
+                msg = (f"engine {rank} reintegrated {after:.1f}s after its restart (its targets went "
+                       f"{' -> '.join('/'.join(s) for s in seen)}; rebuild idle, {rb.get('completed')} rebuild(s) "
+                       f"completed, pool map version {pool['map']['version']}, other engines' targets {others}, "
+                       f"fault-domain redundancy reduced: {pool.get('fault_domains_reduced')})")
+                self.reintegrated[rank] = (after, msg)
+                self.note(msg)
+                return msg
+            if time.time() - t0 > limit:
+                raise TargetError(f"engine {rank} not reintegrated {limit:.0f}s after its restart: its targets {tgt} "
+                                  f"(went {' -> '.join('/'.join(s) for s in seen)}), rebuild {rb.get('state')} "
+                                  f"(map version {rb.get('map_version')}, {rb.get('engines_done')}/"
+                                  f"{rb.get('engines_total')} engines done, dkeys {rb.get('dkeys_done')}/"
+                                  f"{rb.get('dkeys_total')}, last error: {rb.get('last_error')})")
+            time.sleep(0.5)
+
+    def wait_pool_healthy(self, limit):
+        """Waits until every engine is up, every pool target UPIN, no rebuild running and the
+        groups on distinct engines again (fault-domain redundancy not reduced)."""
+        t0 = time.time()
+        while True:
+            pool = self.tessera("pool", "query", self.volume["pool"])
+            sysq = self.tessera("system", "query")
+            states = [t["state"] for t in pool["map"]["targets"]]
+            up = sorted(e["rank"] for e in sysq["engines"] if e["state"] == "up")
+            rb = pool.get("rebuild", {})
+            if (up == list(range(self.engines)) and len(states) == self.engines * EC_TARGETS
+                    and all(s == "UPIN" for s in states) and rb.get("state") == "idle"
+                    and pool.get("fault_domains_reduced") is False):
+                msg = (f"all {self.engines} engines up, all {len(states)} pool targets UPIN, rebuild idle "
+                       f"({rb.get('completed')} rebuild(s) completed), pool map version {pool['map']['version']}, "
+                       f"fault-domain redundancy no longer reduced")
+                self.note(msg)
+                return msg
+            if time.time() - t0 > limit:
+                raise TargetError(f"pool not healthy after {limit:.0f}s: engines up {up}, targets {states}, "
+                                  f"rebuild {rb.get('state')} (last error: {rb.get('last_error')}), "
+                                  f"fault-domain redundancy reduced: {pool.get('fault_domains_reduced')}")
+            time.sleep(0.5)
+
     def wait_engine_rebuilt(self, rank, limit):
         """Waits until the surviving engines have rebuilt engine `rank`'s shards: its targets
         DOWNOUT (the service commits that when every survivor reported its rebuild pass done)
@@ -772,6 +907,9 @@ class TesseraCluster(TargetLog):
                        f"{f' after waiting {waited:.1f}s' if waited >= 0.5 else ''}")
                 self.note(msg)
                 self.rebuilt_msg = self.rebuilt_msg or msg
+                kill = self.killed.get(f"engine-{rank}")
+                if kill and rank not in self.rebuilt:
+                    self.rebuilt[rank] = (time.time() - kill[1], msg)
                 return msg
             if time.time() - t0 > limit:
                 raise TargetError(f"engine {rank}'s shards not rebuilt after {limit:.0f}s: its targets {tgt}, "
@@ -781,7 +919,7 @@ class TesseraCluster(TargetLog):
     def problems(self):
         """Panics in the daemons' logs (the copies in the log dir once stopped)."""
         bad = []
-        logs = self.dir / "logs" if (self.dir / "logs").is_dir() else self.logdir / "ec-cluster"
+        logs = self.dir / "logs" if (self.dir / "logs").is_dir() else self.logdir / f"{self.name}-cluster"
         for f in sorted(logs.glob("*.log")):
             try:
                 text = f.read_text(errors="replace")
@@ -802,8 +940,13 @@ class TesseraCluster(TargetLog):
                 self.note(f"tessera up still running {grace}s after SIGTERM: killing it and its daemons")
                 self.proc.kill()
                 self.proc.wait()
+        # the engines the harness restarted (tessera up does not know them): SIGTERM after
+        # tessera up has stopped the target and the service, as it stops its own engines
+        self.stop_restarted()
         # whatever it left behind (it was SIGKILLed, or it failed): its daemons by pid
         for name, pid in self.pids.items():
+            if name in self.restarted:
+                continue
             if self.proc_alive(pid):
                 self.note(f"{name} (pid {pid}) still running after tessera up ended: SIGKILL")
                 try:
@@ -812,6 +955,21 @@ class TesseraCluster(TargetLog):
                     pass
         return self.proc.returncode
 
+    def stop_restarted(self, grace=60):
+        for name, (proc, _t) in self.restarted.items():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, (proc, _t) in self.restarted.items():
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.note(f"restarted {name} (pid {proc.pid}) still running {grace}s after SIGTERM: SIGKILL")
+                proc.kill()
+                proc.wait()
+            if name not in self.restart_status:
+                self.restart_status[name] = proc.returncode
+                self.note(f"restarted {name} (pid {proc.pid}) stopped: exit status {proc.returncode}")
+
     def stop(self):
         if self.proc is not None and self.exit_status is None:
             self.exit_status = self.stop_up()
@@ -819,7 +977,7 @@ class TesseraCluster(TargetLog):
             self.note(f"tessera up exited with status {self.exit_status}")
         logs = self.dir / "logs"
         if logs.is_dir():
-            dest = self.logdir / "ec-cluster"
+            dest = self.logdir / f"{self.name}-cluster"
             dest.mkdir(exist_ok=True)
             for f in logs.glob("*.log"):
                 shutil.copy(f, dest / f.name)
@@ -1030,6 +1188,24 @@ class Context:
                 msg = self.cluster.wait_engine_rebuilt(int(parts[1]), float(parts[2]))
                 guest.note(msg)
                 return "ok " + msg
+            elif parts[0] == "restart-engine":
+                if not self.cluster:
+                    return "err no cluster is running"
+                msg = self.cluster.restart_engine(int(parts[1]), float(parts[2]) if len(parts) > 2 else 60)
+                guest.note(msg)
+                return "ok " + msg
+            elif parts[0] == "expect-engine-reintegrated":
+                if not self.cluster:
+                    return "err no cluster is running"
+                msg = self.cluster.wait_engine_reintegrated(int(parts[1]), float(parts[2]))
+                guest.note(msg)
+                return "ok " + msg
+            elif parts[0] == "expect-pool-healthy":
+                if not self.cluster:
+                    return "err no cluster is running"
+                msg = self.cluster.wait_pool_healthy(float(parts[1]))
+                guest.note(msg)
+                return "ok " + msg
             elif parts[0] == "expect-conns-min":
                 n = established_conns(self.port)
                 if n < int(parts[1]):
@@ -1057,23 +1233,25 @@ class Context:
 
 
 # ------------------------------------------------------------------- main --
-def run_ec_boot(boot, tessera_bin, kernel, base_initrd, workdir, logdir, ctx, args, selected):
-    """Starts the tessera up cluster, runs the ec boot against it, judges the host-side
-    cases (ec-cluster-up, ec-engine-killed, ec-cluster-clean) and stops the cluster."""
+def run_cluster_boot(boot, cluster, host_cases, env_extra, judge, kernel, base_initrd, workdir, logdir, ctx, args,
+                     selected):
+    """Starts `cluster` (tessera up), runs `boot` against it, lets `judge(results, cluster)` decide
+    the boot's own host-side cases, stops the cluster and decides <name>-cluster-up and
+    <name>-cluster-clean.  host_cases: all of the boot's host-side cases."""
     results = {}
-    names = boot.cases + EC_HOST_CASES
+    names = boot.cases + host_cases
+    up_case, clean_case = f"{cluster.name}-cluster-up", f"{cluster.name}-cluster-clean"
 
     def fail_rest(why):
         for c in names:
             results.setdefault(c, Result(c, False, why))
         return results
 
-    if not tessera_bin.exists():
-        return fail_rest(f"{tessera_bin} not found (cargo build --release -p tessera-ctl -p tessera-mgmt "
+    if not cluster.bin.exists():
+        return fail_rest(f"{cluster.bin} not found (cargo build --release -p tessera-ctl -p tessera-mgmt "
                          f"-p tessera-engine -p tessera-nvmf)")
-    cluster = TesseraCluster(tessera_bin, workdir, logdir, args.ec_port_base)
     try:
-        log(f"starting a {EC_CLASS} cluster with tessera up (log {cluster.logpath})")
+        log(f"starting a {EC_CLASS} cluster of {cluster.engines} engines with tessera up (log {cluster.logpath})")
         t0 = time.time()
         try:
             cluster.start()
@@ -1083,12 +1261,12 @@ def run_ec_boot(boot, tessera_bin, kernel, base_initrd, workdir, logdir, ctx, ar
             return fail_rest(f"tessera up cluster did not start: {str(e).splitlines()[0]}")
         if bad:
             return fail_rest(f"tessera up cluster is not as asked for: {bad}")
-        results["ec-cluster-up"] = Result("ec-cluster-up", True, info=f"{cluster.info()}; up in {time.time() - t0:.0f}s")
+        results[up_case] = Result(up_case, True, info=f"{cluster.info()}; up in {time.time() - t0:.0f}s")
         log(f"cluster up: {cluster.info()}")
         v = cluster.volume
         env_text = guest_env(args.port, selected, {
-            "EC_NQN": EC_NQN, "EC_PORT": cluster.port, "EC_SIZE_MIB": v["size"] >> 20,
-            "EC_BLOCK_SIZE": v["block_size"], "EC_KILL_RANK": EC_KILL_RANK,
+            "EC_NQN": cluster.nqn, "EC_PORT": cluster.port, "EC_SIZE_MIB": v["size"] >> 20,
+            "EC_BLOCK_SIZE": v["block_size"], **env_extra,
         })
         ctx.cluster = cluster
         try:
@@ -1096,34 +1274,10 @@ def run_ec_boot(boot, tessera_bin, kernel, base_initrd, workdir, logdir, ctx, ar
         finally:
             ctx.cluster = None
         results.update(r)
+        judge(results, cluster)
 
-        # ec-engine-killed: the harness killed the engine at the guest's request (which the guest
-        # makes only with fio's write phase under way and checks afterwards), tessera up saw it
-        # die of SIGKILL, and the management service marked it down.
-        name = f"engine-{EC_KILL_RANK}"
-        kr = r.get("ec-kill-during-write")
-        if name not in cluster.killed:
-            results["ec-engine-killed"] = Result("ec-engine-killed", False,
-                                                 f"{name} was never killed (the guest did not request it)")
-        elif not cluster.down_msg:
-            results["ec-engine-killed"] = Result("ec-engine-killed", False,
-                                                 f"{name} was SIGKILLed but never seen down in the management service")
-        elif not kr or not kr.ok:
-            results["ec-engine-killed"] = Result("ec-engine-killed", False,
-                                                 f"{name} was SIGKILLed but the guest did not confirm it hit fio's "
-                                                 f"write phase: {kr.reason if kr else 'no result'}")
-        elif cluster.proc_alive(cluster.killed[name][0]):
-            results["ec-engine-killed"] = Result("ec-engine-killed", False, f"{name} is still running")
-        else:
-            pid, _t, _ = cluster.killed[name]
-            d = cluster.down_after.get(EC_KILL_RANK)
-            results["ec-engine-killed"] = Result("ec-engine-killed", True,
-                                                 info=f"{name} pid {pid} SIGKILLed during fio's write phase, "
-                                                      f"marked down {f'{d:.1f}s' if d is not None else 'at some point'} later; "
-                                                      f"{cluster.down_msg}"
-                                                      f"{f'; {cluster.rebuilt_msg}' if cluster.rebuilt_msg else ''}")
-
-        # ec-cluster-clean: the survivors kept running, no panic anywhere, ordered stop
+        # <name>-cluster-clean: the survivors (and the engines restarted by the harness) kept
+        # running, no panic anywhere, ordered stop
         alive, status = cluster.alive(), cluster.status()
         rc = cluster.stop()
         why = []
@@ -1134,13 +1288,103 @@ def run_ec_boot(boot, tessera_bin, kernel, base_initrd, workdir, logdir, ctx, ar
             why.append(f"{len(bad)} panic line(s), first: {bad[0].strip()}")
         if rc != 0:
             why.append(f"tessera up exited with status {rc} on SIGTERM")
-        results["ec-cluster-clean"] = Result("ec-cluster-clean", not why, "; ".join(why),
-                                             "survivors ran to the end, no panics, tessera up exit 0")
-        log(f"cluster stopped (tessera up exit {rc}); logs in {logdir / 'ec-cluster'}")
+        for name, st in sorted(cluster.restart_status.items()):
+            if st != 0:
+                why.append(f"restarted {name} exited with status {st} on SIGTERM")
+        restarted = (f", the restarted {' and '.join(sorted(cluster.restart_status))} exit 0 on SIGTERM"
+                     if cluster.restart_status else "")
+        results[clean_case] = Result(clean_case, not why, "; ".join(why),
+                                     f"survivors ran to the end, no panics, tessera up exit 0{restarted}")
+        log(f"cluster stopped (tessera up exit {rc}); logs in {logdir / (cluster.name + '-cluster')}")
         return fail_rest("not reached")
     finally:
         ctx.cluster = None
         cluster.stop()
+
+
+def judge_ec(results, cluster):
+    """ec-engine-killed: the harness killed the engine at the guest's request (which the guest
+    makes only with fio's write phase under way and checks afterwards), tessera up saw it die of
+    SIGKILL, and the management service marked it down."""
+    name = f"engine-{EC_KILL_RANK}"
+    kr = results.get("ec-kill-during-write")
+    if name not in cluster.killed:
+        results["ec-engine-killed"] = Result("ec-engine-killed", False,
+                                             f"{name} was never killed (the guest did not request it)")
+    elif not cluster.down_msg:
+        results["ec-engine-killed"] = Result("ec-engine-killed", False,
+                                             f"{name} was SIGKILLed but never seen down in the management service")
+    elif not kr or not kr.ok:
+        results["ec-engine-killed"] = Result("ec-engine-killed", False,
+                                             f"{name} was SIGKILLed but the guest did not confirm it hit fio's "
+                                             f"write phase: {kr.reason if kr else 'no result'}")
+    elif cluster.proc_alive(cluster.killed[name][0]):
+        results["ec-engine-killed"] = Result("ec-engine-killed", False, f"{name} is still running")
+    else:
+        pid, _t, _ = cluster.killed[name]
+        d = cluster.down_after.get(EC_KILL_RANK)
+        results["ec-engine-killed"] = Result("ec-engine-killed", True,
+                                             info=f"{name} pid {pid} SIGKILLed during fio's write phase, "
+                                                  f"marked down {f'{d:.1f}s' if d is not None else 'at some point'} later; "
+                                                  f"{cluster.down_msg}"
+                                                  f"{f'; {cluster.rebuilt_msg}' if cluster.rebuilt_msg else ''}")
+
+
+def judge_heal(results, cluster):
+    """heal-engines-cycled: both engines were SIGKILLed at the guest's request (tessera up saw
+    them die of signal 9), the service marked each down and its shards were rebuilt, the
+    harness restarted each (most recent failure first) and the service reintegrated it; the
+    info is the timeline."""
+    case = "heal-engines-cycled"
+    why, steps = [], []
+    for rank in HEAL_KILL_RANKS:
+        name = f"engine-{rank}"
+        if name not in cluster.killed:
+            why.append(f"{name} was never killed")
+            continue
+        pid = cluster.killed[name][0]
+        if cluster.proc_alive(pid):
+            why.append(f"{name} (pid {pid}) still running after its SIGKILL")
+        d = cluster.down_after.get(rank)
+        rb = cluster.rebuilt.get(rank)
+        rs = cluster.restarted.get(name)
+        ri = cluster.reintegrated.get(rank)
+        if d is None:
+            why.append(f"{name} never seen down in the management service")
+        if rb is None:
+            why.append(f"{name}'s shards never seen rebuilt")
+        if rs is None:
+            why.append(f"{name} never restarted")
+        elif rank not in cluster.registered_after:
+            why.append(f"restarted {name} never registered")
+        if ri is None:
+            why.append(f"{name} never seen reintegrated")
+        steps.append(f"{name}: killed (pid {pid}), down {f'{d:.1f}s' if d is not None else '?'} later, "
+                     f"rebuilt {f'{rb[0]:.1f}s' if rb else '?'} after the kill; restarted"
+                     f"{f' (pid {rs[0].pid})' if rs else ' ?'}, registered "
+                     f"{f'{cluster.registered_after[rank]:.1f}s' if rank in cluster.registered_after else '?'}, "
+                     f"UPIN {f'{ri[0]:.1f}s' if ri else '?'} after the restart")
+    order = [r for r, _ in sorted(((r, cluster.restarted[f"engine-{r}"][1]) for r in HEAL_KILL_RANKS
+                                   if f"engine-{r}" in cluster.restarted), key=lambda x: x[1])]
+    if not why and order != list(reversed(HEAL_KILL_RANKS)):
+        why.append(f"engines restarted in the order {order}, expected {list(reversed(HEAL_KILL_RANKS))}")
+    results[case] = Result(case, not why, "; ".join(why), "; ".join(steps))
+
+
+def run_ec_boot(boot, tessera_bin, kernel, base_initrd, workdir, logdir, ctx, args, selected):
+    """The ec boot: 3 engines, one killed during fio's writes."""
+    cluster = TesseraCluster(tessera_bin, workdir, logdir, args.ec_port_base)
+    return run_cluster_boot(boot, cluster, EC_HOST_CASES, {"EC_KILL_RANK": EC_KILL_RANK}, judge_ec,
+                            kernel, base_initrd, workdir, logdir, ctx, args, selected)
+
+
+def run_heal_boot(boot, tessera_bin, kernel, base_initrd, workdir, logdir, ctx, args, selected):
+    """The heal boot: 4 engines, two killed one after the other, restarted in reverse order."""
+    cluster = TesseraCluster(tessera_bin, workdir, logdir, args.ec_port_base, name="heal",
+                             engines=HEAL_ENGINES, nqn=HEAL_NQN)
+    extra = {"HEAL_KILL_FIRST": HEAL_KILL_RANKS[0], "HEAL_KILL_SECOND": HEAL_KILL_RANKS[1]}
+    return run_cluster_boot(boot, cluster, HEAL_HOST_CASES, extra, judge_heal,
+                            kernel, base_initrd, workdir, logdir, ctx, args, selected)
 
 
 def guest_env(port, cases, extra=None):
@@ -1158,6 +1402,7 @@ def guest_env(port, cases, extra=None):
 DEPENDS = {"ns-grow": ["ns-add-aen"], "ns-remove-aen": ["ns-add-aen"]}
 HOST_CASES = ["host-vanishes", "target-alive", "target-log-clean", "target-no-fd-leak"]
 EC_HOST_CASES = ["ec-cluster-up", "ec-engine-killed", "ec-cluster-clean"]
+HEAL_HOST_CASES = ["heal-cluster-up", "heal-engines-cycled", "heal-cluster-clean"]
 DEFAULT_PORT = 4420
 
 
@@ -1185,10 +1430,13 @@ def main():
                     help=f"port of the TOML/malloc target (default {DEFAULT_PORT}, or the first free one in "
                          f"{DEFAULT_PORT + 1}..{DEFAULT_PORT + 79} when something else listens there)")
     ap.add_argument("--ec-port-base", type=int, metavar="PORT",
-                    help=f"first of the {EC_ENGINES + 2} consecutive ports of the tessera up cluster (mgmt, "
-                         f"engines, NVMe/TCP); default: a free block found in {EC_PORT_RANGE[0]}..{EC_PORT_RANGE[1]}")
+                    help=f"first of the consecutive ports of the tessera up clusters (mgmt, engines, NVMe/TCP: "
+                         f"{EC_ENGINES + 2} for the ec boot, {HEAL_ENGINES + 2} for the heal boot, which runs after "
+                         f"it); default: a free block found in {EC_PORT_RANGE[0]}..{EC_PORT_RANGE[1]}")
     ap.add_argument("--no-ec", action="store_true",
                     help="skip the erasure-coded cluster (tessera up) boot and its cases")
+    ap.add_argument("--no-heal", action="store_true",
+                    help="skip the self-healing cluster (tessera up, 4 engines) boot and its cases")
     ap.add_argument("--tessera-bin", help="tessera CLI for tessera up (default target/release/tessera; "
                                           "it runs the daemons from its own directory)")
     ap.add_argument("--log-dir", help="default target/nvme-cli-logs/<timestamp>")
@@ -1216,21 +1464,26 @@ def main():
         Boot("host-vanishes-2", "host-vanishes-2.sh", timeout=400),
     ]
     with_ec = not (args.no_ec or args.reference)
+    with_heal = not (args.no_heal or args.reference)
     if with_ec:
         # last: its own system (tessera up), started for this boot and stopped after it
         boots.append(Boot("ec", "ec.sh", timeout=900))
+    if with_heal:
+        # another system of its own (tessera up, 4 engines): two engines killed and restarted
+        boots.append(Boot("heal", "heal.sh", timeout=600))
     if args.script:
         boots = [Boot("script", Path(args.script).resolve(), timeout=1500)]
-        with_ec = False
-    host_cases = HOST_CASES + (EC_HOST_CASES if with_ec else [])
+        with_ec = with_heal = False
+    host_cases = HOST_CASES + (EC_HOST_CASES if with_ec else []) + (HEAL_HOST_CASES if with_heal else [])
     all_cases = [c for b in boots for c in b.cases] + (["target-alive", "target-log-clean", "target-no-fd-leak"] if args.script else host_cases)
     ec_cases = [c for b in boots if b.name == "ec" for c in b.cases] + (EC_HOST_CASES if with_ec else [])
+    heal_cases = [c for b in boots if b.name == "heal" for c in b.cases] + (HEAL_HOST_CASES if with_heal else [])
     if args.list:
         for b in boots:
             for c in b.cases:
-                print(f"{c:24s} (guest boot {b.name})")
+                print(f"{c:28s} (guest boot {b.name})")
         for c in host_cases:
-            print(f"{c:24s} (host side{', tessera up cluster' if c in ec_cases else ''})")
+            print(f"{c:28s} (host side{', tessera up cluster' if c in ec_cases + heal_cases else ''})")
         return 0
     selected = set()
     for c in args.case:
@@ -1244,6 +1497,8 @@ def main():
         selected.update(["host-vanishes", "host-vanishes-start", "host-vanishes-next-host"])
     if selected & set(ec_cases):
         selected.update(ec_cases)  # one sequence: connect, write, kill, re-read
+    if selected & set(heal_cases):
+        selected.update(heal_cases)  # one sequence: write, kill, rebuild, kill, restart, re-read
     if selected:
         selected.update(["target-alive", "target-log-clean", "target-no-fd-leak"])
     auto_port = args.port is None
@@ -1326,7 +1581,7 @@ def main():
             binary = Path(args.target_bin) if args.target_bin else REPO / "target" / "release" / "tessera-nvmf"
             if not args.no_build and not args.target_bin:
                 pkgs = ["tessera-nvmf"]
-                if with_ec and any(want(c) for c in ec_cases) and not args.tessera_bin:
+                if any(want(c) for c in ec_cases + heal_cases) and not args.tessera_bin:
                     pkgs += ["tessera-ctl", "tessera-mgmt", "tessera-engine"]
                 cmd = ["cargo", "build", "--release"] + [a for p in pkgs for a in ("-p", p)]
                 log(" ".join(cmd))
@@ -1369,10 +1624,11 @@ def main():
         for boot in boots:
             if boot.cases and not any(want(c) for c in boot.cases):
                 continue
-            if boot.name == "ec":
+            if boot.name in ("ec", "heal"):
                 tessera_bin = Path(args.tessera_bin) if args.tessera_bin else REPO / "target" / "release" / "tessera"
-                results.update(run_ec_boot(boot, tessera_bin, kernel, base_initrd, workdir, logdir, ctx,
-                                           args, sorted(selected)))
+                run = run_ec_boot if boot.name == "ec" else run_heal_boot
+                results.update(run(boot, tessera_bin, kernel, base_initrd, workdir, logdir, ctx,
+                                   args, sorted(selected)))
                 continue
             if not target.alive():
                 for c in boot.cases:

@@ -1,0 +1,135 @@
+# Self-healing boot: the kernel's nvme-tcp host against a whole Tessera system that run.py
+# started on the host with `tessera up --engines 4` (tessera-mgmt, 4 engines x 2 targets,
+# tessera-nvmf in managed mode), exporting one EC_2P1 volume as $EC_NQN on $TADDR:$EC_PORT.
+#
+#   1. engine $HEAL_KILL_FIRST is SIGKILLed (by run.py, on request) during fio's write phase;
+#      the service marks it down and the three survivors rebuild its shards (each group on
+#      three distinct engines again) while fio goes on: the guest asks the host to wait for
+#      the rebuild (its targets DOWNOUT, rebuild idle) with fio still running;
+#   2. engine $HEAL_KILL_SECOND is SIGKILLed: every block is verified at once (reads held until
+#      it is marked down, then degraded, then from the rebuilt shards); once its shards are
+#      rebuilt on the two survivors (two shards of a group on one engine) more is written;
+#   3. run.py restarts the killed engines from the engine.toml tessera up wrote, the most
+#      recent failure first, each reintegrated (its targets UPIN) before the next; then every
+#      target is UPIN on distinct engines and every block is verified again.
+#
+# Regions of the volume (all fio jobs are randwrite, 4k..128k blocks, crc32c verify headers,
+# and replayable with --verify_only because fio's random sequence repeats by default):
+#   heal-base      0 .. 16 MiB   written with all four engines up
+#   heal-kill     32 .. 96 MiB   written while engine $HEAL_KILL_FIRST is killed and rebuilt
+#   heal-two-down 128 .. 144 MiB written with two engines down (both rebuilt)
+. /guest-lib.sh      # also ec_connect, ec_fio, ec_reverify, stat_field (shared with guest/ec.sh)
+
+EC_FIO="--ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-128k --iodepth=16 --numjobs=1 \
+--verify=crc32c --verify_fatal=1 --group_reporting --eta=never"
+BASE_ARGS="--offset=0 --size=16m"
+KILL_ARGS="--offset=32m --size=64m"
+KILL_MIB=64
+TWO_ARGS="--offset=128m --size=16m"
+KILL_AFTER_MIB=8        # the first kill is requested once this much of heal-kill has been written
+REQUEST_TIMEOUT=150     # the host waits up to 90 s for a reintegration
+
+case_heal_connect() {
+    disconnect_all
+    ec_connect || return 1
+    d="$(ec_dev)"
+    sz=$(( $(cat /sys/block/$d/size) / 2048 ))
+    lbs="$(cat /sys/block/$d/queue/logical_block_size)"
+    echo "block device /dev/$d: $sz MiB, logical block $lbs"
+    [ "$sz" = "$EC_SIZE_MIB" ] || { fail "/dev/$d is $sz MiB, expected $EC_SIZE_MIB"; return 1; }
+    [ "$lbs" = "$EC_BLOCK_SIZE" ] || { fail "/dev/$d logical block size $lbs, expected $EC_BLOCK_SIZE"; return 1; }
+}
+
+case_heal_fio_verify() {
+    ec_ensure_connected || return 1
+    ec_fio heal-base $BASE_ARGS --do_verify=1 || return 1
+}
+
+case_heal_rebuild_during_write() {
+    ec_ensure_connected || return 1
+    d="$(ec_dev)"
+    w0="$(stat_field "$d" 7)"; r0="$(stat_field "$d" 3)"
+    echo "\$ fio --name=heal-kill --filename=/dev/$d $EC_FIO $KILL_ARGS --do_verify=1 &"
+    timeout 600 fio --name=heal-kill --filename="/dev/$d" $EC_FIO $KILL_ARGS --do_verify=1 \
+        > /tmp/fio-heal-kill.out 2>&1 &
+    pid=$!
+    i=0
+    while :; do
+        w=$(( ($(stat_field "$d" 7) - w0) / 2048 ))
+        [ "$w" -ge "$KILL_AFTER_MIB" ] && break
+        kill -0 "$pid" 2>/dev/null || { cat /tmp/fio-heal-kill.out; fail "fio ended before ${KILL_AFTER_MIB} MiB were written"; return 1; }
+        [ $i -lt 1200 ] || { kill "$pid"; fail "fio wrote only $w MiB in 120s"; return 1; }
+        sleep 0.1; i=$((i + 1))
+    done
+    echo "heal-kill: $w MiB written, fio pid $pid running; asking the host to kill engine $HEAL_KILL_FIRST"
+    request kill-engine "$HEAL_KILL_FIRST" || { kill "$pid"; return 1; }
+    wk=$(( ($(stat_field "$d" 7) - w0) / 2048 )); rk=$(( $(stat_field "$d" 3) - r0 ))
+    running=no; kill -0 "$pid" 2>/dev/null && running=yes
+    echo "heal-kill: engine killed with $wk MiB of $KILL_MIB written, $rk sectors read so far, fio running: $running"
+    # fio goes on; the host answers once the service shows the killed engine's shards rebuilt
+    # (its targets DOWNOUT, no rebuild running)
+    request expect-engine-rebuilt "$HEAL_KILL_FIRST" 60 || { kill "$pid"; wait "$pid"; return 1; }
+    wr=$(( ($(stat_field "$d" 7) - w0) / 2048 )); rr=$(( ($(stat_field "$d" 3) - r0) / 2048 ))
+    phase=ended
+    if kill -0 "$pid" 2>/dev/null; then
+        if [ "$rr" = 0 ]; then phase=writing; else phase=verifying; fi
+    fi
+    echo "heal-kill: rebuild seen done with $wr MiB of $KILL_MIB written and $rr MiB read: fio $phase"
+    wait "$pid"; st=$?
+    wf=$(( ($(stat_field "$d" 7) - w0) / 2048 )); rf=$(( ($(stat_field "$d" 3) - r0) / 2048 ))
+    echo "heal-kill: fio exit $st; in all $wf MiB written, $rf MiB read (verify phase); $(( wf - wk )) MiB written after the kill, $(( wf - wr )) after the rebuild"
+    echo "heal-kill: write completion latency (the writes held while the engine was not yet marked down):"
+    awk '/ write: /{w=1} w && / clat \(/{print; exit}' /tmp/fio-heal-kill.out
+    fio_check heal-kill "$st" /tmp/fio-heal-kill.out || return 1
+    [ "$running" = yes ] && [ "$rk" = 0 ] || { fail "the kill did not land in fio's write phase (fio running: $running, $rk sectors read before)"; return 1; }
+    [ "$phase" != ended ] || { fail "fio had ended before the rebuild was seen done ($wr MiB written): the rebuild did not overlap fio"; return 1; }
+    [ $(( wf - wk )) -ge 8 ] || { fail "only $(( wf - wk )) MiB written after the kill"; return 1; }
+    [ "$rf" -ge "$KILL_MIB" ] || { fail "verify phase read only $rf MiB of $KILL_MIB"; return 1; }
+}
+
+case_heal_second_kill_verify() {
+    ec_ensure_connected || return 1
+    request expect-engine-rebuilt "$HEAL_KILL_FIRST" 5 || return 1
+    request kill-engine "$HEAL_KILL_SECOND" || return 1
+    # at once, no waiting: reads of its cells are held until the service marks it down, then
+    # reconstructed from the group's two other cells until its shards are rebuilt
+    ec_reverify heal-kill "$KILL_MIB" $KILL_ARGS || return 1
+    ec_reverify heal-base 16 $BASE_ARGS || return 1
+    request expect-engine-down "$HEAL_KILL_SECOND" 30 || return 1
+    request expect-engine-rebuilt "$HEAL_KILL_SECOND" 60 || return 1
+}
+
+case_heal_two_down_write() {
+    ec_ensure_connected || return 1
+    ec_fio heal-two-down $TWO_ARGS --do_verify=1 || return 1
+    # both engines' shards now sit on the two survivors: read everything from there
+    ec_reverify heal-kill "$KILL_MIB" $KILL_ARGS || return 1
+    ec_reverify heal-base 16 $BASE_ARGS || return 1
+}
+
+case_heal_reintegrate() {
+    ec_ensure_connected || return 1
+    # the most recent failure first: reintegrating an older failure while a newer one is still
+    # out can stall on EC_2P1 (a known limitation)
+    request restart-engine "$HEAL_KILL_SECOND" 60 || return 1
+    request expect-engine-reintegrated "$HEAL_KILL_SECOND" 90 || return 1
+    request restart-engine "$HEAL_KILL_FIRST" 60 || return 1
+    request expect-engine-reintegrated "$HEAL_KILL_FIRST" 90 || return 1
+    request expect-pool-healthy 30 || return 1
+}
+
+case_heal_reverify_reintegrated() {
+    ec_ensure_connected || return 1
+    ec_reverify heal-base 16 $BASE_ARGS || return 1
+    ec_reverify heal-kill "$KILL_MIB" $KILL_ARGS || return 1
+    ec_reverify heal-two-down 16 $TWO_ARGS || return 1
+    disconnect "$EC_NQN" || return 1
+}
+
+run_case heal-connect                case_heal_connect
+run_case heal-fio-verify             case_heal_fio_verify
+run_case heal-rebuild-during-write   case_heal_rebuild_during_write
+run_case heal-second-kill-verify     case_heal_second_kill_verify
+run_case heal-two-down-write         case_heal_two_down_write
+run_case heal-reintegrate            case_heal_reintegrate
+run_case heal-reverify-reintegrated  case_heal_reverify_reintegrated
