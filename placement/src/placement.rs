@@ -28,6 +28,7 @@
 //!    target differs from the base layout's or is `Up` (being reintegrated). So a shard is
 //!    readable only on the target where the base layout put it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -100,6 +101,10 @@ pub struct TargetEntry {
     /// (ties by rank, index), so an older failure's remapping never depends on a newer one.
     /// [`PoolMap::set_state`] maintains it.
     pub fseq: u32,
+    /// The pool map version at which the target joined the pool: 0 for the pool's first
+    /// targets, the extension's version for a target added later ([`PoolMap::add_targets`]).
+    /// Placement replays extensions in this order, like failures.
+    pub added: u32,
 }
 
 /// A target's address: engine rank and target index.
@@ -141,17 +146,72 @@ pub struct PoolMap {
     version: u32,
     engines: Vec<EngineEntry>,
     targets: Vec<TargetEntry>,
+    /// The number of targets [`group_count`] is computed from: the pool's size when it was
+    /// created, kept when it grows, so that an extension never moves a dkey to another group.
+    group_targets: u32,
+    /// The pool as it was after each extension (the first: as created), for the walks.
+    views: Arc<[WalkView]>,
     base: Option<Arc<PoolMap>>,
+}
+
+/// The targets a shard's walk ranges over: the pool as it was at map version `level` (targets
+/// added at or before it). Engines are ordered by (the version they joined, rank) and each
+/// engine's targets by (version joined, index), so that every extension appends jump-hash
+/// buckets and a walk step either stays where it was or moves to something added.
+#[derive(Debug, PartialEq, Eq)]
+struct WalkView {
+    level: u32,
+    /// Per engine, positions of its targets in [`PoolMap::targets`].
+    engines: Vec<Vec<usize>>,
+    /// Every target of the view, positions in [`PoolMap::targets`], ascending.
+    all: Vec<usize>,
+}
+
+impl WalkView {
+    /// The walk views of sorted `targets`: one per distinct `added` version.
+    fn of(targets: &[TargetEntry]) -> Vec<WalkView> {
+        let levels: BTreeSet<u32> = targets.iter().map(|t| t.added).collect();
+        levels
+            .into_iter()
+            .map(|level| {
+                let all: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].added <= level).collect();
+                let mut engines: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+                for &i in &all {
+                    engines.entry(targets[i].rank).or_default().push(i);
+                }
+                let mut engines: Vec<(u32, u32, Vec<usize>)> = engines
+                    .into_iter()
+                    .map(|(rank, mut ts)| {
+                        ts.sort_by_key(|&i| (targets[i].added, targets[i].index));
+                        let joined = ts.iter().map(|&i| targets[i].added).min().unwrap_or(0);
+                        (joined, rank, ts)
+                    })
+                    .collect();
+                engines.sort_by_key(|e| (e.0, e.1));
+                WalkView { level, engines: engines.into_iter().map(|e| e.2).collect(), all }
+            })
+            .collect()
+    }
 }
 
 impl PoolMap {
     /// A pool map of `targets` (in any order). Errors if it is empty or a (rank, index) pair
     /// appears twice.
+    /// Its groups are counted from all of these targets ([`PoolMap::with_group_targets`] sets
+    /// another basis).
     pub fn new(version: u32, mut targets: Vec<TargetEntry>) -> Result<PoolMap, PlacementError> {
         if targets.is_empty() {
             return Err(PlacementError::EmptyPool);
         }
         targets.sort_by_key(|t| (t.rank, t.index));
+        let engines = Self::engines_of(&targets)?;
+        let group_targets = u32::try_from(targets.len()).map_err(|_| PlacementError::TooManyTargets)?;
+        let views = WalkView::of(&targets).into();
+        Ok(PoolMap { version, engines, targets, group_targets, views, base: None })
+    }
+
+    /// The engines of sorted `targets`; errors on a duplicate.
+    fn engines_of(targets: &[TargetEntry]) -> Result<Vec<EngineEntry>, PlacementError> {
         let mut engines: Vec<EngineEntry> = Vec::new();
         for (i, t) in targets.iter().enumerate() {
             if i > 0 && targets[i - 1].rank == t.rank && targets[i - 1].index == t.index {
@@ -162,14 +222,47 @@ impl PoolMap {
                 _ => engines.push(EngineEntry { rank: t.rank, first: i, count: 1 }),
             }
         }
-        Ok(PoolMap { version, engines, targets, base: None })
+        Ok(engines)
+    }
+
+    /// This map with its groups counted from `n` targets (the pool's size when it was created;
+    /// see [`group_count`]). `n` must be 1 up to the number of targets.
+    pub fn with_group_targets(mut self, n: u32) -> Result<PoolMap, PlacementError> {
+        if n == 0 || n as usize > self.targets.len() {
+            return Err(PlacementError::BadGroupTargets { group_targets: n, targets: self.targets.len() });
+        }
+        self.group_targets = n;
+        Ok(self)
+    }
+
+    /// The number of targets [`group_count`] is computed from.
+    pub fn group_targets(&self) -> u32 {
+        self.group_targets
+    }
+
+    /// A new map, one version later, with `new` targets added (the pool is *extended*): each
+    /// `Up` (being filled) with the new version as its `fseq`. The group count and the base map
+    /// stay, so only shards whose walks now reach the new targets move. Errors if `new` is empty
+    /// or names a target the map has.
+    pub fn add_targets(&self, new: &[TargetRef]) -> Result<PoolMap, PlacementError> {
+        if new.is_empty() {
+            return Err(PlacementError::NothingToAdd);
+        }
+        let version = self.version.checked_add(1).ok_or(PlacementError::VersionOverflow)?;
+        let mut targets = self.targets.clone();
+        targets.extend(new.iter().map(|t| TargetEntry { rank: t.rank, index: t.index, state: TargetState::Up, fseq: version, added: version }));
+        targets.sort_by_key(|t| (t.rank, t.index));
+        u32::try_from(targets.len()).map_err(|_| PlacementError::TooManyTargets)?;
+        let engines = Self::engines_of(&targets)?;
+        let views = WalkView::of(&targets).into();
+        Ok(PoolMap { version, engines, targets, group_targets: self.group_targets, views, base: self.base.clone() })
     }
 
     /// A pool of `engines` engines (ranks 0..engines) with `targets_per_engine` targets each, all
     /// `UpIn`, at version 1.
     pub fn uniform(engines: u32, targets_per_engine: u16) -> Result<PoolMap, PlacementError> {
         let targets = (0..engines)
-            .flat_map(|rank| (0..targets_per_engine).map(move |index| TargetEntry { rank, index, state: TargetState::UpIn, fseq: 0 }))
+            .flat_map(|rank| (0..targets_per_engine).map(move |index| TargetEntry { rank, index, state: TargetState::UpIn, fseq: 0, added: 0 }))
             .collect();
         PoolMap::new(1, targets)
     }
@@ -182,8 +275,9 @@ impl PoolMap {
     /// This map with `base` as its base map: the last *settled* map (no target `Down` or `Up`;
     /// every shard's data is where the base layout puts it). With a base, a shard is
     /// [`rebuilding`](ShardPlacement::rebuilding) when its target differs from the one the base
-    /// layout gives it, or is `Up`. The base's own base is dropped. A base with a different
-    /// number of targets (the pool grew or shrank) is kept but ignored by [`group_layout`].
+    /// layout gives it, or is `Up`. The base's own base is dropped. The base may have fewer
+    /// targets (the pool was extended since); one with another group count
+    /// ([`PoolMap::group_targets`]) is kept but ignored by [`group_layout`].
     pub fn with_base(mut self, mut base: PoolMap) -> PoolMap {
         base.base = None;
         self.base = Some(Arc::new(base));
@@ -486,6 +580,20 @@ pub enum PlacementError {
     /// The pool map version would wrap.
     #[error("pool map version overflow")]
     VersionOverflow,
+    /// More targets than a pool map can count.
+    #[error("a pool map holds at most 2^32 - 1 targets")]
+    TooManyTargets,
+    /// An extension that adds nothing.
+    #[error("no targets to add")]
+    NothingToAdd,
+    /// A group basis outside 1..=targets.
+    #[error("groups counted from {group_targets} targets, but the pool has {targets}")]
+    BadGroupTargets {
+        /// The basis asked for.
+        group_targets: u32,
+        /// Targets in the map.
+        targets: usize,
+    },
     /// The class's groups need more distinct engines (fault domains) than the pool has.
     #[error("object class {class} needs {shards} engines (fault domains) but the pool has {engines}")]
     NotEnoughEngines {
@@ -546,13 +654,14 @@ pub fn dkey_hash(dkey: &[u8]) -> u64 {
 pub const GROUPS_PER_TARGET: u64 = 256;
 
 /// Number of redundancy groups an object of `class` has in this pool:
-/// `targets × GROUPS_PER_TARGET / shards per group` (at least 1, at most `u32::MAX`). It counts
-/// targets in every state, so it changes only when the pool grows or shrinks, not when targets
-/// fail. Each target takes part in about [`GROUPS_PER_TARGET`] groups of every object, so even a
+/// `group targets × GROUPS_PER_TARGET / shards per group` (at least 1, at most `u32::MAX`), where
+/// the group targets ([`PoolMap::group_targets`]) are the pool's targets when it was created, in
+/// every state. So it never changes: not when targets fail, and not when the pool is extended
+/// (then only the shards whose walks reach the new targets move, never a whole dkey). Each target takes part in about [`GROUPS_PER_TARGET`] groups of every object, so even a
 /// single object (a volume) spreads evenly over the pool; with only `targets / shards` groups an
 /// object would have a handful of fixed layouts and a few targets would get twice the average.
 pub fn group_count(map: &PoolMap, class: ObjectClass) -> u32 {
-    let g = map.targets.len() as u64 * GROUPS_PER_TARGET / u64::from(class.shards_per_group());
+    let g = u64::from(map.group_targets) * GROUPS_PER_TARGET / u64::from(class.shards_per_group());
     u32::try_from(g).unwrap_or(u32::MAX).max(1)
 }
 
@@ -576,24 +685,24 @@ pub fn layout(map: &PoolMap, oid: ObjectId, dkey_hash: u64, class: ObjectClass) 
 /// Maximum number of pseudo-random steps of a shard's walk before it falls back to a scan.
 const RANDOM_STEPS: u64 = 48;
 
-/// The `step`-th target (an index into `map.targets`) of a shard's walk.
-fn walk_step(map: &PoolMap, shard_seed: u64, step: u64) -> usize {
-    let n = map.engines.len();
+/// The `step`-th target (an index into `map.targets`) of a shard's walk over `view`.
+fn walk_step(view: &WalkView, shard_seed: u64, step: u64) -> usize {
+    let n = view.engines.len();
     if step < RANDOM_STEPS {
         let h = mix64(shard_seed ^ step.wrapping_mul(0xd6e8_feb8_6659_fd93));
-        let e = &map.engines[jump_hash(h, n as u32) as usize];
-        e.first + jump_hash(mix64(h ^ 0x7461_7267_6574), e.count as u32) as usize
+        let e = &view.engines[jump_hash(h, n as u32) as usize];
+        e[jump_hash(mix64(h ^ 0x7461_7267_6574), e.len() as u32) as usize]
     } else {
         // A deterministic scan of every target, starting at a seeded position, so a walk always
         // finds a target when one exists.
-        let start = (shard_seed % map.targets.len() as u64) as usize;
-        (start + (step - RANDOM_STEPS) as usize) % map.targets.len()
+        let start = (shard_seed % view.all.len() as u64) as usize;
+        view.all[(start + (step - RANDOM_STEPS) as usize) % view.all.len()]
     }
 }
 
-/// How many steps a walk may take: the random steps, then one full scan.
-fn walk_len(map: &PoolMap) -> u64 {
-    RANDOM_STEPS + map.targets.len() as u64
+/// A shard's whole walk over `view`: the random steps, then one full scan.
+fn walk(view: &WalkView, shard_seed: u64) -> impl Iterator<Item = usize> + '_ {
+    (0..RANDOM_STEPS + view.all.len() as u64).map(move |i| walk_step(view, shard_seed, i))
 }
 
 /// One shard during layout computation.
@@ -614,6 +723,9 @@ fn place(map: &PoolMap, oid: ObjectId, g: u32, class: ObjectClass) -> Result<Vec
     if map.engines.len() < n {
         return Err(not_enough());
     }
+    // The pool as created, or after the first extension that gave it enough engines.
+    let start = map.views.iter().position(|v| v.engines.len() >= n).ok_or_else(not_enough)?;
+    let view_at = |version: u32| map.views.iter().rposition(|v| v.level <= version).unwrap_or(0).max(start);
     let engine_of = |t: usize| map.targets[t].rank;
     let seeds: Vec<u64> =
         (0..n as u64).map(|s| seed(&[oid.0 as u64, (oid.0 >> 64) as u64, u64::from(g), s, u64::from(class.shards_per_group())])).collect();
@@ -621,34 +733,79 @@ fn place(map: &PoolMap, oid: ObjectId, g: u32, class: ObjectClass) -> Result<Vec
     // 1. The natural layout: states ignored, shard by shard, distinct engines.
     let mut slots: Vec<Slot> = Vec::with_capacity(n);
     for &sd in &seeds {
-        let t = (0..walk_len(map))
-            .map(|i| walk_step(map, sd, i))
-            .find(|&t| slots.iter().all(|s| engine_of(s.target) != engine_of(t)))
-            .ok_or_else(not_enough)?;
+        let t = walk(&map.views[start], sd).find(|&t| slots.iter().all(|s| engine_of(s.target) != engine_of(t))).ok_or_else(not_enough)?;
         slots.push(Slot { target: t, natural: t, last_left: None, stuck: false });
     }
 
-    // 2. Replay failures in fseq order: move each shard off a failed target to the first step of
-    //    its walk that was alive then and is on an engine no other shard occupies; failing that
-    //    (too few engines), to the first step that was alive then and that no other shard
-    //    occupies (a distinct target in a shared fault domain).
+    // 2. Replay failures (fseq) and extensions (the version targets were added) in order.
+    //    A failure moves each shard off the failed target to the first step of its walk (over
+    //    the pool as it was then) that was alive then and is on an engine no other shard
+    //    occupies; failing that (too few engines), to the first step that was alive then and that
+    //    no other shard occupies (a distinct target in a shared fault domain). An extension moves
+    //    a shard onto an added target only if its walk reaches one (on an engine no other shard
+    //    occupies) before its present target: nothing moves between old targets, so the moved
+    //    shards' old homes stay free to read from while they are filled.
     let failed_at = |t: usize| {
         let e = &map.targets[t];
         (!e.state.is_placeable()).then_some(e.fseq)
     };
+    let mut extensions = map.views[start + 1..].iter().peekable();
     loop {
-        let next = (0..n).filter(|&s| !slots[s].stuck).filter_map(|s| failed_at(slots[s].target).map(|f| (f, slots[s].target, s))).min();
-        let Some((f, from, s)) = next else { break };
-        let alive_at_f = |t: usize| failed_at(t).is_none_or(|ft| ft > f);
-        let others = || slots.iter().enumerate().filter(move |&(o, _)| o != s).map(|(_, other)| other.target);
-        let walk = || (0..walk_len(map)).map(|i| walk_step(map, seeds[s], i)).filter(|&t| alive_at_f(t));
-        let found = walk().find(|&t| others().all(|o| engine_of(o) != engine_of(t))).or_else(|| walk().find(|&t| others().all(|o| o != t)));
-        match found {
-            Some(t) => {
-                slots[s].target = t;
-                slots[s].last_left = Some(from);
+        let failure = (0..n).filter(|&s| !slots[s].stuck).filter_map(|s| failed_at(slots[s].target).map(|f| (f, slots[s].target, s))).min();
+        let extension = extensions.peek().map(|v| v.level);
+        let failure_first = match (failure, extension) {
+            (None, None) => break,
+            (Some((f, _, _)), Some(e)) => f < e,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+        };
+        match (failure, extension) {
+            (Some((f, from, s)), _) if failure_first => {
+                let view = &map.views[view_at(f)];
+                let alive_at_f = |t: usize| failed_at(t).is_none_or(|ft| ft > f);
+                let others = || slots.iter().enumerate().filter(move |&(o, _)| o != s).map(|(_, other)| other.target);
+                let steps = || walk(view, seeds[s]).filter(|&t| alive_at_f(t));
+                let found =
+                    steps().find(|&t| others().all(|o| engine_of(o) != engine_of(t))).or_else(|| steps().find(|&t| others().all(|o| o != t)));
+                match found {
+                    Some(t) => {
+                        slots[s].target = t;
+                        slots[s].last_left = Some(from);
+                    }
+                    None => slots[s].stuck = true,
+                }
             }
-            None => slots[s].stuck = true,
+            (_, Some(level)) => {
+                let Some(view) = extensions.next() else { break };
+                let alive = |t: usize| failed_at(t).is_none_or(|ft| ft > level);
+                // Where the shards are before this extension: a moved shard is read there until
+                // it is filled, so nothing else may take it meanwhile.
+                let homes: Vec<usize> = slots.iter().map(|slot| slot.target).collect();
+                // Stuck shards first, then shards sharing a fault domain: they take what is free
+                // before anything else moves.
+                let shares = |s: usize| slots.iter().enumerate().any(|(o, other)| o != s && engine_of(other.target) == engine_of(slots[s].target));
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by_key(|&s| (!slots[s].stuck, !shares(s)));
+                for s in order {
+                    let here = slots[s].target;
+                    let others: Vec<usize> = slots.iter().enumerate().filter(|&(o, _)| o != s).map(|(_, other)| other.target).collect();
+                    let free = |t: usize| alive(t) && others.iter().all(|&o| engine_of(o) != engine_of(t));
+                    let to = if slots[s].stuck {
+                        // It holds nothing: any target it can have now, as a failure would pick.
+                        let steps = || walk(view, seeds[s]).filter(|&t| alive(t) && !homes.contains(&t));
+                        steps().find(|&t| free(t)).or_else(|| steps().find(|&t| !others.contains(&t)))
+                    } else if others.iter().any(|&o| engine_of(o) == engine_of(here)) {
+                        // It shares a fault domain: onto an added engine of its own if it can.
+                        walk(view, seeds[s]).find(|&t| free(t) && map.targets[t].added == level)
+                    } else {
+                        walk(view, seeds[s]).find(|&t| t == here || free(t)).filter(|&t| t != here && map.targets[t].added == level)
+                    };
+                    if let Some(t) = to {
+                        slots[s] = Slot { target: t, natural: slots[s].natural, last_left: Some(here), stuck: false };
+                    }
+                }
+            }
+            _ => break,
         }
     }
     Ok(slots)
@@ -658,13 +815,13 @@ fn place(map: &PoolMap, oid: ObjectId, g: u32, class: ObjectClass) -> Result<Vec
 pub fn group_layout(map: &PoolMap, oid: ObjectId, g: u32, class: ObjectClass) -> Result<Group, PlacementError> {
     let slots = place(map, oid, g, class)?;
     let tref = |m: &PoolMap, t: usize| TargetRef { rank: m.targets[t].rank, index: m.targets[t].index };
-    // With a base map of the same size (so the same groups), a shard's data is where the base
-    // layout put it. Otherwise fall back to the last move: rebuilding while its source is DOWN.
+    // With a base map of the same group count (so the same groups; it may have fewer targets if
+    // the pool was extended since), a shard's data is where the base layout put it. Otherwise fall back to the last move: rebuilding while its source is DOWN.
     // A base identical to the map (the settled case, which is most of the time) places every
     // shard where the map does: no second walk.
     let base_targets: Option<Vec<TargetRef>> = match map.base.as_deref() {
         Some(b) if b.targets == map.targets => Some(slots.iter().map(|slot| tref(map, slot.target)).collect()),
-        Some(b) if b.targets.len() == map.targets.len() => {
+        Some(b) if b.group_targets == map.group_targets => {
             place(b, oid, g, class).ok().map(|bs| bs.iter().map(|slot| tref(b, slot.target)).collect())
         }
         _ => None,
@@ -760,7 +917,7 @@ mod tests {
         assert_eq!(m.set_state(3, 0, TargetState::Down), Err(PlacementError::NoSuchTarget { rank: 3, index: 0 }));
         let m3 = m2.set_engine_state(2, TargetState::Down).unwrap();
         assert!(m3.engine_targets(&m3.engines()[2]).iter().all(|t| t.state == TargetState::Down && t.fseq == 3));
-        let dup = vec![TargetEntry { rank: 0, index: 0, state: TargetState::UpIn, fseq: 0 }; 2];
+        let dup = vec![TargetEntry { rank: 0, index: 0, state: TargetState::UpIn, fseq: 0, added: 0 }; 2];
         assert_eq!(PoolMap::new(1, dup), Err(PlacementError::DuplicateTarget { rank: 0, index: 0 }));
         assert_eq!(PoolMap::new(1, vec![]), Err(PlacementError::EmptyPool));
     }

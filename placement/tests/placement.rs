@@ -40,7 +40,7 @@ fn pool() -> impl Strategy<Value = PoolMap> {
                 if !state.is_placeable() {
                     fseq += 1;
                 }
-                targets.push(TargetEntry { rank: (e as u32) * 3 + 1, index, state, fseq: if state.is_placeable() { 0 } else { fseq } });
+                targets.push(TargetEntry { rank: (e as u32) * 3 + 1, index, state, fseq: if state.is_placeable() { 0 } else { fseq }, added: 0 });
             }
         }
         PoolMap::new(fseq + 1, targets).unwrap()
@@ -63,8 +63,10 @@ fn check_group(map: &PoolMap, g: &Group, what: &str) -> Result<(), TestCaseError
         if !s.state.is_placeable() {
             prop_assert!(!s.rebuilding);
             for p in &placeable {
+                // Taken: another shard is there, or reads another shard there while it moves.
+                let taken = |o: &&ShardPlacement| o.target() == TargetRef { rank: p.rank, index: p.index } || o.base_source == Some(TargetRef { rank: p.rank, index: p.index });
                 prop_assert!(
-                    others.iter().any(|o| (o.rank, o.target_index) == (p.rank, p.index)),
+                    others.iter().any(taken),
                     "{what}: shard {} stuck on a down target but target {}.{} is free: {g:?}",
                     s.shard,
                     p.rank,
@@ -75,7 +77,7 @@ fn check_group(map: &PoolMap, g: &Group, what: &str) -> Result<(), TestCaseError
             for e in map.engines() {
                 let has_placeable = map.engine_targets(e).iter().any(|t| t.state.is_placeable());
                 prop_assert!(
-                    !has_placeable || others.iter().any(|o| o.rank == e.rank),
+                    !has_placeable || others.iter().any(|o| o.rank == e.rank || o.base_source.is_some_and(|b| b.rank == e.rank)),
                     "{what}: shard {} shares an engine but engine {} is free: {g:?}",
                     s.shard,
                     e.rank
@@ -129,7 +131,7 @@ fn settled_pool(min: usize) -> impl Strategy<Value = PoolMap> {
                 if state == TargetState::DownOut {
                     fseq += 1;
                 }
-                targets.push(TargetEntry { rank: (e as u32) * 2 + 3, index, state, fseq: if state.is_placeable() { 0 } else { fseq } });
+                targets.push(TargetEntry { rank: (e as u32) * 2 + 3, index, state, fseq: if state.is_placeable() { 0 } else { fseq }, added: 0 });
             }
         }
         let map = PoolMap::new(fseq + 1, targets).unwrap();
@@ -438,6 +440,94 @@ proptest! {
             prop_assert!(moved[0].shared_domain && moved[0].rank != rank && moved[0].rebuilding);
         }
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Extending a settled pool with a new engine: no dkey changes group; a shard either stays
+    /// (readable, not rebuilding) or moves, and every move is rebuilding; a shard whose new target
+    /// is a new one is there because its walk now reaches the new engine; the group keeps at
+    /// least k shards it can read (on their targets or at their base sources); once the new
+    /// targets are UPIN and that map is the base, the same layout is settled.
+    #[test]
+    fn extend_moves_shards_onto_the_new_engine(
+        (m0, class, oid, _pick, _whole, _pick2) in lifecycle_case(),
+        new_targets in 1u16..=4,
+    ) {
+        let oid = ObjectId(oid);
+        let rank = m0.engines().last().unwrap().rank + 7;
+        let added: Vec<TargetRef> = (0..new_targets).map(|index| TargetRef { rank, index }).collect();
+        let m1 = m0.add_targets(&added).unwrap();
+        prop_assert_eq!(m1.version(), m0.version() + 1);
+        prop_assert_eq!(m1.group_targets(), m0.group_targets());
+        prop_assert_eq!(m1.base(), Some(m0.base().unwrap()));
+        prop_assert!(added.iter().all(|t| m1.target(t.rank, t.index).is_some_and(|e| e.state == TargetState::Up && e.fseq == m1.version())));
+        let m2 = m1.set_states(&refs(&added, TargetState::UpIn)).unwrap();
+        let m2 = m2.clone().with_base(m2);
+        for d in 0..24u64 {
+            let a = layout(&m0, oid, d, class).unwrap();
+            let b = layout(&m1, oid, d, class).unwrap();
+            prop_assert_eq!(a.index, b.index, "an extension moved dkey {} to another group", d);
+            check_group(&m1, &b, "extending")?;
+            check_against_base(&m1, oid, &b, class)?;
+            for (x, y) in a.shards.iter().zip(&b.shards) {
+                if x.target() == y.target() {
+                    prop_assert_eq!(y.rebuilding, false);
+                    prop_assert_eq!(x.readable(), y.readable());
+                } else {
+                    // Only onto the new engine, never between old targets; readable at its old
+                    // home (unless it was stuck on a down target) until it is filled.
+                    prop_assert_eq!(y.rank, rank, "a shard moved between old targets: {:?} -> {:?}", x, y);
+                    prop_assert!(y.writable() && y.rebuilding && !y.readable(), "moved shard {:?}", y);
+                    if x.readable() {
+                        prop_assert_eq!(y.base_source, Some(x.target()));
+                    }
+                }
+            }
+            let sources = b.shards.iter().filter(|s| s.read_from().is_some()).count();
+            let before = a.shards.iter().filter(|s| s.readable()).count();
+            prop_assert_eq!(sources, before, "extending changed what dkey {} can read: {:?}", d, b);
+            let c = layout(&m2, oid, d, class).unwrap();
+            check_group(&m2, &c, "extended")?;
+            for (y, z) in b.shards.iter().zip(&c.shards) {
+                prop_assert_eq!(y.target(), z.target());
+                prop_assert!(!z.rebuilding && z.readable() == z.writable());
+            }
+        }
+    }
+}
+
+#[test]
+fn extend_moves_about_the_new_share_and_rebalances() {
+    // 4 engines x 2 targets, EC_2P1, plus a fifth engine of 2 targets: about 2/10 of the shards
+    // move, nearly all onto the new engine, and afterwards the load is even again.
+    let class = ObjectClass::Ec { k: 2, p: 1 };
+    let m0 = PoolMap::uniform(4, 2).unwrap();
+    let m0 = m0.clone().with_base(m0);
+    let m1 = m0.add_targets(&[TargetRef { rank: 4, index: 0 }, TargetRef { rank: 4, index: 1 }]).unwrap();
+    let (mut shards, mut moved, mut onto_new, mut short) = (0u64, 0u64, 0u64, 0u64);
+    assert_eq!(group_count(&m1, class), group_count(&m0, class));
+    for d in 0..6_000u64 {
+        let a = layout(&m0, ObjectId(7), d, class).unwrap();
+        let b = layout(&m1, ObjectId(7), d, class).unwrap();
+        for (x, y) in a.shards.iter().zip(&b.shards) {
+            shards += 1;
+            if x.target() != y.target() {
+                moved += 1;
+                onto_new += u64::from(y.rank == 4);
+            }
+        }
+        short += u64::from(b.shards.iter().filter(|s| s.read_from().is_some()).count() < b.shards.len());
+    }
+    let frac = moved as f64 / shards as f64;
+    eprintln!("extend 4x2 -> 5x2 EC_2P1: {moved}/{shards} shards move ({:.1}%), {onto_new} onto the new engine", frac * 100.0);
+    // The new engine's fair share is 2/10 of the shards: that much moves, all of it onto it, and
+    // every group keeps every shard readable meanwhile.
+    assert!((0.17..=0.23).contains(&frac), "{frac}");
+    assert_eq!((onto_new, short), (moved, 0));
+    let m2 = m1.set_engine_state(4, TargetState::UpIn).unwrap();
+    assert_balanced(&engine_counts(&m2, class, 12_000, 1), 0.15, "5x2 EC_2P1 after extending 4x2");
 }
 
 /// Per-engine shard counts over `n` placements of many objects and dkeys.
