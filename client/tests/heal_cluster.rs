@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tessera_client::placement::TargetRef;
 use tessera_client::volume::{Cluster, Volume};
-use tessera_mgmt_api::{CreatePool, CreateVolume, MgmtClient, PoolInfo, TargetSelector, TargetStateName};
+use tessera_mgmt_api::{CreatePool, CreateVolume, ExtendPool, MgmtClient, PoolInfo, TargetSelector, TargetStateName};
 use tessera_testkit::{wait_for, LocalCluster};
 
 mod common;
@@ -159,6 +159,100 @@ fn rebuild_then_second_failure_then_reintegration_then_third_failure() {
             Err(format!("it holds {left} chunks"))
         }
     });
+    rt.block_on(async {
+        verify_all(&ec, &m_ec).await;
+        verify_all(&rp, &m_rp).await;
+    });
+}
+
+/// Chunk-shards per engine over every target of the pool, and how many chunks a target holds
+/// without having a shard of them in the current layout (left over after a move).
+fn holdings(rt: &tokio::runtime::Runtime, p: &PoolInfo, vols: &[&Volume]) -> (std::collections::BTreeMap<u32, usize>, usize) {
+    rt.block_on(async {
+        let mut per_engine = std::collections::BTreeMap::new();
+        let mut stray = 0;
+        for v in vols {
+            v.refresh_pool_map(p.map.version).await;
+            for t in p.map.targets.iter().filter(|t| t.state == TargetStateName::UpIn) {
+                let at = TargetRef { rank: t.rank, index: t.index };
+                for chunk in v.list_chunks(at, None).await.unwrap() {
+                    if v.chunk_group(chunk).unwrap().shards.iter().any(|s| s.target() == at) {
+                        *per_engine.entry(t.rank).or_insert(0) += 1;
+                    } else {
+                        stray += 1;
+                    }
+                }
+            }
+        }
+        (per_engine, stray)
+    })
+}
+
+#[test]
+fn extend_moves_a_share_onto_a_new_engine_online() {
+    // Five engines run; the pool starts on four and is extended with the fifth while volumes
+    // are written.
+    let mut c = LocalCluster::start_full("extend", 5, 2, "256MiB", "1500ms", HEAL, &[]);
+    let rt = runtime();
+    let mgmt = c.client();
+    rt.block_on(mgmt.create_pool(&CreatePool { name: "p".into(), ranks: vec![0, 1, 2, 3], default_class: None })).unwrap();
+    let size = 4u64 << 20;
+    let ec = rt.block_on(create(&mgmt, "ec", "EC_2P1", size));
+    let rp = rt.block_on(create(&mgmt, "rp", "RP_2", size));
+    let mut m_ec = vec![0u8; size as usize];
+    let mut m_rp = vec![0u8; size as usize];
+    let mut rng = Rng(0xe7e7);
+    rt.block_on(async {
+        write_whole(&ec, &mut m_ec, 1).await;
+        write_whole(&rp, &mut m_rp, 1).await;
+        sequential_random_writes(&ec, &mut m_ec, &mut rng, 40, 2).await;
+        sequential_random_writes(&rp, &mut m_rp, &mut rng, 40, 2).await;
+    });
+    let before = rt.block_on(mgmt.pool("p")).unwrap();
+    let (held, stray) = holdings(&rt, &before, &[&ec, &rp]);
+    assert_eq!((held.get(&4), stray), (None, 0));
+    let total: usize = held.values().sum();
+
+    // Extend: engine 4's targets join UP; writes and reads go on while data moves onto them.
+    let p = rt.block_on(mgmt.extend("p", &ExtendPool { ranks: vec![4] })).unwrap();
+    assert_eq!(states(&p, 4), [TargetStateName::Up; 2]);
+    rt.block_on(async {
+        sequential_random_writes(&ec, &mut m_ec, &mut rng, 40, 3).await;
+        sequential_random_writes(&rp, &mut m_rp, &mut rng, 40, 3).await;
+        verify_all(&ec, &m_ec).await;
+        verify_all(&rp, &m_rp).await;
+    });
+    let p = wait_healed(&rt, &mgmt, Duration::from_secs(60));
+    assert_eq!(states(&p, 4), [TargetStateName::UpIn; 2]);
+    assert!(p.rebuild.bytes_done > 0, "{:?}", p.rebuild);
+
+    // The new engine holds its share (2 of 10 targets: about a fifth of the chunk-shards), and
+    // once settled the old homes of what moved are emptied.
+    let (held, _) = wait_for("moved chunks removed from their old homes", Duration::from_secs(30), || {
+        let (held, stray) = holdings(&rt, &p, &[&ec, &rp]);
+        if stray == 0 {
+            Ok((held, stray))
+        } else {
+            Err(format!("{stray} chunks left where they no longer belong; {held:?}"))
+        }
+    });
+    let new = held.get(&4).copied().unwrap_or(0);
+    eprintln!("after extending: chunk-shards per engine {held:?} ({total} before)");
+    assert_eq!(held.values().sum::<usize>(), total, "{held:?}");
+    assert!(new * 10 >= total, "the new engine holds {new} of {total} chunk-shards");
+    rt.block_on(async {
+        verify_all(&ec, &m_ec).await;
+        verify_all(&rp, &m_rp).await;
+    });
+
+    // Its shards are real redundancy: lose it, and everything still reads and heals.
+    c.kill_engine(4);
+    c.wait_engine_down(4, Duration::from_secs(10));
+    rt.block_on(async {
+        verify_all(&ec, &m_ec).await;
+        verify_all(&rp, &m_rp).await;
+    });
+    wait_healed(&rt, &mgmt, Duration::from_secs(60));
     rt.block_on(async {
         verify_all(&ec, &m_ec).await;
         verify_all(&rp, &m_rp).await;

@@ -35,7 +35,7 @@ enum Command {
     /// Start a whole system on this machine: management service, engines, NVMe/TCP target, and a
     /// pool, volume and export to connect to.
     Up(up::UpArgs),
-    /// Pools: create, list, query (with rebuild status), exclude, drain, reintegrate.
+    /// Pools: create, list, query (with rebuild status), exclude, drain, reintegrate, extend.
     Pool(mgmt::PoolArgs),
     /// Volumes: create, list, info, resize, delete.
     Volume(mgmt::VolumeArgs),

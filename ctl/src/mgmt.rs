@@ -4,8 +4,8 @@
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use tessera_mgmt_api::{
-    CreateExport, CreatePool, CreateVolume, EngineState, ExportInfo, MgmtClient, MgmtError, PoolInfo, SystemInfo, TargetSelector,
-    TargetStateName, VolumeInfo,
+    CreateExport, CreatePool, CreateVolume, EngineState, ExportInfo, ExtendPool, MgmtClient, MgmtError, PoolInfo, SystemInfo,
+    TargetSelector, TargetStateName, VolumeInfo,
 };
 
 use crate::pool_status;
@@ -50,6 +50,15 @@ enum PoolCommand {
     Drain(TargetArgs),
     /// Bring out targets of an up engine back: they become UP and are filled.
     Reintegrate(TargetArgs),
+    /// Add registered engines to the pool: their targets become UP and are filled with their
+    /// share of the data (moved off the others, which keep serving it meanwhile).
+    Extend {
+        /// Pool name.
+        name: String,
+        /// Engine rank to add (repeat, or comma-separate, for several).
+        #[arg(long = "rank", required = true, value_delimiter = ',')]
+        ranks: Vec<u32>,
+    },
 }
 
 /// The targets `exclude`, `drain` and `reintegrate` act on.
@@ -262,6 +271,13 @@ pub fn pool(addr: &str, a: PoolArgs) -> Result<String, String> {
         PoolCommand::Exclude(t) => change_targets(addr, t, a.json, "exclude"),
         PoolCommand::Drain(t) => change_targets(addr, t, a.json, "drain"),
         PoolCommand::Reintegrate(t) => change_targets(addr, t, a.json, "reintegrate"),
+        PoolCommand::Extend { name, ranks } => {
+            let p = block_on(addr, async |c| c.extend(&name, &ExtendPool { ranks: ranks.clone() }).await)?;
+            if a.json {
+                return json(&p);
+            }
+            Ok(pool_status::extend_line(&p, &ranks))
+        }
     }
 }
 

@@ -118,6 +118,17 @@ pub fn change_line(p: &PoolInfo, sel: &TargetSelector, verb: &str) -> String {
     )
 }
 
+/// The one line `tessera pool extend` prints.
+pub fn extend_line(p: &PoolInfo, ranks: &[u32]) -> String {
+    let added = p.map.targets.iter().filter(|t| ranks.contains(&t.rank)).count();
+    let engines = ranks.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let noun = if ranks.len() == 1 { "engine" } else { "engines" };
+    format!(
+        "pool {}: {noun} {engines} added ({added} targets UP) at map version {}; data is moving onto them — watch with: tessera pool query {} --watch\n",
+        p.name, p.map.version, p.name
+    )
+}
+
 fn bar_message(r: &RebuildStatus) -> String {
     let eta = r.eta_seconds.map_or_else(|| "?".to_string(), duration_text);
     let mut m = format!(
@@ -220,7 +231,7 @@ mod tests {
     use uuid::Uuid;
 
     fn pool(rebuild: RebuildStatus, reduced: bool) -> PoolInfo {
-        let t = |rank, index, state, fseq| PoolTarget { rank, index, state, fseq, since_epoch: 0, drained: false };
+        let t = |rank, index, state, fseq| PoolTarget { rank, index, state, fseq, since_epoch: 0, drained: false, added: 0 };
         PoolInfo {
             name: "p".into(),
             uuid: Uuid::nil(),
@@ -240,6 +251,7 @@ mod tests {
                 ],
                 base_version: 3,
                 base_targets: vec![],
+                group_targets: 0,
             },
             volumes: 0,
             rebuild,

@@ -122,6 +122,7 @@ fn bad_arguments_are_one_line_and_exit_2() {
         &["up", "--target-capacity", "lots"],
         &["up", "--listen", "nowhere"],
         &["up", "--rebuild-rate", "0"],
+        &["up", "--rebuild-rate-busy", "1K"],
     ] {
         let (code, out, err) = tessera(args);
         assert_eq!(code, 2, "tessera {args:?}: {err}");
@@ -412,7 +413,7 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
     let mgmt = format!("127.0.0.1:{}", ports.mgmt);
     let nqn = "nqn.2026-11.io.tessera:vol0";
 
-    let mut up = Up::start(&dir, &ports, &["--rebuild-rate", "256M"]);
+    let mut up = Up::start(&dir, &ports, &["--rebuild-rate", "256M", "--rebuild-rate-busy", "16M"]);
     let connect = up.wait_ready();
     assert_eq!(connect, format!("nvme connect -t tcp -a 127.0.0.1 -s {} -n {nqn}", ports.nvmf));
     assert!(up.stdout.iter().any(|l| l.trim() == format!("nvme discover -t tcp -a 127.0.0.1 -s {}", ports.nvmf)), "{:?}", up.stdout);
@@ -424,9 +425,10 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
     for f in ["mgmt.redb", "engine-0/engine.toml", "engine-2/data/ENGINE", "logs/mgmt.log", "logs/engine-1.log", "logs/nvmf.log"] {
         assert!(dir.join(f).exists(), "no {f} in {}", dir.display());
     }
-    // --rebuild-rate becomes every engine's [heal] rebuild_rate (and the engines accept it).
+    // --rebuild-rate(-busy) become every engine's [heal] rebuild_rate(_busy) (and the engines
+    // accept them).
     let engine_toml = || std::fs::read_to_string(dir.join("engine-1/engine.toml")).unwrap();
-    assert!(engine_toml().contains("\n[heal]\nrebuild_rate = 268435456\n"), "{}", engine_toml());
+    assert!(engine_toml().contains("\n[heal]\nrebuild_rate = 268435456\nrebuild_rate_busy = 16777216\n"), "{}", engine_toml());
 
     let pools = tessera_json(&mgmt, &["pool", "list"]);
     let pools = pools.as_array().unwrap();
@@ -720,4 +722,46 @@ fn pool_exclude_query_and_watch_a_rebuild() {
     assert_eq!(out, "pool p: target 2:0 UP at map version 4; reintegration started — watch with: tessera pool query p --watch\n");
     let p = tessera_json(a, &["pool", "drain", "p", "--rank", "1", "--target", "1"]);
     assert_eq!(p["map"]["targets"][3]["drained"], true, "{p}");
+}
+
+#[test]
+fn pool_extend_adds_an_engine_and_refuses_clearly() {
+    let m = Mgmt::start();
+    let a = m.addr.as_str();
+    let engines = FakeEngines::register(a);
+    tessera_json(a, &["pool", "create", "q", "--ranks", "0,1", "--class", "RP_2"]);
+    let run = |args: &[&str]| {
+        let mut all = vec!["--mgmt", a];
+        all.extend_from_slice(args);
+        tessera(&all)
+    };
+    let (code, out, err) = run(&["pool", "extend", "q", "--rank", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        "pool q: engine 2 added (2 targets UP) at map version 2; data is moving onto them — watch with: tessera pool query q --watch\n"
+    );
+    let p = tessera_json(a, &["pool", "query", "q"]);
+    assert_eq!(
+        (p["map"]["version"].as_u64(), p["map"]["group_targets"].as_u64(), p["map"]["base_version"].as_u64()),
+        (Some(2), Some(4), Some(1))
+    );
+    assert_eq!(p["map"]["targets"][4]["state"], "UP", "{p}");
+    assert_eq!(p["map"]["targets"][4]["added"], 2, "{p}");
+    assert_eq!(p["rebuild"]["state"], "running", "{p}");
+    // Refusals: the service's line and exit 1; bad arguments exit 2.
+    let (code, out, err) = run(&["pool", "extend", "q", "--rank", "2"]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert_eq!(one_line(&err), "tessera: engine rank 2 already serves pool q");
+    engines.all_done("q", 2);
+    let (code, _, err) = run(&["pool", "extend", "q", "--rank", "7"]);
+    assert_eq!(code, 1);
+    assert_eq!(one_line(&err), "tessera: no engine with rank 7 is registered");
+    for bad in [&["pool", "extend", "q"][..], &["pool", "extend", "q", "--rank", "x"]] {
+        let (code, _, err) = run(bad);
+        assert_eq!(code, 2, "{bad:?}: {err}");
+        assert!(one_line(&err).starts_with("tessera: "), "{err}");
+    }
+    let p = tessera_json(a, &["pool", "query", "q"]);
+    assert_eq!(p["map"]["targets"][4]["state"], "UPIN", "{p}");
 }

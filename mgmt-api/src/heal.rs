@@ -149,3 +149,10 @@ pub struct TargetSelector {
     #[serde(default)]
     pub target: Option<u16>,
 }
+
+/// `POST /v1/pools/{pool}/extend` body: registered engines whose targets join the pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtendPool {
+    /// Their ranks (each Up, not yet in the pool).
+    pub ranks: Vec<u32>,
+}

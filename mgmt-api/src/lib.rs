@@ -159,6 +159,11 @@ pub struct PoolTarget {
     /// The operator drained it: once rebuilt elsewhere (DOWNOUT) its engine deletes its data.
     #[serde(default)]
     pub drained: bool,
+    /// Pool map version at which it joined the pool: 0 for the pool's first targets, the
+    /// extension's version for one added by `tessera pool extend` (see
+    /// `tessera_placement::placement::TargetEntry::added`).
+    #[serde(default)]
+    pub added: u32,
 }
 
 /// A target state as named in the API (`tessera_placement::placement::TargetState`).
@@ -209,6 +214,10 @@ pub struct PoolMapInfo {
     /// Targets of the base map (empty: the current map is the base).
     #[serde(default)]
     pub base_targets: Vec<PoolTarget>,
+    /// How many targets the pool's redundancy groups are counted from: its size when it was
+    /// created (`tessera_placement::placement::PoolMap::group_targets`). 0: all of `targets`.
+    #[serde(default)]
+    pub group_targets: u32,
 }
 
 /// A pool (`GET /v1/pools`, `GET /v1/pools/{pool}`, reply of `POST /v1/pools`).
@@ -498,6 +507,12 @@ impl MgmtClient {
     /// `POST /v1/pools/{pool}/reintegrate`: the selected out targets become UP and are filled.
     pub async fn reintegrate(&self, pool: &str, sel: &TargetSelector) -> Result<PoolInfo, MgmtError> {
         self.post(&format!("/pools/{pool}/reintegrate"), sel).await
+    }
+
+    /// `POST /v1/pools/{pool}/extend`: the engines' targets join the pool, UP, and are filled
+    /// with their share of the data.
+    pub async fn extend(&self, pool: &str, req: &ExtendPool) -> Result<PoolInfo, MgmtError> {
+        self.post(&format!("/pools/{pool}/extend"), req).await
     }
 
     /// `POST /v1/pools/{pool}/volumes`.

@@ -19,8 +19,8 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tessera_mgmt_api::{
-    ApiError, ClusterVersion, CreateExport, CreatePool, CreateVolume, EngineReport, ExportInfo, ExportList, Heartbeat, HeartbeatReply,
-    PoolInfo, PoolMapInfo, RegisterEngine, ResizeVolume, SystemInfo, TargetSelector, VolumeInfo,
+    ApiError, ClusterVersion, CreateExport, CreatePool, CreateVolume, EngineReport, ExportInfo, ExportList, ExtendPool, Heartbeat,
+    HeartbeatReply, PoolInfo, PoolMapInfo, RegisterEngine, ResizeVolume, SystemInfo, TargetSelector, VolumeInfo,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::error;
@@ -152,6 +152,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/pools/{pool}/exclude", post(exclude))
         .route("/v1/pools/{pool}/drain", post(drain))
         .route("/v1/pools/{pool}/reintegrate", post(reintegrate))
+        .route("/v1/pools/{pool}/extend", post(extend))
         .route("/v1/pools/{pool}/volumes", get(list_volumes).post(create_volume))
         .route("/v1/pools/{pool}/volumes/{volume}", get(get_volume).patch(resize_volume).delete(delete_volume))
         .route("/v1/exports", get(list_exports).post(create_export))
@@ -253,6 +254,14 @@ async fn reintegrate(
     ApiJson(sel): ApiJson<TargetSelector>,
 ) -> Result<Json<PoolInfo>, HttpError> {
     Ok(Json(blocking(&app, move |s| s.reintegrate(&pool, sel)).await?))
+}
+
+async fn extend(
+    State(app): State<App>,
+    ApiPath(pool): ApiPath<String>,
+    ApiJson(req): ApiJson<ExtendPool>,
+) -> Result<Json<PoolInfo>, HttpError> {
+    Ok(Json(blocking(&app, move |s| s.extend(&pool, req.ranks)).await?))
 }
 
 async fn get_pool_map(State(app): State<App>, ApiPath(pool): ApiPath<String>) -> Result<Json<PoolMapInfo>, HttpError> {

@@ -22,6 +22,10 @@ use uuid::Uuid;
 
 use crate::state::{to_api, to_placement, EngineRec, ExportRec, PoolRec, State, VolumeRec};
 
+#[path = "machine_targets.rs"]
+mod targets;
+use targets::*;
+
 /// Default object class of a pool.
 pub const DEFAULT_CLASS: &str = "EC_2P1";
 /// Default block size of a volume.
@@ -86,6 +90,15 @@ pub enum Command {
         pool: String,
         /// The targets.
         sel: TargetSelector,
+    },
+    /// The operator adds engines to a pool: every target of each (registered, Up, not in the
+    /// pool) joins it UP, to be filled with its share; the pool's group count stays. Only on a
+    /// settled map.
+    Extend {
+        /// Pool name.
+        pool: String,
+        /// The engines' ranks.
+        ranks: Vec<u32>,
     },
     /// Every engine finished rebuilding towards map `version`: if that is still the pool's
     /// version, DOWN targets become DOWNOUT and UP targets UPIN in one new version, which becomes
@@ -166,7 +179,7 @@ pub enum Outcome {
         /// Pools in which its targets became UP, with the new map version.
         reintegrated: Vec<(String, u32)>,
     },
-    /// Targets of a pool changed state (exclude, drain, reintegrate).
+    /// Targets of a pool changed state (exclude, drain, reintegrate) or joined it (extend).
     TargetsChanged {
         /// Pool name.
         pool: String,
@@ -275,6 +288,7 @@ pub fn apply(state: &State, cmd: &Command, env: &Env) -> Result<(State, Outcome)
         Command::Exclude { pool, sel } => exclude(&mut next, pool, sel, env)?,
         Command::Drain { pool, sel } => drain(&mut next, pool, sel)?,
         Command::Reintegrate { pool, sel } => reintegrate(&mut next, pool, sel)?,
+        Command::Extend { pool, ranks } => extend(&mut next, pool, ranks)?,
         Command::RebuildDone { pool, version } => rebuild_done(&mut next, pool, *version)?,
         Command::CreatePool(req) => create_pool(&mut next, req, env)?,
         Command::CreateVolume { pool, req } => create_volume(&mut next, pool, req, env)?,
@@ -338,63 +352,6 @@ fn get_volume<'a>(state: &'a State, pool: &str, volume: &str) -> Result<&'a Volu
         .ok_or_else(|| CmdError::NoVolume { pool: pool.to_string(), volume: volume.to_string() })
 }
 
-fn placement_map(p: &PoolRec) -> Result<PoolMap, CmdError> {
-    let targets =
-        p.targets.iter().map(|t| TargetEntry { rank: t.rank, index: t.index, state: to_placement(t.state), fseq: t.fseq }).collect();
-    PoolMap::new(p.map_version, targets).map_err(|e| CmdError::Internal(format!("pool {}: {e}", p.name)))
-}
-
-/// Stores `m` as `p`'s map. A placement map carries no epoch floors or drain marks: each target
-/// keeps its own.
-fn store_map(p: &mut PoolRec, m: &PoolMap) {
-    let kept: BTreeMap<(u32, u16), (u64, bool)> = p.targets.iter().map(|t| ((t.rank, t.index), (t.since_epoch, t.drained))).collect();
-    p.map_version = m.version();
-    p.targets = m
-        .targets()
-        .iter()
-        .map(|t| {
-            let (since_epoch, drained) = kept.get(&(t.rank, t.index)).copied().unwrap_or_default();
-            PoolTarget { rank: t.rank, index: t.index, state: to_api(t.state), fseq: t.fseq, since_epoch, drained }
-        })
-        .collect();
-}
-
-/// One new map version of `p` with `changes` applied. A settled map is the base: it is
-/// recorded as such before the change (records stored before rebuilds existed have no base),
-/// and a change that leaves the map settled (rebuild done) makes the new map the base.
-fn set_states(p: &mut PoolRec, changes: &[(TargetRef, TargetState)]) -> Result<(), CmdError> {
-    if p.settled() {
-        p.base_version = p.map_version;
-        p.base_targets = p.targets.clone();
-    }
-    let m = placement_map(p)?.set_states(changes).map_err(|e| CmdError::Internal(format!("pool {}: {e}", p.name)))?;
-    store_map(p, &m);
-    if p.settled() {
-        p.base_version = p.map_version;
-        p.base_targets = p.targets.clone();
-    }
-    Ok(())
-}
-
-fn target_mut(p: &mut PoolRec, t: TargetRef) -> Option<&mut PoolTarget> {
-    p.targets.iter_mut().find(|x| x.rank == t.rank && x.index == t.index)
-}
-
-/// The epoch floor of `t` when it goes DOWN now. A target that failed again while being
-/// reintegrated keeps the smaller floor; one being filled from scratch (floor 0) stays at 0,
-/// since it never held what came before.
-fn down_floor(t: &PoolTarget, floor: u64) -> u64 {
-    match (t.state, t.since_epoch) {
-        (TargetStateName::Up, 0) => 0,
-        (_, 0) => floor,
-        (_, since) => since.min(floor),
-    }
-}
-
-fn target_ref(t: &PoolTarget) -> TargetRef {
-    TargetRef { rank: t.rank, index: t.index }
-}
-
 /// `rank:index` of targets, comma separated.
 pub fn targets_text(ts: &[TargetRef]) -> String {
     ts.iter().map(|t| format!("{}:{}", t.rank, t.index)).collect::<Vec<_>>().join(",")
@@ -438,233 +395,6 @@ fn check_space(state: &State, p: &PoolRec, freed: u128, needed: u128) -> Result<
         )));
     }
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Engines.
-
-fn register_engine(s: &mut State, req: &RegisterEngine, reintegrate: bool) -> Result<Outcome, CmdError> {
-    parse_addr("engine address", &req.address)?;
-    if req.uuid.is_nil() {
-        return invalid("engine uuid must not be nil");
-    }
-    if req.targets == 0 {
-        return invalid("an engine needs at least one target");
-    }
-    if req.target_capacity == 0 {
-        return invalid("target_capacity must be positive");
-    }
-    let fault_domain = if req.fault_domain.is_empty() { format!("rank-{}", req.rank) } else { req.fault_domain.clone() };
-    if fault_domain.len() > 64 || !fault_domain.chars().all(|c| c.is_ascii_graphic()) {
-        return invalid(format!(
-            "fault domain {:?} must be 1 to 64 printable characters without spaces",
-            fault_domain.escape_debug().to_string()
-        ));
-    }
-    let mut replaced = None;
-    if let Some(e) = s.engines.get(&req.rank) {
-        if e.uuid != req.uuid {
-            if e.state == EngineState::Up {
-                return conflict(format!("rank {} is bound to engine {} which is up, not {}", req.rank, e.uuid, req.uuid));
-            }
-            // The bound engine is Down: this is its replacement, with an empty data directory.
-            replaced = Some(e.uuid);
-        }
-    }
-    if let Some(other) = s.engines.values().find(|e| e.uuid == req.uuid && e.rank != req.rank) {
-        return conflict(format!("engine {} is already registered as rank {}", req.uuid, other.rank));
-    }
-    for p in s.pools.values() {
-        if let Some(t) = p.targets.iter().filter(|t| t.rank == req.rank).max_by_key(|t| t.index) {
-            if t.index >= req.targets {
-                return conflict(format!(
-                    "engine rank {} has target {} in pool {}: it cannot register with only {} targets",
-                    req.rank, t.index, p.name, req.targets
-                ));
-            }
-        }
-    }
-    s.engines.insert(
-        req.rank,
-        EngineRec {
-            rank: req.rank,
-            uuid: req.uuid,
-            address: req.address.clone(),
-            fault_domain,
-            targets: req.targets,
-            target_capacity: req.target_capacity,
-            state: EngineState::Up,
-        },
-    );
-    let mut reintegrated = Vec::new();
-    for p in s.pools.values_mut() {
-        let mine = |t: &&PoolTarget| t.rank == req.rank;
-        if !p.targets.iter().any(|t| mine(&t)) {
-            continue;
-        }
-        // A replacement holds nothing: whatever comes back onto it is a full rebuild.
-        let wiped = replaced.is_some() && p.targets.iter().filter(mine).any(|t| t.since_epoch != 0);
-        let back: Vec<TargetRef> = if reintegrate {
-            p.targets
-                .iter()
-                .filter(mine)
-                .filter(|t| matches!(t.state, TargetStateName::Down | TargetStateName::DownOut) && !t.drained)
-                .map(target_ref)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        if back.is_empty() && !wiped {
-            continue;
-        }
-        let changes: Vec<_> = back.iter().map(|&t| (t, TargetState::Up)).collect();
-        set_states(p, &changes)?;
-        if replaced.is_some() {
-            p.targets.iter_mut().filter(|t| t.rank == req.rank).for_each(|t| t.since_epoch = 0);
-        }
-        if !back.is_empty() {
-            reintegrated.push((p.name.clone(), p.map_version));
-        }
-    }
-    Ok(Outcome::Registered { rank: req.rank, replaced, reintegrated })
-}
-
-fn engines_down(s: &mut State, ranks: &[u32], env: &Env) -> Result<Outcome, CmdError> {
-    let ranks: BTreeSet<u32> = ranks.iter().copied().filter(|r| s.engines.contains_key(r)).collect();
-    let mut marked = BTreeSet::new();
-    for r in &ranks {
-        if let Some(e) = s.engines.get_mut(r) {
-            if e.state == EngineState::Up {
-                e.state = EngineState::Down;
-                marked.insert(*r);
-            }
-        }
-    }
-    for p in s.pools.values_mut() {
-        let floors: Vec<(TargetRef, u64)> = p
-            .targets
-            .iter()
-            .filter(|t| ranks.contains(&t.rank) && to_placement(t.state).is_placeable())
-            .map(|t| (target_ref(t), down_floor(t, env.epoch_floor)))
-            .collect();
-        if floors.is_empty() {
-            continue;
-        }
-        marked.extend(floors.iter().map(|(t, _)| t.rank));
-        take_down(p, &floors, false)?;
-    }
-    Ok(Outcome::MarkedDown(marked.into_iter().collect()))
-}
-
-/// One new map version in which these targets are DOWN with these floors (and drained marks).
-fn take_down(p: &mut PoolRec, floors: &[(TargetRef, u64)], drained: bool) -> Result<(), CmdError> {
-    let changes: Vec<_> = floors.iter().map(|&(t, _)| (t, TargetState::Down)).collect();
-    set_states(p, &changes)?;
-    for &(t, since) in floors {
-        if let Some(x) = target_mut(p, t) {
-            x.since_epoch = since;
-            x.drained = drained;
-        }
-    }
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Exclude, drain, reintegrate, rebuild completion.
-
-/// The targets `sel` names in pool `p` (404 if the pool has none such) and of those the ones in
-/// a state that `fits` (409 if a named target does not fit, or none of the engine's does).
-fn select(p: &PoolRec, sel: &TargetSelector, what: &str, fits: impl Fn(TargetStateName) -> bool) -> Result<Vec<PoolTarget>, CmdError> {
-    let named: Vec<&PoolTarget> = p.targets.iter().filter(|t| t.rank == sel.rank && sel.target.is_none_or(|i| i == t.index)).collect();
-    if named.is_empty() {
-        return Err(CmdError::NoTarget(match sel.target {
-            Some(i) if p.targets.iter().any(|t| t.rank == sel.rank) => format!("pool {} has no target {}:{i}", p.name, sel.rank),
-            _ => format!("pool {} has no targets on engine rank {}", p.name, sel.rank),
-        }));
-    }
-    let fitting: Vec<PoolTarget> = named.iter().filter(|t| fits(t.state)).map(|t| **t).collect();
-    if fitting.is_empty() {
-        let states: BTreeSet<&str> = named.iter().map(|t| to_placement(t.state).as_str()).collect();
-        let states = states.into_iter().collect::<Vec<_>>().join("/");
-        return conflict(match sel.target {
-            Some(i) => format!("target {}:{i} of pool {} is {states}: {what}", sel.rank, p.name),
-            None => format!("the targets of engine rank {} in pool {} are {states}: {what}", sel.rank, p.name),
-        });
-    }
-    Ok(fitting)
-}
-
-fn get_pool_mut<'a>(s: &'a mut State, pool: &str) -> Result<&'a mut PoolRec, CmdError> {
-    s.pools.get_mut(pool).ok_or_else(|| CmdError::NoPool(pool.to_string()))
-}
-
-fn changed(p: &PoolRec, targets: &[PoolTarget]) -> Outcome {
-    Outcome::TargetsChanged { pool: p.name.clone(), version: p.map_version, targets: targets.iter().map(target_ref).collect() }
-}
-
-fn exclude(s: &mut State, pool: &str, sel: &TargetSelector, env: &Env) -> Result<Outcome, CmdError> {
-    let p = get_pool_mut(s, pool)?;
-    let ts = select(p, sel, "only UPIN or UP targets can be excluded", |st| to_placement(st).is_placeable())?;
-    let floors: Vec<_> = ts.iter().map(|t| (target_ref(t), down_floor(t, env.epoch_floor))).collect();
-    take_down(p, &floors, false)?;
-    Ok(changed(p, &ts))
-}
-
-fn drain(s: &mut State, pool: &str, sel: &TargetSelector) -> Result<Outcome, CmdError> {
-    let p = get_pool_mut(s, pool)?;
-    let ts = select(p, sel, "only UPIN targets can be drained", |st| st == TargetStateName::UpIn)?;
-    // A drained target's data is deleted: it never comes back incrementally.
-    let floors: Vec<_> = ts.iter().map(|t| (target_ref(t), 0)).collect();
-    take_down(p, &floors, true)?;
-    Ok(changed(p, &ts))
-}
-
-fn reintegrate(s: &mut State, pool: &str, sel: &TargetSelector) -> Result<Outcome, CmdError> {
-    let engine_down = s.engines.get(&sel.rank).is_some_and(|e| e.state == EngineState::Down);
-    let p = get_pool_mut(s, pool)?;
-    let ts = select(p, sel, "only DOWN or DOWNOUT targets can be reintegrated", |st| {
-        matches!(st, TargetStateName::Down | TargetStateName::DownOut)
-    })?;
-    if engine_down {
-        return conflict(format!("engine rank {} is down: it must be up to be reintegrated", sel.rank));
-    }
-    let changes: Vec<_> = ts.iter().map(|t| (target_ref(t), TargetState::Up)).collect();
-    set_states(p, &changes)?;
-    for t in &ts {
-        if let Some(x) = target_mut(p, target_ref(t)) {
-            if x.drained {
-                // Its data was deleted: a full rebuild onto it.
-                x.since_epoch = 0;
-                x.drained = false;
-            }
-        }
-    }
-    Ok(changed(p, &ts))
-}
-
-fn rebuild_done(s: &mut State, pool: &str, version: u32) -> Result<Outcome, CmdError> {
-    let p = get_pool_mut(s, pool)?;
-    let noop = Outcome::RebuildDone { pool: pool.to_string(), version: None };
-    if p.map_version != version || p.settled() {
-        return Ok(noop);
-    }
-    let changes: Vec<_> = p
-        .targets
-        .iter()
-        .filter_map(|t| match t.state {
-            TargetStateName::Down => Some((target_ref(t), TargetState::DownOut)),
-            TargetStateName::Up => Some((target_ref(t), TargetState::UpIn)),
-            _ => None,
-        })
-        .collect();
-    set_states(p, &changes)?;
-    for t in p.targets.iter_mut().filter(|t| t.state == TargetStateName::UpIn) {
-        t.since_epoch = 0;
-        t.drained = false;
-    }
-    // The map is settled now: set_states made it the base; refresh it with the floors cleared.
-    p.base_targets = p.targets.clone();
-    Ok(Outcome::RebuildDone { pool: pool.to_string(), version: Some(p.map_version) })
 }
 
 /// The map versions of every pool with targets on engine `rank`, for its heartbeat reply.
@@ -729,6 +459,7 @@ fn create_pool(s: &mut State, req: &CreatePool, env: &Env) -> Result<Outcome, Cm
             fseq: 0,
             since_epoch: 0,
             drained: false,
+            added: 0,
         }));
     }
     let pool_id = s.next_pool_id;
@@ -741,6 +472,7 @@ fn create_pool(s: &mut State, req: &CreatePool, env: &Env) -> Result<Outcome, Cm
         map_version: 1,
         base_version: 1,
         base_targets: targets.clone(),
+        group_targets: u32::try_from(targets.len()).map_err(|_| CmdError::Invalid("too many targets".into()))?,
         targets,
     };
     if req.default_class.is_some() && class.shards_per_group() as usize > fault_domains(s, &rec) {
@@ -780,6 +512,7 @@ pub fn pool_map(state: &State, pool: &str) -> Result<PoolMapInfo, CmdError> {
         targets: p.targets.clone(),
         base_version,
         base_targets: base_targets.to_vec(),
+        group_targets: p.group_targets,
     })
 }
 

@@ -840,3 +840,56 @@ fn fault_domain_check_runs_only_when_engines_are_short() {
     let empty = run(&cluster(), Command::EnginesDown(vec![2]));
     assert!(!pool_info(&empty, "p").unwrap().fault_domains_reduced);
 }
+
+fn extend_cmd(ranks: &[u32]) -> Command {
+    Command::Extend { pool: "p".into(), ranks: ranks.to_vec() }
+}
+
+#[test]
+fn extend_adds_up_targets_keeps_the_group_count_and_settles_into_the_base() {
+    let mut s = cluster();
+    s = run(&s, register(reg(3, "", 3)));
+    let capacity = pool_capacity(&s, &s.pools["p"]);
+    let (n, out) = ok(&s, extend_cmd(&[3]));
+    let added: Vec<TargetRef> = (0..3).map(|index| TargetRef { rank: 3, index }).collect();
+    assert_eq!(out, Outcome::TargetsChanged { pool: "p".into(), version: 2, targets: added });
+    let p = &n.pools["p"];
+    assert_eq!(p.targets.len(), 9);
+    assert_eq!(states(&n, 3), [(UP, 0, false); 3]);
+    assert!(p.targets.iter().filter(|t| t.rank == 3).all(|t| (t.added, t.fseq) == (2, 2)));
+    assert!(p.targets.iter().filter(|t| t.rank != 3).all(|t| (t.added, t.state) == (0, UPIN)));
+    // The map before is the base; groups are still counted from the 6 targets it was created with.
+    assert_eq!((p.base_version, p.base_targets.len(), p.group_targets), (1, 6, 6));
+    let info = pool_map(&n, "p").unwrap();
+    assert_eq!((info.group_targets, info.base_targets.len()), (6, 6));
+    assert_eq!(pool_capacity(&n, p), capacity + 3 * (1 << 30));
+    // Filled: UPIN, and the whole map is the base; the group count stays.
+    let n = run(&n, done(2));
+    let p = &n.pools["p"];
+    assert_eq!(states(&n, 3), [(UPIN, 0, false); 3]);
+    assert_eq!((p.map_version, p.base_version, p.base_targets.len(), p.group_targets), (3, 3, 9, 6));
+    assert_eq!(placement_map(p).unwrap().group_targets(), 6);
+}
+
+#[test]
+fn extend_refusals() {
+    let mut s = cluster();
+    s = run(&s, register(reg(3, "", 2)));
+    s = run(&s, register(reg(4, "", 2)));
+    assert_eq!(status(&s, extend_cmd(&[])), 400);
+    assert_eq!(status(&s, extend_cmd(&[3, 3])), 400);
+    assert_eq!(status(&s, extend_cmd(&[9])), 404);
+    assert_eq!(status(&s, Command::Extend { pool: "nope".into(), ranks: vec![3] }), 404);
+    assert_eq!(status(&s, extend_cmd(&[1])), 409, "already in the pool");
+    let down = run(&s, Command::EnginesDown(vec![4]));
+    assert!(err(&down, extend_cmd(&[4])).to_string().contains("down"));
+    // Not while a rebuild runs (rank 0 down: the map is not settled).
+    let rebuilding = run(&s, Command::EnginesDown(vec![0]));
+    let e = err(&rebuilding, extend_cmd(&[3]));
+    assert_eq!(e.status(), 409);
+    assert!(e.to_string().contains("rebuilding"), "{e}");
+    // Two at once, in one version.
+    let (n, _) = ok(&s, extend_cmd(&[4, 3]));
+    assert_eq!(n.pools["p"].map_version, 2);
+    assert_eq!(n.pools["p"].targets.iter().filter(|t| t.state == UP).count(), 4);
+}

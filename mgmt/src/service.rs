@@ -441,13 +441,14 @@ impl Service {
         }
     }
 
-    /// Exclude, drain or reintegrate targets ([`Command::Exclude`], [`Command::Drain`],
-    /// [`Command::Reintegrate`]); the pool as it is afterwards.
+    /// Exclude, drain, reintegrate or add targets ([`Command::Exclude`], [`Command::Drain`],
+    /// [`Command::Reintegrate`], [`Command::Extend`]); the pool as it is afterwards.
     pub fn change_targets(&self, cmd: &Command) -> Result<PoolInfo, ServiceError> {
         let what = match cmd {
             Command::Exclude { .. } => "excluded: DOWN, rebuilt elsewhere",
             Command::Drain { .. } => "drained: DOWN, rebuilt elsewhere, then deleted",
             Command::Reintegrate { .. } => "reintegrating: UP",
+            Command::Extend { .. } => "added: UP, being filled",
             _ => return Err(CmdError::Internal(format!("not a target command: {cmd:?}")).into()),
         };
         match self.execute(cmd)? {
@@ -472,6 +473,11 @@ impl Service {
     /// Reintegrate targets of `pool`.
     pub fn reintegrate(&self, pool: &str, sel: TargetSelector) -> Result<PoolInfo, ServiceError> {
         self.change_targets(&Command::Reintegrate { pool: pool.to_string(), sel })
+    }
+
+    /// Extend `pool` with the targets of engines `ranks`.
+    pub fn extend(&self, pool: &str, ranks: Vec<u32>) -> Result<PoolInfo, ServiceError> {
+        self.change_targets(&Command::Extend { pool: pool.to_string(), ranks })
     }
 
     /// An engine's rebuild progress and scrub counters for `pool`. The rank must be registered

@@ -61,6 +61,11 @@ pub struct PoolRec {
     /// Targets of the base map (empty: the current map is the base).
     #[serde(default)]
     pub base_targets: Vec<PoolTarget>,
+    /// How many targets redundancy groups are counted from: the pool's size at creation, kept
+    /// when it is extended (`PoolMap::group_targets`). 0 (records stored before extensions
+    /// existed): all of `targets`.
+    #[serde(default)]
+    pub group_targets: u32,
 }
 
 impl PoolRec {
@@ -329,6 +334,7 @@ pub(crate) mod tests {
                     fseq: 0,
                     since_epoch: 0,
                     drained: false,
+                    added: 0,
                 })
             })
             .collect();
@@ -343,6 +349,7 @@ pub(crate) mod tests {
                 base_version: 1,
                 base_targets: targets.clone(),
                 targets,
+                group_targets: 0,
             },
         );
         s.next_pool_id = 2;

@@ -250,7 +250,13 @@ impl PoolMap {
         }
         let version = self.version.checked_add(1).ok_or(PlacementError::VersionOverflow)?;
         let mut targets = self.targets.clone();
-        targets.extend(new.iter().map(|t| TargetEntry { rank: t.rank, index: t.index, state: TargetState::Up, fseq: version, added: version }));
+        targets.extend(new.iter().map(|t| TargetEntry {
+            rank: t.rank,
+            index: t.index,
+            state: TargetState::Up,
+            fseq: version,
+            added: version,
+        }));
         targets.sort_by_key(|t| (t.rank, t.index));
         u32::try_from(targets.len()).map_err(|_| PlacementError::TooManyTargets)?;
         let engines = Self::engines_of(&targets)?;
@@ -262,7 +268,9 @@ impl PoolMap {
     /// `UpIn`, at version 1.
     pub fn uniform(engines: u32, targets_per_engine: u16) -> Result<PoolMap, PlacementError> {
         let targets = (0..engines)
-            .flat_map(|rank| (0..targets_per_engine).map(move |index| TargetEntry { rank, index, state: TargetState::UpIn, fseq: 0, added: 0 }))
+            .flat_map(|rank| {
+                (0..targets_per_engine).map(move |index| TargetEntry { rank, index, state: TargetState::UpIn, fseq: 0, added: 0 })
+            })
             .collect();
         PoolMap::new(1, targets)
     }
@@ -765,8 +773,9 @@ fn place(map: &PoolMap, oid: ObjectId, g: u32, class: ObjectClass) -> Result<Vec
                 let alive_at_f = |t: usize| failed_at(t).is_none_or(|ft| ft > f);
                 let others = || slots.iter().enumerate().filter(move |&(o, _)| o != s).map(|(_, other)| other.target);
                 let steps = || walk(view, seeds[s]).filter(|&t| alive_at_f(t));
-                let found =
-                    steps().find(|&t| others().all(|o| engine_of(o) != engine_of(t))).or_else(|| steps().find(|&t| others().all(|o| o != t)));
+                let found = steps()
+                    .find(|&t| others().all(|o| engine_of(o) != engine_of(t)))
+                    .or_else(|| steps().find(|&t| others().all(|o| o != t)));
                 match found {
                     Some(t) => {
                         slots[s].target = t;
@@ -783,7 +792,8 @@ fn place(map: &PoolMap, oid: ObjectId, g: u32, class: ObjectClass) -> Result<Vec
                 let homes: Vec<usize> = slots.iter().map(|slot| slot.target).collect();
                 // Stuck shards first, then shards sharing a fault domain: they take what is free
                 // before anything else moves.
-                let shares = |s: usize| slots.iter().enumerate().any(|(o, other)| o != s && engine_of(other.target) == engine_of(slots[s].target));
+                let shares =
+                    |s: usize| slots.iter().enumerate().any(|(o, other)| o != s && engine_of(other.target) == engine_of(slots[s].target));
                 let mut order: Vec<usize> = (0..n).collect();
                 order.sort_by_key(|&s| (!slots[s].stuck, !shares(s)));
                 for s in order {

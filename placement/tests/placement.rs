@@ -40,7 +40,13 @@ fn pool() -> impl Strategy<Value = PoolMap> {
                 if !state.is_placeable() {
                     fseq += 1;
                 }
-                targets.push(TargetEntry { rank: (e as u32) * 3 + 1, index, state, fseq: if state.is_placeable() { 0 } else { fseq }, added: 0 });
+                targets.push(TargetEntry {
+                    rank: (e as u32) * 3 + 1,
+                    index,
+                    state,
+                    fseq: if state.is_placeable() { 0 } else { fseq },
+                    added: 0,
+                });
             }
         }
         PoolMap::new(fseq + 1, targets).unwrap()
@@ -64,7 +70,10 @@ fn check_group(map: &PoolMap, g: &Group, what: &str) -> Result<(), TestCaseError
             prop_assert!(!s.rebuilding);
             for p in &placeable {
                 // Taken: another shard is there, or reads another shard there while it moves.
-                let taken = |o: &&ShardPlacement| o.target() == TargetRef { rank: p.rank, index: p.index } || o.base_source == Some(TargetRef { rank: p.rank, index: p.index });
+                let taken = |o: &&ShardPlacement| {
+                    o.target() == TargetRef { rank: p.rank, index: p.index }
+                        || o.base_source == Some(TargetRef { rank: p.rank, index: p.index })
+                };
                 prop_assert!(
                     others.iter().any(taken),
                     "{what}: shard {} stuck on a down target but target {}.{} is free: {g:?}",
@@ -131,7 +140,13 @@ fn settled_pool(min: usize) -> impl Strategy<Value = PoolMap> {
                 if state == TargetState::DownOut {
                     fseq += 1;
                 }
-                targets.push(TargetEntry { rank: (e as u32) * 2 + 3, index, state, fseq: if state.is_placeable() { 0 } else { fseq }, added: 0 });
+                targets.push(TargetEntry {
+                    rank: (e as u32) * 2 + 3,
+                    index,
+                    state,
+                    fseq: if state.is_placeable() { 0 } else { fseq },
+                    added: 0,
+                });
             }
         }
         let map = PoolMap::new(fseq + 1, targets).unwrap();

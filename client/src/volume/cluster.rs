@@ -43,15 +43,24 @@ impl PoolView {
                         TargetStateName::UpIn => TargetState::UpIn,
                     },
                     fseq: t.fseq,
+                    added: t.added,
                 })
                 .collect()
         };
         // States and failure sequences come from the service, which keeps them with `PoolMap`.
-        let mut map = PoolMap::new(info.version, entries(&info.targets)).map_err(|e| VolumeError::Config(format!("pool map: {e}")))?;
+        // Groups are counted from the pool's size at creation (0: all its targets).
+        let groups = |m: PoolMap| match info.group_targets {
+            0 => Ok(m),
+            n => m.with_group_targets(n),
+        };
+        let mut map = PoolMap::new(info.version, entries(&info.targets))
+            .and_then(groups)
+            .map_err(|e| VolumeError::Config(format!("pool map: {e}")))?;
         // The base (last settled) map decides which shards are being rebuilt (written, not
         // read). None listed: the current map is settled, so it is its own base.
         if !info.base_targets.is_empty() {
             let base = PoolMap::new(info.base_version, entries(&info.base_targets))
+                .and_then(groups)
                 .map_err(|e| VolumeError::Config(format!("base pool map: {e}")))?;
             map = map.with_base(base);
         }
@@ -92,8 +101,23 @@ pub struct Cluster {
 impl Cluster {
     /// A cluster handle using the management service at `mgmt`.
     pub fn new(mgmt: MgmtClient) -> Arc<Cluster> {
-        let opts =
-            ConnectionOptions { timeout: Duration::from_secs(5), connect_timeout: Duration::from_secs(2), ..ConnectionOptions::default() };
+        Self::with_background(mgmt, false)
+    }
+
+    /// A cluster handle for background work (an engine's healer and scrubber): every request
+    /// it sends is marked background, so the engines do not count it as host I/O when they
+    /// pace their rebuild (`ConnectionOptions::background`).
+    pub fn background(mgmt: MgmtClient) -> Arc<Cluster> {
+        Self::with_background(mgmt, true)
+    }
+
+    fn with_background(mgmt: MgmtClient, background: bool) -> Arc<Cluster> {
+        let opts = ConnectionOptions {
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            background,
+            ..ConnectionOptions::default()
+        };
         Arc::new(Cluster { mgmt, pools: Mutex::new(HashMap::new()), conns: Mutex::new(HashMap::new()), opts })
     }
 
