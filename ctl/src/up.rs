@@ -64,12 +64,21 @@ pub struct UpArgs {
     nqn: String,
     /// Most bytes per second each engine writes into rebuilt shards (`[heal] rebuild_rate` in
     /// the engine configurations), e.g. 1G; default: the engine's own (64 MiB/s).
-    #[arg(long, value_parser = parse_size64)]
+    #[arg(long, value_parser = parse_rebuild_rate)]
     rebuild_rate: Option<u64>,
+    /// The same while hosts do I/O on the engine (`[heal] rebuild_rate_busy`; at most
+    /// `--rebuild-rate` is used); default: the engine's own (8 MiB/s).
+    #[arg(long, value_parser = parse_rebuild_rate)]
+    rebuild_rate_busy: Option<u64>,
     /// How long each start-up step (service up, engines registered, target serving) may take,
     /// seconds.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+}
+
+/// A rebuild rate: a size per second, at least what the engine accepts (64 KiB).
+fn parse_rebuild_rate(s: &str) -> Result<u64, String> {
+    parse_size64(s).and_then(|n| if n >= 64 << 10 { Ok(n) } else { Err(format!("{s:?} is below the engine's lowest rebuild rate, 64K")) })
 }
 
 const POOL: &str = "default";
@@ -485,8 +494,14 @@ async fn start(
             a.target_capacity,
             toml_str(&mgmt_addr),
         );
+        if a.rebuild_rate.is_some() || a.rebuild_rate_busy.is_some() {
+            config.push_str("\n[heal]\n");
+        }
         if let Some(rate) = a.rebuild_rate {
-            config.push_str(&format!("\n[heal]\nrebuild_rate = {rate}\n"));
+            config.push_str(&format!("rebuild_rate = {rate}\n"));
+        }
+        if let Some(rate) = a.rebuild_rate_busy {
+            config.push_str(&format!("rebuild_rate_busy = {rate}\n"));
         }
         let path = edir.join("engine.toml");
         std::fs::write(&path, config).map_err(|e| format!("cannot write {}: {e}", path.display()))?;

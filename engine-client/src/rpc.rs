@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tessera_engine_proto::{
-    decode_frame, encode_request_in, Encoded, Frame, FrameError, FrameLimits, Reply, ReplyError, Request, RpcStatus,
+    decode_frame, encode_request_flagged, Encoded, Frame, FrameError, FrameLimits, Reply, ReplyError, Request, RpcStatus,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -54,6 +54,9 @@ pub struct ConnectionOptions {
     pub map_version: u32,
     /// Limits on the replies accepted (default [`FrameLimits::default`]).
     pub limits: FrameLimits,
+    /// Marks every request as background work (`flags::BACKGROUND`: rebuild, scrub repair),
+    /// which the engine does not count as host I/O when it paces its rebuild (default false).
+    pub background: bool,
 }
 
 impl Default for ConnectionOptions {
@@ -63,6 +66,7 @@ impl Default for ConnectionOptions {
             connect_timeout: Duration::from_secs(5),
             map_version: 0,
             limits: FrameLimits::default(),
+            background: false,
         }
     }
 }
@@ -234,6 +238,7 @@ struct Handle {
     shared: Arc<Shared>,
     tx: mpsc::Sender<Encoded>,
     timeout: Duration,
+    background: bool,
     peer: SocketAddr,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
@@ -284,7 +289,9 @@ impl EngineConnection {
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
         let reader = tokio::spawn(read_loop(rd, shared.clone(), opts.limits, closed_rx.clone()));
         let writer = tokio::spawn(write_loop(wr, rx, shared.clone(), closed_rx));
-        Ok(EngineConnection { inner: Arc::new(Handle { shared, tx, timeout: opts.timeout, peer: addr, reader, writer }) })
+        Ok(EngineConnection {
+            inner: Arc::new(Handle { shared, tx, timeout: opts.timeout, background: opts.background, peer: addr, reader, writer }),
+        })
     }
 
     /// Sends `req` to target `target` of the engine and waits for its reply.
@@ -304,7 +311,7 @@ impl EngineConnection {
         let (tx, rx) = oneshot::channel();
         let id = h.shared.slots().register(tx)?;
         let mut guard = SlotGuard { shared: &h.shared, id, armed: true };
-        let encoded = encode_request_in(pool, id, map_version, target, &req);
+        let encoded = encode_request_flagged(pool, id, map_version, target, h.background, &req);
         drop(req);
         let exchange = async {
             h.tx.send(encoded).await.map_err(|_| RpcError::Closed)?;

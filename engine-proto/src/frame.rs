@@ -9,7 +9,7 @@
 //! | 0 | 4 | magic `b"TSRP"` |
 //! | 4 | 1 | version (1) |
 //! | 5 | 1 | opcode |
-//! | 6 | 2 | flags: bit 0 = reply; other bits reserved (0) |
+//! | 6 | 2 | flags: bit 0 = reply, bit 1 = background request; other bits reserved (0) |
 //! | 8 | 8 | request_id |
 //! | 16 | 4 | map_version (pool map version the sender knows) |
 //! | 20 | 2 | target (target index inside the engine) |
@@ -78,8 +78,11 @@ pub const OFF_HEADER_CRC: usize = 60;
 pub mod flags {
     /// The frame is a reply.
     pub const REPLY: u16 = 1 << 0;
+    /// A request made for background work (rebuild, reintegration, scrub repair), not for a
+    /// host: the engine does not count it as host I/O when it paces its own rebuild.
+    pub const BACKGROUND: u16 = 1 << 1;
     /// Every bit this version defines; the others must be zero.
-    pub const KNOWN: u16 = REPLY;
+    pub const KNOWN: u16 = REPLY | BACKGROUND;
 }
 
 /// A little-endian `u16` as stored in the header (alignment 1).
@@ -276,6 +279,21 @@ impl Header {
     /// Whether the reply flag is set.
     pub fn is_reply(&self) -> bool {
         self.flags & flags::REPLY != 0
+    }
+
+    /// The same header with the [`flags::BACKGROUND`] flag set or cleared.
+    pub fn background(mut self, background: bool) -> Header {
+        if background {
+            self.flags |= flags::BACKGROUND;
+        } else {
+            self.flags &= !flags::BACKGROUND;
+        }
+        self
+    }
+
+    /// Whether the request is background work ([`flags::BACKGROUND`]).
+    pub fn is_background(&self) -> bool {
+        self.flags & flags::BACKGROUND != 0
     }
 
     /// The wire form of this header for a body of `body` and `data_len` bytes of data, CRCs
@@ -578,7 +596,7 @@ mod tests {
         assert_eq!(decode_all(b"TSR"), Ok(None));
         assert_eq!(err(with_raw(|r| r.version = 2, true)), FrameError::UnsupportedVersion(2));
         assert!(matches!(err(with_raw(|r| r.target = U16Le::new(4), false)), FrameError::HeaderCrc { .. }));
-        assert_eq!(err(with_raw(|r| r.flags = U16Le::new(2), true)), FrameError::ReservedNotZero(OFF_FLAGS));
+        assert_eq!(err(with_raw(|r| r.flags = U16Le::new(4), true)), FrameError::ReservedNotZero(OFF_FLAGS));
         assert_eq!(err(with_raw(|r| r.reserved0 = U16Le::new(1), true)), FrameError::ReservedNotZero(OFF_RESERVED0));
         assert_eq!(err(with_raw(|r| r.reserved1[7] = 1, true)), FrameError::ReservedNotZero(OFF_RESERVED1 + 7));
         assert_eq!(

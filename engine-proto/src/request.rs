@@ -604,7 +604,13 @@ pub fn encode_request(request_id: u64, map_version: u32, target: u16, req: &Requ
 
 /// Encodes a request frame whose `map_version` is the map version of pool `pool`.
 pub fn encode_request_in(pool: u32, request_id: u64, map_version: u32, target: u16, req: &Request) -> Encoded {
-    let h = Header::request(req.opcode(), request_id, map_version, target).in_pool(pool);
+    encode_request_flagged(pool, request_id, map_version, target, false, req)
+}
+
+/// Like [`encode_request_in`], marked as background work ([`crate::frame::flags::BACKGROUND`])
+/// when `background` is set.
+pub fn encode_request_flagged(pool: u32, request_id: u64, map_version: u32, target: u16, background: bool, req: &Request) -> Encoded {
+    let h = Header::request(req.opcode(), request_id, map_version, target).in_pool(pool).background(background);
     encode_frame_with(&h, req.body_hint(), req.data(), |b| req.encode_body(b))
 }
 
@@ -697,6 +703,22 @@ mod tests {
             seen.insert(req.opcode());
         }
         assert_eq!(seen.len(), 8);
+    }
+
+    #[test]
+    fn the_background_flag_travels_with_the_request() {
+        for background in [false, true] {
+            let req = &samples()[2];
+            let mut b = encode_request_flagged(5, 7, 3, 1, background, req).to_bytes();
+            let f = decode_frame(&mut b, &FrameLimits::default()).unwrap().unwrap();
+            assert_eq!((f.header.is_background(), f.header.is_reply(), f.header.pool), (background, false, 5));
+            assert_eq!(Request::decode(&f).as_ref(), Ok(req));
+        }
+        assert!(!decode_frame(&mut encode_request(1, 0, 0, &Request::Ping).to_bytes(), &FrameLimits::default())
+            .unwrap()
+            .unwrap()
+            .header
+            .is_background());
     }
 
     #[test]

@@ -19,7 +19,11 @@
 //! max_batch = 256                   # most requests one group commit takes
 //!
 //! [heal]                            # optional: self-healing (needs [mgmt])
-//! rebuild_rate = "64MiB"            # most bytes per second this engine rebuilds
+//! rebuild_rate = "64MiB"            # most bytes per second this engine rebuilds while hosts
+//!                                   # are quiet ...
+//! rebuild_rate_busy = "8MiB"        # ... and while they do I/O on this engine (served a host
+//!                                   # read or write in the last second; at most rebuild_rate).
+//!                                   # Both at least 64KiB. See docs/HEALING.md, "A pass".
 //! scrub_period_secs = 86400         # verify all stored data once per this period (at least
 //!                                   # 256 KiB/s) ...
 //! scrub_rate = "8MiB"               # ... but never faster than this (bytes per second; 0: no
@@ -72,9 +76,14 @@ impl Default for Tuning {
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealSection {
-    /// Most bytes per second written into rebuilt shards by this engine.
+    /// Most bytes per second written into rebuilt shards by this engine while no host does I/O
+    /// on it.
     #[serde(deserialize_with = "size")]
     pub rebuild_rate: u64,
+    /// The same while hosts do I/O on this engine (`crate::pace`); at most `rebuild_rate` is
+    /// used.
+    #[serde(deserialize_with = "size")]
+    pub rebuild_rate_busy: u64,
     /// Scrub every byte once per this many seconds (at least [`crate::scrub::RATE_FLOOR`]
     /// bytes per second).
     pub scrub_period_secs: u64,
@@ -85,9 +94,13 @@ pub struct HealSection {
 
 impl Default for HealSection {
     fn default() -> Self {
-        HealSection { rebuild_rate: 64 << 20, scrub_period_secs: 86_400, scrub_rate: 8 << 20 }
+        HealSection { rebuild_rate: 64 << 20, rebuild_rate_busy: 8 << 20, scrub_period_secs: 86_400, scrub_rate: 8 << 20 }
     }
 }
+
+/// The lowest `[heal] rebuild_rate` and `rebuild_rate_busy` accepted, bytes per second: below
+/// it one chunk-shard (512 KiB by default) would take more than 8 s.
+pub const MIN_REBUILD_RATE: u64 = 64 << 10;
 
 /// Membership: where the management service is and how this engine presents itself.
 #[derive(Debug, Clone, Deserialize)]
@@ -180,6 +193,11 @@ impl EngineConfig {
         if cfg.tuning.inline_max > 4096 {
             return Err(invalid("tuning.inline_max must be at most 4096".into()));
         }
+        for (key, rate) in [("rebuild_rate", cfg.heal.rebuild_rate), ("rebuild_rate_busy", cfg.heal.rebuild_rate_busy)] {
+            if rate < MIN_REBUILD_RATE {
+                return Err(invalid(format!("heal.{key} is {rate} bytes per second; at least 64KiB")));
+            }
+        }
         if let Some(m) = &cfg.mgmt {
             if m.address.trim().is_empty() {
                 return Err(invalid("mgmt.address is empty".into()));
@@ -242,6 +260,25 @@ mod tests {
         assert_eq!((cfg.heal.scrub_period_secs, cfg.heal.scrub_rate, cfg.heal.rebuild_rate), (1, 64 << 20, 64 << 20));
         let off = format!("{base}[heal]\nscrub_rate = 0\n");
         assert_eq!(EngineConfig::parse(&off, Path::new("e.toml")).unwrap().heal.scrub_rate, 0);
+    }
+
+    #[test]
+    fn heal_section_sets_the_rebuild_rates() {
+        let base = EngineConfig::example(0, 1, Path::new("/x"));
+        let cfg = EngineConfig::parse(&base, Path::new("e.toml")).unwrap();
+        assert_eq!((cfg.heal.rebuild_rate, cfg.heal.rebuild_rate_busy), (64 << 20, 8 << 20));
+        let text = format!("{base}[heal]\nrebuild_rate = \"1GiB\"\nrebuild_rate_busy = 65536\n");
+        let cfg = EngineConfig::parse(&text, Path::new("e.toml")).unwrap();
+        assert_eq!((cfg.heal.rebuild_rate, cfg.heal.rebuild_rate_busy), (1 << 30, 64 << 10));
+        for (line, key) in [
+            ("rebuild_rate = 0", "heal.rebuild_rate is 0 bytes per second"),
+            ("rebuild_rate_busy = \"1KiB\"", "heal.rebuild_rate_busy is 1024 bytes per second"),
+        ] {
+            let e = EngineConfig::parse(&format!("{base}[heal]\n{line}\n"), Path::new("e.toml")).unwrap_err().to_string();
+            assert_eq!(e, format!("e.toml: {key}; at least 64KiB"));
+        }
+        let e = EngineConfig::parse(&format!("{base}[heal]\nrebuild_rate_busy = \"fast\"\n"), Path::new("e.toml")).unwrap_err();
+        assert!(e.to_string().contains("\"fast\""), "{e}");
     }
 
     #[test]

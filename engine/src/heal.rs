@@ -11,8 +11,9 @@
 //!    ([`leads`]): so the work is spread over the survivors and each chunk is rebuilt once.
 //!    A reintegrating target (UP with a floor epoch) only needs the chunks changed above the floor
 //!    (engine enumeration "dkeys changed since").
-//! 2. **Rebuild**, throttled to `rebuild_bytes_per_sec`: [`Volume::rebuild_shard`] per task,
-//!    retried; progress reported to the service every second.
+//! 2. **Rebuild**, paced by [`RebuildPace`]: `[heal] rebuild_rate` while the hosts are quiet,
+//!    `rebuild_rate_busy` while this engine serves host I/O; [`Volume::rebuild_shard`] per
+//!    task, retried; progress reported to the service every second.
 //! 3. **Clean up** once the map is settled (nothing DOWN or UP): chunks a target holds but no
 //!    longer has a shard of (they moved back after a reintegration) are discarded, and drained
 //!    targets are emptied.
@@ -24,6 +25,7 @@
 //! DOWN targets DOWNOUT and the UP ones UPIN: a new version, whose pass cleans up.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +40,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::config::HealSection;
+use crate::pace::RebuildPace;
 
 /// Attempts of one chunk before the pass moves on (and reports it failed).
 const CHUNK_ATTEMPTS: u32 = 3;
@@ -95,6 +98,8 @@ pub struct Healer {
     rank: u32,
     uuid: Uuid,
     settings: HealSection,
+    /// The engine's count of host requests served (`Engine::host_ops`), which paces rebuilds.
+    host_ops: Arc<AtomicU64>,
     /// Aggregation holds set per (pool id, volume, target): the floor last sent.
     holds: Mutex<HashMap<(u32, u128, u16), u64>>,
     /// Scrub counters per pool id (the scrubber adds to them).
@@ -102,10 +107,20 @@ pub struct Healer {
 }
 
 impl Healer {
-    /// A healer for engine `rank`.
-    pub fn new(mgmt: MgmtClient, rank: u32, uuid: Uuid, settings: HealSection) -> Arc<Healer> {
-        let cluster = Cluster::new(mgmt.clone());
-        Arc::new(Healer { mgmt, cluster, rank, uuid, settings, holds: Mutex::new(HashMap::new()), scrub: Mutex::new(HashMap::new()) })
+    /// A healer for engine `rank`, whose RPC server counts host requests in `host_ops`
+    /// ([`crate::server::Engine::host_ops`]).
+    pub fn new(mgmt: MgmtClient, rank: u32, uuid: Uuid, settings: HealSection, host_ops: Arc<AtomicU64>) -> Arc<Healer> {
+        let cluster = Cluster::background(mgmt.clone());
+        Arc::new(Healer {
+            mgmt,
+            cluster,
+            rank,
+            uuid,
+            settings,
+            host_ops,
+            holds: Mutex::new(HashMap::new()),
+            scrub: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Runs passes until `stop`: whenever a pool's map version moves past the last completed
@@ -313,7 +328,11 @@ impl Healer {
         if !tasks.is_empty() {
             info!(pool = %p.name, version = map.version, shards = tasks.len(), "rebuild pass: rebuilding the shards this engine leads");
         }
-        let rate = self.settings.rebuild_rate.max(1);
+        // Host I/O on this engine slows the rebuild down to `rebuild_rate_busy` (crate::pace).
+        let mut pace = RebuildPace::new(self.settings.rebuild_rate, self.settings.rebuild_rate_busy);
+        let host_ops = || self.host_ops.load(Ordering::Relaxed);
+        pace.observe(Instant::now(), host_ops());
+        let mut busy_time = Duration::ZERO;
         let mut bytes_done = 0u64;
         let mut last_error = None;
         let mut failures = 0u64;
@@ -322,6 +341,7 @@ impl Healer {
                 return Ok(false);
             }
             let v = &volumes[t.volume];
+            let task_started = Instant::now();
             // Reintegration is incremental twice over: only chunks changed above the floor are
             // tasks, and inside each only the versions above it are copied (`since`).
             let opts = RebuildOptions { since: t.since, settle_torn: attempt > SETTLE_TORN_AFTER };
@@ -336,6 +356,7 @@ impl Healer {
                     v.refresh_pool_map(map.version).await;
                 }
             }
+            let bytes = outcome.as_ref().map_or(0, |r| r.bytes);
             match outcome {
                 Ok(r) => {
                     bytes_done += r.bytes;
@@ -352,9 +373,14 @@ impl Healer {
                     last_error = Some(msg);
                 }
             }
-            // Throttle: never ahead of the configured rate.
-            let due = Duration::from_secs_f64(bytes_done as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
+            // Throttle: never ahead of the rate in force (lower while hosts do I/O here).
+            let now = Instant::now();
+            pace.observe(now, host_ops());
+            let wait = pace.done(task_started, now, bytes);
+            if pace.busy(now) {
+                busy_time += now - task_started + wait;
+            }
+            if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
         }
@@ -362,7 +388,7 @@ impl Healer {
             return Err(format!("{failures} shard(s) not rebuilt; last: {e}"));
         }
         if !tasks.is_empty() {
-            info!(pool = %p.name, version = map.version, shards = tasks.len(), bytes = bytes_done, secs = started.elapsed().as_secs_f64(), "rebuild pass done");
+            info!(pool = %p.name, version = map.version, shards = tasks.len(), bytes = bytes_done, secs = started.elapsed().as_secs_f64(), host_busy_secs = busy_time.as_secs_f64(), "rebuild pass done");
         }
         // Clean-up once settled: chunks no longer ours, drained targets emptied.
         if !moving {

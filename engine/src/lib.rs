@@ -9,8 +9,9 @@
 //! - [`target`]: one target: validation, data writes, group commit, fetch, aggregation,
 //!   checkpoints, recovery, and the bounded scrub step that verifies stored checksums.
 //! - [`worker`]: the thread that owns a target; [`server`]: the RPC server.
-//! - [`heal`]: rebuild, reintegration and clean-up passes; [`scrub`]: background verification
-//!   of stored checksums and repair from redundancy.
+//! - [`heal`]: rebuild, reintegration and clean-up passes, paced by [`pace`] (pure: the rebuild
+//!   rate by host activity); [`scrub`]: background verification of stored checksums and repair
+//!   from redundancy.
 #![forbid(unsafe_code)]
 
 pub mod alloc;
@@ -22,6 +23,7 @@ pub mod heal;
 pub mod index;
 pub mod membership;
 pub mod op;
+pub mod pace;
 pub mod scrub;
 pub mod server;
 pub mod target;

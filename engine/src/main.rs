@@ -117,7 +117,7 @@ fn run(args: Args) -> Result<(), RunError> {
             let (pools_tx, pools_rx) = tokio::sync::watch::channel(Vec::new());
             if let Some(reply) = membership::register(&mgmt, &req, &engine, &pools_tx, &stop).await.map_err(RunError::Register)? {
                 let interval = Duration::from_millis(reply.heartbeat_interval_ms.clamp(100, 60_000));
-                let healer = heal::Healer::new(mgmt.clone(), cfg.rank, uuid, cfg.heal);
+                let healer = heal::Healer::new(mgmt.clone(), cfg.rank, uuid, cfg.heal, engine.host_ops.clone());
                 if cfg.heal.scrub_rate > 0 {
                     let scrubber = scrub::Scrubber::new(
                         mgmt.clone(),

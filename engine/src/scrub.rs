@@ -177,7 +177,7 @@ impl Scrubber {
     ) -> Scrubber {
         Scrubber {
             healer,
-            cluster: Cluster::new(mgmt),
+            cluster: Cluster::background(mgmt),
             rank,
             targets,
             corrupt,

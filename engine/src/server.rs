@@ -9,13 +9,13 @@
 use std::collections::HashMap;
 use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tessera_engine_proto::{
     decode_frame, encode_reply, DataRun, Discard, EnumBudget, EnumTarget, Enumerate, Fetch, FetchReply, FetchValue, Frame, FrameLimits,
-    Reply, ReplyResult, Request, RpcStatus, SingleValue, TargetHealth, TargetInfo,
+    Opcode, Reply, ReplyResult, Request, RpcStatus, SingleValue, TargetHealth, TargetInfo,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -44,6 +44,9 @@ pub struct Engine {
     pub pool_versions: Mutex<HashMap<u32, u32>>,
     pub limits: FrameLimits,
     pub shutting_down: AtomicBool,
+    /// Host requests received so far: Updates, Fetches and Punches not marked background
+    /// (`flags::BACKGROUND`). The healer paces its rebuild by it (`crate::pace`).
+    pub host_ops: Arc<AtomicU64>,
 }
 
 impl Engine {
@@ -56,6 +59,7 @@ impl Engine {
             pool_versions: Mutex::new(HashMap::new()),
             limits: FrameLimits::default(),
             shutting_down: AtomicBool::new(false),
+            host_ops: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -185,6 +189,9 @@ async fn write_all_vectored(wr: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> s
 /// Decodes, checks, runs one request and encodes its reply.
 async fn handle(engine: &Engine, frame: Frame) -> tessera_engine_proto::Encoded {
     let h = frame.header;
+    if !h.is_background() && matches!(h.opcode, Opcode::Update | Opcode::Fetch | Opcode::Punch) {
+        engine.host_ops.fetch_add(1, Ordering::Relaxed);
+    }
     // One look at the pool's known map version per request: it checks the request and goes
     // back in the reply header.
     let (known, result) = match Request::decode(&frame) {
@@ -352,4 +359,43 @@ pub fn error_reply(e: &EngineError) -> (RpcStatus, String) {
 /// Logs the engine's listening line (tests wait for it).
 pub fn announce(addr: SocketAddr, rank: u32, targets: usize) {
     info!(%addr, rank, targets, "engine listening");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemStorage;
+    use crate::target::{Target, TargetConfig};
+    use tessera_engine_proto::{encode_request_flagged, ContainerId, ObjectId};
+
+    #[test]
+    fn host_requests_are_counted_and_background_ones_are_not() {
+        let target = Target::open(Arc::new(MemStorage::new()), TargetConfig::default()).unwrap();
+        let (h, thread) = TargetHandle::spawn("t".into(), target, 64).unwrap();
+        let engine = Engine::new(0, vec![h.clone()]);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let fetch = Request::Fetch(Fetch {
+            cont: ContainerId(1),
+            obj: ObjectId(2),
+            epoch: 10,
+            dkey: Bytes::from_static(b"d"),
+            akey: Bytes::from_static(b"a"),
+            what: FetchValue::Array { offset: 0, len: 4096 },
+        });
+        let list = Request::Enumerate(Enumerate { cont: ContainerId(1), epoch: 10, what: EnumTarget::Objects, anchor: None, max: 8 });
+        let send = |req: &Request, background: bool| {
+            let mut b = encode_request_flagged(0, 1, 0, 0, background, req).to_bytes();
+            let frame = decode_frame(&mut b, &FrameLimits::default()).unwrap().unwrap();
+            rt.block_on(handle(&engine, frame));
+            engine.host_ops.load(Ordering::Relaxed)
+        };
+        assert_eq!(send(&fetch, false), 1);
+        assert_eq!(send(&fetch, true), 1, "a background fetch is not host I/O");
+        assert_eq!(send(&Request::Ping, false), 1, "nor is a ping");
+        assert_eq!(send(&list, false), 1, "nor an enumeration");
+        assert_eq!(send(&fetch, false), 2);
+        drop(engine);
+        h.shutdown().blocking_recv().unwrap().unwrap();
+        thread.join().unwrap();
+    }
 }
