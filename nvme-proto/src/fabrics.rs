@@ -84,28 +84,36 @@ pub struct ConnectDataError {
     pub offset: u16,
 }
 
+/// Reads the NUL-terminated NQN field at `off`; it may be empty (see [`ConnectData::decode`]).
 fn nqn_field(data: &[u8], off: usize) -> Result<String, ConnectDataError> {
     let err = ConnectDataError { offset: off as u16 };
     let raw: [u8; NQN_FIELD_LEN] = array_at(data, off).ok_or(err)?;
     // The NQN is NUL terminated; a field without a terminator or with non-UTF-8 is malformed.
     let end = raw.iter().position(|&b| b == 0).ok_or(err)?;
     let s = std::str::from_utf8(raw.get(..end).ok_or(err)?).map_err(|_| err)?;
-    if s.is_empty() {
-        return Err(err);
-    }
     Ok(s.to_owned())
 }
 
 impl ConnectData {
     /// Decodes the 1024-byte Connect data.
+    ///
+    /// Both NQN fields must be NUL terminated within their 256 bytes and UTF-8. SUBNQN must not
+    /// be empty (there is nothing to connect to). HOSTNQN may be: SPDK's `spdk_nvme_perf` sends
+    /// an all-zero HOSTNQN unless its transport ID names one (`probe_cb` copies an empty
+    /// `trid_entry->hostnqn` over the default), and the Linux and SPDK targets accept it. Whether
+    /// an empty host NQN may connect is the subsystem's access decision, not a format error.
     pub fn decode(data: &[u8]) -> Result<ConnectData, ConnectDataError> {
         if data.len() < CONNECT_DATA_LEN {
             return Err(ConnectDataError { offset: 0 });
         }
+        let subnqn = nqn_field(data, CONNECT_OFF_SUBNQN)?;
+        if subnqn.is_empty() {
+            return Err(ConnectDataError { offset: CONNECT_OFF_SUBNQN as u16 });
+        }
         Ok(ConnectData {
             hostid: array_at(data, CONNECT_OFF_HOSTID).ok_or(ConnectDataError { offset: 0 })?,
             cntlid: u16_at(data, CONNECT_OFF_CNTLID).ok_or(ConnectDataError { offset: 16 })?,
-            subnqn: nqn_field(data, CONNECT_OFF_SUBNQN)?,
+            subnqn,
             hostnqn: nqn_field(data, CONNECT_OFF_HOSTNQN)?,
         })
     }
@@ -211,9 +219,21 @@ mod tests {
         let mut no_nul = enc.clone();
         no_nul[256..512].fill(b'a');
         assert_eq!(ConnectData::decode(&no_nul), Err(ConnectDataError { offset: 256 }));
-        let mut empty = enc;
-        empty[512] = 0;
-        assert_eq!(ConnectData::decode(&empty), Err(ConnectDataError { offset: 512 }));
+        let mut no_host_nul = enc.clone();
+        no_host_nul[512..768].fill(b'h');
+        assert_eq!(ConnectData::decode(&no_host_nul), Err(ConnectDataError { offset: 512 }));
+        let mut bad_utf8 = enc.clone();
+        bad_utf8[512] = 0xff;
+        assert_eq!(ConnectData::decode(&bad_utf8), Err(ConnectDataError { offset: 512 }));
+        let mut empty_sub = enc.clone();
+        empty_sub[256] = 0;
+        assert_eq!(ConnectData::decode(&empty_sub), Err(ConnectDataError { offset: 256 }));
+        // An empty HOSTNQN (what spdk_nvme_perf sends without `hostnqn:`) decodes.
+        let mut empty_host = enc;
+        empty_host[512..768].fill(0);
+        let d = ConnectData::decode(&empty_host).unwrap();
+        assert_eq!(d.hostnqn, "");
+        assert_eq!(ConnectData::decode(&d.encode()), Ok(d));
     }
 
     #[test]

@@ -238,19 +238,27 @@ pub enum PduErrorKind {
 
 /// A fatal transport error: what went wrong and the header of the offending PDU.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{kind}")]
+#[error("{kind}{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
 pub struct PduError {
     /// The error.
     pub kind: PduErrorKind,
     /// Header of the offending PDU (at most 128 bytes), quoted in the termination request.
     pub header: Bytes,
+    /// Why, in words, for the log (the termination request carries only FES and FEI).
+    pub reason: Option<String>,
 }
 
 impl PduError {
     /// An error quoting `header` (truncated to 128 bytes).
     pub fn new(kind: PduErrorKind, header: &[u8]) -> PduError {
         let n = header.len().min(IC_LEN);
-        PduError { kind, header: Bytes::copy_from_slice(header.get(..n).unwrap_or_default()) }
+        PduError { kind, header: Bytes::copy_from_slice(header.get(..n).unwrap_or_default()), reason: None }
+    }
+
+    /// The same error with an explanation for the log.
+    pub fn with_reason(mut self, reason: impl Into<String>) -> PduError {
+        self.reason = Some(reason.into());
+        self
     }
 
     /// Fatal Error Status for the termination request.
@@ -746,6 +754,8 @@ mod tests {
     #[test]
     fn term_req_error_codes() {
         let e = PduError::new(PduErrorKind::InvalidHeaderField(3), &[1, 2, 3]);
+        assert_eq!(e.to_string(), "invalid PDU header field at offset 3");
+        assert_eq!(e.clone().with_reason("PDO 30").to_string(), "invalid PDU header field at offset 3: PDO 30");
         let t = e.term_req();
         assert_eq!((t.fes, t.fei, t.data.as_ref()), (1, 3, &[1u8, 2, 3][..]));
         assert_eq!(PduError::new(PduErrorKind::HeaderDigest, &[]).fes(), 3);

@@ -233,6 +233,16 @@ impl Controller {
         out
     }
 
+    /// Forgets the held Asynchronous Event Request `cid`: the host gave it up (it reused the CID).
+    pub fn forget_aer(&self, cid: u16) {
+        self.state().pending_aers.retain(|&c| c != cid);
+    }
+
+    /// Whether Asynchronous Event Request `cid` is held.
+    pub fn holds_aer(&self, cid: u16) -> bool {
+        self.state().pending_aers.contains(&cid)
+    }
+
     /// Marks shutdown processing complete (after the namespaces were flushed).
     pub fn shutdown_complete(&self) {
         let mut st = self.state();

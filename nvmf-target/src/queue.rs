@@ -81,12 +81,21 @@ pub enum Event<P> {
         /// Fatal error status the host reported.
         fes: u16,
     },
+    /// A new command reused the CID of a command the queue was holding ([`Queue::hold`], an
+    /// Asynchronous Event Request): the host has given that command up and it must never be
+    /// completed. Delivered just before the new command's [`Event::Command`].
+    Abandoned {
+        /// The CID both commands carry.
+        cid: u16,
+    },
 }
 
 #[derive(Debug)]
 enum Slot<P> {
-    /// The command is being executed (or held, like an Asynchronous Event Request).
+    /// The command is being executed.
     Executing,
+    /// The command waits for an event that may never come (an Asynchronous Event Request).
+    Held,
     /// An R2T was sent; H2CData is arriving.
     Receiving { sqe: Sqe, payload: P, total: u32, received: u32, data: Vec<Bytes> },
 }
@@ -174,13 +183,23 @@ impl<P> Queue<P> {
             (Phase::AwaitIcReq, Pdu::IcReq(req)) => self.on_icreq(req, header),
             (Phase::AwaitIcReq, _) | (Phase::Ready, Pdu::IcReq(_)) => Err(err(PduErrorKind::SequenceError)),
             (Phase::Ready, Pdu::CapsuleCmd { sqe, data }) => {
-                if self.slots.len() >= usize::from(self.depth) {
+                let slot = self.slots.get(&sqe.cid());
+                if !matches!(slot, Some(Slot::Held)) && self.slots.len() >= usize::from(self.depth) {
                     // The host submitted more commands than the queue holds.
-                    return Err(err(PduErrorKind::SequenceError));
+                    return Err(err(PduErrorKind::SequenceError).with_reason(format!("more than {} commands outstanding", self.depth)));
                 }
-                if self.slots.contains_key(&sqe.cid()) {
-                    // Command identifiers must be unique among outstanding commands.
-                    return Err(err(PduErrorKind::InvalidHeaderField(pdu::CH_LEN as u32 + 2)));
+                match slot {
+                    None => {}
+                    // SPDK's host completes its outstanding AERs locally when it detaches a
+                    // controller (nvme_ctrlr_destruct_async -> nvme_tcp_admin_qpair_abort_aers)
+                    // and hands their CIDs to the shutdown's Property Get CC at once. The AER
+                    // can never complete usefully any more: drop it and take the new command.
+                    Some(Slot::Held) => events.push(Event::Abandoned { cid: sqe.cid() }),
+                    Some(_) => {
+                        // Command identifiers must be unique among outstanding commands.
+                        return Err(err(PduErrorKind::InvalidHeaderField(pdu::CH_LEN as u32 + 2))
+                            .with_reason(format!("CID {} reused while that command is still outstanding", sqe.cid())));
+                    }
                 }
                 self.slots.insert(sqe.cid(), Slot::Executing);
                 events.push(Event::Command { sqe, incapsule: data });
@@ -201,12 +220,7 @@ impl<P> Queue<P> {
     }
 
     fn on_icreq(&mut self, req: IcReq, header: &[u8]) -> Result<(), PduError> {
-        if req.pfv != 0 {
-            return Err(PduError::new(PduErrorKind::UnsupportedParameter(8), header));
-        }
-        if req.hpda > 31 {
-            return Err(PduError::new(PduErrorKind::InvalidHeaderField(10), header));
-        }
+        check_icreq(&req).map_err(|(kind, reason)| PduError::new(kind, header).with_reason(reason))?;
         // ICResp itself is sent without digests; they apply from the next PDU on.
         let resp = Pdu::IcResp(IcResp { pfv: 0, cpda: 0, digests: req.digests, maxh2cdata: self.params.maxh2cdata });
         self.push_pdu(&resp);
@@ -242,6 +256,20 @@ impl<P> Queue<P> {
             events.push(Event::DataReady { sqe, payload, data });
         }
         Ok(())
+    }
+
+    /// Marks command `cid` as held: it completes only when an event arrives, and a new command
+    /// with the same CID abandons it ([`Event::Abandoned`]) instead of being a protocol error.
+    pub fn hold(&mut self, cid: u16) {
+        if let Some(slot) = self.slots.get_mut(&cid) {
+            *slot = Slot::Held;
+        }
+    }
+
+    /// Forgets the held commands for which `keep` is false (a controller reset aborted them
+    /// without completions).
+    pub fn release_held(&mut self, keep: impl Fn(u16) -> bool) {
+        self.slots.retain(|&cid, slot| !matches!(slot, Slot::Held) || keep(cid));
     }
 
     /// Solicits `len` bytes of data for command `sqe` with an R2T; [`Event::DataReady`] follows
@@ -317,6 +345,20 @@ impl<P> Queue<P> {
     fn push_pdu(&mut self, p: &Pdu) {
         p.encode(self.digests, self.out.buf());
     }
+}
+
+/// Checks an ICReq against NVMe/TCP 1.0 (section 3.6.2.2): PFV must be 0 (the only version);
+/// HPDA is 0 to 31 (32 to 255 are reserved). DGST bits 7:2 are reserved and MAXR2T may be any
+/// value (the target never has more than one R2T outstanding per command), so neither is checked.
+/// Returns the termination error and, for the log, why.
+pub fn check_icreq(req: &IcReq) -> Result<(), (PduErrorKind, String)> {
+    if req.pfv != 0 {
+        return Err((PduErrorKind::UnsupportedParameter(8), format!("ICReq refused: PFV {} is not supported (only 0)", req.pfv)));
+    }
+    if req.hpda > 31 {
+        return Err((PduErrorKind::InvalidHeaderField(10), format!("ICReq refused: HPDA {} is above 31", req.hpda)));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -399,6 +441,83 @@ mod tests {
         let mut q: Queue<u32> = Queue::new(PARAMS);
         let (_, r) = drive(&mut q, &[Pdu::IcReq(IcReq { pfv: 1, hpda: 0, digests: Digests::default(), maxr2t: 0 })], Digests::default());
         assert_eq!(r.unwrap_err().kind, PduErrorKind::UnsupportedParameter(8));
+    }
+
+    /// The ICReq SPDK v24.09 sends (`nvme_tcp_qpair_icreq_send`, lib/nvme/nvme_tcp.c): HLEN =
+    /// PLEN = 128, PFV 0, HPDA 0 (NVME_TCP_HPDA_DEFAULT), MAXR2T 0 (NVME_TCP_MAX_R2T_DEFAULT - 1),
+    /// digests as configured (off by default).
+    fn spdk_icreq() -> Vec<u8> {
+        let mut b = vec![0u8; 128];
+        b[2] = 128;
+        b[4] = 128;
+        b
+    }
+
+    #[test]
+    fn spdk_icreq_is_accepted_and_refusals_say_why() {
+        let mut q: Queue<u32> = Queue::new(PARAMS);
+        let mut ev = Vec::new();
+        q.receive(&mut BytesMut::from(&spdk_icreq()[..]), &mut ev).unwrap();
+        assert!(matches!(decode_out(&mut q).as_slice(), [Pdu::IcResp(r)] if r.cpda == 0 && r.pfv == 0));
+        // Reserved DGST bits and any MAXR2T are no reason to refuse; HPDA 31 is the largest.
+        let ok = IcReq { pfv: 0, hpda: 31, digests: Digests::default(), maxr2t: u32::MAX };
+        assert_eq!(check_icreq(&ok), Ok(()));
+        let mut raw = spdk_icreq();
+        raw[11] = 0xFC;
+        let mut q: Queue<u32> = Queue::new(PARAMS);
+        q.receive(&mut BytesMut::from(&raw[..]), &mut ev).unwrap();
+
+        let refuse = |req: IcReq| {
+            let mut q: Queue<u32> = Queue::new(PARAMS);
+            let (_, r) = drive(&mut q, &[Pdu::IcReq(req)], Digests::default());
+            let e = r.unwrap_err();
+            (e.kind, e.to_string())
+        };
+        let (kind, msg) = refuse(IcReq { hpda: 32, ..ok });
+        assert_eq!(kind, PduErrorKind::InvalidHeaderField(10));
+        assert_eq!(msg, "invalid PDU header field at offset 10: ICReq refused: HPDA 32 is above 31");
+        let (kind, msg) = refuse(IcReq { pfv: 1, ..ok });
+        assert_eq!(kind, PduErrorKind::UnsupportedParameter(8));
+        assert!(msg.ends_with("ICReq refused: PFV 1 is not supported (only 0)"), "{msg}");
+    }
+
+    #[test]
+    fn reusing_the_cid_of_a_held_command_abandons_it() {
+        let mut q = ready(Digests::default());
+        q.on_connected(0, 32, false);
+        let c = |cid| Pdu::CapsuleCmd { sqe: write_cmd(cid), data: Bytes::new() };
+        // Four AERs held (CIDs 0 to 3), as SPDK submits them after Set Features AEC.
+        let (ev, r) = drive(&mut q, &[c(0), c(1), c(2), c(3)], Digests::default());
+        r.unwrap();
+        assert_eq!(ev.len(), 4);
+        for cid in 0..4 {
+            q.hold(cid);
+        }
+        // SPDK's detach aborts them locally and sends Property Get CC with CID 3.
+        let (ev, r) = drive(&mut q, &[c(3)], Digests::default());
+        r.unwrap();
+        assert!(matches!(ev.as_slice(), [Event::Abandoned { cid: 3 }, Event::Command { sqe, .. }] if sqe.cid() == 3));
+        assert_eq!(q.outstanding(), 4);
+        q.complete(3, Cqe::new(3, Status::SUCCESS), None);
+        // A command still executing keeps its CID: reusing it is fatal.
+        let (_, r) = drive(&mut q, &[c(7), c(7)], Digests::default());
+        let e = r.unwrap_err();
+        assert_eq!(e.kind, PduErrorKind::InvalidHeaderField(10));
+        assert!(e.to_string().contains("CID 7 reused while that command is still outstanding"), "{e}");
+    }
+
+    #[test]
+    fn released_held_commands_free_their_slots() {
+        let mut q = ready(Digests::default());
+        let c = |cid| Pdu::CapsuleCmd { sqe: write_cmd(cid), data: Bytes::new() };
+        let (_, r) = drive(&mut q, &[c(1), c(2), c(3)], Digests::default());
+        r.unwrap();
+        q.hold(1);
+        q.hold(2);
+        q.release_held(|cid| cid == 2);
+        assert_eq!(q.outstanding(), 2);
+        q.release_held(|_| false);
+        assert_eq!(q.outstanding(), 1, "an executing command is not released");
     }
 
     #[test]

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tessera_bdev::{BlockDevice, WriteData};
+use tessera_nvme_proto::fabrics::ConnectCmd;
 use tessera_nvme_proto::opcode::{self, fctype};
 use tessera_nvme_proto::{Cqe, Sqe, Status};
 use tokio::io::AsyncWriteExt;
@@ -395,6 +396,12 @@ impl Connection {
             Event::HostTerminated { fes } => {
                 warn!(peer = %self.peer, fes, "host terminated the connection")
             }
+            Event::Abandoned { cid } => {
+                debug!(peer = %self.peer, cid, "the host reused the CID of a held Asynchronous Event Request: request dropped");
+                if let Some(ctrl) = &self.ctrl {
+                    ctrl.forget_aer(cid);
+                }
+            }
         }
     }
 
@@ -414,7 +421,12 @@ impl Connection {
     fn on_command(&mut self, sqe: Sqe, incapsule: Bytes) {
         let plan = match io::plan_transfer(&sqe, incapsule.len(), target::MDTS_BYTES) {
             Ok(p) => p,
-            Err(s) => return self.fail(&sqe, s),
+            Err(s) => {
+                if sqe.opcode() == opcode::FABRICS && sqe.fctype() == fctype::CONNECT {
+                    self.log_connect_refused(s, "the data pointer (SGL) does not describe the 1024-byte Connect data");
+                }
+                return self.fail(&sqe, s);
+            }
         };
         if sqe.opcode() == opcode::FABRICS {
             return self.on_fabrics(sqe, incapsule, plan);
@@ -457,7 +469,7 @@ impl Connection {
                 cqe.dw1 = dw1;
                 self.queue.complete(sqe.cid(), cqe, data);
             }
-            AdminOutcome::Held => {}
+            AdminOutcome::Held => self.queue.hold(sqe.cid()),
             AdminOutcome::Shutdown => {
                 if let Some(ctrl) = self.ctrl.clone() {
                     self.start(sqe.cid(), Work::Shutdown { ctrl });
@@ -471,12 +483,23 @@ impl Connection {
             (fctype::CONNECT, None) => match plan {
                 DataPlan::InCapsule(_) => self.on_connect(&sqe, &incapsule),
                 DataPlan::FromHost(len) => self.queue.request_data(sqe, len, Pending::Connect),
-                _ => self.fail(&sqe, Status::DATA_SGL_LENGTH_INVALID),
+                _ => {
+                    self.log_connect_refused(Status::DATA_SGL_LENGTH_INVALID, "Connect without data");
+                    self.fail(&sqe, Status::DATA_SGL_LENGTH_INVALID)
+                }
             },
-            (fctype::CONNECT, Some(_)) => self.fail(&sqe, Status::COMMAND_SEQUENCE_ERROR),
+            (fctype::CONNECT, Some(_)) => {
+                self.log_connect_refused(Status::COMMAND_SEQUENCE_ERROR, "the queue is already connected");
+                self.fail(&sqe, Status::COMMAND_SEQUENCE_ERROR)
+            }
             (_, None) => self.fail(&sqe, Status::COMMAND_SEQUENCE_ERROR),
             (fctype::PROPERTY_GET | fctype::PROPERTY_SET, Some(ctrl)) if self.qid == 0 => {
-                let outcome = ctrl.property(&sqe, sqe.fctype() == fctype::PROPERTY_SET, &self.target.limits);
+                let set = sqe.fctype() == fctype::PROPERTY_SET;
+                let outcome = ctrl.property(&sqe, set, &self.target.limits);
+                if set {
+                    // A controller reset (CC.EN 1 -> 0) drops the held AERs without completions.
+                    self.queue.release_held(|cid| ctrl.holds_aer(cid));
+                }
                 self.on_admin_outcome(&sqe, outcome);
             }
             (fctype::DISCONNECT, Some(_)) => {
@@ -501,9 +524,22 @@ impl Connection {
                 self.queue.complete(sqe.cid(), cqe, None);
             }
             Err(rej) => {
-                debug!(peer = %self.peer, status = %rej.status, "connect refused");
+                let cmd = ConnectCmd::from_sqe(sqe);
+                warn!(
+                    peer = %self.peer,
+                    qid = cmd.qid,
+                    status = %rej.status,
+                    dw0 = format_args!("{:#x}", rej.dw0),
+                    "Connect refused: {}",
+                    rej.reason
+                );
                 self.queue.complete(sqe.cid(), rej.cqe(sqe.cid()), None);
             }
         }
+    }
+
+    /// Logs a Connect refused before [`connect::connect`] could look at it.
+    fn log_connect_refused(&self, status: Status, reason: &str) {
+        warn!(peer = %self.peer, status = %status, "Connect refused: {reason}");
     }
 }
