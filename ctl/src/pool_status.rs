@@ -252,6 +252,7 @@ mod tests {
                 base_version: 3,
                 base_targets: vec![],
                 group_targets: 0,
+                map_epoch: 0,
             },
             volumes: 0,
             rebuild,

@@ -107,8 +107,10 @@ fn request() -> impl Strategy<Value = Request> {
         (any::<u128>(), any::<u64>(), btree_set(any::<u64>(), 0..50)).prop_map(|(c, aggregate_below, r)| Request::SetRetention(
             SetRetention { cont: ContainerId(c), aggregate_below, retained: r.into_iter().collect() }
         )),
-        (any::<u128>(), any::<u128>(), any::<u64>(), proptest::option::of(key()))
-            .prop_map(|(c, o, above, dkey)| Request::Discard(Discard { cont: ContainerId(c), obj: ObjectId(o), above, dkey })),
+        (any::<u128>(), any::<u128>(), 0..u64::MAX, any::<u64>(), proptest::option::of(key())).prop_map(|(c, o, above, span, dkey)| {
+            let below = above.saturating_add(span.max(1));
+            Request::Discard(Discard { cont: ContainerId(c), obj: ObjectId(o), above, below, dkey })
+        }),
     ]
 }
 

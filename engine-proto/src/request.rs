@@ -11,7 +11,7 @@
 //! | Enumerate (5) | cont u128, epoch u64, kind u8; 0 objects; 1 dkeys: obj u128; 2 akeys: obj u128, dkey; 3 dkeys changed since: obj u128, since u64; then anchor (optional key), max u32 | none |
 //! | QueryTarget (6) | empty | none |
 //! | SetRetention (7) | cont u128, aggregate_below u64, retained (u32 count + u64 each, strictly ascending) | none |
-//! | Discard (8) | cont u128, obj u128, above u64, dkey (optional key, 1..=255 bytes when present) | none |
+//! | Discard (8) | cont u128, obj u128, above u64, below u64 (> above), dkey (optional key, 1..=255 bytes when present) | none |
 //!
 //! Decoding checks structure only: field bounds, tags, non-empty keys, lengths that cannot
 //! overflow, checksum counts that match the data. Whether the checksums match the data
@@ -188,20 +188,25 @@ pub struct SetRetention {
 }
 
 /// Discard (opcode 8): *delete* (not punch) every version of an object, or of one dkey of it,
-/// whose epoch is strictly greater than `above`: array extents, single values, and punches of
-/// every level (object punches only when no dkey is given; dkey, akey and range punches under
-/// the scope). Older versions become visible again as if the deleted ones had never been
-/// written. `above = 0` deletes everything in scope. Durable when acknowledged, like an update.
+/// whose epoch is strictly greater than `above` and strictly less than `below`: array extents,
+/// single values, and punches of every level (object punches only when no dkey is given; dkey,
+/// akey and range punches under the scope). Older versions become visible again as if the
+/// deleted ones had never been written. `above = 0, below = u64::MAX` deletes everything in
+/// scope. `below` must exceed `above`. Durable when acknowledged, like an update.
 ///
-/// A target that returns after an outage discards everything above the epoch it failed at
-/// before rebuild refills it (a punch would hide the older epochs rebuild rewrites); garbage
-/// collection discards a dkey a target no longer holds.
+/// A shard's new home (or a target that returns after an outage, above the epoch it failed at)
+/// discards its stale versions before rebuild refills it (a punch would hide the older epochs
+/// rebuild rewrites) — only below the epoch the pool map that moved the shard took effect at, so
+/// that writes planned with that map, which may reach it first, stay; garbage collection
+/// discards a dkey a target no longer holds.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Discard {
     pub cont: ContainerId,
     pub obj: ObjectId,
-    /// Versions with an epoch strictly greater than this are deleted (0: all of them).
+    /// Versions with an epoch strictly greater than this are deleted (0: all of them)...
     pub above: Epoch,
+    /// ...and strictly less than this (`u64::MAX`: no upper bound).
+    pub below: Epoch,
     /// Only this dkey (1..=255 bytes) and everything under it; `None`: the whole object.
     pub dkey: Option<Bytes>,
 }
@@ -416,11 +421,15 @@ fn decode_discard(r: &mut Reader<'_>) -> Result<Discard, BodyError> {
     let cont = ContainerId(r.u128("cont")?);
     let obj = ObjectId(r.u128("obj")?);
     let above = r.u64("above")?;
+    let below = r.u64("below")?;
+    if below <= above {
+        return Err(BodyError::Inconsistent("a discard's below epoch must exceed its above epoch"));
+    }
     let dkey = r.opt_key("dkey")?;
     if dkey.as_ref().is_some_and(Bytes::is_empty) {
         return Err(bad("dkey", 0u8));
     }
-    Ok(Discard { cont, obj, above, dkey })
+    Ok(Discard { cont, obj, above, below, dkey })
 }
 
 impl Request {
@@ -591,6 +600,7 @@ impl Request {
                 b.put_u128_le(d.cont.0);
                 b.put_u128_le(d.obj.0);
                 b.put_u64_le(d.above);
+                b.put_u64_le(d.below);
                 put_opt_key(b, d.dkey.as_ref());
             }
         }
@@ -682,8 +692,8 @@ mod tests {
             }),
             Request::SetRetention(SetRetention { cont, aggregate_below: 100, retained: vec![] }),
             Request::SetRetention(SetRetention { cont, aggregate_below: 100, retained: vec![3, 50, 99] }),
-            Request::Discard(Discard { cont, obj, above: 0, dkey: None }),
-            Request::Discard(Discard { cont, obj, above: 77, dkey: Some(dkey.clone()) }),
+            Request::Discard(Discard { cont, obj, above: 0, below: u64::MAX, dkey: None }),
+            Request::Discard(Discard { cont, obj, above: 77, below: 78, dkey: Some(dkey.clone()) }),
         ]
     }
 
@@ -797,12 +807,19 @@ mod tests {
         assert!(matches!(err(&ret((0..=RETAINED_MAX as u64).collect())), RequestError::Body { .. }));
         assert!(via_wire(&ret((0..RETAINED_MAX as u64).collect())).is_ok());
         // A discard's dkey, when present, is not empty.
-        let discard = |dkey| Request::Discard(Discard { cont, obj, above: 3, dkey });
+        let discard = |dkey| Request::Discard(Discard { cont, obj, above: 3, below: u64::MAX, dkey });
         assert_eq!(
             err(&discard(Some(Bytes::new()))),
             RequestError::Body { opcode: Opcode::Discard, source: BodyError::BadValue { field: "dkey", value: 0 } }
         );
         assert!(via_wire(&discard(Some(Bytes::from(vec![0xff; 255])))).is_ok());
+        // ... and its bounds leave room for a version.
+        for (above, below) in [(3, 3), (3, 2), (u64::MAX, u64::MAX)] {
+            assert!(matches!(
+                err(&Request::Discard(Discard { cont, obj, above, below, dkey: None })),
+                RequestError::Body { source: BodyError::Inconsistent(_), .. }
+            ));
+        }
     }
 
     #[test]
@@ -822,8 +839,8 @@ mod tests {
         assert_eq!(decode_raw(Opcode::Ping, b"x", b"").unwrap_err().status(), RpcStatus::InvalidRequest);
         // Discard: a present flag other than 0/1, and no data allowed.
         let mut body = BytesMut::new();
-        Request::Discard(Discard { cont: ContainerId(1), obj: ObjectId(1), above: 1, dkey: None }).encode_body(&mut body);
-        assert_eq!(body.len(), 16 + 16 + 8 + 1);
+        Request::Discard(Discard { cont: ContainerId(1), obj: ObjectId(1), above: 1, below: u64::MAX, dkey: None }).encode_body(&mut body);
+        assert_eq!(body.len(), 16 + 16 + 8 + 8 + 1);
         assert_eq!(decode_raw(Opcode::Discard, &body, b"x"), Err(RequestError::UnexpectedData { opcode: Opcode::Discard, len: 1 }));
         let n = body.len();
         body[n - 1] = 2;

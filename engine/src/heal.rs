@@ -344,7 +344,7 @@ impl Healer {
             let task_started = Instant::now();
             // Reintegration is incremental twice over: only chunks changed above the floor are
             // tasks, and inside each only the versions above it are copied (`since`).
-            let opts = RebuildOptions { since: t.since, settle_torn: attempt > SETTLE_TORN_AFTER };
+            let opts = RebuildOptions { since: t.since, settle_torn: attempt > SETTLE_TORN_AFTER, discard_below: map.map_epoch };
             let mut outcome = Err(VolumeError::Unavailable("not tried".into()));
             for i in 0..CHUNK_ATTEMPTS {
                 outcome = v.rebuild_shard(t.chunk, t.shard, opts).await;

@@ -658,17 +658,18 @@ impl Index {
         out
     }
 
-    /// The ops that delete every version of object `obj` with an epoch strictly above `above`
-    /// (every version when `above` is 0), or with `dkey` only those under that dkey, and the
+    /// The ops that delete every version of object `obj` with an epoch strictly above
+    /// `epochs.start` and strictly below `epochs.end` (every version for `0..u64::MAX`), or with
+    /// `dkey` only those under that dkey, and the
     /// number of versions they delete (the pieces of one update count once). Unlike a punch,
     /// the versions are gone: older ones become visible again. One `Aggregate` op per akey that
     /// loses anything (its extents, range punches, single values and akey punches above the
     /// epoch; nothing is added), then an `Unpunch` per dkey punch and, for the whole object, per
     /// object punch above the epoch. Applying them deletes akeys, dkeys and the object when they
     /// become empty.
-    pub fn plan_discard(&self, cont: u128, obj: u128, above: u64, dkey: Option<&Bytes>) -> (Vec<Op>, u64) {
+    pub fn plan_discard(&self, cont: u128, obj: u128, epochs: std::ops::Range<u64>, dkey: Option<&Bytes>) -> (Vec<Op>, u64) {
         let Some(o) = self.containers.get(&cont).and_then(|c| c.objects.get(&obj)) else { return (Vec::new(), 0) };
-        let newer = |v: &Version| v.epoch > above;
+        let newer = |v: &Version| v.epoch > epochs.start && v.epoch < epochs.end;
         let dkeys: Vec<(&Bytes, &Dkey)> = match dkey {
             Some(d) => o.dkeys.get_key_value(d).into_iter().collect(),
             None => o.dkeys.iter().collect(),
@@ -934,7 +935,7 @@ mod tests {
 
     fn discard(idx: &mut Index, above: u64, dkey: Option<&'static [u8]>) -> u64 {
         let dkey = dkey.map(Bytes::from_static);
-        let (ops, n) = idx.plan_discard(1, 2, above, dkey.as_ref());
+        let (ops, n) = idx.plan_discard(1, 2, above..u64::MAX, dkey.as_ref());
         // Discard is built from the ops aggregation already logs: they survive the WAL encoding.
         assert_eq!(crate::op::decode_ops(Bytes::from(crate::op::encode_ops(&ops))).unwrap(), ops);
         for op in &ops {
@@ -1007,8 +1008,8 @@ mod tests {
         assert_eq!(discard(&mut idx, 0, None), 6);
         assert_eq!(idx.object_count(), 0);
         assert!(idx.referenced_blocks().is_empty());
-        assert_eq!(idx.plan_discard(1, 2, 0, None), (Vec::new(), 0));
-        assert_eq!(idx.plan_discard(1, 9, 0, Some(&Bytes::from_static(b"d"))), (Vec::new(), 0));
+        assert_eq!(idx.plan_discard(1, 2, 0..u64::MAX, None), (Vec::new(), 0));
+        assert_eq!(idx.plan_discard(1, 9, 0..u64::MAX, Some(&Bytes::from_static(b"d"))), (Vec::new(), 0));
     }
 
     #[test]
@@ -1033,6 +1034,25 @@ mod tests {
         assert!(idx.akey(&da).is_none());
         assert_eq!(idx.list_dkeys(1, 2, u64::MAX, None, 10), vec![Bytes::from_static(b"e")]);
         assert_eq!(idx.object_count(), 1);
+    }
+
+    #[test]
+    fn a_bounded_discard_keeps_the_versions_at_and_above_its_upper_epoch() {
+        let mut idx = Index::new();
+        let da = at(b"d", b"a");
+        put(&mut idx, &da, 0, 100, 10, Some(1));
+        put(&mut idx, &da, 0, 100, 20, Some(2));
+        put(&mut idx, &da, 50, 50, 30, Some(3));
+        punch(&mut idx, PunchLevel::Dkey(Bytes::from_static(b"d")), 25);
+        // (10, 30): the extent at 20 and the dkey punch at 25 go; 10 and 30 stay.
+        let (ops, n) = idx.plan_discard(1, 2, 10..30, Some(&Bytes::from_static(b"d")));
+        assert_eq!(n, 2);
+        for op in &ops {
+            idx.apply(op);
+        }
+        assert_eq!(describe(&idx.fetch_array(&da, 0..100, u64::MAX)), vec![(0, 50, 1), (50, 100, 3)]);
+        assert_eq!(describe(&idx.fetch_array(&da, 0..100, 29)), vec![(0, 100, 1)]);
+        assert_eq!(idx.plan_discard(1, 2, 10..30, None), (Vec::new(), 0), "nothing left in the window");
     }
 
     #[test]

@@ -512,7 +512,7 @@ impl Scrubber {
         if let Some(p) = self.pending.get_mut(key) {
             p.fenced = true;
         }
-        match v.rebuild_shard(chunk, mine.shard, RebuildOptions { since: 0, settle_torn: false }).await {
+        match v.rebuild_shard(chunk, mine.shard, RebuildOptions { since: 0, settle_torn: false, discard_below: 0 }).await {
             Ok(r) => Outcome::Repaired { chunk, shard: mine.shard, bytes: r.bytes },
             Err(e) => Outcome::Failed(format!("shard {}: {e}", mine.shard)),
         }

@@ -254,8 +254,8 @@ fn to_target_op(req: Request) -> Result<(TargetOp, Shape), (RpcStatus, String)> 
             let retention = crate::index::Retention { aggregate_below: s.aggregate_below, retained: s.retained };
             (TargetOp::Mutate(Mutation::SetRetention { cont: s.cont.0, retention }), Shape::Done(Reply::RetentionSet))
         }
-        Request::Discard(Discard { cont, obj, above, dkey }) => {
-            (TargetOp::Mutate(Mutation::Discard { cont: cont.0, obj: obj.0, above, dkey }), Shape::Discarded)
+        Request::Discard(Discard { cont, obj, above, below, dkey }) => {
+            (TargetOp::Mutate(Mutation::Discard { cont: cont.0, obj: obj.0, above, below, dkey }), Shape::Discarded)
         }
         Request::Fetch(Fetch { cont, obj, epoch, dkey, akey, what }) => match what {
             FetchValue::Array { offset, len } => {

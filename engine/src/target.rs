@@ -99,13 +99,14 @@ pub enum Mutation {
         cont: u128,
         retention: Retention,
     },
-    /// Delete every version of the object (or only of `dkey`) with an epoch above `above`
-    /// ([`Index::plan_discard`]). Planned from the committed index, so it must be staged when
-    /// nothing else is.
+    /// Delete every version of the object (or only of `dkey`) with an epoch above `above` and
+    /// below `below` ([`Index::plan_discard`]). Planned from the committed index, so it must be
+    /// staged when nothing else is.
     Discard {
         cont: u128,
         obj: u128,
         above: u64,
+        below: u64,
         dkey: Option<Bytes>,
     },
 }
@@ -469,7 +470,7 @@ impl Target {
                 self.staged.push(Op::Retention { cont, retention });
                 Ok(Staged::Done)
             }
-            Mutation::Discard { cont, obj, above, dkey } => self.stage_discard(cont, obj, above, dkey),
+            Mutation::Discard { cont, obj, above, below, dkey } => self.stage_discard(cont, obj, above..below, dkey),
         }
     }
 
@@ -477,14 +478,14 @@ impl Target {
     /// aggregation writes them), quarantining the blocks it frees until its record is durable.
     /// The plan is only right if every earlier mutation is in the index, so nothing may be
     /// staged yet; mutations staged after it are applied after it.
-    fn stage_discard(&mut self, cont: u128, obj: u128, above: u64, dkey: Option<Bytes>) -> Result<Staged, EngineError> {
+    fn stage_discard(&mut self, cont: u128, obj: u128, epochs: std::ops::Range<u64>, dkey: Option<Bytes>) -> Result<Staged, EngineError> {
         if let Some(d) = &dkey {
             check_key("dkey", d)?;
         }
         if self.has_staged() {
             return Err(invalid("a discard is planned from the committed index: commit the staged mutations first"));
         }
-        let (ops, versions) = self.index.plan_discard(cont, obj, above, dkey.as_ref());
+        let (ops, versions) = self.index.plan_discard(cont, obj, epochs, dkey.as_ref());
         let bytes = encode_ops(&ops).len();
         if bytes > DISCARD_MAX_BYTES {
             return Err(EngineError::TooLarge(format!(
@@ -1183,7 +1184,7 @@ mod tests {
     }
 
     fn discard(above: u64, dkey: Option<&'static [u8]>) -> Mutation {
-        Mutation::Discard { cont: 1, obj: 7, above, dkey: dkey.map(Bytes::from_static) }
+        Mutation::Discard { cont: 1, obj: 7, above, below: u64::MAX, dkey: dkey.map(Bytes::from_static) }
     }
 
     /// (data byte 0 or 0 for a hole, hole count) of the first 8 KiB of an array akey at `epoch`.
@@ -1404,7 +1405,7 @@ mod tests {
         assert_eq!((rest_values, rest_bytes), (values - 1 + 1, 11 * 4096 + 100 + 8192 + 5000 + 20 * 1024));
 
         let c = second.next.unwrap();
-        t.stage(Mutation::Discard { cont: 1, obj: 7, above: 0, dkey: Some(Bytes::from_static(b"b")) }).unwrap();
+        t.stage(Mutation::Discard { cont: 1, obj: 7, above: 0, below: u64::MAX, dkey: Some(Bytes::from_static(b"b")) }).unwrap();
         t.commit().unwrap();
         let s = t.scrub_step(Some(&c), 16 << 20);
         assert_eq!((s.extents, s.bytes), (3, 8192 + 5000 + 20 * 1024), "resumes at \"bb\"");

@@ -396,7 +396,7 @@ mod tests {
             let value = UpdateValue::array(0, Bytes::from(vec![epoch as u8; 100]));
             TargetOp::Mutate(Mutation::Update { path: path.clone(), epoch, value })
         };
-        let discard = |above| TargetOp::Mutate(Mutation::Discard { cont: 1, obj: 2, above, dkey: None });
+        let discard = |above| TargetOp::Mutate(Mutation::Discard { cont: 1, obj: 2, above, below: u64::MAX, dkey: None });
         // Queued back to back, so that they usually share batches: each discard still deletes
         // the update queued just before it, and mutations after it are applied after it.
         let replies: Vec<_> = [update(20), discard(10), update(30), update(5), discard(25), discard(25)].map(|op| h.submit(op)).into();

@@ -71,9 +71,10 @@ fn hides(m: &Mutation, p: &AkeyPath) -> bool {
 
 /// Whether discard `d` deletes `m` (of epoch `epoch`).
 fn discards(d: &Mutation, epoch: u64, m: &Mutation) -> bool {
-    let Mutation::Discard { obj, above, dkey, .. } = d else { return false };
+    let Mutation::Discard { obj, above, below, dkey, .. } = d else { return false };
     let in_scope = |o: u128, k: Option<&Bytes>| o == *obj && (dkey.is_none() || k == dkey.as_ref());
     epoch > *above
+        && epoch < *below
         && match m {
             Mutation::Update { path, .. } => in_scope(path.obj, Some(&path.dkey)),
             Mutation::Punch { obj, what, .. } => match what {
@@ -217,7 +218,9 @@ impl Workload {
         let obj = OBJS[r.below(2) as usize];
         let dkey = (r.below(2) == 0).then(|| Bytes::copy_from_slice(DKEYS[r.below(2) as usize]));
         let above = self.floor.max(self.base.saturating_sub(r.below(8)));
-        Mutation::Discard { cont: 1, obj, above, dkey }
+        // Half of them bounded above too (a rebuild's discard below its map's epoch).
+        let below = if r.below(2) == 0 { u64::MAX } else { above + 1 + r.below(6) };
+        Mutation::Discard { cont: 1, obj, above, below, dkey }
     }
 
     fn retention(&mut self) -> Mutation {

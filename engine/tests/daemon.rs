@@ -236,7 +236,7 @@ fn every_rpc_against_the_real_daemon() {
         };
         assert_eq!(c.call(1, since(10)).await.unwrap(), Reply::Enumerated { keys: vec![key("d")], next: None });
         assert_eq!(c.call(1, since(12)).await.unwrap(), Reply::Enumerated { keys: vec![], next: None });
-        let discard = Request::Discard(Discard { cont: CONT, obj: ObjectId(7), above: 10, dkey: None });
+        let discard = Request::Discard(Discard { cont: CONT, obj: ObjectId(7), above: 10, below: u64::MAX, dkey: None });
         assert_eq!(c.call(1, discard.clone()).await.unwrap(), Reply::Discarded { versions: 2 });
         let (got, holes) = fetch_array(&c, 1, fetch(7, "a", 20, 4096, 10_000)).await.unwrap();
         assert_eq!((got, holes), (data.clone(), vec![]));

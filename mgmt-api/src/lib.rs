@@ -218,6 +218,11 @@ pub struct PoolMapInfo {
     /// created (`tessera_placement::placement::PoolMap::group_targets`). 0: all of `targets`.
     #[serde(default)]
     pub group_targets: u32,
+    /// The HLC epoch at which this map version took effect (0: not recorded). A client merges it
+    /// into its clock, so every write it plans with this map carries a later epoch; a rebuild
+    /// discards stale versions on a shard's new home only below it.
+    #[serde(default)]
+    pub map_epoch: u64,
 }
 
 /// A pool (`GET /v1/pools`, `GET /v1/pools/{pool}`, reply of `POST /v1/pools`).

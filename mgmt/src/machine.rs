@@ -47,6 +47,9 @@ pub struct Env {
     /// The epoch floor of a target that goes DOWN now: the HLC epoch of 30 s ago (a write is
     /// retried for at most 25 s, so whatever a DOWN target missed is above it).
     pub epoch_floor: u64,
+    /// The HLC epoch now: a pool map version that the command makes takes effect at it
+    /// ([`PoolRec::map_epoch`]).
+    pub epoch_now: u64,
 }
 
 /// How far back [`Env::epoch_floor`] lies.
@@ -282,22 +285,35 @@ fn conflict<T>(msg: impl Into<String>) -> Result<T, CmdError> {
 /// changed: the caller then commits nothing) and the outcome.
 pub fn apply(state: &State, cmd: &Command, env: &Env) -> Result<(State, Outcome), CmdError> {
     let mut next = state.clone();
-    let outcome = match cmd {
-        Command::RegisterEngine { req, reintegrate } => register_engine(&mut next, req, *reintegrate)?,
-        Command::EnginesDown(ranks) => engines_down(&mut next, ranks, env)?,
-        Command::Exclude { pool, sel } => exclude(&mut next, pool, sel, env)?,
-        Command::Drain { pool, sel } => drain(&mut next, pool, sel)?,
-        Command::Reintegrate { pool, sel } => reintegrate(&mut next, pool, sel)?,
-        Command::Extend { pool, ranks } => extend(&mut next, pool, ranks)?,
-        Command::RebuildDone { pool, version } => rebuild_done(&mut next, pool, *version)?,
-        Command::CreatePool(req) => create_pool(&mut next, req, env)?,
-        Command::CreateVolume { pool, req } => create_volume(&mut next, pool, req, env)?,
-        Command::ResizeVolume { pool, volume, size } => resize_volume(&mut next, pool, volume, *size)?,
-        Command::DeleteVolume { pool, volume } => delete_volume(&mut next, pool, volume)?,
-        Command::CreateExport(req) => create_export(&mut next, req)?,
-        Command::DeleteExport { nqn, nsid } => delete_export(&mut next, nqn, *nsid)?,
-    };
+    let outcome = apply_to(&mut next, cmd, env)?;
+    // Every new map version takes effect now: clients that learn it plan their writes at later
+    // epochs, and a rebuild's discard on a shard's new home stays below it.
+    for (name, p) in next.pools.iter_mut() {
+        if state.pools.get(name).is_none_or(|old| old.map_version != p.map_version) {
+            p.map_epoch = env.epoch_now;
+        }
+    }
     Ok((next, outcome))
+}
+
+fn apply_to(next: &mut State, cmd: &Command, env: &Env) -> Result<Outcome, CmdError> {
+    let next = &mut *next;
+    let outcome = match cmd {
+        Command::RegisterEngine { req, reintegrate } => register_engine(next, req, *reintegrate)?,
+        Command::EnginesDown(ranks) => engines_down(next, ranks, env)?,
+        Command::Exclude { pool, sel } => exclude(next, pool, sel, env)?,
+        Command::Drain { pool, sel } => drain(next, pool, sel)?,
+        Command::Reintegrate { pool, sel } => reintegrate(next, pool, sel)?,
+        Command::Extend { pool, ranks } => extend(next, pool, ranks)?,
+        Command::RebuildDone { pool, version } => rebuild_done(next, pool, *version)?,
+        Command::CreatePool(req) => create_pool(next, req, env)?,
+        Command::CreateVolume { pool, req } => create_volume(next, pool, req, env)?,
+        Command::ResizeVolume { pool, volume, size } => resize_volume(next, pool, volume, *size)?,
+        Command::DeleteVolume { pool, volume } => delete_volume(next, pool, volume)?,
+        Command::CreateExport(req) => create_export(next, req)?,
+        Command::DeleteExport { nqn, nsid } => delete_export(next, nqn, *nsid)?,
+    };
+    Ok(outcome)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -473,6 +489,7 @@ fn create_pool(s: &mut State, req: &CreatePool, env: &Env) -> Result<Outcome, Cm
         base_version: 1,
         base_targets: targets.clone(),
         group_targets: u32::try_from(targets.len()).map_err(|_| CmdError::Invalid("too many targets".into()))?,
+        map_epoch: env.epoch_now,
         targets,
     };
     if req.default_class.is_some() && class.shards_per_group() as usize > fault_domains(s, &rec) {
@@ -513,6 +530,7 @@ pub fn pool_map(state: &State, pool: &str) -> Result<PoolMapInfo, CmdError> {
         base_version,
         base_targets: base_targets.to_vec(),
         group_targets: p.group_targets,
+        map_epoch: p.map_epoch,
     })
 }
 

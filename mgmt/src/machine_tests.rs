@@ -6,7 +6,7 @@ use super::*;
 const FLOOR: u64 = 5 << 40;
 
 fn env(n: u128) -> Env {
-    Env { uuid: Uuid::from_u128(n), now: 1000 + n as u64, epoch_floor: FLOOR }
+    Env { uuid: Uuid::from_u128(n), now: 1000 + n as u64, epoch_floor: FLOOR, epoch_now: FLOOR + (30 << 30) + n as u64 }
 }
 
 /// A registration with automatic reintegration.
@@ -892,4 +892,17 @@ fn extend_refusals() {
     let (n, _) = ok(&s, extend_cmd(&[4, 3]));
     assert_eq!(n.pools["p"].map_version, 2);
     assert_eq!(n.pools["p"].targets.iter().filter(|t| t.state == UP).count(), 4);
+}
+
+#[test]
+fn a_new_map_version_records_the_epoch_it_takes_effect_at() {
+    let s = cluster();
+    assert_eq!(s.pools["p"].map_epoch, env(7).epoch_now, "created");
+    let later = Env { epoch_now: env(7).epoch_now + 1000, ..env(7) };
+    let (n, _) = apply(&s, &Command::EnginesDown(vec![1]), &later).unwrap();
+    assert_eq!((n.pools["p"].map_version, n.pools["p"].map_epoch), (2, later.epoch_now));
+    assert_eq!(pool_map(&n, "p").unwrap().map_epoch, later.epoch_now);
+    // A command that leaves the map alone keeps its epoch.
+    let (v, _) = apply(&n, &create_vol("p", vol_req("v", 1 << 20)), &Env { epoch_now: later.epoch_now + 5, ..later }).unwrap();
+    assert_eq!(v.pools["p"].map_epoch, later.epoch_now);
 }

@@ -299,7 +299,8 @@ impl Service {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let env = Env { uuid: Uuid::new_v4(), now: unix_now(), epoch_floor: epoch_floor_now(self.config.floor_lag) };
+            let env =
+                Env { uuid: Uuid::new_v4(), now: unix_now(), epoch_floor: epoch_floor_now(self.config.floor_lag), epoch_now: hlc::now() };
             let (next, outcome) = machine::apply(&snap.state, cmd, &env)?;
             if next == snap.state {
                 on_commit(&snap);

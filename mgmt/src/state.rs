@@ -66,6 +66,10 @@ pub struct PoolRec {
     /// existed): all of `targets`.
     #[serde(default)]
     pub group_targets: u32,
+    /// The HLC epoch at which the current map version took effect (0: stored before this was
+    /// recorded). Writes planned with this map carry later epochs.
+    #[serde(default)]
+    pub map_epoch: u64,
 }
 
 impl PoolRec {
@@ -350,6 +354,7 @@ pub(crate) mod tests {
                 base_targets: targets.clone(),
                 targets,
                 group_targets: 0,
+                map_epoch: 0,
             },
         );
         s.next_pool_id = 2;

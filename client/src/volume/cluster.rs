@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::{Counters, Volume, VolumeError, VolumeInner};
 use crate::ec::Codec;
+use crate::hlc;
 use crate::layout::VolumeLayout;
 use crate::placement::{ObjectClass, PoolMap, TargetEntry, TargetState};
 use crate::rpc::{ConnectionOptions, EngineConnection, RpcError};
@@ -26,6 +27,8 @@ const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(100);
 pub(super) struct PoolView {
     pub(super) map: PoolMap,
     pub(super) addrs: HashMap<u32, SocketAddr>,
+    /// The epoch the map took effect at (merged into the clock when it was loaded).
+    pub(super) map_epoch: u64,
 }
 
 impl PoolView {
@@ -48,6 +51,8 @@ impl PoolView {
                 .collect()
         };
         // States and failure sequences come from the service, which keeps them with `PoolMap`.
+        // Writes planned with this map carry later epochs than the one it took effect at.
+        hlc::update(info.map_epoch);
         // Groups are counted from the pool's size at creation (0: all its targets).
         let groups = |m: PoolMap| match info.group_targets {
             0 => Ok(m),
@@ -69,7 +74,7 @@ impl PoolView {
             let a: SocketAddr = e.address.parse().map_err(|_| VolumeError::Config(format!("engine {} address {:?}", e.rank, e.address)))?;
             addrs.insert(e.rank, a);
         }
-        Ok(PoolView { map, addrs })
+        Ok(PoolView { map, addrs, map_epoch: info.map_epoch })
     }
 }
 

@@ -282,7 +282,7 @@ mod tests {
         let pool = Arc::new(PoolCache {
             name: "p".into(),
             pool_id: 1,
-            view: RwLock::new(Arc::new(PoolView { map, addrs })),
+            view: RwLock::new(Arc::new(PoolView { map, addrs, map_epoch: 0 })),
             refresh: tokio::sync::Mutex::new(Instant::now()),
         });
         let info = VolumeInfo {

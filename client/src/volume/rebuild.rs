@@ -50,6 +50,13 @@ pub struct RebuildOptions {
     /// A parity shard of a stripe whose data cells stay at different epochs takes parity at the
     /// newest of them (only for stripes torn long ago; see the module docs).
     pub settle_torn: bool,
+    /// The destination's stale versions are discarded only below this epoch: the epoch at which
+    /// the pool map that moved the shard took effect (`PoolMapInfo::map_epoch`), announced to
+    /// every engine before the rebuild. Writes planned with that map carry later epochs, so one
+    /// that reaches the destination before the discard stays there even if it reaches the
+    /// survivors only after they are read. 0: no bound (a repair in place, which must remove
+    /// whatever is there).
+    pub discard_below: Epoch,
 }
 
 /// What rebuilding one shard wrote.
@@ -244,7 +251,7 @@ impl Volume {
     /// volume with `None`: data that moved elsewhere, or a drained target.
     pub async fn discard_chunk(&self, target: TargetRef, chunk: Option<u64>) -> Result<(), VolumeError> {
         let v = &self.inner;
-        let req = Request::Discard(Discard { cont: v.cont, obj: v.oid, above: 0, dkey: chunk.map(key_from_u64) });
+        let req = Request::Discard(Discard { cont: v.cont, obj: v.oid, above: 0, below: u64::MAX, dkey: chunk.map(key_from_u64) });
         v.call_target(&v.pool.current(), target, req).await.map_err(|e| target_fail(target, e))?;
         Ok(())
     }
@@ -277,12 +284,18 @@ impl VolumeInner {
         let group = group.for_reads();
         // What the destination holds above the floor goes first: a punch could not hide it
         // without hiding the older epochs about to be rewritten.
-        let discard = Request::Discard(Discard { cont: self.cont, obj: self.oid, above: opts.since, dkey: Some(dkey.clone()) });
+        // Only below the moving map's epoch (when given): writes planned with it may already be
+        // there and stay.
+        let below = match opts.discard_below {
+            b if b > opts.since => b,
+            _ => u64::MAX,
+        };
+        let discard = Request::Discard(Discard { cont: self.cont, obj: self.oid, above: opts.since, below, dkey: Some(dkey.clone()) });
         self.call(&view, &dest, discard).await.map_err(|e| shard_fail(&dest, e))?;
         // The survivors are read only now, at an epoch above every write the discard may have
-        // removed: a write that reached the destination before it (new writes go there at once)
-        // was stamped before this moment, so the read below brings it back. Writes that arrive
-        // after the discard stay where they land.
+        // removed: a write that reached the destination before it was stamped before this
+        // moment, so the read below brings it back. Writes that arrive after the discard stay
+        // where they land.
         let epoch = hlc::now();
 
         let mut plan = Plan::default();

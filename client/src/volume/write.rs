@@ -2,7 +2,9 @@
 //! punches of every writable shard ([`ShardOp`]: full stripes as base cells and parity, partial
 //! stripes as deltas and copies, replicated classes as deltas on every replica; whole stripes of
 //! a write-zeroes punched), and [`VolumeInner::mutate`] sends them and retries at the same epoch
-//! until every writable shard has acknowledged.
+//! until every writable shard has acknowledged — or, when the pool map changed meanwhile, plans
+//! the whole write again at a new epoch, later than the new map's (so a rebuild that discards
+//! stale versions on a shard's new home below that epoch never removes it).
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -12,7 +14,9 @@ use futures::future::join_all;
 use tessera_engine_proto::{key_from_u64, ContainerId, Epoch, ObjectId, Punch, PunchTarget, Request, Update, UpdateValue};
 use tracing::debug;
 
-use super::{PoolView, ShardError, VolumeError, VolumeInner, AKEY_BASE, AKEY_COPY, AKEY_DELTA, AKEY_PARITY, RETRY_PAUSE, WRITE_DEADLINE};
+use super::{
+    hlc, PoolView, ShardError, VolumeError, VolumeInner, AKEY_BASE, AKEY_COPY, AKEY_DELTA, AKEY_PARITY, RETRY_PAUSE, WRITE_DEADLINE,
+};
 use crate::layout::{Mapping, Piece};
 use crate::placement::ShardPlacement;
 
@@ -146,7 +150,7 @@ impl VolumeInner {
 
     /// Runs a write or write-zeroes to completion: every writable shard of the current map
     /// acknowledges, retrying (same epoch) while shards are unreachable but not yet DOWN.
-    pub(super) async fn mutate(&self, mapping: &Mapping, data: Option<&Bytes>, epoch: Epoch) -> Result<(), VolumeError> {
+    pub(super) async fn mutate(&self, mapping: &Mapping, data: Option<&Bytes>, mut epoch: Epoch) -> Result<(), VolumeError> {
         let start = Instant::now();
         let mut pending: Option<Vec<ShardOp>> = None;
         let mut planned_version = 0;
@@ -156,6 +160,11 @@ impl VolumeInner {
             let ops = match pending.take() {
                 Some(ops) if planned_version == view.map.version() => ops,
                 _ => {
+                    if planned_version != 0 || epoch <= view.map_epoch {
+                        // Every op goes out (again) under this map: at an epoch after the map's
+                        // (merged into the clock when the map was loaded).
+                        epoch = hlc::now();
+                    }
                     let (ops, skipped) = self.plan(&view, mapping, data, epoch)?;
                     if skipped {
                         self.counters.degraded_writes.fetch_add(1, Ordering::Relaxed);
