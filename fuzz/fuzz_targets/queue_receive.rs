@@ -27,8 +27,9 @@
 //! The harness plays the server: a command whose SQE says host-to-controller data (opcode bits
 //! 1:0 = 01) and carries no in-capsule data gets an R2T for its SGL length (modulo 16 KiB + 1)
 //! via `request_data`; controller-to-host commands (10) complete with up to 4 KiB of data; 00
-//! completes without data; 11 is held (like an Asynchronous Event Request). A Fabrics Connect is
-//! applied with `on_connected` before it completes. Data that arrives is completed.
+//! completes without data; 11 is held with `hold` (like an Asynchronous Event Request; a later
+//! command with its CID abandons it). A Fabrics Connect is applied with `on_connected` before it
+//! completes. Data that arrives is completed.
 //!
 //! Properties checked: nothing panics; every `DataReady` carries exactly the solicited length;
 //! and everything the queue sends (including the C2HTermReq after the first error, where the run
@@ -127,7 +128,7 @@ impl Conn<'_> {
                             let data = (len > 0).then(|| Bytes::from(vec![cid as u8; len]));
                             q.complete(cid, Cqe::new(cid, Status::SUCCESS), data);
                         }
-                        3 => {} // held
+                        3 => q.hold(cid), // like an Asynchronous Event Request
                         _ => q.complete(cid, Cqe::new(cid, Status::SUCCESS), None),
                     }
                 }
@@ -142,6 +143,8 @@ impl Conn<'_> {
                     assert!(q.is_closed(), "H2CTermReq did not close the queue");
                     return false;
                 }
+                // A new command reused a held command's CID; its Command event follows.
+                Event::Abandoned { .. } => {}
             }
         }
         true

@@ -153,6 +153,36 @@ impl HostConn {
         c
     }
 
+    /// A TCP connection that has sent nothing yet (the caller sends its own ICReq bytes).
+    pub fn raw(addr: SocketAddr) -> HostConn {
+        let sock = TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        sock.set_nodelay(true).unwrap();
+        HostConn { sock, digests: Digests::default(), maxh2cdata: 0, buf: BytesMut::new(), next_cid: 1, cntlid: 0 }
+    }
+
+    /// Collects the C2H data and the response of command `cid` (for commands sent as raw bytes).
+    pub fn wait_reply(&mut self, cid: u16) -> Reply {
+        let mut got = Vec::new();
+        loop {
+            match self.recv() {
+                Some(Pdu::CapsuleResp(c)) => {
+                    assert_eq!(c.cid, cid);
+                    return Reply { cqe: c, data: got };
+                }
+                Some(Pdu::C2hData(d)) => {
+                    assert_eq!(d.cccid, cid);
+                    assert_eq!(d.datao as usize, got.len());
+                    got.extend_from_slice(&d.data);
+                    if d.success {
+                        return Reply { cqe: Cqe::new(cid, Status::SUCCESS), data: got };
+                    }
+                }
+                other => panic!("expected the reply to CID {cid}, got {other:?}"),
+            }
+        }
+    }
+
     pub fn send(&mut self, p: &Pdu) {
         let b = p.to_bytes(self.digests);
         self.sock.write_all(&b).unwrap();
