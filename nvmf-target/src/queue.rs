@@ -507,6 +507,21 @@ mod tests {
     }
 
     #[test]
+    fn a_full_queue_of_held_commands_still_takes_a_reused_cid() {
+        let mut q = ready(Digests::default()); // depth 4
+        let c = |cid| Pdu::CapsuleCmd { sqe: write_cmd(cid), data: Bytes::new() };
+        let (_, r) = drive(&mut q, &[c(0), c(1), c(2), c(3)], Digests::default());
+        r.unwrap();
+        (0..4).for_each(|cid| q.hold(cid));
+        let (ev, r) = drive(&mut q, &[c(2)], Digests::default());
+        r.unwrap();
+        assert!(matches!(ev.as_slice(), [Event::Abandoned { cid: 2 }, Event::Command { .. }]));
+        // A fifth distinct CID is still one too many.
+        let (_, r) = drive(&mut q, &[c(9)], Digests::default());
+        assert_eq!(r.unwrap_err().kind, PduErrorKind::SequenceError);
+    }
+
+    #[test]
     fn released_held_commands_free_their_slots() {
         let mut q = ready(Digests::default());
         let c = |cid| Pdu::CapsuleCmd { sqe: write_cmd(cid), data: Bytes::new() };
