@@ -550,9 +550,9 @@ def engine_limits(res, S):
         "oldest such epoch, and planned again only when the boundary reaches it (before, it was re-planned at every "
         "step: 82 % of engine CPU and 800 µs per update at QD1).",
         f"- **128 KiB updates** ({u128['engine'].get('engine_cpu_seconds_per_million_ops') or 0:.0f} CPU µs each at "
-        "QD32): the engine verifies 32 CRC64s per update with a table-driven CRC (the `crc` crate's slice-by-16) "
-        "and copies the data into the page cache before writeback; a carry-less-multiply CRC64 and `O_DIRECT` "
-        "writes from the receive buffer would cut both.",
+        "QD32): the engine verifies 32 CRC64s per update (carry-less multiply, crc-fast: "
+        "`cargo bench -p tessera-engine-proto --bench crc64`) and copies the data into the page cache before "
+        "writeback; `O_DIRECT` writes from the receive buffer would cut the copy.",
         "- **Fetches** are served from the page cache (buffered `pread`), not the device: 128 KiB fetches at QD32 "
         f"reach {S[('fetch', '128k', 32)]['ratio']:.2f}× fio's direct reads; 4 KiB fetches at QD32 "
         f"({f4['ratio']:.2f}× raw) are CPU-bound on the two shared cores "
