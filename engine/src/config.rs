@@ -14,7 +14,7 @@
 //!
 //! [tuning]                          # optional
 //! inline_max = 512                  # values up to this many bytes live in the metadata
-//! checkpoint_wal = "64MiB"          # checkpoint when a target's WAL segment reaches this
+//! checkpoint_wal = "64MiB"          # checkpoint when a target's WAL since the last one reaches this
 //! aggregation_lag_secs = 5          # default aggregation boundary: now minus this
 //! max_batch = 256                   # most requests one group commit takes
 //!
