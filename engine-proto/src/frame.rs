@@ -18,7 +18,7 @@
 //! | 28 | 4 | body_len |
 //! | 32 | 4 | data_len |
 //! | 36 | 4 | body_crc (CRC32C of the body) |
-//! | 40 | 4 | pool (numeric pool id the map version belongs to; 0 = none) |
+//! | 40 | 4 | pool (numeric pool id the map version belongs to; 0 = none, its own version domain) |
 //! | 44 | 16 | reserved (0) |
 //! | 60 | 4 | header_crc (CRC32C of bytes 0..60) |
 //!
@@ -251,7 +251,9 @@ pub struct Header {
     pub request_id: u64,
     /// Pool map version the sender knows.
     pub map_version: u32,
-    /// The pool `map_version` belongs to (0: none; the engine then checks nothing).
+    /// The pool `map_version` belongs to. 0 means no pool (tools, tests), which is still checked:
+    /// the engine keeps pool 0's newest version as a domain of its own and refuses an older one
+    /// with `StaleMapVersion`, like any pool's.
     pub pool: u32,
     /// Target index inside the engine.
     pub target: u16,

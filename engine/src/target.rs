@@ -715,8 +715,12 @@ impl Target {
     /// Reads `len` bytes at `offset` as of `epoch`, byte by byte from the newest version across
     /// the array akeys `paths` ([`Index::fetch_versions`]), and lists the epoch of every run.
     pub fn fetch_versions(&self, paths: &[AkeyPath], offset: u64, len: u64, epoch: u64) -> Result<FetchedArray, EngineError> {
-        if len == 0 || len > MAX_IO {
-            return Err(invalid(format!("fetch of {len} bytes: must be 1..={MAX_IO}")));
+        if len == 0 {
+            return Err(invalid("fetch of 0 bytes"));
+        }
+        if len > MAX_IO {
+            // The reply would exceed the data limit: `TooLarge`, as the RPC status table says.
+            return Err(EngineError::TooLarge(format!("fetch of {len} bytes: at most {MAX_IO}")));
         }
         let end = offset.checked_add(len).ok_or_else(|| invalid("offset + length overflows"))?;
         for p in paths {
@@ -1276,6 +1280,18 @@ mod tests {
         let t = Target::open(Arc::new(mem.clone()), cfg).unwrap();
         assert!(t.wal_segments <= 4, "replayed {} segments", t.wal_segments - 1);
         assert_eq!(read(&t, &p(b"d", b"a"), u64::MAX).0, 39);
+    }
+
+    #[test]
+    fn an_empty_fetch_is_invalid_and_an_oversized_one_too_large() {
+        let t = Target::open(Arc::new(MemStorage::new()), small()).unwrap();
+        assert!(matches!(t.fetch_array(&p(b"d", b"a"), 0, 0, u64::MAX), Err(EngineError::Invalid(_))));
+        let too_large = t.fetch_array(&p(b"d", b"a"), 0, MAX_IO + 1, u64::MAX).unwrap_err();
+        assert!(matches!(too_large, EngineError::TooLarge(_)));
+        // On the wire (docs/ENGINE-RPC.md, status 10).
+        assert_eq!(crate::server::error_reply(&too_large).0, tessera_engine_proto::RpcStatus::TooLarge);
+        assert!(matches!(t.fetch_versions(&[p(b"d", b"a")], 0, MAX_IO + 1, u64::MAX), Err(EngineError::TooLarge(_))));
+        assert_eq!(t.fetch_array(&p(b"d", b"a"), 0, MAX_IO, u64::MAX).unwrap().data.len() as u64, MAX_IO);
     }
 
     #[test]
