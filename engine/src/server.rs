@@ -1,13 +1,17 @@
 //! The engine's RPC server: TCP connections in, target threads out.
 //!
-//! Each connection has a reader (decodes frames, routes each request to its target's thread)
-//! and a writer (sends replies as they complete, in any order, coalescing whatever is ready into
-//! one vectored write). Many requests are in flight per connection, bounded by
-//! [`MAX_INFLIGHT`]. A frame error closes the connection after one log line; a request error
-//! gets an error reply and the connection goes on.
+//! Each connection has a reader and a writer. The reader decodes frames and routes each request
+//! to its target's thread at once, in arrival order (no task per request: the checks and the
+//! hand-off are synchronous, [`begin`]); it also awaits the target threads' answers, as many as
+//! [`MAX_INFLIGHT`] at a time, and passes each encoded reply on as it completes. The writer
+//! sends replies in completion order, coalescing whatever is ready into one vectored write. A
+//! frame error closes the connection after one log line; a request error gets an error reply
+//! and the connection goes on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::io::IoSlice;
+use std::pin::Pin;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,7 +24,8 @@ use tessera_engine_proto::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -100,43 +105,61 @@ async fn connection(engine: Arc<Engine>, sock: TcpStream, peer: SocketAddr, stop
     let (mut rd, wr) = sock.into_split();
     let (out_tx, out_rx) = mpsc::unbounded_channel::<tessera_engine_proto::Encoded>();
     let writer = tokio::spawn(write_replies(wr, out_rx));
-    let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let mut inflight = FuturesUnordered::new();
     let mut buf = BytesMut::with_capacity(256 * 1024);
-    'conn: loop {
-        let n = tokio::select! {
-            _ = stop.cancelled() => break,
-            n = rd.read_buf(&mut buf) => n,
-        };
-        match n {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) => {
-                debug!(%peer, error = %e, "read failed");
-                break;
+    // Frames decoded but not yet routed (the in-flight bound was reached).
+    let mut waiting: VecDeque<Frame> = VecDeque::new();
+    let mut closing = false;
+    loop {
+        // Route what was decoded, in order, while the bound allows.
+        while inflight.len() < MAX_INFLIGHT {
+            let Some(frame) = waiting.pop_front() else { break };
+            match begin(&engine, frame) {
+                Begun::Now(encoded) => {
+                    let _ = out_tx.send(encoded);
+                }
+                Begun::Later(fut) => inflight.push(fut),
             }
         }
-        loop {
-            match decode_frame(&mut buf, &engine.limits) {
-                Ok(Some(frame)) => {
-                    let Ok(permit) = inflight.clone().acquire_owned().await else { break 'conn };
-                    let engine = engine.clone();
-                    let out = out_tx.clone();
-                    tokio::spawn(async move {
-                        let encoded = handle(&engine, frame).await;
-                        let _ = out.send(encoded);
-                        drop(permit);
-                    });
+        if closing && waiting.is_empty() {
+            break;
+        }
+        let read_more = !closing && waiting.is_empty();
+        tokio::select! {
+            biased;
+            Some(encoded) = inflight.next(), if !inflight.is_empty() => {
+                let _ = out_tx.send(encoded);
+            }
+            _ = stop.cancelled(), if read_more => closing = true,
+            n = rd.read_buf(&mut buf), if read_more => {
+                match n {
+                    Ok(0) => closing = true,
+                    Ok(_) => {}
+                    Err(e) => {
+                        debug!(%peer, error = %e, "read failed");
+                        closing = true;
+                    }
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    warn!(%peer, error = %e, "malformed frame; closing the connection");
-                    break 'conn;
+                loop {
+                    match decode_frame(&mut buf, &engine.limits) {
+                        Ok(Some(frame)) => waiting.push_back(frame),
+                        Ok(None) => break,
+                        Err(e) => {
+                            warn!(%peer, error = %e, "malformed frame; closing the connection");
+                            closing = true;
+                            break;
+                        }
+                    }
+                }
+                if buf.capacity() - buf.len() < 64 * 1024 {
+                    buf.reserve(256 * 1024);
                 }
             }
         }
-        if buf.capacity() - buf.len() < 64 * 1024 {
-            buf.reserve(256 * 1024);
-        }
+    }
+    // Answer what is still in flight, then close.
+    while let Some(encoded) = inflight.next().await {
+        let _ = out_tx.send(encoded);
     }
     drop(out_tx);
     let _ = writer.await;
@@ -186,30 +209,58 @@ async fn write_all_vectored(wr: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> s
     Ok(())
 }
 
-/// Decodes, checks, runs one request and encodes its reply.
-async fn handle(engine: &Engine, frame: Frame) -> tessera_engine_proto::Encoded {
+/// A request routed by [`begin`]: answered at once, or waiting for its target thread.
+enum Begun {
+    Now(tessera_engine_proto::Encoded),
+    Later(Answer),
+}
+
+/// The reply of a request handed to a target thread, encoded once the thread answers.
+type Answer = Pin<Box<dyn Future<Output = tessera_engine_proto::Encoded> + Send>>;
+
+/// Decodes and checks one request and hands it to its target's thread (synchronously, so
+/// requests reach the threads in arrival order); what is answered without a target thread
+/// (errors, pings) is encoded at once.
+fn begin(engine: &Engine, frame: Frame) -> Begun {
     let h = frame.header;
     if !h.is_background() && matches!(h.opcode, Opcode::Update | Opcode::Fetch | Opcode::Punch) {
         engine.host_ops.fetch_add(1, Ordering::Relaxed);
     }
     // One look at the pool's known map version per request: it checks the request and goes
     // back in the reply header.
-    let (known, result) = match Request::decode(&frame) {
+    let (known, started) = match Request::decode(&frame) {
         Ok(req) => {
             let known = engine.observe_map_version(h.pool, h.map_version);
-            (known, run_request(engine, h.target, h.pool, h.map_version, known, req).await)
+            (known, start_request(engine, h.target, h.pool, h.map_version, known, req))
         }
         Err(e) => (engine.observe_map_version(h.pool, 0), Err(e.to_error_reply())),
     };
-    encode_reply(h.request_id, h.opcode, known, h.target, &result)
+    match started {
+        Ok(Started::Done(reply)) => Begun::Now(encode_reply(h.request_id, h.opcode, known, h.target, &Ok(reply))),
+        Err(e) => Begun::Now(encode_reply(h.request_id, h.opcode, known, h.target, &Err(e))),
+        Ok(Started::Submitted(rx, shape)) => Begun::Later(Box::pin(async move {
+            let result = match rx.await {
+                Ok(Ok(r)) => to_reply(r, shape),
+                Ok(Err(e)) => Err(error_reply(&e)),
+                Err(_) => Err((RpcStatus::ShuttingDown, "target thread has stopped".to_string())),
+            };
+            encode_reply(h.request_id, h.opcode, known, h.target, &result)
+        })),
+    }
 }
 
-async fn run_request(engine: &Engine, target: u16, pool: u32, map_version: u32, known: u32, req: Request) -> ReplyResult {
+/// A request after its checks: answered, or handed to a target thread.
+enum Started {
+    Done(Reply),
+    Submitted(oneshot::Receiver<Result<TargetReply, EngineError>>, Shape),
+}
+
+fn start_request(engine: &Engine, target: u16, pool: u32, map_version: u32, known: u32, req: Request) -> Result<Started, (RpcStatus, String)> {
     if map_version < known {
         return Err((RpcStatus::StaleMapVersion, format!("pool {pool} map version {map_version} is older than {known}")));
     }
     if let Request::Ping = req {
-        return Ok(Reply::Pong { rank: engine.rank, targets: engine.targets.len() as u16, map_version: known });
+        return Ok(Started::Done(Reply::Pong { rank: engine.rank, targets: engine.targets.len() as u16, map_version: known }));
     }
     if engine.shutting_down.load(Ordering::Relaxed) {
         return Err((RpcStatus::ShuttingDown, "engine is shutting down".into()));
@@ -218,11 +269,7 @@ async fn run_request(engine: &Engine, target: u16, pool: u32, map_version: u32, 
         return Err((RpcStatus::NoSuchTarget, format!("target {target} does not exist; this engine has {}", engine.targets.len())));
     };
     let (op, shape) = to_target_op(req)?;
-    let reply = handle.submit(op).await.map_err(|_| (RpcStatus::ShuttingDown, "target thread has stopped".to_string()))?;
-    match reply {
-        Ok(r) => to_reply(r, shape),
-        Err(e) => Err(error_reply(&e)),
-    }
+    Ok(Started::Submitted(handle.submit(op), shape))
 }
 
 /// How the target's answer turns into a wire reply.
@@ -369,6 +416,50 @@ mod tests {
     use tessera_engine_proto::{encode_request_flagged, ContainerId, ObjectId};
 
     #[test]
+    fn requests_reach_the_target_thread_in_arrival_order() {
+        // Updates of one akey at one epoch, routed back to back: the last one routed wins, as
+        // it must when a client sends them in that order on one connection.
+        let target = Target::open(Arc::new(MemStorage::new()), TargetConfig::default()).unwrap();
+        let (h, thread) = TargetHandle::spawn("t".into(), target, 64).unwrap();
+        let engine = Engine::new(0, vec![h.clone()]);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let answers: Vec<Answer> = (0..64u8)
+            .filter_map(|i| {
+                let value = tessera_engine_proto::UpdateValue::array(0, Bytes::from(vec![i; 4096]));
+                let req = Request::Update(tessera_engine_proto::Update {
+                    cont: ContainerId(1),
+                    obj: ObjectId(2),
+                    epoch: 10,
+                    dkey: Bytes::from_static(b"d"),
+                    akey: Bytes::from_static(b"a"),
+                    value,
+                });
+                let mut b = encode_request_flagged(u32::from(i), 1, 0, 0, false, &req).to_bytes();
+                match begin(&engine, decode_frame(&mut b, &FrameLimits::default()).unwrap().unwrap()) {
+                    Begun::Later(a) => Some(a),
+                    Begun::Now(_) => None,
+                }
+            })
+            .collect();
+        assert_eq!(answers.len(), 64);
+        rt.block_on(futures::future::join_all(answers));
+        let got = rt
+            .block_on(h.submit(TargetOp::FetchArray {
+                path: AkeyPath { cont: 1, obj: 2, dkey: Bytes::from_static(b"d"), akey: Bytes::from_static(b"a") },
+                offset: 0,
+                len: 4096,
+                epoch: 10,
+            }))
+            .unwrap()
+            .unwrap();
+        let TargetReply::Array(a) = got else { panic!("not an array") };
+        assert_eq!(a.data[0], 63);
+        drop(engine);
+        h.shutdown().blocking_recv().unwrap().unwrap();
+        thread.join().unwrap();
+    }
+
+    #[test]
     fn host_requests_are_counted_and_background_ones_are_not() {
         let target = Target::open(Arc::new(MemStorage::new()), TargetConfig::default()).unwrap();
         let (h, thread) = TargetHandle::spawn("t".into(), target, 64).unwrap();
@@ -386,7 +477,9 @@ mod tests {
         let send = |req: &Request, background: bool| {
             let mut b = encode_request_flagged(0, 1, 0, 0, background, req).to_bytes();
             let frame = decode_frame(&mut b, &FrameLimits::default()).unwrap().unwrap();
-            rt.block_on(handle(&engine, frame));
+            if let Begun::Later(answer) = begin(&engine, frame) {
+                rt.block_on(answer);
+            }
             engine.host_ops.load(Ordering::Relaxed)
         };
         assert_eq!(send(&fetch, false), 1);
