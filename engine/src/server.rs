@@ -11,12 +11,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io::IoSlice;
-use std::pin::Pin;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures::stream::{FuturesUnordered, StreamExt};
 use tessera_engine_proto::{
     decode_frame, encode_reply, DataRun, Discard, EnumBudget, EnumTarget, Enumerate, Fetch, FetchReply, FetchValue, Frame, FrameLimits,
     Opcode, Reply, ReplyResult, Request, RpcStatus, SingleValue, TargetHealth, TargetInfo,
@@ -24,7 +25,6 @@ use tessera_engine_proto::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -255,7 +255,14 @@ enum Started {
     Submitted(oneshot::Receiver<Result<TargetReply, EngineError>>, Shape),
 }
 
-fn start_request(engine: &Engine, target: u16, pool: u32, map_version: u32, known: u32, req: Request) -> Result<Started, (RpcStatus, String)> {
+fn start_request(
+    engine: &Engine,
+    target: u16,
+    pool: u32,
+    map_version: u32,
+    known: u32,
+    req: Request,
+) -> Result<Started, (RpcStatus, String)> {
     if map_version < known {
         return Err((RpcStatus::StaleMapVersion, format!("pool {pool} map version {map_version} is older than {known}")));
     }
