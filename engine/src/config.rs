@@ -14,6 +14,11 @@
 //!
 //! [tuning]                          # optional
 //! inline_max = 512                  # values up to this many bytes live in the metadata
+//! wal_data_max = "32KiB"            # array updates up to this size are committed inside their
+//!                                   # WAL record (one device flush) and written to the data
+//!                                   # file later, many per sync (0: never; at most 1MiB) ...
+//! destage = "16MiB"                 # ... once this much waits (at most a quarter of
+//!                                   # target_capacity; at least 64KiB), and whenever idle
 //! checkpoint_wal = "64MiB"          # checkpoint when a target's WAL since the last one reaches this
 //! aggregation_lag_secs = 5          # default aggregation boundary: now minus this
 //! max_batch = 256                   # most requests one group commit takes
@@ -55,6 +60,10 @@ pub enum ConfigError {
 pub struct Tuning {
     pub inline_max: u64,
     #[serde(deserialize_with = "size")]
+    pub wal_data_max: u64,
+    #[serde(deserialize_with = "size")]
+    pub destage: u64,
+    #[serde(deserialize_with = "size")]
     pub checkpoint_wal: u64,
     pub aggregation_lag_secs: u64,
     pub max_batch: usize,
@@ -65,6 +74,8 @@ impl Default for Tuning {
         let t = TargetConfig::default();
         Self {
             inline_max: t.inline_max,
+            wal_data_max: t.wal_data_max,
+            destage: t.destage_bytes,
             checkpoint_wal: t.checkpoint_wal_bytes,
             aggregation_lag_secs: t.aggregation_lag / 1_000_000_000,
             max_batch: 256,
@@ -193,6 +204,12 @@ impl EngineConfig {
         if cfg.tuning.inline_max > 4096 {
             return Err(invalid("tuning.inline_max must be at most 4096".into()));
         }
+        if cfg.tuning.wal_data_max > 1 << 20 {
+            return Err(invalid(format!("tuning.wal_data_max is {} bytes; at most 1MiB", cfg.tuning.wal_data_max)));
+        }
+        if cfg.tuning.destage < 64 << 10 {
+            return Err(invalid(format!("tuning.destage is {} bytes; at least 64KiB", cfg.tuning.destage)));
+        }
         for (key, rate) in [("rebuild_rate", cfg.heal.rebuild_rate), ("rebuild_rate_busy", cfg.heal.rebuild_rate_busy)] {
             if rate < MIN_REBUILD_RATE {
                 return Err(invalid(format!("heal.{key} is {rate} bytes per second; at least 64KiB")));
@@ -214,6 +231,9 @@ impl EngineConfig {
         TargetConfig {
             capacity: self.target_capacity,
             inline_max: self.tuning.inline_max,
+            wal_data_max: self.tuning.wal_data_max,
+            // At most a quarter of the target waits for the data file.
+            destage_bytes: self.tuning.destage.min(self.target_capacity / 4),
             checkpoint_wal_bytes: self.tuning.checkpoint_wal,
             aggregation_lag: self.tuning.aggregation_lag_secs.saturating_mul(1_000_000_000),
             ..TargetConfig::default()

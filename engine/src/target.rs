@@ -16,7 +16,7 @@
 //! rebuilt from the blocks the index references.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fmt::Write as _;
 use std::ops::Range;
 use std::sync::Arc;
@@ -34,6 +34,8 @@ use crate::index::{subtract, Index, ItemKey, Retention, Source, Version};
 use crate::op::{encode_ops, AkeyPath, Extent, Loc, Op, PunchLevel, Stored};
 use crate::wal::{parse_segment_name, scan_segment, segment_name, WalWriter};
 use crate::{EngineError, BLOCK};
+
+mod destage;
 
 /// Name of the data file in a target's directory.
 pub const DATA_FILE: &str = "data.blk";
@@ -58,6 +60,12 @@ pub struct TargetConfig {
     pub capacity: u64,
     /// Values of at most this many bytes live in the metadata instead of the data file.
     pub inline_max: u64,
+    /// Array updates of at most this many bytes (and more than `inline_max`) go into their WAL
+    /// record first, so that committing them costs one device flush (the WAL's), and are
+    /// written to the data file later, many per data sync ([`Target::destage_step`]). 0: never.
+    pub wal_data_max: u64,
+    /// Destage once this many bytes wait in the metadata for the data file.
+    pub destage_bytes: u64,
     /// Start a checkpoint when the open WAL segment has grown past this many bytes.
     pub checkpoint_wal_bytes: u64,
     /// When a container sets no aggregation epoch, aggregate versions older than "now" minus
@@ -72,6 +80,8 @@ impl Default for TargetConfig {
         Self {
             capacity: 1 << 30,
             inline_max: 512,
+            wal_data_max: 32 << 10,
+            destage_bytes: 16 << 20,
             checkpoint_wal_bytes: 64 << 20,
             aggregation_lag: Duration::from_secs(5).as_nanos() as u64,
             aggregation_budget: 256,
@@ -290,6 +300,15 @@ pub struct Target {
     /// Segments holding records since the last checkpoint started, the open one included: a
     /// checkpoint starts at [`CHECKPOINT_SEGMENTS`].
     wal_segments: u64,
+    /// Akeys whose array extents wait in the metadata for the data file, with the blocks kept
+    /// free for them and their bytes (committed; see [`TargetConfig::wal_data_max`]).
+    destage: BTreeMap<AkeyPath, (u64, u64)>,
+    /// Blocks kept free for `destage`.
+    destage_blocks: u64,
+    /// Bytes waiting in `destage`.
+    destage_pending_bytes: u64,
+    /// The same for what is staged, not yet committed: (akey, blocks, bytes).
+    destage_staged: Vec<(AkeyPath, u64, u64)>,
     /// Longest pause a checkpoint imposed on the target thread.
     pub max_checkpoint_pause: Duration,
     /// Group commit counters since start.
@@ -303,6 +322,8 @@ pub struct CommitStats {
     pub commits: u64,
     /// Index ops they carried (an update split over several free runs counts once per run).
     pub ops: u64,
+    /// Bytes moved from the metadata to the data file by destage steps.
+    pub destaged: u64,
 }
 
 fn invalid(msg: impl Into<String>) -> EngineError {
@@ -454,7 +475,7 @@ impl Target {
                 "target recovered"
             );
         }
-        Ok(Self {
+        let mut t = Self {
             storage,
             data,
             wal,
@@ -472,9 +493,15 @@ impl Target {
             checkpoint_seq: ckpt_seq,
             wal_backlog: replayed.bytes,
             wal_segments: replayed.segments + 1,
+            destage: BTreeMap::new(),
+            destage_blocks: 0,
+            destage_pending_bytes: 0,
+            destage_staged: Vec::new(),
             max_checkpoint_pause: Duration::ZERO,
             stats: CommitStats::default(),
-        })
+        };
+        t.find_waiting_extents();
+        Ok(t)
     }
 
     /// The index (tests and enumeration).
@@ -559,6 +586,9 @@ impl Target {
                 }
                 let version = Version { epoch, id: self.index.allocate_id() };
                 for (piece_off, stored) in self.store(&data, csums)? {
+                    if matches!(stored.loc, Loc::Inline(_)) && stored.len > self.cfg.inline_max {
+                        self.destage_staged.push((path.clone(), stored.len.div_ceil(BLOCK), stored.len));
+                    }
                     let ext = Extent { offset: offset + piece_off, len: stored.len, version, data: Some(stored) };
                     self.staged.push(Op::Extent { path: path.clone(), ext });
                 }
@@ -580,13 +610,25 @@ impl Target {
     /// Stores a value inline or in the data file, split at 4 KiB boundaries over several free
     /// runs if no single run is large enough. Returns (offset in the value, stored piece).
     fn store(&mut self, data: &Bytes, csums: Vec<u64>) -> Result<Vec<(u64, Stored)>, EngineError> {
+        self.store_via(data, csums, true)
+    }
+
+    /// [`Target::store`]; `via_wal`: a value up to `wal_data_max` may wait in the metadata.
+    fn store_via(&mut self, data: &Bytes, csums: Vec<u64>, via_wal: bool) -> Result<Vec<(u64, Stored)>, EngineError> {
         let len = data.len() as u64;
+        // Kept in the metadata: copied out of the received frame, whose buffer it would pin.
+        let inline = |data: &Bytes, csums| Ok(vec![(0, Stored { loc: Loc::Inline(Bytes::copy_from_slice(data)), len, csums })]);
         if len <= self.cfg.inline_max {
-            return Ok(vec![(0, Stored { loc: Loc::Inline(data.clone()), len, csums })]);
+            return inline(data, csums);
         }
         let blocks = len.div_ceil(BLOCK);
-        if self.alloc.total() - self.alloc.used() < blocks {
-            return Err(EngineError::NoSpace(format!("{blocks} blocks needed, {} free", self.alloc.total() - self.alloc.used())));
+        let free = self.free_blocks();
+        if free < blocks {
+            return Err(EngineError::NoSpace(format!("{blocks} blocks needed, {free} free")));
+        }
+        if via_wal && len <= self.cfg.wal_data_max {
+            // Into the WAL record now, into the data file later (its blocks are kept free).
+            return inline(data, csums);
         }
         let mut pieces = Vec::new();
         let mut done = 0u64;
@@ -612,13 +654,19 @@ impl Target {
         Ok(pieces)
     }
 
+    /// Blocks free for new data: not allocated and not kept for extents waiting to be destaged.
+    fn free_blocks(&self) -> u64 {
+        let kept = self.destage_blocks + self.destage_staged.iter().map(|d| d.1).sum::<u64>();
+        (self.alloc.total() - self.alloc.used()).saturating_sub(kept)
+    }
+
     /// Like [`Target::store`] but in one piece (single values are not split).
     fn store_contiguous(&mut self, data: &Bytes, csums: Vec<u64>) -> Result<Stored, EngineError> {
         let blocks = (data.len() as u64).div_ceil(BLOCK);
         if data.len() as u64 > self.cfg.inline_max && self.alloc.largest_free() < blocks {
             return Err(EngineError::NoSpace(format!("no free run of {blocks} blocks")));
         }
-        let mut pieces = self.store(data, csums)?;
+        let mut pieces = self.store_via(data, csums, false)?;
         pieces.pop().map(|(_, s)| s).ok_or_else(|| invalid("empty value"))
     }
 
@@ -682,6 +730,7 @@ impl Target {
             self.staged.clear();
             self.staged_paths.clear();
             self.pending_writes.clear();
+            self.destage_staged.clear();
         }
         result
     }
@@ -701,6 +750,13 @@ impl Target {
             self.index.apply(&op);
         }
         self.dirty.extend(self.staged_paths.drain(..));
+        for (path, blocks, bytes) in self.destage_staged.drain(..) {
+            let e = self.destage.entry(path).or_default();
+            e.0 += blocks;
+            e.1 += bytes;
+            self.destage_blocks += blocks;
+            self.destage_pending_bytes += bytes;
+        }
         self.alloc.release_quarantine();
         Ok(())
     }
@@ -1220,7 +1276,15 @@ mod tests {
     }
 
     fn small() -> TargetConfig {
-        TargetConfig { capacity: 8 * BLOCK, inline_max: 512, checkpoint_wal_bytes: 1 << 40, aggregation_lag: 0, aggregation_budget: 64 }
+        TargetConfig {
+            capacity: 8 * BLOCK,
+            inline_max: 512,
+            wal_data_max: 0,
+            destage_bytes: 16 << 20,
+            checkpoint_wal_bytes: 1 << 40,
+            aggregation_lag: 0,
+            aggregation_budget: 64,
+        }
     }
 
     fn p(dkey: &'static [u8], akey: &'static [u8]) -> AkeyPath {
@@ -1250,6 +1314,42 @@ mod tests {
         assert!(t.index().akey(&p(b"e", b"a")).is_none(), "{what}");
         assert_eq!(t.info().used, 2 * BLOCK, "{what}");
         assert_eq!(t.info().objects, 1, "{what}");
+    }
+
+    #[test]
+    fn small_updates_commit_in_the_wal_and_are_destaged_to_the_data_file() {
+        let mem = MemStorage::new();
+        let cfg = TargetConfig { capacity: 16 * BLOCK, wal_data_max: 32 << 10, ..small() };
+        let mut t = Target::open(Arc::new(mem.clone()), cfg.clone()).unwrap();
+        let zeros = |m: &MemStorage| m.contents(DATA_FILE).unwrap().iter().all(|&b| b == 0);
+        let loc = |t: &Target, path: &AkeyPath| {
+            t.index().akey(path).unwrap().extents.values().map(|b| b.data.as_ref().unwrap().loc_summary()).collect::<Vec<_>>()
+        };
+        // 3 × 8 KiB in the WAL: nothing in the data file, but their 6 blocks are kept free.
+        for (i, a) in [b"a", b"b", b"c"].into_iter().enumerate() {
+            t.stage(array(p(b"d", a), 10, 8192, i as u8 + 1)).unwrap();
+        }
+        t.commit().unwrap();
+        assert!(zeros(&mem));
+        assert_eq!(loc(&t, &p(b"d", b"a")), ["inline"]);
+        assert_eq!((t.destage_waiting_bytes(), t.free_blocks()), (3 * 8192, 10));
+        let too_big = t.stage(array(p(b"e", b"a"), 10, 11 * BLOCK as usize, 9));
+        assert!(matches!(too_big, Err(EngineError::NoSpace(_))), "{too_big:?}");
+        // A power cut now keeps them (in the WAL), still waiting.
+        let t2 = Target::open(Arc::new(mem.crash_image(false)), cfg.clone()).unwrap();
+        assert_eq!((read(&t2, &p(b"d", b"b"), 10), t2.destage_waiting_bytes(), t2.free_blocks()), ((2, 0), 3 * 8192, 10));
+        drop(t2);
+        // One destage step moves whole akeys until it has moved at least what it was asked.
+        assert_eq!(t.destage_step(1).unwrap(), 8192);
+        assert_eq!(loc(&t, &p(b"d", b"a")), ["data file block 0"]);
+        assert_eq!(t.destage_step(u64::MAX).unwrap(), 2 * 8192);
+        assert!(!t.destage_pending() && !zeros(&mem));
+        assert_eq!((t.info().used, t.free_blocks()), (6 * BLOCK, 10));
+        // The moves are durable: after a power cut the data comes from the data file.
+        let t3 = Target::open(Arc::new(mem.crash_image(false)), cfg).unwrap();
+        assert_eq!(read(&t3, &p(b"d", b"c"), 10), (3, 0));
+        assert_eq!(loc(&t3, &p(b"d", b"c")), ["data file block 4"]);
+        assert!(!t3.destage_pending());
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! The thread that owns one [`Target`]: the only code that touches that target's files.
 //!
 //! Requests arrive on a channel. The loop takes everything that is queued (up to `max_batch`),
-//! answers reads at once, stages every mutation, commits them all with one data sync and one WAL
-//! record (group commit: whatever queued up while the previous sync ran forms the next batch),
-//! and only then answers the mutations. A discard is planned from the committed index, so when
-//! one comes, what the batch staged before it is committed and answered first. Between batches
-//! it starts checkpoints when the WAL has grown and runs bounded aggregation steps; when idle
-//! with nothing to aggregate it blocks, so an idle engine uses no CPU.
+//! answers reads at once, stages every mutation, commits them all with one WAL record (group
+//! commit: whatever queued up while the previous sync ran forms the next batch; small updates'
+//! data rides in the record, larger ones are written and synced to the data file first), and
+//! only then answers the mutations. A discard is planned from the committed index, so when one
+//! comes, what the batch staged before it is committed and answered first. Between batches it
+//! destages small updates' data to the data file once enough waits, starts checkpoints when the
+//! WAL has grown and runs bounded aggregation steps; when idle it destages what waits, then
+//! aggregates; with nothing to do it blocks, so an idle engine uses no CPU.
 //!
 //! Scrub runs here too, as bounded steps the scrubber (`scrub`) asks for like any read
 //! ([`TargetOp::Scrub`]), so it never races the index. A fetch that finds stored data failing its
@@ -232,6 +234,9 @@ impl TargetHandle {
     }
 }
 
+/// Bytes one idle destage step moves to the data file (one data sync); requests that arrive
+/// meanwhile wait at most about one such step.
+const IDLE_DESTAGE_STEP: u64 = 4 << 20;
 /// How long to sleep between aggregation passes that found nothing to free.
 const AGGREGATION_IDLE: Duration = Duration::from_secs(1);
 /// Under sustained load, one aggregation step runs after this many batches (after every batch
@@ -242,12 +247,13 @@ fn run(mut target: Target, rx: &Receiver<Msg>, max_batch: usize, sink: &CorruptS
     let mut aggregation_busy = true;
     let mut batches = 0u32;
     loop {
-        let first = if target.aggregation_pending() && aggregation_busy {
+        let background = target.aggregation_pending() || target.destage_pending();
+        let first = if background && aggregation_busy {
             rx.try_recv().map_err(|e| match e {
                 mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
                 mpsc::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
             })
-        } else if target.aggregation_pending() {
+        } else if background {
             rx.recv_timeout(AGGREGATION_IDLE)
         } else {
             rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
@@ -265,6 +271,12 @@ fn run(mut target: Target, rx: &Receiver<Msg>, max_batch: usize, sink: &CorruptS
                     let _ = done.send(target.shutdown());
                     return;
                 }
+                if target.destage_due() {
+                    // Under load: what waits in the metadata goes to the data file, one sync.
+                    if let Err(e) = target.destage_step(target.destage_waiting_bytes()) {
+                        warn!(error = %e, "destage failed");
+                    }
+                }
                 if let Err(e) = target.maybe_checkpoint(false) {
                     warn!(error = %e, "checkpoint not started");
                 }
@@ -277,6 +289,14 @@ fn run(mut target: Target, rx: &Receiver<Msg>, max_batch: usize, sink: &CorruptS
                     }
                 }
             }
+            // Idle: first what waits for the data file, then aggregation.
+            Err(RecvTimeoutError::Timeout) if target.destage_pending() => match target.destage_step(IDLE_DESTAGE_STEP) {
+                Ok(moved) => aggregation_busy = moved > 0 || target.aggregation_pending(),
+                Err(e) => {
+                    warn!(error = %e, "destage failed");
+                    aggregation_busy = false;
+                }
+            },
             Err(RecvTimeoutError::Timeout) => match target.aggregate_step(now_epoch()) {
                 Ok(freed) => aggregation_busy = freed > 0,
                 Err(e) => {

@@ -242,7 +242,15 @@ impl Workload {
 }
 
 fn config() -> TargetConfig {
-    TargetConfig { capacity: 2 << 20, inline_max: 512, checkpoint_wal_bytes: 1 << 40, aggregation_lag: LAG, aggregation_budget: 64 }
+    TargetConfig {
+        capacity: 2 << 20,
+        inline_max: 512,
+        wal_data_max: 8 << 10,
+        destage_bytes: 64 << 10,
+        checkpoint_wal_bytes: 1 << 40,
+        aggregation_lag: LAG,
+        aggregation_budget: 64,
+    }
 }
 
 /// What a run left behind: the acknowledged model, the in-flight batch, the views to check.
@@ -286,6 +294,11 @@ fn run(storage: Arc<dyn Storage>, seed: u64, batches: usize) -> Outcome {
         }
         for op in batch {
             acked.push(op);
+        }
+        // Small updates' data waits in the WAL; move it to the data file now and then (also
+        // mid-way, so that crashes hit every step of it).
+        if b % 4 == 3 && target.destage_step(if b % 8 == 3 { 16 << 10 } else { u64::MAX }).is_err() {
+            return Outcome { acked, inflight: Vec::new(), views: w.views() };
         }
         if b % 3 == 2 {
             let retention = target.index().retention(1);
