@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Produces docs/BENCHMARKS.md: the loopback TCP limit, the Tessera target with null and malloc
 bdevs, the idle cost, the storage engine over its RPC next to raw fio on the same
-filesystem, and self-healing (rebuild, host I/O during it, reintegration), each figure the
+filesystem, self-healing (rebuild, host I/O during it, reintegration), and the whole stack
+(`tessera up` per object class, host I/O through the target next to raw fio), each figure the
 median of several runs, with the commands used.
 
-    python3 scripts/bench.py                 # full run (~20 minutes on 2 cores; --no-heal: ~10)
+    python3 scripts/bench.py                 # full run (~35 minutes on 2 cores; --no-heal --no-stack: ~10)
     python3 scripts/bench.py --runs 1 --time 1 --idle 5 --out /tmp/b.md   # quick smoke run
     python3 scripts/bench.py --profile       # callgrind instructions per 4K read/write (QD32, null)
     python3 scripts/bench.py --engine-only   # only the storage engine section (~6 minutes), spliced
@@ -12,6 +13,10 @@ median of several runs, with the commands used.
     python3 scripts/bench.py --heal          # only the self-healing section (~10 minutes): rebuild
                                              # bandwidth after kill -9 of an engine of `tessera up
                                              # --engines 4`, host I/O during the rebuild, reintegration
+    python3 scripts/bench.py --stack-only    # only the whole-stack section (~12 minutes): a fresh `tessera up`
+                                             # per class (EC_2P1, RP_3, RP_2), `tessera bench` through the
+                                             # NVMe/TCP target paired run by run with raw fio on the same disk;
+                                             # --stack-results target/bench-stack/results.json re-renders it
 
 The same-guest comparison with the Linux kernel target (nvmet-tcp) is appended from
 target/nvme-cli-logs/kernel-compare.md, which `python3 tests/nvme-cli/run.py --kernel-compare`
@@ -208,8 +213,8 @@ def show_cmd(cmd):
 FIO_FILE = "fio.dat"
 
 
-def fio_cmd(rw, bs, qd, secs, extra=()):
-    return ["fio", "--name=raw", "--filename", os.path.join(ENGINE_DIR, FIO_FILE),
+def fio_cmd(rw, bs, qd, secs, extra=(), path=None):
+    return ["fio", "--name=raw", "--filename", path or os.path.join(ENGINE_DIR, FIO_FILE),
             f"--size={ENGINE_TARGETS * ENGINE_RANGE_GIB}g", "--direct=1", "--ioengine=io_uring", f"--rw={rw}",
             f"--bs={bs}", f"--iodepth={qd}"] + list(extra) + ["--time_based", f"--runtime={secs:g}",
                                                             "--output-format", "json"]
@@ -625,19 +630,20 @@ def cpu_of(pids):
 
 
 class UpSystem:
-    """`tessera up --engines 4 --volume-size 2G` on fresh free ports, in target/bench-heal/NAME."""
+    """`tessera up --engines 4 --volume-size 2G` on fresh free ports, in target/bench-heal/NAME
+    (or `engines` engines in `base`/NAME)."""
 
-    def __init__(self, name, rate_args, volume=HEAL_VOLUME):
-        self.dir = os.path.join(HEAL_DIR, name)
+    def __init__(self, name, rate_args, volume=HEAL_VOLUME, engines=HEAL_ENGINES, base=HEAL_DIR):
+        self.dir = os.path.join(base, name)
         subprocess.run(["rm", "-rf", self.dir], check=True)
         os.makedirs(self.dir)
         self.mgmt = f"127.0.0.1:{free_port()}"
         self.addr = f"127.0.0.1:{free_port()}"
-        self.cmd = [os.path.join(BIN, "tessera"), "up", "--dir", "DIR", "--engines", str(HEAL_ENGINES),
+        self.cmd = [os.path.join(BIN, "tessera"), "up", "--dir", "DIR", "--engines", str(engines),
                     "--volume-size", volume] + list(rate_args)
         cmd = [self.dir if x == "DIR" else x for x in self.cmd]
         self.proc = subprocess.Popen(cmd + ["--mgmt-listen", self.mgmt, "--listen", self.addr,
-                                            "--engine-base-port", str(free_ports(HEAL_ENGINES))],
+                                            "--engine-base-port", str(free_ports(engines))],
                                      stdout=subprocess.PIPE, stderr=open(os.path.join(self.dir, "up.err"), "w"), text=True)
         self.pids = {}
         lines = queue.Queue()
@@ -1039,6 +1045,202 @@ def heal_section(res):
     return lines
 
 
+# ---------------------------------------------------------------------------------------------
+# The whole stack: `tessera up` (management service, engines, NVMe/TCP target) per object class,
+# `tessera bench` through the target, each run paired with raw fio on the same filesystem.
+
+STACK_DIR = os.path.join(ROOT, "target", "bench-stack")
+STACK_SECTION = "## Whole stack: `tessera up` over NVMe/TCP"
+STACK_CLASSES = ("EC_2P1", "RP_3", "RP_2")
+STACK_ENGINES = 3                 # RP_3 needs 3
+STACK_VOLUME = "2G"
+STACK_VOLUME_BYTES = 2 << 30      # the same as fio_cmd()'s file
+STACK_CASES = [("randwrite", "4k", 1), ("randwrite", "4k", 32), ("randread", "4k", 1), ("randread", "4k", 32),
+               ("write", "128k", 16), ("read", "128k", 16)]
+STACK_RESULTS = os.path.join(STACK_DIR, "results.json")   # every measurement, for --stack-results
+STACK_DISK_COPIES = {"EC_2P1": 1.5, "RP_3": 3.0, "RP_2": 2.0}   # bytes on the engines per host byte
+STACK_PROCS = ("nvmf", "engine-0", "engine-1", "engine-2", "mgmt")
+
+
+def block_dev_written(dev):
+    """Bytes written to block device `dev` (e.g. /dev/vda) since boot, or None."""
+    try:
+        return int(open(f"/sys/class/block/{os.path.basename(dev)}/stat").read().split()[6]) * 512
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def stack_class(cls, runs, secs, fio_path, dev):
+    """One fresh `tessera up` of class `cls`: fill the volume, then every case, each run paired
+    with its fio run. Returns the class's figures."""
+    r = {"class": cls, "background_busy": background_busy(), "cases": []}
+    up = UpSystem(cls, ["--class", cls], STACK_VOLUME, STACK_ENGINES, STACK_DIR)
+    try:
+        r["up_cmd"] = show_cmd(up.cmd)
+        r["pids"] = {n: p for n, p in up.pids.items()}
+        pids = list(up.pids.values())
+        fill_cmd = up.bench_cmd("write", "128k", 16, ios=STACK_VOLUME_BYTES // (128 << 10))
+        r["fill"], r["fill_cmd"] = run_json(fill_cmd), show_cmd(fill_cmd)
+        r["engine_bytes"] = {n: int(subprocess.run(["du", "-s", "-B1", os.path.join(up.dir, n, "data")], capture_output=True,
+                                                   text=True).stdout.split()[0]) for n in up.pids if n.startswith("engine-")}
+        wrote = True
+        for rw, bs, qd in STACK_CASES:
+            if wrote:   # versions written so far become aggregatable after the engine's lag: let that pass
+                time.sleep(ENGINE_AGGREGATION_LAG + 1)
+            wait_quiet(pids)
+            cmd = up.bench_cmd(rw, bs, qd, secs=secs)
+            fcmd = fio_cmd(rw, bs, qd, secs, path=fio_path)
+            pairs = []
+            for _ in range(runs):
+                cpu0, disk0 = {n: cpu_seconds(p) for n, p in up.pids.items()}, block_dev_written(dev)
+                t = run_json(cmd)
+                cpu1, disk1 = {n: cpu_seconds(p) for n, p in up.pids.items()}, block_dev_written(dev)
+                t["cpu"] = {n: cpu1[n] - cpu0[n] for n in cpu0}
+                t["disk_written"] = disk1 - disk0 if disk0 is not None and disk1 is not None else None
+                if t.get("errors"):
+                    raise RuntimeError(f"{show_cmd(cmd)}: {t['errors']} errors")
+                pairs.append([t, run_fio(fcmd)])
+            r["cases"].append({"rw": rw, "bs": bs, "qd": qd, "pairs": pairs, "cmd": show_cmd(cmd), "fio_cmd": show_cmd(fcmd)})
+            wrote = "write" in rw
+            print(f"stack: {cls} {bs} {rw} QD{qd}: " + ", ".join(f"{p[0]['iops']:.0f}/{p[1]['iops']:.0f}" for p in pairs),
+                  file=sys.stderr)
+    finally:
+        up.stop()
+    subprocess.run(["rm", "-rf", up.dir], check=True)
+    return r
+
+
+def stack_measure(runs, secs):
+    """Every class of STACK_CLASSES, one after the other; saved to STACK_RESULTS after each."""
+    os.makedirs(STACK_DIR, exist_ok=True)
+    fio_path = os.path.join(STACK_DIR, FIO_FILE)
+    # fio's file is written in full first: reads of never-written blocks would not touch the disk.
+    subprocess.run(["fio", "--name=fill", "--filename", fio_path, f"--size={STACK_VOLUME_BYTES >> 30}g", "--direct=1",
+                    "--ioengine=io_uring", "--rw=write", "--bs=1m", "--iodepth=8"], check=True, capture_output=True)
+    fs = subprocess.run(["findmnt", "-n", "-o", "SOURCE", "-T", STACK_DIR], capture_output=True, text=True).stdout.strip()
+    res = {"runs": runs, "secs": secs, "classes": [], "started": time.monotonic(), "date": time.strftime("%Y-%m-%d"),
+           "commit": git_state(), "complete": False}
+
+    def save():
+        res["minutes"] = (time.monotonic() - res["started"]) / 60
+        with open(STACK_RESULTS, "w") as f:
+            json.dump(res, f, indent=1)
+    try:
+        for cls in STACK_CLASSES:
+            print(f"stack: {cls}", file=sys.stderr)
+            res["classes"].append(stack_class(cls, runs, secs, fio_path, fs))
+            save()
+        res["complete"] = True
+    finally:
+        os.remove(fio_path)
+        save()
+    return res
+
+
+def stack_summary(c):
+    """Medians of a case's paired runs, the median per-pair ratios (IOPS, and p50 latency), and the
+    median CPU seconds per million I/Os of each process."""
+    pairs = c["pairs"]
+    mid = lambda rs: sorted(rs, key=lambda r: r["iops"])[len(rs) // 2]
+    t = [p[0] for p in pairs]
+    cpu = {n: median([x["cpu"][n] / max(x["ios"], 1) * 1e6 for x in t]) for n in t[0]["cpu"]}
+    disk = [x["disk_written"] / max(x["bytes"], 1) for x in t if x.get("disk_written") is not None]
+    return {"t": mid(t), "fio": mid([p[1] for p in pairs]), "t_runs": [x["iops"] for x in t],
+            "fio_runs": [p[1]["iops"] for p in pairs], "ratio": median([p[0]["iops"] / p[1]["iops"] for p in pairs]),
+            "lat_ratio": median([p[0]["lat_p50_us"] / max(p[1]["lat_p50_us"], 1e-9) for p in pairs]),
+            "cpu": cpu, "disk": median(disk) if disk else None}
+
+
+def stack_section(res):
+    """The whole-stack section of the page, from stack_measure()'s results."""
+    runs, secs = res["runs"], res["secs"]
+    fs = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", STACK_DIR], capture_output=True, text=True).stdout.split()
+    fs_text = f"{fs[0]} on {fs[1]}" if len(fs) == 2 else "the repository's filesystem"
+    k_runs = lambda xs: "/".join(f"{x / 1000:.1f}k" for x in xs)
+    classes = res["classes"]
+    one = classes[0] if classes else None
+    busy = [c["background_busy"] for c in classes]
+    done = [c["class"] for c in classes]
+    lines = [STACK_SECTION, ""]
+    if not res.get("complete"):
+        lines += [f"**Partial**: the run stopped before every class was measured; shown: {', '.join(done) or 'none'} "
+                  f"(of {', '.join(STACK_CLASSES)}).", ""]
+    if not one:
+        return lines
+    lines += [
+        "A host's I/O through everything: for each object class a fresh "
+        f"`{one['up_cmd'].replace('--class ' + one['class'], '--class CLASS')}` (free ports; release build: the "
+        f"management service, {STACK_ENGINES} engines × 2 targets and the NVMe/TCP target in managed mode, each its own "
+        f"process; one volume of {STACK_VOLUME_BYTES >> 30} GiB of that class; DIR under `target/bench-stack/`: {fs_text}, one disk "
+        f"shared by every engine). The volume is written whole first (`{one['fill_cmd']}`), so every read finds stored "
+        f"data; then `tessera bench` runs each case through the target on 127.0.0.1. Every run is **paired** with raw "
+        f"fio started right after it on a {STACK_VOLUME_BYTES >> 30} GiB file in the same directory (written in full "
+        "first): `fio --direct=1 --ioengine=io_uring` with the same block size, depth and access order and no sync. "
+        f"Each case is {runs} such pairs of {secs:g} s runs; the table shows the median Tessera and fio runs and the "
+        "**median of the per-pair ratios** (IOPS; the same as bandwidth, the block size being equal). A case starts "
+        f"once the stack is quiet (after writes, {ENGINE_AGGREGATION_LAG + 1} s for the engines' aggregation lag "
+        f"first). Regenerate this section alone with `python3 scripts/bench.py --stack-only` (also part of the full "
+        f"run; {res['minutes']:.0f} minutes this time).", "",
+        "What is compared: a Tessera write is acknowledged once every shard is durable on its engine (group commit "
+        "with `fdatasync`); fio's writes without sync only reach the device's write cache. **MiB/s and IOPS count "
+        "host bytes**: on the disk, EC_2P1 writes 1.5× the host's bytes (2 data + 1 parity cell), RP_3 3× and RP_2 2×, "
+        "all on the one disk fio has to itself. *Disk / host* is what the block device wrote during the run "
+        "(`/sys/class/block/DEV/stat`, WAL and data files, anything else writing meanwhile included) per host byte. "
+        "Engines read through the page cache, so reads may not reach the disk at all while fio's do (`--direct=1`). "
+        "*CPU* is each process's CPU seconds (user + system, `/proc/PID/stat`) during the run per million I/Os: the "
+        "target (`tessera-nvmf`), the engines of ranks 0, 1, 2 and the management service; the load generator's own "
+        "is not counted.", "",
+        "| class | case | QD | Tessera IOPS (runs) | MiB/s | p50 µs | p99 µs | raw fio IOPS (runs) | raw p50 µs | **Tessera / raw** | disk / host bytes | CPU s/M I/O: target, engine 0, 1, 2, mgmt |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    S = {}
+    for c in classes:
+        cls = c["class"]
+        for case in c["cases"]:
+            m = S[(cls, case["rw"], case["bs"], case["qd"])] = stack_summary(case)
+            t, f = m["t"], m["fio"]
+            cpu = ", ".join(f"{m['cpu'].get(n, 0):.0f}" for n in STACK_PROCS if n in m["cpu"])
+            disk = f"{m['disk']:.2f}" if m["disk"] is not None and "write" in case["rw"] else "—"
+            lines.append(f"| {cls} | {case['bs']} {case['rw']} | {case['qd']} | {t['iops']:.0f} ({k_runs(m['t_runs'])}) | "
+                         f"{t['mib_per_s']:.0f} | {t['lat_p50_us']:.0f} | {t['lat_p99_us']:.0f} | "
+                         f"{f['iops']:.0f} ({k_runs(m['fio_runs'])}) | {f['lat_p50_us']:.0f} | **{m['ratio']:.2f}** | {disk} | {cpu} |")
+    lines += ["", "The issue's goals (Tessera against raw fio on the same disk, medians of the per-pair ratios):", ""]
+    for cls in done:
+        g = lambda rw, bs, qd: S.get((cls, rw, bs, qd))
+        parts = []
+        for label, key, goal in (("4 KiB random writes QD32", ("randwrite", "4k", 32), 0.25),
+                                 ("128 KiB sequential writes", ("write", "128k", 16), 0.4),
+                                 ("4 KiB random reads QD32", ("randread", "4k", 32), 0.6),
+                                 ("128 KiB sequential reads", ("read", "128k", 16), 0.6)):
+            if g(*key):
+                ratio = g(*key)["ratio"]
+                v = verdict(ratio, goal)
+                if "write" in key[0]:   # the same in the bytes the engines write for it
+                    v = v[:-1] + f"; {ratio * STACK_DISK_COPIES.get(cls, 1):.2f} in disk bytes, ×{STACK_DISK_COPIES.get(cls, 1):g})"
+                parts.append(f"{label} {v}")
+        lat = g("randread", "4k", 1)
+        if lat:
+            lr = lat["lat_ratio"]
+            parts.append(f"4 KiB random read QD1 p50 latency **{lr:.2f}×** raw "
+                         f"({lat['t']['lat_p50_us']:.0f} µs against {lat['fio']['lat_p50_us']:.0f} µs; goal ≤ 1.5×: "
+                         f"{'met' if lr <= 1.5 else 'not met'})")
+        lines.append(f"- **{cls}**: " + "; ".join(parts) + ".")
+    fills = ", ".join(f"{c['class']} {c['fill']['mib_per_s']:.0f} MiB/s" for c in classes)
+    lines += ["", f"The fills (128 KiB sequential writes at QD16 of the whole volume, host bytes) ran at {fills}.", "",
+              "Commands (the target's address and fio's file and output format left out; DIR is the system's "
+              "directory, CLASS the class):", "",
+              f"- `{one['up_cmd'].replace('--class ' + one['class'], '--class CLASS')}`; `{one['fill_cmd']}`"]
+    for case in one["cases"]:
+        lines.append(f"- `{case['cmd']}`; `{case['fio_cmd']}`")
+    pct = (f"{min(busy) * 100:.0f}–{max(busy) * 100:.0f} %" if round(min(busy), 2) < round(max(busy), 2)
+           else f"{busy[0] * 100:.0f} %")
+    lines += ["", f"Machine: {os.cpu_count()} CPUs ({cpu_model()}) shared by the target, the engines, the service, the load "
+              f"generator and other jobs, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB RAM, "
+              f"Linux {platform.release()}, {disk_model(fs[1] if len(fs) == 2 else '')}; run on {res['date']} with binaries "
+              f"built from commit {res['commit']}. Before each class, with none of this benchmark's processes running, the "
+              f"CPUs were {pct} busy with other work.", ""]
+    return lines
+
+
 def section_span(lines, heading):
     """(start, end) of the section `heading` (up to the next `## ` heading) in the page's lines, or None."""
     start = next((i for i, l in enumerate(lines) if l.strip() == heading), None)
@@ -1088,8 +1290,16 @@ def main():
     ap.add_argument("--heal-io-time", type=float, default=4.0, help="seconds per host I/O run before and during a rebuild")
     ap.add_argument("--heal-results", metavar="JSON",
                     help=f"with --heal: write the section from a saved measurement (every one is saved to {os.path.relpath(HEAL_RESULTS, ROOT)}) instead of measuring")
+    ap.add_argument("--stack-only", action="store_true",
+                    help="only the whole-stack section (tessera up per object class, tessera bench paired with raw fio), replaced in the existing page")
+    ap.add_argument("--no-stack", dest="stack_too", action="store_false",
+                    help="full run without the whole-stack measurement (the page keeps its existing whole-stack section)")
+    ap.add_argument("--stack-runs", type=int, default=3, help="Tessera/fio pairs per whole-stack case")
+    ap.add_argument("--stack-time", type=float, default=3.0, help="seconds per whole-stack Tessera and fio run")
+    ap.add_argument("--stack-results", metavar="JSON",
+                    help=f"with --stack-only: write the section from a saved measurement (every one is saved to {os.path.relpath(STACK_RESULTS, ROOT)}) instead of measuring")
     a = ap.parse_args()
-    if not a.heal_results:
+    if not a.heal_results and not a.stack_results:
         subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
     if a.profile:
         print("\n".join(profile(os.path.join(ROOT, "target", "profile"))))
@@ -1101,6 +1311,14 @@ def main():
         with open(a.out, "w") as f:
             f.write(splice_section(page, section, HEAL_SECTION, after=ENGINE_SECTION))
         print(f"wrote the self-healing section of {a.out}")
+        return 0
+    if a.stack_only:
+        res = json.load(open(a.stack_results)) if a.stack_results else stack_measure(a.stack_runs, a.stack_time)
+        section = stack_section(res)
+        page = open(a.out).read() if os.path.exists(a.out) else "# Benchmarks\n"
+        with open(a.out, "w") as f:
+            f.write(splice_section(page, section, STACK_SECTION, after=HEAL_SECTION))
+        print(f"wrote the whole-stack section of {a.out}")
         return 0
     if a.engine_only:
         section = engine_section(engine_measure(a.runs, a.engine_time))
@@ -1252,6 +1470,7 @@ def main():
               f"Command: `tessera bench --idle --queues 2 --time {a.idle:g} --target-pid PID`.", ""]
     lines += engine_section(engine_measure(a.runs, a.engine_time))
     lines += heal_section(heal_measure(a.heal_runs, a.heal_io_time)) if a.heal_too else existing_section(a.out, HEAL_SECTION)
+    lines += stack_section(stack_measure(a.stack_runs, a.stack_time)) if a.stack_too else existing_section(a.out, STACK_SECTION)
     kernel = os.path.join(ROOT, "target", "nvme-cli-logs", "kernel-compare.md")
     lines += ["## Same-guest comparison with the Linux kernel target", ""]
     if os.path.exists(kernel):
