@@ -451,9 +451,11 @@ def engine_section(res):
              f"(compilers), {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB RAM, "
              f"Linux {platform.release()}, {disk_model(fs[1] if len(fs) == 2 else '')}; run on {time.strftime('%Y-%m-%d')} "
              f"with the engine built from commit {git_state()}.", "",
-             "What is compared: an engine **update is durable** when acknowledged — its data is written (`pwrite`) "
-             "and `fdatasync`ed, then its WAL record is written and `fdatasync`ed, both shared by every update of a "
-             "group commit — while raw fio with `--direct=1` and no sync only reaches the device's write cache. "
+             "What is compared: an engine **update is durable** when acknowledged — an update of at most 32 KiB "
+             "(`[tuning] wal_data_max`) rides in its group commit's WAL record, written and `fdatasync`ed once for the "
+             "whole batch, and is moved to the data file later, 16 MiB per data sync (destage); a larger one is "
+             "written (`pwrite`) and `fdatasync`ed to the data file first — while raw fio with `--direct=1` and no "
+             "sync only reaches the device's write cache. "
              "The *durable raw* columns are fio with `--fdatasync=QD` (a sync after every write at QD1, after every "
              "32 writes at QD32: about what one group commit of a full queue costs). Updates put each extent at a "
              "new epoch in fresh blocks (no overwrite in place). A **fetch** reads at the newest epoch after the "
@@ -532,18 +534,19 @@ def engine_limits(res, S):
     cpu_qd1 = S[("update", "4k", 1)]["engine"].get("engine_cpu_seconds_per_million_ops") or 0.0
     return [
         "### What limits the engine now", "",
-        f"- **Flushes per update.** Every group commit is two `fdatasync`s (data file, then WAL), and on this "
-        "filesystem each ends in a flush of the device's write cache; the two targets share the device, so their "
+        f"- **Flushes per update.** A group commit of 4 KiB updates is one `fdatasync` (the WAL's; their data "
+        "rides in the record and is destaged to the data file later, one data sync per 16 MiB), and on this "
+        "filesystem it ends in a flush of the device's write cache; the two targets share the device, so their "
         f"flushes queue behind each other. At QD32 ({32 // ENGINE_TARGETS} in flight per target) a commit carries "
         f"{batch:.1f} updates: the target thread stages nothing while it syncs, so the requests that arrive during "
         "one commit form the next and the queue splits into two alternating halves. The engine thus reaches "
-        f"{u4['durable_ratio']:.2f} of fio with one `fdatasync` per 32 writes ({u4['durable']['iops']:.0f} IOPS) but "
-        f"only {u4['ratio']:.2f} of fio without syncs. Ways to close it, in engine code (not changed here): one flush "
-        "per commit (write the data with `O_DIRECT` or `sync_file_range` into a preallocated file so it needs no "
-        "metadata, then let the WAL's single `fdatasync` cover both; or carry small updates' data in the WAL record "
-        "and write them to the data file later); keep receiving and staging while a commit syncs (a sync thread, "
-        "or io_uring with linked write and fsync) so that a batch takes everything in flight; and one flush per "
-        "device for all its targets.",
+        f"{u4['durable_ratio']:.2f} of fio with one `fdatasync` per 32 writes ({u4['durable']['iops']:.0f} IOPS) and "
+        f"{u4['ratio']:.2f} of fio without syncs. Updates above 32 KiB still take two flushes per commit (data "
+        "file, then WAL): carrying 128 KiB updates in the WAL too was measured 3× slower (the data is written twice "
+        "and the records grow to megabytes). Ways to close the rest: `O_DIRECT` writes of large updates into a "
+        "preallocated, written data file so that the WAL's single `fdatasync` covers them; keep receiving and "
+        "staging while a commit syncs (a sync thread, or io_uring with linked write and fsync) so that a batch "
+        "takes everything in flight; and one flush per device for all its targets.",
         "- **Sparse data file, growing WAL.** The data file is created sparse (`set_len`) and WAL segments grow by "
         "appending, so an `fdatasync` also writes block allocation or size metadata. Measured once by hand on this "
         "disk: fio 4 KiB random writes with `--fdatasync=1` ran at 6.7k IOPS on a written file and 3.8k on a "
