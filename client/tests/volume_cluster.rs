@@ -184,7 +184,8 @@ fn ec_2p1_survives_one_engine_killed_mid_workload_and_refuses_after_two() {
 
 #[test]
 fn checksum_corruption_on_one_engine_is_detected_and_served_from_redundancy() {
-    let c = LocalCluster::start("vol-csum", 3, 1, "64MiB", "5s");
+    // The corruption goes into the data file: no update may still wait in the WAL for it.
+    let c = LocalCluster::start_with("vol-csum", 3, 1, "64MiB", "5s", "\n[tuning]\nwal_data_max = 0\n");
     let rt = runtime();
     let size = 4 << 20;
     let vol = rt.block_on(open(&c, "EC_2P1", size));

@@ -434,7 +434,9 @@ mod tests {
     #[test]
     fn fetches_of_corrupt_data_are_noted_once_unless_fenced() {
         let mem = MemStorage::new();
-        let target = Target::open(Arc::new(mem.clone()), TargetConfig::default()).unwrap();
+        // The update goes straight to the data file, which the test corrupts.
+        let cfg = TargetConfig { wal_data_max: 0, ..TargetConfig::default() };
+        let target = Target::open(Arc::new(mem.clone()), cfg).unwrap();
         let corrupt = CorruptReads::new();
         let (h, thread) = TargetHandle::spawn_noting("t".into(), target, 64, 3, corrupt.clone()).unwrap();
         let path = AkeyPath { cont: 1, obj: 2, dkey: Bytes::from_static(b"d"), akey: Bytes::from_static(b"a") };

@@ -416,9 +416,10 @@ fn files(dir: &Path, prefix: &str) -> Vec<PathBuf> {
 
 #[test]
 fn corruption_of_each_file_is_detected() {
-    // Data file: the fetch fails with DataCorrupt instead of returning wrong bytes.
+    // Data file: the fetch fails with DataCorrupt instead of returning wrong bytes. (Updates go
+    // straight to the data file: none may still wait in the WAL when it is corrupted.)
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), "16MiB", 1);
+    let cfg = write_config_with(dir.path(), "16MiB", 1, "[tuning]\nwal_data_max = 0\n");
     populate(&cfg, false, 0, 4);
     let tdir = dir.path().join("data/target-0");
     flip(&tdir.join("data.blk"), 8192 + 100);
