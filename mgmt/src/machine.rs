@@ -103,6 +103,13 @@ pub enum Command {
         /// The engines' ranks.
         ranks: Vec<u32>,
     },
+    /// Targets out for too long stop being reintegrated incrementally: every DOWNOUT target
+    /// whose floor epoch is below `below` gets floor 0 (a return is a full rebuild), in one new
+    /// map version per pool touched, so that engines stop holding aggregation for it.
+    ExpireFloors {
+        /// Floors below this epoch expire.
+        below: u64,
+    },
     /// Every engine finished rebuilding towards map `version`: if that is still the pool's
     /// version, DOWN targets become DOWNOUT and UP targets UPIN in one new version, which becomes
     /// the base map. Otherwise (stale, or nothing to finish) nothing happens.
@@ -200,6 +207,8 @@ pub enum Outcome {
     },
     /// These engines were marked Down (those that were Up or had placeable targets).
     MarkedDown(Vec<u32>),
+    /// Floors expired: per pool, the new map version and the targets.
+    FloorsExpired(Vec<(String, u32, Vec<TargetRef>)>),
     /// A pool was created.
     Pool(Box<PoolInfo>),
     /// A volume was created or resized.
@@ -305,6 +314,7 @@ fn apply_to(next: &mut State, cmd: &Command, env: &Env) -> Result<Outcome, CmdEr
         Command::Drain { pool, sel } => drain(next, pool, sel)?,
         Command::Reintegrate { pool, sel } => reintegrate(next, pool, sel)?,
         Command::Extend { pool, ranks } => extend(next, pool, ranks)?,
+        Command::ExpireFloors { below } => expire_floors(next, *below)?,
         Command::RebuildDone { pool, version } => rebuild_done(next, pool, *version)?,
         Command::CreatePool(req) => create_pool(next, req, env)?,
         Command::CreateVolume { pool, req } => create_volume(next, pool, req, env)?,

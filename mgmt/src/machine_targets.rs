@@ -321,6 +321,30 @@ pub(super) fn extend(s: &mut State, pool: &str, ranks: &[u32]) -> Result<Outcome
     Ok(Outcome::TargetsChanged { pool: p.name.clone(), version: p.map_version, targets: added })
 }
 
+pub(super) fn expire_floors(s: &mut State, below: u64) -> Result<Outcome, CmdError> {
+    let mut expired = Vec::new();
+    for p in s.pools.values_mut() {
+        let old: Vec<TargetRef> = p
+            .targets
+            .iter()
+            .filter(|t| t.state == TargetStateName::DownOut && t.since_epoch > 0 && t.since_epoch < below)
+            .map(target_ref)
+            .collect();
+        if old.is_empty() {
+            continue;
+        }
+        for &t in &old {
+            if let Some(x) = target_mut(p, t) {
+                x.since_epoch = 0;
+            }
+        }
+        // A new version (same states): engines run a pass and release the aggregation hold.
+        set_states(p, &[])?;
+        expired.push((p.name.clone(), p.map_version, old));
+    }
+    Ok(Outcome::FloorsExpired(expired))
+}
+
 pub(super) fn rebuild_done(s: &mut State, pool: &str, version: u32) -> Result<Outcome, CmdError> {
     let p = get_pool_mut(s, pool)?;
     let noop = Outcome::RebuildDone { pool: pool.to_string(), version: None };

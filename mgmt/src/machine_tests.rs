@@ -906,3 +906,25 @@ fn a_new_map_version_records_the_epoch_it_takes_effect_at() {
     let (v, _) = apply(&n, &create_vol("p", vol_req("v", 1 << 20)), &Env { epoch_now: later.epoch_now + 5, ..later }).unwrap();
     assert_eq!(v.pools["p"].map_epoch, later.epoch_now);
 }
+
+#[test]
+fn floors_of_targets_out_too_long_expire_in_one_new_version() {
+    // Engine 1 down and rebuilt elsewhere (DOWNOUT, floor FLOOR); engine 2 down, still DOWN.
+    let mut s = run(&cluster(), Command::EnginesDown(vec![1]));
+    s = run(&s, done(2));
+    let (n, _) = apply(&s, &Command::EnginesDown(vec![2]), &at(FLOOR + 10)).unwrap();
+    assert_eq!(states(&n, 1), [(DOWNOUT, FLOOR, false); 2]);
+    // Not yet: nothing changes, no new version.
+    let (same, out) = ok(&n, Command::ExpireFloors { below: FLOOR });
+    assert_eq!(out, Outcome::FloorsExpired(vec![]));
+    assert_eq!(same, n);
+    // Past the window: only the DOWNOUT targets' floors expire (the DOWN ones are being rebuilt),
+    // in one new map version, which engines see and release their aggregation hold on.
+    let (e, out) = ok(&n, Command::ExpireFloors { below: FLOOR + 100 });
+    let expired: Vec<TargetRef> = (0..2).map(|index| TargetRef { rank: 1, index }).collect();
+    assert_eq!(out, Outcome::FloorsExpired(vec![("p".into(), n.pools["p"].map_version + 1, expired)]));
+    assert_eq!(states(&e, 1), [(DOWNOUT, 0, false); 2]);
+    assert_eq!(states(&e, 2), [(DOWN, FLOOR + 10, false); 2]);
+    // Once expired, never again.
+    assert_eq!(ok(&e, Command::ExpireFloors { below: u64::MAX }).1, Outcome::FloorsExpired(vec![]));
+}

@@ -42,6 +42,10 @@ struct Args {
     /// before the marking; it must exceed the clients' write retry deadline (25 s).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     reintegration_floor_lag: Duration,
+    /// A target out longer than this (DOWNOUT) is no longer reintegrated incrementally: engines
+    /// stop holding aggregation for it, and its return is a full rebuild.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    reintegration_window: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +76,7 @@ fn run(args: Args) -> Result<(), RunError> {
         heartbeat_interval: args.heartbeat_interval,
         auto_reintegrate: !args.manual_reintegration,
         floor_lag: args.reintegration_floor_lag,
+        reintegration_window: args.reintegration_window,
     };
     let svc = Arc::new(Service::open(Arc::new(store), config)?);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(RunError::Start)?;

@@ -40,7 +40,14 @@ pub struct ServiceConfig {
     /// How far before a DOWN marking a target's reintegration floor lies: must exceed the
     /// longest a client retries a write (25 s), so every write the target missed is above it.
     pub floor_lag: Duration,
+    /// A target out (DOWNOUT) for longer than this is no longer reintegrated incrementally: its
+    /// floor expires, and engines stop holding aggregation (and the space of overwritten
+    /// versions) for it. A return after that is a full rebuild.
+    pub reintegration_window: Duration,
 }
+
+/// Default [`ServiceConfig::reintegration_window`]: one day.
+pub const REINTEGRATION_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 impl Default for ServiceConfig {
     fn default() -> Self {
@@ -49,6 +56,7 @@ impl Default for ServiceConfig {
             heartbeat_interval: Duration::from_secs(1),
             auto_reintegrate: true,
             floor_lag: machine::EPOCH_FLOOR_LAG,
+            reintegration_window: REINTEGRATION_WINDOW,
         }
     }
 }
@@ -400,6 +408,38 @@ impl Service {
         SystemInfo { version: snap.version, engines, heartbeat_timeout_ms: self.config.heartbeat_timeout.as_millis() as u64 }
     }
 
+    /// Expires the floors of targets out (DOWNOUT) since before `now_epoch` minus the
+    /// reintegration window ([`Command::ExpireFloors`]); returns the pools touched.
+    pub fn expire_floors(&self, now_epoch: u64) -> Result<Vec<String>, ServiceError> {
+        let window = u64::try_from(self.config.reintegration_window.as_nanos()).unwrap_or(u64::MAX);
+        let below = now_epoch.saturating_sub(window);
+        let due = self
+            .snapshot()
+            .state
+            .pools
+            .values()
+            .any(|p| p.targets.iter().any(|t| t.state == TargetStateName::DownOut && t.since_epoch > 0 && t.since_epoch < below));
+        if !due {
+            return Ok(Vec::new());
+        }
+        match self.execute(&Command::ExpireFloors { below })? {
+            Outcome::FloorsExpired(pools) => Ok(pools
+                .into_iter()
+                .map(|(pool, version, targets)| {
+                    info!(
+                        pool = %pool,
+                        version,
+                        targets = %machine::targets_text(&targets),
+                        window_secs = self.config.reintegration_window.as_secs(),
+                        "targets out longer than the reintegration window: a return is a full rebuild; aggregation no longer held for them"
+                    );
+                    pool
+                })
+                .collect()),
+            other => Err(CmdError::Internal(format!("unexpected outcome {other:?}")).into()),
+        }
+    }
+
     /// Marks Down every Up engine silent for longer than the timeout at `now` (an engine not
     /// heard from since the service started counts from the start), with its targets DOWN in
     /// every pool, in one transaction. Returns the ranks marked.
@@ -607,7 +647,7 @@ pub async fn monitor(svc: Arc<Service>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let s = svc.clone();
-        match tokio::task::spawn_blocking(move || s.check_heartbeats(Instant::now())).await {
+        match tokio::task::spawn_blocking(move || s.check_heartbeats(Instant::now()).and_then(|_| s.expire_floors(hlc::now()))).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => error!("heartbeat monitor: {e}"),
             Err(e) => error!("heartbeat monitor: {e}"),
@@ -629,6 +669,7 @@ mod tests {
             heartbeat_interval: Duration::from_millis(100),
             auto_reintegrate: true,
             floor_lag: machine::EPOCH_FLOOR_LAG,
+            reintegration_window: REINTEGRATION_WINDOW,
         }
     }
 
@@ -855,6 +896,26 @@ mod tests {
         assert_eq!(st, [TargetStateName::Down, TargetStateName::Up]);
         assert_eq!((p.rebuild.state, p.rebuild.targets_down, p.rebuild.targets_up), (RebuildState::Running, 1, 1));
         assert_eq!(svc.drain("p", TargetSelector { rank: 2, target: Some(0) }).unwrap_err().status(), 409);
+    }
+
+    #[test]
+    fn floors_expire_after_the_reintegration_window() {
+        let store = Arc::new(MemStore::new());
+        let window = Duration::from_secs(3600);
+        let svc = Service::open(store.clone(), ServiceConfig { reintegration_window: window, ..config() }).unwrap();
+        three_engines_and_a_pool(&svc);
+        svc.execute(&Command::EnginesDown(vec![2])).unwrap();
+        svc.execute(&Command::RebuildDone { pool: "p".into(), version: 2 }).unwrap();
+        let p = svc.pool_info("p").unwrap();
+        let floor = p.map.targets.iter().find(|t| t.rank == 2).unwrap().since_epoch;
+        assert!(floor > 0 && p.map.version == 3, "{p:?}");
+        let hour = window.as_nanos() as u64;
+        assert!(svc.expire_floors(floor + hour).unwrap().is_empty(), "not before the window has passed");
+        assert_eq!(svc.expire_floors(floor + hour + 1).unwrap(), ["p"]);
+        let p = svc.pool_info("p").unwrap();
+        assert_eq!(p.map.version, 4);
+        assert!(p.map.targets.iter().filter(|t| t.rank == 2).all(|t| t.since_epoch == 0 && t.state == TargetStateName::DownOut));
+        assert!(svc.expire_floors(u64::MAX).unwrap().is_empty());
     }
 
     #[test]
