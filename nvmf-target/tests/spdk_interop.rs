@@ -223,9 +223,11 @@ fn spdk_through_the_discovery_controller() {
     drop(c);
 
     // Then the subsystem found in the log, as perf's probe_cb configures it: empty HOSTNQN.
-    let (admin, _io) = spdk_io_controller(&t);
+    let (admin, io) = spdk_io_controller(&t);
     drop(admin);
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    drop(io);
+    // The discovery connection and both of the I/O controller's.
+    wait_closed(&t, 3);
     assert!(t.is_alive());
     let log = t.log();
     assert!(!log.contains("terminating connection"), "{log}");
@@ -234,6 +236,20 @@ fn spdk_through_the_discovery_controller() {
 
 /// Admin and one I/O queue of SUBNQN the way SPDK connects directly (`subnqn:` in the transport
 /// ID, no `hostnqn:`), with a write and a read on the I/O queue.
+/// Waits (at most 5 s) until the target has logged the end of `n` connections, so that what
+/// it would log about them is in its log.
+fn wait_closed(t: &TargetProc, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let log = t.log();
+        if log.matches("connection closed").count() >= n {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{n} connections not closed in:\n{log}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn spdk_io_controller(t: &TargetProc) -> (HostConn, HostConn) {
     let mut a = open(t.addr);
     a.send_raw(&spdk_connect(0, 0, 31, 0xFFFF, SUBNQN, ""));
@@ -276,7 +292,7 @@ fn spdk_direct_connect_with_an_empty_hostnqn() {
     drop(io);
     spdk_detach(&mut admin, &[0, 1, 2, 3]);
     drop(admin);
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    wait_closed(&t, 2);
     assert!(t.is_alive());
     let log = t.log();
     assert!(!log.contains("terminating connection"), "{log}");
