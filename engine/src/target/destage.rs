@@ -14,7 +14,7 @@
 use bytes::Bytes;
 
 use super::{Target, BLOCK};
-use crate::index::{ExtentBody, Version};
+use crate::index::{Akey, Version};
 use crate::op::{Extent, Loc, Op, Stored};
 use crate::EngineError;
 
@@ -39,8 +39,7 @@ impl Target {
     pub(super) fn find_waiting_extents(&mut self) {
         for path in self.index.akey_paths() {
             let Some(akey) = self.index.akey(&path) else { continue };
-            let (blocks, bytes) =
-                waiting(akey.extents.values(), self.cfg.inline_max).fold((0, 0), |(b, n), (len, _)| (b + len.div_ceil(BLOCK), n + len));
+            let (blocks, bytes) = kept_for(&waiting(akey, self.cfg.inline_max));
             if blocks > 0 {
                 self.destage.insert(path, (blocks, bytes));
                 self.destage_blocks += blocks;
@@ -65,29 +64,21 @@ impl Target {
             self.destage_pending_bytes = self.destage_pending_bytes.saturating_sub(bytes);
             let mut remove_extents = Vec::new();
             let mut add_extents = Vec::new();
-            let mut short = false;
-            if let Some(akey) = self.index.akey(&path) {
-                let exts: Vec<Waiting> = akey
-                    .extents
-                    .iter()
-                    .filter_map(|(&(offset, version), body)| match &body.data {
-                        Some(Stored { loc: Loc::Inline(data), len, csums }) if *len > self.cfg.inline_max => {
-                            Some(Waiting { offset, version, len: *len, data: data.clone(), csums: csums.clone() })
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                for Waiting { offset, version, len, data, csums } in exts {
-                    let Some(start) = self.alloc.alloc(len.div_ceil(BLOCK)) else {
-                        short = true;
-                        break;
-                    };
-                    self.pending_writes.push((start * BLOCK, data));
-                    remove_extents.push((offset, version));
-                    add_extents.push(Extent { offset, len, version, data: Some(Stored { loc: Loc::Blocks { start }, len, csums }) });
-                    moved += len;
-                }
+            let mut exts = self.index.akey(&path).map(|a| waiting(a, self.cfg.inline_max)).unwrap_or_default().into_iter();
+            // What finds no contiguous run now: it waits (its blocks stay kept).
+            let mut left = Vec::new();
+            for w in exts.by_ref() {
+                let Some(start) = self.alloc.alloc(w.len.div_ceil(BLOCK)) else {
+                    left.push(w);
+                    break;
+                };
+                let Waiting { offset, version, len, data, csums } = w;
+                self.pending_writes.push((start * BLOCK, data));
+                remove_extents.push((offset, version));
+                add_extents.push(Extent { offset, len, version, data: Some(Stored { loc: Loc::Blocks { start }, len, csums }) });
+                moved += len;
             }
+            left.extend(exts);
             if !remove_extents.is_empty() {
                 ops.push(Op::Aggregate {
                     path: path.clone(),
@@ -97,19 +88,8 @@ impl Target {
                     remove_punches: Vec::new(),
                 });
             }
-            if short {
-                // No contiguous run for the rest now: it waits (its blocks stay kept).
-                let moving: Vec<(u64, Version)> = ops.last().map_or_else(Vec::new, |op| match op {
-                    Op::Aggregate { path: p, remove_extents, .. } if *p == path => remove_extents.clone(),
-                    _ => Vec::new(),
-                });
-                let rest = self.index.akey(&path).map_or((0, 0), |a| {
-                    a.extents
-                        .iter()
-                        .filter(|(key, _)| !moving.contains(key))
-                        .filter_map(|(_, b)| waiting(std::iter::once(b), self.cfg.inline_max).next())
-                        .fold((0, 0), |(bl, n), (len, _)| (bl + len.div_ceil(BLOCK), n + len))
-                });
+            if !left.is_empty() {
+                let rest = kept_for(&left);
                 self.destage.insert(path, rest);
                 self.destage_blocks += rest.0;
                 self.destage_pending_bytes += rest.1;
@@ -136,11 +116,20 @@ struct Waiting {
     csums: Vec<u64>,
 }
 
-/// The extents among `bodies` kept in the metadata though longer than `inline_max`: (length,
-/// data).
-fn waiting<'a>(bodies: impl Iterator<Item = &'a ExtentBody>, inline_max: u64) -> impl Iterator<Item = (u64, &'a Bytes)> {
-    bodies.filter_map(move |b| match &b.data {
-        Some(Stored { loc: Loc::Inline(data), len, .. }) if *len > inline_max => Some((*len, data)),
-        _ => None,
-    })
+/// The array extents of `akey` kept in the metadata though longer than `inline_max`.
+fn waiting(akey: &Akey, inline_max: u64) -> Vec<Waiting> {
+    akey.extents
+        .iter()
+        .filter_map(|(&(offset, version), body)| match &body.data {
+            Some(Stored { loc: Loc::Inline(data), len, csums }) if *len > inline_max => {
+                Some(Waiting { offset, version, len: *len, data: data.clone(), csums: csums.clone() })
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The blocks to keep free for `exts`, and their bytes.
+fn kept_for(exts: &[Waiting]) -> (u64, u64) {
+    exts.iter().fold((0, 0), |(b, n), w| (b + w.len.div_ceil(BLOCK), n + w.len))
 }
