@@ -5,13 +5,23 @@
 //! aggregation are first *quarantined* and only become allocatable once the WAL record that
 //! freed them is durable; otherwise a crash could bring back an index entry pointing at blocks
 //! already reused for new data.
+//!
+//! Every operation is logarithmic in the number of free runs: runs are indexed by first block and
+//! by length, and next-fit looks at only [`NEXT_FIT_PROBES`] runs after its cursor before it
+//! takes the smallest run that fits (a fragmented file of 100k runs must not cost a scan per
+//! update).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Runs next-fit examines from its cursor before it falls back to the smallest run that fits.
+pub const NEXT_FIT_PROBES: usize = 8;
 
 /// Free space as disjoint runs keyed by first block.
 #[derive(Debug, Clone)]
 pub struct Allocator {
     free: BTreeMap<u64, u64>,
+    /// The same runs as (length, first block).
+    by_len: BTreeSet<(u64, u64)>,
     quarantine: Vec<(u64, u64)>,
     total: u64,
     free_blocks: u64,
@@ -22,18 +32,28 @@ pub struct Allocator {
 impl Allocator {
     /// `total` blocks, all free.
     pub fn new(total: u64) -> Self {
-        let mut free = BTreeMap::new();
+        let mut a = Self { free: BTreeMap::new(), by_len: BTreeSet::new(), quarantine: Vec::new(), total, free_blocks: total, cursor: 0 };
         if total > 0 {
-            free.insert(0, total);
+            a.insert_run(0, total);
         }
-        Self { free, quarantine: Vec::new(), total, free_blocks: total, cursor: 0 }
+        a
+    }
+
+    fn insert_run(&mut self, start: u64, len: u64) {
+        self.free.insert(start, len);
+        self.by_len.insert((len, start));
+    }
+
+    fn remove_run(&mut self, start: u64, len: u64) {
+        self.free.remove(&start);
+        self.by_len.remove(&(len, start));
     }
 
     /// `total` blocks with the `used` runs taken. Fails if two runs overlap or one is out of range.
     pub fn rebuild(total: u64, used: &[(u64, u64)]) -> Result<Self, String> {
         let mut runs: Vec<(u64, u64)> = used.iter().copied().filter(|r| r.1 > 0).collect();
         runs.sort_unstable();
-        let mut free = BTreeMap::new();
+        let mut free = Vec::new();
         let mut pos = 0u64;
         let mut free_blocks = 0;
         for (start, n) in runs {
@@ -42,16 +62,20 @@ impl Allocator {
             }
             let end = start.checked_add(n).filter(|e| *e <= total).ok_or_else(|| format!("blocks {start}+{n} beyond the data file"))?;
             if start > pos {
-                free.insert(pos, start - pos);
+                free.push((pos, start - pos));
                 free_blocks += start - pos;
             }
             pos = end;
         }
         if pos < total {
-            free.insert(pos, total - pos);
+            free.push((pos, total - pos));
             free_blocks += total - pos;
         }
-        Ok(Self { free, quarantine: Vec::new(), total, free_blocks, cursor: 0 })
+        let mut a = Self { free: BTreeMap::new(), by_len: BTreeSet::new(), quarantine: Vec::new(), total, free_blocks, cursor: 0 };
+        for (start, len) in free {
+            a.insert_run(start, len);
+        }
+        Ok(a)
     }
 
     /// Total blocks.
@@ -66,19 +90,21 @@ impl Allocator {
 
     /// The largest contiguous run available now.
     pub fn largest_free(&self) -> u64 {
-        self.free.values().copied().max().unwrap_or(0)
+        self.by_len.last().map_or(0, |r| r.0)
     }
 
-    /// Takes `n` contiguous blocks, next-fit from the cursor.
+    /// Takes `n` contiguous blocks: next-fit from the cursor (so sequential writes stay
+    /// sequential on disk) among the next [`NEXT_FIT_PROBES`] runs, else the smallest run that fits.
     pub fn alloc(&mut self, n: u64) -> Option<u64> {
         if n == 0 || n > self.free_blocks {
             return None;
         }
-        let found = self.free.range(self.cursor..).chain(self.free.range(..self.cursor)).find(|(_, len)| **len >= n).map(|(s, l)| (*s, *l));
+        let near = self.free.range(self.cursor..).chain(self.free.range(..self.cursor)).take(NEXT_FIT_PROBES).find(|(_, len)| **len >= n);
+        let found = near.map(|(s, l)| (*s, *l)).or_else(|| self.by_len.range((n, 0)..).next().map(|(l, s)| (*s, *l)));
         let (start, len) = found?;
-        self.free.remove(&start);
+        self.remove_run(start, len);
         if len > n {
-            self.free.insert(start + n, len - n);
+            self.insert_run(start + n, len - n);
         }
         self.free_blocks -= n;
         self.cursor = start + n;
@@ -95,16 +121,16 @@ impl Allocator {
         let mut n = n;
         if let Some((&ps, &pl)) = self.free.range(..start).next_back() {
             if ps + pl == start {
-                self.free.remove(&ps);
+                self.remove_run(ps, pl);
                 start = ps;
                 n += pl;
             }
         }
         if let Some(&nl) = self.free.get(&(start + n)) {
-            self.free.remove(&(start + n));
+            self.remove_run(start + n, nl);
             n += nl;
         }
-        self.free.insert(start, n);
+        self.insert_run(start, n);
     }
 
     /// Frees a run once the record that stopped referencing it is durable.
@@ -112,6 +138,12 @@ impl Allocator {
         if n > 0 {
             self.quarantine.push((start, n));
         }
+    }
+
+    /// Takes the quarantined runs, for the caller to [`Allocator::release`] once the record that
+    /// freed them is durable.
+    pub fn take_quarantine(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.quarantine)
     }
 
     /// The WAL is durable up to now: quarantined runs become free.
@@ -125,6 +157,49 @@ impl Allocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// The longest run of free blocks in a bitmap model.
+    fn model_largest(used: &[bool]) -> u64 {
+        used.split(|u| *u).map(|r| r.len() as u64).max().unwrap_or(0)
+    }
+
+    proptest! {
+        /// Against a bitmap: alloc succeeds exactly when a run of `n` free blocks exists and takes
+        /// only free blocks; release and the counts agree; the size index follows every change.
+        #[test]
+        fn matches_a_bitmap_model(ops in proptest::collection::vec((any::<bool>(), 1u64..12, any::<u16>()), 1..200)) {
+            let total = 64u64;
+            let mut a = Allocator::new(total);
+            let mut used = vec![false; total as usize];
+            let mut live: Vec<(u64, u64)> = Vec::new();
+            for (take, n, pick) in ops {
+                if take || live.is_empty() {
+                    let fits = model_largest(&used) >= n;
+                    match a.alloc(n) {
+                        Some(s) => {
+                            prop_assert!(fits);
+                            for b in s..s + n {
+                                prop_assert!(!used[b as usize], "block {} handed out twice", b);
+                                used[b as usize] = true;
+                            }
+                            live.push((s, n));
+                        }
+                        None => prop_assert!(!fits, "a run of {} was free", n),
+                    }
+                } else {
+                    let (s, n) = live.swap_remove(pick as usize % live.len());
+                    a.release(s, n);
+                    for b in s..s + n {
+                        used[b as usize] = false;
+                    }
+                }
+                prop_assert_eq!(a.used(), used.iter().filter(|u| **u).count() as u64);
+                prop_assert_eq!(a.largest_free(), model_largest(&used));
+                prop_assert_eq!(a.by_len.len(), a.free.len());
+            }
+        }
+    }
 
     #[test]
     fn alloc_release_coalesces() {

@@ -16,9 +16,9 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// One open file of a target.
 pub trait StorageFile: Send + Sync + std::fmt::Debug {
@@ -26,6 +26,14 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
     /// Writes all of `data` at `off`, extending the file if needed.
     fn write_at(&self, data: &[u8], off: u64) -> io::Result<()>;
+    /// Like [`StorageFile::write_at`] for whole blocks (`off` and the length multiples of
+    /// [`DIRECT_ALIGN`], else `InvalidInput`), bypassing the page cache where the backend can
+    /// (`O_DIRECT`): no copy into the cache, and the write has reached the device when it
+    /// returns. Durability still takes a [`StorageFile::sync`].
+    fn write_direct(&self, data: &[u8], off: u64) -> io::Result<()> {
+        check_direct(data, off)?;
+        self.write_at(data, off)
+    }
     /// Makes every completed write durable (`fdatasync`).
     fn sync(&self) -> io::Result<()>;
     /// Current length in bytes.
@@ -36,6 +44,83 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
     }
     /// Truncates or extends (with zeros) to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+}
+
+/// Alignment of [`StorageFile::write_direct`]'s offset, length and (for no copy) buffer.
+pub const DIRECT_ALIGN: usize = 4096;
+
+fn check_direct(data: &[u8], off: u64) -> io::Result<()> {
+    if !off.is_multiple_of(DIRECT_ALIGN as u64) || !data.len().is_multiple_of(DIRECT_ALIGN) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("direct write of {} bytes at {off} is not block-aligned", data.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// A reusable buffer whose contents start at a [`DIRECT_ALIGN`]-aligned address, for
+/// [`StorageFile::write_direct`] without a second copy.
+#[derive(Debug, Default)]
+pub struct AlignedBuf {
+    buf: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// Buffers larger than this are not kept between uses.
+    const KEEP_MAX: usize = 64 << 20;
+
+    /// Empties the buffer, making room for `capacity` bytes.
+    pub fn reset(&mut self, capacity: usize) {
+        if self.buf.len() > Self::KEEP_MAX && capacity <= Self::KEEP_MAX {
+            self.buf = Vec::new();
+        }
+        let need = capacity + DIRECT_ALIGN;
+        if self.buf.len() < need {
+            self.buf = vec![0; need];
+        }
+        self.start = self.buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        self.len = 0;
+    }
+
+    /// Appends `data`, growing (and moving) the buffer if needed.
+    pub fn extend_from_slice(&mut self, data: &[u8]) {
+        let end = self.len + data.len();
+        if self.start + end > self.buf.len() {
+            let old = std::mem::take(&mut self.buf);
+            let (start, len) = (self.start, self.len);
+            self.reset(end.max(len * 2));
+            self.buf[self.start..self.start + len].copy_from_slice(&old[start..start + len]);
+            self.len = len;
+        }
+        self.buf[self.start + self.len..self.start + end].copy_from_slice(data);
+        self.len = end;
+    }
+
+    /// Pads with zeros to `len` bytes (no-op if already that long).
+    pub fn pad_to(&mut self, len: usize) {
+        if len > self.len {
+            let zeros = len - self.len;
+            self.extend_from_slice(&vec![0; zeros]);
+        }
+    }
+
+    /// Bytes held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The contents, starting at an aligned address.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
+    }
 }
 
 /// A target's directory of files.
@@ -69,23 +154,57 @@ impl FileStorage {
 }
 
 #[derive(Debug)]
-struct RealFile(File);
+struct RealFile {
+    file: File,
+    path: PathBuf,
+    /// A second descriptor opened with `O_DIRECT` on first use; `None` where the filesystem
+    /// refuses it (tmpfs), and then direct writes go through the page cache.
+    direct: OnceLock<Option<File>>,
+}
+
+impl RealFile {
+    fn direct(&self) -> Option<&File> {
+        self.direct
+            .get_or_init(|| {
+                let opened = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(&self.path);
+                match opened {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        tracing::info!(path = %self.path.display(), error = %e, "O_DIRECT refused here: direct writes go through the page cache");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+}
 
 impl StorageFile for RealFile {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        self.0.read_exact_at(buf, off)
+        self.file.read_exact_at(buf, off)
     }
     fn write_at(&self, data: &[u8], off: u64) -> io::Result<()> {
-        self.0.write_all_at(data, off)
+        self.file.write_all_at(data, off)
+    }
+    fn write_direct(&self, data: &[u8], off: u64) -> io::Result<()> {
+        check_direct(data, off)?;
+        let Some(direct) = self.direct() else { return self.file.write_all_at(data, off) };
+        if data.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
+            return direct.write_all_at(data, off);
+        }
+        let mut aligned = AlignedBuf::default();
+        aligned.reset(data.len());
+        aligned.extend_from_slice(data);
+        direct.write_all_at(aligned.as_slice(), off)
     }
     fn sync(&self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
     fn len(&self) -> io::Result<u64> {
-        Ok(self.0.metadata()?.len())
+        Ok(self.file.metadata()?.len())
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)
     }
 }
 
@@ -97,7 +216,7 @@ impl Storage for FileStorage {
         if !existed {
             self.sync_dir()?;
         }
-        Ok(Arc::new(RealFile(file)))
+        Ok(Arc::new(RealFile { file, path, direct: OnceLock::new() }))
     }
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         std::fs::rename(self.dir.join(from), self.dir.join(to))?;
@@ -351,6 +470,10 @@ impl StorageFile for FaultFile {
             }
         }
     }
+    fn write_direct(&self, data: &[u8], off: u64) -> io::Result<()> {
+        check_direct(data, off)?;
+        self.write_at(data, off)
+    }
     fn sync(&self) -> io::Result<()> {
         match self.storage.next_op()? {
             None => self.inner.sync(),
@@ -444,5 +567,55 @@ mod tests {
         s.remove("y").unwrap();
         s.remove("y").unwrap();
         assert!(s.open("y", false).is_err());
+    }
+
+    #[test]
+    fn direct_writes_take_whole_blocks_from_any_buffer_and_read_back_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStorage::new(dir.path()).unwrap();
+        let f = s.open("d", true).unwrap();
+        f.write_at(&[9u8; 100], 0).unwrap();
+        let mut cached = [0u8; 100];
+        f.read_at(&mut cached, 0).unwrap();
+        // An unaligned buffer is copied; an aligned one is written as is.
+        let block: Vec<u8> = (0..2 * DIRECT_ALIGN + 1).map(|i| i as u8).collect();
+        f.write_direct(&block[1..], 0).unwrap();
+        let mut aligned = AlignedBuf::default();
+        aligned.reset(DIRECT_ALIGN);
+        aligned.extend_from_slice(&[7u8; DIRECT_ALIGN]);
+        assert_eq!(aligned.as_slice().as_ptr().align_offset(DIRECT_ALIGN), 0);
+        f.write_direct(aligned.as_slice(), 3 * DIRECT_ALIGN as u64).unwrap();
+        f.sync().unwrap();
+        // Buffered reads see the direct writes (the page cache read before is not stale).
+        let mut back = vec![0u8; 4 * DIRECT_ALIGN];
+        f.read_at(&mut back, 0).unwrap();
+        assert_eq!(&back[..2 * DIRECT_ALIGN], &block[1..]);
+        assert!(back[2 * DIRECT_ALIGN..3 * DIRECT_ALIGN].iter().all(|b| *b == 0), "a hole reads as zeros");
+        assert!(back[3 * DIRECT_ALIGN..].iter().all(|b| *b == 7));
+        for (len, off) in [(100, 0), (DIRECT_ALIGN, 512)] {
+            let e = f.write_direct(&block[..len], off).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{len} bytes at {off}");
+        }
+        let mem = MemStorage::new().open("m", true).unwrap();
+        assert_eq!(mem.write_direct(&[0u8; 10], 0).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn aligned_buf_keeps_contents_and_alignment_as_it_grows() {
+        let mut b = AlignedBuf::default();
+        b.reset(10);
+        let mut expect = Vec::new();
+        for i in 0..50u8 {
+            let piece = vec![i; 1000 + i as usize * 37];
+            b.extend_from_slice(&piece);
+            expect.extend_from_slice(&piece);
+            assert_eq!(b.as_slice(), &expect[..]);
+            assert_eq!(b.as_slice().as_ptr().align_offset(DIRECT_ALIGN), 0);
+        }
+        b.pad_to(expect.len().next_multiple_of(DIRECT_ALIGN));
+        assert_eq!(b.len() % DIRECT_ALIGN, 0);
+        assert!(b.as_slice()[expect.len()..].iter().all(|x| *x == 0));
+        b.reset(0);
+        assert!(b.is_empty());
     }
 }

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use tracing::{info, warn};
 
 use crate::alloc::Allocator;
-use crate::backend::{Storage, StorageFile};
+use crate::backend::{AlignedBuf, Storage, StorageFile};
 use crate::checkpoint::{self, checkpoint_name, parse_checkpoint_name};
 use crate::csum::{chunk_csums, crc64};
 use crate::index::{subtract, Index, ItemKey, Retention, Source, Version};
@@ -35,7 +35,10 @@ use crate::op::{encode_ops, AkeyPath, Extent, Loc, Op, PunchLevel, Stored};
 use crate::wal::{parse_segment_name, scan_segment, segment_name, WalWriter};
 use crate::{EngineError, BLOCK};
 
+mod commit;
 mod destage;
+
+pub use commit::SyncJob;
 
 /// Name of the data file in a target's directory.
 pub const DATA_FILE: &str = "data.blk";
@@ -284,6 +287,12 @@ pub struct Target {
     staged_paths: Vec<AkeyPath>,
     /// Data of staged updates, written at commit: (byte offset in the data file, bytes).
     pending_writes: Vec<(u64, Bytes)>,
+    /// Where a commit assembles its data-file writes (aligned for `O_DIRECT`, kept between commits).
+    write_buf: AlignedBuf,
+    /// Data written ahead of its commit ([`Target::write_staged_data`]), not yet synced.
+    data_unsynced: bool,
+    /// The commit between [`Target::commit_start`] and [`Target::commit_finish`].
+    in_flight: Option<commit::InFlight>,
     /// Akeys that may hold versions to aggregate.
     dirty: BTreeSet<AkeyPath>,
     /// Akeys holding versions above the boundary, by the oldest such epoch.
@@ -485,6 +494,9 @@ impl Target {
             staged: Vec::new(),
             staged_paths: Vec::new(),
             pending_writes: Vec::new(),
+            write_buf: AlignedBuf::default(),
+            data_unsynced: false,
+            in_flight: None,
             dirty,
             deferred: BinaryHeap::new(),
             failed: None,
@@ -547,7 +559,7 @@ impl Target {
         if let Some(d) = &dkey {
             check_key("dkey", d)?;
         }
-        if self.has_staged() {
+        if !self.settled() {
             return Err(invalid("a discard is planned from the committed index: commit the staged mutations first"));
         }
         let (ops, versions) = self.index.plan_discard(cont, obj, epochs, dkey.as_ref());
@@ -656,7 +668,8 @@ impl Target {
 
     /// Blocks free for new data: not allocated and not kept for extents waiting to be destaged.
     fn free_blocks(&self) -> u64 {
-        let kept = self.destage_blocks + self.destage_staged.iter().map(|d| d.1).sum::<u64>();
+        let in_flight = self.in_flight.iter().flat_map(|f| &f.destage);
+        let kept = self.destage_blocks + self.destage_staged.iter().chain(in_flight).map(|d| d.1).sum::<u64>();
         (self.alloc.total() - self.alloc.used()).saturating_sub(kept)
     }
 
@@ -716,49 +729,6 @@ impl Target {
     /// Whether mutations are waiting for [`Target::commit`].
     pub fn has_staged(&self) -> bool {
         !self.staged.is_empty()
-    }
-
-    /// Makes every staged mutation durable (one data sync, one WAL record, one WAL sync) and
-    /// applies it. On failure nothing staged may be acknowledged and the target refuses updates.
-    pub fn commit(&mut self) -> Result<(), EngineError> {
-        if self.staged.is_empty() {
-            return Ok(());
-        }
-        let result = self.commit_inner();
-        if let Err(e) = &result {
-            self.fail(e);
-            self.staged.clear();
-            self.staged_paths.clear();
-            self.pending_writes.clear();
-            self.destage_staged.clear();
-        }
-        result
-    }
-
-    fn commit_inner(&mut self) -> Result<(), EngineError> {
-        self.check_healthy()?;
-        if !self.pending_writes.is_empty() {
-            write_coalesced(self.data.as_ref(), std::mem::take(&mut self.pending_writes))?;
-            self.data.sync().map_err(|e| EngineError::io(DATA_FILE, e))?;
-        }
-        let before = self.wal.segment_bytes();
-        self.wal.append(&encode_ops(&self.staged))?;
-        self.wal_backlog += self.wal.segment_bytes() - before;
-        self.stats.commits += 1;
-        self.stats.ops += self.staged.len() as u64;
-        for op in std::mem::take(&mut self.staged) {
-            self.index.apply(&op);
-        }
-        self.dirty.extend(self.staged_paths.drain(..));
-        for (path, blocks, bytes) in self.destage_staged.drain(..) {
-            let e = self.destage.entry(path).or_default();
-            e.0 += blocks;
-            e.1 += bytes;
-            self.destage_blocks += blocks;
-            self.destage_pending_bytes += bytes;
-        }
-        self.alloc.release_quarantine();
-        Ok(())
     }
 
     /// Reads `len` bytes at `offset` of an array akey as of `epoch`.
@@ -1043,7 +1013,7 @@ impl Target {
     /// the number of blocks freed.
     pub fn aggregate_step(&mut self, now: u64) -> Result<u64, EngineError> {
         self.check_healthy()?;
-        if self.has_staged() {
+        if !self.settled() {
             return Ok(0);
         }
         self.wake_deferred(now);
@@ -1080,11 +1050,23 @@ impl Target {
         Ok(count)
     }
 
+    /// Whether [`Target::maybe_checkpoint`] has work: the WAL has grown enough for a new
+    /// checkpoint, or a running one has finished.
+    pub fn checkpoint_due(&self) -> bool {
+        match &self.checkpoint_job {
+            Some(job) => job.handle.is_finished(),
+            None => {
+                let grown = self.wal_backlog >= self.cfg.checkpoint_wal_bytes || self.wal_segments >= CHECKPOINT_SEGMENTS;
+                grown && self.wal.next_seq() - 1 != self.checkpoint_seq
+            }
+        }
+    }
+
     /// Starts a background checkpoint if the WAL has grown enough (or `force`), and reaps a
     /// finished one. Returns true when a new checkpoint was started.
     pub fn maybe_checkpoint(&mut self, force: bool) -> Result<bool, EngineError> {
         self.reap_checkpoint(false)?;
-        if self.checkpoint_job.is_some() || self.has_staged() || self.failed.is_some() {
+        if self.checkpoint_job.is_some() || !self.settled() || self.failed.is_some() {
             return Ok(false);
         }
         let seq = self.wal.next_seq() - 1;
@@ -1188,42 +1170,6 @@ fn write_checkpoint(storage: &dyn Storage, seq: u64, image: &[u8], keep_from: u6
     Ok(())
 }
 
-/// Writes a batch's data with one `pwrite` per contiguous run. Next-fit allocation places the
-/// updates of a batch one after another, so a batch of small updates is usually one write; the
-/// unused tail of a partly filled block is padded with zeros to join the next block.
-fn write_coalesced(file: &dyn StorageFile, mut writes: Vec<(u64, Bytes)>) -> Result<(), EngineError> {
-    writes.sort_unstable_by_key(|w| w.0);
-    let mut run_start = 0u64;
-    let mut run: Vec<u8> = Vec::new();
-    let mut single: Option<Bytes> = None;
-    let flush = |start: u64, run: &mut Vec<u8>, single: &mut Option<Bytes>| -> Result<(), EngineError> {
-        let result = match single.take() {
-            Some(b) => file.write_at(&b, start),
-            None if !run.is_empty() => file.write_at(run, start),
-            None => Ok(()),
-        };
-        run.clear();
-        result.map_err(|e| EngineError::io(DATA_FILE, e))
-    };
-    let mut end = 0u64;
-    for (off, bytes) in writes {
-        let joins = (single.is_some() || !run.is_empty()) && off == end.next_multiple_of(BLOCK);
-        if !joins {
-            flush(run_start, &mut run, &mut single)?;
-            run_start = off;
-            single = Some(bytes.clone());
-        } else {
-            if let Some(first) = single.take() {
-                run.extend_from_slice(&first);
-            }
-            run.resize((off - run_start) as usize, 0);
-            run.extend_from_slice(&bytes);
-        }
-        end = off + bytes.len() as u64;
-    }
-    flush(run_start, &mut run, &mut single)
-}
-
 /// Data-file blocks an aggregation op stops referencing.
 fn freed_blocks(index: &Index, op: &Op) -> Vec<(u64, u64)> {
     let Op::Aggregate { path, remove_extents, add_extents, remove_singles, .. } = op else { return Vec::new() };
@@ -1254,28 +1200,7 @@ impl Stored {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{Fault, FaultStorage, MemStorage};
-
-    #[test]
-    fn batch_data_is_written_in_contiguous_runs() {
-        let mem = MemStorage::new();
-        let counting = FaultStorage::new(Arc::new(mem.clone()), 0, Fault::Fail);
-        let file = counting.open("d", true).unwrap();
-        let writes = vec![
-            (4096, Bytes::from(vec![2u8; 4096])),
-            (0, Bytes::from(vec![1u8; 100])),
-            (8192, Bytes::from(vec![3u8; 5000])),
-            (40960, Bytes::from(vec![4u8; 10])),
-        ];
-        write_coalesced(file.as_ref(), writes).unwrap();
-        assert_eq!(counting.ops(), 2, "two runs, two writes");
-        let content = mem.contents("d").unwrap();
-        assert_eq!(&content[..100], &[1u8; 100][..]);
-        assert!(content[100..4096].iter().all(|b| *b == 0));
-        assert_eq!(&content[4096..8192], &[2u8; 4096][..]);
-        assert_eq!(&content[8192..13192], &[3u8; 5000][..]);
-        assert_eq!(&content[40960..40970], &[4u8; 10][..]);
-    }
+    use crate::backend::MemStorage;
 
     fn small() -> TargetConfig {
         TargetConfig {

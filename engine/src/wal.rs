@@ -189,6 +189,35 @@ pub struct WalWriter {
     bytes_since_rotate: u64,
 }
 
+/// One record to write and sync at its reserved place ([`WalWriter::prepare`]).
+#[derive(Debug)]
+pub struct WalAppend {
+    file: Arc<dyn StorageFile>,
+    name: String,
+    offset: u64,
+    record: Vec<u8>,
+    /// The record's sequence number.
+    pub seq: u64,
+}
+
+impl WalAppend {
+    /// Bytes the record takes in its segment.
+    pub fn len(&self) -> u64 {
+        self.record.len() as u64
+    }
+
+    /// Whether the record is empty (never: it has a header).
+    pub fn is_empty(&self) -> bool {
+        self.record.is_empty()
+    }
+
+    /// Writes the record and syncs the segment: once this returns, the record is durable.
+    pub fn write_and_sync(self) -> Result<(), EngineError> {
+        self.file.write_at(&self.record, self.offset).map_err(|e| EngineError::io(&self.name, e))?;
+        self.file.sync().map_err(|e| EngineError::io(&self.name, e))
+    }
+}
+
 impl WalWriter {
     /// Starts a new segment whose first record will be `next_seq`.
     pub fn create(storage: Arc<dyn Storage>, next_seq: u64) -> Result<Self, EngineError> {
@@ -210,18 +239,26 @@ impl WalWriter {
 
     /// Writes and syncs one record; returns its sequence number once it is durable.
     pub fn append(&mut self, payload: &[u8]) -> Result<u64, EngineError> {
+        let append = self.prepare(payload)?;
+        let seq = append.seq;
+        append.write_and_sync()?;
+        Ok(seq)
+    }
+
+    /// Reserves the next record for `payload` without writing it: the caller runs the returned
+    /// [`WalAppend`] (on any thread) before preparing another. If it fails, the writer's state
+    /// is past a record that may be torn: nothing more may be appended.
+    pub fn prepare(&mut self, payload: &[u8]) -> Result<WalAppend, EngineError> {
         let seq = self.next_seq;
         if payload.len() > MAX_PAYLOAD as usize {
             return Err(EngineError::Invalid(format!("WAL record of {} bytes exceeds {MAX_PAYLOAD}", payload.len())));
         }
-        let rec = encode_record(seq, payload);
-        let name = segment_name(self.segment_start);
-        self.file.write_at(&rec, self.offset).map_err(|e| EngineError::io(&name, e))?;
-        self.file.sync().map_err(|e| EngineError::io(&name, e))?;
-        self.offset += rec.len() as u64;
-        self.bytes_since_rotate += rec.len() as u64;
+        let record = encode_record(seq, payload);
+        let append = WalAppend { file: self.file.clone(), name: segment_name(self.segment_start), offset: self.offset, record, seq };
+        self.offset += append.record.len() as u64;
+        self.bytes_since_rotate += append.record.len() as u64;
         self.next_seq += 1;
-        Ok(seq)
+        Ok(append)
     }
 
     /// Closes the open segment and starts a new one at the next sequence number.

@@ -1,13 +1,16 @@
-//! The thread that owns one [`Target`]: the only code that touches that target's files.
+//! The thread that owns one [`Target`]: the only code that touches that target's files, with the
+//! target's sync thread.
 //!
 //! Requests arrive on a channel. The loop takes everything that is queued (up to `max_batch`),
-//! answers reads at once, stages every mutation, commits them all with one WAL record (group
-//! commit: whatever queued up while the previous sync ran forms the next batch; small updates'
-//! data rides in the record, larger ones are written and synced to the data file first), and
-//! only then answers the mutations. A discard is planned from the committed index, so when one
-//! comes, what the batch staged before it is committed and answered first. Between batches it
-//! destages small updates' data to the data file once enough waits, starts checkpoints when the
-//! WAL has grown and runs bounded aggregation steps; when idle it destages what waits, then
+//! answers reads at once, and stages every mutation. Commits are pipelined
+//! (`target/commit.rs`): when no commit is in flight, what is staged starts one at once and its
+//! [`SyncJob`] goes to the sync thread; while it syncs, the loop keeps taking requests, staging
+//! them and writing their data early, and when the sync reports back it applies the commit,
+//! answers its mutations and starts the next commit with everything staged meanwhile. A discard
+//! is planned from the committed index, so when one comes, what came before it is committed and
+//! answered first. Every few commits (and whenever destage or a checkpoint is due), the loop
+//! settles the target and runs the background steps: destaging small updates' data to the data
+//! file, starting checkpoints, bounded aggregation; when idle it destages what waits, then
 //! aggregates; with nothing to do it blocks, so an idle engine uses no CPU.
 //!
 //! Scrub runs here too, as bounded steps the scrubber (`scrub`) asks for like any read
@@ -15,17 +18,17 @@
 //! checksum is noted in the engine's [`CorruptReads`] for the scrubber to repair.
 
 use std::collections::VecDeque;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use crossbeam_channel::{self as channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use tokio::sync::{oneshot, Notify};
 use tracing::warn;
 
 use crate::op::AkeyPath;
-use crate::target::{Fence, FetchedArray, Mutation, ScrubCursor, ScrubStep, Staged, Target, TargetInfo};
+use crate::target::{Fence, FetchedArray, Mutation, ScrubCursor, ScrubStep, Staged, SyncJob, Target, TargetInfo};
 use crate::EngineError;
 
 /// What a client asks of a target.
@@ -213,8 +216,9 @@ impl TargetHandle {
     }
 
     fn spawn_with(name: String, target: Target, max_batch: usize, sink: CorruptSink) -> std::io::Result<(TargetHandle, JoinHandle<()>)> {
-        let (tx, rx) = mpsc::channel();
-        let handle = std::thread::Builder::new().name(name).spawn(move || run(target, &rx, max_batch.max(1), &sink))?;
+        let (tx, rx) = channel::unbounded();
+        let syncer = Syncer::spawn(&name)?;
+        let handle = std::thread::Builder::new().name(name).spawn(move || run(target, syncer, &rx, max_batch.max(1), sink))?;
         Ok((TargetHandle { tx }, handle))
     }
 
@@ -243,23 +247,173 @@ const AGGREGATION_IDLE: Duration = Duration::from_secs(1);
 /// once half the space is used), so space is reclaimed even when the queue never empties.
 const BATCHES_PER_AGGREGATION: u32 = 8;
 
-fn run(mut target: Target, rx: &Receiver<Msg>, max_batch: usize, sink: &CorruptSink) {
-    let mut aggregation_busy = true;
-    let mut batches = 0u32;
-    loop {
-        let background = target.aggregation_pending() || target.destage_pending();
-        let first = if background && aggregation_busy {
-            rx.try_recv().map_err(|e| match e {
-                mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
-                mpsc::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
-            })
-        } else if background {
-            rx.recv_timeout(AGGREGATION_IDLE)
-        } else {
-            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+/// What the target thread waits for.
+enum Event {
+    Msg(Msg),
+    /// The commit in flight is durable (or failed).
+    Synced(Result<(), EngineError>),
+    Timeout,
+    Disconnected,
+}
+
+/// The thread that runs [`SyncJob`]s: it makes one commit durable while the target thread
+/// receives and stages the next.
+struct Syncer {
+    jobs: Option<Sender<SyncJob>>,
+    done: Receiver<Result<(), EngineError>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn spawn(name: &str) -> std::io::Result<Syncer> {
+        let (jobs, job_rx) = channel::bounded::<SyncJob>(1);
+        let (done_tx, done) = channel::bounded(1);
+        let thread = std::thread::Builder::new().name(format!("{name}-sync")).spawn(move || {
+            for job in job_rx {
+                if done_tx.send(job.run()).is_err() {
+                    return;
+                }
+            }
+        })?;
+        Ok(Syncer { jobs: Some(jobs), done, thread: Some(thread) })
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A target, its sync thread, and the mutations waiting for a commit.
+struct Worker {
+    target: Target,
+    syncer: Syncer,
+    /// Mutations in the commit in flight: answered when it finishes.
+    syncing: Vec<(ReplyTx, Staged)>,
+    /// Mutations staged for the next commit.
+    waiting: Vec<(ReplyTx, Staged)>,
+    sink: CorruptSink,
+    /// Commits since the last aggregation step.
+    commits: u32,
+}
+
+/// Answers mutations with their commit's outcome.
+fn answer(waiting: Vec<(ReplyTx, Staged)>, result: &Result<(), EngineError>) {
+    for (tx, staged) in waiting {
+        let reply = match (result, staged) {
+            (Ok(()), Staged::Done) => Ok(TargetReply::Done),
+            (Ok(()), Staged::Discarded { versions }) => Ok(TargetReply::Discarded(versions)),
+            (Err(e), _) => Err(EngineError::Failed(e.to_string())),
         };
-        match first {
-            Ok(msg) => {
+        let _ = tx.send(reply);
+    }
+}
+
+impl Worker {
+    /// Starts committing what is staged; no commit may be in flight.
+    fn start_commit(&mut self) {
+        match self.target.commit_start() {
+            Ok(Some(job)) => {
+                self.syncing = std::mem::take(&mut self.waiting);
+                let sent = self.syncer.jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok());
+                if !sent {
+                    self.finish(Err(EngineError::Failed("the sync thread is gone".into())));
+                }
+            }
+            Ok(None) => answer(std::mem::take(&mut self.waiting), &Ok(())),
+            Err(e) => answer(std::mem::take(&mut self.waiting), &Err(e)),
+        }
+    }
+
+    /// Ends the commit in flight and answers its mutations.
+    fn finish(&mut self, synced: Result<(), EngineError>) {
+        let result = self.target.commit_finish(synced);
+        answer(std::mem::take(&mut self.syncing), &result);
+    }
+
+    /// Waits for the commit in flight, if any.
+    fn drain(&mut self) {
+        if self.target.in_flight() {
+            let synced = self.syncer.done.recv().unwrap_or_else(|_| Err(EngineError::Failed("the sync thread is gone".into())));
+            self.finish(synced);
+        }
+    }
+
+    /// Commits everything and waits for it: afterwards the target is settled.
+    fn settle(&mut self) {
+        self.drain();
+        if self.target.has_staged() || !self.waiting.is_empty() {
+            self.start_commit();
+            self.drain();
+        }
+    }
+
+    /// After a commit finished: background work if it is due (on a settled target), then the
+    /// next commit with whatever was staged meanwhile.
+    fn after_commit(&mut self) {
+        self.commits += 1;
+        let aggregate = (self.commits >= BATCHES_PER_AGGREGATION || self.target.space_pressure()) && self.target.aggregation_pending();
+        if aggregate || self.target.destage_due() || self.target.checkpoint_due() {
+            self.settle();
+            if self.target.destage_due() {
+                // Under load: what waits in the metadata goes to the data file, one sync.
+                if let Err(e) = self.target.destage_step(self.target.destage_waiting_bytes()) {
+                    warn!(error = %e, "destage failed");
+                }
+            }
+            if let Err(e) = self.target.maybe_checkpoint(false) {
+                warn!(error = %e, "checkpoint not started");
+            }
+            if aggregate {
+                self.commits = 0;
+                if let Err(e) = self.target.aggregate_step(now_epoch()) {
+                    warn!(error = %e, "aggregation step failed");
+                }
+            }
+        }
+        if self.target.has_staged() || !self.waiting.is_empty() {
+            self.start_commit();
+        }
+    }
+}
+
+fn run(target: Target, syncer: Syncer, rx: &Receiver<Msg>, max_batch: usize, sink: CorruptSink) {
+    let mut w = Worker { target, syncer, syncing: Vec::new(), waiting: Vec::new(), sink, commits: 0 };
+    let mut aggregation_busy = true;
+    loop {
+        let background = w.target.aggregation_pending() || w.target.destage_pending();
+        let event = if w.target.in_flight() {
+            channel::select! {
+                recv(rx) -> m => m.map_or(Event::Disconnected, Event::Msg),
+                recv(w.syncer.done) -> r => Event::Synced(r.unwrap_or_else(|_| Err(EngineError::Failed("the sync thread is gone".into())))),
+            }
+        } else {
+            let got = if background && aggregation_busy {
+                rx.try_recv().map_err(|e| match e {
+                    TryRecvError::Empty => RecvTimeoutError::Timeout,
+                    TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+                })
+            } else if background {
+                rx.recv_timeout(AGGREGATION_IDLE)
+            } else {
+                rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            };
+            match got {
+                Ok(m) => Event::Msg(m),
+                Err(RecvTimeoutError::Timeout) => Event::Timeout,
+                Err(RecvTimeoutError::Disconnected) => Event::Disconnected,
+            }
+        };
+        match event {
+            Event::Synced(synced) => {
+                w.finish(synced);
+                w.after_commit();
+            }
+            Event::Msg(msg) => {
                 let mut batch = vec![msg];
                 while batch.len() < max_batch {
                     match rx.try_recv() {
@@ -267,45 +421,37 @@ fn run(mut target: Target, rx: &Receiver<Msg>, max_batch: usize, sink: &CorruptS
                         Err(_) => break,
                     }
                 }
-                if let Some(done) = execute_batch(&mut target, batch, sink) {
-                    let _ = done.send(target.shutdown());
+                if let Some(done) = w.execute_batch(batch) {
+                    w.settle();
+                    let _ = done.send(w.target.shutdown());
                     return;
                 }
-                if target.destage_due() {
-                    // Under load: what waits in the metadata goes to the data file, one sync.
-                    if let Err(e) = target.destage_step(target.destage_waiting_bytes()) {
-                        warn!(error = %e, "destage failed");
-                    }
-                }
-                if let Err(e) = target.maybe_checkpoint(false) {
-                    warn!(error = %e, "checkpoint not started");
+                if !w.target.in_flight() {
+                    w.start_commit();
+                } else if let Err(e) = w.target.write_staged_data() {
+                    // The target is failed: the staged mutations get the error at their commit.
+                    warn!(error = %e, "writing staged data failed");
                 }
                 aggregation_busy = true;
-                batches += 1;
-                if (batches >= BATCHES_PER_AGGREGATION || target.space_pressure()) && target.aggregation_pending() {
-                    batches = 0;
-                    if let Err(e) = target.aggregate_step(now_epoch()) {
-                        warn!(error = %e, "aggregation step failed");
-                    }
-                }
             }
-            // Idle: first what waits for the data file, then aggregation.
-            Err(RecvTimeoutError::Timeout) if target.destage_pending() => match target.destage_step(IDLE_DESTAGE_STEP) {
-                Ok(moved) => aggregation_busy = moved > 0 || target.aggregation_pending(),
+            // Idle (nothing staged or in flight): first what waits for the data file, then aggregation.
+            Event::Timeout if w.target.destage_pending() => match w.target.destage_step(IDLE_DESTAGE_STEP) {
+                Ok(moved) => aggregation_busy = moved > 0 || w.target.aggregation_pending(),
                 Err(e) => {
                     warn!(error = %e, "destage failed");
                     aggregation_busy = false;
                 }
             },
-            Err(RecvTimeoutError::Timeout) => match target.aggregate_step(now_epoch()) {
+            Event::Timeout => match w.target.aggregate_step(now_epoch()) {
                 Ok(freed) => aggregation_busy = freed > 0,
                 Err(e) => {
                     warn!(error = %e, "aggregation step failed");
                     aggregation_busy = false;
                 }
             },
-            Err(RecvTimeoutError::Disconnected) => {
-                if let Err(e) = target.shutdown() {
+            Event::Disconnected => {
+                w.settle();
+                if let Err(e) = w.target.shutdown() {
                     warn!(error = %e, "final checkpoint failed");
                 }
                 return;
@@ -314,66 +460,46 @@ fn run(mut target: Target, rx: &Receiver<Msg>, max_batch: usize, sink: &CorruptS
     }
 }
 
-/// Runs one batch; returns the shutdown sender if a shutdown was requested in it.
-fn execute_batch(target: &mut Target, batch: Vec<Msg>, sink: &CorruptSink) -> Option<oneshot::Sender<Result<(), EngineError>>> {
-    let mut waiting = Vec::new();
-    let mut shutdown = None;
-    for msg in batch {
-        match msg {
-            Msg::Job(TargetOp::Mutate(m), tx) => {
-                // A discard is planned from the committed index: whatever the batch staged
-                // before it is committed (and answered) first.
-                if matches!(m, Mutation::Discard { .. }) && target.has_staged() {
-                    settle(target, &mut waiting);
-                }
-                match target.stage(m) {
-                    Ok(staged) => waiting.push((tx, staged)),
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
+impl Worker {
+    /// Handles one batch of requests: answers reads, stages mutations into `waiting`. Returns the
+    /// shutdown sender if a shutdown was requested in it.
+    fn execute_batch(&mut self, batch: Vec<Msg>) -> Option<oneshot::Sender<Result<(), EngineError>>> {
+        let mut shutdown = None;
+        for msg in batch {
+            match msg {
+                Msg::Job(TargetOp::Mutate(m), tx) => {
+                    // A discard is planned from the committed index: whatever came before it is
+                    // committed (and answered) first.
+                    if matches!(m, Mutation::Discard { .. }) && !self.target.settled() {
+                        self.settle();
+                    }
+                    match self.target.stage(m) {
+                        Ok(staged) => self.waiting.push((tx, staged)),
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
                     }
                 }
-            }
-            Msg::Job(TargetOp::Fence { fence, on }, tx) => {
-                let _ = tx.send(target.set_fence(fence, on).map(|()| TargetReply::Done));
-            }
-            Msg::Job(op, tx) => {
-                let fetched = sink.as_ref().and_then(|_| op.fetched_path().cloned());
-                let reply = read(target, op);
-                if let (Err(EngineError::DataCorrupt(_) | EngineError::Io { .. }), Some(path), Some((index, corrupt))) =
-                    (&reply, fetched, sink)
-                {
-                    // A fenced dkey is being repaired already.
-                    if !target.is_fenced(&path) {
-                        corrupt.note(*index, path);
-                    }
+                Msg::Job(TargetOp::Fence { fence, on }, tx) => {
+                    let _ = tx.send(self.target.set_fence(fence, on).map(|()| TargetReply::Done));
                 }
-                let _ = tx.send(reply);
-            }
-            Msg::Shutdown(tx) => shutdown = Some(tx),
-        }
-    }
-    settle(target, &mut waiting);
-    shutdown
-}
-
-/// Commits what is staged and answers the mutations waiting for it.
-fn settle(target: &mut Target, waiting: &mut Vec<(ReplyTx, Staged)>) {
-    match target.commit() {
-        Ok(()) => {
-            for (tx, staged) in waiting.drain(..) {
-                let reply = match staged {
-                    Staged::Done => TargetReply::Done,
-                    Staged::Discarded { versions } => TargetReply::Discarded(versions),
-                };
-                let _ = tx.send(Ok(reply));
+                Msg::Job(op, tx) => {
+                    let fetched = self.sink.as_ref().and_then(|_| op.fetched_path().cloned());
+                    let reply = read(&self.target, op);
+                    if let (Err(EngineError::DataCorrupt(_) | EngineError::Io { .. }), Some(path), Some((index, corrupt))) =
+                        (&reply, fetched, &self.sink)
+                    {
+                        // A fenced dkey is being repaired already.
+                        if !self.target.is_fenced(&path) {
+                            corrupt.note(*index, path);
+                        }
+                    }
+                    let _ = tx.send(reply);
+                }
+                Msg::Shutdown(tx) => shutdown = Some(tx),
             }
         }
-        Err(e) => {
-            let msg = e.to_string();
-            for (tx, _) in waiting.drain(..) {
-                let _ = tx.send(Err(EngineError::Failed(msg.clone())));
-            }
-        }
+        shutdown
     }
 }
 

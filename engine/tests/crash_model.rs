@@ -18,7 +18,7 @@ use tessera_engine::backend::{Fault, FaultStorage, MemStorage, Storage};
 use tessera_engine::csum::{chunk_csums, crc64};
 use tessera_engine::index::Retention;
 use tessera_engine::op::AkeyPath;
-use tessera_engine::target::{Mutation, PunchTarget, Target, TargetConfig, UpdateValue};
+use tessera_engine::target::{Mutation, PunchTarget, SyncJob, Target, TargetConfig, UpdateValue};
 
 const RANGE: u64 = 48 * 1024;
 const OBJS: [u128; 2] = [1, 2];
@@ -261,6 +261,10 @@ struct Outcome {
 }
 
 /// Runs `batches` batches on `storage`; stops at the first storage failure.
+///
+/// Commits are pipelined as the target thread does: every other batch, the next batch is staged
+/// and its data written while the previous commit's [`SyncJob`] has not run yet, so cuts also
+/// land between a commit's start and its sync, and in data written ahead of any record.
 fn run(storage: Arc<dyn Storage>, seed: u64, batches: usize) -> Outcome {
     let mut w = Workload::new(seed);
     let mut acked = Model::default();
@@ -268,13 +272,31 @@ fn run(storage: Arc<dyn Storage>, seed: u64, batches: usize) -> Outcome {
         Ok(t) => t,
         Err(_) => return Outcome { acked, inflight: Vec::new(), views: vec![u64::MAX] },
     };
+    // A started commit whose sync has not run: its job and its batch.
+    let mut pending: Option<(SyncJob, Vec<ModelOp>)> = None;
+    // Runs the pending job and acknowledges its batch; on failure, the outcome to return.
+    let finish = |target: &mut Target, pending: &mut Option<(SyncJob, Vec<ModelOp>)>, acked: &mut Model| -> Result<(), Vec<ModelOp>> {
+        let Some((job, batch)) = pending.take() else { return Ok(()) };
+        let synced = job.run();
+        if target.commit_finish(synced).is_err() {
+            return Err(batch);
+        }
+        for op in batch {
+            acked.push(op);
+        }
+        Ok(())
+    };
     for b in 0..batches {
         w.base += 1 + w.rng.below(2);
         let mut batch = Vec::new();
         let n = 1 + w.rng.below(4);
         for i in 0..n {
-            // A discard is planned from the committed index: only first in a batch.
+            // A discard is planned from the committed index: only first in a batch, after the
+            // previous commit finished.
             let (epoch, m) = if i == 0 && w.rng.below(10) == 0 {
+                if let Err(inflight) = finish(&mut target, &mut pending, &mut acked) {
+                    return Outcome { acked, inflight, views: w.views() };
+                }
                 (0, w.discard())
             } else if w.rng.below(8) == 0 {
                 (0, w.retention())
@@ -286,14 +308,32 @@ fn run(storage: Arc<dyn Storage>, seed: u64, batches: usize) -> Outcome {
                     batch.push(ModelOp { epoch, m });
                 }
             } else if target.info().health != tessera_engine::target::Health::Healthy {
-                return Outcome { acked, inflight: batch, views: w.views() };
+                let inflight = pending.map(|p| p.1).unwrap_or_default();
+                return Outcome { acked, inflight, views: w.views() };
             }
         }
-        if target.commit().is_err() {
-            return Outcome { acked, inflight: batch, views: w.views() };
+        if pending.is_some() {
+            // This batch's data goes out while the previous commit has yet to sync: no record
+            // references it, so a crash now must not show any of it.
+            if target.write_staged_data().is_err() {
+                let inflight = pending.map(|p| p.1).unwrap_or_default();
+                return Outcome { acked, inflight, views: w.views() };
+            }
+            if let Err(inflight) = finish(&mut target, &mut pending, &mut acked) {
+                return Outcome { acked, inflight, views: w.views() };
+            }
         }
-        for op in batch {
-            acked.push(op);
+        match target.commit_start() {
+            Ok(Some(job)) => pending = Some((job, batch)),
+            Ok(None) => {}
+            Err(_) => return Outcome { acked, inflight: batch, views: w.views() },
+        }
+        if b % 2 == 0 {
+            // Pipelined: the next batch stages before this one syncs.
+            continue;
+        }
+        if let Err(inflight) = finish(&mut target, &mut pending, &mut acked) {
+            return Outcome { acked, inflight, views: w.views() };
         }
         // Small updates' data waits in the WAL; move it to the data file now and then (also
         // mid-way, so that crashes hit every step of it).
@@ -317,6 +357,9 @@ fn run(storage: Arc<dyn Storage>, seed: u64, batches: usize) -> Outcome {
                 }
             }
         }
+    }
+    if let Err(inflight) = finish(&mut target, &mut pending, &mut acked) {
+        return Outcome { acked, inflight, views: w.views() };
     }
     Outcome { acked, inflight: Vec::new(), views: w.views() }
 }

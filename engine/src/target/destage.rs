@@ -52,7 +52,7 @@ impl Target {
     /// metadata to the data file: one data sync and one WAL record. Only when nothing is staged
     /// (it is planned from the committed index). Returns the bytes moved.
     pub fn destage_step(&mut self, max_bytes: u64) -> Result<u64, EngineError> {
-        if self.has_staged() || self.destage.is_empty() {
+        if !self.settled() || self.destage.is_empty() {
             return Ok(0);
         }
         self.check_healthy()?;
