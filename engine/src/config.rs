@@ -20,6 +20,8 @@
 //! destage = "16MiB"                 # ... once this much waits (at most a quarter of
 //!                                   # target_capacity; at least 64KiB), and whenever idle
 //! checkpoint_wal = "64MiB"          # checkpoint when a target's WAL since the last one reaches this
+//! wal_segment = "16MiB"             # WAL segments are preallocated (zeros) to this size and
+//!                                   # reused after checkpoints (64KiB to 1GiB)
 //! aggregation_lag_secs = 5          # default aggregation boundary: now minus this
 //! max_batch = 256                   # most requests one group commit takes
 //!
@@ -65,6 +67,8 @@ pub struct Tuning {
     pub destage: u64,
     #[serde(deserialize_with = "size")]
     pub checkpoint_wal: u64,
+    #[serde(deserialize_with = "size")]
+    pub wal_segment: u64,
     pub aggregation_lag_secs: u64,
     pub max_batch: usize,
 }
@@ -77,6 +81,7 @@ impl Default for Tuning {
             wal_data_max: t.wal_data_max,
             destage: t.destage_bytes,
             checkpoint_wal: t.checkpoint_wal_bytes,
+            wal_segment: t.wal_segment_bytes,
             aggregation_lag_secs: t.aggregation_lag / 1_000_000_000,
             max_batch: 256,
         }
@@ -207,6 +212,9 @@ impl EngineConfig {
         if cfg.tuning.wal_data_max > 1 << 20 {
             return Err(invalid(format!("tuning.wal_data_max is {} bytes; at most 1MiB", cfg.tuning.wal_data_max)));
         }
+        if !(64 << 10..=1 << 30).contains(&cfg.tuning.wal_segment) {
+            return Err(invalid(format!("tuning.wal_segment is {} bytes; 64KiB to 1GiB", cfg.tuning.wal_segment)));
+        }
         if cfg.tuning.destage < 64 << 10 {
             return Err(invalid(format!("tuning.destage is {} bytes; at least 64KiB", cfg.tuning.destage)));
         }
@@ -235,6 +243,7 @@ impl EngineConfig {
             // At most a quarter of the target waits for the data file.
             destage_bytes: self.tuning.destage.min(self.target_capacity / 4),
             checkpoint_wal_bytes: self.tuning.checkpoint_wal,
+            wal_segment_bytes: self.tuning.wal_segment,
             aggregation_lag: self.tuning.aggregation_lag_secs.saturating_mul(1_000_000_000),
             ..TargetConfig::default()
         }

@@ -32,7 +32,7 @@ use crate::checkpoint::{self, checkpoint_name, parse_checkpoint_name};
 use crate::csum::{chunk_csums, crc64};
 use crate::index::{subtract, Index, ItemKey, Retention, Source, Version};
 use crate::op::{encode_ops, AkeyPath, Extent, Loc, Op, PunchLevel, Stored};
-use crate::wal::{parse_segment_name, scan_segment, segment_name, WalWriter};
+use crate::wal::{parse_segment_name, retire_segment, scan_segment, segment_name, WalWriter};
 use crate::{EngineError, BLOCK};
 
 mod commit;
@@ -69,8 +69,11 @@ pub struct TargetConfig {
     pub wal_data_max: u64,
     /// Destage once this many bytes wait in the metadata for the data file.
     pub destage_bytes: u64,
-    /// Start a checkpoint when the open WAL segment has grown past this many bytes.
+    /// Start a checkpoint once this many bytes of WAL were written since the last one.
     pub checkpoint_wal_bytes: u64,
+    /// WAL segments are preallocated to this many bytes (a record that does not fit in the open
+    /// segment starts a new one).
+    pub wal_segment_bytes: u64,
     /// When a container sets no aggregation epoch, aggregate versions older than "now" minus
     /// this many epoch units (epochs are HLC nanoseconds).
     pub aggregation_lag: u64,
@@ -86,6 +89,7 @@ impl Default for TargetConfig {
             wal_data_max: 32 << 10,
             destage_bytes: 16 << 20,
             checkpoint_wal_bytes: 64 << 20,
+            wal_segment_bytes: 16 << 20,
             aggregation_lag: Duration::from_secs(5).as_nanos() as u64,
             aggregation_budget: 256,
         }
@@ -431,7 +435,7 @@ fn replay_wal(storage: &dyn Storage, names: &[String], index: &mut Index, from: 
                     reason: format!("{reason}; later records exist, so this is not a torn write"),
                 });
             }
-            if is_last {
+            if is_last && !scan.clean_end {
                 warn!(file = %name, %reason, "WAL ends in a torn record; it was never acknowledged and is discarded");
             }
         }
@@ -461,7 +465,7 @@ impl Target {
         if data.len().map_err(|e| EngineError::io(DATA_FILE, e))? < total_blocks * BLOCK {
             data.set_len(total_blocks * BLOCK).map_err(|e| EngineError::io(DATA_FILE, e))?;
         }
-        let wal = WalWriter::create(storage.clone(), last_seq + 1)?;
+        let wal = WalWriter::create(storage.clone(), last_seq + 1, cfg.wal_segment_bytes)?;
         let fences = if names.iter().any(|n| n == FENCE_FILE) {
             let text = read_whole(storage.as_ref(), FENCE_FILE)?;
             let text =
@@ -1160,10 +1164,12 @@ fn write_checkpoint(storage: &dyn Storage, seq: u64, image: &[u8], keep_from: u6
     }
     let mut starts: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
     starts.sort_unstable();
+    let mut names = names;
     for pair in starts.windows(2) {
         if let [start, next] = pair {
             if *next <= keep_from + 1 {
-                storage.remove(&segment_name(*start)).map_err(|e| EngineError::io(&segment_name(*start), e))?;
+                retire_segment(storage, *start, &names)?;
+                names = storage.list().map_err(|e| EngineError::io(".", e))?;
             }
         }
     }
@@ -1209,6 +1215,7 @@ mod tests {
             wal_data_max: 0,
             destage_bytes: 16 << 20,
             checkpoint_wal_bytes: 1 << 40,
+            wal_segment_bytes: 64 << 10,
             aggregation_lag: 0,
             aggregation_budget: 64,
         }

@@ -1,8 +1,12 @@
 //! The write-ahead log: segments of checksummed, sequence-numbered records.
 //!
-//! A segment is a file `wal-<first seq, 16 hex digits>.log` that is only ever appended to; a new
-//! segment starts at every checkpoint and at every start of the engine, so the bytes after the
-//! last record of a segment are never old records. Each record holds the encoded [`Op`]s of one
+//! A segment is a file `wal-<first seq, 16 hex digits>.log`, preallocated (zeros, or a retired
+//! segment reused: `wal-free-<seq>.log`) so that appending changes no file metadata. Records are
+//! written in order with whole-block direct writes (the block holding the end of the previous
+//! record is rewritten with the same bytes). A new segment starts at every checkpoint, at every
+//! start of the engine, and when a record does not fit; after the last record of a segment come
+//! zeros, or bytes and whole records of its previous use, whose sequence numbers are all lower
+//! than any record of the new use. Each record holds the encoded [`Op`]s of one
 //! group commit. Layout (little-endian, documented in `docs/ENGINE-FORMATS.md`):
 //!
 //! | offset | size | field |
@@ -18,14 +22,15 @@
 //! | 32 | n | payload: encoded ops |
 //!
 //! Replay stops at the first record that is short, has a bad header or payload checksum, or an
-//! unexpected sequence number. That is a torn tail when nothing valid follows it and it is in
-//! the last segment; anything else is corruption and recovery refuses to go on.
+//! unexpected sequence number. Zeros or an older whole record there are the clean end of the
+//! written records; anything else is a torn tail when nothing valid follows it and it is in the
+//! last segment, and otherwise corruption: recovery refuses to go on.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::backend::{Storage, StorageFile};
+use crate::backend::{AlignedBuf, Storage, StorageFile, DIRECT_ALIGN};
 use crate::op::{decode_ops, Op};
 use crate::{le_bytes, EngineError};
 
@@ -109,6 +114,9 @@ pub struct SegmentScan {
     pub stopped: Option<String>,
     /// Whether an intact later record shows the stop is damage, not a torn final write.
     pub valid_after_stop: bool,
+    /// Whether the stop is where the written records end in a preallocated segment: zeros, or a
+    /// whole record older than the segment (left from its previous use).
+    pub clean_end: bool,
 }
 
 /// Reads every valid record of a segment, expecting the first to be `first_seq`.
@@ -118,17 +126,29 @@ pub fn scan_segment(content: Bytes, first_seq: u64) -> SegmentScan {
     let mut expect = first_seq;
     let mut stopped = None;
     let mut valid_after_stop = false;
+    let mut clean_end = false;
+    // The length of what stops a scan is unknown: look for the next record anywhere after it.
+    let valid_later = |pos: usize, expect: u64| {
+        expect.checked_add(1).is_some_and(|next| (pos + 1..content.len()).any(|off| valid_record_at(&content, off, next)))
+    };
     while pos < content.len() {
         let rest = content.get(pos..).unwrap_or_default();
         let Some(h) = parse_header(rest) else {
-            stopped = Some(format!("bad or torn record header at offset {pos}"));
-            // The length is unknown: look for the next record anywhere after this one.
-            valid_after_stop =
-                expect.checked_add(1).is_some_and(|next| (pos + 1..content.len()).any(|off| valid_record_at(&content, off, next)));
+            let zeros = rest.iter().take(HEADER_LEN).all(|b| *b == 0);
+            stopped = Some(format!("{} at offset {pos}", if zeros { "end of records (zeros)" } else { "bad or torn record header" }));
+            valid_after_stop = valid_later(pos, expect);
+            clean_end = zeros;
             break;
         };
+        if h.seq < expect {
+            // A whole record from the segment's previous use: the new records end here.
+            stopped = Some(format!("end of records (an older record, {}) at offset {pos}", h.seq));
+            valid_after_stop = valid_later(pos, expect);
+            clean_end = true;
+            break;
+        }
         if h.seq != expect {
-            // A valid header at a record boundary of a fresh file is never a torn write.
+            // Records are written in order: a valid header from the future is damage.
             stopped = Some(format!("sequence {} at offset {pos}, expected {expect}", h.seq));
             valid_after_stop = true;
             break;
@@ -163,7 +183,7 @@ pub fn scan_segment(content: Bytes, first_seq: u64) -> SegmentScan {
         };
         expect = next;
     }
-    SegmentScan { records, valid_end: pos as u64, stopped, valid_after_stop }
+    SegmentScan { records, valid_end: pos as u64, stopped, valid_after_stop, clean_end }
 }
 
 /// Whether a whole, valid record with sequence number `seq` starts at `off`.
@@ -186,16 +206,22 @@ pub struct WalWriter {
     segment_start: u64,
     offset: u64,
     next_seq: u64,
-    bytes_since_rotate: u64,
+    /// Size segments are preallocated to.
+    segment_size: u64,
+    /// The bytes of the block holding `offset` that lie before it: rewritten with the next
+    /// record, since writes are whole blocks.
+    tail: Vec<u8>,
 }
 
-/// One record to write and sync at its reserved place ([`WalWriter::prepare`]).
+/// One record to write and sync at its reserved place ([`WalWriter::prepare`]): the whole blocks
+/// from the one holding the record's start, padded with zeros.
 #[derive(Debug)]
 pub struct WalAppend {
     file: Arc<dyn StorageFile>,
     name: String,
-    offset: u64,
-    record: Vec<u8>,
+    block_offset: u64,
+    blocks: AlignedBuf,
+    record_len: u64,
     /// The record's sequence number.
     pub seq: u64,
 }
@@ -203,38 +229,84 @@ pub struct WalAppend {
 impl WalAppend {
     /// Bytes the record takes in its segment.
     pub fn len(&self) -> u64 {
-        self.record.len() as u64
+        self.record_len
     }
 
     /// Whether the record is empty (never: it has a header).
     pub fn is_empty(&self) -> bool {
-        self.record.is_empty()
+        self.record_len == 0
     }
 
     /// Writes the record and syncs the segment: once this returns, the record is durable.
     pub fn write_and_sync(self) -> Result<(), EngineError> {
-        self.file.write_at(&self.record, self.offset).map_err(|e| EngineError::io(&self.name, e))?;
+        self.file.write_direct(self.blocks.as_slice(), self.block_offset).map_err(|e| EngineError::io(&self.name, e))?;
         self.file.sync().map_err(|e| EngineError::io(&self.name, e))
     }
 }
 
+/// Name a retired segment waits under until it is reused: `wal-free-<its old first seq>.log`.
+pub fn free_segment_name(seq: u64) -> String {
+    format!("{FREE_PREFIX}{seq:016x}.log")
+}
+
+const FREE_PREFIX: &str = "wal-free-";
+/// Retired segments kept for reuse (more are removed).
+pub const FREE_SEGMENTS_KEPT: usize = 2;
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// Retires a segment whose records are all in a checkpoint: kept for reuse (renamed to its free
+/// name) while fewer than [`FREE_SEGMENTS_KEPT`] wait, else removed.
+pub fn retire_segment(storage: &dyn Storage, start: u64, names: &[String]) -> Result<(), EngineError> {
+    let name = segment_name(start);
+    let free = names.iter().filter(|n| n.starts_with(FREE_PREFIX)).count();
+    if free < FREE_SEGMENTS_KEPT {
+        storage.rename(&name, &free_segment_name(start)).map_err(|e| EngineError::io(&name, e))
+    } else {
+        storage.remove(&name).map_err(|e| EngineError::io(&name, e))
+    }
+}
+
 impl WalWriter {
-    /// Starts a new segment whose first record will be `next_seq`.
-    pub fn create(storage: Arc<dyn Storage>, next_seq: u64) -> Result<Self, EngineError> {
+    /// Starts a new segment whose first record will be `next_seq`, preallocated to
+    /// `segment_size` bytes: a retired segment is reused if one waits, else a new file is filled
+    /// with zeros and synced. Either way every later record overwrites blocks that already exist,
+    /// so its `fdatasync` changes no metadata and costs one device flush.
+    pub fn create(storage: Arc<dyn Storage>, next_seq: u64, segment_size: u64) -> Result<Self, EngineError> {
         let name = segment_name(next_seq);
-        let file = storage.open(&name, true).map_err(|e| EngineError::io(&name, e))?;
-        file.set_len(0).map_err(|e| EngineError::io(&name, e))?;
-        Ok(Self { storage, file, segment_start: next_seq, offset: 0, next_seq, bytes_since_rotate: 0 })
+        let names = storage.list().map_err(|e| EngineError::io(".", e))?;
+        let file = match names.iter().find(|n| n.starts_with(FREE_PREFIX)) {
+            Some(free) => {
+                storage.rename(free, &name).map_err(|e| EngineError::io(free, e))?;
+                storage.open(&name, false).map_err(|e| EngineError::io(&name, e))?
+            }
+            None => {
+                let file = storage.open(&name, true).map_err(|e| EngineError::io(&name, e))?;
+                file.set_len(0).map_err(|e| EngineError::io(&name, e))?;
+                file
+            }
+        };
+        let len = file.len().map_err(|e| EngineError::io(&name, e))?;
+        if len < segment_size {
+            let zeros = vec![0u8; ZERO_CHUNK];
+            let mut at = len;
+            while at < segment_size {
+                let n = (segment_size - at).min(ZERO_CHUNK as u64) as usize;
+                file.write_at(&zeros[..n], at).map_err(|e| EngineError::io(&name, e))?;
+                at += n as u64;
+            }
+            file.sync().map_err(|e| EngineError::io(&name, e))?;
+        }
+        Ok(Self { storage, file, segment_start: next_seq, offset: 0, next_seq, segment_size, tail: Vec::new() })
+    }
+
+    /// First sequence number of the open segment.
+    pub fn segment_start(&self) -> u64 {
+        self.segment_start
     }
 
     /// Sequence number the next record will get.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
-    }
-
-    /// Bytes written to the open segment.
-    pub fn segment_bytes(&self) -> u64 {
-        self.bytes_since_rotate
     }
 
     /// Writes and syncs one record; returns its sequence number once it is durable.
@@ -247,23 +319,35 @@ impl WalWriter {
 
     /// Reserves the next record for `payload` without writing it: the caller runs the returned
     /// [`WalAppend`] (on any thread) before preparing another. If it fails, the writer's state
-    /// is past a record that may be torn: nothing more may be appended.
+    /// is past a record that may be torn: nothing more may be appended. A record that does not
+    /// fit in the open segment starts a new one (see [`WalWriter::segment_start`]).
     pub fn prepare(&mut self, payload: &[u8]) -> Result<WalAppend, EngineError> {
-        let seq = self.next_seq;
         if payload.len() > MAX_PAYLOAD as usize {
             return Err(EngineError::Invalid(format!("WAL record of {} bytes exceeds {MAX_PAYLOAD}", payload.len())));
         }
+        let record_len = (HEADER_LEN + payload.len()) as u64;
+        if self.offset > 0 && self.offset + record_len > self.segment_size {
+            self.rotate()?;
+        }
+        let seq = self.next_seq;
         let record = encode_record(seq, payload);
-        let append = WalAppend { file: self.file.clone(), name: segment_name(self.segment_start), offset: self.offset, record, seq };
-        self.offset += append.record.len() as u64;
-        self.bytes_since_rotate += append.record.len() as u64;
+        let mut blocks = AlignedBuf::default();
+        blocks.reset(self.tail.len() + record.len() + DIRECT_ALIGN);
+        blocks.extend_from_slice(&self.tail);
+        blocks.extend_from_slice(&record);
+        let used = blocks.len();
+        blocks.pad_to(used.next_multiple_of(DIRECT_ALIGN));
+        let block_offset = self.offset - self.tail.len() as u64;
+        let last_block = used - used % DIRECT_ALIGN;
+        self.tail = blocks.as_slice().get(last_block..used).unwrap_or_default().to_vec();
+        self.offset += record_len;
         self.next_seq += 1;
-        Ok(append)
+        Ok(WalAppend { file: self.file.clone(), name: segment_name(self.segment_start), block_offset, blocks, record_len, seq })
     }
 
     /// Closes the open segment and starts a new one at the next sequence number.
     pub fn rotate(&mut self) -> Result<(), EngineError> {
-        *self = Self::create(self.storage.clone(), self.next_seq)?;
+        *self = Self::create(self.storage.clone(), self.next_seq, self.segment_size)?;
         Ok(())
     }
 }
@@ -279,6 +363,55 @@ mod tests {
 
     fn segment(records: &[(u64, Vec<u8>)]) -> Vec<u8> {
         records.iter().flat_map(|(s, p)| encode_record(*s, p)).collect()
+    }
+
+    fn read(storage: &crate::backend::MemStorage, name: &str) -> Bytes {
+        Bytes::from(storage.contents(name).unwrap())
+    }
+
+    #[test]
+    fn segments_are_preallocated_reused_and_end_cleanly_over_old_records() {
+        let mem = crate::backend::MemStorage::new();
+        let storage: Arc<dyn Storage> = Arc::new(mem.clone());
+        let size = 64 << 10;
+        let mut w = WalWriter::create(storage.clone(), 1, size).unwrap();
+        assert_eq!(mem.contents(&segment_name(1)).unwrap().len() as u64, size, "preallocated");
+        for n in 1..=40 {
+            w.append(&payload(n)).unwrap();
+        }
+        let scan = scan_segment(read(&mem, &segment_name(1)), 1);
+        assert_eq!((scan.records.len(), scan.clean_end, scan.valid_after_stop), (40, true, false), "zeros end it");
+        // Retired after a checkpoint, then reused for records 41..: its old records stay behind
+        // the new ones.
+        w.rotate().unwrap();
+        retire_segment(storage.as_ref(), 1, &storage.list().unwrap()).unwrap();
+        assert!(storage.list().unwrap().contains(&free_segment_name(1)));
+        w.rotate().unwrap();
+        let reused = segment_name(w.segment_start());
+        assert!(!storage.list().unwrap().iter().any(|n| n.starts_with(FREE_PREFIX)), "the free segment was taken");
+        for n in 0..3 {
+            w.append(&payload(100 + n)).unwrap();
+            let scan = scan_segment(read(&mem, &reused), w.segment_start());
+            assert_eq!(scan.records.len() as u64, n + 1);
+            assert!(scan.clean_end && !scan.valid_after_stop, "{:?}", scan.stopped);
+        }
+        // A record torn over the old bytes, at every length, is a torn tail, never corruption.
+        let content = mem.contents(&reused).unwrap();
+        let before = scan_segment(Bytes::from(content.clone()), w.segment_start()).valid_end as usize;
+        let rec = encode_record(w.next_seq(), &payload(7));
+        for keep in 0..rec.len() {
+            let mut torn = content.clone();
+            torn[before..before + keep].copy_from_slice(&rec[..keep]);
+            // (The bytes behind the record's end may already hold its zero tail.)
+            let whole = torn[before..before + rec.len()] == rec[..];
+            let scan = scan_segment(Bytes::from(torn), w.segment_start());
+            assert_eq!(scan.records.len(), 3 + usize::from(whole), "kept {keep}");
+            assert!(!scan.valid_after_stop, "kept {keep}: {:?}", scan.stopped);
+        }
+        // A record that does not fit starts a new segment.
+        let start = w.segment_start();
+        w.append(&vec![0u8; 64 << 10]).unwrap();
+        assert_ne!(w.segment_start(), start);
     }
 
     #[test]

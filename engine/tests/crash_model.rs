@@ -248,6 +248,8 @@ fn config() -> TargetConfig {
         wal_data_max: 8 << 10,
         destage_bytes: 64 << 10,
         checkpoint_wal_bytes: 1 << 40,
+        // Small: records often start new segments, and checkpoints retire and reuse them.
+        wal_segment_bytes: 24 << 10,
         aggregation_lag: LAG,
         aggregation_budget: 64,
     }

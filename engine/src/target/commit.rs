@@ -123,7 +123,11 @@ impl Target {
             write_coalesced(self.data.as_ref(), &mut self.write_buf, std::mem::take(&mut self.pending_writes))?;
             self.data_unsynced = true;
         }
+        let segment = self.wal.segment_start();
         let record = self.wal.prepare(&encode_ops(&self.staged))?;
+        if self.wal.segment_start() != segment {
+            self.wal_segments += 1;
+        }
         self.wal_backlog += record.len();
         let data = std::mem::take(&mut self.data_unsynced).then(|| self.data.clone());
         self.in_flight = Some(InFlight {
