@@ -250,9 +250,13 @@ def strace_counts(pid, run):
 
 # Where the engine's CPU goes: inclusive share of these functions in `perf record` samples.
 PERF_SYMBOLS = [
-    ("group commit (`Target::commit`: data `pwrite` + `fdatasync`, WAL append + `fdatasync`)", "tessera_engine::target::Target::commit"),
+    ("starting commits (`Target::commit_start`: `O_DIRECT` data write, record encoding)",
+     "tessera_engine::target::commit::<impl tessera_engine::target::Target>::commit_start"),
+    ("making commits durable (`SyncJob::run`, sync thread: data `fdatasync`, WAL write + `fdatasync`)",
+     "tessera_engine::target::commit::SyncJob::run"),
     ("… of which `fdatasync` (both files)", "fdatasync"),
-    ("… of which the WAL append (`WalWriter::append`, with its `fdatasync`)", "tessera_engine::wal::WalWriter::append"),
+    ("applying commits to the index (`Target::commit_finish`)",
+     "tessera_engine::target::commit::<impl tessera_engine::target::Target>::commit_finish"),
     ("aggregation (`Target::aggregate_step`)", "tessera_engine::target::Target::aggregate_step"),
     ("… of which planning (`Index::plan_aggregation`)", "tessera_engine::index::Index::plan_aggregation"),
     ("staging updates (`Target::stage`: checksum check, allocation)", "tessera_engine::target::Target::stage"),
@@ -454,14 +458,16 @@ def engine_section(res):
              "What is compared: an engine **update is durable** when acknowledged — an update of at most 32 KiB "
              "(`[tuning] wal_data_max`) rides in its group commit's WAL record, written and `fdatasync`ed once for the "
              "whole batch, and is moved to the data file later, 16 MiB per data sync (destage); a larger one is "
-             "written (`pwrite`) and `fdatasync`ed to the data file first — while raw fio with `--direct=1` and no "
-             "sync only reaches the device's write cache. "
+             "written to the data file (`O_DIRECT`) and `fdatasync`ed first. Commits are pipelined: a sync thread per "
+             "target makes one commit durable while the target thread stages the next (docs/ENGINE-FORMATS.md, "
+             "\"Group commit\"). Raw fio with `--direct=1` and no sync only reaches the device's write cache. "
              "The *durable raw* columns are fio with `--fdatasync=QD` (a sync after every write at QD1, after every "
              "32 writes at QD32: about what one group commit of a full queue costs). Updates put each extent at a "
              "new epoch in fresh blocks (no overwrite in place). A **fetch** reads at the newest epoch after the "
              f"range was written once with 1 MiB updates ({res.get('prefill_seconds', 0):.1f} s); the engine reads "
-             "its data file with buffered `pread`, so with this machine's RAM fetches come from the page cache, "
-             "while fio's reads go to the device (`--direct=1`).", "",
+             "its data file with buffered `pread`; the data was written with `O_DIRECT`, so the first fetch of a block "
+             "reads the device and later ones (with this machine's RAM) the page cache, while all of fio's reads go to "
+             "the device (`--direct=1`).", "",
              "| case | QD | engine IOPS (runs) | MiB/s | p50 µs | p99 µs | CPU s/M ops | raw fio IOPS (runs) | raw MiB/s | raw p50 µs | **engine / raw** | durable raw IOPS | engine / durable raw |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for op, bs, pattern, qd in ENGINE_CASES:
@@ -535,33 +541,32 @@ def engine_limits(res, S):
     return [
         "### What limits the engine now", "",
         f"- **Flushes per update.** A group commit of 4 KiB updates is one `fdatasync` (the WAL's; their data "
-        "rides in the record and is destaged to the data file later, one data sync per 16 MiB), and on this "
-        "filesystem it ends in a flush of the device's write cache; the two targets share the device, so their "
-        f"flushes queue behind each other. At QD32 ({32 // ENGINE_TARGETS} in flight per target) a commit carries "
-        f"{batch:.1f} updates: the target thread stages nothing while it syncs, so the requests that arrive during "
-        "one commit form the next and the queue splits into two alternating halves. The engine thus reaches "
-        f"{u4['durable_ratio']:.2f} of fio with one `fdatasync` per 32 writes ({u4['durable']['iops']:.0f} IOPS) and "
-        f"{u4['ratio']:.2f} of fio without syncs. Updates above 32 KiB still take two flushes per commit (data "
-        "file, then WAL): carrying 128 KiB updates in the WAL too was measured 3× slower (the data is written twice "
-        "and the records grow to megabytes). Ways to close the rest: `O_DIRECT` writes of large updates into a "
-        "preallocated, written data file so that the WAL's single `fdatasync` covers them; keep receiving and "
-        "staging while a commit syncs (a sync thread, or io_uring with linked write and fsync) so that a batch "
-        "takes everything in flight; and one flush per device for all its targets.",
-        "- **Sparse data file, growing WAL.** The data file is created sparse (`set_len`) and WAL segments grow by "
-        "appending, so an `fdatasync` also writes block allocation or size metadata. Measured once by hand on this "
-        "disk: fio 4 KiB random writes with `--fdatasync=1` ran at 6.7k IOPS on a written file and 3.8k on a "
-        "sparse one (`--fallocate=none`); 2.3 KB appends each followed by `fdatasync` took 150 µs on a growing file "
-        "and 112 µs on a preallocated one. Preallocating (and zeroing) the data file and WAL segments, and reusing "
-        "segments, removes that.",
+        "rides in the record and is destaged to the data file later, one data sync per 16 MiB). WAL segments are "
+        "preallocated and reused and records are written with whole-block `O_DIRECT` writes, so that `fdatasync` "
+        "changes no metadata: it is one flush of the device's write cache (measured with fio on this disk: 45 µs "
+        "for a 4 KiB overwrite plus `fdatasync`, 172 µs for an appending write plus `fdatasync`). The two targets "
+        f"share the device, so their flushes queue behind each other. At QD32 ({32 // ENGINE_TARGETS} in flight "
+        f"per target) a commit carries {batch:.1f} updates. The engine reaches {u4['durable_ratio']:.2f} of fio "
+        f"with one `fdatasync` per 32 writes ({u4['durable']['iops']:.0f} IOPS) and {u4['ratio']:.2f} of fio "
+        "without syncs; at this rate it is CPU-bound on the two cores it shares with the load generator "
+        f"({u4['engine'].get('engine_cpu_seconds_per_million_ops') or 0:.0f} CPU µs per update, a fifth of it "
+        "switching between the network, target and sync threads).",
+        "- **128 KiB updates** take two flushes per commit (data file, then WAL): carrying them in the WAL too was "
+        "measured 3× slower (the data is written twice and the records grow to megabytes). Their data is written "
+        "with `O_DIRECT` from one aligned buffer per commit (the copy into the page cache was half the engine's CPU "
+        "at 128 KiB). A data file preallocated with zeros (so that its `fdatasync` is a flush without a journal "
+        "commit) was measured by hand and made no difference (5.9k and 6.3k IOPS sparse against 5.6k and 6.5k "
+        "written, interleaved). What bounds them is that each target has one commit at a time in flight on the "
+        f"device: write the batch ({32 // ENGINE_TARGETS} × 128 KiB), flush, write the record, flush, reply, and "
+        "only then does the next full batch arrive; fio keeps 32 writes in flight with no flush. Closing that "
+        "needs several commits in flight per target (records may then complete out of order) or more targets "
+        f"per device; {u128['engine'].get('engine_cpu_seconds_per_million_ops') or 0:.0f} CPU µs per update at "
+        "QD32 (32 CRC64 checks, carry-less multiply: `cargo bench -p tessera-engine-proto --bench crc64`).",
         f"- **Aggregation.** At QD1 the engine uses {cpu_qd1:.0f} CPU µs per update, {agg_qd1:.0f} % of it in "
         "aggregation. An akey whose versions are younger than the aggregation boundary is parked, ordered by its "
         "oldest such epoch, and planned again only when the boundary reaches it (before, it was re-planned at every "
         "step: 82 % of engine CPU and 800 µs per update at QD1).",
-        f"- **128 KiB updates** ({u128['engine'].get('engine_cpu_seconds_per_million_ops') or 0:.0f} CPU µs each at "
-        "QD32): the engine verifies 32 CRC64s per update (carry-less multiply, crc-fast: "
-        "`cargo bench -p tessera-engine-proto --bench crc64`) and copies the data into the page cache before "
-        "writeback; `O_DIRECT` writes from the receive buffer would cut the copy.",
-        "- **Fetches** are served from the page cache (buffered `pread`), not the device: 128 KiB fetches at QD32 "
+        "- **Fetches** are served from the page cache once read (buffered `pread`): 128 KiB fetches at QD32 "
         f"reach {S[('fetch', '128k', 32)]['ratio']:.2f}× fio's direct reads; 4 KiB fetches at QD32 "
         f"({f4['ratio']:.2f}× raw) are CPU-bound on the two shared cores "
         f"({f4['engine'].get('engine_cpu_seconds_per_million_ops') or 0:.0f} CPU µs per fetch in the engine, most of "
