@@ -6,7 +6,9 @@
 //! (`target/commit.rs`): when no commit is in flight, what is staged starts one at once and its
 //! [`SyncJob`] goes to the sync thread; while it syncs, the loop keeps taking requests, staging
 //! them and writing their data early, and when the sync reports back it applies the commit,
-//! answers its mutations and starts the next commit with everything staged meanwhile. A discard
+//! answers its mutations and starts the next commit with everything staged meanwhile. A lone
+//! mutation with nothing queued behind it (QD1) is made durable on this thread instead: the
+//! hand-off would only add two thread switches to its latency. A discard
 //! is planned from the committed index, so when one comes, what came before it is committed and
 //! answered first. Every few commits (and whenever destage or a checkpoint is due), the loop
 //! settles the target and runs the background steps: destaging small updates' data to the data
@@ -314,11 +316,17 @@ fn answer(waiting: Vec<(ReplyTx, Staged)>, result: &Result<(), EngineError>) {
 }
 
 impl Worker {
-    /// Starts committing what is staged; no commit may be in flight.
-    fn start_commit(&mut self) {
+    /// Starts committing what is staged; no commit may be in flight. `inline`: make it durable
+    /// on this thread and finish it before returning.
+    fn start_commit(&mut self, inline: bool) {
         match self.target.commit_start() {
             Ok(Some(job)) => {
                 self.syncing = std::mem::take(&mut self.waiting);
+                if inline {
+                    let synced = job.run();
+                    self.finish(synced);
+                    return;
+                }
                 let sent = self.syncer.jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok());
                 if !sent {
                     self.finish(Err(EngineError::Failed("the sync thread is gone".into())));
@@ -347,8 +355,7 @@ impl Worker {
     fn settle(&mut self) {
         self.drain();
         if self.target.has_staged() || !self.waiting.is_empty() {
-            self.start_commit();
-            self.drain();
+            self.start_commit(true);
         }
     }
 
@@ -376,7 +383,7 @@ impl Worker {
             }
         }
         if self.target.has_staged() || !self.waiting.is_empty() {
-            self.start_commit();
+            self.start_commit(false);
         }
     }
 }
@@ -427,7 +434,14 @@ fn run(target: Target, syncer: Syncer, rx: &Receiver<Msg>, max_batch: usize, sin
                     return;
                 }
                 if !w.target.in_flight() {
-                    w.start_commit();
+                    // A lone mutation with nothing queued behind it (QD1) commits on this thread:
+                    // handing it to the sync thread and back would only add two thread switches
+                    // to its latency, with nothing to stage meanwhile.
+                    let lone = w.waiting.len() <= 1 && rx.is_empty();
+                    w.start_commit(lone);
+                    if lone {
+                        w.after_commit();
+                    }
                 } else if let Err(e) = w.target.write_staged_data() {
                     // The target is failed: the staged mutations get the error at their commit.
                     warn!(error = %e, "writing staged data failed");
