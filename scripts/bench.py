@@ -1078,6 +1078,61 @@ def block_dev_written(dev):
         return None
 
 
+# Write cases profiled system-wide, one extra run each, for where the CPU time goes.
+STACK_PROFILED = {("EC_2P1", "randwrite", "4k", 32), ("EC_2P1", "write", "128k", 16)}
+STACK_PROFILE_NAMES = {"nvmf": "target (`tessera-nvmf`)", "engine-0": "engine 0", "engine-1": "engine 1",
+                       "engine-2": "engine 2", "mgmt": "management service", "load": "load generator (`tessera bench`)",
+                       "idle": "idle", "other": "anything else (kernel threads, other jobs)"}
+
+
+def system_profile(cmd, pids):
+    """Runs the load generator `cmd` (JSON output) under `perf record -a -e cpu-clock` (every
+    CPU, no call graphs). Returns ({process: % of all CPUs' time}, {process: [(function, % of that
+    process's samples)]}, cmd's result), or (None, None, result) without perf. Samples are charged
+    by process id: the stack's processes (`pids`), the load generator, idle (the idle task),
+    anything else."""
+    names = {pid: name for name, pid in pids.items()}
+
+    def run():
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        names[p.pid] = "load"
+        out, _ = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"{show_cmd(cmd)} failed")
+        return json.loads(out.strip().splitlines()[-1])
+    out = os.path.join(STACK_DIR, "perf-system.data")
+    try:
+        pr = subprocess.Popen(["perf", "record", "-q", "-a", "-e", "cpu-clock", "-F", "499", "-o", out],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return None, None, run()
+    time.sleep(1)
+    try:
+        result = run()
+    finally:
+        pr.send_signal(signal.SIGINT)
+        pr.wait(timeout=120)
+    text = subprocess.run(["perf", "script", "-i", out, "-F", "comm,pid,tid,ip,sym"], capture_output=True, text=True).stdout
+    os.remove(out)
+    samples = []   # (process id, thread name, function)
+    for line in text.splitlines():
+        m = re.match(r"\s*(.*?)\s+(\d+)/(\d+)\s+([0-9a-f]+)\s*(.*?)\s*$", line)
+        if m:
+            kernel = int(m.group(4), 16) >= 0xffff800000000000
+            samples.append((int(m.group(2)), m.group(1), ("[k] " if kernel else "") + (m.group(5) or "?").replace("|", "/")))
+    share, funcs = {}, {}
+    for pid, _, sym in samples:
+        name = names.get(pid) or ("idle" if pid == 0 else "other")
+        share[name] = share.get(name, 0) + 1
+        funcs.setdefault(name, {})
+        funcs[name][sym] = funcs[name].get(sym, 0) + 1
+    total = max(len(samples), 1)
+    share = {n: c / total * 100 for n, c in share.items()}
+    funcs = {n: {f: c / total * 100 for f, c in fs.items()} for n, fs in funcs.items()}
+    top = {n: [(f, v / share[n] * 100) for f, v in sorted(fs.items(), key=lambda x: -x[1])[:4]] for n, fs in funcs.items()}
+    return share, top, result
+
+
 def stack_class(cls, runs, secs, fio_path, dev):
     """One fresh `tessera up` of class `cls`: fill the volume, then every case, each run paired
     with its fio run. Returns the class's figures."""
@@ -1108,7 +1163,13 @@ def stack_class(cls, runs, secs, fio_path, dev):
                 if t.get("errors"):
                     raise RuntimeError(f"{show_cmd(cmd)}: {t['errors']} errors")
                 pairs.append([t, run_fio(fcmd)])
-            r["cases"].append({"rw": rw, "bs": bs, "qd": qd, "pairs": pairs, "cmd": show_cmd(cmd), "fio_cmd": show_cmd(fcmd)})
+            case = {"rw": rw, "bs": bs, "qd": qd, "pairs": pairs, "cmd": show_cmd(cmd), "fio_cmd": show_cmd(fcmd)}
+            if (cls, rw, bs, qd) in STACK_PROFILED:
+                wait_quiet(pids)
+                share, top, t = system_profile(cmd, dict(up.pids))
+                if share:
+                    case["profile"] = {"share": share, "top": top, "iops": t["iops"]}
+            r["cases"].append(case)
             wrote = "write" in rw
             print(f"stack: {cls} {bs} {rw} QD{qd}: " + ", ".join(f"{p[0]['iops']:.0f}/{p[1]['iops']:.0f}" for p in pairs),
                   file=sys.stderr)
@@ -1232,6 +1293,21 @@ def stack_section(res):
                          f"({lat['t']['lat_p50_us']:.0f} µs against {lat['fio']['lat_p50_us']:.0f} µs; goal ≤ 1.5×: "
                          f"{'met' if lr <= 1.5 else 'not met'})")
         lines.append(f"- **{cls}**: " + "; ".join(parts) + ".")
+    for c in classes:
+        for case in c["cases"]:
+            prof = case.get("profile")
+            if not prof:
+                continue
+            lines += ["", f"**Where the time goes: {c['class']} {case['bs']} {case['rw']} QD{case['qd']}** (one more run of the "
+                      f"same command, {prof['iops']:.0f} IOPS, under `perf record -a -e cpu-clock -F 499`: every CPU sampled, "
+                      "each sample charged to the process whose thread ran; shares of both CPUs' time, and the functions "
+                      "(kernel ones marked [k]) taking most of each process's samples):", "",
+                      "| process | % of the CPUs | its top functions (% of its samples) |", "|---|---|---|"]
+            for name, pct in sorted(prof["share"].items(), key=lambda x: -x[1]):
+                if pct < 0.5:
+                    continue
+                fns = "; ".join(f"`{f[:60]}` {v:.0f}" for f, v in prof["top"].get(name, []) if name != "idle")
+                lines.append(f"| {STACK_PROFILE_NAMES.get(name, name)} | {pct:.1f} | {fns or '—'} |")
     fills = ", ".join(f"{c['class']} {c['fill']['mib_per_s']:.0f} MiB/s" for c in classes)
     lines += ["", f"The fills (128 KiB sequential writes at QD16 of the whole volume, host bytes) ran at {fills}.", "",
               "Commands (the target's address and fio's file and output format left out; DIR is the system's "

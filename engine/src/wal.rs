@@ -250,8 +250,10 @@ pub fn free_segment_name(seq: u64) -> String {
 }
 
 const FREE_PREFIX: &str = "wal-free-";
-/// Retired segments kept for reuse (more are removed).
-pub const FREE_SEGMENTS_KEPT: usize = 2;
+/// Retired segments kept for reuse (more are removed): a checkpoint retires about
+/// [`crate::target::CHECKPOINT_SEGMENTS`] of them, and a new segment that finds none must be
+/// written full of zeros first.
+pub const FREE_SEGMENTS_KEPT: usize = 4;
 const ZERO_CHUNK: usize = 1 << 20;
 
 /// Retires a segment whose records are all in a checkpoint: kept for reuse (renamed to its free
@@ -285,13 +287,19 @@ impl WalWriter {
                 file
             }
         };
+        let segment_size = segment_size.next_multiple_of(DIRECT_ALIGN as u64);
         let len = file.len().map_err(|e| EngineError::io(&name, e))?;
         if len < segment_size {
-            let zeros = vec![0u8; ZERO_CHUNK];
-            let mut at = len;
+            // Direct writes of whole blocks (no page-cache copy), from the last whole block on:
+            // nothing in a file being (re)started as this segment is a record of it yet.
+            let mut zeros = AlignedBuf::default();
+            zeros.reset(ZERO_CHUNK);
+            zeros.pad_to(ZERO_CHUNK);
+            let mut at = len - len % DIRECT_ALIGN as u64;
             while at < segment_size {
                 let n = (segment_size - at).min(ZERO_CHUNK as u64) as usize;
-                file.write_at(&zeros[..n], at).map_err(|e| EngineError::io(&name, e))?;
+                let chunk = zeros.as_slice().get(..n).unwrap_or_default();
+                file.write_direct(chunk, at).map_err(|e| EngineError::io(&name, e))?;
                 at += n as u64;
             }
             file.sync().map_err(|e| EngineError::io(&name, e))?;
