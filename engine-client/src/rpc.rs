@@ -1,12 +1,15 @@
 //! A pipelined connection to one engine: many requests in flight from many tasks over one TCP
 //! connection, replies matched to their callers by request id in whatever order they come.
 //!
-//! Per connection there are two tasks. The **writer** takes encoded requests from a bounded
-//! channel and writes whatever has queued up with one vectored write (headers, bodies and bulk
-//! data side by side, never copied into one buffer). The **reader** splits the byte stream into
-//! frames ([`tessera_engine_proto::decode_frame`]) and hands each reply to the caller waiting on
-//! its request id. Callers encode their own requests and decode their own replies, so those costs
-//! are spread over the callers' tasks.
+//! Requests are written by the callers themselves: a caller that finds nobody writing writes its
+//! frame — and whatever other callers queued meanwhile — with non-blocking vectored writes
+//! (headers, bodies and bulk data side by side, never copied into one buffer), in its own task, so
+//! a request at queue depth 1 costs no hand-off to another task. Frames queued while someone is
+//! writing go out with that writer's next write; what the socket does not take at once is left to
+//! the connection's **writer** task, which waits for the socket to drain. The **reader** task
+//! splits the byte stream into frames ([`tessera_engine_proto::decode_frame`]) and hands each reply
+//! to the caller waiting on its request id. Callers encode their own requests and decode their
+//! own replies, so those costs are spread over the callers' tasks.
 //!
 //! Request ids index a slot table: the low 32 bits are the slot, the high 32 bits the slot's
 //! generation, which changes every time the slot is released. A reply to a request that timed out
@@ -17,6 +20,7 @@
 //! error) and every later call fails immediately with `Closed`. There is no reconnection here;
 //! that belongs to the layer that knows the pool map.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -28,18 +32,17 @@ use bytes::{Buf, Bytes, BytesMut};
 use tessera_engine_proto::{
     decode_frame, encode_request_flagged, Encoded, Frame, FrameError, FrameLimits, Reply, ReplyError, Request, RpcStatus,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
-/// Encoded requests queued for the writer before callers wait (backpressure on a slow engine).
-const SEND_QUEUE: usize = 256;
 /// Most buffers (heads and data) handed to one vectored write.
 const MAX_IOV: usize = 64;
-/// The writer stops coalescing queued frames beyond this many bytes.
-const MAX_BATCH_BYTES: usize = 1 << 20;
+/// A caller that writes for others stops after this many vectored writes and leaves the rest to
+/// the writer task (so one call is not held up by a long stream of others' frames).
+const CALLER_WRITES: usize = 4;
 /// Bytes the reader makes room for before each read.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -168,9 +171,45 @@ impl Slots {
     }
 }
 
+/// Frames waiting to be written, in order, and whether someone is writing them.
+#[derive(Default)]
+struct Outgoing {
+    /// Heads and data of the queued frames (empty buffers left out).
+    queue: VecDeque<Bytes>,
+    /// A caller or the writer task is writing; others only queue behind it.
+    writing: bool,
+}
+
+impl Outgoing {
+    fn push(&mut self, e: Encoded) {
+        for b in [e.head, e.data] {
+            if !b.is_empty() {
+                self.queue.push_back(b);
+            }
+        }
+    }
+
+    /// Up to [`MAX_IOV`] buffers from the front of the queue.
+    fn take_batch(&mut self, batch: &mut Vec<Bytes>) {
+        let n = self.queue.len().min(MAX_IOV);
+        batch.extend(self.queue.drain(..n));
+    }
+
+    /// Puts the unwritten rest of a batch back in front of whatever was queued meanwhile.
+    fn put_back(&mut self, batch: &mut Vec<Bytes>) {
+        for b in batch.drain(..).rev() {
+            self.queue.push_front(b);
+        }
+    }
+}
+
 /// State shared by the handles and both tasks.
 struct Shared {
     slots: Mutex<Slots>,
+    out: Mutex<Outgoing>,
+    wr: OwnedWriteHalf,
+    /// Wakes the writer task when a caller leaves it frames the socket did not take.
+    writer_wake: Notify,
     map_version: AtomicU32,
     engine_map_version: AtomicU32,
     closed: watch::Sender<bool>,
@@ -181,6 +220,58 @@ impl Shared {
         // The lock is never held across anything that can panic halfway; a poisoned table is
         // still consistent.
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn out(&self) -> MutexGuard<'_, Outgoing> {
+        // As for `slots`: a poisoned queue is still a consistent queue.
+        self.out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues frame `e` and, if nobody is writing, writes it and whatever else is queued at
+    /// once, in this task, as far as the socket takes it without waiting; the rest goes to the
+    /// writer task. Fails if the socket fails (the connection is then closed).
+    fn send(&self, e: Encoded) -> Result<(), RpcError> {
+        if *self.closed.borrow() {
+            return Err(RpcError::Closed);
+        }
+        let mut out = self.out();
+        out.push(e);
+        if out.writing {
+            return Ok(());
+        }
+        out.writing = true;
+        let mut batch = Vec::new();
+        for _ in 0..CALLER_WRITES {
+            out.take_batch(&mut batch);
+            if batch.is_empty() {
+                out.writing = false;
+                return Ok(());
+            }
+            drop(out);
+            let written = try_write_batch(&self.wr, &mut batch);
+            out = self.out();
+            match written {
+                Ok(()) if batch.is_empty() => {}
+                Ok(()) => break,
+                Err(e) => {
+                    out.queue.clear();
+                    drop(out);
+                    tracing::debug!(error = %e, "engine connection write failed");
+                    self.close(CloseReason::Closed);
+                    return Err(RpcError::Closed);
+                }
+            }
+        }
+        if batch.is_empty() && out.queue.is_empty() {
+            out.writing = false;
+            return Ok(());
+        }
+        // The socket is full (or others keep queueing): the writer task takes over, still
+        // marked as writing so that nobody writes past it.
+        out.put_back(&mut batch);
+        drop(out);
+        self.writer_wake.notify_one();
+        Ok(())
     }
 
     /// Hands a reply to its caller; replies nobody waits for any more are dropped.
@@ -236,7 +327,6 @@ impl Drop for SlotGuard<'_> {
 
 struct Handle {
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Encoded>,
     timeout: Duration,
     background: bool,
     peer: SocketAddr,
@@ -282,15 +372,17 @@ impl EngineConnection {
         let (closed_tx, closed_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             slots: Mutex::new(Slots::default()),
+            out: Mutex::new(Outgoing::default()),
+            wr,
+            writer_wake: Notify::new(),
             map_version: AtomicU32::new(opts.map_version),
             engine_map_version: AtomicU32::new(0),
             closed: closed_tx,
         });
-        let (tx, rx) = mpsc::channel(SEND_QUEUE);
         let reader = tokio::spawn(read_loop(rd, shared.clone(), opts.limits, closed_rx.clone()));
-        let writer = tokio::spawn(write_loop(wr, rx, shared.clone(), closed_rx));
+        let writer = tokio::spawn(write_loop(shared.clone(), closed_rx));
         Ok(EngineConnection {
-            inner: Arc::new(Handle { shared, tx, timeout: opts.timeout, background: opts.background, peer: addr, reader, writer }),
+            inner: Arc::new(Handle { shared, timeout: opts.timeout, background: opts.background, peer: addr, reader, writer }),
         })
     }
 
@@ -313,10 +405,8 @@ impl EngineConnection {
         let mut guard = SlotGuard { shared: &h.shared, id, armed: true };
         let encoded = encode_request_flagged(pool, id, map_version, target, h.background, &req);
         drop(req);
-        let exchange = async {
-            h.tx.send(encoded).await.map_err(|_| RpcError::Closed)?;
-            rx.await.map_err(|_| RpcError::Closed)?
-        };
+        h.shared.send(encoded)?;
+        let exchange = async { rx.await.map_err(|_| RpcError::Closed)? };
         let frame = match tokio::time::timeout(h.timeout, exchange).await {
             Ok(Ok(frame)) => {
                 // The reader released the slot when it handed the reply over.
@@ -390,76 +480,85 @@ async fn read_loop(mut rd: OwnedReadHalf, shared: Arc<Shared>, limits: FrameLimi
     shared.close(reason);
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Encoded>, shared: Arc<Shared>, mut closed: watch::Receiver<bool>) {
-    let mut queue: Vec<Bytes> = Vec::with_capacity(MAX_IOV);
+/// Writes what callers left queued when the socket was full, waiting for it to drain, until the
+/// queue is empty; then callers write for themselves again.
+async fn write_loop(shared: Arc<Shared>, mut closed: watch::Receiver<bool>) {
+    let mut batch = Vec::with_capacity(MAX_IOV);
     loop {
-        let first = tokio::select! {
-            m = rx.recv() => match m {
-                Some(e) => e,
-                None => break,
-            },
-            _ = closed.wait_for(|c| *c) => break,
-        };
-        let mut bytes = first.len();
-        push_frame(&mut queue, first);
-        // Coalesce whatever else is already queued into the same write.
-        while queue.len() + 2 <= MAX_IOV && bytes < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(e) => {
-                    bytes += e.len();
-                    push_frame(&mut queue, e);
+        tokio::select! {
+            () = shared.writer_wake.notified() => {}
+            _ = closed.wait_for(|c| *c) => return,
+        }
+        loop {
+            {
+                let mut out = shared.out();
+                out.take_batch(&mut batch);
+                if batch.is_empty() {
+                    out.writing = false;
+                    break;
                 }
-                Err(_) => break,
+            }
+            let written = tokio::select! {
+                r = write_all(&shared.wr, &mut batch) => r,
+                _ = closed.wait_for(|c| *c) => return,
+            };
+            if let Err(e) = written {
+                tracing::debug!(error = %e, "engine connection write failed");
+                shared.out().queue.clear();
+                shared.close(CloseReason::Closed);
+                return;
             }
         }
-        let written = tokio::select! {
-            r = write_all_vectored(&mut wr, &mut queue) => r,
-            _ = closed.wait_for(|c| *c) => break,
-        };
-        if let Err(e) = written {
-            tracing::debug!(error = %e, "engine connection write failed");
-            shared.close(CloseReason::Closed);
-            break;
-        }
-    }
-    let _ = wr.shutdown().await;
-}
-
-fn push_frame(queue: &mut Vec<Bytes>, e: Encoded) {
-    queue.push(e.head);
-    if !e.data.is_empty() {
-        queue.push(e.data);
     }
 }
 
-/// Writes every buffer in `queue`, in order, with as few vectored writes as the socket allows.
-async fn write_all_vectored(wr: &mut OwnedWriteHalf, queue: &mut Vec<Bytes>) -> io::Result<()> {
+/// Writes `batch` from the front with non-blocking vectored writes until it is all written
+/// (`batch` left empty) or the socket is full (the unwritten rest left in `batch`).
+fn try_write_batch(wr: &OwnedWriteHalf, batch: &mut Vec<Bytes>) -> io::Result<()> {
     let mut start = 0;
-    while start < queue.len() {
+    let result = loop {
+        if start == batch.len() {
+            break Ok(());
+        }
         let mut iov = [IoSlice::new(&[]); MAX_IOV];
         let mut n_iov = 0;
-        for (slot, b) in iov.iter_mut().zip(queue.iter().skip(start)) {
+        for (slot, b) in iov.iter_mut().zip(batch.iter().skip(start)) {
             *slot = IoSlice::new(b);
             n_iov += 1;
         }
-        let mut n = wr.write_vectored(iov.get(..n_iov).unwrap_or_default()).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        // Drop what was written: whole buffers, then the front of a partly written one.
-        while n > 0 {
-            let Some(b) = queue.get_mut(start) else { break };
-            if n >= b.len() {
-                n -= b.len();
-                start += 1;
-            } else {
-                b.advance(n);
-                n = 0;
+        match wr.try_write_vectored(iov.get(..n_iov).unwrap_or_default()) {
+            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(mut n) => {
+                // Drop what was written: whole buffers, then the front of a partly written one.
+                while n > 0 {
+                    let Some(b) = batch.get_mut(start) else { break };
+                    if n >= b.len() {
+                        n -= b.len();
+                        start += 1;
+                    } else {
+                        b.advance(n);
+                        n = 0;
+                    }
+                }
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
         }
+    };
+    batch.drain(..start);
+    result
+}
+
+/// Writes all of `batch`, waiting for the socket whenever it is full.
+async fn write_all(wr: &OwnedWriteHalf, batch: &mut Vec<Bytes>) -> io::Result<()> {
+    loop {
+        try_write_batch(wr, batch)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        wr.writable().await?;
     }
-    queue.clear();
-    Ok(())
 }
 
 #[cfg(test)]

@@ -161,6 +161,64 @@ async fn pipelined_calls_are_matched_out_of_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_what_the_socket_takes_arrive_whole_and_in_order() {
+    // Callers send large updates faster than the engine reads them (it verifies every byte and
+    // at first reads nothing at all): the socket fills and empties over and over while callers
+    // write their own frames, queue behind another writer, or leave the rest to the writer task.
+    // Every frame must arrive intact, none interleaved with another.
+    const TASKS: usize = 8;
+    const CALLS: usize = 8;
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let addr = engine(|mut peer| async move {
+        go_rx.await.unwrap();
+        let mut seen = [false; TASKS * CALLS];
+        for _ in 0..TASKS * CALLS {
+            let f = peer.recv().await.expect("request");
+            let Request::Update(u) = Request::decode(&f).expect("valid request") else { panic!("not an update") };
+            assert_eq!(u.value.verify(), Ok(()), "update payload arrived intact");
+            let i = u.obj.0 as usize;
+            assert!(!seen[i], "update {i} twice");
+            seen[i] = true;
+            peer.reply(&f, Ok(Reply::Updated)).await;
+        }
+        let _ = peer.recv().await;
+    })
+    .await;
+
+    let conn = EngineConnection::connect(addr, opts(20_000)).await.unwrap();
+    let mut tasks = JoinSet::new();
+    for t in 0..TASKS {
+        let conn = conn.clone();
+        tasks.spawn(async move {
+            for c in 0..CALLS {
+                let i = t * CALLS + c;
+                let req = Request::Update(Update {
+                    cont: ContainerId(1),
+                    obj: ObjectId(i as u128),
+                    epoch: 1,
+                    dkey: Bytes::from_static(b"d"),
+                    akey: Bytes::from_static(b"a"),
+                    value: UpdateValue::array(0, Bytes::from(vec![i as u8; (2 << 20) + i * 4096])),
+                });
+                assert_eq!(conn.call(0, req).await.unwrap(), Reply::Updated);
+            }
+        });
+    }
+    // The engine starts reading once every task has a call in flight (the socket is full by then).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while conn.in_flight() < TASKS {
+        assert!(Instant::now() < deadline, "only {} calls made", conn.in_flight());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    go_tx.send(()).unwrap();
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    assert_eq!(conn.in_flight(), 0);
+    assert!(!conn.is_closed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_mid_flight_fails_every_pending_call_and_later_calls_fast() {
     let addr = engine(|mut peer| async move {
         // Answer the first request, then hang up with three more in flight.

@@ -1,12 +1,14 @@
 //! The engine's RPC server: TCP connections in, target threads out.
 //!
-//! Each connection has a reader and a writer. The reader decodes frames and routes each request
-//! to its target's thread at once, in arrival order (no task per request: the checks and the
-//! hand-off are synchronous, [`begin`]); it also awaits the target threads' answers, as many as
-//! [`MAX_INFLIGHT`] at a time, and passes each encoded reply on as it completes. The writer
-//! sends replies in completion order, coalescing whatever is ready into one vectored write. A
-//! frame error closes the connection after one log line; a request error gets an error reply
-//! and the connection goes on.
+//! Each connection is one task. It decodes frames and routes each request to its target's thread
+//! at once, in arrival order (no task per request: the checks and the hand-off are synchronous,
+//! [`begin`]); it awaits the target threads' answers, as many as [`MAX_INFLIGHT`] at a time, and
+//! writes the replies itself in completion order: every reply that is ready goes into one
+//! non-blocking vectored write, and what the socket does not take waits for it to drain (no
+//! writer task to hand replies to: a request at queue depth 1 is answered by the task the target
+//! thread wakes). Past [`OUTBOUND_BUDGET`] of unsent replies the connection stops reading, so a
+//! client that stops reading stalls only itself. A frame error closes the connection after one
+//! log line; a request error gets an error reply and the connection goes on.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -18,14 +20,14 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use tessera_engine_proto::{
     decode_frame, encode_reply, DataRun, Discard, EnumBudget, EnumTarget, Enumerate, Fetch, FetchReply, FetchValue, Frame, FrameLimits,
     Opcode, Reply, ReplyResult, Request, RpcStatus, SingleValue, TargetHealth, TargetInfo,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -36,6 +38,10 @@ use crate::EngineError;
 
 /// Requests one connection may have in flight; the reader stops reading beyond this.
 pub const MAX_INFLIGHT: usize = 512;
+/// Unsent reply bytes past which a connection stops reading requests.
+pub const OUTBOUND_BUDGET: usize = 8 << 20;
+/// Most buffers (heads and data) handed to one vectored write.
+const MAX_IOV: usize = 64;
 
 /// What every connection shares.
 #[derive(Debug)]
@@ -100,13 +106,14 @@ pub async fn serve(engine: Arc<Engine>, listener: TcpListener, stop: Cancellatio
     }
 }
 
-async fn connection(engine: Arc<Engine>, sock: TcpStream, peer: SocketAddr, stop: CancellationToken) {
+async fn connection(engine: Arc<Engine>, mut sock: TcpStream, peer: SocketAddr, stop: CancellationToken) {
     debug!(%peer, "connection opened");
-    let (mut rd, wr) = sock.into_split();
-    let (out_tx, out_rx) = mpsc::unbounded_channel::<tessera_engine_proto::Encoded>();
-    let writer = tokio::spawn(write_replies(wr, out_rx));
+    // Reads go through `AsyncRead` (a short read clears the readiness: no extra `recv` that
+    // only says "would block"); writes are non-blocking `writev`s on the same socket.
+    let (mut rd, mut wr) = sock.split();
     let mut inflight = FuturesUnordered::new();
     let mut buf = BytesMut::with_capacity(256 * 1024);
+    let mut out = Replies::default();
     // Frames decoded but not yet routed (the in-flight bound was reached).
     let mut waiting: VecDeque<Frame> = VecDeque::new();
     let mut closing = false;
@@ -115,24 +122,36 @@ async fn connection(engine: Arc<Engine>, sock: TcpStream, peer: SocketAddr, stop
         while inflight.len() < MAX_INFLIGHT {
             let Some(frame) = waiting.pop_front() else { break };
             match begin(&engine, frame) {
-                Begun::Now(encoded) => {
-                    let _ = out_tx.send(encoded);
-                }
+                Begun::Now(encoded) => out.push(encoded),
                 Begun::Later(fut) => inflight.push(fut),
             }
         }
-        if closing && waiting.is_empty() {
+        // Every answer that is ready goes out with this pass's write. (Polling without a waker
+        // here is fine: the select below polls the set again with this task's waker.)
+        while let Some(Some(encoded)) = inflight.next().now_or_never() {
+            out.push(encoded);
+        }
+        if let Err(e) = out.write(wr.as_ref()) {
+            debug!(%peer, error = %e, "write failed");
             break;
         }
-        let read_more = !closing && waiting.is_empty();
+        if closing && waiting.is_empty() && inflight.is_empty() && out.is_empty() {
+            let _ = wr.shutdown().await;
+            break;
+        }
+        let read_more = !closing && waiting.is_empty() && out.bytes < OUTBOUND_BUDGET;
         tokio::select! {
             biased;
-            Some(encoded) = inflight.next(), if !inflight.is_empty() => {
-                let _ = out_tx.send(encoded);
+            Some(encoded) = inflight.next(), if !inflight.is_empty() => out.push(encoded),
+            r = wr.as_ref().writable(), if !out.is_empty() => {
+                if let Err(e) = r {
+                    debug!(%peer, error = %e, "write failed");
+                    break;
+                }
             }
             _ = stop.cancelled(), if read_more => closing = true,
-            n = rd.read_buf(&mut buf), if read_more => {
-                match n {
+            r = rd.read_buf(&mut buf), if read_more => {
+                match r {
                     Ok(0) => closing = true,
                     Ok(_) => {}
                     Err(e) => {
@@ -157,56 +176,62 @@ async fn connection(engine: Arc<Engine>, sock: TcpStream, peer: SocketAddr, stop
             }
         }
     }
-    // Answer what is still in flight, then close.
-    while let Some(encoded) = inflight.next().await {
-        let _ = out_tx.send(encoded);
-    }
-    drop(out_tx);
-    let _ = writer.await;
     debug!(%peer, "connection closed");
 }
 
-async fn write_replies(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<tessera_engine_proto::Encoded>) {
-    let mut pending: Vec<Bytes> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        pending.push(first.head);
-        pending.push(first.data);
-        while pending.len() < 128 {
-            match rx.try_recv() {
-                Ok(e) => {
-                    pending.push(e.head);
-                    pending.push(e.data);
-                }
-                Err(_) => break,
-            }
-        }
-        pending.retain(|b| !b.is_empty());
-        if write_all_vectored(&mut wr, &mut pending).await.is_err() {
-            return;
-        }
-    }
-    let _ = wr.shutdown().await;
+/// Encoded replies not yet written, in completion order.
+#[derive(Default)]
+struct Replies {
+    /// Heads and data (empty buffers left out).
+    bufs: VecDeque<Bytes>,
+    bytes: usize,
 }
 
-async fn write_all_vectored(wr: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
-    while !bufs.is_empty() {
-        let slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
-        let mut n = wr.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 {
-            let Some(front) = bufs.first_mut() else { break };
-            if n >= front.len() {
-                n -= front.len();
-                bufs.remove(0);
-            } else {
-                front.advance(n);
-                n = 0;
+impl Replies {
+    fn push(&mut self, e: tessera_engine_proto::Encoded) {
+        for b in [e.head, e.data] {
+            if !b.is_empty() {
+                self.bytes += b.len();
+                self.bufs.push_back(b);
             }
         }
     }
-    Ok(())
+
+    fn is_empty(&self) -> bool {
+        self.bufs.is_empty()
+    }
+
+    /// Writes as much as the socket takes without waiting, each call one `writev` of up to
+    /// [`MAX_IOV`] buffers. Fails only if the socket fails.
+    fn write(&mut self, sock: &TcpStream) -> std::io::Result<()> {
+        while !self.bufs.is_empty() {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut n_iov = 0;
+            for (slot, b) in iov.iter_mut().zip(self.bufs.iter()) {
+                *slot = IoSlice::new(b);
+                n_iov += 1;
+            }
+            let mut n = match sock.try_write_vectored(iov.get(..n_iov).unwrap_or_default()) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.bytes = self.bytes.saturating_sub(n);
+            while n > 0 {
+                let Some(front) = self.bufs.front_mut() else { break };
+                if n >= front.len() {
+                    n -= front.len();
+                    self.bufs.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A request routed by [`begin`]: answered at once, or waiting for its target thread.

@@ -24,7 +24,7 @@ use tessera_bdev::{BlockDevice, WriteData};
 use tessera_nvme_proto::fabrics::ConnectCmd;
 use tessera_nvme_proto::opcode::{self, fctype};
 use tessera_nvme_proto::{Cqe, Sqe, Status};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -230,7 +230,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(stream: TcpStream, peer: SocketAddr, target: Arc<Target>, shutdown: CancellationToken) {
+    async fn run(mut stream: TcpStream, peer: SocketAddr, target: Arc<Target>, shutdown: CancellationToken) {
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(peer);
         let params = QueueParams {
@@ -251,6 +251,10 @@ impl Connection {
         let mut ctrl: Option<Arc<Controller>> = None;
         let mut cancel = CancellationToken::new();
         let mut passes = 0u32;
+        // Reads go through `AsyncRead`: a short read clears the socket's readiness, so no
+        // `recv` is made only to learn that it would block. Writes are non-blocking `writev`s
+        // on the same socket (`wr.as_ref()`).
+        let (mut rd, wr) = stream.split();
         let reason = loop {
             passes = passes.wrapping_add(1);
             if passes.is_multiple_of(CANCEL_CHECK_PASSES) {
@@ -261,7 +265,7 @@ impl Connection {
                     break "controller torn down";
                 }
             }
-            if flush(&stream, c.queue.outbox()).is_err() {
+            if flush(wr.as_ref(), c.queue.outbox()).is_err() {
                 break "write error";
             }
             if c.queue.is_closed() {
@@ -279,6 +283,10 @@ impl Connection {
             let pending_out = c.queue.outbox().len();
             let admin = ctrl.as_ref().filter(|_| c.qid == 0);
             let keepalive = admin.and_then(|x| x.keepalive_deadline());
+            let read_more = pending_out < OUTBOUND_BUDGET && !c.closing;
+            if read_more && buf.capacity() - buf.len() < READ_MIN_ROOM {
+                buf.reserve(READ_BUF);
+            }
             let wake = tokio::select! {
                 biased;
                 () = inflight.next(&mut done), if inflight.running() > 0 => {
@@ -287,14 +295,11 @@ impl Connection {
                     }
                     Wake::Continue
                 }
-                r = stream.writable(), if pending_out > 0 => match r {
+                r = wr.as_ref().writable(), if pending_out > 0 => match r {
                     Ok(()) => Wake::Continue,
                     Err(_) => Wake::Stop("write error"),
                 },
-                r = stream.readable(), if pending_out < OUTBOUND_BUDGET && !c.closing => match r {
-                    Ok(()) => c.on_readable(&stream, &mut buf, &mut events),
-                    Err(_) => Wake::Stop("read error"),
-                },
+                r = rd.read_buf(&mut buf), if read_more => c.on_read(r, &mut buf, &mut events),
                 _ = async { if let Some(x) = admin { x.aen.notified().await } }, if admin.is_some() => {
                     c.on_async_events();
                     Wake::Continue
@@ -334,12 +339,9 @@ impl Connection {
         close_stream(stream, c.queue.outbox()).await;
     }
 
-    /// Reads what the socket has and acts on every whole PDU in it.
-    fn on_readable(&mut self, stream: &TcpStream, buf: &mut BytesMut, events: &mut Vec<Event<Pending>>) -> Wake {
-        if buf.capacity() - buf.len() < READ_MIN_ROOM {
-            buf.reserve(READ_BUF);
-        }
-        match stream.try_read_buf(buf) {
+    /// Acts on every whole PDU in `buf` after a read of the socket into it (`read`: its result).
+    fn on_read(&mut self, read: std::io::Result<usize>, buf: &mut BytesMut, events: &mut Vec<Event<Pending>>) -> Wake {
+        match read {
             Ok(0) => return Wake::Stop("host closed the connection"),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Wake::Continue,
