@@ -549,9 +549,12 @@ def engine_limits(res, S):
         f"share the device, so their flushes queue behind each other. At QD32 ({32 // ENGINE_TARGETS} in flight "
         f"per target) a commit carries {batch:.1f} updates. The engine reaches {u4['durable_ratio']:.2f} of fio "
         f"with one `fdatasync` per 32 writes ({u4['durable']['iops']:.0f} IOPS) and {u4['ratio']:.2f} of fio "
-        "without syncs; at this rate it is CPU-bound on the two cores it shares with the load generator "
-        f"({u4['engine'].get('engine_cpu_seconds_per_million_ops') or 0:.0f} CPU µs per update, a fifth of it "
-        "switching between the network, target and sync threads).",
+        "without syncs. The flushes are a quarter of it and the CPU the rest: a build that skipped the WAL's "
+        "`fdatasync` altogether (unsafe, measured by hand, interleaved: 34.4k against 26.3k IOPS) still reached only "
+        "about 0.4 of fio, CPU-bound on the two cores it shares with the load generator "
+        f"({u4['engine'].get('engine_cpu_seconds_per_million_ops') or 0:.0f} CPU µs per update, much of it "
+        "switching between the network, target and sync threads). Merging the two targets' flushes into one per "
+        "device would win back part of the quarter; the goal of 0.5 needs fewer CPU µs per update than this.",
         "- **128 KiB updates** take two flushes per commit (data file, then WAL): carrying them in the WAL too was "
         "measured 3× slower (the data is written twice and the records grow to megabytes). Their data is written "
         "with `O_DIRECT` from one aligned buffer per commit (the copy into the page cache was half the engine's CPU "
