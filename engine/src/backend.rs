@@ -87,14 +87,7 @@ impl AlignedBuf {
 
     /// Appends `data`, growing (and moving) the buffer if needed.
     pub fn extend_from_slice(&mut self, data: &[u8]) {
-        let end = self.len + data.len();
-        if self.start + end > self.buf.len() {
-            let old = std::mem::take(&mut self.buf);
-            let (start, len) = (self.start, self.len);
-            self.reset(end.max(len * 2));
-            self.buf[self.start..self.start + len].copy_from_slice(&old[start..start + len]);
-            self.len = len;
-        }
+        let end = self.grow(data.len());
         self.buf[self.start + self.len..self.start + end].copy_from_slice(data);
         self.len = end;
     }
@@ -102,9 +95,24 @@ impl AlignedBuf {
     /// Pads with zeros to `len` bytes (no-op if already that long).
     pub fn pad_to(&mut self, len: usize) {
         if len > self.len {
-            let zeros = len - self.len;
-            self.extend_from_slice(&vec![0; zeros]);
+            self.grow(len - self.len);
+            self.buf[self.start + self.len..self.start + len].fill(0);
+            self.len = len;
         }
+    }
+
+    /// Makes room for `more` bytes after the contents (moving them if the buffer grows);
+    /// returns the length they will end at.
+    fn grow(&mut self, more: usize) -> usize {
+        let end = self.len + more;
+        if self.start + end > self.buf.len() {
+            let old = std::mem::take(&mut self.buf);
+            let (start, len) = (self.start, self.len);
+            self.reset(end.max(len * 2));
+            self.buf[self.start..self.start + len].copy_from_slice(&old[start..start + len]);
+            self.len = len;
+        }
+        end
     }
 
     /// Bytes held.

@@ -32,7 +32,7 @@ use crate::checkpoint::{self, checkpoint_name, parse_checkpoint_name};
 use crate::csum::{chunk_csums, crc64};
 use crate::index::{subtract, Index, ItemKey, Retention, Source, Version};
 use crate::op::{encode_ops, AkeyPath, Extent, Loc, Op, PunchLevel, Stored};
-use crate::wal::{parse_segment_name, retire_segment, scan_segment, segment_name, WalWriter};
+use crate::wal::{parse_segment_name, scan_segment, segment_name, WalWriter};
 use crate::{EngineError, BLOCK};
 
 mod aggregate;

@@ -256,13 +256,21 @@ const FREE_PREFIX: &str = "wal-free-";
 pub const FREE_SEGMENTS_KEPT: usize = 4;
 const ZERO_CHUNK: usize = 1 << 20;
 
+/// How many of `names` are retired segments waiting for reuse.
+pub fn free_segments(names: &[String]) -> usize {
+    names.iter().filter(|n| n.starts_with(FREE_PREFIX)).count()
+}
+
 /// Retires a segment whose records are all in a checkpoint: kept for reuse (renamed to its free
-/// name) while fewer than [`FREE_SEGMENTS_KEPT`] wait, else removed.
-pub fn retire_segment(storage: &dyn Storage, start: u64, names: &[String]) -> Result<(), EngineError> {
+/// name) while fewer than [`FREE_SEGMENTS_KEPT`] wait (`free`, counted up here), else removed.
+/// The target thread may take free segments meanwhile, so `free` can only overstate them: never
+/// more than [`FREE_SEGMENTS_KEPT`] are kept.
+pub fn retire_segment(storage: &dyn Storage, start: u64, free: &mut usize) -> Result<(), EngineError> {
     let name = segment_name(start);
-    let free = names.iter().filter(|n| n.starts_with(FREE_PREFIX)).count();
-    if free < FREE_SEGMENTS_KEPT {
-        storage.rename(&name, &free_segment_name(start)).map_err(|e| EngineError::io(&name, e))
+    if *free < FREE_SEGMENTS_KEPT {
+        storage.rename(&name, &free_segment_name(start)).map_err(|e| EngineError::io(&name, e))?;
+        *free += 1;
+        Ok(())
     } else {
         storage.remove(&name).map_err(|e| EngineError::io(&name, e))
     }
@@ -392,7 +400,7 @@ mod tests {
         // Retired after a checkpoint, then reused for records 41..: its old records stay behind
         // the new ones.
         w.rotate().unwrap();
-        retire_segment(storage.as_ref(), 1, &storage.list().unwrap()).unwrap();
+        retire_segment(storage.as_ref(), 1, &mut free_segments(&storage.list().unwrap())).unwrap();
         assert!(storage.list().unwrap().contains(&free_segment_name(1)));
         w.rotate().unwrap();
         let reused = segment_name(w.segment_start());

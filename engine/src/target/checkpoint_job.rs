@@ -4,6 +4,7 @@
 
 #[allow(clippy::wildcard_imports)] // the parent module's types and imports, as if this were its body
 use super::*;
+use crate::wal::{free_segments, retire_segment};
 
 /// A checkpoint being written by a background thread.
 #[derive(Debug)]
@@ -37,12 +38,11 @@ pub(super) fn write_checkpoint(storage: &dyn Storage, seq: u64, image: &[u8], ke
     }
     let mut starts: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
     starts.sort_unstable();
-    let mut names = names;
+    let mut free = free_segments(&names);
     for pair in starts.windows(2) {
         if let [start, next] = pair {
             if *next <= keep_from + 1 {
-                retire_segment(storage, *start, &names)?;
-                names = storage.list().map_err(|e| EngineError::io(".", e))?;
+                retire_segment(storage, *start, &mut free)?;
             }
         }
     }
@@ -55,11 +55,14 @@ impl Target {
     pub fn checkpoint_due(&self) -> bool {
         match &self.checkpoint_job {
             Some(job) => job.handle.is_finished(),
-            None => {
-                let grown = self.wal_backlog >= self.cfg.checkpoint_wal_bytes || self.wal_segments >= CHECKPOINT_SEGMENTS;
-                grown && self.wal.next_seq() - 1 != self.checkpoint_seq
-            }
+            None => self.wal_grown() && self.wal.next_seq() - 1 != self.checkpoint_seq,
         }
+    }
+
+    /// Whether the WAL since the last checkpoint (across segments, including what the last start
+    /// replayed) calls for a new one.
+    fn wal_grown(&self) -> bool {
+        self.wal_backlog >= self.cfg.checkpoint_wal_bytes || self.wal_segments >= CHECKPOINT_SEGMENTS
     }
 
     /// Starts a background checkpoint if the WAL has grown enough (or `force`), and reaps a
@@ -70,9 +73,7 @@ impl Target {
             return Ok(false);
         }
         let seq = self.wal.next_seq() - 1;
-        // The WAL since the last checkpoint, across segments (also what the last start replayed).
-        let due = self.wal_backlog >= self.cfg.checkpoint_wal_bytes || self.wal_segments >= CHECKPOINT_SEGMENTS;
-        if seq == self.checkpoint_seq || !(force || due) {
+        if seq == self.checkpoint_seq || !(force || self.wal_grown()) {
             return Ok(false);
         }
         let paused = Instant::now();
