@@ -81,6 +81,18 @@ fn answer(req: &Request, target: u16) -> Reply {
     }
 }
 
+/// An array update of `data` at offset 0 of object `obj` (container 1, dkey "d", akey "a").
+fn update(obj: usize, data: Bytes) -> Request {
+    Request::Update(Update {
+        cont: ContainerId(1),
+        obj: ObjectId(obj as u128),
+        epoch: 1,
+        dkey: Bytes::from_static(b"d"),
+        akey: Bytes::from_static(b"a"),
+        value: UpdateValue::array(0, data),
+    })
+}
+
 fn fetch(offset: u64, len: u32) -> Request {
     Request::Fetch(Fetch {
         cont: ContainerId(1),
@@ -130,15 +142,7 @@ async fn pipelined_calls_are_matched_out_of_order() {
                     assert_eq!(r, Reply::Pong { rank: i as u32, targets: 8, map_version: 5 });
                 }
                 1 => {
-                    let data = Bytes::from(vec![i as u8; 5000 + i * 100]);
-                    let req = Request::Update(Update {
-                        cont: ContainerId(1),
-                        obj: ObjectId(i as u128),
-                        epoch: 1,
-                        dkey: Bytes::from_static(b"d"),
-                        akey: Bytes::from_static(b"a"),
-                        value: UpdateValue::array(0, data),
-                    });
+                    let req = update(i, Bytes::from(vec![i as u8; 5000 + i * 100]));
                     assert_eq!(conn.call(target, req).await.unwrap(), Reply::Updated);
                 }
                 _ => {
@@ -192,14 +196,7 @@ async fn requests_beyond_what_the_socket_takes_arrive_whole_and_in_order() {
         tasks.spawn(async move {
             for c in 0..CALLS {
                 let i = t * CALLS + c;
-                let req = Request::Update(Update {
-                    cont: ContainerId(1),
-                    obj: ObjectId(i as u128),
-                    epoch: 1,
-                    dkey: Bytes::from_static(b"d"),
-                    akey: Bytes::from_static(b"a"),
-                    value: UpdateValue::array(0, Bytes::from(vec![i as u8; (2 << 20) + i * 4096])),
-                });
+                let req = update(i, Bytes::from(vec![i as u8; (2 << 20) + i * 4096]));
                 assert_eq!(conn.call(0, req).await.unwrap(), Reply::Updated);
             }
         });

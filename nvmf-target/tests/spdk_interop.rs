@@ -234,8 +234,6 @@ fn spdk_through_the_discovery_controller() {
     assert!(!log.contains("Connect refused"), "{log}");
 }
 
-/// Admin and one I/O queue of SUBNQN the way SPDK connects directly (`subnqn:` in the transport
-/// ID, no `hostnqn:`), with a write and a read on the I/O queue.
 /// Waits (at most 5 s) until the target has logged the end of `n` connections, so that what
 /// it would log about them is in its log.
 fn wait_closed(t: &TargetProc, n: usize) {
@@ -250,6 +248,8 @@ fn wait_closed(t: &TargetProc, n: usize) {
     }
 }
 
+/// Admin and one I/O queue of SUBNQN the way SPDK connects directly (`subnqn:` in the transport
+/// ID, no `hostnqn:`), with a write and a read on the I/O queue.
 fn spdk_io_controller(t: &TargetProc) -> (HostConn, HostConn) {
     let mut a = open(t.addr);
     a.send_raw(&spdk_connect(0, 0, 31, 0xFFFF, SUBNQN, ""));
