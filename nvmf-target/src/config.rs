@@ -14,6 +14,10 @@ pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
 pub const DEFAULT_NQN: &str = "nqn.2026-11.io.tessera:default";
 /// Highest namespace ID a subsystem may use (the NN the controllers report).
 pub const MAX_NSID: u32 = 1024;
+/// Default adaptive polling window ([`Config::poll_us`]), microseconds.
+pub const DEFAULT_POLL_US: u32 = 50;
+/// Longest adaptive polling window a configuration may set, microseconds.
+pub const MAX_POLL_US: u32 = 1000;
 /// Longest NQN the specifications allow, in bytes.
 pub const MAX_NQN_LEN: usize = 223;
 
@@ -134,6 +138,13 @@ pub struct Config {
     /// Highest controller ID this target assigns.
     #[serde(default = "default_cntlid_max")]
     pub cntlid_max: u16,
+    /// Adaptive polling: after a queue's socket brought commands or a pass completed some, how
+    /// long (microseconds) the queue keeps checking its socket before it sleeps in epoll. A
+    /// host that sends its next command within the window finds the target awake (no wake-up
+    /// on its path). Polling runs only while I/O flows: an idle queue sleeps, so an idle target
+    /// uses no CPU. 0 turns it off; at most [`MAX_POLL_US`].
+    #[serde(default = "default_poll_us")]
+    pub poll_us: u32,
     /// Subsystems.
     #[serde(default, rename = "subsystem")]
     pub subsystems: Vec<SubsystemConfig>,
@@ -153,6 +164,10 @@ pub struct MgmtConfig {
 
 fn default_listen() -> Vec<SocketAddr> {
     vec![SocketAddr::from(([127, 0, 0, 1], 4420))]
+}
+
+fn default_poll_us() -> u32 {
+    DEFAULT_POLL_US
 }
 
 fn default_max_io_queues() -> u16 {
@@ -181,6 +196,7 @@ impl Default for Config {
             io_queue_depth: default_io_queue_depth(),
             cntlid_min: default_cntlid_min(),
             cntlid_max: default_cntlid_max(),
+            poll_us: default_poll_us(),
             subsystems: vec![SubsystemConfig {
                 nqn: DEFAULT_NQN.into(),
                 serial: default_serial(),
@@ -255,6 +271,9 @@ impl Config {
                 "cntlid_min..cntlid_max = {}..{} must be a non-empty range within 1..65519",
                 self.cntlid_min, self.cntlid_max
             )));
+        }
+        if self.poll_us > MAX_POLL_US {
+            return Err(invalid(format!("poll_us = {} must be 0 to {MAX_POLL_US}", self.poll_us)));
         }
         if let Some(m) = &self.mgmt {
             let a = m.address.strip_prefix("http://").unwrap_or(&m.address);
@@ -370,6 +389,8 @@ mod tests {
         let bad = |t: &str| Config::from_toml(t, "f.toml").unwrap_err().to_string();
         assert!(bad("listen = [\"nope\"]").contains("f.toml"));
         assert!(bad("bogus = 1").contains("unknown field"));
+        assert!(bad("poll_us = 1001").contains("poll_us = 1001 must be 0 to 1000"));
+        assert_eq!(Config::from_toml("poll_us = 0", "f.toml").unwrap().poll_us, 0);
         assert!(bad("[[subsystem]]\nnqn = \"x\"\nallow_any_host = true").contains("not an NQN"));
         assert!(bad("[[subsystem]]\nnqn = \"nqn.a\"").contains("allows no host"));
         let ns = |extra: &str| {

@@ -18,6 +18,7 @@ pub mod inflight;
 pub mod io;
 pub mod managed;
 pub mod outbox;
+pub mod poll;
 pub mod queue;
 pub mod server;
 pub mod target;

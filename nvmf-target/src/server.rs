@@ -34,6 +34,7 @@ use crate::controller::{AdminOutcome, Controller};
 use crate::inflight::Inflight;
 use crate::io::{self, DataPlan, IoOp};
 use crate::outbox::Outbox;
+use crate::poll::{Polled, Poller};
 use crate::queue::{Event, Queue, QueueParams};
 use crate::target::{self, Namespace, Subsystem, Target};
 
@@ -254,6 +255,8 @@ impl Connection {
         // Reads go through `AsyncRead`: a short read clears the socket's readiness, so no
         // `recv` is made only to learn that it would block. Writes are non-blocking `writev`s
         // on the same socket (`wr.as_ref()`).
+        let mut poller = Poller::new(&stream, c.target.poll);
+        let mut worked = false;
         let (mut rd, wr) = stream.split();
         let reason = loop {
             passes = passes.wrapping_add(1);
@@ -287,9 +290,26 @@ impl Connection {
             if read_more && buf.capacity() - buf.len() < READ_MIN_ROOM {
                 buf.reserve(READ_BUF);
             }
-            let wake = tokio::select! {
+            // The polling window runs from the end of the last pass that received commands or
+            // completed some (its answers are out by now).
+            if std::mem::take(&mut worked) {
+                poller.active();
+            }
+            // Just active, nothing in flight or unsent: look at the socket again before sleeping.
+            let polled = if read_more && pending_out == 0 && inflight.running() == 0 && poller.hot() {
+                poller.poll(&mut buf).await
+            } else {
+                Polled::Quiet
+            };
+            let wake = match polled {
+                Polled::Read(r) => {
+                    worked = true;
+                    c.on_read(r, &mut buf, &mut events)
+                }
+                Polled::Quiet => tokio::select! {
                 biased;
                 () = inflight.next(&mut done), if inflight.running() > 0 => {
+                    worked = true;
                     for d in done.drain(..) {
                         c.on_done(d);
                     }
@@ -299,7 +319,10 @@ impl Connection {
                     Ok(()) => Wake::Continue,
                     Err(_) => Wake::Stop("write error"),
                 },
-                r = rd.read_buf(&mut buf), if read_more => c.on_read(r, &mut buf, &mut events),
+                r = rd.read_buf(&mut buf), if read_more => {
+                    worked = true;
+                    c.on_read(r, &mut buf, &mut events)
+                }
                 _ = async { if let Some(x) = admin { x.aen.notified().await } }, if admin.is_some() => {
                     c.on_async_events();
                     Wake::Continue
@@ -320,6 +343,7 @@ impl Connection {
                 // connection checks them every CANCEL_CHECK_PASSES passes instead.
                 _ = shutdown.cancelled() => Wake::Stop("target shutting down"),
                 _ = cancel.cancelled() => Wake::Stop("controller torn down"),
+                },
             };
             if let Wake::Stop(reason) = wake {
                 break reason;

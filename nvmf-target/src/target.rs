@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tessera_bdev::{Bdev, BdevError, BlockDevice, DaosBdev, MallocBdev, NullBdev};
 use tessera_client::volume::Volume;
@@ -368,6 +368,8 @@ pub struct ControllerLimits {
 #[derive(Debug)]
 pub struct Target {
     pub limits: ControllerLimits,
+    /// How long a queue that was just active keeps polling its socket ([`Config::poll_us`]).
+    pub poll: Duration,
     pub listen: Vec<SocketAddr>,
     pub discovery: Arc<Subsystem>,
     subsystems: RwLock<BTreeMap<String, Arc<Subsystem>>>,
@@ -390,6 +392,7 @@ impl Target {
                 cntlid_min: cfg.cntlid_min,
                 cntlid_max: cfg.cntlid_max,
             },
+            poll: Duration::from_micros(u64::from(cfg.poll_us)),
             listen: cfg.listen.clone(),
             discovery: Arc::new(Subsystem::discovery()),
             subsystems: RwLock::new(subsystems),

@@ -12,7 +12,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::HostConn;
+use common::{cpu_ticks, HostConn};
 use tessera_mgmt_api::{CreateExport, CreatePool, CreateVolume, MgmtClient, VolumeInfo};
 use tessera_nvme_proto::identify::ns_off;
 use tessera_nvme_proto::log::disc_off;
@@ -353,13 +353,4 @@ async fn read(q: &mut Connection, mut sqe: Sqe, len: u32) -> Vec<u8> {
     assert!(r.cqe.status.is_success(), "read: {:?}", r.cqe.status);
     assert_eq!(r.data.len(), len as usize);
     r.data
-}
-
-/// User + system CPU time of process `pid`, in clock ticks (1/100 s).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which is in parentheses): utime and stime are 14 and 15.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }

@@ -345,3 +345,23 @@ fn a_host_that_stops_reading_cannot_make_the_target_buffer_without_bound() {
     assert!(io2.read(1, 0, 8, 512).cqe.status.is_success());
     assert!(t.is_alive());
 }
+
+#[test]
+fn polling_stops_when_the_host_goes_quiet() {
+    // The default configuration polls a queue's socket for a short window after each command
+    // (`poll_us`). Under a QD1 loop it keeps polling; once the host stops, the queues must sleep
+    // in epoll again: an idle connected controller costs no CPU.
+    let t = TargetProc::start();
+    let (_admin, mut io) = controller_with_io(t.addr, Digests::default());
+    let data = pattern(4096, 9);
+    for i in 0..300u64 {
+        assert!(io.write(1, i * 8, &data, 512, false).cqe.status.is_success());
+        let r = io.read(1, i * 8, 8, 512);
+        assert!(r.cqe.status.is_success());
+        assert_eq!(r.data, data);
+    }
+    let before = cpu_ticks(t.child.id());
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(t.child.id()) - before;
+    assert!(used <= 3, "a connected but idle target used {used} ticks of CPU in 3 s");
+}
