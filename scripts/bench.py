@@ -17,6 +17,8 @@ median of several runs, with the commands used.
                                              # per class (EC_2P1, RP_3, RP_2), `tessera bench` through the
                                              # NVMe/TCP target paired run by run with raw fio on the same disk;
                                              # --stack-results target/bench-stack/results.json re-renders it
+    python3 scripts/bench.py --one-core SPDK_DIR   # only the one-core comparison with SPDK's nvmf_tgt, both
+                                             # driven by spdk_nvme_perf (~2 minutes; SPDK built by hand)
 
 The same-guest comparison with the Linux kernel target (nvmet-tcp) is appended from
 target/nvme-cli-logs/kernel-compare.md, which `python3 tests/nvme-cli/run.py --kernel-compare`
@@ -26,6 +28,9 @@ import argparse, json, os, platform, queue, re, signal, socket, statistics, subp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
+ONECORE_RESULTS = os.path.join(ROOT, "target", "bench-onecore", "results.json")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_onecore  # noqa: E402  (scripts/bench_onecore.py)
 
 
 def free_port():
@@ -1394,7 +1399,24 @@ def main():
     ap.add_argument("--stack-time", type=float, default=3.0, help="seconds per whole-stack Tessera and fio run")
     ap.add_argument("--stack-results", metavar="JSON",
                     help=f"with --stack-only: write the section from a saved measurement (every one is saved to {os.path.relpath(STACK_RESULTS, ROOT)}) instead of measuring")
+    ap.add_argument("--one-core", metavar="SPDK_DIR",
+                    help="only the one-core comparison with SPDK (~2 minutes): SPDK_DIR is an SPDK tree built by hand "
+                         "(build/bin/nvmf_tgt, build/bin/spdk_nvme_perf, scripts/rpc.py)")
+    ap.add_argument("--one-core-results", metavar="JSON",
+                    help=f"with --one-core: write the section from a saved measurement ({os.path.relpath(ONECORE_RESULTS, ROOT)})")
     a = ap.parse_args()
+    if a.one_core:
+        if not a.one_core_results:
+            subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
+        res = json.load(open(a.one_core_results)) if a.one_core_results else \
+            bench_onecore.measure(a.one_core, BIN, free_port, runs=a.runs, secs=5)
+        os.makedirs(os.path.dirname(ONECORE_RESULTS), exist_ok=True)
+        json.dump(res, open(ONECORE_RESULTS, "w"), indent=1)
+        page = open(a.out).read() if os.path.exists(a.out) else "# Benchmarks\n"
+        with open(a.out, "w") as f:
+            f.write(splice_section(page, bench_onecore.section(res), bench_onecore.SECTION, after="## Idle cost"))
+        print(f"wrote the one-core section of {a.out}")
+        return 0
     if not a.heal_results and not a.stack_results:
         subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
     if a.profile:
@@ -1564,6 +1586,7 @@ def main():
               f"**{idle['target_cpu_seconds']:.2f} CPU seconds** ({idle['target_cpu_seconds'] / idle['idle_seconds'] * 100:.3f} %). "
               "No busy polling: idle connections wait in epoll.", "",
               f"Command: `tessera bench --idle --queues 2 --time {a.idle:g} --target-pid PID`.", ""]
+    lines += existing_section(a.out, bench_onecore.SECTION)  # measured only with --one-core (needs SPDK)
     lines += engine_section(engine_measure(a.runs, a.engine_time))
     lines += heal_section(heal_measure(a.heal_runs, a.heal_io_time)) if a.heal_too else existing_section(a.out, HEAL_SECTION)
     lines += stack_section(stack_measure(a.stack_runs, a.stack_time)) if a.stack_too else existing_section(a.out, STACK_SECTION)
