@@ -341,7 +341,10 @@ def engine_measure(runs, secs):
             dcmd = fio_cmd(FIO_RW[(op, pattern)], bs, qd, secs, [f"--fdatasync={qd}"]) if op == "update" else None
             pairs = []
             for _ in range(runs):
+                jif0, gen0 = cpu_jiffies(), children_cpu_seconds()
                 r = run_json(cmd)
+                r["machine_busy"] = busy_between(jif0, cpu_jiffies())
+                r["loadgen_cpu"] = children_cpu_seconds() - gen0
                 if r.get("hole_bytes"):
                     raise RuntimeError(f"{show_cmd(cmd)} read {r['hole_bytes']} bytes of holes")
                 pairs.append((r, run_fio(fcmd), run_fio(dcmd) if dcmd else None))
@@ -432,6 +435,11 @@ def case_summary(c):
     out = {"engine": mid([p[0] for p in pairs]), "fio": mid([p[1] for p in pairs]),
            "engine_runs": [p[0]["iops"] for p in pairs], "fio_runs": [p[1]["iops"] for p in pairs],
            "ratio": median([p[0]["iops"] / p[1]["iops"] for p in pairs])}
+    e = [p[0] for p in pairs if "machine_busy" in p[0]]
+    if e:
+        out["busy"] = median([x["machine_busy"] for x in e])
+        # CPU µs per operation of the engine and the load generator together.
+        out["cpu_whole"] = median([((x.get("engine_cpu_seconds") or 0.0) + x["loadgen_cpu"]) / max(x["ios"], 1) * 1e6 for x in e])
     if pairs[0][2]:
         out["durable"] = mid([p[2] for p in pairs])
         out["durable_ratio"] = median([p[0]["iops"] / p[2]["iops"] for p in pairs])
@@ -474,8 +482,8 @@ def engine_section(res):
              "its data file with buffered `pread`; the data was written with `O_DIRECT`, so the first fetch of a block "
              "reads the device and later ones (with this machine's RAM) the page cache, while all of fio's reads go to "
              "the device (`--direct=1`).", "",
-             "| case | QD | engine IOPS (runs) | MiB/s | p50 µs | p99 µs | CPU s/M ops | raw fio IOPS (runs) | raw MiB/s | raw p50 µs | **engine / raw** | durable raw IOPS | engine / durable raw |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| case | QD | engine IOPS (runs) | MiB/s | p50 µs | p99 µs | CPU s/M ops | raw fio IOPS (runs) | raw MiB/s | raw p50 µs | **engine / raw** | durable raw IOPS | engine / durable raw | CPUs busy | CPU µs/op with the load generator |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for op, bs, pattern, qd in ENGINE_CASES:
         m = S[(op, bs, qd)]
         r, f = m["engine"], m["fio"]
@@ -484,13 +492,18 @@ def engine_section(res):
         lines.append(f"| {bs} {pattern} {op} / fio {FIO_RW[(op, pattern)]} | {qd} | {r['iops']:.0f} ({k_runs(m['engine_runs'])}) | "
                      f"{r['mib_per_s']:.0f} | {r['lat_p50_us']:.0f} | {r['lat_p99_us']:.0f} | {cpu_m:.0f} | "
                      f"{f['iops']:.0f} ({k_runs(m['fio_runs'])}) | {f['mib_per_s']:.0f} | {f['lat_p50_us']:.0f} | "
-                     f"**{m['ratio']:.2f}** | {dur} |")
+                     f"**{m['ratio']:.2f}** | {dur} | {pct_or_dash(m.get('busy'))} | {num_or_dash(m.get('cpu_whole'))} |")
     u4 = S[("update", "4k", 32)]["ratio"]
+    busy = lambda key: (f" (CPUs {S[key]['busy'] * 100:.0f} % busy)" if S[key].get("busy") is not None else "")
     u128 = {qd: S[("update", "128k", qd)]["ratio"] for qd in (1, 32)}
     lines += ["", "The issue's targets:", "",
-              f"- durable 4 KiB updates at QD32 against raw 4 KiB random writes at QD32: {verdict(u4, 0.5)};",
-              f"- 128 KiB updates against raw sequential-write bandwidth: QD32 {verdict(u128[32], 0.7)}; "
-              f"QD1 {verdict(u128[1], 0.7)}.", ""]
+              f"- durable 4 KiB updates at QD32 against raw 4 KiB random writes at QD32: {verdict(u4, 0.5)}"
+              f"{busy(('update', '4k', 32))};",
+              f"- 128 KiB updates against raw sequential-write bandwidth: QD32 {verdict(u128[32], 0.7)}"
+              f"{busy(('update', '128k', 32))}; QD1 {verdict(u128[1], 0.7)}.", "",
+              "*CPUs busy* is the share of the machine's CPUs not idle (nor waiting for I/O) during the engine runs "
+              "(`/proc/stat`); the last column adds the load generator's CPU (`tessera bench-engine`, same machine) "
+              "to the engine's.", ""]
     lines += ["Commands (the engine's address and pid and fio's file and output format left out):", ""]
     for op, bs, pattern, qd in ENGINE_CASES:
         c = res["cases"][(op, bs, qd)]
