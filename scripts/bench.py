@@ -17,6 +17,8 @@ median of several runs, with the commands used.
                                              # per class (EC_2P1, RP_3, RP_2), `tessera bench` through the
                                              # NVMe/TCP target paired run by run with raw fio on the same disk;
                                              # --stack-results target/bench-stack/results.json re-renders it
+    python3 scripts/bench.py --kernel-only   # only the same-guest comparison with the kernel target, from
+                                             # what `python3 tests/nvme-cli/run.py --kernel-compare` wrote
     python3 scripts/bench.py --one-core SPDK_DIR   # only the one-core comparison with SPDK's nvmf_tgt, both
                                              # driven by spdk_nvme_perf (~2 minutes; SPDK built by hand)
 
@@ -1422,6 +1424,19 @@ def splice_section(page, section_lines, heading=ENGINE_SECTION, after=None):
     return "\n".join(lines[:span[0]] + section_lines + lines[span[1]:])
 
 
+KERNEL_SECTION = "## Same-guest comparison with the Linux kernel target"
+
+
+def kernel_section():
+    """The same-guest comparison, from what `tests/nvme-cli/run.py --kernel-compare` wrote."""
+    kernel = os.path.join(ROOT, "target", "nvme-cli-logs", "kernel-compare.md")
+    lines = [KERNEL_SECTION, ""]
+    if os.path.exists(kernel):
+        return lines + [open(kernel).read().strip(), ""]
+    return lines + ["Not measured in this run: `python3 tests/nvme-cli/run.py --kernel-compare` writes "
+                    "target/nvme-cli-logs/kernel-compare.md, which is included here when it exists.", ""]
+
+
 def existing_section(path, heading):
     """The lines of section `heading` of the page at `path`, or []."""
     if not os.path.exists(path):
@@ -1464,7 +1479,16 @@ def main():
                          "(build/bin/nvmf_tgt, build/bin/spdk_nvme_perf, scripts/rpc.py)")
     ap.add_argument("--one-core-results", metavar="JSON",
                     help=f"with --one-core: write the section from a saved measurement ({os.path.relpath(ONECORE_RESULTS, ROOT)})")
+    ap.add_argument("--kernel-only", action="store_true",
+                    help="only the same-guest comparison with the kernel target, from target/nvme-cli-logs/kernel-compare.md "
+                         "(which `python3 tests/nvme-cli/run.py --kernel-compare` writes)")
     a = ap.parse_args()
+    if a.kernel_only:
+        page = open(a.out).read() if os.path.exists(a.out) else "# Benchmarks\n"
+        with open(a.out, "w") as f:
+            f.write(splice_section(page, kernel_section(), KERNEL_SECTION))
+        print(f"wrote the kernel comparison section of {a.out}")
+        return 0
     if a.one_core:
         if not a.one_core_results:
             subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
@@ -1652,13 +1676,7 @@ def main():
     lines += engine_section(engine_measure(a.runs, a.engine_time))
     lines += heal_section(heal_measure(a.heal_runs, a.heal_io_time)) if a.heal_too else existing_section(a.out, HEAL_SECTION)
     lines += stack_section(stack_measure(a.stack_runs, a.stack_time)) if a.stack_too else existing_section(a.out, STACK_SECTION)
-    kernel = os.path.join(ROOT, "target", "nvme-cli-logs", "kernel-compare.md")
-    lines += ["## Same-guest comparison with the Linux kernel target", ""]
-    if os.path.exists(kernel):
-        lines += [open(kernel).read().strip(), ""]
-    else:
-        lines += ["Not measured in this run: `python3 tests/nvme-cli/run.py --kernel-compare` writes "
-                  "target/nvme-cli-logs/kernel-compare.md, which is included here when it exists.", ""]
+    lines += kernel_section()
     with open(a.out, "w") as f:
         f.write("\n".join(lines))
     print(f"wrote {a.out}")
