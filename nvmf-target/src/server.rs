@@ -307,42 +307,42 @@ impl Connection {
                     c.on_read(r, &mut buf, &mut events)
                 }
                 Polled::Quiet => tokio::select! {
-                biased;
-                () = inflight.next(&mut done), if inflight.running() > 0 => {
-                    worked = true;
-                    for d in done.drain(..) {
-                        c.on_done(d);
-                    }
-                    Wake::Continue
-                }
-                r = wr.as_ref().writable(), if pending_out > 0 => match r {
-                    Ok(()) => Wake::Continue,
-                    Err(_) => Wake::Stop("write error"),
-                },
-                r = rd.read_buf(&mut buf), if read_more => {
-                    worked = true;
-                    c.on_read(r, &mut buf, &mut events)
-                }
-                _ = async { if let Some(x) = admin { x.aen.notified().await } }, if admin.is_some() => {
-                    c.on_async_events();
-                    Wake::Continue
-                }
-                _ = async { if let Some(d) = keepalive { tokio::time::sleep_until(d.into()).await } }, if keepalive.is_some() => {
-                    match &ctrl {
-                        Some(x) if x.keepalive_deadline().is_some_and(|d| d <= std::time::Instant::now()) => {
-                            x.shut_down("keep alive timeout expired");
-                            Wake::Stop("keep alive timeout")
+                    biased;
+                    () = inflight.next(&mut done), if inflight.running() > 0 => {
+                        worked = true;
+                        for d in done.drain(..) {
+                            c.on_done(d);
                         }
-                        _ => Wake::Continue,
+                        Wake::Continue
                     }
-                }
-                _ = async { tokio::time::sleep_until(connect_deadline).await }, if c.ctrl.is_none() => {
-                    Wake::Stop("no Connect within the connect timeout")
-                }
-                // Polled only when nothing above is ready (each poll takes two locks); a busy
-                // connection checks them every CANCEL_CHECK_PASSES passes instead.
-                _ = shutdown.cancelled() => Wake::Stop("target shutting down"),
-                _ = cancel.cancelled() => Wake::Stop("controller torn down"),
+                    r = wr.as_ref().writable(), if pending_out > 0 => match r {
+                        Ok(()) => Wake::Continue,
+                        Err(_) => Wake::Stop("write error"),
+                    },
+                    r = rd.read_buf(&mut buf), if read_more => {
+                        worked = true;
+                        c.on_read(r, &mut buf, &mut events)
+                    }
+                    _ = async { if let Some(x) = admin { x.aen.notified().await } }, if admin.is_some() => {
+                        c.on_async_events();
+                        Wake::Continue
+                    }
+                    _ = async { if let Some(d) = keepalive { tokio::time::sleep_until(d.into()).await } }, if keepalive.is_some() => {
+                        match &ctrl {
+                            Some(x) if x.keepalive_deadline().is_some_and(|d| d <= std::time::Instant::now()) => {
+                                x.shut_down("keep alive timeout expired");
+                                Wake::Stop("keep alive timeout")
+                            }
+                            _ => Wake::Continue,
+                        }
+                    }
+                    _ = async { tokio::time::sleep_until(connect_deadline).await }, if c.ctrl.is_none() => {
+                        Wake::Stop("no Connect within the connect timeout")
+                    }
+                    // Polled only when nothing above is ready (each poll takes two locks); a busy
+                    // connection checks them every CANCEL_CHECK_PASSES passes instead.
+                    _ = shutdown.cancelled() => Wake::Stop("target shutting down"),
+                    _ = cancel.cancelled() => Wake::Stop("controller torn down"),
                 },
             };
             if let Wake::Stop(reason) = wake {
