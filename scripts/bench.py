@@ -343,10 +343,7 @@ def engine_measure(runs, secs):
             dcmd = fio_cmd(FIO_RW[(op, pattern)], bs, qd, secs, [f"--fdatasync={qd}"]) if op == "update" else None
             pairs = []
             for _ in range(runs):
-                jif0, gen0 = cpu_jiffies(), children_cpu_seconds()
-                r = run_json(cmd)
-                r["machine_busy"] = busy_between(jif0, cpu_jiffies())
-                r["loadgen_cpu"] = children_cpu_seconds() - gen0
+                r = run_json_on_machine(cmd)
                 if r.get("hole_bytes"):
                     raise RuntimeError(f"{show_cmd(cmd)} read {r['hole_bytes']} bytes of holes")
                 pairs.append((r, run_fio(fcmd), run_fio(dcmd) if dcmd else None))
@@ -674,6 +671,16 @@ def children_cpu_seconds():
     """User + system CPU seconds of this script's finished children (the load generator runs)."""
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
+
+
+def run_json_on_machine(cmd):
+    """run_json(cmd), plus how busy the machine's CPUs were meanwhile (`machine_busy`) and the load
+    generator's own CPU seconds (`loadgen_cpu`)."""
+    jif0, gen0 = cpu_jiffies(), children_cpu_seconds()
+    r = run_json(cmd)
+    r["machine_busy"] = busy_between(jif0, cpu_jiffies())
+    r["loadgen_cpu"] = children_cpu_seconds() - gen0
+    return r
 
 
 def cpu_of(pids):
@@ -1199,14 +1206,9 @@ def stack_class(cls, runs, secs, fio_path, dev):
             pairs = []
             for _ in range(runs):
                 cpu0, disk0 = {n: cpu_seconds(p) for n, p in up.pids.items()}, block_dev_written(dev)
-                jif0, gen0 = cpu_jiffies(), children_cpu_seconds()
-                t = run_json(cmd)
-                jif1, gen1 = cpu_jiffies(), children_cpu_seconds()
+                t = run_json_on_machine(cmd)
                 cpu1, disk1 = {n: cpu_seconds(p) for n, p in up.pids.items()}, block_dev_written(dev)
                 t["cpu"] = {n: cpu1[n] - cpu0[n] for n in cpu0}
-                # Whole machine: how busy the CPUs were, and the load generator's own CPU time.
-                t["machine_busy"] = busy_between(jif0, jif1)
-                t["loadgen_cpu"] = gen1 - gen0
                 t["disk_written"] = disk1 - disk0 if disk0 is not None and disk1 is not None else None
                 if t.get("errors"):
                     raise RuntimeError(f"{show_cmd(cmd)}: {t['errors']} errors")
@@ -1437,6 +1439,14 @@ def kernel_section():
                     "target/nvme-cli-logs/kernel-compare.md, which is included here when it exists.", ""]
 
 
+def write_section(path, section_lines, heading, after=None, what="a section"):
+    """Splices one section into the page at `path` (a new page if there is none) and says so."""
+    page = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    with open(path, "w") as f:
+        f.write(splice_section(page, section_lines, heading, after=after))
+    print(f"wrote {what} of {path}")
+
+
 def existing_section(path, heading):
     """The lines of section `heading` of the page at `path`, or []."""
     if not os.path.exists(path):
@@ -1484,22 +1494,19 @@ def main():
                          "(which `python3 tests/nvme-cli/run.py --kernel-compare` writes)")
     a = ap.parse_args()
     if a.kernel_only:
-        page = open(a.out).read() if os.path.exists(a.out) else "# Benchmarks\n"
-        with open(a.out, "w") as f:
-            f.write(splice_section(page, kernel_section(), KERNEL_SECTION))
-        print(f"wrote the kernel comparison section of {a.out}")
+        write_section(a.out, kernel_section(), KERNEL_SECTION, what="the kernel comparison section")
         return 0
     if a.one_core:
-        if not a.one_core_results:
+        if a.one_core_results:
+            res = json.load(open(a.one_core_results))
+        else:
             subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
-        res = json.load(open(a.one_core_results)) if a.one_core_results else \
-            bench_onecore.measure(a.one_core, BIN, free_port, runs=a.runs, secs=5)
-        os.makedirs(os.path.dirname(ONECORE_RESULTS), exist_ok=True)
-        json.dump(res, open(ONECORE_RESULTS, "w"), indent=1)
-        page = open(a.out).read() if os.path.exists(a.out) else "# Benchmarks\n"
-        with open(a.out, "w") as f:
-            f.write(splice_section(page, bench_onecore.section(res), bench_onecore.SECTION, after="## Idle cost"))
-        print(f"wrote the one-core section of {a.out}")
+            res = bench_onecore.measure(a.one_core, BIN, free_port, cpu_seconds, runs=a.runs, secs=5)
+            os.makedirs(os.path.dirname(ONECORE_RESULTS), exist_ok=True)
+            with open(ONECORE_RESULTS, "w") as f:
+                json.dump(res, f, indent=1)
+        write_section(a.out, bench_onecore.section(res), bench_onecore.SECTION, after="## Idle cost",
+                      what="the one-core section")
         return 0
     if not a.heal_results and not a.stack_results:
         subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
@@ -1508,26 +1515,15 @@ def main():
         return 0
     if a.heal:
         res = json.load(open(a.heal_results)) if a.heal_results else heal_measure(a.heal_runs, a.heal_io_time)
-        section = heal_section(res)
-        page = open(a.out).read() if os.path.exists(a.out) else "# Benchmarks\n"
-        with open(a.out, "w") as f:
-            f.write(splice_section(page, section, HEAL_SECTION, after=ENGINE_SECTION))
-        print(f"wrote the self-healing section of {a.out}")
+        write_section(a.out, heal_section(res), HEAL_SECTION, after=ENGINE_SECTION, what="the self-healing section")
         return 0
     if a.stack_only:
         res = json.load(open(a.stack_results)) if a.stack_results else stack_measure(a.stack_runs, a.stack_time)
-        section = stack_section(res)
-        page = open(a.out).read() if os.path.exists(a.out) else "# Benchmarks\n"
-        with open(a.out, "w") as f:
-            f.write(splice_section(page, section, STACK_SECTION, after=HEAL_SECTION))
-        print(f"wrote the whole-stack section of {a.out}")
+        write_section(a.out, stack_section(res), STACK_SECTION, after=HEAL_SECTION, what="the whole-stack section")
         return 0
     if a.engine_only:
-        section = engine_section(engine_measure(a.runs, a.engine_time))
-        page = open(a.out).read() if os.path.exists(a.out) else "# Benchmarks\n"
-        with open(a.out, "w") as f:
-            f.write(splice_section(page, section))
-        print(f"wrote the engine section of {a.out}")
+        write_section(a.out, engine_section(engine_measure(a.runs, a.engine_time)), ENGINE_SECTION,
+                      what="the engine section")
         return 0
     tessera = os.path.join(BIN, "tessera")
     T = str(a.time)

@@ -28,11 +28,6 @@ def _wait_port(port, proc, what):
     raise RuntimeError(f"{what} did not listen on {port}")
 
 
-def _cpu_seconds(pid):
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class _Hugepages:
     """Reserves hugepages for SPDK for the duration of a `with` block."""
 
@@ -92,8 +87,9 @@ def _tessera_target(bin_dir, port):
     return proc
 
 
-def measure(spdk, bin_dir, free_port, runs=3, secs=5):
-    """Interleaved runs: for each round and depth, SPDK's target then Tessera's, each started fresh
+def measure(spdk, bin_dir, free_port, cpu_seconds, runs=3, secs=5):
+    """Interleaved runs (`free_port()` and `cpu_seconds(pid)` are bench.py's): for each round and depth,
+    SPDK's target then Tessera's, each started fresh
     (SPDK's target polls its core at 100 % even when idle, so the two never run together)."""
     res = {"spdk": {str(qd): [] for qd in QDS}, "tessera": {str(qd): [] for qd in QDS}, "secs": secs, "runs": runs,
            "spdk_version": ""}
@@ -108,9 +104,9 @@ def measure(spdk, bin_dir, free_port, runs=3, secs=5):
                         proc = _tessera_target(bin_dir, port)
                     nqn = SPDK_NQN if name == "spdk" else TESSERA_NQN
                     try:
-                        cpu0 = _cpu_seconds(proc.pid)
+                        cpu0 = cpu_seconds(proc.pid)
                         r = _perf(spdk, port, nqn, qd, secs)
-                        r["target_cpu_s"] = _cpu_seconds(proc.pid) - cpu0
+                        r["target_cpu_s"] = cpu_seconds(proc.pid) - cpu0
                         res[name][str(qd)].append(r)
                     finally:
                         proc.terminate()
