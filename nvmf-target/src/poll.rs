@@ -26,6 +26,9 @@ pub struct Poller {
     /// The socket, read directly (`None` when polling is off or the descriptor could not be
     /// duplicated: the queue then always sleeps in epoll).
     sock: Option<std::net::TcpStream>,
+    /// What one polling read lands in, allocated (and zeroed) once per connection; only the bytes
+    /// read are copied to the caller's buffer.
+    scratch: Vec<u8>,
     window: Duration,
     /// When the queue last received data or completed commands.
     last_active: Instant,
@@ -45,7 +48,8 @@ impl Poller {
     /// Polling for `stream` with `window` (zero: never poll).
     pub fn new(stream: &TcpStream, window: Duration) -> Poller {
         let sock = if window.is_zero() { None } else { stream.as_fd().try_clone_to_owned().ok().map(std::net::TcpStream::from) };
-        Poller { sock, window, last_active: Instant::now() }
+        let scratch = if sock.is_some() { vec![0; POLL_READ] } else { Vec::new() };
+        Poller { sock, scratch, window, last_active: Instant::now() }
     }
 
     /// Notes activity (data received, commands completed): the window starts again.
@@ -65,26 +69,22 @@ impl Poller {
     /// Appends what arrives to `buf`.
     pub async fn poll(&mut self, buf: &mut BytesMut) -> Polled {
         let Some(sock) = self.sock.as_mut() else { return Polled::Quiet };
-        let start = buf.len();
-        buf.resize(start + POLL_READ, 0);
-        let found = loop {
-            match sock.read(&mut buf[start..]) {
+        loop {
+            match sock.read(&mut self.scratch) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if self.last_active.elapsed() >= self.window {
-                        break Polled::Quiet;
+                        return Polled::Quiet;
                     }
                     tokio::task::yield_now().await;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                r => break Polled::Read(r),
+                Ok(n) => {
+                    buf.extend_from_slice(self.scratch.get(..n).unwrap_or_default());
+                    return Polled::Read(Ok(n));
+                }
+                Err(e) => return Polled::Read(Err(e)),
             }
-        };
-        let got = match &found {
-            Polled::Read(Ok(n)) => *n,
-            _ => 0,
-        };
-        buf.truncate(start + got);
-        found
+        }
     }
 }
 
