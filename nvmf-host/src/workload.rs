@@ -16,7 +16,7 @@ use tessera_nvme_proto::opcode::nvm;
 use tessera_nvme_proto::pdu::{self, DataPdu};
 use tessera_nvme_proto::sqe::{SglDescriptor, SGL_ID_INCAPSULE, SGL_ID_TRANSPORT};
 use tessera_nvme_proto::{Digests, Pdu, Sqe, Status};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::conn::{Connection, Controller, Geometry, HostError, HOST_LIMITS};
@@ -422,9 +422,22 @@ async fn run_queue(conn: Connection, mut gen: OpGen, mut ctx: QueueCtx) -> Resul
             pipe.on_pdu(p, &ctx, maxh2cdata, &mut out).map_err(protocol)?;
         }
     }
-    let mut stream = stream;
-    let _ = stream.shutdown().await;
+    close_queue(stream).await;
     Ok((pipe.stats, std::mem::take(&mut ctx.written)))
+}
+
+/// How long a closing queue waits for the target to close its side.
+const QUEUE_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes an I/O queue and waits (bounded) until the target has closed its side too: the target
+/// frees the QID before it closes the socket, so a queue opened next with the same QID is not
+/// refused as "already connected" by a target that has not yet seen this one go.
+async fn close_queue(mut stream: TcpStream) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(QUEUE_CLOSE_TIMEOUT, async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} }).await;
 }
 
 impl Workload {
@@ -614,5 +627,27 @@ mod tests {
         let mut all: Vec<u64> = gens.iter_mut().flat_map(|g| std::iter::from_fn(move || g.next().map(|(_, u)| u))).collect();
         all.sort_unstable();
         assert_eq!(all, (0..10).collect::<Vec<_>>());
+    }
+
+    /// A closed queue returns only once the target has closed its side, by which time the
+    /// target has freed the QID (here: set `freed`, after a delay a busy target could take).
+    #[tokio::test]
+    async fn closing_a_queue_waits_for_the_target_to_let_it_go() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let freed = std::sync::Arc::new(AtomicBool::new(false));
+        let target_freed = freed.clone();
+        let target = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut b = [0u8; 64];
+            while s.read(&mut b).await.unwrap() > 0 {}
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            target_freed.store(true, Ordering::SeqCst);
+        });
+        let stream = TcpStream::connect(addr).await.unwrap();
+        close_queue(stream).await;
+        assert!(freed.load(Ordering::SeqCst), "close_queue returned before the target closed the connection");
+        target.await.unwrap();
     }
 }
