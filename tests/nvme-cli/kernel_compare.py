@@ -3,9 +3,10 @@
 
 One QEMU guest (the harness's kernel and initramfs) runs the same fio jobs from fio-jobs/
 through its own nvme-tcp host on 127.0.0.1 against (a) nvmet-tcp over a brd RAM disk,
-configured through configfs, and (b) tessera-nvmf started inside the guest with a malloc
-namespace of the same size. Both run under the same emulation (TCG), so the ratio, not the
-absolute figure, is the point. Writes target/nvme-cli-logs/kernel-compare.md (included in
+configured through configfs, (b) tessera-nvmf started inside the guest with a malloc
+namespace of the same size, and (c) an EC_2P1 volume of the same size of a whole system that
+`tessera up` starts inside the guest (engines' files in the guest's RAM). All run under the
+same emulation (TCG), so the ratios, not the absolute figures, are the point. Writes target/nvme-cli-logs/kernel-compare.md (included in
 docs/BENCHMARKS.md by scripts/bench.py) and the guest console to the log directory.
 
     python3 tests/nvme-cli/run.py --kernel-compare           # or run this file directly
@@ -30,10 +31,12 @@ import run as harness  # noqa: E402  (the harness: Qemu, newc_archive, paths)
 
 HERE = harness.HERE
 REPO = harness.REPO
-JOBS = ("randread-4k-qd1", "randwrite-4k-qd1", "randread-4k-qd32", "randwrite-4k-qd32")
+JOBS = ("randread-4k-qd1", "randwrite-4k-qd1", "randread-4k-qd32", "randwrite-4k-qd32", "seqwrite-128k", "seqread-128k")
 SIZE_MIB = 128
 KERNEL_PORT = 4420
 TESSERA_PORT = 4421
+EC_PORT = 4422
+BINARIES = ("tessera", "tessera-nvmf", "tessera-engine", "tessera-mgmt")
 OUT = REPO / "target" / "nvme-cli-logs" / "kernel-compare.md"
 
 
@@ -53,23 +56,26 @@ def guest_image(no_setup):
     return Path(kv["KERNEL"]), Path(kv["INITRD"])
 
 
-def target_binary(no_build, workdir):
-    """A stripped copy of the release tessera-nvmf (the guest holds it in RAM)."""
+def target_binaries(no_build, workdir):
+    """{name: stripped release binary} for the target and `tessera up` (the guest holds them in
+    RAM)."""
     if not no_build:
-        harness.log("cargo build --release -p tessera-nvmf")
-        subprocess.run(["cargo", "build", "--release", "-p", "tessera-nvmf"], cwd=REPO, check=True,
+        harness.log("cargo build --release --bins")
+        subprocess.run(["cargo", "build", "--release", "--bins"], cwd=REPO, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    src = REPO / "target" / "release" / "tessera-nvmf"
-    dst = Path(workdir) / "tessera-nvmf"
-    subprocess.run(["strip", "-o", str(dst), str(src)], check=True)
-    return dst.read_bytes()
+    out = {}
+    for name in BINARIES:
+        dst = Path(workdir) / name
+        subprocess.run(["strip", "-o", str(dst), str(REPO / "target" / "release" / name)], check=True)
+        out[name] = dst.read_bytes()
+    return out
 
 
-def boot(kernel, base_initrd, binary, a, workdir, logdir):
+def boot(kernel, base_initrd, binaries, a, workdir, logdir):
     """Boots the comparison guest; returns {(target, job): fio JSON}."""
     runtime, timeout = a.runtime, a.timeout
     env = (f"RUNTIME={runtime}\nSIZE_MIB={SIZE_MIB}\nKPORT={KERNEL_PORT}\nTESSERA_PORT={TESSERA_PORT}\n"
-           f"JOBS='{' '.join(JOBS)}'\nTESSERA_ARGS='{a.tessera_args}'\nCASES=''\n")
+           f"EC_PORT={EC_PORT}\nJOBS='{' '.join(JOBS)}'\nTESSERA_ARGS='{a.tessera_args}'\nCASES=''\n")
     initrd = Path(workdir) / "initrd-kernel-compare"
     with open(initrd, "wb") as f:
         with open(base_initrd, "rb") as b:
@@ -78,8 +84,7 @@ def boot(kernel, base_initrd, binary, a, workdir, logdir):
             ("etc/test-env.sh", env.encode(), 0o100644),
             ("guest-lib.sh", (HERE / "guest-lib.sh").read_bytes(), 0o100644),
             ("test.sh", (HERE / "compare" / "guest-compare.sh").read_bytes(), 0o100755),
-            ("bin/tessera-nvmf", binary, 0o100755),
-        ] + harness.fio_job_files()))
+        ] + [(f"bin/{name}", data, 0o100755) for name, data in binaries.items()] + harness.fio_job_files()))
     console = Path(logdir) / "console-kernel-compare.log"
     harness.log(f"booting the comparison guest (console log {console})")
     vm = harness.Qemu("kernel-compare", kernel, initrd, "tessera.nvmet", console, mem=2048)
@@ -127,22 +132,37 @@ def report(results, runtime):
         if (REPO / "target" / "nvme-cli-guest" / "kver").exists() else "?"
     lines = [
         f"Inside one QEMU guest (TCG, 2 vCPUs, 2 GiB, Linux {kver}), the kernel's nvme-tcp host runs the "
-        "repository's fio jobs (`fio-jobs/*.fio`: libaio, direct, QD32 = 2 jobs × 32) on 127.0.0.1 against "
-        f"**kernel**: nvmet-tcp over a {SIZE_MIB} MiB `brd` RAM disk (configfs, bdev backend), and **Tessera**: "
-        f"`tessera-nvmf` started in the same guest with a {SIZE_MIB} MiB malloc namespace. Both devices are written "
-        f"in full first; each job runs {runtime} s after 2 s of ramp. Target, host and fio share the guest's 2 "
-        "emulated CPUs, so absolute figures are low; the ratio is the point. Produced by "
+        "repository's fio jobs (`fio-jobs/*.fio`: libaio, direct; 4 KiB QD32 = 2 jobs × 32, 128 KiB = 1 job × 16) "
+        f"on 127.0.0.1 against **kernel**: nvmet-tcp over a {SIZE_MIB} MiB `brd` RAM disk (configfs, bdev "
+        f"backend); **malloc**: `tessera-nvmf` started in the same guest with a {SIZE_MIB} MiB malloc namespace; "
+        f"and **EC_2P1**: a {SIZE_MIB} MiB EC_2P1 volume of a whole Tessera system started in the guest with "
+        "`tessera up --engines 3 --class EC_2P1` (management service, 3 engines × 2 targets with their WAL and "
+        "data files in the guest's RAM (its root file system), the target in managed mode; every write "
+        "acknowledged once durable on 2 of the 3 engines, which here means in RAM). Each device is written in "
+        f"full first; each job runs {runtime} s after 2 s of ramp. Targets, engines, host and fio share the "
+        "guest's 2 emulated CPUs, so absolute figures are low; the ratios are the point. Produced by "
         f"`python3 tests/nvme-cli/run.py --kernel-compare` on {time.strftime('%Y-%m-%d')}.", "",
-        "| job | kernel IOPS | Tessera IOPS | Tessera / kernel | kernel mean latency µs | Tessera mean latency µs |",
-        "|---|---|---|---|---|---|",
+        "| job | kernel IOPS | malloc IOPS | malloc / kernel | EC_2P1 IOPS | EC_2P1 / kernel "
+        "| mean latency µs: kernel, malloc, EC_2P1 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for job in JOBS:
-        k, t = results.get(("kernel", job)), results.get(("tessera", job))
-        if not k or not t:
-            lines.append(f"| {job} | {'–' if not k else ''} | {'–' if not t else ''} | not measured | | |")
+        k = results.get(("kernel", job))
+        if not k:
+            lines.append(f"| {job} | – | | not measured | | | |")
             continue
-        (ki, kl), (ti, tl) = summary(k), summary(t)
-        lines.append(f"| {job} | {ki:.0f} | {ti:.0f} | {ti / ki:.2f} | {kl:.0f} | {tl:.0f} |")
+        ki, kl = summary(k)
+        cells, lats = [], [f"{kl:.0f}"]
+        for label in ("tessera", "tessera-ec"):
+            r = results.get((label, job))
+            if r:
+                ti, tl = summary(r)
+                cells += [f"{ti:.0f}", f"{ti / ki:.2f}"]
+                lats.append(f"{tl:.0f}")
+            else:
+                cells += ["–", "not measured"]
+                lats.append("–")
+        lines.append(f"| {job} | {ki:.0f} | {' | '.join(cells)} | {', '.join(lats)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -161,8 +181,8 @@ def main(argv=None):
     workdir = tempfile.mkdtemp(prefix="tessera-kernel-compare-")
     try:
         kernel, base = guest_image(a.no_setup)
-        binary = target_binary(a.no_build, workdir)
-        results = boot(kernel, base, binary, a, workdir, logdir)
+        binaries = target_binaries(a.no_build, workdir)
+        results = boot(kernel, base, binaries, a, workdir, logdir)
     except (CompareError, subprocess.CalledProcessError, OSError, ValueError, KeyError) as e:
         print(f"kernel-compare: {e}", file=sys.stderr)
         return 1
