@@ -58,9 +58,10 @@ TOML
 }
 
 start_tessera_ec() {
-    mkdir -p /tmp/tup
-    echo "\$ tessera up --dir /tmp/tup --engines 3 --class EC_2P1 --volume-size ${SIZE_MIB}M --listen 127.0.0.1:$EC_PORT"
-    /bin/tessera up --dir /tmp/tup --engines 3 --class EC_2P1 --volume-size "${SIZE_MIB}M" --target-capacity 256M \
+    # The engines' files need more room than /tmp's 256 MiB: a file system of their own in RAM.
+    mkdir -p /tup && mount -t tmpfs -o size=1200m tmpfs /tup || return 1
+    echo "\$ tessera up --dir /tup --engines 3 --class EC_2P1 --volume-size ${SIZE_MIB}M --listen 127.0.0.1:$EC_PORT"
+    /bin/tessera up --dir /tup --engines 3 --class EC_2P1 --volume-size "${SIZE_MIB}M" --target-capacity 256M \
         --listen "127.0.0.1:$EC_PORT" --timeout 300 > /tmp/tup.log 2>&1 &
     i=0
     while ! nvme discover -t tcp -a 127.0.0.1 -s "$EC_PORT" 2>/dev/null | grep -q "$NQN_EC"; do
@@ -72,8 +73,8 @@ start_tessera_ec() {
 # The EC system's daemon logs, on the console (after a failure, or at the end).
 ec_logs() {
     echo "--- tessera up"; cat /tmp/tup.log
-    for f in $(find /tmp/tup -name '*.log' 2>/dev/null); do echo "--- $f"; tail -n 40 "$f"; done
-    free -m
+    for f in /tup/logs/*.log; do echo "--- $f"; tail -n 40 "$f"; done
+    free -m; df -m /tup
 }
 
 # measure LABEL NQN PORT: connect, fill the device, run every job, disconnect
