@@ -340,3 +340,38 @@ fn degraded_reads_stay_right_after_the_engines_aggregate() {
     verify_with_each_engine_down(&mut c, &rt, &vol, &model);
     assert!(vol.stats().degraded_reads > 0);
 }
+
+/// The stable epoch (docs/PLACEMENT.md) through the real daemons: each engine reports the lowest
+/// of its targets' in its heartbeats, and the pool's follows the acknowledged writes to within
+/// the commit window (2 s by default) plus a heartbeat, never ahead of the clock. An engine
+/// killed takes its report with it from the pool's stable epoch once it is DOWN.
+#[test]
+fn the_pool_stable_epoch_follows_acknowledged_writes() {
+    let mut c = LocalCluster::start("vol-stable", 3, 2, "64MiB", "1500ms");
+    let rt = runtime();
+    let size = 1 << 20;
+    let vol = rt.block_on(open(&c, "EC_2P1", size));
+    let mgmt = c.client();
+    let mut model = vec![0u8; size as usize];
+    rt.block_on(sequential_random_writes(&vol, &mut model, &mut Rng(9), 20, 1));
+    let written = tessera_client::hlc::now();
+    let stable = wait_for("the pool's stable epoch passes the acknowledged writes", Duration::from_secs(20), || {
+        match rt.block_on(mgmt.pool("p")).unwrap().stable_epoch {
+            Some(e) if e >= written => Ok(e),
+            other => Err(format!("stable epoch {other:?}, writes acknowledged by {written}")),
+        }
+    });
+    assert!(stable <= tessera_client::hlc::now(), "the stable epoch {stable} is ahead of the clock");
+    let system = rt.block_on(mgmt.system()).unwrap();
+    assert!(system.engines.iter().all(|e| e.stable_epoch.is_some_and(|s| s > 0)), "{:?}", system.engines);
+    rt.block_on(verify_all(&vol, &model));
+    c.kill_engine(2);
+    c.wait_engine_down(2, Duration::from_secs(10));
+    let later = tessera_client::hlc::now();
+    wait_for("the survivors' stable epoch moves on without engine 2", Duration::from_secs(20), || {
+        match rt.block_on(mgmt.pool("p")).unwrap().stable_epoch {
+            Some(e) if e >= later => Ok(()),
+            other => Err(format!("stable epoch {other:?}, waiting for {later}")),
+        }
+    });
+}

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tessera_client::hlc;
 use tessera_mgmt_api::{MgmtClient, PoolInfo, RebuildState, RebuildStatus, TargetSelector};
 
 use crate::mgmt::{error_text, size_text};
@@ -88,10 +89,22 @@ pub fn health_text(p: &PoolInfo) -> String {
         s.unrepairable,
         s.passes
     ));
+    out.push_str(&stable_line(p.stable_epoch, hlc::physical_nanos(hlc::now())));
     if p.fault_domains_reduced {
         out.push_str(&format!("warning: {FAULT_DOMAIN_WARNING}\n"));
     }
     out
+}
+
+/// The stable epoch and how far it trails `now_nanos` (the clock's physical part).
+fn stable_line(stable: Option<u64>, now_nanos: u64) -> String {
+    match stable {
+        Some(e) => {
+            let behind = now_nanos.saturating_sub(hlc::physical_nanos(e));
+            format!("stable epoch: {e} ({:.1} s behind now)\n", behind as f64 / 1e9)
+        }
+        None => "stable epoch: not reported yet by every engine holding the pool\n".to_string(),
+    }
 }
 
 /// The one line `exclude`, `drain` and `reintegrate` print: which targets changed to what.
@@ -258,6 +271,7 @@ mod tests {
             rebuild,
             scrub: ScrubCounters { scrubbed: 10, bytes: 40960, repaired: 1, unrepairable: 0, passes: 2 },
             fault_domains_reduced: reduced,
+            stable_epoch: None,
         }
     }
 
@@ -297,6 +311,12 @@ mod tests {
         let idle = health_text(&pool(RebuildStatus::default(), false));
         assert!(idle.starts_with("rebuild: idle\nscrub: "), "{idle}");
         assert!(!idle.contains("warning"));
+        assert!(idle.contains("stable epoch: not reported yet"), "{idle}");
+        let now = 1_000_000_000_000;
+        assert_eq!(
+            stable_line(Some(hlc::epoch_from_nanos(now - 2_500_000_000)), now),
+            format!("stable epoch: {} (2.5 s behind now)\n", hlc::epoch_from_nanos(now - 2_500_000_000))
+        );
     }
 
     #[test]

@@ -31,7 +31,11 @@ pub enum RpcStatus {
     UnknownOpcode,
     /// A request or its reply would exceed a size limit.
     TooLarge,
-    /// A code this implementation does not know (never 0..=10).
+    /// A host update or punch whose epoch is at or below the target's stable floor: it arrived
+    /// more than the commit window after its epoch was taken (or the sender's clock lags). The
+    /// sender retries at a new epoch; nothing was changed.
+    EpochTooOld,
+    /// A code this implementation does not know (never 0..=11).
     Unknown(u32),
 }
 
@@ -51,6 +55,7 @@ impl RpcStatus {
             8 => ShuttingDown,
             9 => UnknownOpcode,
             10 => TooLarge,
+            11 => EpochTooOld,
             other => Unknown(other),
         }
     }
@@ -70,6 +75,7 @@ impl RpcStatus {
             ShuttingDown => 8,
             UnknownOpcode => 9,
             TooLarge => 10,
+            EpochTooOld => 11,
             Unknown(c) => c,
         }
     }
@@ -107,6 +113,7 @@ impl fmt::Display for RpcStatus {
             ShuttingDown => "shutting down",
             UnknownOpcode => "unknown opcode",
             TooLarge => "too large",
+            EpochTooOld => "epoch too old",
             Unknown(c) => return write!(f, "status {c}"),
         };
         f.write_str(s)
@@ -158,7 +165,8 @@ mod tests {
             assert_eq!(RpcStatus::from_code(c).code(), c);
         }
         assert_eq!(RpcStatus::from_code(5), RpcStatus::StaleMapVersion);
-        assert_eq!(RpcStatus::from_code(11), RpcStatus::Unknown(11));
+        assert_eq!(RpcStatus::from_code(11), RpcStatus::EpochTooOld);
+        assert_eq!(RpcStatus::from_code(12), RpcStatus::Unknown(12));
         assert_eq!(RpcStatus::from_code(u32::MAX).code(), u32::MAX);
         assert!(RpcStatus::Ok.is_ok() && !RpcStatus::TooLarge.is_ok());
         assert_eq!(RpcStatus::DataCorrupt.to_string(), "data corrupt");

@@ -23,6 +23,9 @@
 //! wal_segment = "16MiB"             # WAL segments are preallocated (zeros) to this size and
 //!                                   # reused after checkpoints (64KiB to 1GiB)
 //! aggregation_lag_secs = 5          # default aggregation boundary: now minus this
+//! commit_window_ms = 2000           # host writes whose epoch is older than this are refused
+//!                                   # (retried at a new epoch by the client): bounds the stable
+//!                                   # epoch (docs/PLACEMENT.md); 0: off; at most 60000
 //! max_batch = 256                   # most requests one group commit takes
 //!
 //! [heal]                            # optional: self-healing (needs [mgmt])
@@ -70,6 +73,7 @@ pub struct Tuning {
     #[serde(deserialize_with = "size")]
     pub wal_segment: u64,
     pub aggregation_lag_secs: u64,
+    pub commit_window_ms: u64,
     pub max_batch: usize,
 }
 
@@ -83,6 +87,7 @@ impl Default for Tuning {
             checkpoint_wal: t.checkpoint_wal_bytes,
             wal_segment: t.wal_segment_bytes,
             aggregation_lag_secs: t.aggregation_lag / 1_000_000_000,
+            commit_window_ms: t.commit_window / 1_000_000,
             max_batch: 256,
         }
     }
@@ -113,6 +118,10 @@ impl Default for HealSection {
         HealSection { rebuild_rate: 64 << 20, rebuild_rate_busy: 8 << 20, scrub_period_secs: 86_400, scrub_rate: 8 << 20 }
     }
 }
+
+/// The longest `[tuning] commit_window_ms`: a stable epoch a minute behind is already of
+/// little use to snapshots and aggregation.
+pub const MAX_COMMIT_WINDOW_MS: u64 = 60_000;
 
 /// The lowest `[heal] rebuild_rate` and `rebuild_rate_busy` accepted, bytes per second: below
 /// it one chunk-shard (512 KiB by default) would take more than 8 s.
@@ -215,6 +224,9 @@ impl EngineConfig {
         if !(64 << 10..=1 << 30).contains(&cfg.tuning.wal_segment) {
             return Err(invalid(format!("tuning.wal_segment is {} bytes; 64KiB to 1GiB", cfg.tuning.wal_segment)));
         }
+        if cfg.tuning.commit_window_ms > MAX_COMMIT_WINDOW_MS {
+            return Err(invalid(format!("tuning.commit_window_ms is {}; at most {MAX_COMMIT_WINDOW_MS}", cfg.tuning.commit_window_ms)));
+        }
         if cfg.tuning.destage < 64 << 10 {
             return Err(invalid(format!("tuning.destage is {} bytes; at least 64KiB", cfg.tuning.destage)));
         }
@@ -245,6 +257,7 @@ impl EngineConfig {
             checkpoint_wal_bytes: self.tuning.checkpoint_wal,
             wal_segment_bytes: self.tuning.wal_segment,
             aggregation_lag: self.tuning.aggregation_lag_secs.saturating_mul(1_000_000_000),
+            commit_window: self.tuning.commit_window_ms.saturating_mul(1_000_000),
             ..TargetConfig::default()
         }
     }

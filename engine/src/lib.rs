@@ -55,6 +55,9 @@ pub enum EngineError {
     /// The request is well formed but exceeds a size limit of the engine.
     #[error("too large: {0}")]
     TooLarge(String),
+    /// A host mutation at or below the target's floor (more than the commit window old).
+    #[error("epoch {epoch} is at or below this target's floor {floor}: older than the commit window (retry at a new epoch; are the clocks in step?)")]
+    EpochTooOld { epoch: u64, floor: u64 },
     /// A file operation failed.
     #[error("{file}: {source}")]
     Io { file: String, source: io::Error },

@@ -11,13 +11,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_mgmt_api::{HeartbeatReply, MgmtClient, MgmtError, PoolVersion, RegisterEngine};
+use tessera_mgmt_api::{Heartbeat, HeartbeatReply, MgmtClient, MgmtError, PoolVersion, RegisterEngine};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::server::Engine;
+use crate::worker::{TargetOp, TargetReply};
 
 /// Name of the file holding the engine's identity inside its data directory.
 pub const UUID_FILE: &str = "ENGINE_UUID";
@@ -88,7 +89,8 @@ pub async fn heartbeat_loop(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        let result = match mgmt.heartbeat(req.rank, req.uuid).await {
+        let hb = Heartbeat { uuid: req.uuid, stable_epoch: stable_epoch(&engine).await };
+        let result = match mgmt.heartbeat_with(req.rank, &hb).await {
             Err(MgmtError::Refused { status: 404, .. }) => mgmt.register_engine(&req).await,
             other => other,
         };
@@ -108,6 +110,23 @@ pub async fn heartbeat_loop(
                 }
             }
         }
+    }
+}
+
+/// The lowest stable epoch of the engine's targets (asking each thread, which also moves its
+/// floor on if it was idle); 0 if some target does not answer.
+async fn stable_epoch(engine: &Engine) -> u64 {
+    let mut lowest = u64::MAX;
+    for t in &engine.targets {
+        match t.submit(TargetOp::Query).await {
+            Ok(Ok(TargetReply::Info(i))) => lowest = lowest.min(i.stable_epoch),
+            _ => return 0,
+        }
+    }
+    if lowest == u64::MAX {
+        0
+    } else {
+        lowest
     }
 }
 

@@ -256,7 +256,7 @@ fn begin(engine: &Engine, frame: Frame) -> Begun {
     let (known, started) = match Request::decode(&frame) {
         Ok(req) => {
             let known = engine.observe_map_version(h.pool, h.map_version);
-            (known, start_request(engine, h.target, h.pool, h.map_version, known, req))
+            (known, start_request(engine, &h, known, req))
         }
         Err(e) => (engine.observe_map_version(h.pool, 0), Err(e.to_error_reply())),
     };
@@ -280,14 +280,8 @@ enum Started {
     Submitted(oneshot::Receiver<Result<TargetReply, EngineError>>, Shape),
 }
 
-fn start_request(
-    engine: &Engine,
-    target: u16,
-    pool: u32,
-    map_version: u32,
-    known: u32,
-    req: Request,
-) -> Result<Started, (RpcStatus, String)> {
+fn start_request(engine: &Engine, h: &tessera_engine_proto::Header, known: u32, req: Request) -> Result<Started, (RpcStatus, String)> {
+    let (target, pool, map_version) = (h.target, h.pool, h.map_version);
     if map_version < known {
         return Err((RpcStatus::StaleMapVersion, format!("pool {pool} map version {map_version} is older than {known}")));
     }
@@ -300,7 +294,7 @@ fn start_request(
     let Some(handle) = engine.targets.get(target as usize) else {
         return Err((RpcStatus::NoSuchTarget, format!("target {target} does not exist; this engine has {}", engine.targets.len())));
     };
-    let (op, shape) = to_target_op(req)?;
+    let (op, shape) = to_target_op(req, h.is_background())?;
     Ok(Started::Submitted(handle.submit(op), shape))
 }
 
@@ -319,15 +313,18 @@ fn path(cont: u128, obj: u128, dkey: Bytes, akey: Bytes) -> AkeyPath {
     AkeyPath { cont, obj, dkey, akey }
 }
 
-fn to_target_op(req: Request) -> Result<(TargetOp, Shape), (RpcStatus, String)> {
+/// The target thread's operation for a request; an update or punch not marked background is a
+/// host's, held to the commit window.
+fn to_target_op(req: Request, background: bool) -> Result<(TargetOp, Shape), (RpcStatus, String)> {
+    let mutate = |m| if background { TargetOp::Mutate(m) } else { TargetOp::HostMutate(m) };
     Ok(match req {
         Request::Ping => return Err((RpcStatus::InvalidRequest, "ping is answered by the engine".into())),
         Request::Update(u) => {
             let m = Mutation::Update { path: path(u.cont.0, u.obj.0, u.dkey, u.akey), epoch: u.epoch, value: u.value };
-            (TargetOp::Mutate(m), Shape::Done(Reply::Updated))
+            (mutate(m), Shape::Done(Reply::Updated))
         }
         Request::Punch(p) => {
-            (TargetOp::Mutate(Mutation::Punch { cont: p.cont.0, obj: p.obj.0, epoch: p.epoch, what: p.what }), Shape::Done(Reply::Punched))
+            (mutate(Mutation::Punch { cont: p.cont.0, obj: p.obj.0, epoch: p.epoch, what: p.what }), Shape::Done(Reply::Punched))
         }
         Request::SetRetention(s) => {
             let retention = crate::index::Retention { aggregate_below: s.aggregate_below, retained: s.retained };
@@ -430,6 +427,7 @@ pub fn error_reply(e: &EngineError) -> (RpcStatus, String) {
         EngineError::DataCorrupt(_) => RpcStatus::DataCorrupt,
         EngineError::NoSpace(_) => RpcStatus::NoSpace,
         EngineError::TooLarge(_) => RpcStatus::TooLarge,
+        EngineError::EpochTooOld { .. } => RpcStatus::EpochTooOld,
         EngineError::Io { .. } | EngineError::Failed(_) | EngineError::Corrupt { .. } => RpcStatus::IoError,
     };
     (status, e.to_string())
@@ -455,13 +453,15 @@ mod tests {
         let (h, thread) = TargetHandle::spawn("t".into(), target, 64).unwrap();
         let engine = Engine::new(0, vec![h.clone()]);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        // Host writes: at an epoch of now (an older one would be below the commit window).
+        let epoch = crate::worker::now_epoch();
         let answers: Vec<Answer> = (0..64u8)
             .filter_map(|i| {
                 let value = tessera_engine_proto::UpdateValue::array(0, Bytes::from(vec![i; 4096]));
                 let req = Request::Update(tessera_engine_proto::Update {
                     cont: ContainerId(1),
                     obj: ObjectId(2),
-                    epoch: 10,
+                    epoch,
                     dkey: Bytes::from_static(b"d"),
                     akey: Bytes::from_static(b"a"),
                     value,
@@ -480,7 +480,7 @@ mod tests {
                 path: AkeyPath { cont: 1, obj: 2, dkey: Bytes::from_static(b"d"), akey: Bytes::from_static(b"a") },
                 offset: 0,
                 len: 4096,
-                epoch: 10,
+                epoch,
             }))
             .unwrap()
             .unwrap();

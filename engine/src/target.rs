@@ -42,6 +42,7 @@ mod destage;
 mod read;
 mod recovery;
 mod scrub;
+mod stable;
 
 use aggregate::freed_blocks;
 use checkpoint_job::CheckpointJob;
@@ -91,6 +92,9 @@ pub struct TargetConfig {
     pub aggregation_lag: u64,
     /// Akeys examined per aggregation step.
     pub aggregation_budget: usize,
+    /// Host updates and punches whose epoch is more than this many epoch units (nanoseconds)
+    /// older than the target's clock are refused (`target/stable.rs`). 0: none are.
+    pub commit_window: u64,
 }
 
 impl Default for TargetConfig {
@@ -104,6 +108,7 @@ impl Default for TargetConfig {
             wal_segment_bytes: 16 << 20,
             aggregation_lag: Duration::from_secs(5).as_nanos() as u64,
             aggregation_budget: 256,
+            commit_window: Duration::from_secs(2).as_nanos() as u64,
         }
     }
 }
@@ -166,6 +171,8 @@ pub struct TargetInfo {
     pub objects: u64,
     pub wal_seq: u64,
     pub checkpoint_seq: u64,
+    /// [`Target::stable_epoch`] (not on the wire: the engine's heartbeat reports the lowest).
+    pub stable_epoch: u64,
 }
 
 /// One target.
@@ -212,6 +219,8 @@ pub struct Target {
     destage_pending_bytes: u64,
     /// The same for what is staged, not yet committed: (akey, blocks, bytes).
     destage_staged: Vec<(AkeyPath, u64, u64)>,
+    /// The commit window's floor and the stable epoch.
+    epochs: stable::StableEpoch,
     /// Longest pause a checkpoint imposed on the target thread.
     pub max_checkpoint_pause: Duration,
     /// Group commit counters since start.
@@ -310,6 +319,7 @@ impl Target {
             destage_blocks: 0,
             destage_pending_bytes: 0,
             destage_staged: Vec::new(),
+            epochs: stable::StableEpoch::default(),
             max_checkpoint_pause: Duration::ZERO,
             stats: CommitStats::default(),
         };
@@ -541,6 +551,7 @@ impl Target {
             objects: self.index.object_count(),
             wal_seq: self.wal.next_seq() - 1,
             checkpoint_seq: self.checkpoint_seq,
+            stable_epoch: self.stable_epoch(),
         }
     }
 
@@ -587,6 +598,7 @@ pub(crate) mod tests {
             wal_segment_bytes: 64 << 10,
             aggregation_lag: 0,
             aggregation_budget: 64,
+            commit_window: 0,
         }
     }
 

@@ -36,7 +36,12 @@ use crate::EngineError;
 /// What a client asks of a target.
 #[derive(Debug)]
 pub enum TargetOp {
+    /// A mutation for background work (rebuild, reintegration, repair: versions already durable
+    /// elsewhere, at their original epochs) or a tool: not held to the commit window.
     Mutate(Mutation),
+    /// A host's mutation: refused if its epoch is at or below the target's floor
+    /// (`target/stable.rs`).
+    HostMutate(Mutation),
     FetchArray {
         path: AkeyPath,
         offset: u64,
@@ -415,6 +420,8 @@ fn run(target: Target, syncer: Syncer, rx: &Receiver<Msg>, max_batch: usize, sin
                 Err(RecvTimeoutError::Disconnected) => Event::Disconnected,
             }
         };
+        // The commit window's floor follows the clock (and the stable epoch with it when idle).
+        w.target.advance_floor(now_epoch());
         match event {
             Event::Synced(synced) => {
                 w.finish(synced);
@@ -481,19 +488,8 @@ impl Worker {
         let mut shutdown = None;
         for msg in batch {
             match msg {
-                Msg::Job(TargetOp::Mutate(m), tx) => {
-                    // A discard is planned from the committed index: whatever came before it is
-                    // committed (and answered) first.
-                    if matches!(m, Mutation::Discard { .. }) && !self.target.settled() {
-                        self.settle();
-                    }
-                    match self.target.stage(m) {
-                        Ok(staged) => self.waiting.push((tx, staged)),
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                        }
-                    }
-                }
+                Msg::Job(TargetOp::Mutate(m), tx) => self.stage_one(m, false, tx),
+                Msg::Job(TargetOp::HostMutate(m), tx) => self.stage_one(m, true, tx),
                 Msg::Job(TargetOp::Fence { fence, on }, tx) => {
                     let _ = tx.send(self.target.set_fence(fence, on).map(|()| TargetReply::Done));
                 }
@@ -515,12 +511,29 @@ impl Worker {
         }
         shutdown
     }
+
+    /// Stages one mutation (a host's: held to the commit window) and queues its answer for its
+    /// commit, or answers its refusal at once.
+    fn stage_one(&mut self, m: Mutation, host: bool, tx: ReplyTx) {
+        // A discard is planned from the committed index: whatever came before it is committed
+        // (and answered) first.
+        if matches!(m, Mutation::Discard { .. }) && !self.target.settled() {
+            self.settle();
+        }
+        let staged = if host { self.target.stage_host(m) } else { self.target.stage(m) };
+        match staged {
+            Ok(staged) => self.waiting.push((tx, staged)),
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    }
 }
 
 fn read(target: &Target, op: TargetOp) -> Result<TargetReply, EngineError> {
     let idx = target.index();
     Ok(match op {
-        TargetOp::Mutate(_) => return Err(EngineError::Invalid("mutation routed as a read".into())),
+        TargetOp::Mutate(_) | TargetOp::HostMutate(_) => return Err(EngineError::Invalid("mutation routed as a read".into())),
         TargetOp::FetchArray { path, offset, len, epoch } => TargetReply::Array(target.fetch_array(&path, offset, len, epoch)?),
         TargetOp::FetchVersions { paths, offset, len, epoch } => TargetReply::Array(target.fetch_versions(&paths, offset, len, epoch)?),
         TargetOp::FetchSingle { path, epoch } => TargetReply::Single(target.fetch_single(&path, epoch)?),

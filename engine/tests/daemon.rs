@@ -30,10 +30,13 @@ fn write_config(dir: &Path, capacity: &str, targets: u16) -> PathBuf {
     write_config_with(dir, capacity, targets, "")
 }
 
-fn write_config_with(dir: &Path, capacity: &str, targets: u16, extra: &str) -> PathBuf {
+/// A configuration with `tuning` as the lines of its `[tuning]` table. These tests write at
+/// small literal epochs, not clock readings, so the commit window is off unless `tuning` sets it.
+fn write_config_with(dir: &Path, capacity: &str, targets: u16, tuning: &str) -> PathBuf {
     let cfg = dir.join("engine.toml");
+    let window = if tuning.contains("commit_window_ms") { "" } else { "commit_window_ms = 0\n" };
     let text = format!(
-        "rank = 1\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ntargets = {targets}\ntarget_capacity = \"{capacity}\"\n{extra}",
+        "rank = 1\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ntargets = {targets}\ntarget_capacity = \"{capacity}\"\n[tuning]\n{window}{tuning}",
         dir.join("data").display()
     );
     std::fs::write(&cfg, text).unwrap();
@@ -272,11 +275,40 @@ fn every_rpc_against_the_real_daemon() {
     assert!(!engine.log_contains("panicked"));
 }
 
+/// The commit window at its default: a host update whose epoch is older than the window is
+/// refused with `EpochTooOld` and stores nothing; the same update marked background (what a
+/// rebuild sends: versions at their original epochs) is taken; a host punch is held to the
+/// window too.
+#[test]
+fn host_writes_older_than_the_commit_window_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config_with(dir.path(), "64MiB", 1, "commit_window_ms = 2000\n");
+    let engine = EngineProc::start(&cfg);
+    rt().block_on(async {
+        let c = connect(engine.addr).await;
+        let now = tessera_client::hlc::now();
+        let old = now - 10_000_000_000;
+        let e = c.call(0, update(7, "a", old, 0, pattern(1, 4096))).await.unwrap_err();
+        assert!(matches!(&e, RpcError::Remote { status: RpcStatus::EpochTooOld, message } if message.contains("commit window")), "{e}");
+        let (data, holes) = fetch_array(&c, 0, fetch(7, "a", now, 0, 4096)).await.unwrap();
+        assert_eq!(holes, vec![(0, 4096)], "a refused update stores nothing");
+        assert!(data.iter().all(|b| *b == 0));
+        c.call(0, update(7, "a", now, 0, pattern(2, 4096))).await.unwrap();
+        let punch = Request::Punch(Punch { cont: CONT, obj: ObjectId(7), epoch: old, what: PunchTarget::Object });
+        assert_eq!(remote_status(c.call(0, punch).await), RpcStatus::EpochTooOld);
+        let bg =
+            EngineConnection::connect(engine.addr, ConnectionOptions { background: true, ..ConnectionOptions::default() }).await.unwrap();
+        bg.call(0, update(7, "b", old, 0, pattern(3, 4096))).await.unwrap();
+        let (data, _) = fetch_array(&c, 0, fetch(7, "b", now, 0, 4096)).await.unwrap();
+        assert_eq!(data, pattern(3, 4096));
+    });
+}
+
 #[test]
 fn kill_9_mid_stream_keeps_every_acknowledged_update() {
     let dir = tempfile::tempdir().unwrap();
     // Small WAL segments: background checkpoints and WAL removal run while updates stream.
-    let cfg = write_config_with(dir.path(), "256MiB", 2, "[tuning]\ncheckpoint_wal = \"16KiB\"\n");
+    let cfg = write_config_with(dir.path(), "256MiB", 2, "checkpoint_wal = \"16KiB\"\n");
     let engine = EngineProc::start(&cfg);
     let acked: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
     let sent = rt().block_on(async {
@@ -419,7 +451,7 @@ fn corruption_of_each_file_is_detected() {
     // Data file: the fetch fails with DataCorrupt instead of returning wrong bytes. (Updates go
     // straight to the data file: none may still wait in the WAL when it is corrupted.)
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config_with(dir.path(), "16MiB", 1, "[tuning]\nwal_data_max = 0\n");
+    let cfg = write_config_with(dir.path(), "16MiB", 1, "wal_data_max = 0\n");
     populate(&cfg, false, 0, 4);
     let tdir = dir.path().join("data/target-0");
     flip(&tdir.join("data.blk"), 8192 + 100);

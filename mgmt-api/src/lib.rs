@@ -88,6 +88,10 @@ pub struct HeartbeatReply {
 pub struct Heartbeat {
     /// The engine's identity; a heartbeat from another uuid than the registered one is refused.
     pub uuid: Uuid,
+    /// The lowest stable epoch of the engine's targets (docs/PLACEMENT.md, "The stable epoch");
+    /// 0: not reported.
+    #[serde(default)]
+    pub stable_epoch: u64,
 }
 
 /// An engine in the system map (`GET /v1/system`).
@@ -110,6 +114,10 @@ pub struct EngineInfo {
     /// Milliseconds since its last heartbeat or registration (`None` if not heard from since
     /// the service started).
     pub last_heartbeat_ms: Option<u64>,
+    /// The lowest stable epoch of its targets, from its last heartbeat (`None`: not reported
+    /// since the service started).
+    #[serde(default)]
+    pub stable_epoch: Option<u64>,
 }
 
 /// `GET /v1/system`.
@@ -255,6 +263,11 @@ pub struct PoolInfo {
     /// failure may now cost two shards.
     #[serde(default)]
     pub fault_domains_reduced: bool,
+    /// The pool's stable epoch: the lowest stable epoch reported by the engines holding its
+    /// readable or writable targets (docs/PLACEMENT.md, "The stable epoch"). `None` until each
+    /// of them has reported one.
+    #[serde(default)]
+    pub stable_epoch: Option<u64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -465,7 +478,12 @@ impl MgmtClient {
 
     /// `POST /v1/engines/{rank}/heartbeat`.
     pub async fn heartbeat(&self, rank: u32, uuid: Uuid) -> Result<HeartbeatReply, MgmtError> {
-        self.post(&format!("/engines/{rank}/heartbeat"), &Heartbeat { uuid }).await
+        self.heartbeat_with(rank, &Heartbeat { uuid, stable_epoch: 0 }).await
+    }
+
+    /// `POST /v1/engines/{rank}/heartbeat` with what the engine reports.
+    pub async fn heartbeat_with(&self, rank: u32, hb: &Heartbeat) -> Result<HeartbeatReply, MgmtError> {
+        self.post(&format!("/engines/{rank}/heartbeat"), hb).await
     }
 
     /// `GET /v1/system`.

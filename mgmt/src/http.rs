@@ -200,7 +200,7 @@ async fn heartbeat(
     ApiJson(req): ApiJson<Heartbeat>,
 ) -> Result<Json<HeartbeatReply>, HttpError> {
     let rank = parse_rank(&rank)?;
-    Ok(Json(app.svc.heartbeat(rank, req.uuid)?))
+    Ok(Json(app.svc.heartbeat_with(rank, &req)?))
 }
 
 async fn system(State(app): State<App>) -> Json<SystemInfo> {

@@ -559,6 +559,8 @@ pub fn pool_info(state: &State, pool: &str) -> Result<PoolInfo, CmdError> {
         rebuild: Default::default(),
         scrub: Default::default(),
         fault_domains_reduced: fault_domains_reduced(state, p),
+        // Heartbeats, not the store: filled in by the service.
+        stable_epoch: None,
     })
 }
 

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tessera_engine_client::hlc;
 use tessera_mgmt_api::{
-    ClusterVersion, EngineInfo, EngineRebuildState, EngineReport, EngineState, HeartbeatReply, PoolInfo, RebuildProgress, RebuildState,
-    RebuildStatus, RegisterEngine, ScrubCounters, SystemInfo, TargetSelector, TargetStateName,
+    ClusterVersion, EngineInfo, EngineRebuildState, EngineReport, EngineState, Heartbeat, HeartbeatReply, PoolInfo, RebuildProgress,
+    RebuildState, RebuildStatus, RegisterEngine, ScrubCounters, SystemInfo, TargetSelector, TargetStateName,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -235,6 +235,8 @@ pub struct Service {
     snap: watch::Sender<Arc<Snapshot>>,
     /// Last registration or heartbeat per rank, since this process started.
     clocks: Mutex<HashMap<u32, Instant>>,
+    /// Each engine's stable epoch from its last heartbeat (reported ones only; not stored).
+    stable: Mutex<HashMap<u32, u64>>,
     started: Instant,
     /// Rebuild and scrub reports per pool (lock order: `write` before `heal`).
     heal: Mutex<HashMap<String, PoolHeal>>,
@@ -264,6 +266,7 @@ impl Service {
             write: Mutex::new(()),
             snap: watch::channel(Arc::new(Snapshot { version, state })).0,
             clocks: Mutex::new(HashMap::new()),
+            stable: Mutex::new(HashMap::new()),
             started: Instant::now(),
             heal: Mutex::new(HashMap::new()),
         };
@@ -378,10 +381,20 @@ impl Service {
 
     /// An engine heartbeats. No store write.
     pub fn heartbeat(&self, rank: u32, uuid: Uuid) -> Result<HeartbeatReply, ServiceError> {
+        self.heartbeat_with(rank, &Heartbeat { uuid, stable_epoch: 0 })
+    }
+
+    /// An engine heartbeats with what it reports (its stable epoch). No store write.
+    pub fn heartbeat_with(&self, rank: u32, hb: &Heartbeat) -> Result<HeartbeatReply, ServiceError> {
         let mut clocks = lock(&self.clocks);
         let snap = self.snapshot();
-        let pools = machine::heartbeat_pools(&snap.state, rank, uuid)?;
+        let pools = machine::heartbeat_pools(&snap.state, rank, hb.uuid)?;
         clocks.insert(rank, Instant::now());
+        if hb.stable_epoch != 0 {
+            let mut stable = lock(&self.stable);
+            let e = stable.entry(rank).or_default();
+            *e = (*e).max(hb.stable_epoch);
+        }
         Ok(HeartbeatReply { heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64, pools })
     }
 
@@ -389,6 +402,7 @@ impl Service {
     pub fn system(&self) -> SystemInfo {
         let snap = self.snapshot();
         let clocks = lock(&self.clocks);
+        let stable = lock(&self.stable);
         let now = Instant::now();
         let engines = snap
             .state
@@ -403,6 +417,7 @@ impl Service {
                 target_capacity: e.target_capacity,
                 state: e.state,
                 last_heartbeat_ms: clocks.get(&e.rank).map(|t| now.saturating_duration_since(*t).as_millis() as u64),
+                stable_epoch: stable.get(&e.rank).copied(),
             })
             .collect();
         SystemInfo { version: snap.version, engines, heartbeat_timeout_ms: self.config.heartbeat_timeout.as_millis() as u64 }
@@ -633,6 +648,17 @@ impl Service {
             scrub.add(c);
         }
         info.scrub = scrub;
+        drop(heal);
+        info.stable_epoch = self.pool_stable_epoch(p);
+    }
+
+    /// The lowest stable epoch reported by the engines holding `p`'s targets that are read or
+    /// written (not DOWN nor DOWNOUT); `None` while one of them has not reported.
+    fn pool_stable_epoch(&self, p: &PoolRec) -> Option<u64> {
+        let stable = lock(&self.stable);
+        let ranks: BTreeSet<u32> =
+            p.targets.iter().filter(|t| !matches!(t.state, TargetStateName::Down | TargetStateName::DownOut)).map(|t| t.rank).collect();
+        ranks.iter().map(|r| stable.get(r).copied()).collect::<Option<Vec<u64>>>()?.into_iter().min()
     }
 }
 

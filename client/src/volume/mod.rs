@@ -127,6 +127,9 @@ enum ShardError {
     Unreachable(String),
     /// Our pool map is older than the engine's.
     Stale,
+    /// The engine refused a host mutation whose epoch is older than its commit window: the
+    /// whole mutation goes out again at a new epoch.
+    EpochTooOld(String),
     /// The data failed a checksum (on the engine or here).
     Checksum(String),
     /// Any other error answer.
@@ -138,6 +141,7 @@ impl std::fmt::Display for ShardError {
         match self {
             ShardError::Unreachable(m) => write!(f, "unreachable: {m}"),
             ShardError::Stale => f.write_str("stale pool map"),
+            ShardError::EpochTooOld(m) => f.write_str(m),
             ShardError::Checksum(m) => write!(f, "checksum: {m}"),
             ShardError::Failed(m) => f.write_str(m),
         }
@@ -250,6 +254,9 @@ impl VolumeInner {
         match conn.call_at(self.pool.pool_id, view.map.version(), shard.index, req).await {
             Ok(r) => Ok(r),
             Err(RpcError::Remote { status: RpcStatus::StaleMapVersion, .. }) => Err(ShardError::Stale),
+            Err(RpcError::Remote { status: RpcStatus::EpochTooOld, message }) => {
+                Err(ShardError::EpochTooOld(format!("engine {} target {}: {message}", shard.rank, shard.index)))
+            }
             Err(RpcError::Remote { status: RpcStatus::ChecksumMismatch | RpcStatus::DataCorrupt, message }) => {
                 self.counters.checksum_errors.fetch_add(1, Ordering::Relaxed);
                 warn!(volume = %self.info.name, rank = shard.rank, target = shard.index, %message, "checksum error on an engine");

@@ -154,6 +154,7 @@ impl VolumeInner {
         let start = Instant::now();
         let mut pending: Option<Vec<ShardOp>> = None;
         let mut planned_version = 0;
+        let mut epoch_retries = 0u32;
         loop {
             let view = self.pool.current();
             // A new map may move or drop shards: plan again; otherwise retry only what failed.
@@ -177,11 +178,13 @@ impl VolumeInner {
             let mut failed = Vec::new();
             let mut last_error = String::new();
             let mut need_refresh = false;
+            let mut too_old = false;
             for (op, r) in ops.into_iter().zip(results) {
                 match r {
                     Ok(_) => {}
                     Err(e) => {
                         need_refresh |= matches!(e, ShardError::Stale | ShardError::Unreachable(_));
+                        too_old |= matches!(e, ShardError::EpochTooOld(_));
                         if let ShardError::Failed(m) = &e {
                             // The engine refused (no space, failed target, invalid): retrying
                             // will not help.
@@ -201,6 +204,16 @@ impl VolumeInner {
                 )));
             }
             debug!(volume = %self.info.name, failed = failed.len(), error = %last_error, "write retry");
+            if too_old {
+                // Some engine's commit window passed since the epoch was taken (a slow or
+                // retried request): every op goes out again at a new epoch, since the shards of
+                // a stripe must share one. Refused again, the clocks may be apart: pause first.
+                epoch_retries += 1;
+                if epoch_retries > 1 {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                continue;
+            }
             if need_refresh {
                 self.cluster.refresh(&self.pool).await;
             }

@@ -34,13 +34,12 @@ impl Target {
         !self.dirty.is_empty() || !self.deferred.is_empty()
     }
 
+    /// The epoch below which `cont`'s versions are folded: the container's own, else `now` minus
+    /// the lag; never above the stable epoch (a host write may still commit above it).
     fn boundary(&self, cont: u128, now: u64) -> u64 {
         let below = self.index.retention(cont).aggregate_below;
-        if below > 0 {
-            below
-        } else {
-            now.saturating_sub(self.cfg.aggregation_lag)
-        }
+        let wanted = if below > 0 { below } else { now.saturating_sub(self.cfg.aggregation_lag) };
+        wanted.min(self.stable_epoch())
     }
 
     /// Moves parked akeys whose waiting epoch the boundary has reached back to the dirty set.
@@ -63,6 +62,7 @@ impl Target {
         if !self.settled() {
             return Ok(0);
         }
+        self.advance_floor(now);
         self.wake_deferred(now);
         let batch: Vec<AkeyPath> = self.dirty.iter().take(self.cfg.aggregation_budget).cloned().collect();
         let mut freed = Vec::new();

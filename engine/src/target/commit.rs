@@ -32,6 +32,8 @@ pub(super) struct InFlight {
     pub(super) destage: Vec<(AkeyPath, u64, u64)>,
     /// Blocks the batch stops referencing, free once its record is durable.
     quarantine: Vec<(u64, u64)>,
+    /// The commit window's floor when the commit started: stable once it is applied.
+    floor: u64,
 }
 
 /// The durable half of a commit: data-file sync, then the WAL record's write and sync.
@@ -135,6 +137,7 @@ impl Target {
             paths: std::mem::take(&mut self.staged_paths),
             destage: std::mem::take(&mut self.destage_staged),
             quarantine: self.alloc.take_quarantine(),
+            floor: self.floor(),
         });
         Ok(SyncJob { data, record })
     }
@@ -165,6 +168,7 @@ impl Target {
         for (start, n) in done.quarantine {
             self.alloc.release(start, n);
         }
+        self.applied_up_to(done.floor);
         Ok(())
     }
 }
