@@ -375,3 +375,45 @@ fn the_pool_stable_epoch_follows_acknowledged_writes() {
         }
     });
 }
+
+/// Sends `sig` (`STOP`, `CONT`) to process `pid`.
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap().success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// A write held up past the commit window: engine 1 is stopped (SIGSTOP) while a write to it is
+/// in flight and continued once the window (2 s) has passed since the write took its epoch. The
+/// engine refuses the stale epoch, the client sends the whole write again at a new epoch, and
+/// every replica, the stopped one included, holds the new data.
+#[test]
+fn a_write_held_up_past_the_commit_window_is_sent_again_at_a_new_epoch() {
+    // A heartbeat timeout far above the pause: the stopped engine is not marked DOWN.
+    let mut c = LocalCluster::start("vol-window", 3, 2, "64MiB", "8s");
+    let rt = runtime();
+    let size = 1 << 20;
+    // RP_3 on 3 engines: every write has a replica on engine 1.
+    let vol = rt.block_on(open(&c, "RP_3", size));
+    let data = pattern(0, 64 * 1024, 5);
+    let pid = c.engines[1].as_ref().unwrap().child.id();
+    signal(pid, "STOP");
+    let taken = tessera_client::hlc::physical_nanos(tessera_client::hlc::now());
+    let (v, d) = (vol.clone(), data.clone());
+    let write = rt.spawn(async move { v.write(0, d).await });
+    wait_for("the commit window passes while engine 1 is stopped", Duration::from_secs(20), || {
+        let now = tessera_client::hlc::physical_nanos(tessera_client::hlc::now());
+        if now > taken + 2_500_000_000 {
+            Ok(())
+        } else {
+            Err(format!("{} ms since the write started", (now - taken) / 1_000_000))
+        }
+    });
+    signal(pid, "CONT");
+    rt.block_on(write).unwrap().unwrap();
+    assert!(vol.stats().epoch_retries >= 1, "{:?}", vol.stats());
+    assert_eq!(rt.block_on(vol.read(0, data.len() as u64)).unwrap(), data);
+    // Each replica alone holds it: read with the other two engines gone.
+    c.kill_engine(0);
+    c.kill_engine(2);
+    assert_eq!(rt.block_on(vol.read(0, data.len() as u64)).unwrap(), data);
+}

@@ -110,6 +110,9 @@ pub struct VolumeStats {
     pub checksum_errors: u64,
     /// Writes that skipped an unavailable shard.
     pub degraded_writes: u64,
+    /// Writes sent again whole at a new epoch because an engine refused theirs as older than its
+    /// commit window (docs/PLACEMENT.md, "The stable epoch").
+    pub epoch_retries: u64,
 }
 
 #[derive(Debug, Default)]
@@ -117,6 +120,7 @@ struct Counters {
     degraded_reads: AtomicU64,
     checksum_errors: AtomicU64,
     degraded_writes: AtomicU64,
+    epoch_retries: AtomicU64,
 }
 
 /// How one shard request failed.
@@ -185,6 +189,7 @@ impl Volume {
             degraded_reads: c.degraded_reads.load(Ordering::Relaxed),
             checksum_errors: c.checksum_errors.load(Ordering::Relaxed),
             degraded_writes: c.degraded_writes.load(Ordering::Relaxed),
+            epoch_retries: c.epoch_retries.load(Ordering::Relaxed),
         }
     }
 

@@ -209,6 +209,7 @@ impl VolumeInner {
                 // retried request): every op goes out again at a new epoch, since the shards of
                 // a stripe must share one. Refused again, the clocks may be apart: pause first.
                 epoch_retries += 1;
+                self.counters.epoch_retries.fetch_add(1, Ordering::Relaxed);
                 if epoch_retries > 1 {
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
