@@ -41,7 +41,7 @@ pub struct UpArgs {
     /// Targets per engine.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     targets: u16,
-    /// Data file size of each target (sparse), e.g. 4G, 512M.
+    /// Data file size of each target, reserved on the file system when the target is created, e.g. 4G, 512M.
     #[arg(long, default_value = "4G", value_parser = parse_size64)]
     target_capacity: u64,
     /// Size of the volume `vol0` when it is created.

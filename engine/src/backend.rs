@@ -44,6 +44,15 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
     }
     /// Truncates or extends (with zeros) to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Extends to at least `len` bytes with the file system's space for all of them reserved
+    /// (`fallocate`), so that writes inside never fail for want of space. Where the file system
+    /// cannot reserve (and in memory) it extends the file sparse, as [`StorageFile::set_len`].
+    fn reserve(&self, len: u64) -> io::Result<()> {
+        if self.len()? < len {
+            self.set_len(len)?;
+        }
+        Ok(())
+    }
 }
 
 /// Alignment of [`StorageFile::write_direct`]'s offset, length and (for no copy) buffer.
@@ -213,6 +222,18 @@ impl StorageFile for RealFile {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+    fn reserve(&self, len: u64) -> io::Result<()> {
+        match rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::empty(), 0, len) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
+                if self.len()? < len {
+                    self.file.set_len(len)?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -521,6 +542,18 @@ impl Storage for FaultStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reserved_file_has_its_blocks() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let storage = FileStorage::new(dir.path()).unwrap();
+        let f = storage.open("d", true).unwrap();
+        f.reserve(4 << 20).unwrap();
+        assert_eq!(f.len().unwrap(), 4 << 20);
+        let allocated = std::fs::metadata(dir.path().join("d")).unwrap().blocks() * 512;
+        assert!(allocated >= 4 << 20, "{allocated} bytes allocated: the file is sparse");
+    }
 
     #[test]
     fn mem_crash_image_drops_unsynced_writes() {

@@ -238,6 +238,28 @@ pub struct CommitStats {
     pub destaged: u64,
 }
 
+/// Reserves the file system's space for the whole data file, so that a full file system is an
+/// error when the target is created, not a failed write (which fails the target) in the middle
+/// of a host's workload. A new target that cannot have its space is refused; an existing one
+/// (perhaps created sparse by an earlier version) is opened with a warning, its file extended
+/// sparse where it is short.
+fn reserve_data_file(data: &dyn StorageFile, bytes: u64, existed: bool) -> Result<(), EngineError> {
+    match data.reserve(bytes) {
+        Ok(()) => Ok(()),
+        Err(e) if !existed => Err(EngineError::NoSpace(format!(
+            "{DATA_FILE}: cannot reserve {} MiB for the target's capacity: {e} (free space, or a smaller target_capacity)",
+            bytes >> 20
+        ))),
+        Err(e) => {
+            warn!(error = %e, bytes, "cannot reserve the data file's space; it stays sparse and writes may fail when the file system fills");
+            if data.len().map_err(|e| EngineError::io(DATA_FILE, e))? < bytes {
+                data.set_len(bytes).map_err(|e| EngineError::io(DATA_FILE, e))?;
+            }
+            Ok(())
+        }
+    }
+}
+
 fn invalid(msg: impl Into<String>) -> EngineError {
     EngineError::Invalid(msg.into())
 }
@@ -268,8 +290,12 @@ impl Target {
         let alloc =
             Allocator::rebuild(total_blocks, &referenced).map_err(|reason| EngineError::Corrupt { file: DATA_FILE.into(), reason })?;
         let data = storage.open(DATA_FILE, true).map_err(|e| EngineError::io(DATA_FILE, e))?;
-        if data.len().map_err(|e| EngineError::io(DATA_FILE, e))? < total_blocks * BLOCK {
-            data.set_len(total_blocks * BLOCK).map_err(|e| EngineError::io(DATA_FILE, e))?;
+        if let Err(e) = reserve_data_file(data.as_ref(), total_blocks * BLOCK, data_existed) {
+            // Not left behind half made: the next start must try to reserve it again.
+            if !data_existed {
+                let _ = storage.remove(DATA_FILE);
+            }
+            return Err(e);
         }
         let wal = WalWriter::create(storage.clone(), last_seq + 1, cfg.wal_segment_bytes)?;
         let fences = if names.iter().any(|n| n == FENCE_FILE) {
@@ -600,6 +626,39 @@ pub(crate) mod tests {
             aggregation_budget: 64,
             commit_window: 0,
         }
+    }
+
+    /// A data file on a full file system: it cannot be reserved, nor extended.
+    #[derive(Debug)]
+    struct FullFs;
+
+    impl StorageFile for FullFs {
+        fn read_at(&self, _: &mut [u8], _: u64) -> std::io::Result<()> {
+            Err(std::io::ErrorKind::UnexpectedEof.into())
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> std::io::Result<()> {
+            Err(std::io::ErrorKind::StorageFull.into())
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            Ok(0)
+        }
+        fn set_len(&self, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn reserve(&self, _: u64) -> std::io::Result<()> {
+            Err(std::io::ErrorKind::StorageFull.into())
+        }
+    }
+
+    #[test]
+    fn a_new_target_without_room_for_its_capacity_is_refused_clearly() {
+        let e = reserve_data_file(&FullFs, 64 << 20, false).unwrap_err();
+        assert!(matches!(&e, EngineError::NoSpace(m) if m.contains("cannot reserve 64 MiB")), "{e}");
+        // An existing target still opens (sparse, with a warning): its data stays readable.
+        reserve_data_file(&FullFs, 64 << 20, true).unwrap();
     }
 
     pub(crate) fn p(dkey: &'static [u8], akey: &'static [u8]) -> AkeyPath {

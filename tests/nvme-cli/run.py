@@ -635,7 +635,7 @@ class TesseraCluster(TargetLog):
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         cmd = [str(self.bin), "up", "--dir", str(self.dir),
-               "--engines", str(self.engines), "--targets", str(EC_TARGETS), "--target-capacity", "2G",
+               "--engines", str(self.engines), "--targets", str(EC_TARGETS), "--target-capacity", "512M",
                "--listen", f"127.0.0.1:{self.port}", "--mgmt-listen", self.mgmt_addr,
                "--engine-base-port", str(self.base + 1),
                "--class", EC_CLASS, "--volume-size", f"{EC_SIZE_MIB}M", "--nqn", self.nqn, "--timeout", "60"]

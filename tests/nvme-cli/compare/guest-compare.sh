@@ -61,7 +61,7 @@ start_tessera_ec() {
     # The engines' files need more room than /tmp's 256 MiB: a file system of their own in RAM.
     mkdir -p /tup && mount -t tmpfs -o size=1200m tmpfs /tup || return 1
     echo "\$ tessera up --dir /tup --engines 3 --class EC_2P1 --volume-size ${SIZE_MIB}M --listen 127.0.0.1:$EC_PORT"
-    /bin/tessera up --dir /tup --engines 3 --class EC_2P1 --volume-size "${SIZE_MIB}M" --target-capacity 256M \
+    /bin/tessera up --dir /tup --engines 3 --class EC_2P1 --volume-size "${SIZE_MIB}M" --target-capacity 128M \
         --listen "127.0.0.1:$EC_PORT" --timeout 300 > /tmp/tup.log 2>&1 &
     i=0
     while ! nvme discover -t tcp -a 127.0.0.1 -s "$EC_PORT" 2>/dev/null | grep -q "$NQN_EC"; do
