@@ -659,7 +659,7 @@ fn print_summary(a: &UpArgs, dir: &Path, procs: &Procs, r: &Ready) {
         .map(|t| format!("{}:{}", t.rank, t.index))
         .collect();
     out.push_str(&format!(
-        "  pool {}: {} engines, {} targets ({} up), {}, class {}\n",
+        "  pool {}: {} engines, {} targets ({} up), {} (reserved on disk), class {}\n",
         r.pool.name,
         r.pool.map.engines.len(),
         targets.len(),
