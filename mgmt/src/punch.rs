@@ -33,7 +33,9 @@ pub async fn punch_volume(plan: PunchPlan) -> usize {
                     return 0;
                 }
             };
-            let opts = ConnectionOptions { map_version: plan.map_version, ..ConnectionOptions::default() };
+            // Background work, not a host's: the engines neither count it as host I/O nor hold
+            // it to their commit window (its epoch was taken before connecting to every engine).
+            let opts = ConnectionOptions { map_version: plan.map_version, background: true, ..ConnectionOptions::default() };
             let conn = match EngineConnection::connect(addr, opts).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -76,8 +78,8 @@ mod tests {
     use super::*;
     use crate::machine::PunchSite;
 
-    /// (pool, map version, target, request) of every request received.
-    type Seen = Arc<Mutex<Vec<(u32, u32, u16, Request)>>>;
+    /// (pool, map version, target, request, marked background) of every request received.
+    type Seen = Arc<Mutex<Vec<(u32, u32, u16, Request, bool)>>>;
 
     /// A fake engine: answers every Punch with success, except on `failing_target`.
     async fn fake_engine(failing_target: u16) -> (String, Seen) {
@@ -94,7 +96,7 @@ mod tests {
                         while let Some(frame) = decode_frame(&mut buf, &FrameLimits::default()).unwrap() {
                             let h = frame.header;
                             let req = Request::decode(&frame).unwrap();
-                            seen.lock().unwrap().push((h.pool, h.map_version, h.target, req));
+                            seen.lock().unwrap().push((h.pool, h.map_version, h.target, req, h.is_background()));
                             let result = if h.target == failing_target {
                                 Err((RpcStatus::InvalidRequest, "refused".to_string()))
                             } else {
@@ -134,11 +136,12 @@ mod tests {
         let mut got = seen_a.lock().unwrap().clone();
         got.extend(seen_b.lock().unwrap().iter().cloned());
         assert_eq!(got.len(), 4);
-        let mut targets: Vec<u16> = got.iter().map(|(_, _, t, _)| *t).collect();
+        let mut targets: Vec<u16> = got.iter().map(|(_, _, t, _, _)| *t).collect();
         targets.sort();
         assert_eq!(targets, [0, 0, 1, 2]);
-        for (pool, version, _, req) in got {
+        for (pool, version, _, req, background) in got {
             assert_eq!((pool, version), (7, 3));
+            assert!(background, "clean-up is not host I/O: not held to the commit window");
             let Request::Punch(p) = req else { panic!("{req:?}") };
             assert_eq!((p.cont, p.obj, p.what), (ContainerId(uuid.as_u128()), ObjectId(uuid.as_u128()), PunchTarget::Object));
             assert!(p.epoch > 0);
