@@ -383,13 +383,14 @@ fn signal(pid: u32, sig: &str) {
 }
 
 /// A write held up past the commit window: engine 1 is stopped (SIGSTOP) while a write to it is
-/// in flight and continued once the window (2 s) has passed since the write took its epoch. The
+/// in flight and continued once more than the window (2 s) has passed since the write took its
+/// epoch. The
 /// engine refuses the stale epoch, the client sends the whole write again at a new epoch, and
 /// every replica, the stopped one included, holds the new data.
 #[test]
 fn a_write_held_up_past_the_commit_window_is_sent_again_at_a_new_epoch() {
     // A heartbeat timeout far above the pause: the stopped engine is not marked DOWN.
-    let mut c = LocalCluster::start("vol-window", 3, 2, "64MiB", "8s");
+    let mut c = LocalCluster::start("vol-window", 3, 2, "64MiB", "10s");
     let rt = runtime();
     let size = 1 << 20;
     // RP_3 on 3 engines: every write has a replica on engine 1.
@@ -397,15 +398,19 @@ fn a_write_held_up_past_the_commit_window_is_sent_again_at_a_new_epoch() {
     let data = pattern(0, 64 * 1024, 5);
     let pid = c.engines[1].as_ref().unwrap().child.id();
     signal(pid, "STOP");
-    let taken = tessera_client::hlc::physical_nanos(tessera_client::hlc::now());
-    let (v, d) = (vol.clone(), data.clone());
-    let write = rt.spawn(async move { v.write(0, d).await });
-    wait_for("the commit window passes while engine 1 is stopped", Duration::from_secs(20), || {
+    // When the write starts (it takes its epoch at once): a loaded machine may start the task late.
+    let started = std::sync::Arc::new(std::sync::OnceLock::new());
+    let (v, d, s) = (vol.clone(), data.clone(), started.clone());
+    let write = rt.spawn(async move {
+        let _ = s.set(tessera_client::hlc::physical_nanos(tessera_client::hlc::now()));
+        v.write(0, d).await
+    });
+    wait_for("the commit window (2 s) passes while engine 1 is stopped", Duration::from_secs(30), || {
         let now = tessera_client::hlc::physical_nanos(tessera_client::hlc::now());
-        if now > taken + 2_500_000_000 {
-            Ok(())
-        } else {
-            Err(format!("{} ms since the write started", (now - taken) / 1_000_000))
+        match started.get() {
+            Some(t) if now > t + 3_000_000_000 => Ok(()),
+            Some(t) => Err(format!("{} ms since the write started", (now - t) / 1_000_000)),
+            None => Err("the write has not started".into()),
         }
     });
     signal(pid, "CONT");
