@@ -630,7 +630,9 @@ mod tests {
     }
 
     /// A closed queue returns only once the target has closed its side, by which time the
-    /// target has freed the QID (here: set `freed`, after a delay a busy target could take).
+    /// target has freed the QID (here: set `freed`). The fake target holds the connection open
+    /// after the host's close until the test releases it, so a `close_queue` that does not wait
+    /// returns with `freed` still unset.
     #[tokio::test]
     async fn closing_a_queue_waits_for_the_target_to_let_it_go() {
         use std::sync::atomic::{AtomicBool, Ordering};
@@ -638,15 +640,21 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let freed = std::sync::Arc::new(AtomicBool::new(false));
         let target_freed = freed.clone();
+        let (eof_tx, eof_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
         let target = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut b = [0u8; 64];
             while s.read(&mut b).await.unwrap() > 0 {}
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            eof_tx.send(()).unwrap();
+            release_rx.await.unwrap();
             target_freed.store(true, Ordering::SeqCst);
         });
         let stream = TcpStream::connect(addr).await.unwrap();
-        close_queue(stream).await;
+        let closing = tokio::spawn(close_queue(stream));
+        eof_rx.await.unwrap();
+        release_tx.send(()).unwrap();
+        closing.await.unwrap();
         assert!(freed.load(Ordering::SeqCst), "close_queue returned before the target closed the connection");
         target.await.unwrap();
     }
