@@ -44,14 +44,18 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
     }
     /// Truncates or extends (with zeros) to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
-    /// Extends to at least `len` bytes with the file system's space for all of them reserved
-    /// (`fallocate`), so that writes inside never fail for want of space. Where the file system
-    /// cannot reserve (and in memory) it extends the file sparse, as [`StorageFile::set_len`].
-    fn reserve(&self, len: u64) -> io::Result<()> {
+    /// Extends (sparsely, with zeros) to `len` bytes if shorter; never shrinks.
+    fn grow_to(&self, len: u64) -> io::Result<()> {
         if self.len()? < len {
             self.set_len(len)?;
         }
         Ok(())
+    }
+    /// Extends to at least `len` bytes with the file system's space for all of them reserved
+    /// (`fallocate`), so that writes inside never fail for want of space. Where the file system
+    /// cannot reserve (and in memory) it grows the file sparse ([`StorageFile::grow_to`]).
+    fn reserve(&self, len: u64) -> io::Result<()> {
+        self.grow_to(len)
     }
 }
 
@@ -226,12 +230,7 @@ impl StorageFile for RealFile {
     fn reserve(&self, len: u64) -> io::Result<()> {
         match rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::empty(), 0, len) {
             Ok(()) => Ok(()),
-            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
-                if self.len()? < len {
-                    self.file.set_len(len)?;
-                }
-                Ok(())
-            }
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => self.grow_to(len),
             Err(e) => Err(e.into()),
         }
     }

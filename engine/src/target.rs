@@ -252,10 +252,7 @@ fn reserve_data_file(data: &dyn StorageFile, bytes: u64, existed: bool) -> Resul
         ))),
         Err(e) => {
             warn!(error = %e, bytes, "cannot reserve the data file's space; it stays sparse and writes may fail when the file system fills");
-            if data.len().map_err(|e| EngineError::io(DATA_FILE, e))? < bytes {
-                data.set_len(bytes).map_err(|e| EngineError::io(DATA_FILE, e))?;
-            }
-            Ok(())
+            data.grow_to(bytes).map_err(|e| EngineError::io(DATA_FILE, e))
         }
     }
 }
