@@ -268,6 +268,7 @@ mod tests {
             chunk_size: 1 << 20,
             checksum: true,
             created: 0,
+            snapshots: Vec::new(),
         }
     }
 

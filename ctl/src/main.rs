@@ -16,6 +16,7 @@ mod engine_bench;
 mod mgmt;
 mod pool_status;
 mod report;
+mod snapshot;
 mod up;
 mod wire;
 
@@ -41,6 +42,8 @@ enum Command {
     Volume(mgmt::VolumeArgs),
     /// Exports (volumes served as NVMe namespaces): add, list, remove.
     Export(mgmt::ExportArgs),
+    /// Snapshots of a volume: create, list, delete.
+    Snapshot(snapshot::SnapshotArgs),
     /// The system map: engines and their states.
     System(mgmt::SystemArgs),
     /// Drive a workload against an NVMe/TCP subsystem and report IOPS, bandwidth and latency.
@@ -90,6 +93,7 @@ fn run(cli: Cli) -> Result<String, String> {
         Command::Pool(a) => mgmt::pool(&cli.mgmt, a),
         Command::Volume(a) => mgmt::volume(&cli.mgmt, a),
         Command::Export(a) => mgmt::export(&cli.mgmt, a),
+        Command::Snapshot(a) => snapshot::run(&cli.mgmt, a),
         Command::System(a) => mgmt::system(&cli.mgmt, a),
         Command::Bench(a) => bench::run(a),
         Command::BenchEngine(a) => engine_bench::run(a),

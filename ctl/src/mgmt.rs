@@ -159,12 +159,12 @@ pub struct ExportArgs {
 
 #[derive(Subcommand, Debug)]
 enum ExportCommand {
-    /// Export a volume as a namespace of an NVMe/TCP subsystem.
+    /// Export a volume, or a snapshot of it (read-only), as a namespace of an NVMe/TCP subsystem.
     Add {
         /// Subsystem NQN (created with its first namespace).
         #[arg(long)]
         nqn: String,
-        /// Volume name.
+        /// Volume name, or VOLUME@SNAPSHOT for a read-only namespace of a snapshot.
         #[arg(long)]
         volume: String,
         /// Pool.
@@ -218,13 +218,13 @@ pub fn error_text(e: &MgmtError, addr: &str) -> String {
     }
 }
 
-fn block_on<T>(addr: &str, f: impl AsyncFnOnce(&MgmtClient) -> Result<T, MgmtError>) -> Result<T, String> {
+pub fn block_on<T>(addr: &str, f: impl AsyncFnOnce(&MgmtClient) -> Result<T, MgmtError>) -> Result<T, String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start the runtime: {e}"))?;
     let client = MgmtClient::new(addr);
     rt.block_on(f(&client)).map_err(|e| error_text(&e, addr))
 }
 
-fn json<T: Serialize>(v: &T) -> Result<String, String> {
+pub fn json<T: Serialize>(v: &T) -> Result<String, String> {
     serde_json::to_string_pretty(v).map(|s| s + "\n").map_err(|e| e.to_string())
 }
 
@@ -465,15 +465,20 @@ fn volume_text(v: &VolumeInfo) -> String {
 pub fn export(addr: &str, a: ExportArgs) -> Result<String, String> {
     match a.command {
         ExportCommand::Add { nqn, volume, pool, nsid, hosts, listen } => {
-            let req = CreateExport { nqn, nsid, pool, volume, hosts, listen };
+            let (volume, snapshot) = match volume.split_once('@') {
+                Some((v, s)) => (v.to_string(), Some(s.to_string())),
+                None => (volume, None),
+            };
+            let req = CreateExport { nqn, nsid, pool, volume, snapshot, hosts, listen };
             let e = block_on(addr, async |c| c.create_export(&req).await)?;
             if a.json {
                 return json(&e);
             }
             Ok(format!(
-                "exported {}/{} as {} nsid {} on {} ({})\n",
+                "exported {}/{}{} as {} nsid {} on {} ({})\n",
                 e.volume.pool,
                 e.volume.name,
+                e.snapshot.as_ref().map(|s| format!("@{} (read-only)", s.name)).unwrap_or_default(),
                 e.nqn,
                 e.nsid,
                 e.listen,
@@ -511,8 +516,11 @@ fn export_table(exports: &[ExportInfo]) -> String {
         t.row(vec![
             e.nqn.clone(),
             e.nsid.to_string(),
-            format!("{}/{}", e.volume.pool, e.volume.name),
-            size_text(e.volume.size),
+            match &e.snapshot {
+                Some(s) => format!("{}/{}@{} (ro)", e.volume.pool, e.volume.name, s.name),
+                None => format!("{}/{}", e.volume.pool, e.volume.name),
+            },
+            size_text(e.snapshot.as_ref().map_or(e.volume.size, |s| s.size)),
             e.listen.clone(),
             hosts_text(&e.hosts),
         ]);
@@ -588,21 +596,21 @@ pub fn size_text(n: u64) -> String {
 }
 
 /// A table whose columns are as wide as their widest cell.
-struct Table {
+pub struct Table {
     rows: Vec<Vec<String>>,
 }
 
 impl Table {
-    fn new(header: &[&str]) -> Table {
+    pub fn new(header: &[&str]) -> Table {
         Table { rows: vec![header.iter().map(|s| (*s).to_string()).collect()] }
     }
 
-    fn row(&mut self, cells: Vec<String>) {
+    pub fn row(&mut self, cells: Vec<String>) {
         self.rows.push(cells);
     }
 
     /// The table, or `empty` when it has no rows besides the header.
-    fn render_or(&self, empty: &str) -> String {
+    pub fn render_or(&self, empty: &str) -> String {
         if self.rows.len() <= 1 {
             return empty.to_string();
         }

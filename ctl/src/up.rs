@@ -591,6 +591,7 @@ async fn start(
                 nsid: None,
                 pool: POOL.into(),
                 volume: VOLUME.into(),
+                snapshot: None,
                 hosts: Vec::new(),
                 listen: Some(a.listen.to_string()),
             })

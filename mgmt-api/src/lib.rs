@@ -81,6 +81,23 @@ pub struct HeartbeatReply {
     pub heartbeat_interval_ms: u64,
     /// Current map versions of every pool that has targets on this engine.
     pub pools: Vec<PoolVersion>,
+    /// The snapshot epochs every volume of those pools retains (volumes without snapshots are
+    /// left out).
+    #[serde(default)]
+    pub retention: Vec<VolumeRetention>,
+    /// The epoch `retention` is complete up to: every snapshot taken later has a larger epoch.
+    /// Engines never aggregate above it (0: nothing is known yet).
+    #[serde(default)]
+    pub retention_as_of: u64,
+}
+
+/// The snapshot epochs of one volume (its container on the engines), in a heartbeat reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRetention {
+    /// The volume's uuid: its container id on the engines.
+    pub volume: Uuid,
+    /// Its snapshots' epochs, ascending.
+    pub epochs: Vec<u64>,
 }
 
 /// `POST /v1/engines/{rank}/heartbeat` body.
@@ -322,7 +339,37 @@ pub struct VolumeInfo {
     pub checksum: bool,
     /// Creation time, seconds since the Unix epoch.
     pub created: u64,
+    /// Its snapshots, oldest first.
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotInfo>,
 }
+
+/// A snapshot: the volume's content at one epoch, kept readable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Name, unique in its volume.
+    pub name: String,
+    /// The epoch: the snapshot holds every write with an epoch at or below it.
+    pub epoch: u64,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+    /// The volume's size when it was taken, bytes.
+    pub size: u64,
+    /// Whether its content is final: the pool's stable epoch has passed its epoch, so no write
+    /// at or below it can still commit (docs/PLACEMENT.md, "The stable epoch").
+    #[serde(default)]
+    pub stable: bool,
+}
+
+/// `POST /v1/pools/{pool}/volumes/{volume}/snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateSnapshot {
+    /// Name (`[A-Za-z0-9._-]{1,64}`), unique in the volume.
+    pub name: String,
+}
+
+/// Longest the service waits for a new snapshot to become final before answering.
+pub const SNAPSHOT_STABLE_WAIT: Duration = Duration::from_secs(30);
 
 /// `PATCH /v1/pools/{pool}/volumes/{volume}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -346,6 +393,9 @@ pub struct CreateExport {
     pub pool: String,
     /// Volume name.
     pub volume: String,
+    /// Export this snapshot of the volume instead, read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
     /// Host NQNs allowed to connect to the subsystem; empty = any host.
     #[serde(default)]
     pub hosts: Vec<String>,
@@ -368,6 +418,9 @@ pub struct ExportInfo {
     pub listen: String,
     /// The volume.
     pub volume: VolumeInfo,
+    /// The snapshot served instead of the live volume: a read-only namespace of its size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotInfo>,
 }
 
 /// `GET /v1/exports[?after=V&wait_ms=T]`: every export. With `after`, the service answers as
@@ -562,6 +615,25 @@ impl MgmtClient {
     /// `DELETE /v1/pools/{pool}/volumes/{volume}`.
     pub async fn delete_volume(&self, pool: &str, volume: &str) -> Result<VolumeInfo, MgmtError> {
         self.send(self.http.delete(self.url(&format!("/pools/{pool}/volumes/{volume}"))), DEFAULT_TIMEOUT).await
+    }
+
+    /// `POST /v1/pools/{pool}/volumes/{volume}/snapshots`: answers once the snapshot is final
+    /// (the pool's stable epoch passed it), or with `stable: false` after a wait of
+    /// [`SNAPSHOT_STABLE_WAIT`].
+    pub async fn create_snapshot(&self, pool: &str, volume: &str, name: &str) -> Result<SnapshotInfo, MgmtError> {
+        let req =
+            self.http.post(self.url(&format!("/pools/{pool}/volumes/{volume}/snapshots"))).json(&CreateSnapshot { name: name.to_string() });
+        self.send(req, SNAPSHOT_STABLE_WAIT + DEFAULT_TIMEOUT).await
+    }
+
+    /// `GET /v1/pools/{pool}/volumes/{volume}/snapshots`.
+    pub async fn snapshots(&self, pool: &str, volume: &str) -> Result<Vec<SnapshotInfo>, MgmtError> {
+        self.get(&format!("/pools/{pool}/volumes/{volume}/snapshots")).await
+    }
+
+    /// `DELETE /v1/pools/{pool}/volumes/{volume}/snapshots/{name}`.
+    pub async fn delete_snapshot(&self, pool: &str, volume: &str, name: &str) -> Result<SnapshotInfo, MgmtError> {
+        self.send(self.http.delete(self.url(&format!("/pools/{pool}/volumes/{volume}/snapshots/{name}"))), DEFAULT_TIMEOUT).await
     }
 
     /// `POST /v1/exports`.

@@ -19,8 +19,9 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tessera_mgmt_api::{
-    ApiError, ClusterVersion, CreateExport, CreatePool, CreateVolume, EngineReport, ExportInfo, ExportList, ExtendPool, Heartbeat,
-    HeartbeatReply, PoolInfo, PoolMapInfo, RegisterEngine, ResizeVolume, SystemInfo, TargetSelector, VolumeInfo,
+    ApiError, ClusterVersion, CreateExport, CreatePool, CreateSnapshot, CreateVolume, EngineReport, ExportInfo, ExportList, ExtendPool,
+    Heartbeat, HeartbeatReply, PoolInfo, PoolMapInfo, RegisterEngine, ResizeVolume, SnapshotInfo, SystemInfo, TargetSelector, VolumeInfo,
+    SNAPSHOT_STABLE_WAIT,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::error;
@@ -155,6 +156,8 @@ pub fn router(app: App) -> Router {
         .route("/v1/pools/{pool}/extend", post(extend))
         .route("/v1/pools/{pool}/volumes", get(list_volumes).post(create_volume))
         .route("/v1/pools/{pool}/volumes/{volume}", get(get_volume).patch(resize_volume).delete(delete_volume))
+        .route("/v1/pools/{pool}/volumes/{volume}/snapshots", get(list_snapshots).post(create_snapshot))
+        .route("/v1/pools/{pool}/volumes/{volume}/snapshots/{name}", get(get_snapshot).delete(delete_snapshot))
         .route("/v1/exports", get(list_exports).post(create_export))
         .route("/v1/exports/{nqn}/{nsid}", get(get_export).delete(delete_export))
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -200,7 +203,8 @@ async fn heartbeat(
     ApiJson(req): ApiJson<Heartbeat>,
 ) -> Result<Json<HeartbeatReply>, HttpError> {
     let rank = parse_rank(&rank)?;
-    Ok(Json(app.svc.heartbeat_with(rank, &req)?))
+    // Blocking pool: the reply is read under the write lock, which a commit holds over its fsync.
+    Ok(Json(blocking(&app, move |s| s.heartbeat_with(rank, &req)).await?))
 }
 
 async fn system(State(app): State<App>) -> Json<SystemInfo> {
@@ -280,11 +284,56 @@ async fn create_volume(
 }
 
 async fn list_volumes(State(app): State<App>, ApiPath(pool): ApiPath<String>) -> Result<Json<Vec<VolumeInfo>>, HttpError> {
-    Ok(Json(machine::volumes(&app.svc.snapshot().state, &pool)?))
+    let mut vs = machine::volumes(&app.svc.snapshot().state, &pool)?;
+    vs.iter_mut().for_each(|v| app.svc.mark_stable(v));
+    Ok(Json(vs))
 }
 
 async fn get_volume(State(app): State<App>, ApiPath((pool, volume)): ApiPath<(String, String)>) -> Result<Json<VolumeInfo>, HttpError> {
-    Ok(Json(machine::volume(&app.svc.snapshot().state, &pool, &volume)?))
+    let mut v = machine::volume(&app.svc.snapshot().state, &pool, &volume)?;
+    app.svc.mark_stable(&mut v);
+    Ok(Json(v))
+}
+
+/// Records the snapshot, then answers once it is final (the pool's stable epoch passed it) or
+/// after [`SNAPSHOT_STABLE_WAIT`] with `stable: false`.
+async fn create_snapshot(
+    State(app): State<App>,
+    ApiPath((pool, volume)): ApiPath<(String, String)>,
+    ApiJson(req): ApiJson<CreateSnapshot>,
+) -> Result<(StatusCode, Json<SnapshotInfo>), HttpError> {
+    let (p, v) = (pool.clone(), volume.clone());
+    let mut info = blocking(&app, move |s| s.create_snapshot(&p, &v, &req.name)).await?;
+    info.stable = tokio::select! {
+        stable = app.svc.wait_stable(&pool, info.epoch, SNAPSHOT_STABLE_WAIT) => stable,
+        _ = app.stop.cancelled() => false,
+    };
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn list_snapshots(
+    State(app): State<App>,
+    ApiPath((pool, volume)): ApiPath<(String, String)>,
+) -> Result<Json<Vec<SnapshotInfo>>, HttpError> {
+    Ok(Json(app.svc.snapshots(&pool, &volume)?))
+}
+
+async fn get_snapshot(
+    State(app): State<App>,
+    ApiPath((pool, volume, name)): ApiPath<(String, String, String)>,
+) -> Result<Json<SnapshotInfo>, HttpError> {
+    let all = app.svc.snapshots(&pool, &volume)?;
+    match all.into_iter().find(|s| s.name == name) {
+        Some(s) => Ok(Json(s)),
+        None => Err(machine::CmdError::NoSnapshot { pool, volume, snapshot: name }.into()),
+    }
+}
+
+async fn delete_snapshot(
+    State(app): State<App>,
+    ApiPath((pool, volume, name)): ApiPath<(String, String, String)>,
+) -> Result<Json<SnapshotInfo>, HttpError> {
+    Ok(Json(blocking(&app, move |s| s.delete_snapshot(&pool, &volume, &name)).await?))
 }
 
 async fn resize_volume(

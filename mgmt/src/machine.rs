@@ -25,6 +25,10 @@ use crate::state::{to_api, to_placement, EngineRec, ExportRec, PoolRec, State, V
 #[path = "machine_targets.rs"]
 mod targets;
 use targets::*;
+#[path = "machine_snapshots.rs"]
+mod snapshots;
+use snapshots::{create_snapshot, delete_snapshot, get_snapshot};
+pub use snapshots::{retention, snapshot_info, snapshots, MAX_SNAPSHOTS};
 
 /// Default object class of a pool.
 pub const DEFAULT_CLASS: &str = "EC_2P1";
@@ -144,7 +148,25 @@ pub enum Command {
         /// Volume name.
         volume: String,
     },
-    /// Export a volume.
+    /// Take a snapshot of a volume: retain its content at the current epoch.
+    CreateSnapshot {
+        /// Pool name.
+        pool: String,
+        /// Volume name.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+    },
+    /// Delete a snapshot that is not exported (engines then aggregate what only it held).
+    DeleteSnapshot {
+        /// Pool name.
+        pool: String,
+        /// Volume name.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+    },
+    /// Export a volume or a snapshot of it.
     CreateExport(CreateExport),
     /// Remove an export.
     DeleteExport {
@@ -217,6 +239,8 @@ pub enum Outcome {
     VolumeDeleted(VolumeInfo, PunchPlan),
     /// An export was created or deleted.
     Export(ExportInfo),
+    /// A snapshot was created or deleted.
+    Snapshot(tessera_mgmt_api::SnapshotInfo),
 }
 
 /// Why a command or query was refused. [`CmdError::status`] is its HTTP status.
@@ -238,6 +262,16 @@ pub enum CmdError {
         pool: String,
         /// Volume.
         volume: String,
+    },
+    /// No such snapshot (404).
+    #[error("volume {pool}/{volume} has no snapshot named {snapshot:?}")]
+    NoSnapshot {
+        /// Pool.
+        pool: String,
+        /// Volume.
+        volume: String,
+        /// Snapshot.
+        snapshot: String,
     },
     /// No such target in a pool (404).
     #[error("{0}")]
@@ -272,6 +306,7 @@ impl CmdError {
             | CmdError::EngineDown(_)
             | CmdError::NoPool(_)
             | CmdError::NoVolume { .. }
+            | CmdError::NoSnapshot { .. }
             | CmdError::NoTarget(_)
             | CmdError::NoExport { .. } => 404,
             CmdError::Invalid(_) => 400,
@@ -320,6 +355,8 @@ fn apply_to(next: &mut State, cmd: &Command, env: &Env) -> Result<Outcome, CmdEr
         Command::CreateVolume { pool, req } => create_volume(next, pool, req, env)?,
         Command::ResizeVolume { pool, volume, size } => resize_volume(next, pool, volume, *size)?,
         Command::DeleteVolume { pool, volume } => delete_volume(next, pool, volume)?,
+        Command::CreateSnapshot { pool, volume, name } => create_snapshot(next, pool, volume, name, env)?,
+        Command::DeleteSnapshot { pool, volume, name } => delete_snapshot(next, pool, volume, name)?,
         Command::CreateExport(req) => create_export(next, req)?,
         Command::DeleteExport { nqn, nsid } => delete_export(next, nqn, *nsid)?,
     };
@@ -616,6 +653,7 @@ fn volume_info(state: &State, v: &VolumeRec) -> VolumeInfo {
         chunk_size: v.chunk_size,
         checksum: v.checksum,
         created: v.created,
+        snapshots: v.snapshots.iter().map(|x| snapshot_info(x, 0)).collect(),
     }
 }
 
@@ -668,6 +706,7 @@ fn create_volume(s: &mut State, pool: &str, req: &CreateVolume, env: &Env) -> Re
         chunk_size,
         checksum: req.checksum.unwrap_or(true),
         created: env.now,
+        snapshots: Vec::new(),
     };
     let info = volume_info(s, &rec);
     s.volumes.insert((pool.to_string(), req.name.clone()), rec);
@@ -699,6 +738,13 @@ fn delete_volume(s: &mut State, pool: &str, volume: &str) -> Result<Outcome, Cmd
     if let Some(x) = s.export_of(pool, volume) {
         return conflict(format!("volume {pool}/{volume} is exported (namespace {} of {}): delete the export first", x.nsid, x.nqn));
     }
+    if let Some(x) = s.exports.values().find(|x| x.pool == pool && x.volume == volume) {
+        let snap = x.snapshot.as_deref().unwrap_or_default();
+        return conflict(format!(
+            "snapshot {pool}/{volume}@{snap} is exported (namespace {} of {}): delete the export first",
+            x.nsid, x.nqn
+        ));
+    }
     let info = volume_info(s, v);
     let p = get_pool(s, pool)?;
     let sites = p
@@ -725,6 +771,10 @@ fn export_info(state: &State, x: &ExportRec) -> Result<ExportInfo, CmdError> {
         hosts: x.hosts.clone(),
         listen: x.listen.clone(),
         volume: volume(state, &x.pool, &x.volume)?,
+        snapshot: match &x.snapshot {
+            Some(name) => Some(snapshot_info(get_snapshot(get_volume(state, &x.pool, &x.volume)?, name)?, 0)),
+            None => None,
+        },
     })
 }
 
@@ -753,9 +803,22 @@ fn create_export(s: &mut State, req: &CreateExport) -> Result<Outcome, CmdError>
             return invalid(format!("namespace id {nsid} is not valid (1 to {})", u32::MAX - 1));
         }
     }
-    get_volume(s, &req.pool, &req.volume)?;
-    if let Some(x) = s.export_of(&req.pool, &req.volume) {
-        return conflict(format!("volume {}/{} is already exported as namespace {} of {}", req.pool, req.volume, x.nsid, x.nqn));
+    let v = get_volume(s, &req.pool, &req.volume)?;
+    match &req.snapshot {
+        Some(snap) => {
+            get_snapshot(v, snap)?;
+            if let Some(x) = s.snapshot_export(&req.pool, &req.volume, snap) {
+                return conflict(format!(
+                    "snapshot {}/{}@{snap} is already exported as namespace {} of {}",
+                    req.pool, req.volume, x.nsid, x.nqn
+                ));
+            }
+        }
+        None => {
+            if let Some(x) = s.export_of(&req.pool, &req.volume) {
+                return conflict(format!("volume {}/{} is already exported as namespace {} of {}", req.pool, req.volume, x.nsid, x.nqn));
+            }
+        }
     }
     // Hosts and the listen address belong to the subsystem: a further namespace inherits them
     // when it leaves them out and must agree when it names them.
@@ -780,7 +843,15 @@ fn create_export(s: &mut State, req: &CreateExport) -> Result<Outcome, CmdError>
         Some(n) => n,
         None => (1..u32::MAX).find(|n| !siblings.contains_key(n)).ok_or_else(|| CmdError::Conflict("no free namespace id".into()))?,
     };
-    let rec = ExportRec { nqn: req.nqn.clone(), nsid, hosts, listen, pool: req.pool.clone(), volume: req.volume.clone() };
+    let rec = ExportRec {
+        nqn: req.nqn.clone(),
+        nsid,
+        hosts,
+        listen,
+        pool: req.pool.clone(),
+        volume: req.volume.clone(),
+        snapshot: req.snapshot.clone(),
+    };
     let info = export_info(s, &rec)?;
     s.exports.insert((rec.nqn.clone(), nsid), rec);
     Ok(Outcome::Export(info))

@@ -66,7 +66,7 @@ fn create_vol(pool: &str, req: CreateVolume) -> Command {
 }
 
 fn export_req(nqn: &str, nsid: Option<u32>, volume: &str) -> CreateExport {
-    CreateExport { nqn: nqn.into(), nsid, pool: "p".into(), volume: volume.into(), hosts: vec![], listen: None }
+    CreateExport { nqn: nqn.into(), nsid, pool: "p".into(), volume: volume.into(), snapshot: None, hosts: vec![], listen: None }
 }
 
 const NQN: &str = "nqn.2026-11.io.tessera:a";
@@ -298,6 +298,7 @@ fn create_volume_defaults() {
             chunk_size: 1 << 20,
             checksum: true,
             created: env(7).now,
+            snapshots: Vec::new(),
         }
     );
     assert_eq!(volume(&n, "p", "v").unwrap(), v);

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tessera_engine_client::hlc;
 use tessera_mgmt_api::{
-    ClusterVersion, EngineInfo, EngineRebuildState, EngineReport, EngineState, Heartbeat, HeartbeatReply, PoolInfo, RebuildProgress,
-    RebuildState, RebuildStatus, RegisterEngine, ScrubCounters, SystemInfo, TargetSelector, TargetStateName,
+    ClusterVersion, EngineInfo, EngineRebuildState, EngineReport, EngineState, Heartbeat, HeartbeatReply, PoolInfo, PoolVersion,
+    RebuildProgress, RebuildState, RebuildStatus, RegisterEngine, ScrubCounters, SnapshotInfo, SystemInfo, TargetSelector, TargetStateName,
+    VolumeInfo,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -237,6 +238,8 @@ pub struct Service {
     clocks: Mutex<HashMap<u32, Instant>>,
     /// Each engine's stable epoch from its last heartbeat (reported ones only; not stored).
     stable: Mutex<HashMap<u32, u64>>,
+    /// Woken whenever an engine's stable epoch moves on.
+    stable_moved: tokio::sync::Notify,
     started: Instant,
     /// Rebuild and scrub reports per pool (lock order: `write` before `heal`).
     heal: Mutex<HashMap<String, PoolHeal>>,
@@ -267,6 +270,7 @@ impl Service {
             snap: watch::channel(Arc::new(Snapshot { version, state })).0,
             clocks: Mutex::new(HashMap::new()),
             stable: Mutex::new(HashMap::new()),
+            stable_moved: tokio::sync::Notify::new(),
             started: Instant::now(),
             heal: Mutex::new(HashMap::new()),
         };
@@ -341,10 +345,15 @@ impl Service {
         self.execute_with(cmd, |_| {})
     }
 
-    fn heartbeat_reply(&self, state: &State, rank: u32) -> HeartbeatReply {
+    /// A heartbeat reply from `state`, which must be the last committed one, with the write
+    /// lock held: no snapshot can then be recorded between reading the retained epochs and
+    /// taking `retention_as_of`, and any snapshot recorded after it takes a larger epoch.
+    fn heartbeat_reply(&self, state: &State, rank: u32, pools: Vec<PoolVersion>) -> HeartbeatReply {
         HeartbeatReply {
             heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
-            pools: machine::pool_versions(state, rank),
+            pools,
+            retention: machine::retention(state, rank),
+            retention_as_of: hlc::now(),
         }
     }
 
@@ -356,7 +365,7 @@ impl Service {
         let cmd = Command::RegisterEngine { req: req.clone(), reintegrate: self.config.auto_reintegrate };
         let out = self.execute_with(&cmd, |s| {
             lock(&self.clocks).insert(req.rank, Instant::now());
-            reply = Some(self.heartbeat_reply(&s.state, req.rank));
+            reply = Some(self.heartbeat_reply(&s.state, req.rank, machine::pool_versions(&s.state, req.rank)));
         })?;
         let (replaced, reintegrated) = match out {
             Outcome::Registered { replaced, reintegrated, .. } => (replaced, reintegrated),
@@ -376,7 +385,14 @@ impl Service {
         for (pool, version) in &reintegrated {
             info!(rank = req.rank, pool = %pool, version, "reintegrating the engine's targets: UP");
         }
-        Ok(reply.unwrap_or_else(|| self.heartbeat_reply(&self.snapshot().state, req.rank)))
+        match reply {
+            Some(r) => Ok(r),
+            None => {
+                let _w = lock(&self.write);
+                let state = &self.snapshot().state;
+                Ok(self.heartbeat_reply(state, req.rank, machine::pool_versions(state, req.rank)))
+            }
+        }
     }
 
     /// An engine heartbeats. No store write.
@@ -386,6 +402,8 @@ impl Service {
 
     /// An engine heartbeats with what it reports (its stable epoch). No store write.
     pub fn heartbeat_with(&self, rank: u32, hb: &Heartbeat) -> Result<HeartbeatReply, ServiceError> {
+        // The write lock makes the retained epochs and `retention_as_of` one consistent reading.
+        let _w = lock(&self.write);
         let mut clocks = lock(&self.clocks);
         let snap = self.snapshot();
         let pools = machine::heartbeat_pools(&snap.state, rank, hb.uuid)?;
@@ -393,9 +411,67 @@ impl Service {
         if hb.stable_epoch != 0 {
             let mut stable = lock(&self.stable);
             let e = stable.entry(rank).or_default();
-            *e = (*e).max(hb.stable_epoch);
+            if hb.stable_epoch > *e {
+                *e = hb.stable_epoch;
+                self.stable_moved.notify_waiters();
+            }
         }
-        Ok(HeartbeatReply { heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64, pools })
+        Ok(self.heartbeat_reply(&snap.state, rank, pools))
+    }
+
+    /// Takes snapshot `name` of `pool`/`volume` at the current epoch.
+    pub fn create_snapshot(&self, pool: &str, volume: &str, name: &str) -> Result<SnapshotInfo, ServiceError> {
+        let cmd = Command::CreateSnapshot { pool: pool.to_string(), volume: volume.to_string(), name: name.to_string() };
+        match self.execute(&cmd)? {
+            Outcome::Snapshot(info) => {
+                info!(pool, volume, snapshot = name, epoch = info.epoch, "snapshot taken");
+                Ok(info)
+            }
+            other => Err(ServiceError::Command(CmdError::Internal(format!("snapshot creation answered {other:?}")))),
+        }
+    }
+
+    /// Deletes snapshot `name` of `pool`/`volume`.
+    pub fn delete_snapshot(&self, pool: &str, volume: &str, name: &str) -> Result<SnapshotInfo, ServiceError> {
+        let cmd = Command::DeleteSnapshot { pool: pool.to_string(), volume: volume.to_string(), name: name.to_string() };
+        match self.execute(&cmd)? {
+            Outcome::Snapshot(info) => {
+                info!(pool, volume, snapshot = name, epoch = info.epoch, "snapshot deleted");
+                Ok(info)
+            }
+            other => Err(ServiceError::Command(CmdError::Internal(format!("snapshot deletion answered {other:?}")))),
+        }
+    }
+
+    /// The snapshots of a volume, each marked stable once the pool's stable epoch passed it.
+    pub fn snapshots(&self, pool: &str, volume: &str) -> Result<Vec<SnapshotInfo>, CmdError> {
+        let snap = self.snapshot();
+        let stable = snap.state.pools.get(pool).and_then(|p| self.pool_stable_epoch(p)).unwrap_or(0);
+        machine::snapshots(&snap.state, pool, volume, stable)
+    }
+
+    /// Marks `v`'s snapshots stable where the pool's stable epoch passed them.
+    pub fn mark_stable(&self, v: &mut VolumeInfo) {
+        let snap = self.snapshot();
+        let stable = snap.state.pools.get(&v.pool).and_then(|p| self.pool_stable_epoch(p)).unwrap_or(0);
+        for s in &mut v.snapshots {
+            s.stable = stable >= s.epoch;
+        }
+    }
+
+    /// Waits until the stable epoch of `pool` reaches `epoch` (true) or `timeout` passes (false).
+    pub async fn wait_stable(&self, pool: &str, epoch: u64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let moved = self.stable_moved.notified();
+            let stable = self.snapshot().state.pools.get(pool).and_then(|p| self.pool_stable_epoch(p));
+            if stable.is_some_and(|s| s >= epoch) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, moved).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// The system map with each engine's time since its last heartbeat.
@@ -727,7 +803,8 @@ mod tests {
         let svc = service(&store);
         let mut rx = svc.subscribe();
         let reply = svc.register(&reg(0)).unwrap();
-        assert_eq!(reply, HeartbeatReply { heartbeat_interval_ms: 100, pools: vec![] });
+        assert_eq!((reply.heartbeat_interval_ms, reply.pools, reply.retention), (100, vec![], vec![]));
+        assert!(reply.retention_as_of > 0);
         assert!(rx.has_changed().unwrap());
         assert_eq!(rx.borrow_and_update().version, 1);
         // The same registration again: no transaction.

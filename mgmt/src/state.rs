@@ -112,6 +112,22 @@ pub struct VolumeRec {
     pub checksum: bool,
     /// Creation time, seconds since the Unix epoch.
     pub created: u64,
+    /// Snapshots, oldest first (ascending epochs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotRec>,
+}
+
+/// A snapshot of a volume: a retained epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRec {
+    /// Name, unique in its volume.
+    pub name: String,
+    /// The epoch it holds the volume at.
+    pub epoch: u64,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+    /// The volume's size then, bytes.
+    pub size: u64,
 }
 
 /// An export: one volume as namespace `nsid` of subsystem `nqn`.
@@ -129,6 +145,9 @@ pub struct ExportRec {
     pub pool: String,
     /// Volume name.
     pub volume: String,
+    /// The snapshot of the volume served (read-only) instead of the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 /// Everything the service knows, as of one store version.
@@ -282,9 +301,14 @@ impl State {
         self.volumes.range((pool.to_string(), String::new())..).map(|(_, v)| v).take_while(move |v| v.pool == pool)
     }
 
-    /// The export of a volume, if it is exported.
+    /// The export of a volume itself (not of a snapshot of it), if it is exported.
     pub fn export_of(&self, pool: &str, volume: &str) -> Option<&ExportRec> {
-        self.exports.values().find(|x| x.pool == pool && x.volume == volume)
+        self.exports.values().find(|x| x.pool == pool && x.volume == volume && x.snapshot.is_none())
+    }
+
+    /// The export of a volume's snapshot `snapshot`, if any.
+    pub fn snapshot_export(&self, pool: &str, volume: &str, snapshot: &str) -> Option<&ExportRec> {
+        self.exports.values().find(|x| x.pool == pool && x.volume == volume && x.snapshot.as_deref() == Some(snapshot))
     }
 }
 
@@ -371,6 +395,7 @@ pub(crate) mod tests {
                 chunk_size: 1 << 20,
                 checksum: true,
                 created: 5,
+                snapshots: vec![SnapshotRec { name: "s1".into(), epoch: 1 << 40, created: 6, size: 1 << 20 }],
             },
         );
         s.exports.insert(
@@ -382,6 +407,7 @@ pub(crate) mod tests {
                 listen: "127.0.0.1:4420".into(),
                 pool: "p".into(),
                 volume: "v".into(),
+                snapshot: None,
             },
         );
         s

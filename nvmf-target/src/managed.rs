@@ -329,11 +329,19 @@ mod tests {
             chunk_size: 1 << 20,
             checksum: true,
             created: 0,
+            snapshots: Vec::new(),
         }
     }
 
     fn export(nqn: &str, nsid: u32, listen: &str, hosts: &[&str], v: VolumeInfo) -> ExportInfo {
-        ExportInfo { nqn: nqn.into(), nsid, hosts: hosts.iter().map(|h| h.to_string()).collect(), listen: listen.into(), volume: v }
+        ExportInfo {
+            nqn: nqn.into(),
+            nsid,
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            listen: listen.into(),
+            volume: v,
+            snapshot: None,
+        }
     }
 
     const L: &str = "127.0.0.1:4420";

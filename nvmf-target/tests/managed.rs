@@ -120,6 +120,7 @@ async fn export_new_volume(mgmt: &MgmtClient, size: u64, addr: SocketAddr) -> Vo
         nsid: Some(1),
         pool: "pool0".into(),
         volume: "vol0".into(),
+        snapshot: None,
         hosts: Vec::new(),
         listen: Some(addr.to_string()),
     };
@@ -218,6 +219,7 @@ fn managed_target_serves_an_exported_ec_volume() {
             nsid: None,
             pool: "pool0".into(),
             volume: "vol1".into(),
+            snapshot: None,
             hosts: vec![OTHER_HOST.into()],
             listen: Some(addr.to_string()),
         };

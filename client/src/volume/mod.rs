@@ -309,6 +309,7 @@ mod tests {
             chunk_size: 1 << 20,
             checksum: true,
             created: 0,
+            snapshots: Vec::new(),
         };
         VolumeInner {
             cluster: Cluster::new(MgmtClient::new("127.0.0.1:9")),

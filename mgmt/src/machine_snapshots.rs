@@ -1,0 +1,210 @@
+//! Snapshots: a volume's retained epochs. Creating one records the epoch at which the command
+//! runs ([`Env::epoch_now`]); engines learn every volume's retained epochs from their heartbeat
+//! replies ([`retention`]) and never aggregate a version a snapshot can still see. Part of
+//! [`super`]'s pure state machine.
+
+use tessera_mgmt_api::{SnapshotInfo, VolumeRetention};
+
+use super::*;
+use crate::state::SnapshotRec;
+
+/// Most snapshots one volume keeps.
+pub const MAX_SNAPSHOTS: usize = 64;
+
+/// The API view of a snapshot; `stable` says whether `stable_epoch` (the pool's) has passed it.
+pub fn snapshot_info(s: &SnapshotRec, stable_epoch: u64) -> SnapshotInfo {
+    SnapshotInfo { name: s.name.clone(), epoch: s.epoch, created: s.created, size: s.size, stable: stable_epoch >= s.epoch }
+}
+
+/// A volume's snapshot named `name`.
+pub(super) fn get_snapshot<'a>(v: &'a VolumeRec, name: &str) -> Result<&'a SnapshotRec, CmdError> {
+    v.snapshots.iter().find(|s| s.name == name).ok_or_else(|| CmdError::NoSnapshot {
+        pool: v.pool.clone(),
+        volume: v.name.clone(),
+        snapshot: name.to_string(),
+    })
+}
+
+pub(super) fn create_snapshot(s: &mut State, pool: &str, volume: &str, name: &str, env: &Env) -> Result<Outcome, CmdError> {
+    let v = get_volume(s, pool, volume)?;
+    check_name("snapshot", name)?;
+    if v.snapshots.iter().any(|x| x.name == name) {
+        return conflict(format!("volume {pool}/{volume} already has a snapshot named {name:?}"));
+    }
+    if v.snapshots.len() >= MAX_SNAPSHOTS {
+        return conflict(format!("volume {pool}/{volume} has {MAX_SNAPSHOTS} snapshots, the most it keeps: delete one first"));
+    }
+    // Epochs only grow (the service's clock is monotonic), so the list stays in epoch order.
+    if v.snapshots.last().is_some_and(|last| last.epoch >= env.epoch_now) {
+        return Err(CmdError::Internal(format!("the clock stands at or before the newest snapshot of {pool}/{volume}")));
+    }
+    let rec = SnapshotRec { name: name.to_string(), epoch: env.epoch_now, created: env.now, size: v.size };
+    let key = (pool.to_string(), volume.to_string());
+    let v = s.volumes.get_mut(&key).ok_or_else(|| CmdError::NoVolume { pool: pool.to_string(), volume: volume.to_string() })?;
+    v.snapshots.push(rec.clone());
+    Ok(Outcome::Snapshot(snapshot_info(&rec, 0)))
+}
+
+pub(super) fn delete_snapshot(s: &mut State, pool: &str, volume: &str, name: &str) -> Result<Outcome, CmdError> {
+    let v = get_volume(s, pool, volume)?;
+    let rec = get_snapshot(v, name)?.clone();
+    if let Some(x) = s.snapshot_export(pool, volume, name) {
+        return conflict(format!(
+            "snapshot {pool}/{volume}@{name} is exported (namespace {} of {}): delete the export first",
+            x.nsid, x.nqn
+        ));
+    }
+    let key = (pool.to_string(), volume.to_string());
+    let v = s.volumes.get_mut(&key).ok_or_else(|| CmdError::NoVolume { pool: pool.to_string(), volume: volume.to_string() })?;
+    v.snapshots.retain(|x| x.name != name);
+    Ok(Outcome::Snapshot(snapshot_info(&rec, 0)))
+}
+
+/// The snapshots of a volume, oldest first (`stable` measured against `stable_epoch`).
+pub fn snapshots(state: &State, pool: &str, volume: &str, stable_epoch: u64) -> Result<Vec<SnapshotInfo>, CmdError> {
+    Ok(get_volume(state, pool, volume)?.snapshots.iter().map(|x| snapshot_info(x, stable_epoch)).collect())
+}
+
+/// The retained epochs of every volume with snapshots in the pools that have targets on engine
+/// `rank`: what its heartbeat reply carries.
+pub fn retention(state: &State, rank: u32) -> Vec<VolumeRetention> {
+    let pools: BTreeSet<&str> =
+        state.pools.values().filter(|p| p.targets.iter().any(|t| t.rank == rank)).map(|p| p.name.as_str()).collect();
+    state
+        .volumes
+        .values()
+        .filter(|v| !v.snapshots.is_empty() && pools.contains(v.pool.as_str()))
+        .map(|v| VolumeRetention { volume: v.uuid, epochs: v.snapshots.iter().map(|x| x.epoch).collect() })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use tessera_mgmt_api::CreateVolume;
+
+    use super::*;
+
+    fn env(epoch: u64) -> Env {
+        Env { uuid: Uuid::from_u128(u128::from(epoch)), now: 1000, epoch_floor: 1, epoch_now: epoch }
+    }
+
+    fn run(s: &State, cmd: Command, epoch: u64) -> Result<(State, Outcome), CmdError> {
+        apply(s, &cmd, &env(epoch))
+    }
+
+    fn ok(s: &State, cmd: Command, epoch: u64) -> State {
+        run(s, cmd, epoch).unwrap_or_else(|e| panic!("{e}")).0
+    }
+
+    /// Three engines of two targets, pool "p" over ranks 0 and 1 only, volume "v" in it.
+    fn cluster() -> State {
+        let mut s = State::default();
+        for rank in 0..3 {
+            let req = RegisterEngine {
+                rank,
+                uuid: Uuid::from_u128(u128::from(rank) + 100),
+                address: format!("127.0.0.1:{}", 10000 + rank),
+                fault_domain: String::new(),
+                targets: 2,
+                target_capacity: 1 << 30,
+            };
+            s = ok(&s, Command::RegisterEngine { req, reintegrate: true }, 10);
+        }
+        let pool = CreatePool { name: "p".into(), ranks: vec![0, 1], default_class: Some("RP_2".into()) };
+        s = ok(&s, Command::CreatePool(pool), 11);
+        let v = CreateVolume {
+            name: "v".into(),
+            size: 1 << 20,
+            block_size: None,
+            class: None,
+            cell_size: None,
+            chunk_size: None,
+            checksum: None,
+        };
+        ok(&s, Command::CreateVolume { pool: "p".into(), req: v }, 12)
+    }
+
+    fn create(name: &str) -> Command {
+        Command::CreateSnapshot { pool: "p".into(), volume: "v".into(), name: name.into() }
+    }
+
+    fn delete(name: &str) -> Command {
+        Command::DeleteSnapshot { pool: "p".into(), volume: "v".into(), name: name.into() }
+    }
+
+    fn export(nqn: &str, snapshot: Option<&str>) -> Command {
+        Command::CreateExport(CreateExport {
+            nqn: nqn.into(),
+            nsid: None,
+            pool: "p".into(),
+            volume: "v".into(),
+            snapshot: snapshot.map(Into::into),
+            hosts: vec![],
+            listen: None,
+        })
+    }
+
+    #[test]
+    fn a_snapshot_takes_the_commands_epoch_and_engines_of_its_pool_retain_it() {
+        let s = ok(&cluster(), create("s1"), 1000);
+        let s = ok(&s, create("s2"), 2000);
+        let info = volume(&s, "p", "v").unwrap();
+        let got: Vec<(&str, u64, u64)> = info.snapshots.iter().map(|x| (x.name.as_str(), x.epoch, x.size)).collect();
+        assert_eq!(got, [("s1", 1000, 1 << 20), ("s2", 2000, 1 << 20)]);
+        let uuid = info.uuid;
+        assert_eq!(retention(&s, 0), [VolumeRetention { volume: uuid, epochs: vec![1000, 2000] }]);
+        assert_eq!(retention(&s, 1), retention(&s, 0));
+        assert!(retention(&s, 2).is_empty(), "rank 2 holds nothing of pool p");
+        let listed = snapshots(&s, "p", "v", 1500).unwrap();
+        assert_eq!(listed.iter().map(|x| x.stable).collect::<Vec<_>>(), [true, false]);
+        // Deleting one leaves the other retained.
+        let s = ok(&s, delete("s1"), 3000);
+        assert_eq!(retention(&s, 0), [VolumeRetention { volume: uuid, epochs: vec![2000] }]);
+        let s = ok(&s, delete("s2"), 3001);
+        assert!(retention(&s, 0).is_empty());
+    }
+
+    #[test]
+    fn snapshot_refusals_name_the_reason() {
+        let s = ok(&cluster(), create("s1"), 1000);
+        let e = run(&s, create("s1"), 2000).unwrap_err();
+        assert_eq!((e.status(), e.to_string().contains("already has a snapshot named \"s1\"")), (409, true), "{e}");
+        assert_eq!(run(&s, create("bad/name"), 2000).unwrap_err().status(), 400);
+        let e = run(&s, delete("nope"), 2000).unwrap_err();
+        assert_eq!((e.status(), e.to_string()), (404, "volume p/v has no snapshot named \"nope\"".to_string()));
+        let missing = Command::CreateSnapshot { pool: "p".into(), volume: "w".into(), name: "x".into() };
+        assert_eq!(run(&s, missing, 2000).unwrap_err().status(), 404);
+        // A clock that stands still would break the epoch order of the list.
+        assert_eq!(run(&s, create("s2"), 1000).unwrap_err().status(), 500);
+        let mut full = s.clone();
+        for i in 1..MAX_SNAPSHOTS as u64 {
+            full = ok(&full, create(&format!("n{i}")), 1000 + i);
+        }
+        let e = run(&full, create("one-too-many"), 1_000_000).unwrap_err();
+        assert_eq!(e.status(), 409, "{e}");
+    }
+
+    #[test]
+    fn an_exported_snapshot_is_kept_until_its_export_goes() {
+        let s = ok(&cluster(), create("s1"), 1000);
+        const LIVE: &str = "nqn.2026-12.io.tessera:live";
+        const SNAP: &str = "nqn.2026-12.io.tessera:snap";
+        // The volume and its snapshot are exported side by side, each once.
+        let s = ok(&s, export(LIVE, None), 1001);
+        let (s, out) = run(&s, export(SNAP, Some("s1")), 1002).unwrap();
+        let Outcome::Export(x) = out else { panic!("{out:?}") };
+        assert_eq!(x.snapshot.map(|s| (s.name, s.epoch)), Some(("s1".to_string(), 1000)));
+        assert_eq!(run(&s, export("nqn.2026-12.io.tessera:again", Some("s1")), 1003).unwrap_err().status(), 409);
+        assert_eq!(run(&s, export("nqn.2026-12.io.tessera:other", Some("nope")), 1003).unwrap_err().status(), 404);
+        let e = run(&s, delete("s1"), 1004).unwrap_err();
+        assert_eq!(e.status(), 409);
+        assert!(e.to_string().contains("is exported (namespace 1 of nqn.2026-12.io.tessera:snap)"), "{e}");
+        // The volume cannot go while its snapshot is served, even with its own export gone.
+        let s = ok(&s, Command::DeleteExport { nqn: LIVE.into(), nsid: 1 }, 1005);
+        let e = run(&s, Command::DeleteVolume { pool: "p".into(), volume: "v".into() }, 1006).unwrap_err();
+        assert!(e.to_string().contains("snapshot p/v@s1 is exported"), "{e}");
+        let s = ok(&s, Command::DeleteExport { nqn: SNAP.into(), nsid: 1 }, 1007);
+        let s = ok(&s, delete("s1"), 1008);
+        ok(&s, Command::DeleteVolume { pool: "p".into(), volume: "v".into() }, 1009);
+    }
+}
