@@ -258,6 +258,7 @@ impl EngineConfig {
             wal_segment_bytes: self.tuning.wal_segment,
             aggregation_lag: self.tuning.aggregation_lag_secs.saturating_mul(1_000_000_000),
             commit_window: self.tuning.commit_window_ms.saturating_mul(1_000_000),
+            follows_service: self.mgmt.is_some(),
             ..TargetConfig::default()
         }
     }

@@ -489,7 +489,13 @@ impl Index {
         self.containers.values().map(|c| c.objects.len() as u64).sum()
     }
 
-    /// Every akey path of one object.
+    /// The paths of every akey of container `cont`.
+    pub fn container_akey_paths(&self, cont: u128) -> Vec<AkeyPath> {
+        let Some(c) = self.containers.get(&cont) else { return Vec::new() };
+        c.objects.keys().flat_map(|&obj| self.object_akey_paths(cont, obj)).collect()
+    }
+
+    /// The paths of every akey of object `obj` of container `cont`.
     pub fn object_akey_paths(&self, cont: u128, obj: u128) -> Vec<AkeyPath> {
         let Some(o) = self.containers.get(&cont).and_then(|c| c.objects.get(&obj)) else { return Vec::new() };
         o.dkeys

@@ -4,8 +4,10 @@
 //! map version of every pool with targets here *before* it serves a request, so a restarted
 //! engine never answers a client whose pool map is older than the one that marked its targets
 //! DOWN. Then it heartbeats every interval the service asks for; each reply raises the known
-//! pool map versions ([`Engine::observe_map_version`]) and is published to the healer (`heal`). A heartbeat answered 404 (the service
-//! lost or never had the registration) registers again.
+//! pool map versions ([`Engine::observe_map_version`]) and is published to the healer (`heal`),
+//! and hands every target the volumes' snapshot epochs that aggregation must keep
+//! ([`crate::target::Target::set_snapshots`]). A heartbeat answered 404 (the service lost or
+//! never had the registration) registers again.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::server::Engine;
+use crate::target::Snapshots;
 use crate::worker::{TargetOp, TargetReply};
 
 /// Name of the file holding the engine's identity inside its data directory.
@@ -131,10 +134,19 @@ async fn stable_epoch(engine: &Engine) -> u64 {
 }
 
 /// Raises the known map versions first, then tells the healer: by the time it acts on a new
-/// version, this engine already refuses requests made with an older map.
+/// version, this engine already refuses requests made with an older map. Hands every target the
+/// snapshots to keep (queued before any aggregation step that could need them).
 fn apply(engine: &Engine, pools: &watch::Sender<Vec<PoolVersion>>, reply: &HeartbeatReply) {
     for p in &reply.pools {
         engine.observe_map_version(p.pool_id, p.map_version);
+    }
+    let snapshots = Arc::new(Snapshots {
+        as_of: reply.retention_as_of,
+        epochs: reply.retention.iter().map(|r| (r.volume.as_u128(), r.epochs.clone())).collect(),
+    });
+    for t in &engine.targets {
+        // The answer carries nothing; a target that stopped has nothing to aggregate.
+        drop(t.submit(TargetOp::Snapshots(snapshots.clone())));
     }
     pools.send_if_modified(|current| {
         let changed = *current != reply.pools;

@@ -42,6 +42,7 @@ mod destage;
 mod read;
 mod recovery;
 mod scrub;
+mod snapshots;
 mod stable;
 
 use aggregate::freed_blocks;
@@ -52,6 +53,7 @@ pub use read::FetchedArray;
 use recovery::{load_checkpoint, read_whole, replay_wal};
 use scrub::decode_fences;
 pub use scrub::{BadExtent, Fence, ScrubCursor, ScrubStep};
+pub use snapshots::Snapshots;
 
 /// Name of the data file in a target's directory.
 pub const DATA_FILE: &str = "data.blk";
@@ -95,6 +97,9 @@ pub struct TargetConfig {
     /// Host updates and punches whose epoch is more than this many epoch units (nanoseconds)
     /// older than the target's clock are refused (`target/stable.rs`). 0: none are.
     pub commit_window: u64,
+    /// The engine follows a management service, which retains snapshots: aggregate nothing
+    /// until [`Target::set_snapshots`] says which (`target/snapshots.rs`).
+    pub follows_service: bool,
 }
 
 impl Default for TargetConfig {
@@ -109,6 +114,7 @@ impl Default for TargetConfig {
             aggregation_lag: Duration::from_secs(5).as_nanos() as u64,
             aggregation_budget: 256,
             commit_window: Duration::from_secs(2).as_nanos() as u64,
+            follows_service: false,
         }
     }
 }
@@ -221,6 +227,9 @@ pub struct Target {
     destage_staged: Vec<(AkeyPath, u64, u64)>,
     /// The commit window's floor and the stable epoch.
     epochs: stable::StableEpoch,
+    /// The service's snapshots, when the target follows a management service
+    /// ([`TargetConfig::follows_service`]).
+    snapshots: Option<Arc<Snapshots>>,
     /// Longest pause a checkpoint imposed on the target thread.
     pub max_checkpoint_pause: Duration,
     /// Group commit counters since start.
@@ -271,6 +280,7 @@ fn check_key(what: &str, key: &Bytes) -> Result<(), EngineError> {
 impl Target {
     /// Opens (recovering) or creates the target stored in `storage`.
     pub fn open(storage: Arc<dyn Storage>, cfg: TargetConfig) -> Result<Self, EngineError> {
+        let follows_service = cfg.follows_service;
         let names = storage.list().map_err(|e| EngineError::io(".", e))?;
         for tmp in names.iter().filter(|n| n.ends_with(".tmp")) {
             storage.remove(tmp).map_err(|e| EngineError::io(tmp, e))?;
@@ -343,6 +353,7 @@ impl Target {
             destage_pending_bytes: 0,
             destage_staged: Vec::new(),
             epochs: stable::StableEpoch::default(),
+            snapshots: follows_service.then(|| Arc::new(Snapshots::default())),
             max_checkpoint_pause: Duration::ZERO,
             stats: CommitStats::default(),
         };
@@ -622,6 +633,7 @@ pub(crate) mod tests {
             aggregation_lag: 0,
             aggregation_budget: 64,
             commit_window: 0,
+            follows_service: false,
         }
     }
 

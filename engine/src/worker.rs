@@ -30,7 +30,7 @@ use tokio::sync::{oneshot, Notify};
 use tracing::warn;
 
 use crate::op::AkeyPath;
-use crate::target::{Fence, FetchedArray, Mutation, ScrubCursor, ScrubStep, Staged, SyncJob, Target, TargetInfo};
+use crate::target::{Fence, FetchedArray, Mutation, ScrubCursor, ScrubStep, Snapshots, Staged, SyncJob, Target, TargetInfo};
 use crate::EngineError;
 
 /// What a client asks of a target.
@@ -102,6 +102,8 @@ pub enum TargetOp {
     },
     /// The fences in place.
     Fences,
+    /// The management service's snapshots ([`Target::set_snapshots`]).
+    Snapshots(Arc<Snapshots>),
 }
 
 impl TargetOp {
@@ -493,6 +495,10 @@ impl Worker {
                 Msg::Job(TargetOp::Fence { fence, on }, tx) => {
                     let _ = tx.send(self.target.set_fence(fence, on).map(|()| TargetReply::Done));
                 }
+                Msg::Job(TargetOp::Snapshots(s), tx) => {
+                    self.target.set_snapshots(s);
+                    let _ = tx.send(Ok(TargetReply::Done));
+                }
                 Msg::Job(op, tx) => {
                     let fetched = self.sink.as_ref().and_then(|_| op.fetched_path().cloned());
                     let reply = read(&self.target, op);
@@ -549,6 +555,7 @@ fn read(target: &Target, op: TargetOp) -> Result<TargetReply, EngineError> {
         TargetOp::Scrub { from, max_bytes } => TargetReply::Scrub(target.scrub_step(from.as_ref(), max_bytes)),
         TargetOp::Fences => TargetReply::Fences(target.fences()),
         TargetOp::Fence { .. } => return Err(EngineError::Invalid("fence routed as a read".into())),
+        TargetOp::Snapshots(_) => return Err(EngineError::Invalid("snapshot list routed as a read".into())),
     })
 }
 

@@ -255,6 +255,7 @@ fn config() -> TargetConfig {
         // The commit window only refuses host writes at admission (nothing durable); the model's
         // epochs are small numbers, not clock readings.
         commit_window: 0,
+        follows_service: false,
     }
 }
 

@@ -35,11 +35,12 @@ impl Target {
     }
 
     /// The epoch below which `cont`'s versions are folded: the container's own, else `now` minus
-    /// the lag; never above the stable epoch (a host write may still commit above it).
+    /// the lag; never above the stable epoch (a host write may still commit above it) nor the
+    /// epoch the service's snapshot list is complete to.
     fn boundary(&self, cont: u128, now: u64) -> u64 {
         let below = self.index.retention(cont).aggregate_below;
         let wanted = if below > 0 { below } else { now.saturating_sub(self.cfg.aggregation_lag) };
-        wanted.min(self.stable_epoch())
+        wanted.min(self.stable_epoch()).min(self.snapshot_horizon())
     }
 
     /// Moves parked akeys whose waiting epoch the boundary has reached back to the dirty set.
@@ -69,9 +70,9 @@ impl Target {
         let mut objects = BTreeSet::new();
         for path in batch {
             self.dirty.remove(&path);
-            let retention = self.index.retention(path.cont);
+            let retained = self.retained_epochs(path.cont, &self.index.retention(path.cont).retained);
             let boundary = self.boundary(path.cont, now);
-            let (op, pending) = self.index.plan_aggregation(&path, boundary, &retention.retained);
+            let (op, pending) = self.index.plan_aggregation(&path, boundary, &retained);
             if let Some(op) = op {
                 freed.extend(freed_blocks(&self.index, &op));
                 self.staged.push(op);

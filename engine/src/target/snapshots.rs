@@ -1,0 +1,125 @@
+//! The snapshot epochs the management service retains, as this target last heard them
+//! (docs/PLACEMENT.md, "Snapshots"). They live in memory only: after a restart nothing is
+//! aggregated until the engine's registration reply brings them again, because
+//! [`Snapshots::as_of`] starts at 0.
+
+use std::collections::HashMap;
+
+#[allow(clippy::wildcard_imports)] // the parent module's types and imports, as if this were its body
+use super::*;
+
+/// The retained snapshot epochs of every container, complete up to an epoch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshots {
+    /// Every snapshot taken after this epoch has a larger epoch: aggregation never folds above
+    /// it, so a snapshot the target has not heard of yet still finds its versions.
+    pub as_of: u64,
+    /// Snapshot epochs per container, ascending.
+    pub epochs: HashMap<u128, Vec<u64>>,
+}
+
+impl Target {
+    /// Takes a new list of snapshots. Containers that lost a snapshot are looked at again by
+    /// aggregation, which frees what only that snapshot held.
+    pub fn set_snapshots(&mut self, new: Arc<Snapshots>) {
+        let lost: Vec<u128> = match &self.snapshots {
+            Some(old) => old
+                .epochs
+                .iter()
+                .filter(|(cont, epochs)| {
+                    let kept = new.epochs.get(cont).map(Vec::as_slice).unwrap_or_default();
+                    epochs.iter().any(|e| kept.binary_search(e).is_err())
+                })
+                .map(|(cont, _)| *cont)
+                .collect(),
+            None => Vec::new(),
+        };
+        for cont in lost {
+            let paths = self.index.container_akey_paths(cont);
+            self.dirty.extend(paths);
+        }
+        self.snapshots = Some(new);
+    }
+
+    /// Aggregation stays at or below this epoch: the service's snapshot list is complete only
+    /// that far (no limit on a target that does not follow a service).
+    pub(super) fn snapshot_horizon(&self) -> u64 {
+        self.snapshots.as_ref().map_or(u64::MAX, |s| s.as_of)
+    }
+
+    /// The epochs whose views of container `cont` aggregation keeps: its own retention's and
+    /// the service's snapshots, ascending.
+    pub(super) fn retained_epochs(&self, cont: u128, own: &[u64]) -> Vec<u64> {
+        let mut all = own.to_vec();
+        if let Some(e) = self.snapshots.as_ref().and_then(|s| s.epochs.get(&cont)) {
+            all.extend_from_slice(e);
+        }
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemStorage;
+    use crate::target::tests::{p, small};
+    use tessera_engine_proto::UpdateValue;
+
+    fn write(t: &mut Target, epoch: u64, fill: u8) {
+        let value = UpdateValue::array(0, Bytes::from(vec![fill; BLOCK as usize]));
+        t.stage(Mutation::Update { path: p(b"d", b"a"), epoch, value }).unwrap();
+        t.commit().unwrap();
+    }
+
+    fn byte_at(t: &Target, epoch: u64) -> u8 {
+        t.fetch_array(&p(b"d", b"a"), 0, BLOCK, epoch).unwrap().data[0]
+    }
+
+    fn used_blocks(t: &Target) -> u64 {
+        t.info().used / BLOCK
+    }
+
+    fn told(as_of: u64, epochs: &[u64]) -> Arc<Snapshots> {
+        let mut s = Snapshots { as_of, epochs: HashMap::new() };
+        if !epochs.is_empty() {
+            s.epochs.insert(1, epochs.to_vec());
+        }
+        Arc::new(s)
+    }
+
+    #[test]
+    fn a_target_following_a_service_aggregates_only_what_no_snapshot_it_heard_of_can_see() {
+        let cfg = TargetConfig { capacity: 64 * BLOCK, follows_service: true, ..small() };
+        let mut t = Target::open(Arc::new(MemStorage::new()), cfg).unwrap();
+        for (epoch, fill) in [(10, 1), (20, 2), (30, 3), (40, 4)] {
+            write(&mut t, epoch, fill);
+        }
+        assert_eq!(used_blocks(&t), 4);
+        // Nothing heard yet: a snapshot could exist at any epoch.
+        t.aggregate_step(100).unwrap();
+        assert_eq!(used_blocks(&t), 4, "aggregated before the service said which snapshots exist");
+        // Heard up to 25: 10 folds into 20; 30 and 40 wait.
+        t.set_snapshots(told(25, &[]));
+        t.aggregate_step(100).unwrap();
+        assert_eq!((used_blocks(&t), byte_at(&t, 25), byte_at(&t, 35)), (3, 2, 3));
+        // Complete to 100 with a snapshot at 35: its view (30) and the newest (40) stay.
+        t.set_snapshots(told(100, &[35]));
+        t.aggregate_step(100).unwrap();
+        assert_eq!((used_blocks(&t), byte_at(&t, 35), byte_at(&t, u64::MAX)), (2, 3, 4));
+        // The snapshot is deleted: what only it held is freed.
+        t.set_snapshots(told(100, &[]));
+        t.aggregate_step(100).unwrap();
+        assert_eq!((used_blocks(&t), byte_at(&t, u64::MAX)), (1, 4));
+    }
+
+    #[test]
+    fn a_target_without_a_service_keeps_its_own_boundary() {
+        let mut t = Target::open(Arc::new(MemStorage::new()), TargetConfig { capacity: 64 * BLOCK, ..small() }).unwrap();
+        write(&mut t, 10, 1);
+        write(&mut t, 20, 2);
+        t.aggregate_step(100).unwrap();
+        assert_eq!((used_blocks(&t), byte_at(&t, u64::MAX)), (1, 2));
+    }
+}
