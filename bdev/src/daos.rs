@@ -31,7 +31,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use bytes::{Bytes, BytesMut};
 use tessera_client::volume::{Cluster, Volume, VolumeError, VolumeStats};
-use tessera_mgmt_api::VolumeInfo;
+use tessera_mgmt_api::{SnapshotInfo, VolumeInfo};
 
 use crate::{check_range, data_len, whole_blocks, BdevError, BlockDevice, WriteData};
 
@@ -47,6 +47,10 @@ pub trait VolumeIo: Send + Sync + 'static {
     fn write_zeroes(&self, offset: u64, len: u64) -> impl Future<Output = Result<(), VolumeError>> + Send;
     /// Counters.
     fn stats(&self) -> VolumeStats;
+    /// Whether writes are refused (a snapshot).
+    fn read_only(&self) -> bool {
+        false
+    }
 }
 
 impl VolumeIo for Volume {
@@ -69,6 +73,10 @@ impl VolumeIo for Volume {
     fn stats(&self) -> VolumeStats {
         Volume::stats(self)
     }
+
+    fn read_only(&self) -> bool {
+        self.snapshot().is_some()
+    }
 }
 
 /// The bdev error for a failed volume operation.
@@ -80,6 +88,7 @@ pub fn bdev_error(e: VolumeError) -> BdevError {
         // between the two, not the host's fault.
         VolumeError::Range(m) => BdevError::Internal(format!("volume refused the range: {m}")),
         VolumeError::Config(m) => BdevError::Internal(m),
+        VolumeError::ReadOnly(m) => BdevError::WriteProtected(m),
     }
 }
 
@@ -108,6 +117,13 @@ impl DaosBdev<Volume> {
     pub async fn open(cluster: &Arc<Cluster>, info: &VolumeInfo) -> Result<DaosBdev<Volume>, BdevError> {
         geometry(info)?;
         let v = cluster.open_volume(info).await.map_err(bdev_error)?;
+        DaosBdev::new(v)
+    }
+
+    /// Opens snapshot `snap` of the volume described by `info`: a write-protected device of the
+    /// snapshot's size whose reads see the volume at the snapshot's epoch.
+    pub async fn open_snapshot(cluster: &Arc<Cluster>, info: &VolumeInfo, snap: &SnapshotInfo) -> Result<DaosBdev<Volume>, BdevError> {
+        let v = cluster.open_snapshot(info, snap).await.map_err(bdev_error)?;
         DaosBdev::new(v)
     }
 }
@@ -193,6 +209,10 @@ impl<V: VolumeIo> BlockDevice for DaosBdev<V> {
     /// Acknowledged writes are durable on the engines: nothing to flush.
     fn has_volatile_cache(&self) -> bool {
         false
+    }
+
+    fn write_protected(&self) -> bool {
+        self.volume().read_only()
     }
 
     async fn read(&self, lba: u64, blocks: u32) -> Result<Bytes, BdevError> {

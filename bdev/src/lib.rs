@@ -54,6 +54,9 @@ pub enum BdevError {
     /// The data was reached but every copy failed its checksum; retrying will not help.
     #[error("data corrupt: {0}")]
     Corrupt(String),
+    /// The device is write protected (a snapshot).
+    #[error("write protected: {0}")]
+    WriteProtected(String),
     /// The device's own state is inconsistent (a bug or a misconfiguration, not the medium).
     #[error("internal error: {0}")]
     Internal(String),
@@ -124,6 +127,11 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// Whether completed writes may sit in a volatile cache until [`BlockDevice::flush`] (or FUA).
     fn has_volatile_cache(&self) -> bool;
+
+    /// Whether the device refuses writes (a snapshot): [`BdevError::WriteProtected`].
+    fn write_protected(&self) -> bool {
+        false
+    }
 
     /// Reads `blocks` blocks starting at `lba`.
     fn read(&self, lba: u64, blocks: u32) -> impl Future<Output = Result<Bytes, BdevError>> + Send;
@@ -215,6 +223,10 @@ impl BlockDevice for Bdev {
 
     fn has_volatile_cache(&self) -> bool {
         dispatch!(self, d => d.has_volatile_cache())
+    }
+
+    fn write_protected(&self) -> bool {
+        dispatch!(self, d => d.write_protected())
     }
 
     async fn read(&self, lba: u64, blocks: u32) -> Result<Bytes, BdevError> {

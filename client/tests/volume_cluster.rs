@@ -5,33 +5,12 @@
 
 use std::time::Duration;
 
-use tessera_client::volume::{Cluster, Volume, VolumeError};
-use tessera_mgmt_api::{CreatePool, CreateVolume, MgmtClient, TargetStateName};
+use tessera_client::volume::{Volume, VolumeError};
+use tessera_mgmt_api::{MgmtClient, TargetStateName};
 use tessera_testkit::{wait_for, LocalCluster};
 
 mod common;
-use common::{log_lines, pattern, runtime, sequential_random_writes, verify_all, wait_healed, write_whole, Rng};
-
-async fn open(c: &LocalCluster, class: &str, size: u64) -> Volume {
-    let mgmt = c.client();
-    mgmt.create_pool(&CreatePool { name: "p".into(), ranks: vec![], default_class: None }).await.unwrap();
-    let info = mgmt
-        .create_volume(
-            "p",
-            &CreateVolume {
-                name: "v".into(),
-                size,
-                block_size: Some(4096),
-                class: Some(class.into()),
-                cell_size: Some(16 * 1024),
-                chunk_size: None,
-                checksum: None,
-            },
-        )
-        .await
-        .unwrap();
-    Cluster::new(mgmt).open_volume(&info).await.unwrap()
-}
+use common::{log_lines, open, pattern, runtime, sequential_random_writes, used_bytes, verify_all, wait_healed, write_whole, Rng};
 
 /// Kills each engine in turn, verifies every byte from the other two, and restarts it before
 /// the heartbeat timeout (the cluster's must be long), so it is never marked DOWN.
@@ -283,22 +262,6 @@ fn ec_write_zeroes_whole_and_partial_stripes_read_back_degraded() {
 }
 
 /// Bytes in use on every target of every live engine (QueryTarget over the engine RPC).
-async fn used_bytes(c: &LocalCluster) -> u64 {
-    use tessera_client::proto::{Reply, Request};
-    use tessera_client::{ConnectionOptions, EngineConnection};
-    let mut used = 0;
-    for e in c.engines.iter().flatten() {
-        let conn = EngineConnection::connect(e.addr.parse().unwrap(), ConnectionOptions::default()).await.unwrap();
-        for t in 0..2 {
-            match conn.call(t, Request::QueryTarget).await.unwrap() {
-                Reply::TargetInfo(i) => used += i.used,
-                other => panic!("{other:?}"),
-            }
-        }
-    }
-    used
-}
-
 /// The engines aggregate each akey on its own (1 s lag here); the base cells (`B`) and parity
 /// (`P`) must stay at one epoch through that, so degraded reads after aggregation still
 /// reconstruct the right bytes.

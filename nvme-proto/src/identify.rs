@@ -157,6 +157,7 @@ pub mod ns_off {
     pub const NMIC: usize = 30;
     pub const DLFEAT: usize = 33;
     pub const NOWS: usize = 72;
+    pub const NSATTR: usize = 99;
     pub const NGUID: usize = 104;
     pub const EUI64: usize = 120;
     pub const LBAF0: usize = 128;
@@ -173,6 +174,8 @@ pub struct NamespaceInfo {
     pub lba_shift: u8,
     /// Namespace globally unique identifier.
     pub nguid: [u8; 16],
+    /// Write protected (a snapshot): NSATTR bit 0, writes fail with Namespace is Write Protected.
+    pub write_protected: bool,
 }
 
 /// Builds Identify Namespace (CNS 00h) for an active namespace.
@@ -190,6 +193,8 @@ pub fn namespace(n: &NamespaceInfo) -> Vec<u8> {
     w.u8(NMIC, 1);
     // Deallocated blocks read as zeros (bits 2:0 = 001b); Write Zeroes may deallocate (bit 3).
     w.u8(DLFEAT, 0b001 | (1 << 3));
+    // NSATTR bit 0: the namespace is write protected.
+    w.u8(NSATTR, u8::from(n.write_protected));
     w.put(NGUID, &n.nguid);
     // LBA format 0: no metadata, LBADS = lba_shift, relative performance "best".
     w.u32(LBAF0, u32::from(n.lba_shift) << 16);
@@ -274,11 +279,14 @@ mod tests {
 
     #[test]
     fn namespace_and_lists() {
-        let page = namespace(&NamespaceInfo { blocks: 1000, blocks_used: 10, lba_shift: 9, nguid: [9; 16] });
+        let page = namespace(&NamespaceInfo { blocks: 1000, blocks_used: 10, lba_shift: 9, nguid: [9; 16], write_protected: false });
         assert_eq!(u64_at(&page, 0), Some(1000));
         assert_eq!(u64_at(&page, 16), Some(10));
         assert_eq!(page[130], 9);
         assert_eq!(page[ns_off::DLFEAT] & 0x7, 1);
+        assert_eq!(page[ns_off::NSATTR], 0);
+        let ro = namespace(&NamespaceInfo { blocks: 1000, blocks_used: 10, lba_shift: 9, nguid: [9; 16], write_protected: true });
+        assert_eq!(ro[99], 1, "NSATTR bit 0: write protected");
         let l = ns_list([1, 2, 7]);
         assert_eq!((u32_at(&l, 0), u32_at(&l, 8), u32_at(&l, 12)), (Some(1), Some(7), Some(0)));
         let d = ns_descriptors(&[1; 16], &[2; 16]);

@@ -49,6 +49,8 @@ impl Status {
     pub const SGL_DESCRIPTOR_TYPE_INVALID: Status = Status::dnr(sct::GENERIC, 0x11);
     /// SGL Offset Invalid.
     pub const SGL_OFFSET_INVALID: Status = Status::dnr(sct::GENERIC, 0x16);
+    /// Namespace is Write Protected.
+    pub const NAMESPACE_WRITE_PROTECTED: Status = Status::dnr(sct::GENERIC, 0x20);
     /// LBA Out of Range.
     pub const LBA_OUT_OF_RANGE: Status = Status::dnr(sct::GENERIC, 0x80);
     /// Capacity Exceeded.

@@ -537,7 +537,13 @@ impl Controller {
 
 /// Identify Namespace values of a namespace.
 pub fn namespace_info(ns: &Namespace) -> NamespaceInfo {
-    NamespaceInfo { blocks: ns.bdev.num_blocks(), blocks_used: ns.bdev.allocated_blocks(), lba_shift: ns.lba_shift(), nguid: ns.uuid }
+    NamespaceInfo {
+        blocks: ns.bdev.num_blocks(),
+        blocks_used: ns.bdev.allocated_blocks(),
+        lba_shift: ns.lba_shift(),
+        nguid: ns.uuid,
+        write_protected: ns.bdev.write_protected(),
+    }
 }
 
 /// The discovery log for `hostnqn`: one entry per visible subsystem and listen address. A

@@ -137,6 +137,11 @@ pub fn validate_io(sqe: &Sqe, ns: Option<&Namespace>, plan: DataPlan, max_transf
         return Ok(IoOp::Flush { all: true });
     }
     let ns = ns.ok_or(Status::INVALID_NAMESPACE)?;
+    // A snapshot's namespace: nothing that changes blocks runs (DSM only when it deallocates).
+    let changes = matches!(op, nvm::WRITE | nvm::WRITE_ZEROES) || (op == nvm::DATASET_MANAGEMENT && sqe.cdw11() & DSM_AD != 0);
+    if changes && ns.bdev.write_protected() {
+        return Err(Status::NAMESPACE_WRITE_PROTECTED);
+    }
     let cdw12 = sqe.cdw12();
     let lba = sqe.cdw10_11();
     let data_len = match plan {
@@ -229,6 +234,7 @@ pub fn bdev_status(e: &BdevError, is_read: bool) -> Status {
         BdevError::Corrupt(_) if is_read => CORRUPT_READ,
         BdevError::Corrupt(_) => CORRUPT_WRITE,
         BdevError::Internal(_) => Status::INTERNAL_ERROR,
+        BdevError::WriteProtected(_) => Status::NAMESPACE_WRITE_PROTECTED,
     }
 }
 

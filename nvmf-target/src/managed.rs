@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use tessera_client::volume::{Cluster, Volume};
-use tessera_mgmt_api::{ExportInfo, ExportList, MgmtClient, VolumeInfo};
+use tessera_mgmt_api::{ExportInfo, ExportList, MgmtClient, SnapshotInfo, VolumeInfo};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -67,7 +67,23 @@ pub struct PlannedSubsystem {
     pub nqn: String,
     pub access: HostAccess,
     /// (nsid, volume), by nsid.
-    pub namespaces: Vec<(u32, VolumeInfo)>,
+    pub namespaces: Vec<(u32, Exported)>,
+}
+
+/// What one namespace serves: a volume, or a snapshot of it (read-only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exported {
+    /// The volume.
+    pub volume: VolumeInfo,
+    /// The snapshot served instead of the live volume.
+    pub snapshot: Option<SnapshotInfo>,
+}
+
+impl Exported {
+    /// The handle this namespace needs: one per volume, and one per exported snapshot of it.
+    fn key(&self) -> (Uuid, Option<u64>) {
+        (self.volume.uuid, self.snapshot.as_ref().map(|s| s.epoch))
+    }
 }
 
 /// What an export list means for this target.
@@ -94,8 +110,9 @@ fn check_export(e: &ExportInfo) -> Result<(), String> {
     if v.block_size != 512 && v.block_size != 4096 {
         return Err(format!("volume block size {} must be 512 or 4096", v.block_size));
     }
-    if v.size == 0 || !v.size.is_multiple_of(u64::from(v.block_size)) {
-        return Err(format!("volume size {} is not a positive multiple of its block size", v.size));
+    let size = e.snapshot.as_ref().map_or(v.size, |s| s.size);
+    if size == 0 || !size.is_multiple_of(u64::from(v.block_size)) {
+        return Err(format!("volume size {size} is not a positive multiple of its block size"));
     }
     Ok(())
 }
@@ -107,10 +124,11 @@ fn check_export(e: &ExportInfo) -> Result<(), String> {
 pub fn plan(exports: &[ExportInfo], listen: &[SocketAddr], config_owned: impl Fn(&str) -> bool) -> Plan {
     let mut p = Plan::default();
     // Per NQN: hosts, whether every list was empty, namespaces.
-    type Grouped = (Vec<String>, bool, BTreeMap<u32, VolumeInfo>);
+    type Grouped = (Vec<String>, bool, BTreeMap<u32, Exported>);
     let mut subs: BTreeMap<&str, Grouped> = BTreeMap::new();
     for e in exports.iter().filter(|e| serves(listen, &e.listen)) {
-        let at = format!("export {} nsid {} (volume {}/{})", e.nqn, e.nsid, e.volume.pool, e.volume.name);
+        let snap = e.snapshot.as_ref().map(|s| format!("@{}", s.name)).unwrap_or_default();
+        let at = format!("export {} nsid {} (volume {}/{}{snap})", e.nqn, e.nsid, e.volume.pool, e.volume.name);
         if let Err(why) = check_export(e) {
             p.skipped.push(format!("{at}: {why}"));
             continue;
@@ -124,7 +142,7 @@ pub fn plan(exports: &[ExportInfo], listen: &[SocketAddr], config_owned: impl Fn
             p.skipped.push(format!("{at}: nsid exported twice"));
             continue;
         }
-        nss.insert(e.nsid, e.volume.clone());
+        nss.insert(e.nsid, Exported { volume: e.volume.clone(), snapshot: e.snapshot.clone() });
         if !e.hosts.is_empty() {
             *any = false;
         }
@@ -151,8 +169,8 @@ pub struct Manager {
     target: Arc<Target>,
     mgmt: MgmtClient,
     cluster: Arc<Cluster>,
-    /// Open volumes by UUID, with the description they were opened with.
-    volumes: HashMap<Uuid, (VolumeInfo, Volume)>,
+    /// Open volume and snapshot handles by (UUID, snapshot epoch), with what they were opened as.
+    volumes: HashMap<(Uuid, Option<u64>), (Exported, Volume)>,
     /// Skipped-export messages last logged (logged again only when they change).
     skipped: Vec<String>,
     poke: Arc<Notify>,
@@ -182,24 +200,37 @@ impl Manager {
         }
         let mut complete = true;
         // Open every volume that is new or whose description changed (a resize), concurrently.
-        let mut wanted: BTreeMap<Uuid, VolumeInfo> = BTreeMap::new();
+        let mut wanted: BTreeMap<(Uuid, Option<u64>), Exported> = BTreeMap::new();
         for s in &plan.subsystems {
-            for (_, v) in &s.namespaces {
-                wanted.insert(v.uuid, v.clone());
+            for (_, x) in &s.namespaces {
+                wanted.insert(x.key(), x.clone());
             }
         }
-        let to_open: Vec<VolumeInfo> =
-            wanted.values().filter(|v| self.volumes.get(&v.uuid).is_none_or(|(cur, _)| cur != *v)).cloned().collect();
-        let opened = join_all(to_open.iter().map(|v| self.cluster.open_volume(v))).await;
-        for (info, r) in to_open.into_iter().zip(opened) {
+        // A snapshot's description in the volume (its list of snapshots, its size) changes with
+        // the volume's: only its own size and epoch matter to its handle.
+        let same = |cur: &Exported, x: &Exported| match (&cur.snapshot, &x.snapshot) {
+            (Some(a), Some(b)) => a == b,
+            _ => VolumeInfo { snapshots: Vec::new(), ..cur.volume.clone() } == VolumeInfo { snapshots: Vec::new(), ..x.volume.clone() },
+        };
+        let to_open: Vec<Exported> =
+            wanted.iter().filter(|(k, x)| self.volumes.get(*k).is_none_or(|(cur, _)| !same(cur, x))).map(|(_, x)| x.clone()).collect();
+        let opened = join_all(to_open.iter().map(|x| async {
+            match &x.snapshot {
+                Some(snap) => self.cluster.open_snapshot(&x.volume, snap).await,
+                None => self.cluster.open_volume(&x.volume).await,
+            }
+        }))
+        .await;
+        for (x, r) in to_open.into_iter().zip(opened) {
+            let (info, snapshot) = (&x.volume, x.snapshot.as_ref().map(|s| s.name.as_str()).unwrap_or_default());
             match r {
                 Ok(vol) => {
-                    info!(pool = %info.pool, volume = %info.name, uuid = %info.uuid, size = info.size, class = %info.class, "volume opened");
-                    self.volumes.insert(info.uuid, (info, vol));
+                    info!(pool = %info.pool, volume = %info.name, snapshot, uuid = %info.uuid, size = vol.info().size, class = %info.class, "volume opened");
+                    self.volumes.insert(x.key(), (x, vol));
                 }
                 Err(e) => {
                     // A grown volume that cannot be reopened keeps its old handle (and size).
-                    warn!(pool = %info.pool, volume = %info.name, "cannot open volume, will retry: {e}");
+                    warn!(pool = %info.pool, volume = %info.name, snapshot, "cannot open volume, will retry: {e}");
                     complete = false;
                 }
             }
@@ -210,7 +241,7 @@ impl Manager {
             let namespaces: Vec<NamespaceSpec> = s
                 .namespaces
                 .iter()
-                .filter_map(|(nsid, v)| self.volumes.get(&v.uuid).map(|(_, vol)| NamespaceSpec::from_volume(*nsid, vol.clone())))
+                .filter_map(|(nsid, x)| self.volumes.get(&x.key()).map(|(_, vol)| NamespaceSpec::from_volume(*nsid, vol.clone())))
                 .collect();
             // A subsystem exists while it has a namespace.
             if namespaces.is_empty() {
@@ -380,7 +411,7 @@ mod tests {
         let a = &p.subsystems[0];
         assert_eq!(a.nqn, "nqn.2026-11.io.tessera:a");
         assert_eq!(a.access, HostAccess { allow_any: true, hosts: vec![] });
-        assert_eq!(a.namespaces.iter().map(|(n, v)| (*n, v.name.as_str())).collect::<Vec<_>>(), vec![(1, "v1"), (2, "v2")]);
+        assert_eq!(a.namespaces.iter().map(|(n, x)| (*n, x.volume.name.as_str())).collect::<Vec<_>>(), vec![(1, "v1"), (2, "v2")]);
         let b = &p.subsystems[1];
         assert_eq!(b.access, HostAccess { allow_any: false, hosts: vec![H1.into(), H2.into()] });
     }

@@ -129,7 +129,13 @@ impl NamespaceSpec {
     pub fn from_volume(nsid: u32, volume: Volume) -> NamespaceSpec {
         let info = volume.info();
         let blocks = if info.block_size == 0 { 0 } else { info.size / u64::from(info.block_size) };
-        NamespaceSpec { nsid, uuid: *info.uuid.as_bytes(), block_size: info.block_size, blocks, backing: Backing::Daos(volume) }
+        // A snapshot is another namespace than its volume (a host must never take the two for
+        // paths to one namespace): its identity is derived from the volume's and its epoch.
+        let uuid = match volume.snapshot() {
+            Some((_, epoch)) => uuid::Uuid::new_v5(&info.uuid, &epoch.to_be_bytes()),
+            None => info.uuid,
+        };
+        NamespaceSpec { nsid, uuid: *uuid.as_bytes(), block_size: info.block_size, blocks, backing: Backing::Daos(volume) }
     }
 }
 

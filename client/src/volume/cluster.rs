@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tessera_engine_proto::{ContainerId, ObjectId};
-use tessera_mgmt_api::{MgmtClient, PoolMapInfo, TargetStateName, VolumeInfo};
+use tessera_mgmt_api::{MgmtClient, PoolMapInfo, SnapshotInfo, TargetStateName, VolumeInfo};
 use tracing::{debug, info, warn};
 
 use super::{Counters, Volume, VolumeError, VolumeInner};
@@ -133,7 +133,19 @@ impl Cluster {
 
     /// Opens a volume (fetches its pool's map).
     pub async fn open_volume(self: &Arc<Self>, info: &VolumeInfo) -> Result<Volume, VolumeError> {
+        self.open(info, None).await
+    }
+
+    /// Opens snapshot `snap` of a volume: read-only, reads at the snapshot's epoch, of the size
+    /// the volume had then.
+    pub async fn open_snapshot(self: &Arc<Self>, info: &VolumeInfo, snap: &SnapshotInfo) -> Result<Volume, VolumeError> {
+        self.open(info, Some(snap)).await
+    }
+
+    async fn open(self: &Arc<Self>, info: &VolumeInfo, snap: Option<&SnapshotInfo>) -> Result<Volume, VolumeError> {
         let class: ObjectClass = info.class.parse().map_err(|e| VolumeError::Config(format!("volume {}: {e}", info.name)))?;
+        // A snapshot's handle describes the volume as it was: the size it had then.
+        let info = &VolumeInfo { size: snap.map_or(info.size, |s| s.size), ..info.clone() };
         let layout = VolumeLayout::new(info.size, info.block_size, info.chunk_size, info.cell_size, class)
             .map_err(|e| VolumeError::Config(format!("volume {}: {e}", info.name)))?;
         let codec = match class {
@@ -152,6 +164,7 @@ impl Cluster {
                 codec,
                 cont: ContainerId(id),
                 oid: ObjectId(id),
+                snapshot: snap.map(|s| (s.name.clone(), s.epoch)),
                 counters: Counters::default(),
             }),
         })

@@ -48,7 +48,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
-use tessera_engine_proto::{ContainerId, ObjectId, Reply, Request, RpcStatus};
+use tessera_engine_proto::{ContainerId, Epoch, ObjectId, Reply, Request, RpcStatus};
 use tessera_mgmt_api::VolumeInfo;
 use tracing::warn;
 
@@ -99,6 +99,9 @@ pub enum VolumeError {
     /// The volume's description is invalid (class, layout) or the pool map could not be had.
     #[error("{0}")]
     Config(String),
+    /// A write to a snapshot, which is read-only.
+    #[error("read-only: {0}")]
+    ReadOnly(String),
 }
 
 /// Counters of one volume.
@@ -168,6 +171,8 @@ struct VolumeInner {
     codec: Option<Codec>,
     cont: ContainerId,
     oid: ObjectId,
+    /// A snapshot's name and epoch: the handle is read-only and reads at that epoch.
+    snapshot: Option<(String, Epoch)>,
     counters: Counters,
 }
 
@@ -201,9 +206,22 @@ impl Volume {
         self.inner.layout.map(offset, len).map_err(|e| VolumeError::Range(e.to_string()))
     }
 
+    /// The snapshot this handle reads (name, epoch), if it is one: then it is read-only.
+    pub fn snapshot(&self) -> Option<(&str, Epoch)> {
+        self.inner.snapshot.as_ref().map(|(n, e)| (n.as_str(), *e))
+    }
+
+    fn check_writable(&self) -> Result<(), VolumeError> {
+        match &self.inner.snapshot {
+            Some((name, _)) => Err(VolumeError::ReadOnly(format!("{}@{name} is a snapshot", self.inner.info.name))),
+            None => Ok(()),
+        }
+    }
+
     /// Writes `data` at `offset` (multiples of the block size). When it returns `Ok` the data is
     /// durable on every writable shard.
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), VolumeError> {
+        self.check_writable()?;
         let mapping = self.map_range(offset, data.len() as u64)?;
         let epoch = hlc::now();
         self.inner.mutate(&mapping, Some(&data), epoch).await
@@ -212,15 +230,17 @@ impl Volume {
     /// Makes `len` bytes at `offset` read as zeros (whole stripes punched, the rest written as
     /// zeros). Durable when it returns `Ok`.
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.check_writable()?;
         let mapping = self.map_range(offset, len)?;
         let epoch = hlc::now();
         self.inner.mutate(&mapping, None, epoch).await
     }
 
-    /// Reads `len` bytes at `offset` (both multiples of the block size).
+    /// Reads `len` bytes at `offset` (both multiples of the block size): as of now, or as of its
+    /// epoch for a snapshot.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, VolumeError> {
         let mapping = self.map_range(offset, len)?;
-        let epoch = hlc::now();
+        let epoch = self.inner.snapshot.as_ref().map_or_else(hlc::now, |(_, e)| *e);
         let v = &*self.inner;
         let mut results = join_all(mapping.pieces.iter().map(|p| v.read_piece(p, epoch))).await;
         if results.len() == 1 {
@@ -320,6 +340,7 @@ mod tests {
             codec: if class.is_ec() { Some(Codec::for_class(class).unwrap()) } else { None },
             cont: ContainerId(77),
             oid: ObjectId(77),
+            snapshot: None,
             counters: Counters::default(),
         }
     }

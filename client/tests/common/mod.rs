@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use tessera_client::volume::Cluster;
 use tessera_client::volume::{Volume, VolumeError};
-use tessera_mgmt_api::{MgmtClient, PoolInfo, RebuildState, TargetStateName};
+use tessera_mgmt_api::{CreatePool, CreateVolume, MgmtClient, PoolInfo, RebuildState, TargetStateName};
 use tessera_testkit::{wait_for, LocalCluster};
 
 /// A seeded xorshift generator.
@@ -105,4 +106,43 @@ pub fn wait_healed(rt: &tokio::runtime::Runtime, mgmt: &MgmtClient, timeout: Dur
 pub fn log_lines(c: &LocalCluster, rank: u32, what: &str) -> Vec<String> {
     let log = std::fs::read_to_string(c.dir.join(format!("engine-{rank}")).join(format!("engine-{rank}.log"))).unwrap_or_default();
     log.lines().filter(|l| l.contains(what)).map(str::to_string).collect()
+}
+
+/// Creates pool "p" and volume "v" (`class`, `size`, 4 KiB blocks, 16 KiB cells) and opens it.
+pub async fn open(c: &LocalCluster, class: &str, size: u64) -> Volume {
+    let mgmt = c.client();
+    mgmt.create_pool(&CreatePool { name: "p".into(), ranks: vec![], default_class: None }).await.unwrap();
+    let info = mgmt
+        .create_volume(
+            "p",
+            &CreateVolume {
+                name: "v".into(),
+                size,
+                block_size: Some(4096),
+                class: Some(class.into()),
+                cell_size: Some(16 * 1024),
+                chunk_size: None,
+                checksum: None,
+            },
+        )
+        .await
+        .unwrap();
+    Cluster::new(mgmt).open_volume(&info).await.unwrap()
+}
+
+/// Bytes in use on every target (2 per engine) of the running engines.
+pub async fn used_bytes(c: &LocalCluster) -> u64 {
+    use tessera_client::proto::{Reply, Request};
+    use tessera_client::{ConnectionOptions, EngineConnection};
+    let mut used = 0;
+    for e in c.engines.iter().flatten() {
+        let conn = EngineConnection::connect(e.addr.parse().unwrap(), ConnectionOptions::default()).await.unwrap();
+        for t in 0..2 {
+            match conn.call(t, Request::QueryTarget).await.unwrap() {
+                Reply::TargetInfo(i) => used += i.used,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    used
 }

@@ -1,0 +1,205 @@
+//! Snapshots against a real local cluster (the management service and three engines as
+//! separate processes): taken while a host writes, read back through the client library at
+//! their epochs, through the engines' aggregation, an engine killed and restarted, and deleted.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tessera_client::volume::{Cluster, Volume, VolumeError};
+use tessera_mgmt_api::SnapshotInfo;
+use tessera_testkit::{wait_for, LocalCluster};
+
+mod common;
+use common::{open, pattern, runtime, used_bytes, verify_all, write_whole, Rng};
+
+/// One acknowledged write of the writer: when it started and ended, where, which pattern.
+#[derive(Debug, Clone, Copy)]
+struct Write {
+    start: Instant,
+    end: Instant,
+    off: u64,
+    len: usize,
+    gen: u64,
+}
+
+/// A snapshot and the moments just before its creation was asked for and just after it returned.
+struct Taken {
+    info: SnapshotInfo,
+    asked: Instant,
+    answered: Instant,
+}
+
+fn apply(model: &mut [u8], w: &Write) {
+    model[w.off as usize..w.off as usize + w.len].copy_from_slice(&pattern(w.off, w.len, w.gen));
+}
+
+async fn read_all(vol: &Volume) -> Result<Vec<u8>, VolumeError> {
+    let size = vol.info().size;
+    let mut out = Vec::with_capacity(size as usize);
+    for off in (0..size).step_by(256 << 10) {
+        out.extend_from_slice(&vol.read(off, (256 << 10).min(size - off)).await?);
+    }
+    Ok(out)
+}
+
+/// Which prefix of the writer's history `content` is: the writer is sequential and each write
+/// takes its epoch when it starts, so a snapshot holds every write acknowledged before it was
+/// asked for, none started after it answered, and of those in between a prefix. Panics if no
+/// prefix in that range matches.
+fn prefix_held(base: &[u8], log: &[Write], t: &Taken, content: &[u8]) -> usize {
+    let lo = log.iter().take_while(|w| w.end < t.asked).count();
+    let hi = log.iter().take_while(|w| w.start < t.answered).count();
+    let mut model = base.to_vec();
+    for w in &log[..lo] {
+        apply(&mut model, w);
+    }
+    for p in lo..=hi {
+        if model[..] == content[..] {
+            return p;
+        }
+        if let Some(w) = log.get(p) {
+            apply(&mut model, w);
+        }
+    }
+    let bad: Vec<u64> = (0..content.len() / 4096)
+        .filter(|b| content[b * 4096..(b + 1) * 4096] != model[b * 4096..(b + 1) * 4096])
+        .map(|b| b as u64 * 4096)
+        .collect();
+    let first: Vec<u64> = bad.iter().copied().take(8).collect();
+    panic!(
+        "snapshot {} is no prefix {lo}..={hi} of the writes; against the last, {} blocks differ, from {first:?}",
+        t.info.name,
+        bad.len()
+    );
+}
+
+/// A host writes without pause while three snapshots are taken. Each snapshot reads exactly as
+/// the volume after a prefix of the acknowledged writes (all acknowledged before it was asked
+/// for, none started after it answered); it still does after the engines have aggregated the
+/// versions in between, with an engine killed (degraded reads at the snapshot's epoch) and after
+/// that engine restarted. Deleting the snapshots frees what only they held.
+#[test]
+fn snapshots_taken_under_writes_hold_a_prefix_of_them_through_aggregation_and_a_restart() {
+    let mut c = LocalCluster::start_with("snap", 3, 2, "256MiB", "30s", "\n[tuning]\naggregation_lag_secs = 1\n");
+    let rt = runtime();
+    let mgmt = c.client();
+    let size: u64 = 2 << 20;
+    let vol = rt.block_on(open(&c, "EC_2P1", size));
+    let mut base = vec![0u8; size as usize];
+    rt.block_on(write_whole(&vol, &mut base, 1));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (vol, stop, done) = (vol.clone(), stop.clone(), done.clone());
+        std::thread::spawn(move || {
+            let rt = runtime();
+            let mut rng = Rng(0x5a5a_0001);
+            let mut log = Vec::new();
+            while !stop.load(Ordering::Acquire) {
+                // 4 KiB to 64 KiB: partial stripes (fragments and copies) and whole ones.
+                let blocks = 1 + rng.below(16);
+                let off = rng.below(size / 4096 - blocks) * 4096;
+                let len = (blocks * 4096) as usize;
+                let gen = 100 + log.len() as u64;
+                let start = Instant::now();
+                rt.block_on(vol.write(off, pattern(off, len, gen))).unwrap_or_else(|e| panic!("write {gen}: {e}"));
+                log.push(Write { start, end: Instant::now(), off, len, gen });
+                done.store(log.len(), Ordering::Release);
+            }
+            log
+        })
+    };
+    let cluster = Cluster::new(mgmt.clone());
+    let vinfo = rt.block_on(mgmt.volume("p", "v")).unwrap();
+    let mut taken = Vec::new();
+    let mut snaps = Vec::new();
+    let mut contents = Vec::new();
+    for name in ["s1", "s2", "s3"] {
+        // Some writes between two snapshots.
+        let before = done.load(Ordering::Acquire);
+        wait_for("writes to go on", Duration::from_secs(30), || {
+            let n = done.load(Ordering::Acquire);
+            if n >= before + 40 {
+                Ok(())
+            } else {
+                Err(format!("{n} writes"))
+            }
+        });
+        let asked = Instant::now();
+        let info = rt.block_on(mgmt.create_snapshot("p", "v", name)).unwrap();
+        let answered = Instant::now();
+        assert!(info.stable, "{name} answered before the pool's stable epoch passed it: {info:?}");
+        eprintln!("{name}: epoch {}, created in {:?}", info.epoch, answered - asked);
+        // Read at once, while the writes after it are not aggregated yet.
+        let snap = rt.block_on(cluster.open_snapshot(&vinfo, &info)).unwrap();
+        contents.push(rt.block_on(read_all(&snap)).unwrap());
+        snaps.push(snap);
+        taken.push(Taken { info, asked, answered });
+    }
+    let before = done.load(Ordering::Acquire);
+    wait_for("writes after the last snapshot", Duration::from_secs(30), || {
+        (done.load(Ordering::Acquire) >= before + 200).then_some(()).ok_or_else(|| "waiting".to_string())
+    });
+    stop.store(true, Ordering::Release);
+    let log = writer.join().unwrap();
+    let mut live = base.clone();
+    log.iter().for_each(|w| apply(&mut live, w));
+
+    // The service lists them in epoch order.
+    let listed = rt.block_on(mgmt.snapshots("p", "v")).unwrap();
+    assert_eq!(
+        listed.iter().map(|s| (s.name.as_str(), s.epoch)).collect::<Vec<_>>(),
+        taken.iter().map(|t| (t.info.name.as_str(), t.info.epoch)).collect::<Vec<_>>()
+    );
+    assert!(listed.iter().all(|s| s.stable && s.size == size));
+    let prefixes: Vec<usize> = taken.iter().zip(&contents).map(|(t, content)| prefix_held(&base, &log, t, content)).collect();
+    eprintln!("snapshots hold the first {prefixes:?} of {} writes", log.len());
+    assert!(prefixes.windows(2).all(|w| w[0] < w[1]), "{prefixes:?}");
+    // A snapshot is read-only.
+    let refused = rt.block_on(snaps[0].write(0, Bytes::from(vec![1u8; 4096])));
+    assert!(matches!(refused, Err(VolumeError::ReadOnly(_))), "{refused:?}");
+    rt.block_on(verify_all(&vol, &live));
+
+    // The engines aggregated the versions no snapshot sees while the writer ran (1 s lag, 2 s
+    // commit window): far fewer bytes are in use than were written; the snapshots read the same.
+    let written: u64 = log.iter().map(|w| w.len as u64).sum();
+    let retained = rt.block_on(used_bytes(&c));
+    assert!(retained < written, "{written} bytes written, {retained} in use: versions were not aggregated");
+    for (i, s) in snaps.iter().enumerate() {
+        assert!(rt.block_on(read_all(s)).unwrap() == contents[i], "snapshot {} changed by aggregation", taken[i].info.name);
+    }
+
+    // kill -9 of an engine: the snapshots read degraded, at their epochs; and after its restart.
+    c.kill_engine(0);
+    for (i, s) in snaps.iter().enumerate() {
+        assert!(rt.block_on(read_all(s)).unwrap() == contents[i], "snapshot {} read degraded", taken[i].info.name);
+    }
+    let d = c.start_engine(0);
+    c.engines[0] = Some(d);
+    c.wait_engines_up(3, Duration::from_secs(10));
+    for (i, s) in snaps.iter().enumerate() {
+        assert!(rt.block_on(read_all(s)).unwrap() == contents[i], "snapshot {} after the restart", taken[i].info.name);
+    }
+    assert!(snaps.iter().map(|s| s.stats().degraded_reads).sum::<u64>() > 0);
+
+    // Deleting them frees what only they held.
+    for t in &taken {
+        rt.block_on(mgmt.delete_snapshot("p", "v", &t.info.name)).unwrap();
+    }
+    assert!(rt.block_on(mgmt.snapshots("p", "v")).unwrap().is_empty());
+    let freed = wait_for("aggregation of what the snapshots held", Duration::from_secs(30), || {
+        let used = rt.block_on(used_bytes(&c));
+        if used < retained * 3 / 4 {
+            Ok(used)
+        } else {
+            Err(format!("{retained} -> {used} bytes"))
+        }
+    });
+    eprintln!("bytes: {written} written, {retained} in use with 3 snapshots, {freed} without");
+    rt.block_on(verify_all(&vol, &live));
+}
