@@ -24,6 +24,7 @@ use tessera_testkit::{Daemon, LocalCluster};
 
 const NQN: &str = "nqn.2026-11.io.tessera:managed-vol";
 const NQN_RESTRICTED: &str = "nqn.2026-11.io.tessera:managed-restricted";
+const NQN_SNAPSHOT: &str = "nqn.2026-12.io.tessera:managed-snapshot";
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000aa";
 const OTHER_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000bb";
 const DISCOVERY: &str = "nqn.2014-08.org.nvmexpress.discovery";
@@ -288,6 +289,101 @@ fn managed_target_serves_an_exported_ec_volume() {
     let log = log_text(&nvmf);
     assert_eq!(log.matches("management service unreachable").count(), 1, "{log}");
     assert!(nvmf.child.try_wait().unwrap().is_none(), "target exited");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(nvmf.terminate().success());
+}
+
+/// A snapshot exported beside its volume: a read-only namespace of its own identity that reads
+/// the volume as it was; every command that would change a block is refused with Namespace is
+/// Write Protected before any data moves; the snapshot cannot be deleted while it is exported.
+#[test]
+fn a_snapshot_is_served_read_only_beside_its_volume() {
+    let cluster = LocalCluster::start("nvmf-managed-snap", 3, 1, "128MiB", "3s");
+    let mut nvmf = Daemon::start(
+        "tessera-nvmf",
+        &["--mgmt", &cluster.mgmt.addr, "--listen", "127.0.0.1:0", "--threads", "2"],
+        "listening",
+        &cluster.dir.join("nvmf.log"),
+    );
+    let addr: SocketAddr = nvmf.addr.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mgmt = cluster.client();
+    let vol = rt.block_on(export_new_volume(&mgmt, 16 * MIB, addr));
+    rt.block_on(async {
+        let mut live = connect_when_served(opts(addr, NQN, HOSTNQN), Duration::from_secs(20)).await;
+        live.set_queue_count(2).await.unwrap();
+        let mut q = live.io_queue(1, 32).await.unwrap();
+        // Pattern A over 40 blocks (a 128 KiB write and a 32 KiB one), snapshot, pattern B.
+        let (a, b) = (pattern(40 * 4096, 1), pattern(40 * 4096, 2));
+        for (data, seed) in [(&a, "A"), (&b, "B")] {
+            let w = io_cmd(&mut q, 0x01, 1, 0, 32, 0);
+            q.exec_ok(seed, w, Some(&data[..32 * 4096]), 8192).await.unwrap();
+            let w = io_cmd(&mut q, 0x01, 1, 32, 8, 0);
+            q.exec_ok(seed, w, Some(&data[32 * 4096..]), 8192).await.unwrap();
+            if seed == "A" {
+                let s = mgmt.create_snapshot("pool0", "vol0", "a").await.unwrap();
+                assert!(s.stable, "{s:?}");
+            }
+        }
+        let req = CreateExport {
+            nqn: NQN_SNAPSHOT.into(),
+            nsid: None,
+            pool: "pool0".into(),
+            volume: "vol0".into(),
+            snapshot: Some("a".into()),
+            hosts: Vec::new(),
+            listen: Some(addr.to_string()),
+        };
+        let x = mgmt.create_export(&req).await.unwrap();
+        assert_eq!(x.snapshot.as_ref().map(|s| s.name.as_str()), Some("a"));
+        let mut snap = connect_when_served(opts(addr, NQN_SNAPSHOT, HOSTNQN), Duration::from_secs(20)).await;
+        assert_eq!(snap.geometry.blocks, 16 * MIB / 4096);
+        let ns = snap.admin.admin_read("Identify Namespace", admin::IDENTIFY, 1, &[(10, u32::from(cns::NAMESPACE))], 4096).await.unwrap();
+        assert_eq!(ns[ns_off::NSATTR] & 1, 1, "NSATTR: write protected");
+        assert_ne!(&ns[ns_off::NGUID..ns_off::NGUID + 16], vol.uuid.as_bytes(), "a snapshot is not its volume");
+        let ns = live.admin.admin_read("Identify Namespace", admin::IDENTIFY, 1, &[(10, u32::from(cns::NAMESPACE))], 4096).await.unwrap();
+        assert_eq!(ns[ns_off::NSATTR] & 1, 0, "the volume stays writable");
+
+        snap.set_queue_count(2).await.unwrap();
+        let mut sq = snap.io_queue(1, 32).await.unwrap();
+        let r = io_cmd(&mut sq, 0x02, 1, 0, 32, 0);
+        assert!(read(&mut sq, r, 32 * 4096).await == a[..32 * 4096], "the snapshot reads pattern A");
+        let r = io_cmd(&mut sq, 0x02, 1, 32, 8, 0);
+        assert!(read(&mut sq, r, 8 * 4096).await == a[32 * 4096..]);
+        let r = io_cmd(&mut q, 0x02, 1, 0, 40, 0);
+        assert!(read(&mut q, r, 40 * 4096).await == b, "the volume reads pattern B");
+
+        // Writes (in the capsule and through R2T), Write Zeroes, Deallocate: refused, no data sent.
+        let w = io_cmd(&mut sq, 0x01, 1, 0, 1, 0);
+        let status = sq.exec(w, Some(&b[..4096]), 8192).await.unwrap().cqe.status;
+        assert_eq!(status, Status::NAMESPACE_WRITE_PROTECTED);
+        let w = io_cmd(&mut sq, 0x01, 1, 0, 32, 0);
+        let status = sq.exec(w, Some(&b[..32 * 4096]), 8192).await.unwrap().cqe.status;
+        assert_eq!(status, Status::NAMESPACE_WRITE_PROTECTED);
+        let z = io_cmd(&mut sq, 0x08, 1, 0, 8, 0);
+        assert_eq!(sq.exec(z, None, 0).await.unwrap().cqe.status, Status::NAMESPACE_WRITE_PROTECTED);
+        let mut dsm = Sqe::new(0x09, sq.cid());
+        dsm.set_nsid(1).set_cdw(10, 0).set_cdw(11, 1 << 2);
+        let mut range = vec![0u8; 16];
+        range[4..8].copy_from_slice(&8u32.to_le_bytes());
+        assert_eq!(sq.exec(dsm, Some(&range), 8192).await.unwrap().cqe.status, Status::NAMESPACE_WRITE_PROTECTED);
+        let f = io_cmd(&mut sq, 0x00, 1, 0, 0, 0);
+        sq.exec_ok("Flush of a snapshot", f, None, 0).await.unwrap();
+        let r = io_cmd(&mut sq, 0x02, 1, 0, 40, 0);
+        assert!(read(&mut sq, r, 40 * 4096).await == a, "still pattern A");
+
+        // Kept while exported; deleted once the export is gone.
+        let refused = mgmt.delete_snapshot("pool0", "vol0", "a").await.unwrap_err();
+        assert_eq!(refused.status(), Some(409), "{refused}");
+        drop(sq);
+        drop(snap);
+        mgmt.delete_export(&x.nqn, x.nsid).await.unwrap();
+        wait_connect_refused(opts(addr, NQN_SNAPSHOT, HOSTNQN), Status::CONNECT_INVALID_PARAMETERS, Duration::from_secs(20)).await;
+        mgmt.delete_snapshot("pool0", "vol0", "a").await.unwrap();
+        let r = io_cmd(&mut q, 0x02, 1, 0, 40, 0);
+        assert!(read(&mut q, r, 40 * 4096).await == b);
+    });
+    let log = log_text(&nvmf);
     assert!(!log.contains("panicked"), "{log}");
     assert!(nvmf.terminate().success());
 }
