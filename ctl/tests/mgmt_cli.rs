@@ -477,6 +477,27 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
     assert_eq!(report["errors"], 0, "{report}");
     assert_eq!(report["ios"], 300, "{report}");
 
+    // A snapshot, exported read-only beside the volume: it reads, it is kept while exported.
+    let (code, out, err) = tessera(&["--mgmt", &mgmt, "snapshot", "create", "vol0", "s1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("created snapshot default/vol0@s1 at epoch ") && out.trim_end().ends_with("(final)"), "{out}");
+    let snaps = tessera_json(&mgmt, &["snapshot", "list", "default/vol0"]);
+    assert_eq!((snaps[0]["name"].as_str(), snaps[0]["stable"].as_bool(), snaps[0]["size"].as_u64()), (Some("s1"), Some(true), Some(32 << 20)));
+    let snap_epoch = snaps[0]["epoch"].as_u64().unwrap();
+    let snap_nqn = "nqn.2026-12.io.tessera:vol0-s1";
+    let (code, out, err) = tessera(&["--mgmt", &mgmt, "export", "add", "--nqn", snap_nqn, "--volume", "vol0@s1", "--listen", &addr]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with(&format!("exported default/vol0@s1 (read-only) as {snap_nqn} nsid 1")), "{out}");
+    let (code, out, err) = tessera(&["bench", "--addr", &addr, "--nqn", snap_nqn, "--rw", "randread", "--bs", "8k", "--qd", "4", "--ios", "100", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!((report["errors"].as_u64(), report["ios"].as_u64()), (Some(0), Some(100)), "{report}");
+    let (code, _, err) = tessera(&["--mgmt", &mgmt, "snapshot", "delete", "vol0", "s1"]);
+    assert_eq!(code, 1);
+    assert!(one_line(&err).contains("snapshot default/vol0@s1 is exported"), "{err}");
+    let (code, _, err) = tessera(&["--mgmt", &mgmt, "export", "remove", "--nqn", snap_nqn, "--nsid", "1"]);
+    assert_eq!(code, 0, "{err}");
+
     // An engine killed -9 is reported; the others keep running.
     let victim = up.pid("engine-2");
     signal(victim, "KILL");
@@ -525,6 +546,13 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
     });
     assert_eq!(pool["fault_domains_reduced"], false, "{pool}");
     bench_verify(&addr, nqn, 100);
+    // The snapshot came through the restart and the reintegration; deleting it empties the list.
+    let snaps = tessera_json(&mgmt, &["snapshot", "list", "vol0"]);
+    assert_eq!((snaps[0]["name"].as_str(), snaps[0]["epoch"].as_u64()), (Some("s1"), Some(snap_epoch)), "{snaps}");
+    let (code, out, err) = tessera(&["--mgmt", &mgmt, "snapshot", "delete", "vol0", "s1"]);
+    assert_eq!((code, out), (0, format!("deleted snapshot default/vol0@s1 (epoch {snap_epoch})\n")), "{err}");
+    let (_, out, _) = tessera(&["--mgmt", &mgmt, "snapshot", "list", "vol0"]);
+    assert_eq!(out, "no snapshots\n");
     signal(up.child.id(), "TERM");
     assert_eq!(up.wait_exit(120), 0, "{}", up.stderr());
     for (name, pid) in &up.pids {
