@@ -203,3 +203,60 @@ fn snapshots_taken_under_writes_hold_a_prefix_of_them_through_aggregation_and_a_
     eprintln!("bytes: {written} written, {retained} in use with 3 snapshots, {freed} without");
     rt.block_on(verify_all(&vol, &live));
 }
+
+/// Snapshots survive a rebuild and a reintegration: their views are copied onto rebuilt shards
+/// (one pass per retained epoch), so reads that must use those shards (another engine killed)
+/// still return each snapshot's exact content.
+#[test]
+fn snapshots_survive_a_rebuild_and_a_reintegration() {
+    let mut c = LocalCluster::start_with("snap-rebuild", 4, 2, "256MiB", "2s", "\n[tuning]\naggregation_lag_secs = 1\n");
+    let rt = runtime();
+    let mgmt = c.client();
+    let size: u64 = 4 << 20;
+    let vol = rt.block_on(open(&c, "EC_2P1", size));
+    let mut live = vec![0u8; size as usize];
+    let mut rng = Rng(0xfeed);
+    let mut models = Vec::new();
+    rt.block_on(async {
+        write_whole(&vol, &mut live, 1).await;
+        for (i, name) in ["s1", "s2"].into_iter().enumerate() {
+            common::sequential_random_writes(&vol, &mut live, &mut rng, 60, 10 + i as u64).await;
+            let info = mgmt.create_snapshot("p", "v", name).await.unwrap();
+            models.push((info, live.clone()));
+        }
+        common::sequential_random_writes(&vol, &mut live, &mut rng, 60, 20).await;
+    });
+    let cluster = Cluster::new(mgmt.clone());
+    let vinfo = rt.block_on(mgmt.volume("p", "v")).unwrap();
+    let check = |what: &str, rt: &tokio::runtime::Runtime| {
+        for (info, model) in &models {
+            let s = rt.block_on(cluster.open_snapshot(&vinfo, info)).unwrap();
+            let got = rt.block_on(read_all(&s)).unwrap_or_else(|e| panic!("{what}: snapshot {}: {e}", info.name));
+            let bad = (0..model.len() / 4096).filter(|b| got[b * 4096..(b + 1) * 4096] != model[b * 4096..(b + 1) * 4096]).count();
+            assert_eq!(bad, 0, "{what}: snapshot {} differs in {bad} blocks", info.name);
+        }
+        rt.block_on(verify_all(&vol, &live));
+    };
+
+    // Engine 3 is lost: its shards are rebuilt on the other three engines.
+    c.kill_engine(3);
+    c.wait_engine_down(3, Duration::from_secs(20));
+    common::wait_healed(&rt, &mgmt, Duration::from_secs(120));
+    // Reads now need the rebuilt shards: another engine is killed (not long enough to be DOWN).
+    c.kill_engine(0);
+    check("after the rebuild, engine 0 down", &rt);
+    c.engines[0] = Some(c.start_engine(0));
+    c.wait_engines_up(3, Duration::from_secs(20));
+
+    // Engine 3 returns: its targets are reintegrated (only what changed above its floor is
+    // copied back, snapshot views included).
+    c.engines[3] = Some(c.start_engine(3));
+    c.wait_engines_up(4, Duration::from_secs(20));
+    common::wait_healed(&rt, &mgmt, Duration::from_secs(120));
+    for rank in [1, 2] {
+        c.kill_engine(rank);
+        check(&format!("after the reintegration, engine {rank} down"), &rt);
+        c.engines[rank as usize] = Some(c.start_engine(rank));
+        c.wait_engines_up(4, Duration::from_secs(20));
+    }
+}

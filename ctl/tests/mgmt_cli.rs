@@ -482,13 +482,17 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("created snapshot default/vol0@s1 at epoch ") && out.trim_end().ends_with("(final)"), "{out}");
     let snaps = tessera_json(&mgmt, &["snapshot", "list", "default/vol0"]);
-    assert_eq!((snaps[0]["name"].as_str(), snaps[0]["stable"].as_bool(), snaps[0]["size"].as_u64()), (Some("s1"), Some(true), Some(32 << 20)));
+    assert_eq!(
+        (snaps[0]["name"].as_str(), snaps[0]["stable"].as_bool(), snaps[0]["size"].as_u64()),
+        (Some("s1"), Some(true), Some(32 << 20))
+    );
     let snap_epoch = snaps[0]["epoch"].as_u64().unwrap();
     let snap_nqn = "nqn.2026-12.io.tessera:vol0-s1";
     let (code, out, err) = tessera(&["--mgmt", &mgmt, "export", "add", "--nqn", snap_nqn, "--volume", "vol0@s1", "--listen", &addr]);
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with(&format!("exported default/vol0@s1 (read-only) as {snap_nqn} nsid 1")), "{out}");
-    let (code, out, err) = tessera(&["bench", "--addr", &addr, "--nqn", snap_nqn, "--rw", "randread", "--bs", "8k", "--qd", "4", "--ios", "100", "--json"]);
+    let (code, out, err) =
+        tessera(&["bench", "--addr", &addr, "--nqn", snap_nqn, "--rw", "randread", "--bs", "8k", "--qd", "4", "--ios", "100", "--json"]);
     assert_eq!(code, 0, "{err}");
     let report: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!((report["errors"].as_u64(), report["ios"].as_u64()), (Some(0), Some(100)), "{report}");

@@ -41,6 +41,7 @@ use uuid::Uuid;
 
 use crate::config::HealSection;
 use crate::pace::RebuildPace;
+use crate::target::Snapshots;
 
 /// Attempts of one chunk before the pass moves on (and reports it failed).
 const CHUNK_ATTEMPTS: u32 = 3;
@@ -50,6 +51,8 @@ const PASS_RETRY: Duration = Duration::from_secs(3);
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Passes after which a stripe that stays torn gets parity at its newest epoch.
 const SETTLE_TORN_AFTER: u32 = 3;
+/// Longest wait for a heartbeat reply whose snapshot list covers a rebuild's read epoch.
+const SNAPSHOT_LIST_WAIT: Duration = Duration::from_secs(30);
 
 /// Whether the shard on `me` leads the rebuild of `group`'s moved shards: the first readable
 /// shard that holds every dkey of the object (any replica; an EC parity shard, which receives
@@ -102,6 +105,8 @@ pub struct Healer {
     host_ops: Arc<AtomicU64>,
     /// Aggregation holds set per (pool id, volume, target): the floor last sent.
     holds: Mutex<HashMap<(u32, u128, u16), u64>>,
+    /// The snapshots the service retains, as the last heartbeat reply said.
+    snapshots: watch::Receiver<Arc<Snapshots>>,
     /// Scrub counters per pool id (the scrubber adds to them).
     pub scrub: Mutex<HashMap<u32, ScrubCounters>>,
 }
@@ -109,7 +114,15 @@ pub struct Healer {
 impl Healer {
     /// A healer for engine `rank`, whose RPC server counts host requests in `host_ops`
     /// ([`crate::server::Engine::host_ops`]).
-    pub fn new(mgmt: MgmtClient, rank: u32, uuid: Uuid, settings: HealSection, host_ops: Arc<AtomicU64>) -> Arc<Healer> {
+    /// `snapshots` follows the snapshot epochs the heartbeat replies name.
+    pub fn new(
+        mgmt: MgmtClient,
+        rank: u32,
+        uuid: Uuid,
+        settings: HealSection,
+        host_ops: Arc<AtomicU64>,
+        snapshots: watch::Receiver<Arc<Snapshots>>,
+    ) -> Arc<Healer> {
         let cluster = Cluster::background(mgmt.clone());
         Arc::new(Healer {
             mgmt,
@@ -119,8 +132,36 @@ impl Healer {
             settings,
             host_ops,
             holds: Mutex::new(HashMap::new()),
+            snapshots,
             scrub: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The snapshot epochs whose views a rebuilt shard of `v` must keep: the service's latest
+    /// list and the volume's description, ascending.
+    pub fn retained(&self, v: &Volume) -> Vec<u64> {
+        let uuid = v.info().uuid.as_u128();
+        let latest = self.snapshots.borrow().epochs.get(&uuid).cloned().unwrap_or_default();
+        let mut all: Vec<u64> = latest.into_iter().chain(v.info().snapshots.iter().map(|s| s.epoch)).collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    /// Snapshot epochs of `v` at or below `read_epoch` that a rebuild which kept only `used`
+    /// missed: it waits (bounded) until the service's list is complete to `read_epoch`. A
+    /// snapshot taken while a shard was being rebuilt is found here, and that shard is rebuilt
+    /// again so that the snapshot keeps its view.
+    pub async fn snapshots_missed(&self, v: &Volume, used: &[u64], read_epoch: u64) -> Result<Vec<u64>, String> {
+        let mut rx = self.snapshots.clone();
+        let wait = rx.wait_for(|s| s.as_of >= read_epoch);
+        let latest = match tokio::time::timeout(SNAPSHOT_LIST_WAIT, wait).await {
+            Ok(Ok(s)) => s.clone(),
+            _ => return Err(format!("the service's snapshot list did not reach epoch {read_epoch} within {SNAPSHOT_LIST_WAIT:?}")),
+        };
+        let uuid = v.info().uuid.as_u128();
+        let epochs = latest.epochs.get(&uuid).map(Vec::as_slice).unwrap_or_default();
+        Ok(epochs.iter().copied().filter(|e| *e <= read_epoch && used.binary_search(e).is_err()).collect())
     }
 
     /// Runs passes until `stop`: whenever a pool's map version moves past the last completed
@@ -336,6 +377,8 @@ impl Healer {
         let mut bytes_done = 0u64;
         let mut last_error = None;
         let mut failures = 0u64;
+        // Per volume: the snapshot epochs its shards were rebuilt with, and the newest read epoch.
+        let mut checks: HashMap<usize, (Vec<u64>, u64)> = HashMap::new();
         for t in &tasks {
             if superseded() {
                 return Ok(false);
@@ -346,8 +389,9 @@ impl Healer {
             // tasks, and inside each only the versions above it are copied (`since`).
             let opts = RebuildOptions { since: t.since, settle_torn: attempt > SETTLE_TORN_AFTER, discard_below: map.map_epoch };
             let mut outcome = Err(VolumeError::Unavailable("not tried".into()));
+            let retained = self.retained(v);
             for i in 0..CHUNK_ATTEMPTS {
-                outcome = v.rebuild_shard(t.chunk, t.shard, opts).await;
+                outcome = v.rebuild_shard(t.chunk, t.shard, opts, &retained).await;
                 if outcome.is_ok() || superseded() {
                     break;
                 }
@@ -359,6 +403,8 @@ impl Healer {
             let bytes = outcome.as_ref().map_or(0, |r| r.bytes);
             match outcome {
                 Ok(r) => {
+                    let check = checks.entry(t.volume).or_insert_with(|| (retained.clone(), 0));
+                    check.1 = check.1.max(r.read_epoch);
                     bytes_done += r.bytes;
                     shared.update(|g| {
                         g.dkeys_done += 1;
@@ -386,6 +432,18 @@ impl Healer {
         }
         if let Some(e) = last_error {
             return Err(format!("{failures} shard(s) not rebuilt; last: {e}"));
+        }
+        // A snapshot taken while the pass ran may be missing from shards rebuilt before the
+        // engine heard of it: the pass runs again with it.
+        for (vi, (used, read_epoch)) in &checks {
+            let v = &volumes[*vi];
+            let missed = self.snapshots_missed(v, used, *read_epoch).await?;
+            if !missed.is_empty() {
+                return Err(format!(
+                    "volume {}: snapshots at epochs {missed:?} were taken during the rebuild; rebuilding again",
+                    v.info().name
+                ));
+            }
         }
         if !tasks.is_empty() {
             info!(pool = %p.name, version = map.version, shards = tasks.len(), bytes = bytes_done, secs = started.elapsed().as_secs_f64(), host_busy_secs = busy_time.as_secs_f64(), "rebuild pass done");

@@ -114,10 +114,12 @@ fn run(args: Args) -> Result<(), RunError> {
                 targets: cfg.targets,
                 target_capacity: cfg.target_capacity,
             };
-            let (pools_tx, pools_rx) = tokio::sync::watch::channel(Vec::new());
-            if let Some(reply) = membership::register(&mgmt, &req, &engine, &pools_tx, &stop).await.map_err(RunError::Register)? {
+            let learned = membership::Learned::new();
+            let pools_rx = learned.pools.subscribe();
+            if let Some(reply) = membership::register(&mgmt, &req, &engine, &learned, &stop).await.map_err(RunError::Register)? {
                 let interval = Duration::from_millis(reply.heartbeat_interval_ms.clamp(100, 60_000));
-                let healer = heal::Healer::new(mgmt.clone(), cfg.rank, uuid, cfg.heal, engine.host_ops.clone());
+                let healer =
+                    heal::Healer::new(mgmt.clone(), cfg.rank, uuid, cfg.heal, engine.host_ops.clone(), learned.snapshots.subscribe());
                 if cfg.heal.scrub_rate > 0 {
                     let scrubber = scrub::Scrubber::new(
                         mgmt.clone(),
@@ -131,7 +133,7 @@ fn run(args: Args) -> Result<(), RunError> {
                     scrubbing = Some(tokio::spawn(scrubber.run(stop.clone())));
                 }
                 healing = Some(tokio::spawn(healer.run(pools_rx, stop.clone())));
-                heartbeats = Some(tokio::spawn(membership::heartbeat_loop(mgmt, req, engine.clone(), pools_tx, interval, stop.clone())));
+                heartbeats = Some(tokio::spawn(membership::heartbeat_loop(mgmt, req, engine.clone(), learned, interval, stop.clone())));
             }
         }
         server::announce(addr, cfg.rank, handles.len());

@@ -45,20 +45,43 @@ pub fn load_or_create_uuid(dir: &Path) -> std::io::Result<Uuid> {
     }
 }
 
+/// What heartbeat replies teach the rest of the engine: pool map versions (the healer and the
+/// scrubber follow them) and the snapshots to keep (rebuilds copy their views).
+#[derive(Debug, Clone)]
+pub struct Learned {
+    /// Pool map versions of the pools with targets here.
+    pub pools: watch::Sender<Vec<PoolVersion>>,
+    /// The snapshot epochs of every volume, complete up to their `as_of`.
+    pub snapshots: watch::Sender<Arc<Snapshots>>,
+}
+
+impl Learned {
+    /// Nothing learned yet.
+    pub fn new() -> Learned {
+        Learned { pools: watch::channel(Vec::new()).0, snapshots: watch::channel(Arc::new(Snapshots::default())).0 }
+    }
+}
+
+impl Default for Learned {
+    fn default() -> Self {
+        Learned::new()
+    }
+}
+
 /// Registers with the service, retrying every second until it answers or `stop` is cancelled.
 /// A refusal (4xx: another engine holds the rank) is returned as an error.
 pub async fn register(
     mgmt: &MgmtClient,
     req: &RegisterEngine,
     engine: &Engine,
-    pools: &watch::Sender<Vec<PoolVersion>>,
+    learned: &Learned,
     stop: &CancellationToken,
 ) -> Result<Option<HeartbeatReply>, MgmtError> {
     let mut warned = false;
     loop {
         match mgmt.register_engine(req).await {
             Ok(reply) => {
-                apply(engine, pools, &reply);
+                apply(engine, learned, &reply);
                 info!(mgmt = mgmt.addr(), pools = reply.pools.len(), "registered with the management service");
                 return Ok(Some(reply));
             }
@@ -82,7 +105,7 @@ pub async fn heartbeat_loop(
     mgmt: MgmtClient,
     req: RegisterEngine,
     engine: Arc<Engine>,
-    pools: watch::Sender<Vec<PoolVersion>>,
+    learned: Learned,
     mut interval: Duration,
     stop: CancellationToken,
 ) {
@@ -99,7 +122,7 @@ pub async fn heartbeat_loop(
         };
         match result {
             Ok(reply) => {
-                apply(&engine, &pools, &reply);
+                apply(&engine, &learned, &reply);
                 interval = Duration::from_millis(reply.heartbeat_interval_ms.clamp(100, 60_000));
                 if failing {
                     info!("heartbeats reach the management service again");
@@ -136,7 +159,7 @@ async fn stable_epoch(engine: &Engine) -> u64 {
 /// Raises the known map versions first, then tells the healer: by the time it acts on a new
 /// version, this engine already refuses requests made with an older map. Hands every target the
 /// snapshots to keep (queued before any aggregation step that could need them).
-fn apply(engine: &Engine, pools: &watch::Sender<Vec<PoolVersion>>, reply: &HeartbeatReply) {
+fn apply(engine: &Engine, learned: &Learned, reply: &HeartbeatReply) {
     for p in &reply.pools {
         engine.observe_map_version(p.pool_id, p.map_version);
     }
@@ -148,7 +171,8 @@ fn apply(engine: &Engine, pools: &watch::Sender<Vec<PoolVersion>>, reply: &Heart
         // The answer carries nothing; a target that stopped has nothing to aggregate.
         drop(t.submit(TargetOp::Snapshots(snapshots.clone())));
     }
-    pools.send_if_modified(|current| {
+    learned.snapshots.send_replace(snapshots);
+    learned.pools.send_if_modified(|current| {
         let changed = *current != reply.pools;
         if changed {
             current.clone_from(&reply.pools);

@@ -512,8 +512,15 @@ impl Scrubber {
         if let Some(p) = self.pending.get_mut(key) {
             p.fenced = true;
         }
-        match v.rebuild_shard(chunk, mine.shard, RebuildOptions { since: 0, settle_torn: false, discard_below: 0 }).await {
-            Ok(r) => Outcome::Repaired { chunk, shard: mine.shard, bytes: r.bytes },
+        let retained = self.healer.retained(&v);
+        match v.rebuild_shard(chunk, mine.shard, RebuildOptions { since: 0, settle_torn: false, discard_below: 0 }, &retained).await {
+            Ok(r) => match self.healer.snapshots_missed(&v, &retained, r.read_epoch).await {
+                Ok(missed) if missed.is_empty() => Outcome::Repaired { chunk, shard: mine.shard, bytes: r.bytes },
+                Ok(missed) => {
+                    Outcome::Later(format!("snapshots at epochs {missed:?} were taken during the repair; repairing again"), DEFER)
+                }
+                Err(e) => Outcome::Later(e, DEFER),
+            },
             Err(e) => Outcome::Failed(format!("shard {}: {e}", mine.shard)),
         }
     }

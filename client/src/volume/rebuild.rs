@@ -7,8 +7,15 @@
 //! rebuild has a newer epoch and stays on top, and the `B`/`P` invariant (the newest base cells and
 //! parity of a stripe share one epoch) holds on the rebuilt shard as it did on the lost one. With
 //! a floor (incremental reintegration of a target that kept its data), ranges the survivors show
-//! as holes are punched *at the floor*, which hides the destination's stale bytes without hiding
-//! anything newer.
+//! as holes are punched *just above the floor*, which hides the destination's stale bytes without
+//! hiding anything newer.
+//!
+//! **Snapshots.** The survivors keep every retained view (a snapshot's epoch), so the rebuilt
+//! shard must too: the shard is rebuilt once per view, oldest first — each snapshot epoch above
+//! the floor, then the rebuild's own read epoch — each step with the previous view as its floor.
+//! A step writes the versions its view shows newer than the previous view, and punches, just
+//! above the previous view, what its view shows as holes: the previous view stays readable at
+//! its epoch and the next one reads as on the survivors.
 //!
 //! | shard | rebuilt from | writes |
 //! |---|---|---|
@@ -68,6 +75,11 @@ pub struct ShardRebuilt {
     pub updates: u64,
     /// Range punches sent (holes, incremental only).
     pub punches: u64,
+    /// The epoch the survivors were read at: writes stamped later reached the destination
+    /// themselves; a snapshot retained at or below it must be among the retained views passed.
+    pub read_epoch: Epoch,
+    /// Views copied: the retained snapshot epochs above the floor, plus the current one.
+    pub views: u32,
 }
 
 /// A run of bytes of one akey at one epoch, at an absolute akey offset.
@@ -152,9 +164,16 @@ fn target_fail(t: TargetRef, e: impl std::fmt::Display) -> VolumeError {
 impl Volume {
     /// Fills shard `shard` of chunk `chunk` at its place in the current layout from the group's
     /// other shards (see the module docs). Also repairs a shard whose data failed its checksum:
-    /// the destination's versions above `opts.since` are replaced.
-    pub async fn rebuild_shard(&self, chunk: u64, shard: u32, opts: RebuildOptions) -> Result<ShardRebuilt, VolumeError> {
-        self.inner.rebuild_shard(chunk, shard, opts).await
+    /// the destination's versions above `opts.since` are replaced. `retained`: the volume's
+    /// snapshot epochs, whose views the destination must keep as the survivors do.
+    pub async fn rebuild_shard(
+        &self,
+        chunk: u64,
+        shard: u32,
+        opts: RebuildOptions,
+        retained: &[Epoch],
+    ) -> Result<ShardRebuilt, VolumeError> {
+        self.inner.rebuild_shard(chunk, shard, opts, retained).await
     }
 
     /// The version of the pool map this volume uses.
@@ -269,7 +288,13 @@ impl Volume {
 
 impl VolumeInner {
     /// See [`super::Volume::rebuild_shard`].
-    pub(super) async fn rebuild_shard(&self, chunk: u64, shard: u32, opts: RebuildOptions) -> Result<ShardRebuilt, VolumeError> {
+    pub(super) async fn rebuild_shard(
+        &self,
+        chunk: u64,
+        shard: u32,
+        opts: RebuildOptions,
+        retained: &[Epoch],
+    ) -> Result<ShardRebuilt, VolumeError> {
         let view = self.pool.current();
         let dkey = key_from_u64(chunk);
         let group = self.group(&view, &dkey)?;
@@ -297,17 +322,27 @@ impl VolumeInner {
         // moment, so the read below brings it back. Writes that arrive after the discard stay
         // where they land.
         let epoch = hlc::now();
+        // Every snapshot view above the floor, oldest first, then the current one (module docs).
+        let mut views: Vec<Epoch> = retained.iter().copied().filter(|&e| e > opts.since && e < epoch).collect();
+        views.sort_unstable();
+        views.dedup();
+        views.push(epoch);
 
         let mut plan = Plan::default();
-        if !self.class.is_ec() {
-            self.plan_replica(&view, &group, &dest, &dkey, epoch, opts, &mut plan).await?;
-        } else if shard < self.class.data_shards() {
-            self.plan_data(&view, &group, &dest, &dkey, epoch, opts, &mut plan).await?;
-        } else {
-            self.plan_parity(&view, &group, &dest, &dkey, epoch, opts, &mut plan).await?;
+        let mut since = opts.since;
+        for &at in &views {
+            let step = RebuildOptions { since, ..opts };
+            if !self.class.is_ec() {
+                self.plan_replica(&view, &group, &dest, &dkey, at, step, &mut plan).await?;
+            } else if shard < self.class.data_shards() {
+                self.plan_data(&view, &group, &dest, &dkey, at, step, &mut plan).await?;
+            } else {
+                self.plan_parity(&view, &group, &dest, &dkey, at, step, &mut plan).await?;
+            }
+            since = at;
         }
 
-        let mut done = ShardRebuilt::default();
+        let mut done = ShardRebuilt { read_epoch: epoch, views: views.len() as u32, ..ShardRebuilt::default() };
         for r in &plan.reqs {
             match r {
                 Request::Update(u) => {
@@ -390,7 +425,7 @@ impl VolumeInner {
         }
         if since > 0 && base.is_none() {
             for h in holes(runs, range) {
-                plan.reqs.push(self.punch_range(dkey, akey, &h, since));
+                plan.reqs.push(self.punch_range(dkey, akey, &h, since + 1));
             }
         }
     }
@@ -540,7 +575,7 @@ impl VolumeInner {
                     plan.reqs.push(self.update(dkey, AKEY_BASE, r.start, Bytes::from(cell), e));
                 }
                 Some(_) => {}
-                None if opts.since > 0 => plan.reqs.push(self.punch_range(dkey, AKEY_BASE, &r, opts.since)),
+                None if opts.since > 0 => plan.reqs.push(self.punch_range(dkey, AKEY_BASE, &r, opts.since + 1)),
                 None => {}
             }
             // Fragments: the copies of this cell newer than the base, moved to shard offsets.
@@ -635,7 +670,7 @@ impl VolumeInner {
                     plan.reqs.push(self.update(dkey, AKEY_PARITY, r.start, Bytes::from(cell), e));
                 }
                 Some(_) => {}
-                None if opts.since > 0 => plan.reqs.push(self.punch_range(dkey, AKEY_PARITY, &r, opts.since)),
+                None if opts.since > 0 => plan.reqs.push(self.punch_range(dkey, AKEY_PARITY, &r, opts.since + 1)),
                 None => {}
             }
             // Copies of this stripe's fragments newer than its base, at chunk offsets.
