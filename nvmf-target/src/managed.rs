@@ -6,8 +6,9 @@
 //! sleeps. Each new export list is turned into wanted subsystems ([`plan`]): the exports whose
 //! `listen` address is one this target listens on, grouped by NQN (a subsystem exists while it
 //! has at least one namespace), each namespace backed by a DAOS bdev of the export's volume and
-//! identified by the volume's UUID (UUID and NGUID), hosts limited to the export's list (empty:
-//! any host). Volumes are opened before the list is applied (opening is asynchronous) and kept
+//! identified by the volume's UUID (UUID and NGUID) — or, for an exported snapshot, a read-only
+//! handle at the snapshot's epoch with an identity derived from the volume's and the epoch —
+//! hosts limited to the export's list (empty: any host). Volumes are opened before the list is applied (opening is asynchronous) and kept
 //! open across lists, so an unchanged namespace keeps its volume handle and a grown volume gets a
 //! new handle with the new size. The result goes through [`Target::apply_exports`], the same code
 //! as a SIGHUP reload of the configuration file: hosts get Namespace Attribute Changed and

@@ -866,6 +866,23 @@ class TesseraCluster(TargetLog):
                                   f"{rb.get('dkeys_total')}, last error: {rb.get('last_error')})")
             time.sleep(0.5)
 
+    def snapshot_export(self, name, nqn):
+        """Takes snapshot `name` of the exported volume (`tessera snapshot create`, which returns
+        once it is final) and exports it read-only as namespace 1 of `nqn` on the same listener."""
+        v = self.volume
+        t0 = time.time()
+        s = self.tessera("snapshot", "create", f"{v['pool']}/{v['name']}", name, timeout=60)
+        took = time.time() - t0
+        if not s.get("stable"):
+            raise TargetError(f"snapshot {name} is not final: {s}")
+        x = self.tessera("export", "add", "--nqn", nqn, "--volume", f"{v['name']}@{name}", "--pool", v["pool"],
+                         "--listen", f"127.0.0.1:{self.port}")
+        if (x.get("snapshot") or {}).get("name") != name:
+            raise TargetError(f"the export of {name} names no snapshot: {x}")
+        msg = f"snapshot {name} at epoch {s['epoch']} (final after {took:.1f}s) exported read-only as {nqn}"
+        self.annotate(msg)
+        return msg
+
     def wait_pool_healthy(self, limit):
         """Waits until every engine is up, every pool target UPIN, no rebuild running and the
         groups on distinct engines again (fault-domain redundancy not reduced)."""
@@ -1198,6 +1215,12 @@ class Context:
                 if not self.cluster:
                     return "err no cluster is running"
                 msg = self.cluster.wait_engine_reintegrated(int(parts[1]), float(parts[2]))
+                guest.note(msg)
+                return "ok " + msg
+            elif parts[0] == "snapshot-export":
+                if not self.cluster:
+                    return "err no cluster is running"
+                msg = self.cluster.snapshot_export(parts[1], parts[2])
                 guest.note(msg)
                 return "ok " + msg
             elif parts[0] == "expect-pool-healthy":

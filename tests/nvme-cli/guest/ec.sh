@@ -12,6 +12,7 @@
 #   ec-base      0 .. 32 MiB   written and verified with all engines up
 #   ec-kill     64 .. 128 MiB  written while engine $EC_KILL_RANK is killed, then verified
 #   ec-degraded 160 .. 184 MiB written and verified with the engine down (and its shards rebuilt)
+#   ec-snapshot 200 .. 208 MiB pattern A, a snapshot exported read-only, then pattern B
 #   224 MiB ..                 never written: a --verify_only there must fail (control)
 . /guest-lib.sh      # also ec_connect, ec_fio, ec_reverify, stat_field (shared with guest/heal.sh)
 
@@ -129,6 +130,43 @@ case_ec_reconnect_reverify() {
     disconnect "$EC_NQN" || return 1
 }
 
+# A snapshot taken between two writes, exported read-only beside the volume: the host reads the
+# old data from it and the new from the volume; the kernel marks the disk read-only (NSATTR) and
+# a passthrough write reaching the target fails with Namespace is Write Protected.
+SNAP_NQN="$EC_NQN-snap1"
+case_ec_snapshot() {
+    ec_ensure_connected || return 1
+    d="$(ec_dev)"
+    make_pattern /tmp/snapA 8; make_pattern /tmp/snapB 8
+    must "write pattern A" write_range "$d" 200 /tmp/snapA || return 1
+    request snapshot-export snap1 "$SNAP_NQN" || return 1
+    must "write pattern B" write_range "$d" 200 /tmp/snapB || return 1
+    echo "\$ nvme connect -t tcp -a $TADDR -s $EC_PORT -n $SNAP_NQN"
+    timeout 90 nvme connect -t tcp -a "$TADDR" -s "$EC_PORT" -n "$SNAP_NQN" $CONNECT_OPTS \
+        || { fail "nvme connect to $SNAP_NQN failed"; return 1; }
+    s="$(wait_ns_dev "$SNAP_NQN" 1 20)" || { fail "no block device for $SNAP_NQN"; return 1; }
+    echo "snapshot device /dev/$s: ro=$(cat /sys/block/$s/ro) size=$(cat /sys/block/$s/size) sectors"
+    [ "$(cat /sys/block/$s/ro)" = 1 ] || { fail "/dev/$s is not read-only: NSATTR write protection not seen"; return 1; }
+    read_range "$s" 200 8 /tmp/snapA.got
+    cmp -s /tmp/snapA /tmp/snapA.got || { fail "the snapshot does not read pattern A"; return 1; }
+    read_range "$d" 200 8 /tmp/snapB.got
+    cmp -s /tmp/snapB /tmp/snapB.got || { fail "the volume does not read pattern B"; return 1; }
+    if dd if=/tmp/snapB of="/dev/$s" bs=4k count=1 oflag=direct 2>/tmp/snapdd.err; then
+        fail "dd to the read-only snapshot device succeeded"; return 1
+    fi
+    echo "dd to /dev/$s refused: $(tail -n1 /tmp/snapdd.err)"
+    head -c 4096 /tmp/snapB > /tmp/snapblk
+    echo "\$ nvme write /dev/$s --start-block=0 --block-count=0 --data-size=4096 --data=/tmp/snapblk"
+    nvme write "/dev/$s" --start-block=0 --block-count=0 --data-size=4096 --data=/tmp/snapblk > /tmp/snapnw.out 2>&1
+    _r=$?
+    cat /tmp/snapnw.out
+    [ "$_r" != 0 ] && grep -qi "write protected" /tmp/snapnw.out \
+        || { fail "nvme write to the snapshot: exit $_r, not Namespace is Write Protected"; return 1; }
+    read_range "$s" 200 8 /tmp/snapA.got
+    cmp -s /tmp/snapA /tmp/snapA.got || { fail "the snapshot changed after the refused writes"; return 1; }
+    disconnect "$SNAP_NQN" || return 1
+}
+
 run_case ec-discover            case_ec_discover
 run_case ec-connect             case_ec_connect
 run_case ec-fio-verify          case_ec_fio_verify
@@ -136,3 +174,4 @@ run_case ec-kill-during-write   case_ec_kill_during_write
 run_case ec-reverify-degraded   case_ec_reverify_degraded
 run_case ec-degraded-write      case_ec_degraded_write
 run_case ec-reconnect-reverify  case_ec_reconnect_reverify
+run_case ec-snapshot            case_ec_snapshot
