@@ -342,6 +342,37 @@ pub struct VolumeInfo {
     /// Its snapshots, oldest first.
     #[serde(default)]
     pub snapshots: Vec<SnapshotInfo>,
+    /// For a clone: the snapshot it reads through to where it has not written (until it is
+    /// flattened).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Box<CloneParent>>,
+    /// A flatten is copying the parent's data into this clone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flattening: bool,
+}
+
+/// The parent of a clone: a snapshot of another volume of the same pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneParent {
+    /// The parent volume (itself possibly a clone).
+    pub volume: VolumeInfo,
+    /// The snapshot of it the clone was made from.
+    pub snapshot: SnapshotInfo,
+}
+
+/// `POST /v1/pools/{pool}/volumes/{volume}/snapshots/{snapshot}/clone`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateClone {
+    /// The new volume's name.
+    pub name: String,
+}
+
+/// `POST /v1/pools/{pool}/volumes/{volume}/flatten`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flatten {
+    /// false: a flatten starts (the clone is marked, exports of it are refused); true: every
+    /// chunk has been copied, the clone stops reading its parent.
+    pub done: bool,
 }
 
 /// A snapshot: the volume's content at one epoch, kept readable.
@@ -629,6 +660,17 @@ impl MgmtClient {
     /// `GET /v1/pools/{pool}/volumes/{volume}/snapshots`.
     pub async fn snapshots(&self, pool: &str, volume: &str) -> Result<Vec<SnapshotInfo>, MgmtError> {
         self.get(&format!("/pools/{pool}/volumes/{volume}/snapshots")).await
+    }
+
+    /// `POST /v1/pools/{pool}/volumes/{volume}/snapshots/{snapshot}/clone`: a new volume that
+    /// reads as the snapshot, writable, with no data copied.
+    pub async fn clone_volume(&self, pool: &str, volume: &str, snapshot: &str, name: &str) -> Result<VolumeInfo, MgmtError> {
+        self.post(&format!("/pools/{pool}/volumes/{volume}/snapshots/{snapshot}/clone"), &CreateClone { name: name.to_string() }).await
+    }
+
+    /// `POST /v1/pools/{pool}/volumes/{volume}/flatten`.
+    pub async fn flatten(&self, pool: &str, volume: &str, done: bool) -> Result<VolumeInfo, MgmtError> {
+        self.post(&format!("/pools/{pool}/volumes/{volume}/flatten"), &Flatten { done }).await
     }
 
     /// `DELETE /v1/pools/{pool}/volumes/{volume}/snapshots/{name}`.

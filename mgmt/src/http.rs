@@ -19,7 +19,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tessera_mgmt_api::{
-    ApiError, ClusterVersion, CreateExport, CreatePool, CreateSnapshot, CreateVolume, EngineReport, ExportInfo, ExportList, ExtendPool,
+    ApiError, ClusterVersion, CreateClone, CreateExport, CreatePool, CreateSnapshot, CreateVolume, EngineReport, ExportInfo, ExportList, ExtendPool, Flatten,
     Heartbeat, HeartbeatReply, PoolInfo, PoolMapInfo, RegisterEngine, ResizeVolume, SnapshotInfo, SystemInfo, TargetSelector, VolumeInfo,
     SNAPSHOT_STABLE_WAIT,
 };
@@ -158,6 +158,8 @@ pub fn router(app: App) -> Router {
         .route("/v1/pools/{pool}/volumes/{volume}", get(get_volume).patch(resize_volume).delete(delete_volume))
         .route("/v1/pools/{pool}/volumes/{volume}/snapshots", get(list_snapshots).post(create_snapshot))
         .route("/v1/pools/{pool}/volumes/{volume}/snapshots/{name}", get(get_snapshot).delete(delete_snapshot))
+        .route("/v1/pools/{pool}/volumes/{volume}/snapshots/{name}/clone", post(clone_volume))
+        .route("/v1/pools/{pool}/volumes/{volume}/flatten", post(flatten))
         .route("/v1/exports", get(list_exports).post(create_export))
         .route("/v1/exports/{nqn}/{nsid}", get(get_export).delete(delete_export))
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -316,6 +318,28 @@ async fn list_snapshots(
     ApiPath((pool, volume)): ApiPath<(String, String)>,
 ) -> Result<Json<Vec<SnapshotInfo>>, HttpError> {
     Ok(Json(app.svc.snapshots(&pool, &volume)?))
+}
+
+async fn clone_volume(
+    State(app): State<App>,
+    ApiPath((pool, volume, snapshot)): ApiPath<(String, String, String)>,
+    ApiJson(req): ApiJson<CreateClone>,
+) -> Result<(StatusCode, Json<VolumeInfo>), HttpError> {
+    match execute(&app, Command::CloneVolume { pool, volume, snapshot, name: req.name }).await? {
+        Outcome::Volume(v) => Ok((StatusCode::CREATED, Json(v))),
+        o => Err(unexpected(o)),
+    }
+}
+
+async fn flatten(
+    State(app): State<App>,
+    ApiPath((pool, volume)): ApiPath<(String, String)>,
+    ApiJson(req): ApiJson<Flatten>,
+) -> Result<Json<VolumeInfo>, HttpError> {
+    match execute(&app, Command::Flatten { pool, volume, done: req.done }).await? {
+        Outcome::Volume(v) => Ok(Json(v)),
+        o => Err(unexpected(o)),
+    }
 }
 
 async fn get_snapshot(

@@ -27,7 +27,7 @@ mod targets;
 use targets::*;
 #[path = "machine_snapshots.rs"]
 mod snapshots;
-use snapshots::{create_snapshot, delete_snapshot, get_snapshot};
+use snapshots::{clone_parent, clone_volume, clones_of, create_snapshot, delete_snapshot, flatten, get_snapshot};
 pub use snapshots::{retention, snapshot_info, snapshots, MAX_SNAPSHOTS};
 
 /// Default object class of a pool.
@@ -165,6 +165,28 @@ pub enum Command {
         volume: String,
         /// Snapshot name.
         name: String,
+    },
+    /// A new volume `name` that reads as snapshot `snapshot` of `volume` where it has not
+    /// written (no data copied).
+    CloneVolume {
+        /// Pool name (of both).
+        pool: String,
+        /// The parent volume.
+        volume: String,
+        /// The parent's snapshot.
+        snapshot: String,
+        /// The clone's name.
+        name: String,
+    },
+    /// A clone's flatten starts (`done: false`: exports of it are refused until it ends) or has
+    /// copied every chunk (`done: true`: the clone stops reading its parent).
+    Flatten {
+        /// Pool name.
+        pool: String,
+        /// The clone.
+        volume: String,
+        /// See above.
+        done: bool,
     },
     /// Export a volume or a snapshot of it.
     CreateExport(CreateExport),
@@ -357,6 +379,8 @@ fn apply_to(next: &mut State, cmd: &Command, env: &Env) -> Result<Outcome, CmdEr
         Command::DeleteVolume { pool, volume } => delete_volume(next, pool, volume)?,
         Command::CreateSnapshot { pool, volume, name } => create_snapshot(next, pool, volume, name, env)?,
         Command::DeleteSnapshot { pool, volume, name } => delete_snapshot(next, pool, volume, name)?,
+        Command::CloneVolume { pool, volume, snapshot, name } => clone_volume(next, pool, volume, snapshot, name, env)?,
+        Command::Flatten { pool, volume, done } => flatten(next, pool, volume, *done)?,
         Command::CreateExport(req) => create_export(next, req)?,
         Command::DeleteExport { nqn, nsid } => delete_export(next, nqn, *nsid)?,
     };
@@ -654,6 +678,8 @@ fn volume_info(state: &State, v: &VolumeRec) -> VolumeInfo {
         checksum: v.checksum,
         created: v.created,
         snapshots: v.snapshots.iter().map(|x| snapshot_info(x, 0)).collect(),
+        parent: clone_parent(state, v),
+        flattening: v.flattening,
     }
 }
 
@@ -707,6 +733,8 @@ fn create_volume(s: &mut State, pool: &str, req: &CreateVolume, env: &Env) -> Re
         checksum: req.checksum.unwrap_or(true),
         created: env.now,
         snapshots: Vec::new(),
+        parent: None,
+        flattening: false,
     };
     let info = volume_info(s, &rec);
     s.volumes.insert((pool.to_string(), req.name.clone()), rec);
@@ -737,6 +765,10 @@ fn delete_volume(s: &mut State, pool: &str, volume: &str) -> Result<Outcome, Cmd
     let v = get_volume(s, pool, volume)?;
     if let Some(x) = s.export_of(pool, volume) {
         return conflict(format!("volume {pool}/{volume} is exported (namespace {} of {}): delete the export first", x.nsid, x.nqn));
+    }
+    let clones = clones_of(s, v, None);
+    if !clones.is_empty() {
+        return conflict(format!("volume {pool}/{volume} has clones: {} (delete or flatten them first)", clones.join(", ")));
     }
     if let Some(x) = s.exports.values().find(|x| x.pool == pool && x.volume == volume) {
         let snap = x.snapshot.as_deref().unwrap_or_default();
@@ -804,6 +836,9 @@ fn create_export(s: &mut State, req: &CreateExport) -> Result<Outcome, CmdError>
         }
     }
     let v = get_volume(s, &req.pool, &req.volume)?;
+    if v.flattening && req.snapshot.is_none() {
+        return conflict(format!("volume {}/{} is being flattened: export it once the flatten is done", req.pool, req.volume));
+    }
     match &req.snapshot {
         Some(snap) => {
             get_snapshot(v, snap)?;

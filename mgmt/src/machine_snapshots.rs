@@ -1,12 +1,14 @@
-//! Snapshots: a volume's retained epochs. Creating one records the epoch at which the command
-//! runs ([`Env::epoch_now`]); engines learn every volume's retained epochs from their heartbeat
-//! replies ([`retention`]) and never aggregate a version a snapshot can still see. Part of
-//! [`super`]'s pure state machine.
+//! Snapshots and clones: a volume's retained epochs, and volumes that read through to one.
+//! Creating a snapshot records the epoch at which the command runs ([`Env::epoch_now`]); engines
+//! learn every volume's retained epochs from their heartbeat replies ([`retention`]) and never
+//! aggregate a version a snapshot can still see. A clone is a volume of its own (its own uuid,
+//! the parent's geometry) whose record names the snapshot it reads through to; the parent
+//! snapshot and volume cannot be deleted while it does. Part of [`super`]'s pure state machine.
 
-use tessera_mgmt_api::{SnapshotInfo, VolumeRetention};
+use tessera_mgmt_api::{CloneParent, SnapshotInfo, VolumeRetention};
 
 use super::*;
-use crate::state::SnapshotRec;
+use crate::state::{CloneOf, SnapshotRec};
 
 /// Most snapshots one volume keeps.
 pub const MAX_SNAPSHOTS: usize = 64;
@@ -48,6 +50,13 @@ pub(super) fn create_snapshot(s: &mut State, pool: &str, volume: &str, name: &st
 pub(super) fn delete_snapshot(s: &mut State, pool: &str, volume: &str, name: &str) -> Result<Outcome, CmdError> {
     let v = get_volume(s, pool, volume)?;
     let rec = get_snapshot(v, name)?.clone();
+    let clones = clones_of(s, v, Some(name));
+    if !clones.is_empty() {
+        return conflict(format!(
+            "snapshot {pool}/{volume}@{name} has clones: {} (delete or flatten them first)",
+            clones.join(", ")
+        ));
+    }
     if let Some(x) = s.snapshot_export(pool, volume, name) {
         return conflict(format!(
             "snapshot {pool}/{volume}@{name} is exported (namespace {} of {}): delete the export first",
@@ -58,6 +67,74 @@ pub(super) fn delete_snapshot(s: &mut State, pool: &str, volume: &str, name: &st
     let v = s.volumes.get_mut(&key).ok_or_else(|| CmdError::NoVolume { pool: pool.to_string(), volume: volume.to_string() })?;
     v.snapshots.retain(|x| x.name != name);
     Ok(Outcome::Snapshot(snapshot_info(&rec, 0)))
+}
+
+/// Names of the clones of `v` (of its snapshot `snapshot`, or of any), sorted.
+pub(super) fn clones_of(s: &State, v: &VolumeRec, snapshot: Option<&str>) -> Vec<String> {
+    s.pool_volumes(&v.pool)
+        .filter(|c| c.parent.as_ref().is_some_and(|p| p.uuid == v.uuid && snapshot.is_none_or(|n| p.snapshot == n)))
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+/// The API view of a clone's parent (none if the volume is not a clone).
+pub(super) fn clone_parent(s: &State, v: &VolumeRec) -> Option<Box<CloneParent>> {
+    let of = v.parent.as_ref()?;
+    let parent = s.volumes.get(&(v.pool.clone(), of.volume.clone())).filter(|p| p.uuid == of.uuid)?;
+    let snap = parent.snapshots.iter().find(|x| x.name == of.snapshot)?;
+    Some(Box::new(CloneParent { volume: volume_info(s, parent), snapshot: snapshot_info(snap, 0) }))
+}
+
+pub(super) fn clone_volume(s: &mut State, pool: &str, volume: &str, snapshot: &str, name: &str, env: &Env) -> Result<Outcome, CmdError> {
+    let v = get_volume(s, pool, volume)?;
+    let snap = get_snapshot(v, snapshot)?.clone();
+    check_name("volume", name)?;
+    if s.volumes.contains_key(&(pool.to_string(), name.to_string())) {
+        return conflict(format!("volume {name:?} already exists in pool {pool:?}"));
+    }
+    let class = parse_class(&v.class)?;
+    check_space(s, get_pool(s, pool)?, 0, footprint(snap.size, class))?;
+    let rec = VolumeRec {
+        pool: pool.to_string(),
+        name: name.to_string(),
+        uuid: env.uuid,
+        size: snap.size,
+        snapshots: Vec::new(),
+        created: env.now,
+        parent: Some(CloneOf { volume: volume.to_string(), uuid: v.uuid, snapshot: snapshot.to_string(), epoch: snap.epoch }),
+        flattening: false,
+        ..v.clone()
+    };
+    s.volumes.insert((pool.to_string(), name.to_string()), rec);
+    let info = volume_info(s, get_volume(s, pool, name)?);
+    Ok(Outcome::Volume(info))
+}
+
+pub(super) fn flatten(s: &mut State, pool: &str, volume: &str, done: bool) -> Result<Outcome, CmdError> {
+    let v = get_volume(s, pool, volume)?;
+    if v.parent.is_none() {
+        return conflict(format!("volume {pool}/{volume} is not a clone: nothing to flatten"));
+    }
+    if !done {
+        if let Some(x) = s.export_of(pool, volume) {
+            return conflict(format!(
+                "volume {pool}/{volume} is exported (namespace {} of {}): flatten it while it is not exported",
+                x.nsid, x.nqn
+            ));
+        }
+    } else if !v.flattening {
+        return conflict(format!("volume {pool}/{volume}: no flatten was started"));
+    }
+    let key = (pool.to_string(), volume.to_string());
+    let v = s.volumes.get_mut(&key).ok_or_else(|| CmdError::NoVolume { pool: pool.to_string(), volume: volume.to_string() })?;
+    if done {
+        v.parent = None;
+        v.flattening = false;
+    } else {
+        v.flattening = true;
+    }
+    let info = volume_info(s, get_volume(s, pool, volume)?);
+    Ok(Outcome::Volume(info))
 }
 
 /// The snapshots of a volume, oldest first (`stable` measured against `stable_epoch`).
@@ -206,5 +283,52 @@ mod tests {
         let s = ok(&s, Command::DeleteExport { nqn: SNAP.into(), nsid: 1 }, 1007);
         let s = ok(&s, delete("s1"), 1008);
         ok(&s, Command::DeleteVolume { pool: "p".into(), volume: "v".into() }, 1009);
+    }
+
+    fn clone_cmd(snapshot: &str, name: &str) -> Command {
+        Command::CloneVolume { pool: "p".into(), volume: "v".into(), snapshot: snapshot.into(), name: name.into() }
+    }
+
+    #[test]
+    fn a_clone_reads_through_to_its_snapshot_which_stays_until_the_clone_lets_go() {
+        let s = ok(&cluster(), create("s1"), 1000);
+        let (s, out) = run(&s, clone_cmd("s1", "c"), 2000).unwrap();
+        let Outcome::Volume(c) = out else { panic!("{out:?}") };
+        let parent = c.parent.as_ref().expect("a clone names its parent");
+        assert_eq!((parent.volume.name.as_str(), parent.snapshot.name.as_str(), parent.snapshot.epoch), ("v", "s1", 1000));
+        let v = volume(&s, "p", "v").unwrap();
+        assert_ne!(c.uuid, v.uuid);
+        assert_eq!((c.size, c.class.as_str(), c.cell_size, c.chunk_size), (v.size, v.class.as_str(), v.cell_size, v.chunk_size));
+        assert!(c.snapshots.is_empty());
+        // The parent's snapshot and the parent are kept; the errors name the clone.
+        let e = run(&s, delete("s1"), 3000).unwrap_err();
+        assert_eq!(e.status(), 409);
+        assert!(e.to_string().contains("has clones: c"), "{e}");
+        let e = run(&s, Command::DeleteVolume { pool: "p".into(), volume: "v".into() }, 3000).unwrap_err();
+        assert!(e.to_string().contains("has clones: c"), "{e}");
+        assert_eq!(run(&s, clone_cmd("s1", "c"), 3000).unwrap_err().status(), 409, "the name is taken");
+        assert_eq!(run(&s, clone_cmd("nope", "d"), 3000).unwrap_err().status(), 404);
+        // Flatten: exports are refused while it copies; done, the tie is cut.
+        let fl = |done| Command::Flatten { pool: "p".into(), volume: "c".into(), done };
+        assert_eq!(run(&s, fl(true), 3000).unwrap_err().status(), 409, "done without a start");
+        let started = ok(&s, fl(false), 3001);
+        let exp = Command::CreateExport(CreateExport {
+            nqn: "nqn.2026-12.io.tessera:c".into(),
+            nsid: None,
+            pool: "p".into(),
+            volume: "c".into(),
+            snapshot: None,
+            hosts: vec![],
+            listen: None,
+        });
+        let e = run(&started, exp.clone(), 3002).unwrap_err();
+        assert!(e.to_string().contains("being flattened"), "{e}");
+        let done = ok(&started, fl(true), 3003);
+        let c = volume(&done, "p", "c").unwrap();
+        assert!(c.parent.is_none() && !c.flattening);
+        let done = ok(&done, delete("s1"), 3004);
+        ok(&done, exp, 3005);
+        // A volume that is not a clone has nothing to flatten; an exported clone is not flattened.
+        assert_eq!(run(&s, Command::Flatten { pool: "p".into(), volume: "v".into(), done: false }, 3000).unwrap_err().status(), 409);
     }
 }

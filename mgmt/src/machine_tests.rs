@@ -299,6 +299,8 @@ fn create_volume_defaults() {
             checksum: true,
             created: env(7).now,
             snapshots: Vec::new(),
+            parent: None,
+            flattening: false,
         }
     );
     assert_eq!(volume(&n, "p", "v").unwrap(), v);

@@ -115,6 +115,25 @@ pub struct VolumeRec {
     /// Snapshots, oldest first (ascending epochs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotRec>,
+    /// The snapshot this volume is a clone of (same pool), until it is flattened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<CloneOf>,
+    /// A flatten is copying the parent's data into this clone: it cannot be exported meanwhile.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flattening: bool,
+}
+
+/// The snapshot a clone reads through to where it has not written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneOf {
+    /// The parent volume's name.
+    pub volume: String,
+    /// Its uuid (the parent is never renamed, but names can be reused after a delete).
+    pub uuid: Uuid,
+    /// The snapshot's name.
+    pub snapshot: String,
+    /// The snapshot's epoch.
+    pub epoch: u64,
 }
 
 /// A snapshot of a volume: a retained epoch.
@@ -396,6 +415,8 @@ pub(crate) mod tests {
                 checksum: true,
                 created: 5,
                 snapshots: vec![SnapshotRec { name: "s1".into(), epoch: 1 << 40, created: 6, size: 1 << 20 }],
+                parent: Some(CloneOf { volume: "base".into(), uuid: Uuid::from_u128(9), snapshot: "gold".into(), epoch: 1 << 39 }),
+                flattening: true,
             },
         );
         s.exports.insert(

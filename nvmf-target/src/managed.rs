@@ -362,6 +362,8 @@ mod tests {
             checksum: true,
             created: 0,
             snapshots: Vec::new(),
+            parent: None,
+            flattening: false,
         }
     }
 

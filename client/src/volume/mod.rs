@@ -330,6 +330,8 @@ mod tests {
             checksum: true,
             created: 0,
             snapshots: Vec::new(),
+            parent: None,
+            flattening: false,
         };
         VolumeInner {
             cluster: Cluster::new(MgmtClient::new("127.0.0.1:9")),
