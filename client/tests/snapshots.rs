@@ -260,3 +260,82 @@ fn snapshots_survive_a_rebuild_and_a_reintegration() {
         c.wait_engines_up(4, Duration::from_secs(20));
     }
 }
+
+/// A clone of a snapshot: it reads as the snapshot at once (nothing copied), its writes never
+/// reach the parent and the parent's never reach it, Write Zeroes in it reads zeros (not the
+/// parent's bytes), it reads right with an engine down, the parent snapshot is kept while the
+/// clone needs it, and a flatten copies what it shares so that it stands alone.
+#[test]
+fn a_clone_reads_through_to_its_snapshot_and_stands_alone_once_flattened() {
+    let mut c = LocalCluster::start("clone", 3, 2, "256MiB", "30s");
+    let rt = runtime();
+    let mgmt = c.client();
+    let size: u64 = 4 << 20;
+    let parent = rt.block_on(open(&c, "EC_2P1", size));
+    let mut rng = Rng(0xc10e);
+    let mut live = vec![0u8; size as usize];
+    rt.block_on(async {
+        // Half the volume written (the rest never: the clone's holes fall through to holes).
+        for off in (0..size / 2).step_by(1 << 20) {
+            let d = pattern(off, 1 << 20, 1);
+            live[off as usize..off as usize + (1 << 20)].copy_from_slice(&d);
+            parent.write(off, d).await.unwrap();
+        }
+        common::sequential_random_writes(&parent, &mut live, &mut rng, 40, 2).await;
+    });
+    let at_snapshot = live.clone();
+    rt.block_on(mgmt.create_snapshot("p", "v", "s1")).unwrap();
+    let info = rt.block_on(mgmt.clone_volume("p", "v", "s1", "c")).unwrap();
+    assert_eq!(info.parent.as_ref().map(|p| p.snapshot.name.as_str()), Some("s1"));
+    let cluster = Cluster::new(mgmt.clone());
+    let clone = rt.block_on(cluster.open_volume(&info)).unwrap();
+    assert!(clone.is_clone());
+    let used_before = rt.block_on(common::used_bytes(&c));
+    rt.block_on(verify_all(&clone, &at_snapshot));
+    assert_eq!(rt.block_on(common::used_bytes(&c)), used_before, "creating and reading a clone copies nothing");
+
+    // Writes on both sides: each sees only its own.
+    let mut cloned = at_snapshot.clone();
+    rt.block_on(async {
+        common::sequential_random_writes(&clone, &mut cloned, &mut rng, 60, 3).await;
+        common::sequential_random_writes(&parent, &mut live, &mut rng, 60, 4).await;
+        // Zeros over written and never-written ranges of the parent's snapshot.
+        for (off, len) in [(8192u64, 3 * 4096u64), (size / 2 - 65536, 131072)] {
+            clone.write_zeroes(off, len).await.unwrap();
+            cloned[off as usize..(off + len) as usize].iter_mut().for_each(|b| *b = 0);
+        }
+    });
+    rt.block_on(verify_all(&clone, &cloned));
+    rt.block_on(verify_all(&parent, &live));
+    let snap =
+        rt.block_on(cluster.open_snapshot(&rt.block_on(mgmt.volume("p", "v")).unwrap(), &info.parent.as_ref().unwrap().snapshot)).unwrap();
+    rt.block_on(verify_all(&snap, &at_snapshot));
+
+    // An engine down: the clone's own data and the parent's both read degraded.
+    c.kill_engine(1);
+    rt.block_on(verify_all(&clone, &cloned));
+    c.engines[1] = Some(c.start_engine(1));
+    c.wait_engines_up(3, Duration::from_secs(20));
+
+    // The parent's snapshot stays while the clone reads it.
+    let refused = rt.block_on(mgmt.delete_snapshot("p", "v", "s1")).unwrap_err();
+    assert!(refused.to_string().contains("has clones: c"), "{refused}");
+
+    // Flatten: the shared bytes are copied, the tie is cut, the snapshot can go.
+    rt.block_on(mgmt.flatten("p", "c", false)).unwrap();
+    let mut copied = 0;
+    for off in (0..size).step_by(1 << 20) {
+        copied += rt.block_on(clone.copy_parent(off, 1 << 20)).unwrap();
+    }
+    assert!(copied > 0 && copied < size, "{copied} bytes copied");
+    assert_eq!(rt.block_on(clone.copy_parent(0, size)).unwrap(), 0, "a second pass finds nothing left to copy");
+    let flat = rt.block_on(mgmt.flatten("p", "c", true)).unwrap();
+    assert!(flat.parent.is_none());
+    rt.block_on(mgmt.delete_snapshot("p", "v", "s1")).unwrap();
+    let alone = rt.block_on(cluster.open_volume(&flat)).unwrap();
+    assert!(!alone.is_clone());
+    rt.block_on(verify_all(&alone, &cloned));
+    // Deleting the parent leaves the flattened clone whole.
+    rt.block_on(mgmt.delete_volume("p", "v")).unwrap();
+    rt.block_on(verify_all(&alone, &cloned));
+}

@@ -137,6 +137,22 @@ enum VolumeCommand {
         #[arg(long, default_value = "default")]
         pool: String,
     },
+    /// Clone a snapshot: a new volume that reads as the snapshot, writable, with no data copied.
+    Clone {
+        /// The snapshot: POOL/VOLUME@SNAPSHOT (or VOLUME@SNAPSHOT in pool "default").
+        snapshot: String,
+        /// The new volume's name.
+        name: String,
+    },
+    /// Copy a clone's shared data from its parent (with progress) and cut the tie; the clone
+    /// must not be exported meanwhile.
+    Flatten {
+        /// The clone's name.
+        name: String,
+        /// Pool.
+        #[arg(long, default_value = "default")]
+        pool: String,
+    },
     /// Delete a volume and its data.
     Delete {
         /// Volume name.
@@ -413,6 +429,34 @@ pub fn volume(addr: &str, a: VolumeArgs) -> Result<String, String> {
                 return json(&v);
             }
             Ok(format!("volume {} in pool {} is now {} ({} bytes)\n", v.name, v.pool, size_text(v.size), v.size))
+        }
+        VolumeCommand::Clone { snapshot, name } => {
+            let (vol, snap) = snapshot.split_once('@').ok_or_else(|| format!("{snapshot:?} is not POOL/VOLUME@SNAPSHOT"))?;
+            let (pool, vol) = crate::snapshot::pool_volume(vol)?;
+            let v = block_on(addr, async |c| c.clone_volume(&pool, &vol, snap, &name).await)?;
+            if a.json {
+                return json(&v);
+            }
+            Ok(format!(
+                "created volume {} in pool {}: a clone of {pool}/{vol}@{snap}, {}, uuid {}\n",
+                v.name,
+                v.pool,
+                size_text(v.size),
+                v.uuid
+            ))
+        }
+        VolumeCommand::Flatten { name, pool } => {
+            let (v, copied) =
+                crate::snapshot::flatten(addr, &pool, &name, !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
+            if a.json {
+                return json(&v);
+            }
+            Ok(format!(
+                "flattened volume {} in pool {}: {} copied from its parent, which it no longer reads\n",
+                v.name,
+                v.pool,
+                size_text(copied)
+            ))
         }
         VolumeCommand::Delete { name, pool } => {
             let v = block_on(addr, async |c| c.delete_volume(&pool, &name).await)?;

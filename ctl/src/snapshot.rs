@@ -2,9 +2,11 @@
 //! management API.
 
 use clap::{Args, Subcommand};
-use tessera_mgmt_api::SnapshotInfo;
+use indicatif::{ProgressBar, ProgressStyle};
+use tessera_client::volume::Cluster;
+use tessera_mgmt_api::{MgmtClient, SnapshotInfo, VolumeInfo};
 
-use crate::mgmt::{block_on, json, size_text, Table};
+use crate::mgmt::{block_on, error_text, json, size_text, Table};
 
 /// `tessera snapshot ...`
 #[derive(Args, Debug)]
@@ -78,6 +80,42 @@ pub fn run(addr: &str, a: SnapshotArgs) -> Result<String, String> {
             Ok(format!("deleted snapshot {pool}/{vol}@{} (epoch {})\n", s.name, s.epoch))
         }
     }
+}
+
+/// `tessera volume flatten`: marks the flatten started (the service then refuses to export the
+/// clone), copies the parent's bytes into every range the clone never wrote, one chunk at a
+/// time with a progress bar (on a terminal, when `progress`), and cuts the tie. Running it again
+/// after an interruption continues (a copied range has no holes left).
+pub fn flatten(addr: &str, pool: &str, name: &str, progress: bool) -> Result<(VolumeInfo, u64), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let mgmt = MgmtClient::new(addr);
+    let err = |e| error_text(&e, addr);
+    rt.block_on(async {
+        let info = mgmt.flatten(pool, name, false).await.map_err(err)?;
+        let vol = Cluster::new(mgmt.clone()).open_volume(&info).await.map_err(|e| format!("opening {pool}/{name}: {e}"))?;
+        let step = vol.layout().chunk_size();
+        let bar = if progress { ProgressBar::new(info.size) } else { ProgressBar::hidden() };
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+                .map_err(|e| e.to_string())?
+                .progress_chars("=> "),
+        );
+        bar.set_message(format!("flattening {pool}/{name}"));
+        let mut copied = 0;
+        let mut at = 0;
+        while at < info.size {
+            let n = step.min(info.size - at);
+            copied += vol.copy_parent(at, n).await.map_err(|e| format!("copying {pool}/{name} at byte {at}: {e}"))?;
+            at += n;
+            bar.set_position(at);
+        }
+        bar.finish_and_clear();
+        Ok((mgmt.flatten(pool, name, true).await.map_err(err)?, copied))
+    })
 }
 
 fn snapshot_table(list: &[SnapshotInfo]) -> String {

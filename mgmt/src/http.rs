@@ -19,9 +19,9 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tessera_mgmt_api::{
-    ApiError, ClusterVersion, CreateClone, CreateExport, CreatePool, CreateSnapshot, CreateVolume, EngineReport, ExportInfo, ExportList, ExtendPool, Flatten,
-    Heartbeat, HeartbeatReply, PoolInfo, PoolMapInfo, RegisterEngine, ResizeVolume, SnapshotInfo, SystemInfo, TargetSelector, VolumeInfo,
-    SNAPSHOT_STABLE_WAIT,
+    ApiError, ClusterVersion, CreateClone, CreateExport, CreatePool, CreateSnapshot, CreateVolume, EngineReport, ExportInfo, ExportList,
+    ExtendPool, Flatten, Heartbeat, HeartbeatReply, PoolInfo, PoolMapInfo, RegisterEngine, ResizeVolume, SnapshotInfo, SystemInfo,
+    TargetSelector, VolumeInfo, SNAPSHOT_STABLE_WAIT,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::error;

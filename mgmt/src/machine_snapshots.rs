@@ -52,10 +52,7 @@ pub(super) fn delete_snapshot(s: &mut State, pool: &str, volume: &str, name: &st
     let rec = get_snapshot(v, name)?.clone();
     let clones = clones_of(s, v, Some(name));
     if !clones.is_empty() {
-        return conflict(format!(
-            "snapshot {pool}/{volume}@{name} has clones: {} (delete or flatten them first)",
-            clones.join(", ")
-        ));
+        return conflict(format!("snapshot {pool}/{volume}@{name} has clones: {} (delete or flatten them first)", clones.join(", ")));
     }
     if let Some(x) = s.snapshot_export(pool, volume, name) {
         return conflict(format!(

@@ -12,7 +12,7 @@ use tessera_engine_proto::{ContainerId, ObjectId};
 use tessera_mgmt_api::{MgmtClient, PoolMapInfo, SnapshotInfo, TargetStateName, VolumeInfo};
 use tracing::{debug, info, warn};
 
-use super::{Counters, Volume, VolumeError, VolumeInner};
+use super::{Counters, Parent, Volume, VolumeError, VolumeInner};
 use crate::ec::Codec;
 use crate::hlc;
 use crate::layout::VolumeLayout;
@@ -154,6 +154,11 @@ impl Cluster {
         };
         let pool = self.pool(&info.pool, info.pool_id).await?;
         let id = info.uuid.as_u128();
+        // A clone reads its parent's snapshot where it never wrote (a chain for a clone of a clone).
+        let parent = match &info.parent {
+            Some(p) => Some(Parent { snapshot: Box::pin(self.open(&p.volume, Some(&p.snapshot))).await?, size: p.snapshot.size }),
+            None => None,
+        };
         Ok(Volume {
             inner: Arc::new(VolumeInner {
                 cluster: self.clone(),
@@ -165,6 +170,7 @@ impl Cluster {
                 cont: ContainerId(id),
                 oid: ObjectId(id),
                 snapshot: snap.map(|s| (s.name.clone(), s.epoch)),
+                parent,
                 counters: Counters::default(),
             }),
         })

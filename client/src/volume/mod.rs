@@ -82,6 +82,8 @@ pub const WRITE_DEADLINE: Duration = Duration::from_secs(25);
 pub const READ_DEADLINE: Duration = Duration::from_secs(10);
 /// Pause between retries.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
+/// Most zeros a clone writes in one step of a Write Zeroes.
+const CLONE_ZEROES_STEP: u64 = 1 << 20;
 
 /// Why a volume operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -173,7 +175,38 @@ struct VolumeInner {
     oid: ObjectId,
     /// A snapshot's name and epoch: the handle is read-only and reads at that epoch.
     snapshot: Option<(String, Epoch)>,
+    /// A clone's parent: where the clone never wrote, it reads as this snapshot.
+    parent: Option<Parent>,
     counters: Counters,
+}
+
+/// The snapshot a clone reads through to, and its size (a clone may grow past it: beyond, the
+/// clone reads zeros where it never wrote).
+#[derive(Debug)]
+struct Parent {
+    snapshot: Volume,
+    size: u64,
+}
+
+impl Parent {
+    /// Fills the bytes of `read` that the clone never wrote (its holes) from the parent; the
+    /// piece starts at volume offset `at`.
+    async fn fill(&self, at: u64, read: read::Read) -> Result<Bytes, VolumeError> {
+        let bs = u64::from(self.snapshot.layout().block_size());
+        let mut out = BytesMut::from(&read.data[..]);
+        let fills = read.holes.iter().filter_map(|h| {
+            // Holes follow writes, which are whole blocks; read whole blocks regardless.
+            let (start, end) = (at + h.start as u64, at + h.end as u64);
+            let (a, b) = (start / bs * bs, end.div_ceil(bs) * bs);
+            (a < self.size).then_some(async move { (h.clone(), start - a, self.snapshot.read(a, b.min(self.size) - a).await) })
+        });
+        for (h, skip, r) in join_all(fills).await {
+            let data = r?;
+            let n = (h.end - h.start).min(data.len().saturating_sub(skip as usize));
+            out[h.start..h.start + n].copy_from_slice(&data[skip as usize..skip as usize + n]);
+        }
+        Ok(out.freeze())
+    }
 }
 
 impl Volume {
@@ -206,6 +239,47 @@ impl Volume {
         self.inner.layout.map(offset, len).map_err(|e| VolumeError::Range(e.to_string()))
     }
 
+    /// Whether this is a clone that still reads through to its parent.
+    pub fn is_clone(&self) -> bool {
+        self.inner.parent.is_some()
+    }
+
+    /// Flattening a clone, one range at a time: writes the parent's bytes wherever the clone
+    /// never wrote in `offset..offset + len`, so that the range no longer needs the parent.
+    /// Returns the bytes copied. Only safe while nothing else writes the clone (the management
+    /// service refuses to export a clone being flattened).
+    pub async fn copy_parent(&self, offset: u64, len: u64) -> Result<u64, VolumeError> {
+        self.check_writable()?;
+        let Some(parent) = &self.inner.parent else { return Ok(0) };
+        let mapping = self.map_range(offset, len)?;
+        let v = &*self.inner;
+        let epoch = hlc::now();
+        let reads = join_all(mapping.pieces.iter().map(|p| v.read_piece(p, epoch))).await;
+        let bs = u64::from(v.layout.block_size());
+        let mut copied = 0;
+        for (p, r) in mapping.pieces.iter().zip(reads) {
+            let read = r?;
+            if read.holes.is_empty() {
+                continue;
+            }
+            let at = offset + p.buf_offset;
+            let holes = read.holes.clone();
+            let filled = parent.fill(at, read).await?;
+            for h in holes {
+                // Whole blocks (holes follow whole-block writes).
+                let (a, b) = (h.start as u64 / bs * bs, (h.end as u64).div_ceil(bs) * bs);
+                let data = filled.slice(a as usize..(b as usize).min(filled.len()));
+                if data.is_empty() {
+                    continue;
+                }
+                let n = data.len() as u64;
+                self.write(at + a, data).await?;
+                copied += n;
+            }
+        }
+        Ok(copied)
+    }
+
     /// The snapshot this handle reads (name, epoch), if it is one: then it is read-only.
     pub fn snapshot(&self) -> Option<(&str, Epoch)> {
         self.inner.snapshot.as_ref().map(|(n, e)| (n.as_str(), *e))
@@ -228,12 +302,23 @@ impl Volume {
     }
 
     /// Makes `len` bytes at `offset` read as zeros (whole stripes punched, the rest written as
-    /// zeros). Durable when it returns `Ok`.
+    /// zeros; a clone writes zeros everywhere: a hole in a clone reads its parent's bytes).
+    /// Durable when it returns `Ok`.
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         self.check_writable()?;
         let mapping = self.map_range(offset, len)?;
-        let epoch = hlc::now();
-        self.inner.mutate(&mapping, None, epoch).await
+        if self.inner.parent.is_none() {
+            return self.inner.mutate(&mapping, None, hlc::now()).await;
+        }
+        let zeros = Bytes::from(vec![0u8; len.min(CLONE_ZEROES_STEP) as usize]);
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(CLONE_ZEROES_STEP);
+            let step = self.map_range(at, n)?;
+            self.inner.mutate(&step, Some(&zeros.slice(..n as usize)), hlc::now()).await?;
+            at += n;
+        }
+        Ok(())
     }
 
     /// Reads `len` bytes at `offset` (both multiples of the block size): as of now, or as of its
@@ -242,7 +327,20 @@ impl Volume {
         let mapping = self.map_range(offset, len)?;
         let epoch = self.inner.snapshot.as_ref().map_or_else(hlc::now, |(_, e)| *e);
         let v = &*self.inner;
-        let mut results = join_all(mapping.pieces.iter().map(|p| v.read_piece(p, epoch))).await;
+        let reads = join_all(mapping.pieces.iter().map(|p| v.read_piece(p, epoch))).await;
+        let mut results: Vec<Result<Bytes, VolumeError>> = match &v.parent {
+            // Where a clone never wrote, its parent's bytes.
+            Some(parent) => {
+                join_all(mapping.pieces.iter().zip(reads).map(|(p, r)| async move {
+                    match r {
+                        Ok(read) if !read.holes.is_empty() => parent.fill(offset + p.buf_offset, read).await,
+                        other => other.map(|read| read.data),
+                    }
+                }))
+                .await
+            }
+            None => reads.into_iter().map(|r| r.map(|read| read.data)).collect(),
+        };
         if results.len() == 1 {
             // One piece (a read inside one cell, the common small read): its bytes are the
             // whole answer, no copy.
@@ -343,6 +441,7 @@ mod tests {
             cont: ContainerId(77),
             oid: ObjectId(77),
             snapshot: None,
+            parent: None,
             counters: Counters::default(),
         }
     }

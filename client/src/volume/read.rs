@@ -1,8 +1,10 @@
 //! Reads: [`VolumeInner::read_piece`] reads one piece from its data shard (EC: the newest bytes
 //! across the base and delta akeys) or a replica, and without the data shard serves it from the
 //! parity shards' copies and by reconstruction at the parity's epoch; it retries after a map
-//! refresh until [`READ_DEADLINE`].
+//! refresh until [`READ_DEADLINE`]. Each read also says which bytes of the piece were never
+//! written ([`Read::holes`]): a clone reads those from its parent.
 
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -15,9 +17,52 @@ use super::{PoolView, ShardError, VolumeError, VolumeInner, AKEY_BASE, AKEY_COPY
 use crate::layout::Piece;
 use crate::placement::{Group, ShardPlacement};
 
+/// What a piece read found: its bytes (zeros where nothing was written) and the ranges of the
+/// piece no write ever reached, ascending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Read {
+    pub data: Bytes,
+    pub holes: Vec<Range<usize>>,
+}
+
+impl Read {
+    /// A read of `len` bytes whose written parts are `runs`.
+    fn from_runs(data: Bytes, runs: &[DataRun], len: usize) -> Read {
+        let mut covered = vec![false; len];
+        for r in runs {
+            let (a, b) = (r.offset as usize, (r.offset as usize + r.len as usize).min(len));
+            covered[a.min(b)..b].iter_mut().for_each(|c| *c = true);
+        }
+        Read { data, holes: holes_of(&covered) }
+    }
+
+    /// A read fully written.
+    fn whole(data: Bytes) -> Read {
+        Read { data, holes: Vec::new() }
+    }
+}
+
+/// The ranges of `covered` that are false.
+fn holes_of(covered: &[bool]) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < covered.len() {
+        if covered[at] {
+            at += 1;
+            continue;
+        }
+        let start = at;
+        while at < covered.len() && !covered[at] {
+            at += 1;
+        }
+        out.push(start..at);
+    }
+    out
+}
+
 impl VolumeInner {
     /// Reads one piece (inside one cell), degrading to copies or reconstruction as needed.
-    pub(super) async fn read_piece(&self, p: &Piece, epoch: Epoch) -> Result<Bytes, VolumeError> {
+    pub(super) async fn read_piece(&self, p: &Piece, epoch: Epoch) -> Result<Read, VolumeError> {
         let start = Instant::now();
         loop {
             let view = self.pool.current();
@@ -94,7 +139,7 @@ impl VolumeInner {
         }
     }
 
-    async fn read_replica(&self, view: &PoolView, group: &Group, dkey: &Bytes, p: &Piece, epoch: Epoch) -> Result<Bytes, Retry> {
+    async fn read_replica(&self, view: &PoolView, group: &Group, dkey: &Bytes, p: &Piece, epoch: Epoch) -> Result<Read, Retry> {
         let n = group.shards.len();
         // Spread reads over the replicas by chunk.
         let first = (p.dkey as usize) % n;
@@ -107,11 +152,11 @@ impl VolumeInner {
             }
             let req = self.fetch(dkey, AKEY_DELTA, p.chunk_offset, p.len, epoch, &[]);
             match self.fetch_runs(view, s, req).await {
-                Ok((data, _)) => {
+                Ok((data, runs)) => {
                     if i > 0 {
                         self.counters.degraded_reads.fetch_add(1, Ordering::Relaxed);
                     }
-                    return Ok(data);
+                    return Ok(Read::from_runs(data, &runs, p.len as usize));
                 }
                 Err(e) => {
                     all_checksum &= matches!(e, ShardError::Checksum(_));
@@ -126,12 +171,12 @@ impl VolumeInner {
         Err(Retry::Again(VolumeError::Unavailable(what)))
     }
 
-    async fn read_ec(&self, view: &PoolView, group: &Group, dkey: &Bytes, p: &Piece, epoch: Epoch) -> Result<Bytes, Retry> {
+    async fn read_ec(&self, view: &PoolView, group: &Group, dkey: &Bytes, p: &Piece, epoch: Epoch) -> Result<Read, Retry> {
         let data_shard = &group.shards[p.cell as usize];
         if data_shard.readable() {
             let req = self.fetch(dkey, AKEY_BASE, p.shard_offset, p.len, epoch, &[AKEY_DELTA]);
             match self.fetch_runs(view, data_shard, req).await {
-                Ok((data, _)) => return Ok(data),
+                Ok((data, runs)) => return Ok(Read::from_runs(data, &runs, p.len as usize)),
                 Err(e) => debug!(volume = %self.info.name, error = %e, "data shard read failed; degraded read"),
             }
         }
@@ -141,7 +186,7 @@ impl VolumeInner {
 
     /// Cell `p.cell` without its data shard: copies newer than the parity, the rest rebuilt
     /// from k other cells at the parity's epoch.
-    async fn read_ec_degraded(&self, view: &PoolView, group: &Group, dkey: &Bytes, p: &Piece, epoch: Epoch) -> Result<Bytes, Retry> {
+    async fn read_ec_degraded(&self, view: &PoolView, group: &Group, dkey: &Bytes, p: &Piece, epoch: Epoch) -> Result<Read, Retry> {
         let k = self.class.data_shards() as usize;
         let len = p.len as usize;
         let mut last = String::from("no readable parity shard");
@@ -176,10 +221,10 @@ impl VolumeInner {
             }
             let Some(e_p) = e_p else {
                 // No full-stripe write is visible: what no copy covers was never written.
-                return Ok(Bytes::from(out));
+                return Ok(Read { data: Bytes::from(out), holes: holes_of(&from_copy) });
             };
             if from_copy.iter().all(|&f| f) {
-                return Ok(Bytes::from(out));
+                return Ok(Read::whole(Bytes::from(out)));
             }
             let base = self.reconstruct(view, group, dkey, p, e_p, q, parity_data).await?;
             for (i, b) in base.into_iter().enumerate() {
@@ -187,7 +232,8 @@ impl VolumeInner {
                     out[i] = b;
                 }
             }
-            return Ok(Bytes::from(out));
+            // The base cell at e_p covers the whole cell (`single_epoch`).
+            return Ok(Read::whole(Bytes::from(out)));
         }
         Err(Retry::Again(VolumeError::Unavailable(format!(
             "chunk {} cell {}: data shard unavailable and no parity shard could serve it ({last})",
@@ -281,5 +327,17 @@ mod tests {
         assert_eq!(single_epoch(&[run(0, 50, 7), run(50, 50, 7)], 100), Ok(Some(7)));
         assert!(single_epoch(&[run(0, 50, 7), run(50, 50, 8)], 100).is_err());
         assert!(single_epoch(&[run(0, 50, 7)], 100).is_err());
+    }
+
+    #[test]
+    fn holes_are_what_no_run_covers() {
+        let run = |offset, len| DataRun { offset, len, epoch: 1 };
+        let holes = |runs: &[DataRun], len| Read::from_runs(Bytes::new(), runs, len).holes;
+        assert_eq!(holes(&[], 10), vec![0..10]);
+        assert_eq!(holes(&[run(0, 10)], 10), Vec::<Range<usize>>::new());
+        assert_eq!(holes(&[run(2, 3), run(7, 1)], 10), vec![0..2, 5..7, 8..10]);
+        assert_eq!(holes(&[run(0, 4), run(4, 6)], 10), Vec::<Range<usize>>::new());
+        // A run reaching past the piece (never sent, but harmless).
+        assert_eq!(holes(&[run(8, 9)], 10), vec![0..8]);
     }
 }

@@ -138,9 +138,9 @@ case_ec_snapshot() {
     ec_ensure_connected || return 1
     d="$(ec_dev)"
     make_pattern /tmp/snapA 8; make_pattern /tmp/snapB 8
-    must "write pattern A" write_range "$d" 200 /tmp/snapA || return 1
+    write_range "$d" 200 /tmp/snapA || { fail "writing pattern A to /dev/$d failed"; return 1; }
     request snapshot-export snap1 "$SNAP_NQN" || return 1
-    must "write pattern B" write_range "$d" 200 /tmp/snapB || return 1
+    write_range "$d" 200 /tmp/snapB || { fail "writing pattern B to /dev/$d failed"; return 1; }
     echo "\$ nvme connect -t tcp -a $TADDR -s $EC_PORT -n $SNAP_NQN"
     timeout 90 nvme connect -t tcp -a "$TADDR" -s "$EC_PORT" -n "$SNAP_NQN" $CONNECT_OPTS \
         || { fail "nvme connect to $SNAP_NQN failed"; return 1; }
