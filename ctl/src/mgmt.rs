@@ -502,7 +502,20 @@ fn volume_text(v: &VolumeInfo) -> String {
         size_text(v.chunk_size),
         if v.checksum { "on" } else { "off" },
         v.created
-    )
+    ) + &lineage_text(v)
+}
+
+/// A clone's parent and the volume's snapshots, one line each (nothing for a plain volume).
+fn lineage_text(v: &VolumeInfo) -> String {
+    let mut out = String::new();
+    if let Some(p) = &v.parent {
+        let flattening = if v.flattening { " (being flattened)" } else { "" };
+        out += &format!("  clone of   {}/{}@{} (epoch {}){flattening}\n", p.volume.pool, p.volume.name, p.snapshot.name, p.snapshot.epoch);
+    }
+    for s in &v.snapshots {
+        out += &format!("  snapshot   {} (epoch {}, {})\n", s.name, s.epoch, size_text(s.size));
+    }
+    out
 }
 
 /// `tessera export ...`

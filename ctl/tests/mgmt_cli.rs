@@ -501,6 +501,21 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
     assert!(one_line(&err).contains("snapshot default/vol0@s1 is exported"), "{err}");
     let (code, _, err) = tessera(&["--mgmt", &mgmt, "export", "remove", "--nqn", snap_nqn, "--nsid", "1"]);
     assert_eq!(code, 0, "{err}");
+    // A clone of it: listed with its parent, kept from the snapshot, flattened, deleted.
+    let (code, out, err) = tessera(&["--mgmt", &mgmt, "volume", "clone", "vol0@s1", "c1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("created volume c1 in pool default: a clone of default/vol0@s1, 32 MiB"), "{out}");
+    let (_, out, _) = tessera(&["--mgmt", &mgmt, "volume", "info", "c1"]);
+    assert!(out.contains("clone of   default/vol0@s1"), "{out}");
+    let (code, _, err) = tessera(&["--mgmt", &mgmt, "snapshot", "delete", "vol0", "s1"]);
+    assert_eq!(code, 1);
+    assert!(one_line(&err).contains("has clones: c1"), "{err}");
+    let (code, out, err) = tessera(&["--mgmt", &mgmt, "volume", "flatten", "c1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("flattened volume c1 in pool default: ") && out.contains("copied from its parent"), "{out}");
+    assert!(tessera_json(&mgmt, &["volume", "info", "c1"]).get("parent").is_none());
+    let (code, _, err) = tessera(&["--mgmt", &mgmt, "volume", "delete", "c1"]);
+    assert_eq!(code, 0, "{err}");
 
     // An engine killed -9 is reported; the others keep running.
     let victim = up.pid("engine-2");

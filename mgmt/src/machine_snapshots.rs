@@ -113,6 +113,13 @@ pub(super) fn flatten(s: &mut State, pool: &str, volume: &str, done: bool) -> Re
         return conflict(format!("volume {pool}/{volume} is not a clone: nothing to flatten"));
     }
     if !done {
+        if !v.snapshots.is_empty() {
+            let names: Vec<&str> = v.snapshots.iter().map(|x| x.name.as_str()).collect();
+            return conflict(format!(
+                "clone {pool}/{volume} has snapshots that read through to its parent: {} (delete them first)",
+                names.join(", ")
+            ));
+        }
         if let Some(x) = s.export_of(pool, volume) {
             return conflict(format!(
                 "volume {pool}/{volume} is exported (namespace {} of {}): flatten it while it is not exported",
@@ -325,6 +332,10 @@ mod tests {
         assert!(c.parent.is_none() && !c.flattening);
         let done = ok(&done, delete("s1"), 3004);
         ok(&done, exp, 3005);
+        // Not while the clone has snapshots (they read through to the parent too).
+        let with_snap = ok(&s, Command::CreateSnapshot { pool: "p".into(), volume: "c".into(), name: "cs".into() }, 3100);
+        let e = run(&with_snap, fl(false), 3101).unwrap_err();
+        assert!(e.to_string().contains("has snapshots that read through to its parent: cs"), "{e}");
         // A volume that is not a clone has nothing to flatten; an exported clone is not flattened.
         assert_eq!(run(&s, Command::Flatten { pool: "p".into(), volume: "v".into(), done: false }, 3000).unwrap_err().status(), 409);
     }
