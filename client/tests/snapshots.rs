@@ -339,3 +339,61 @@ fn a_clone_reads_through_to_its_snapshot_and_stands_alone_once_flattened() {
     rt.block_on(mgmt.delete_volume("p", "v")).unwrap();
     rt.block_on(verify_all(&alone, &cloned));
 }
+
+/// Rollback: the volume reads exactly as the snapshot at once, with nothing copied; writes after
+/// it are the volume's new history; a later snapshot taken before the rollback keeps its own
+/// content and can be rolled back to in turn; everything stays right through aggregation and
+/// with an engine killed.
+#[test]
+fn a_rollback_makes_the_volume_read_as_the_snapshot_with_nothing_copied() {
+    let mut c = LocalCluster::start_with("rollback", 3, 2, "256MiB", "30s", "\n[tuning]\naggregation_lag_secs = 1\n");
+    let rt = runtime();
+    let mgmt = c.client();
+    let size: u64 = 4 << 20;
+    let vol = rt.block_on(open(&c, "EC_2P1", size));
+    let mut rng = Rng(0x0b0c);
+    let mut live = vec![0u8; size as usize];
+    let mut at = Vec::new();
+    rt.block_on(async {
+        for (i, name) in ["s1", "s2"].into_iter().enumerate() {
+            common::sequential_random_writes(&vol, &mut live, &mut rng, 60, 1 + i as u64).await;
+            mgmt.create_snapshot("p", "v", name).await.unwrap();
+            at.push(live.clone());
+        }
+        common::sequential_random_writes(&vol, &mut live, &mut rng, 60, 3).await;
+        vol.write_zeroes(0, 1 << 20).await.unwrap();
+    });
+    let used = rt.block_on(common::used_bytes(&c));
+    let rolled = rt.block_on(mgmt.rollback("p", "v", "s1", false)).unwrap();
+    assert_eq!(rolled.rollbacks.len(), 1);
+    let cluster = Cluster::new(mgmt.clone());
+    let vol = rt.block_on(cluster.open_volume(&rolled)).unwrap();
+    rt.block_on(verify_all(&vol, &at[0]));
+    assert!(rt.block_on(common::used_bytes(&c)) <= used, "a rollback copies nothing");
+    // New writes on top of the rolled-back content.
+    let mut after = at[0].clone();
+    rt.block_on(common::sequential_random_writes(&vol, &mut after, &mut rng, 60, 4));
+    rt.block_on(verify_all(&vol, &after));
+    // s2 (taken before the rollback) still reads as it was, and can be rolled back to.
+    let info = rt.block_on(mgmt.volume("p", "v")).unwrap();
+    let s2 = info.snapshots.iter().find(|s| s.name == "s2").unwrap();
+    rt.block_on(verify_all(&rt.block_on(cluster.open_snapshot(&info, s2)).unwrap(), &at[1]));
+    let rolled = rt.block_on(mgmt.rollback("p", "v", "s2", false)).unwrap();
+    let vol = rt.block_on(cluster.open_volume(&rolled)).unwrap();
+    rt.block_on(verify_all(&vol, &at[1]));
+    let mut last = at[1].clone();
+    rt.block_on(common::sequential_random_writes(&vol, &mut last, &mut rng, 40, 5));
+    // Through aggregation (1 s lag) and with each engine killed in turn.
+    let before = rt.block_on(common::used_bytes(&c));
+    wait_for("aggregation after the rollbacks", Duration::from_secs(30), || {
+        let now = rt.block_on(common::used_bytes(&c));
+        (now < before).then_some(()).ok_or(format!("{before} -> {now} bytes"))
+    });
+    rt.block_on(verify_all(&vol, &last));
+    for rank in 0..3 {
+        c.kill_engine(rank);
+        rt.block_on(verify_all(&vol, &last));
+        c.engines[rank as usize] = Some(c.start_engine(rank));
+        c.wait_engines_up(3, Duration::from_secs(20));
+    }
+}

@@ -153,6 +153,15 @@ enum VolumeCommand {
         #[arg(long, default_value = "default")]
         pool: String,
     },
+    /// Make a volume read exactly as one of its snapshots (no data copied; newer writes become
+    /// unreachable). Refused while the volume is exported, unless forced.
+    Rollback {
+        /// The snapshot: POOL/VOLUME@SNAPSHOT (or VOLUME@SNAPSHOT in pool "default").
+        snapshot: String,
+        /// Even while exported: its hosts keep whatever they cached; reconnect them.
+        #[arg(long)]
+        force: bool,
+    },
     /// Delete a volume and its data.
     Delete {
         /// Volume name.
@@ -445,6 +454,16 @@ pub fn volume(addr: &str, a: VolumeArgs) -> Result<String, String> {
                 v.uuid
             ))
         }
+        VolumeCommand::Rollback { snapshot, force } => {
+            let (vol, snap) = snapshot.split_once('@').ok_or_else(|| format!("{snapshot:?} is not POOL/VOLUME@SNAPSHOT"))?;
+            let (pool, vol) = crate::snapshot::pool_volume(vol)?;
+            let v = block_on(addr, async |c| c.rollback(&pool, &vol, snap, force).await)?;
+            if a.json {
+                return json(&v);
+            }
+            let at = v.rollbacks.last().map_or(0, |r| r.at);
+            Ok(format!("rolled volume {pool}/{vol} back to {snap} at epoch {at}: it reads as the snapshot, {}\n", size_text(v.size)))
+        }
         VolumeCommand::Flatten { name, pool } => {
             let (v, copied) =
                 crate::snapshot::flatten(addr, &pool, &name, !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
@@ -514,6 +533,9 @@ fn lineage_text(v: &VolumeInfo) -> String {
     }
     for s in &v.snapshots {
         out += &format!("  snapshot   {} (epoch {}, {})\n", s.name, s.epoch, size_text(s.size));
+    }
+    for r in &v.rollbacks {
+        out += &format!("  rollback   to {} (epoch {}) at epoch {}\n", r.snapshot, r.to, r.at);
     }
     out
 }

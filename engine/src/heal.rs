@@ -137,12 +137,17 @@ impl Healer {
         })
     }
 
-    /// The snapshot epochs whose views a rebuilt shard of `v` must keep: the service's latest
-    /// list and the volume's description, ascending.
+    /// The epochs whose views a rebuilt shard of `v` must keep (snapshots, rollbacks): the
+    /// service's latest list and the volume's description, ascending.
     pub fn retained(&self, v: &Volume) -> Vec<u64> {
         let uuid = v.info().uuid.as_u128();
         let latest = self.snapshots.borrow().epochs.get(&uuid).cloned().unwrap_or_default();
-        let mut all: Vec<u64> = latest.into_iter().chain(v.info().snapshots.iter().map(|s| s.epoch)).collect();
+        let info = v.info();
+        let mut all: Vec<u64> = latest
+            .into_iter()
+            .chain(info.snapshots.iter().map(|s| s.epoch))
+            .chain(info.rollbacks.iter().flat_map(|r| [r.at, r.to]))
+            .collect();
         all.sort_unstable();
         all.dedup();
         all

@@ -349,6 +349,31 @@ pub struct VolumeInfo {
     /// A flatten is copying the parent's data into this clone.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub flattening: bool,
+    /// Rollbacks, oldest first: from each one's `at` epoch on, what was written at or below it
+    /// reads as the volume did at its `to` epoch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollbacks: Vec<RollbackInfo>,
+}
+
+/// A rollback of a volume to one of its snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackInfo {
+    /// The epoch of the rollback: writes above it are the volume's new history.
+    pub at: u64,
+    /// The snapshot's epoch: what was written at or below `at` reads as of this epoch.
+    pub to: u64,
+    /// The snapshot's name (it may have been deleted since; its epoch stays retained).
+    pub snapshot: String,
+}
+
+/// `POST /v1/pools/{pool}/volumes/{volume}/rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollback {
+    /// The snapshot to roll back to.
+    pub snapshot: String,
+    /// Roll back even while the volume is exported (hosts keep what they cached).
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// The parent of a clone: a snapshot of another volume of the same pool.
@@ -666,6 +691,16 @@ impl MgmtClient {
     /// reads as the snapshot, writable, with no data copied.
     pub async fn clone_volume(&self, pool: &str, volume: &str, snapshot: &str, name: &str) -> Result<VolumeInfo, MgmtError> {
         self.post(&format!("/pools/{pool}/volumes/{volume}/snapshots/{snapshot}/clone"), &CreateClone { name: name.to_string() }).await
+    }
+
+    /// `POST /v1/pools/{pool}/volumes/{volume}/rollback`: the volume reads as the snapshot;
+    /// answers once no write at or below the rollback's epoch can still commit.
+    pub async fn rollback(&self, pool: &str, volume: &str, snapshot: &str, force: bool) -> Result<VolumeInfo, MgmtError> {
+        let req = self
+            .http
+            .post(self.url(&format!("/pools/{pool}/volumes/{volume}/rollback")))
+            .json(&Rollback { snapshot: snapshot.to_string(), force });
+        self.send(req, SNAPSHOT_STABLE_WAIT + DEFAULT_TIMEOUT).await
     }
 
     /// `POST /v1/pools/{pool}/volumes/{volume}/flatten`.

@@ -20,8 +20,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tessera_mgmt_api::{
     ApiError, ClusterVersion, CreateClone, CreateExport, CreatePool, CreateSnapshot, CreateVolume, EngineReport, ExportInfo, ExportList,
-    ExtendPool, Flatten, Heartbeat, HeartbeatReply, PoolInfo, PoolMapInfo, RegisterEngine, ResizeVolume, SnapshotInfo, SystemInfo,
-    TargetSelector, VolumeInfo, SNAPSHOT_STABLE_WAIT,
+    ExtendPool, Flatten, Heartbeat, HeartbeatReply, PoolInfo, PoolMapInfo, RegisterEngine, ResizeVolume, Rollback, SnapshotInfo,
+    SystemInfo, TargetSelector, VolumeInfo, SNAPSHOT_STABLE_WAIT,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::error;
@@ -160,6 +160,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/pools/{pool}/volumes/{volume}/snapshots/{name}", get(get_snapshot).delete(delete_snapshot))
         .route("/v1/pools/{pool}/volumes/{volume}/snapshots/{name}/clone", post(clone_volume))
         .route("/v1/pools/{pool}/volumes/{volume}/flatten", post(flatten))
+        .route("/v1/pools/{pool}/volumes/{volume}/rollback", post(rollback))
         .route("/v1/exports", get(list_exports).post(create_export))
         .route("/v1/exports/{nqn}/{nsid}", get(get_export).delete(delete_export))
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -340,6 +341,27 @@ async fn flatten(
         Outcome::Volume(v) => Ok(Json(v)),
         o => Err(unexpected(o)),
     }
+}
+
+/// Records the rollback, then answers once no write at or below its epoch can still commit
+/// (the pool's stable epoch passed it), or after [`SNAPSHOT_STABLE_WAIT`].
+async fn rollback(
+    State(app): State<App>,
+    ApiPath((pool, volume)): ApiPath<(String, String)>,
+    ApiJson(req): ApiJson<Rollback>,
+) -> Result<Json<VolumeInfo>, HttpError> {
+    let cmd = Command::Rollback { pool: pool.clone(), volume, snapshot: req.snapshot, force: req.force };
+    let v = match execute(&app, cmd).await? {
+        Outcome::Volume(v) => v,
+        o => return Err(unexpected(o)),
+    };
+    if let Some(r) = v.rollbacks.last() {
+        tokio::select! {
+            _ = app.svc.wait_stable(&pool, r.at, SNAPSHOT_STABLE_WAIT) => {}
+            _ = app.stop.cancelled() => {}
+        }
+    }
+    Ok(Json(v))
 }
 
 async fn get_snapshot(

@@ -27,7 +27,7 @@ mod targets;
 use targets::*;
 #[path = "machine_snapshots.rs"]
 mod snapshots;
-use snapshots::{clone_parent, clone_volume, clones_of, create_snapshot, delete_snapshot, flatten, get_snapshot};
+use snapshots::{clone_parent, clone_volume, clones_of, create_snapshot, delete_snapshot, flatten, get_snapshot, rollback};
 pub use snapshots::{retention, snapshot_info, snapshots, MAX_SNAPSHOTS};
 
 /// Default object class of a pool.
@@ -187,6 +187,17 @@ pub enum Command {
         volume: String,
         /// See above.
         done: bool,
+    },
+    /// Roll a volume back to one of its snapshots at the current epoch (no data copied).
+    Rollback {
+        /// Pool name.
+        pool: String,
+        /// Volume name.
+        volume: String,
+        /// The snapshot.
+        snapshot: String,
+        /// Even while the volume is exported.
+        force: bool,
     },
     /// Export a volume or a snapshot of it.
     CreateExport(CreateExport),
@@ -381,6 +392,7 @@ fn apply_to(next: &mut State, cmd: &Command, env: &Env) -> Result<Outcome, CmdEr
         Command::DeleteSnapshot { pool, volume, name } => delete_snapshot(next, pool, volume, name)?,
         Command::CloneVolume { pool, volume, snapshot, name } => clone_volume(next, pool, volume, snapshot, name, env)?,
         Command::Flatten { pool, volume, done } => flatten(next, pool, volume, *done)?,
+        Command::Rollback { pool, volume, snapshot, force } => rollback(next, pool, volume, snapshot, *force, env)?,
         Command::CreateExport(req) => create_export(next, req)?,
         Command::DeleteExport { nqn, nsid } => delete_export(next, nqn, *nsid)?,
     };
@@ -680,6 +692,11 @@ fn volume_info(state: &State, v: &VolumeRec) -> VolumeInfo {
         snapshots: v.snapshots.iter().map(|x| snapshot_info(x, 0)).collect(),
         parent: clone_parent(state, v),
         flattening: v.flattening,
+        rollbacks: v
+            .rollbacks
+            .iter()
+            .map(|r| tessera_mgmt_api::RollbackInfo { at: r.at, to: r.to, snapshot: r.snapshot.clone() })
+            .collect(),
     }
 }
 
@@ -735,6 +752,7 @@ fn create_volume(s: &mut State, pool: &str, req: &CreateVolume, env: &Env) -> Re
         snapshots: Vec::new(),
         parent: None,
         flattening: false,
+        rollbacks: Vec::new(),
     };
     let info = volume_info(s, &rec);
     s.volumes.insert((pool.to_string(), req.name.clone()), rec);

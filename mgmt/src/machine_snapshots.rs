@@ -8,7 +8,7 @@
 use tessera_mgmt_api::{CloneParent, SnapshotInfo, VolumeRetention};
 
 use super::*;
-use crate::state::{CloneOf, SnapshotRec};
+use crate::state::{CloneOf, RollbackRec, SnapshotRec};
 
 /// Most snapshots one volume keeps.
 pub const MAX_SNAPSHOTS: usize = 64;
@@ -141,6 +141,38 @@ pub(super) fn flatten(s: &mut State, pool: &str, volume: &str, done: bool) -> Re
     Ok(Outcome::Volume(info))
 }
 
+pub(super) fn rollback(s: &mut State, pool: &str, volume: &str, snapshot: &str, force: bool, env: &Env) -> Result<Outcome, CmdError> {
+    let v = get_volume(s, pool, volume)?;
+    let snap = get_snapshot(v, snapshot)?.clone();
+    if !force {
+        if let Some(x) = s.export_of(pool, volume) {
+            return conflict(format!(
+                "volume {pool}/{volume} is exported (namespace {} of {}): its hosts would keep what they cached; remove the export or force it",
+                x.nsid, x.nqn
+            ));
+        }
+    }
+    if v.flattening {
+        return conflict(format!("volume {pool}/{volume} is being flattened"));
+    }
+    if let Some(x) = s.export_of(pool, volume).filter(|_| snap.size != v.size) {
+        return conflict(format!(
+            "volume {pool}/{volume} was resized since {snapshot} and is exported (namespace {} of {}): a namespace cannot change size under its hosts; remove the export first",
+            x.nsid, x.nqn
+        ));
+    }
+    if v.rollbacks.last().is_some_and(|r| r.at >= env.epoch_now) || snap.epoch >= env.epoch_now {
+        return Err(CmdError::Internal(format!("the clock stands at or before the newest epoch of {pool}/{volume}")));
+    }
+    let key = (pool.to_string(), volume.to_string());
+    let v = s.volumes.get_mut(&key).ok_or_else(|| CmdError::NoVolume { pool: pool.to_string(), volume: volume.to_string() })?;
+    v.rollbacks.push(RollbackRec { at: env.epoch_now, to: snap.epoch, snapshot: snapshot.to_string() });
+    // The volume reads as the snapshot, whose size it takes back.
+    v.size = snap.size;
+    let info = volume_info(s, get_volume(s, pool, volume)?);
+    Ok(Outcome::Volume(info))
+}
+
 /// The snapshots of a volume, oldest first (`stable` measured against `stable_epoch`).
 pub fn snapshots(state: &State, pool: &str, volume: &str, stable_epoch: u64) -> Result<Vec<SnapshotInfo>, CmdError> {
     Ok(get_volume(state, pool, volume)?.snapshots.iter().map(|x| snapshot_info(x, stable_epoch)).collect())
@@ -154,8 +186,15 @@ pub fn retention(state: &State, rank: u32) -> Vec<VolumeRetention> {
     state
         .volumes
         .values()
-        .filter(|v| !v.snapshots.is_empty() && pools.contains(v.pool.as_str()))
-        .map(|v| VolumeRetention { volume: v.uuid, epochs: v.snapshots.iter().map(|x| x.epoch).collect() })
+        .filter(|v| (!v.snapshots.is_empty() || !v.rollbacks.is_empty()) && pools.contains(v.pool.as_str()))
+        .map(|v| {
+            // A rollback needs the views at both its epochs: the snapshot's, and its own (which
+            // tells writes before it from writes after it).
+            let mut epochs: Vec<u64> = v.snapshots.iter().map(|x| x.epoch).chain(v.rollbacks.iter().flat_map(|r| [r.at, r.to])).collect();
+            epochs.sort_unstable();
+            epochs.dedup();
+            VolumeRetention { volume: v.uuid, epochs }
+        })
         .collect()
 }
 
@@ -338,5 +377,31 @@ mod tests {
         assert!(e.to_string().contains("has snapshots that read through to its parent: cs"), "{e}");
         // A volume that is not a clone has nothing to flatten; an exported clone is not flattened.
         assert_eq!(run(&s, Command::Flatten { pool: "p".into(), volume: "v".into(), done: false }, 3000).unwrap_err().status(), 409);
+    }
+
+    #[test]
+    fn a_rollback_retains_both_its_epochs_and_refuses_exported_volumes_unless_forced() {
+        let s = ok(&cluster(), create("s1"), 1000);
+        let rb = |force| Command::Rollback { pool: "p".into(), volume: "v".into(), snapshot: "s1".into(), force };
+        let exported = ok(&s, export("nqn.2026-12.io.tessera:v", None), 1500);
+        let e = run(&exported, rb(false), 2000).unwrap_err();
+        assert_eq!(e.status(), 409);
+        assert!(e.to_string().contains("is exported"), "{e}");
+        let (forced, out) = run(&exported, rb(true), 2000).unwrap();
+        let Outcome::Volume(v) = out else { panic!("{out:?}") };
+        assert_eq!(v.rollbacks.iter().map(|r| (r.at, r.to, r.snapshot.as_str())).collect::<Vec<_>>(), [(2000, 1000, "s1")]);
+        let uuid = v.uuid;
+        // The snapshot may go; both epochs stay retained for the rollback.
+        let gone = ok(&forced, delete("s1"), 3000);
+        assert_eq!(retention(&gone, 0), [VolumeRetention { volume: uuid, epochs: vec![1000, 2000] }]);
+        assert_eq!(run(&gone, rb(true), 4000).unwrap_err().status(), 404, "no snapshot s1 any more");
+        // A grown volume takes its snapshot's size back; exported, that is refused.
+        let grown = ok(&exported, Command::ResizeVolume { pool: "p".into(), volume: "v".into(), size: 2 << 20 }, 1600);
+        let e = run(&grown, rb(true), 2000).unwrap_err();
+        assert!(e.to_string().contains("was resized since s1"), "{e}");
+        let unexported = ok(&grown, Command::DeleteExport { nqn: "nqn.2026-12.io.tessera:v".into(), nsid: 1 }, 1700);
+        let (_, out) = run(&unexported, rb(false), 2000).unwrap();
+        let Outcome::Volume(v) = out else { panic!("{out:?}") };
+        assert_eq!(v.size, 1 << 20);
     }
 }

@@ -301,6 +301,7 @@ fn create_volume_defaults() {
             snapshots: Vec::new(),
             parent: None,
             flattening: false,
+            rollbacks: Vec::new(),
         }
     );
     assert_eq!(volume(&n, "p", "v").unwrap(), v);

@@ -121,6 +121,20 @@ pub struct VolumeRec {
     /// A flatten is copying the parent's data into this clone: it cannot be exported meanwhile.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub flattening: bool,
+    /// Rollbacks, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollbacks: Vec<RollbackRec>,
+}
+
+/// A rollback: from epoch `at` on, what was written at or below `at` reads as of `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackRec {
+    /// The rollback's epoch.
+    pub at: u64,
+    /// The snapshot's epoch.
+    pub to: u64,
+    /// The snapshot's name.
+    pub snapshot: String,
 }
 
 /// The snapshot a clone reads through to where it has not written.
@@ -417,6 +431,7 @@ pub(crate) mod tests {
                 snapshots: vec![SnapshotRec { name: "s1".into(), epoch: 1 << 40, created: 6, size: 1 << 20 }],
                 parent: Some(CloneOf { volume: "base".into(), uuid: Uuid::from_u128(9), snapshot: "gold".into(), epoch: 1 << 39 }),
                 flattening: true,
+                rollbacks: vec![RollbackRec { at: 1 << 41, to: 1 << 40, snapshot: "s1".into() }],
             },
         );
         s.exports.insert(

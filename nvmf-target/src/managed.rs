@@ -364,6 +364,7 @@ mod tests {
             snapshots: Vec::new(),
             parent: None,
             flattening: false,
+            rollbacks: Vec::new(),
         }
     }
 

@@ -171,6 +171,7 @@ impl Cluster {
                 oid: ObjectId(id),
                 snapshot: snap.map(|s| (s.name.clone(), s.epoch)),
                 parent,
+                rollbacks: info.rollbacks.iter().map(|r| (r.at, r.to)).collect(),
                 counters: Counters::default(),
             }),
         })

@@ -54,7 +54,7 @@ use tracing::warn;
 
 use crate::ec::Codec;
 use crate::hlc;
-use crate::layout::{Mapping, VolumeLayout};
+use crate::layout::{Mapping, Piece, VolumeLayout};
 use crate::placement::{layout_for_dkey, Group, ObjectClass, ShardPlacement, TargetRef};
 use crate::rpc::RpcError;
 
@@ -177,6 +177,9 @@ struct VolumeInner {
     snapshot: Option<(String, Epoch)>,
     /// A clone's parent: where the clone never wrote, it reads as this snapshot.
     parent: Option<Parent>,
+    /// Rollbacks as (at, to) epochs, ascending: reading at an epoch above `at`, bytes written
+    /// at or below `at` are read again at `to`.
+    rollbacks: Vec<(Epoch, Epoch)>,
     counters: Counters,
 }
 
@@ -254,7 +257,7 @@ impl Volume {
         let mapping = self.map_range(offset, len)?;
         let v = &*self.inner;
         let epoch = hlc::now();
-        let reads = join_all(mapping.pieces.iter().map(|p| v.read_piece(p, epoch))).await;
+        let reads = join_all(mapping.pieces.iter().map(|p| v.read_piece_at(p, epoch))).await;
         let bs = u64::from(v.layout.block_size());
         let mut copied = 0;
         for (p, r) in mapping.pieces.iter().zip(reads) {
@@ -302,12 +305,15 @@ impl Volume {
     }
 
     /// Makes `len` bytes at `offset` read as zeros (whole stripes punched, the rest written as
-    /// zeros; a clone writes zeros everywhere: a hole in a clone reads its parent's bytes).
+    /// zeros; a clone or a rolled-back volume writes zeros everywhere: a hole there reads older
+    /// data).
     /// Durable when it returns `Ok`.
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         self.check_writable()?;
         let mapping = self.map_range(offset, len)?;
-        if self.inner.parent.is_none() {
+        // A clone's or a rolled-back volume's holes mean "read older data" (the parent's, the
+        // snapshot's): they write zeros instead of punching.
+        if self.inner.parent.is_none() && self.inner.rollbacks.is_empty() {
             return self.inner.mutate(&mapping, None, hlc::now()).await;
         }
         let zeros = Bytes::from(vec![0u8; len.min(CLONE_ZEROES_STEP) as usize]);
@@ -327,7 +333,7 @@ impl Volume {
         let mapping = self.map_range(offset, len)?;
         let epoch = self.inner.snapshot.as_ref().map_or_else(hlc::now, |(_, e)| *e);
         let v = &*self.inner;
-        let reads = join_all(mapping.pieces.iter().map(|p| v.read_piece(p, epoch))).await;
+        let reads = join_all(mapping.pieces.iter().map(|p| v.read_piece_at(p, epoch))).await;
         let mut results: Vec<Result<Bytes, VolumeError>> = match &v.parent {
             // Where a clone never wrote, its parent's bytes.
             Some(parent) => {
@@ -359,6 +365,28 @@ impl Volume {
 }
 
 impl VolumeInner {
+    /// A piece as of `epoch`, rollbacks applied: if the newest rollback below `epoch` was at
+    /// `at`, what the read finds written at or below `at`, and its holes (a punch before the
+    /// rollback; after one, the volume writes zeros instead of punching), are read again at the
+    /// rollback's snapshot epoch (which may itself be after an older rollback).
+    async fn read_piece_at(&self, p: &Piece, epoch: Epoch) -> Result<read::Read, VolumeError> {
+        let mut r = self.read_piece(p, epoch).await?;
+        let mut at_epoch = epoch;
+        // Each step reads at an older epoch: the loop ends (at most once per rollback).
+        while let Some(&(at, to)) = self.rollbacks.iter().rev().find(|(at, _)| *at < at_epoch) {
+            let mut stale = r.written_at_or_below(at);
+            stale.extend(r.holes.iter().cloned());
+            if stale.is_empty() {
+                break;
+            }
+            let older = self.read_piece(p, to).await?;
+            r = r.overlay(&stale, &older);
+            // Only bytes just taken from `to` can be stale under an older rollback.
+            at_epoch = to;
+        }
+        Ok(r)
+    }
+
     fn group(&self, view: &PoolView, dkey: &Bytes) -> Result<Group, VolumeError> {
         layout_for_dkey(&view.map, self.oid, dkey, self.class).map_err(|e| VolumeError::Config(e.to_string()))
     }
@@ -430,6 +458,7 @@ mod tests {
             snapshots: Vec::new(),
             parent: None,
             flattening: false,
+            rollbacks: Vec::new(),
         };
         VolumeInner {
             cluster: Cluster::new(MgmtClient::new("127.0.0.1:9")),
@@ -442,6 +471,7 @@ mod tests {
             oid: ObjectId(77),
             snapshot: None,
             parent: None,
+            rollbacks: Vec::new(),
             counters: Counters::default(),
         }
     }

@@ -17,28 +17,73 @@ use super::{PoolView, ShardError, VolumeError, VolumeInner, AKEY_BASE, AKEY_COPY
 use crate::layout::Piece;
 use crate::placement::{Group, ShardPlacement};
 
-/// What a piece read found: its bytes (zeros where nothing was written) and the ranges of the
-/// piece no write ever reached, ascending.
+/// What a piece read found: its bytes (zeros where nothing was written), the ranges of the
+/// piece no write ever reached, ascending, and the epoch of the write that each written range
+/// holds (a rolled-back volume reads again, at the snapshot's epoch, what was written before
+/// the rollback).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Read {
     pub data: Bytes,
     pub holes: Vec<Range<usize>>,
+    pub epochs: Vec<(Range<usize>, Epoch)>,
 }
 
 impl Read {
     /// A read of `len` bytes whose written parts are `runs`.
     fn from_runs(data: Bytes, runs: &[DataRun], len: usize) -> Read {
         let mut covered = vec![false; len];
+        let mut epochs = Vec::with_capacity(runs.len());
         for r in runs {
             let (a, b) = (r.offset as usize, (r.offset as usize + r.len as usize).min(len));
             covered[a.min(b)..b].iter_mut().for_each(|c| *c = true);
+            epochs.push((a.min(b)..b, r.epoch));
         }
-        Read { data, holes: holes_of(&covered) }
+        Read { data, holes: holes_of(&covered), epochs }
     }
 
-    /// A read fully written.
-    fn whole(data: Bytes) -> Read {
-        Read { data, holes: Vec::new() }
+    /// The epoch of every byte (`None`: never written).
+    fn per_byte(&self) -> Vec<Option<Epoch>> {
+        let mut out = vec![None; self.data.len()];
+        for (r, e) in &self.epochs {
+            let end = r.end.min(out.len());
+            out[r.start.min(end)..end].iter_mut().for_each(|x| *x = Some(*e));
+        }
+        out
+    }
+
+    /// A read whose bytes have the epochs in `per_byte` (`None`: never written).
+    fn from_per_byte(data: Bytes, per_byte: &[Option<Epoch>]) -> Read {
+        let covered: Vec<bool> = per_byte.iter().map(Option::is_some).collect();
+        let mut epochs: Vec<(Range<usize>, Epoch)> = Vec::new();
+        for (i, e) in per_byte.iter().enumerate() {
+            let Some(e) = *e else { continue };
+            match epochs.last_mut() {
+                Some((r, last)) if r.end == i && *last == e => r.end = i + 1,
+                _ => epochs.push((i..i + 1, e)),
+            }
+        }
+        Read { data, holes: holes_of(&covered), epochs }
+    }
+
+    /// The byte ranges whose write is at or below `epoch`, ascending.
+    pub fn written_at_or_below(&self, epoch: Epoch) -> Vec<Range<usize>> {
+        let mut out: Vec<Range<usize>> = self.epochs.iter().filter(|(_, e)| *e <= epoch).map(|(r, _)| r.clone()).collect();
+        out.sort_unstable_by_key(|r| r.start);
+        out
+    }
+
+    /// This read with the bytes of `ranges` (their data, epochs and holes) taken from `older`.
+    pub fn overlay(self, ranges: &[Range<usize>], older: &Read) -> Read {
+        let mut data = self.data.to_vec();
+        let mut epochs = self.per_byte();
+        let old_epochs = older.per_byte();
+        for r in ranges {
+            let end = r.end.min(data.len()).min(older.data.len());
+            let start = r.start.min(end);
+            data[start..end].copy_from_slice(&older.data[start..end]);
+            epochs[start..end].copy_from_slice(&old_epochs[start..end]);
+        }
+        Read::from_per_byte(Bytes::from(data), &epochs)
     }
 }
 
@@ -219,12 +264,20 @@ impl VolumeInner {
                     from_copy[a..b].iter_mut().for_each(|f| *f = true);
                 }
             }
+            let copied: Vec<(Range<usize>, Epoch)> = copy_runs
+                .iter()
+                .filter(|r| e_p.is_none_or(|e| r.epoch > e))
+                .map(|r| (r.offset as usize..(r.offset + r.len) as usize, r.epoch))
+                .collect();
             let Some(e_p) = e_p else {
                 // No full-stripe write is visible: what no copy covers was never written.
-                return Ok(Read { data: Bytes::from(out), holes: holes_of(&from_copy) });
+                return Ok(Read { data: Bytes::from(out), holes: holes_of(&from_copy), epochs: copied });
             };
+            // What no newer copy covers is the base cell at e_p, which covers the whole cell.
+            let mut epochs = copied;
+            epochs.extend(holes_of(&from_copy).into_iter().map(|r| (r, e_p)));
             if from_copy.iter().all(|&f| f) {
-                return Ok(Read::whole(Bytes::from(out)));
+                return Ok(Read { data: Bytes::from(out), holes: Vec::new(), epochs });
             }
             let base = self.reconstruct(view, group, dkey, p, e_p, q, parity_data).await?;
             for (i, b) in base.into_iter().enumerate() {
@@ -232,8 +285,7 @@ impl VolumeInner {
                     out[i] = b;
                 }
             }
-            // The base cell at e_p covers the whole cell (`single_epoch`).
-            return Ok(Read::whole(Bytes::from(out)));
+            return Ok(Read { data: Bytes::from(out), holes: Vec::new(), epochs });
         }
         Err(Retry::Again(VolumeError::Unavailable(format!(
             "chunk {} cell {}: data shard unavailable and no parity shard could serve it ({last})",
@@ -339,5 +391,17 @@ mod tests {
         assert_eq!(holes(&[run(0, 4), run(4, 6)], 10), Vec::<Range<usize>>::new());
         // A run reaching past the piece (never sent, but harmless).
         assert_eq!(holes(&[run(8, 9)], 10), vec![0..8]);
+    }
+
+    #[test]
+    fn an_overlay_takes_data_epochs_and_holes_of_the_older_read() {
+        let run = |offset, len, epoch| DataRun { offset, len, epoch };
+        let new = Read::from_runs(Bytes::from(vec![9u8; 10]), &[run(0, 4, 50), run(4, 6, 20)], 10);
+        let old = Read::from_runs(Bytes::from(vec![1u8; 10]), &[run(0, 2, 5), run(6, 4, 7)], 10);
+        assert_eq!(new.written_at_or_below(30), vec![4..10]);
+        let merged = new.overlay(&[4..10], &old);
+        assert_eq!(&merged.data[..], &[9, 9, 9, 9, 1, 1, 1, 1, 1, 1]);
+        assert_eq!(merged.holes, vec![4..6]);
+        assert_eq!(merged.epochs, vec![(0..4, 50), (6..10, 7)]);
     }
 }
