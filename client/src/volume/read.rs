@@ -399,7 +399,7 @@ mod tests {
         let new = Read::from_runs(Bytes::from(vec![9u8; 10]), &[run(0, 4, 50), run(4, 6, 20)], 10);
         let old = Read::from_runs(Bytes::from(vec![1u8; 10]), &[run(0, 2, 5), run(6, 4, 7)], 10);
         assert_eq!(new.written_at_or_below(30), vec![4..10]);
-        let stale = vec![4..10];
+        let stale = [4..6, 6..10];
         let merged = new.overlay(&stale, &old);
         assert_eq!(&merged.data[..], &[9, 9, 9, 9, 1, 1, 1, 1, 1, 1]);
         assert_eq!(merged.holes, vec![4..6]);
