@@ -516,6 +516,15 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
     assert!(tessera_json(&mgmt, &["volume", "info", "c1"]).get("parent").is_none());
     let (code, _, err) = tessera(&["--mgmt", &mgmt, "volume", "delete", "c1"]);
     assert_eq!(code, 0, "{err}");
+    // Rollback: refused while exported, done with --force (the target switches to it).
+    let (code, _, err) = tessera(&["--mgmt", &mgmt, "volume", "rollback", "vol0@s1"]);
+    assert_eq!(code, 1);
+    assert!(one_line(&err).contains("is exported"), "{err}");
+    let (code, out, err) = tessera(&["--mgmt", &mgmt, "volume", "rollback", "vol0@s1", "--force"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("rolled volume default/vol0 back to s1 at epoch "), "{out}");
+    let (_, out, _) = tessera(&["--mgmt", &mgmt, "volume", "info", "vol0"]);
+    assert!(out.contains("rollback   to s1"), "{out}");
 
     // An engine killed -9 is reported; the others keep running.
     let victim = up.pid("engine-2");

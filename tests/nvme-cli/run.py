@@ -883,6 +883,36 @@ class TesseraCluster(TargetLog):
         self.annotate(msg)
         return msg
 
+    def clone_export(self, snapshot, name, nqn):
+        """Clones snapshot `snapshot` of the exported volume as volume `name` and exports the
+        clone as namespace 1 of `nqn` on the same listener."""
+        v = self.volume
+        c = self.tessera("volume", "clone", f"{v['pool']}/{v['name']}@{snapshot}", name)
+        if (c.get("parent") or {}).get("snapshot", {}).get("name") != snapshot:
+            raise TargetError(f"the clone names no parent snapshot {snapshot}: {c}")
+        self.tessera("export", "add", "--nqn", nqn, "--volume", name, "--pool", v["pool"], "--listen", f"127.0.0.1:{self.port}")
+        msg = f"volume {name} cloned from {v['name']}@{snapshot} and exported as {nqn}"
+        self.annotate(msg)
+        return msg
+
+    def rollback(self, snapshot):
+        """Rolls the exported volume back to `snapshot` the way an operator does without
+        --force: its export is removed, the volume rolled back, the export added again."""
+        v = self.volume
+        xs = [x for x in self.tessera("export", "list")["exports"] if x["nqn"] == self.nqn and "snapshot" not in x]
+        if len(xs) != 1:
+            raise TargetError(f"{len(xs)} exports of {self.nqn}")
+        x = xs[0]
+        self.tessera("export", "remove", "--nqn", self.nqn, "--nsid", str(x["nsid"]))
+        t0 = time.time()
+        r = self.tessera("volume", "rollback", f"{v['pool']}/{v['name']}@{snapshot}", timeout=60)
+        took = time.time() - t0
+        self.tessera("export", "add", "--nqn", self.nqn, "--nsid", str(x["nsid"]), "--volume", v["name"], "--pool", v["pool"],
+                     "--listen", x["listen"])
+        msg = f"volume {v['name']} rolled back to {snapshot} at epoch {r['rollbacks'][-1]['at']} in {took:.1f}s and exported again"
+        self.annotate(msg)
+        return msg
+
     def wait_pool_healthy(self, limit):
         """Waits until every engine is up, every pool target UPIN, no rebuild running and the
         groups on distinct engines again (fault-domain redundancy not reduced)."""
@@ -1221,6 +1251,18 @@ class Context:
                 if not self.cluster:
                     return "err no cluster is running"
                 msg = self.cluster.snapshot_export(parts[1], parts[2])
+                guest.note(msg)
+                return "ok " + msg
+            elif parts[0] == "clone-export":
+                if not self.cluster:
+                    return "err no cluster is running"
+                msg = self.cluster.clone_export(parts[1], parts[2], parts[3])
+                guest.note(msg)
+                return "ok " + msg
+            elif parts[0] == "rollback":
+                if not self.cluster:
+                    return "err no cluster is running"
+                msg = self.cluster.rollback(parts[1])
                 guest.note(msg)
                 return "ok " + msg
             elif parts[0] == "expect-pool-healthy":

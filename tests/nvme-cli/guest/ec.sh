@@ -12,7 +12,8 @@
 #   ec-base      0 .. 32 MiB   written and verified with all engines up
 #   ec-kill     64 .. 128 MiB  written while engine $EC_KILL_RANK is killed, then verified
 #   ec-degraded 160 .. 184 MiB written and verified with the engine down (and its shards rebuilt)
-#   ec-snapshot 200 .. 208 MiB pattern A, a snapshot exported read-only, then pattern B
+#   ec-snapshot 200 .. 208 MiB pattern A, a snapshot exported read-only, then pattern B; a clone
+#                              of the snapshot gets pattern C; a rollback brings A back
 #   224 MiB ..                 never written: a --verify_only there must fail (control)
 . /guest-lib.sh      # also ec_connect, ec_fio, ec_reverify, stat_field (shared with guest/heal.sh)
 
@@ -167,6 +168,40 @@ case_ec_snapshot() {
     disconnect "$SNAP_NQN" || return 1
 }
 
+# A clone of the snapshot: it reads pattern A at once, takes pattern C, and the volume still
+# reads B. Then the volume is rolled back to the snapshot (the host disconnects, the export is
+# removed and added again around the rollback) and reads A again; the clone keeps C.
+CLONE_NQN="$EC_NQN-clone1"
+case_ec_clone_rollback() {
+    [ -f /tmp/snapA ] && [ -f /tmp/snapB ] || { fail "ec-snapshot did not run first"; return 1; }
+    ec_ensure_connected || return 1
+    d="$(ec_dev)"
+    request clone-export snap1 clone1 "$CLONE_NQN" || return 1
+    echo "\$ nvme connect -t tcp -a $TADDR -s $EC_PORT -n $CLONE_NQN"
+    timeout 90 nvme connect -t tcp -a "$TADDR" -s "$EC_PORT" -n "$CLONE_NQN" $CONNECT_OPTS \
+        || { fail "nvme connect to $CLONE_NQN failed"; return 1; }
+    c="$(wait_ns_dev "$CLONE_NQN" 1 20)" || { fail "no block device for $CLONE_NQN"; return 1; }
+    echo "clone device /dev/$c: ro=$(cat /sys/block/$c/ro) size=$(cat /sys/block/$c/size) sectors"
+    [ "$(cat /sys/block/$c/ro)" = 0 ] || { fail "the clone is read-only"; return 1; }
+    read_range "$c" 200 8 /tmp/cloneA.got
+    cmp -s /tmp/snapA /tmp/cloneA.got || { fail "the new clone does not read pattern A"; return 1; }
+    make_pattern /tmp/snapC 8
+    write_range "$c" 200 /tmp/snapC || { fail "writing pattern C to the clone failed"; return 1; }
+    read_range "$c" 200 8 /tmp/cloneC.got
+    cmp -s /tmp/snapC /tmp/cloneC.got || { fail "the clone does not read pattern C"; return 1; }
+    read_range "$d" 200 8 /tmp/liveB.got
+    cmp -s /tmp/snapB /tmp/liveB.got || { fail "the clone's write reached the volume"; return 1; }
+    disconnect "$CLONE_NQN" || return 1
+    disconnect "$EC_NQN" || return 1
+    request rollback snap1 || return 1
+    ec_connect || return 1
+    d="$(ec_dev)"
+    read_range "$d" 200 8 /tmp/liveA.got
+    cmp -s /tmp/snapA /tmp/liveA.got || { fail "after the rollback the volume does not read pattern A"; return 1; }
+    ec_reverify ec-base 32 $BASE_ARGS || return 1
+    disconnect "$EC_NQN" || return 1
+}
+
 run_case ec-discover            case_ec_discover
 run_case ec-connect             case_ec_connect
 run_case ec-fio-verify          case_ec_fio_verify
@@ -175,3 +210,4 @@ run_case ec-reverify-degraded   case_ec_reverify_degraded
 run_case ec-degraded-write      case_ec_degraded_write
 run_case ec-reconnect-reverify  case_ec_reconnect_reverify
 run_case ec-snapshot            case_ec_snapshot
+run_case ec-clone-rollback      case_ec_clone_rollback
