@@ -1476,6 +1476,8 @@ def main():
     ap.add_argument("--heal-io-time", type=float, default=4.0, help="seconds per host I/O run before and during a rebuild")
     ap.add_argument("--heal-results", metavar="JSON",
                     help=f"with --heal: write the section from a saved measurement (every one is saved to {os.path.relpath(HEAL_RESULTS, ROOT)}) instead of measuring")
+    ap.add_argument("--snapshots", action="store_true",
+                    help="only the snapshot section (creation latency, random writes with 0 and 10 snapshots, space freed), replaced in the existing page")
     ap.add_argument("--stack-only", action="store_true",
                     help="only the whole-stack section (tessera up per object class, tessera bench paired with raw fio), replaced in the existing page")
     ap.add_argument("--no-stack", dest="stack_too", action="store_false",
@@ -1512,6 +1514,11 @@ def main():
         subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
     if a.profile:
         print("\n".join(profile(os.path.join(ROOT, "target", "profile"))))
+        return 0
+    if a.snapshots:
+        import bench_snapshots
+        res = bench_snapshots.measure(a.runs, a.time)
+        write_section(a.out, bench_snapshots.section(res), bench_snapshots.SNAP_SECTION, after=HEAL_SECTION, what="the snapshot section")
         return 0
     if a.heal:
         res = json.load(open(a.heal_results)) if a.heal_results else heal_measure(a.heal_runs, a.heal_io_time)

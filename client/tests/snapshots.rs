@@ -201,6 +201,12 @@ fn snapshots_taken_under_writes_hold_a_prefix_of_them_through_aggregation_and_a_
         }
     });
     eprintln!("bytes: {written} written, {retained} in use with 3 snapshots, {freed} without");
+    // The engines report what they use in their heartbeats (`tessera system query`).
+    wait_for("heartbeats to report the bytes in use", Duration::from_secs(30), || {
+        let reported: Option<u64> = rt.block_on(mgmt.system()).unwrap().engines.iter().map(|e| e.used_bytes).sum();
+        let used = rt.block_on(used_bytes(&c));
+        (reported == Some(used)).then_some(()).ok_or(format!("reported {reported:?}, engines hold {used}"))
+    });
     rt.block_on(verify_all(&vol, &live));
 }
 

@@ -629,7 +629,7 @@ fn system_text(s: &SystemInfo) -> String {
         ms_text(s.heartbeat_timeout_ms),
         s.version
     );
-    let mut t = Table::new(&["RANK", "STATE", "ADDRESS", "TARGETS", "FAULT DOMAIN", "LAST HEARTBEAT", "UUID"]);
+    let mut t = Table::new(&["RANK", "STATE", "ADDRESS", "TARGETS", "USED", "FAULT DOMAIN", "LAST HEARTBEAT", "UUID"]);
     for e in &s.engines {
         t.row(vec![
             e.rank.to_string(),
@@ -640,6 +640,7 @@ fn system_text(s: &SystemInfo) -> String {
             .to_string(),
             e.address.clone(),
             format!("{} x {}", e.targets, size_text(e.target_capacity)),
+            e.used_bytes.map_or_else(|| "-".to_string(), size_text),
             e.fault_domain.clone(),
             e.last_heartbeat_ms.map_or_else(|| "never (since the service started)".to_string(), |ms| format!("{} ago", ms_text(ms))),
             e.uuid.to_string(),

@@ -115,7 +115,8 @@ pub async fn heartbeat_loop(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        let hb = Heartbeat { uuid: req.uuid, stable_epoch: stable_epoch(&engine).await };
+        let (stable_epoch, used_bytes) = report(&engine).await;
+        let hb = Heartbeat { uuid: req.uuid, stable_epoch, used_bytes };
         let result = match mgmt.heartbeat_with(req.rank, &hb).await {
             Err(MgmtError::Refused { status: 404, .. }) => mgmt.register_engine(&req).await,
             other => other,
@@ -139,20 +140,25 @@ pub async fn heartbeat_loop(
     }
 }
 
-/// The lowest stable epoch of the engine's targets (asking each thread, which also moves its
-/// floor on if it was idle); 0 if some target does not answer.
-async fn stable_epoch(engine: &Engine) -> u64 {
+/// What a heartbeat reports: the lowest stable epoch of the engine's targets (asking each
+/// thread, which also moves its floor on if it was idle; 0 if some target does not answer) and
+/// the bytes in use on them (`None` then too).
+async fn report(engine: &Engine) -> (u64, Option<u64>) {
     let mut lowest = u64::MAX;
+    let mut used = 0;
     for t in &engine.targets {
         match t.submit(TargetOp::Query).await {
-            Ok(Ok(TargetReply::Info(i))) => lowest = lowest.min(i.stable_epoch),
-            _ => return 0,
+            Ok(Ok(TargetReply::Info(i))) => {
+                lowest = lowest.min(i.stable_epoch);
+                used += i.used;
+            }
+            _ => return (0, None),
         }
     }
     if lowest == u64::MAX {
-        0
+        (0, None)
     } else {
-        lowest
+        (lowest, Some(used))
     }
 }
 

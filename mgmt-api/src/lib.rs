@@ -109,6 +109,9 @@ pub struct Heartbeat {
     /// 0: not reported.
     #[serde(default)]
     pub stable_epoch: u64,
+    /// Bytes in use on the engine's targets, by their own accounting (`None`: not reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_bytes: Option<u64>,
 }
 
 /// An engine in the system map (`GET /v1/system`).
@@ -135,6 +138,10 @@ pub struct EngineInfo {
     /// since the service started).
     #[serde(default)]
     pub stable_epoch: Option<u64>,
+    /// Bytes in use on its targets (every pool's volumes and snapshots, and what waits for
+    /// aggregation), from its last heartbeat (`None`: not reported since the service started).
+    #[serde(default)]
+    pub used_bytes: Option<u64>,
 }
 
 /// `GET /v1/system`.
@@ -587,7 +594,7 @@ impl MgmtClient {
 
     /// `POST /v1/engines/{rank}/heartbeat`.
     pub async fn heartbeat(&self, rank: u32, uuid: Uuid) -> Result<HeartbeatReply, MgmtError> {
-        self.heartbeat_with(rank, &Heartbeat { uuid, stable_epoch: 0 }).await
+        self.heartbeat_with(rank, &Heartbeat { uuid, stable_epoch: 0, used_bytes: None }).await
     }
 
     /// `POST /v1/engines/{rank}/heartbeat` with what the engine reports.

@@ -240,6 +240,8 @@ pub struct Service {
     stable: Mutex<HashMap<u32, u64>>,
     /// Woken whenever an engine's stable epoch moves on.
     stable_moved: tokio::sync::Notify,
+    /// Each engine's bytes in use from its last heartbeat (not stored).
+    used: Mutex<HashMap<u32, u64>>,
     started: Instant,
     /// Rebuild and scrub reports per pool (lock order: `write` before `heal`).
     heal: Mutex<HashMap<String, PoolHeal>>,
@@ -271,6 +273,7 @@ impl Service {
             clocks: Mutex::new(HashMap::new()),
             stable: Mutex::new(HashMap::new()),
             stable_moved: tokio::sync::Notify::new(),
+            used: Mutex::new(HashMap::new()),
             started: Instant::now(),
             heal: Mutex::new(HashMap::new()),
         };
@@ -397,7 +400,7 @@ impl Service {
 
     /// An engine heartbeats. No store write.
     pub fn heartbeat(&self, rank: u32, uuid: Uuid) -> Result<HeartbeatReply, ServiceError> {
-        self.heartbeat_with(rank, &Heartbeat { uuid, stable_epoch: 0 })
+        self.heartbeat_with(rank, &Heartbeat { uuid, stable_epoch: 0, used_bytes: None })
     }
 
     /// An engine heartbeats with what it reports (its stable epoch). No store write.
@@ -408,6 +411,9 @@ impl Service {
         let snap = self.snapshot();
         let pools = machine::heartbeat_pools(&snap.state, rank, hb.uuid)?;
         clocks.insert(rank, Instant::now());
+        if let Some(used) = hb.used_bytes {
+            lock(&self.used).insert(rank, used);
+        }
         if hb.stable_epoch != 0 {
             let mut stable = lock(&self.stable);
             let e = stable.entry(rank).or_default();
@@ -479,6 +485,7 @@ impl Service {
         let snap = self.snapshot();
         let clocks = lock(&self.clocks);
         let stable = lock(&self.stable);
+        let used = lock(&self.used);
         let now = Instant::now();
         let engines = snap
             .state
@@ -494,6 +501,7 @@ impl Service {
                 state: e.state,
                 last_heartbeat_ms: clocks.get(&e.rank).map(|t| now.saturating_duration_since(*t).as_millis() as u64),
                 stable_epoch: stable.get(&e.rank).copied(),
+                used_bytes: used.get(&e.rank).copied(),
             })
             .collect();
         SystemInfo { version: snap.version, engines, heartbeat_timeout_ms: self.config.heartbeat_timeout.as_millis() as u64 }
