@@ -89,6 +89,12 @@ pub fn health_text(p: &PoolInfo) -> String {
         s.unrepairable,
         s.passes
     ));
+    out.push_str(&format!(
+        "EC aggregation: {} stripes folded into full stripes, {} of fragments and copies punched, {} stripes waiting\n",
+        s.ec_stripes,
+        size_text(s.ec_fragment_bytes),
+        s.ec_waiting
+    ));
     out.push_str(&stable_line(p.stable_epoch, hlc::physical_nanos(hlc::now())));
     if p.fault_domains_reduced {
         out.push_str(&format!("warning: {FAULT_DOMAIN_WARNING}\n"));
@@ -269,7 +275,16 @@ mod tests {
             },
             volumes: 0,
             rebuild,
-            scrub: ScrubCounters { scrubbed: 10, bytes: 40960, repaired: 1, unrepairable: 0, passes: 2 },
+            scrub: ScrubCounters {
+                scrubbed: 10,
+                bytes: 40960,
+                repaired: 1,
+                unrepairable: 0,
+                passes: 2,
+                ec_stripes: 3,
+                ec_fragment_bytes: 3 << 20,
+                ec_waiting: 1,
+            },
             fault_domains_reduced: reduced,
             stable_epoch: None,
         }
@@ -304,6 +319,7 @@ mod tests {
             "  elapsed     1m15s\n",
             "  last error  rank 1: boom\n",
             "scrub: 10 extents scrubbed (40 KiB), 1 repaired, 0 unrepairable, 2 passes\n",
+            "EC aggregation: 3 stripes folded into full stripes, 3 MiB of fragments and copies punched, 1 stripes waiting\n",
             "warning: fault-domain redundancy reduced: some groups have two shards on one engine\n",
         ] {
             assert!(text.contains(want), "{want:?} not in:\n{text}");

@@ -38,6 +38,8 @@
 //!                                   # 256 KiB/s) ...
 //! scrub_rate = "8MiB"               # ... but never faster than this (bytes per second; 0: no
 //!                                   # scrub). See docs/HEALING.md, "Scrub".
+//! ec_aggregation_rate = "16MiB"     # EC aggregation: stripe bytes per second folded back into
+//!                                   # full stripes (0: off). docs/PLACEMENT.md, "EC aggregation".
 //! ```
 
 use std::net::SocketAddr;
@@ -111,11 +113,21 @@ pub struct HealSection {
     /// Upper bound of the scrub rate, bytes per second (0: no scrub).
     #[serde(deserialize_with = "size")]
     pub scrub_rate: u64,
+    /// Most stripe bytes per second EC aggregation folds back into full stripes on this engine
+    /// (0: no EC aggregation; `crate::ec_agg`).
+    #[serde(deserialize_with = "size")]
+    pub ec_aggregation_rate: u64,
 }
 
 impl Default for HealSection {
     fn default() -> Self {
-        HealSection { rebuild_rate: 64 << 20, rebuild_rate_busy: 8 << 20, scrub_period_secs: 86_400, scrub_rate: 8 << 20 }
+        HealSection {
+            rebuild_rate: 64 << 20,
+            rebuild_rate_busy: 8 << 20,
+            scrub_period_secs: 86_400,
+            scrub_rate: 8 << 20,
+            ec_aggregation_rate: 16 << 20,
+        }
     }
 }
 

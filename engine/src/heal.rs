@@ -216,6 +216,11 @@ impl Healer {
         self.scrub.lock().unwrap_or_else(|e| e.into_inner()).get(&pool_id).copied().unwrap_or_default()
     }
 
+    /// Changes this engine's scrub (and EC aggregation) counters for pool `pool_id`.
+    pub fn update_scrub(&self, pool_id: u32, f: impl FnOnce(&mut ScrubCounters)) {
+        f(self.scrub.lock().unwrap_or_else(|e| e.into_inner()).entry(pool_id).or_default());
+    }
+
     /// Reports the rebuild progress of `pool` with its scrub counters.
     async fn report(&self, pool: &PoolVersion, progress: &RebuildProgress) {
         let r = EngineReport { uuid: self.uuid, rebuild: progress.clone(), scrub: self.scrub_counters(pool.pool_id) };

@@ -19,6 +19,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod csum;
+pub mod ec_agg;
 pub mod heal;
 pub mod index;
 pub mod membership;

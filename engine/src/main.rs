@@ -18,7 +18,7 @@ use tessera_engine::server::{self, Engine};
 use tessera_engine::target::Target;
 use tessera_engine::worker::{CorruptReads, TargetHandle};
 use tessera_engine::EngineError;
-use tessera_engine::{heal, membership, scrub};
+use tessera_engine::{ec_agg, heal, membership, scrub};
 use tessera_mgmt_api::{MgmtClient, RegisterEngine};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -103,6 +103,7 @@ fn run(args: Args) -> Result<(), RunError> {
         let mut heartbeats = None;
         let mut healing = None;
         let mut scrubbing = None;
+        let mut aggregating = None;
         if let Some(m) = &cfg.mgmt {
             // Learn the pool map versions before serving anything (see `membership`).
             let mgmt = MgmtClient::new(&m.address);
@@ -132,6 +133,11 @@ fn run(args: Args) -> Result<(), RunError> {
                     );
                     scrubbing = Some(tokio::spawn(scrubber.run(stop.clone())));
                 }
+                if cfg.heal.ec_aggregation_rate > 0 {
+                    let agg =
+                        ec_agg::EcAggregator::new(mgmt.clone(), healer.clone(), cfg.rank, cfg.heal.ec_aggregation_rate, pools_rx.clone());
+                    aggregating = Some(tokio::spawn(agg.run(stop.clone())));
+                }
                 healing = Some(tokio::spawn(healer.run(pools_rx, stop.clone())));
                 heartbeats = Some(tokio::spawn(membership::heartbeat_loop(mgmt, req, engine.clone(), learned, interval, stop.clone())));
             }
@@ -149,6 +155,9 @@ fn run(args: Args) -> Result<(), RunError> {
             let _ = h.await;
         }
         if let Some(h) = scrubbing {
+            let _ = h.await;
+        }
+        if let Some(h) = aggregating {
             let _ = h.await;
         }
         info!("stopping: committing queued updates and writing checkpoints");

@@ -61,6 +61,17 @@ pub struct ScrubCounters {
     pub unrepairable: u64,
     /// Completed passes over all data.
     pub passes: u64,
+    /// EC aggregation: stripes folded back into full base cells and parity.
+    #[serde(default)]
+    pub ec_stripes: u64,
+    /// EC aggregation: bytes of partial-stripe fragments and their copies punched (freed by the
+    /// engines' version aggregation once no snapshot needs them).
+    #[serde(default)]
+    pub ec_fragment_bytes: u64,
+    /// EC aggregation: stripes with fragments waiting (too new for the stable epoch, or their
+    /// group not settled) after the engine's last pass.
+    #[serde(default)]
+    pub ec_waiting: u64,
 }
 
 impl ScrubCounters {
@@ -71,6 +82,9 @@ impl ScrubCounters {
         self.repaired += o.repaired;
         self.unrepairable += o.unrepairable;
         self.passes += o.passes;
+        self.ec_stripes += o.ec_stripes;
+        self.ec_fragment_bytes += o.ec_fragment_bytes;
+        self.ec_waiting += o.ec_waiting;
     }
 }
 

@@ -59,12 +59,14 @@ use crate::placement::{layout_for_dkey, Group, ObjectClass, ShardPlacement, Targ
 use crate::rpc::RpcError;
 
 mod cluster;
+mod ec_aggregate;
 mod read;
 mod rebuild;
 mod write;
 
 pub use cluster::Cluster;
 use cluster::{PoolCache, PoolView};
+pub use ec_aggregate::EcAggregated;
 pub use rebuild::{RebuildOptions, ShardRebuilt};
 
 /// Akey of EC base cells (full-stripe writes) on data shards.

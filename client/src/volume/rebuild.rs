@@ -84,14 +84,14 @@ pub struct ShardRebuilt {
 
 /// A run of bytes of one akey at one epoch, at an absolute akey offset.
 #[derive(Debug, Clone)]
-struct Run {
-    off: u64,
-    data: Bytes,
-    epoch: Epoch,
+pub(super) struct Run {
+    pub(super) off: u64,
+    pub(super) data: Bytes,
+    pub(super) epoch: Epoch,
 }
 
 impl Run {
-    fn end(&self) -> u64 {
+    pub(super) fn end(&self) -> u64 {
         self.off + self.data.len() as u64
     }
 
@@ -195,6 +195,13 @@ impl Volume {
             }
         }
         v.pool.current().map.version()
+    }
+
+    /// Fetches the pool map and the engines' addresses again (an engine that restarted may
+    /// listen elsewhere; the map version alone does not say so).
+    pub async fn reload_map(&self) {
+        let v = &self.inner;
+        v.cluster.refresh(&v.pool).await;
     }
 
     /// Makes every engine with a placeable target in the pool enforce this volume's pool map
@@ -362,7 +369,7 @@ impl VolumeInner {
 
     /// Every visible version of `akey` over `range` on `shard`, at `epoch`, as runs at absolute
     /// offsets (fetched in windows of at most [`FETCH_WINDOW`]).
-    async fn runs(
+    pub(super) async fn runs(
         &self,
         view: &PoolView,
         shard: &ShardPlacement,
@@ -389,11 +396,11 @@ impl VolumeInner {
         Ok(out)
     }
 
-    fn update(&self, dkey: &Bytes, akey: &'static [u8], off: u64, data: Bytes, epoch: Epoch) -> Request {
+    pub(super) fn update(&self, dkey: &Bytes, akey: &'static [u8], off: u64, data: Bytes, epoch: Epoch) -> Request {
         super::write::array_update(self.cont, self.oid, epoch, dkey, akey, off, data)
     }
 
-    fn punch_range(&self, dkey: &Bytes, akey: &'static [u8], r: &Range<u64>, epoch: Epoch) -> Request {
+    pub(super) fn punch_range(&self, dkey: &Bytes, akey: &'static [u8], r: &Range<u64>, epoch: Epoch) -> Request {
         Request::Punch(Punch {
             cont: self.cont,
             obj: self.oid,

@@ -1,0 +1,149 @@
+//! The EC aggregator of one engine: folds the partial-stripe fragments of EC volumes back into
+//! full stripes (`tessera_client::volume::Volume::aggregate_chunk`; design in docs/PLACEMENT.md,
+//! "EC aggregation"), paced to `[heal] ec_aggregation_rate`.
+//!
+//! Every [`PASS_EVERY`], for every pool with targets here whose map is settled (nothing DOWN or
+//! UP: no rebuild can race it), with the pool's stable epoch as the boundary: for every EC volume
+//! (not a clone, not rolled back) and every UPIN target of this engine, the chunks that changed
+//! since the last complete pass are listed, and those whose first parity shard is on that target
+//! (one engine per chunk, the one holding every copy) are aggregated. Counters go to the service
+//! with the scrub counters (`pool query`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tessera_client::placement::TargetRef;
+use tessera_client::volume::{Cluster, VolumeError};
+use tessera_mgmt_api::{MgmtClient, PoolVersion, TargetStateName};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::heal::Healer;
+
+/// Pause between passes.
+pub const PASS_EVERY: Duration = Duration::from_secs(2);
+
+/// The EC aggregator of one engine.
+#[derive(Debug)]
+pub struct EcAggregator {
+    mgmt: MgmtClient,
+    cluster: Arc<Cluster>,
+    healer: Arc<Healer>,
+    rank: u32,
+    rate: u64,
+    pools: watch::Receiver<Vec<PoolVersion>>,
+    /// Per (volume, target): the boundary of the last pass that left nothing behind there;
+    /// the next pass lists only chunks changed above it.
+    done_below: HashMap<(u128, u16), u64>,
+}
+
+impl EcAggregator {
+    /// An aggregator for engine `rank` at `rate` stripe bytes per second; counters go through
+    /// `healer` (with the scrub counters).
+    pub fn new(mgmt: MgmtClient, healer: Arc<Healer>, rank: u32, rate: u64, pools: watch::Receiver<Vec<PoolVersion>>) -> EcAggregator {
+        EcAggregator { cluster: Cluster::background(mgmt.clone()), mgmt, healer, rank, rate, pools, done_below: HashMap::new() }
+    }
+
+    /// Runs passes until `stop`.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(PASS_EVERY) => {}
+            }
+            let pools: Vec<PoolVersion> = self.pools.borrow().iter().filter(|p| !p.name.is_empty()).cloned().collect();
+            for p in pools {
+                match self.pass(&p, &stop).await {
+                    Ok(()) => failing = false,
+                    Err(e) if !failing => {
+                        warn!(pool = %p.name, error = %e, "EC aggregation pass failed; retrying");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+
+    async fn pass(&mut self, p: &PoolVersion, stop: &CancellationToken) -> Result<(), String> {
+        let map = self.mgmt.pool_map(&p.name).await.map_err(|e| e.to_string())?;
+        if map.targets.iter().any(|t| matches!(t.state, TargetStateName::Down | TargetStateName::Up)) {
+            return Ok(());
+        }
+        let Some(boundary) = self.mgmt.pool(&p.name).await.map_err(|e| e.to_string())?.stable_epoch else { return Ok(()) };
+        let mine: Vec<u16> =
+            map.targets.iter().filter(|t| t.rank == self.rank && t.state == TargetStateName::UpIn).map(|t| t.index).collect();
+        let started = Instant::now();
+        let (mut stripes, mut bytes, mut waiting) = (0u64, 0u64, 0u64);
+        for info in self.mgmt.volumes(&p.name).await.map_err(|e| e.to_string())? {
+            let is_ec = info.class.starts_with("EC_");
+            if !is_ec || info.parent.is_some() || !info.rollbacks.is_empty() {
+                continue;
+            }
+            let v = self.cluster.open_volume(&info).await.map_err(|e| e.to_string())?;
+            v.refresh_pool_map(map.version).await;
+            let k = u64::from(v.layout().class().data_shards());
+            let stripe = u64::from(v.layout().cell_size()) * k;
+            for &t in &mine {
+                let me = TargetRef { rank: self.rank, index: t };
+                let key = (info.uuid.as_u128(), t);
+                let since = self.done_below.get(&key).copied();
+                let chunks = v.list_chunks(me, since).await.map_err(|e| e.to_string())?;
+                tracing::debug!(pool = %p.name, volume = %info.name, target = t, ?since, boundary, chunks = chunks.len(), "EC aggregation: chunks to look at");
+                let mut left = 0;
+                for chunk in chunks {
+                    if stop.is_cancelled() {
+                        return Ok(());
+                    }
+                    let group = v.chunk_group(chunk).map_err(|e| e.to_string())?;
+                    if group.shards.get(k as usize).is_none_or(|s| s.target() != me) {
+                        continue;
+                    }
+                    let t0 = Instant::now();
+                    match v.aggregate_chunk(chunk, boundary).await {
+                        Ok(r) => {
+                            stripes += r.stripes;
+                            bytes += r.fragment_bytes;
+                            left += r.deferred;
+                            // Pace: the stripes folded at the configured rate.
+                            let work = r.stripes * stripe;
+                            if self.rate > 0 && work > 0 {
+                                let due = Duration::from_secs_f64(work as f64 / self.rate as f64);
+                                if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                                    tokio::time::sleep(wait).await;
+                                }
+                            }
+                        }
+                        Err(VolumeError::Unavailable(m)) => {
+                            left += 1;
+                            warn!(pool = %p.name, volume = %info.name, chunk, "EC aggregation of the chunk waits: {m}");
+                            // An engine may have come back elsewhere: the next chunk uses a fresh map.
+                            v.reload_map().await;
+                        }
+                        Err(e) => return Err(format!("volume {} chunk {chunk}: {e}", info.name)),
+                    }
+                }
+                waiting += left;
+                if left == 0 {
+                    self.done_below.insert(key, boundary);
+                }
+            }
+        }
+        let changed = stripes > 0 || self.healer.scrub_counters(p.pool_id).ec_waiting != waiting;
+        self.healer.update_scrub(p.pool_id, |c| {
+            c.ec_stripes += stripes;
+            c.ec_fragment_bytes += bytes;
+            c.ec_waiting = waiting;
+        });
+        if changed {
+            if stripes > 0 {
+                info!(pool = %p.name, stripes, fragment_bytes = bytes, waiting, secs = started.elapsed().as_secs_f64(), "EC aggregation folded stripes");
+            }
+            self.healer.report_scrub(p).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
