@@ -693,6 +693,7 @@ class UpSystem:
 
     def __init__(self, name, rate_args, volume=HEAL_VOLUME, engines=HEAL_ENGINES, base=HEAL_DIR):
         self.dir = os.path.join(base, name)
+        self.own_engine = None  # the victim restarted by this script (not a child of tessera up)
         subprocess.run(["rm", "-rf", self.dir], check=True)
         os.makedirs(self.dir)
         self.mgmt = f"127.0.0.1:{free_port()}"
@@ -720,7 +721,6 @@ class UpSystem:
                 self.pids[w[0]] = int(w[2])
             if l.strip().startswith("nvme connect "):
                 break
-        self.own_engine = None  # the victim restarted by this script (not a child of tessera up)
 
     def engine_config(self, rank):
         return os.path.join(self.dir, f"engine-{rank}", "engine.toml")

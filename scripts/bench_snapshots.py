@@ -25,6 +25,7 @@ SNAP_RESULTS = os.path.join(SNAP_DIR, "results.json")
 SNAP_ENGINES = 4
 SNAP_VOLUME = "1G"
 SNAP_COUNT = 10
+SNAP_TARGET = "2G"                # per target: 4 engines x 2 targets reserve 16 GiB on disk
 SNAP_NQN2 = "nqn.2026-12.io.tessera:bench-snap"
 
 
@@ -42,7 +43,7 @@ def used_bytes(up):
 
 
 def measure(runs, secs):
-    up = bench.UpSystem("snap", [], volume=SNAP_VOLUME, engines=SNAP_ENGINES, base=SNAP_DIR)
+    up = bench.UpSystem("snap", ["--target-capacity", SNAP_TARGET], volume=SNAP_VOLUME, engines=SNAP_ENGINES, base=SNAP_DIR)
     try:
         tessera(up, "volume", "create", "vol1", "--size", SNAP_VOLUME)
         tessera(up, "export", "add", "--nqn", SNAP_NQN2, "--volume", "vol1", "--listen", up.addr)
@@ -78,6 +79,7 @@ def measure(runs, secs):
                "runs": runs, "secs": secs, "git": bench.git_state(), "cpu": bench.cpu_model()}
     finally:
         up.stop()
+        subprocess.run(["rm", "-rf", up.dir], check=False)
     os.makedirs(SNAP_DIR, exist_ok=True)
     with open(SNAP_RESULTS, "w") as f:
         json.dump(res, f, indent=1)
@@ -102,7 +104,7 @@ def section(res):
         f"| 4 KiB random write, QD16, no snapshots | {none:,.0f} IOPS | `tessera bench --rw randwrite --bs 4k --qd 16 --time {res['secs']:g}` |",
         f"| the same with {SNAP_COUNT} snapshots | {ten:,.0f} IOPS ({ten / none:.2f} of no snapshots) | same, on the volume with snapshots |",
         f"| engines' bytes in use, {SNAP_COUNT} snapshots → deleted | {mib(res['used_before'])} → {mib(res['used_after'])}"
-        + (f" in {res['freed_in']:.1f} s" if res.get("freed_in") else "") + " | `tessera snapshot delete` ×10, engines' target query |",
+        + (f" in {res['freed_in']:.1f} s" if res.get("freed_in") else "") + " | `tessera snapshot delete` ×10; `tessera system query` (the engines' heartbeats) |",
         "",
         "A snapshot is final when no write at or below its epoch can still commit: its creation waits for the "
         "engines' commit window (`[tuning] commit_window_ms`, default 2 s) plus one heartbeat, so the latency is that "
