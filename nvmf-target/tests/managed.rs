@@ -146,10 +146,16 @@ fn log_text(d: &Daemon) -> String {
     std::fs::read_to_string(&d.log).unwrap_or_default()
 }
 
-#[test]
-fn managed_target_serves_an_exported_ec_volume() {
-    let cluster = LocalCluster::start("nvmf-managed", 3, 2, "256MiB", "3s");
-    let mut nvmf = Daemon::start(
+/// A local cluster (`engines` × `targets` of `capacity`, heartbeat timeout `hb_timeout`) and a
+/// managed `tessera-nvmf` following it: (cluster, target, its address, a runtime, a client).
+fn managed_system(
+    name: &str,
+    targets: u16,
+    capacity: &str,
+    hb_timeout: &str,
+) -> (LocalCluster, Daemon, SocketAddr, tokio::runtime::Runtime, MgmtClient) {
+    let cluster = LocalCluster::start(name, 3, targets, capacity, hb_timeout);
+    let nvmf = Daemon::start(
         "tessera-nvmf",
         &["--mgmt", &cluster.mgmt.addr, "--listen", "127.0.0.1:0", "--threads", "2"],
         "listening",
@@ -158,6 +164,12 @@ fn managed_target_serves_an_exported_ec_volume() {
     let addr: SocketAddr = nvmf.addr.parse().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mgmt = cluster.client();
+    (cluster, nvmf, addr, rt, mgmt)
+}
+
+#[test]
+fn managed_target_serves_an_exported_ec_volume() {
+    let (cluster, mut nvmf, addr, rt, mgmt) = managed_system("nvmf-managed", 2, "256MiB", "3s");
 
     // Pool, EC_2P1 volume, export at this target's address.
     let vol = rt.block_on(async { export_new_volume(&mgmt, 64 * MIB, addr).await });
@@ -298,16 +310,7 @@ fn managed_target_serves_an_exported_ec_volume() {
 /// Write Protected before any data moves; the snapshot cannot be deleted while it is exported.
 #[test]
 fn a_snapshot_is_served_read_only_beside_its_volume() {
-    let cluster = LocalCluster::start("nvmf-managed-snap", 3, 1, "128MiB", "3s");
-    let mut nvmf = Daemon::start(
-        "tessera-nvmf",
-        &["--mgmt", &cluster.mgmt.addr, "--listen", "127.0.0.1:0", "--threads", "2"],
-        "listening",
-        &cluster.dir.join("nvmf.log"),
-    );
-    let addr: SocketAddr = nvmf.addr.parse().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let mgmt = cluster.client();
+    let (_cluster, mut nvmf, addr, rt, mgmt) = managed_system("nvmf-managed-snap", 1, "128MiB", "3s");
     let vol = rt.block_on(export_new_volume(&mgmt, 16 * MIB, addr));
     rt.block_on(async {
         let mut live = connect_when_served(opts(addr, NQN, HOSTNQN), Duration::from_secs(20)).await;

@@ -135,6 +135,15 @@ case_ec_reconnect_reverify() {
 # old data from it and the new from the volume; the kernel marks the disk read-only (NSATTR) and
 # a passthrough write reaching the target fails with Namespace is Write Protected.
 SNAP_NQN="$EC_NQN-snap1"
+
+# connect_ns NQN: connects to namespace 1 of NQN on the cluster's listener, prints its device
+connect_ns() {
+    echo "\$ nvme connect -t tcp -a $TADDR -s $EC_PORT -n $1" >&2
+    timeout 90 nvme connect -t tcp -a "$TADDR" -s "$EC_PORT" -n "$1" $CONNECT_OPTS >&2 \
+        || { fail "nvme connect to $1 failed" >&2; return 1; }
+    wait_ns_dev "$1" 1 20 || { fail "no block device for $1" >&2; return 1; }
+}
+
 case_ec_snapshot() {
     ec_ensure_connected || return 1
     d="$(ec_dev)"
@@ -142,10 +151,7 @@ case_ec_snapshot() {
     write_range "$d" 200 /tmp/snapA || { fail "writing pattern A to /dev/$d failed"; return 1; }
     request snapshot-export snap1 "$SNAP_NQN" || return 1
     write_range "$d" 200 /tmp/snapB || { fail "writing pattern B to /dev/$d failed"; return 1; }
-    echo "\$ nvme connect -t tcp -a $TADDR -s $EC_PORT -n $SNAP_NQN"
-    timeout 90 nvme connect -t tcp -a "$TADDR" -s "$EC_PORT" -n "$SNAP_NQN" $CONNECT_OPTS \
-        || { fail "nvme connect to $SNAP_NQN failed"; return 1; }
-    s="$(wait_ns_dev "$SNAP_NQN" 1 20)" || { fail "no block device for $SNAP_NQN"; return 1; }
+    s="$(connect_ns "$SNAP_NQN")" || return 1
     echo "snapshot device /dev/$s: ro=$(cat /sys/block/$s/ro) size=$(cat /sys/block/$s/size) sectors"
     [ "$(cat /sys/block/$s/ro)" = 1 ] || { fail "/dev/$s is not read-only: NSATTR write protection not seen"; return 1; }
     read_range "$s" 200 8 /tmp/snapA.got
@@ -177,10 +183,7 @@ case_ec_clone_rollback() {
     ec_ensure_connected || return 1
     d="$(ec_dev)"
     request clone-export snap1 clone1 "$CLONE_NQN" || return 1
-    echo "\$ nvme connect -t tcp -a $TADDR -s $EC_PORT -n $CLONE_NQN"
-    timeout 90 nvme connect -t tcp -a "$TADDR" -s "$EC_PORT" -n "$CLONE_NQN" $CONNECT_OPTS \
-        || { fail "nvme connect to $CLONE_NQN failed"; return 1; }
-    c="$(wait_ns_dev "$CLONE_NQN" 1 20)" || { fail "no block device for $CLONE_NQN"; return 1; }
+    c="$(connect_ns "$CLONE_NQN")" || return 1
     echo "clone device /dev/$c: ro=$(cat /sys/block/$c/ro) size=$(cat /sys/block/$c/size) sectors"
     [ "$(cat /sys/block/$c/ro)" = 0 ] || { fail "the clone is read-only"; return 1; }
     read_range "$c" 200 8 /tmp/cloneA.got
