@@ -82,10 +82,11 @@ def measure(runs, secs):
             time.sleep(0.5)
         res = {"latencies": latencies, "iops": iops, "used_before": before, "used_after": after, "freed_in": freed_in,
                "runs": runs, "secs": secs, "git": bench.git_state(), "cpu": bench.cpu_model()}
-        res["ec"] = measure_ec(up)
+
     finally:
         up.stop()
         subprocess.run(["rm", "-rf", up.dir], check=False)
+    res["ec"] = measure_ec()
     os.makedirs(SNAP_DIR, exist_ok=True)
     with open(SNAP_RESULTS, "w") as f:
         json.dump(res, f, indent=1)
@@ -104,31 +105,36 @@ def settled_used(up, timeout=30):
     return last
 
 
-def measure_ec(up):
-    """A volume written with 4 KiB sequential writes, folded by the engines' EC aggregation."""
-    tessera(up, "volume", "create", "vol2", "--size", f"{EC_VOLUME_MIB}M")
-    tessera(up, "export", "add", "--nqn", EC_NQN3, "--volume", "vol2", "--listen", up.addr)
-    base = settled_used(up)
-    pool = tessera(up, "pool", "query", "default")
-    folded0 = pool["scrub"]["ec_stripes"]
-    cmd = [os.path.join(bench.BIN, "tessera"), "bench", "--addr", up.addr, "--nqn", EC_NQN3, "--rw", "write", "--bs", "4k",
-           "--qd", "16", "--ios", str(EC_VOLUME_MIB * 256), "--json"]
-    t0 = time.monotonic()
-    bench.run_json(cmd)
-    written_in = time.monotonic() - t0
-    stripes_total = EC_VOLUME_MIB * (1 << 20) // (2 * 65536)
-    # Folded: every stripe of it (the others are folded already), nothing waiting.
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
+def measure_ec():
+    """A fresh system whose one volume is written once with 4 KiB sequential writes, folded by the
+    engines' EC aggregation (which runs while the writes go on)."""
+    up = bench.UpSystem("ec", ["--target-capacity", SNAP_TARGET], volume=f"{EC_VOLUME_MIB}M", engines=SNAP_ENGINES, base=SNAP_DIR)
+    try:
+        base = settled_used(up)
+        cmd = up.bench_cmd("write", "4k", 16, ios=EC_VOLUME_MIB * 256)
+        t0 = time.monotonic()
+        bench.run_json(cmd)
+        written_in = time.monotonic() - t0
+        t_end = time.monotonic()
+        at_end = used_bytes(up)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            s = tessera(up, "pool", "query", "default")["scrub"]
+            if s["ec_waiting"] == 0 and s["ec_stripes"] >= EC_VOLUME_MIB * (1 << 20) // (2 * 65536):
+                break
+            time.sleep(0.5)
+        after = settled_used(up, timeout=60)
+        settled_in = time.monotonic() - t_end
         s = tessera(up, "pool", "query", "default")["scrub"]
-        if s["ec_stripes"] - folded0 >= stripes_total and s["ec_waiting"] == 0:
-            break
-        time.sleep(0.5)
-    folded_in = time.monotonic() - t0
-    after = settled_used(up, timeout=60)
-    s = tessera(up, "pool", "query", "default")["scrub"]
-    return {"mib": EC_VOLUME_MIB, "base": base, "after": after, "written_in": written_in, "folded_in": folded_in,
-            "stripes": s["ec_stripes"] - folded0, "stripes_total": stripes_total}
+    finally:
+        up.stop()
+        subprocess.run(["rm", "-rf", up.dir], check=False)
+    return {"mib": EC_VOLUME_MIB, "base": base, "at_end": at_end, "after": after, "written_in": written_in,
+            "settled_in": settled_in, "folds": s["ec_stripes"], "stripes_total": EC_VOLUME_MIB * (1 << 20) // (2 * 65536)}
+
+
+def runs_text(xs):
+    return ", ".join(f"{x:,.0f}" for x in xs)
 
 
 def section(res):
@@ -146,38 +152,39 @@ def section(res):
         "|---|---|---|",
         f"| snapshot creation, until final | median {bench.median(lat):.2f} s (min {lat[0]:.2f}, max {lat[-1]:.2f}) of {len(lat)} | "
         "`tessera snapshot create default/vol1 sN` |",
-        f"| 4 KiB random write, QD16, no snapshots | {none:,.0f} IOPS | `tessera bench --rw randwrite --bs 4k --qd 16 --time {res['secs']:g}` |",
-        f"| the same with {SNAP_COUNT} snapshots | {ten:,.0f} IOPS ({ten / none:.2f} of no snapshots) | same, on the volume with snapshots |",
+        f"| 4 KiB random write, QD16, no snapshots | {none:,.0f} IOPS (runs: {runs_text(res['iops']['none'])}) | `tessera bench --rw randwrite --bs 4k --qd 16 --time {res['secs']:g}` |",
+        f"| the same with {SNAP_COUNT} snapshots | {ten:,.0f} IOPS ({ten / none:.2f} of no snapshots; runs: {runs_text(res['iops']['ten'])}) | same, on the volume with snapshots |",
         f"| engines' bytes in use, {SNAP_COUNT} snapshots → deleted | {mib(res['used_before'])} → {mib(res['used_after'])}"
         + (f" in {res['freed_in']:.1f} s" if res.get("freed_in") else "") + " | `tessera snapshot delete` ×10; `tessera system query` (the engines' heartbeats) |",
         "",
         "A snapshot is final when no write at or below its epoch can still commit: its creation waits for the "
         "engines' commit window (`[tuning] commit_window_ms`, default 2 s) plus one heartbeat, so the latency is that "
-        "window, not work. Writes to a volume with snapshots cost the same as without: a snapshot is a retained epoch, "
-        "nothing is copied; what it costs is space, until aggregation may fold the versions it holds "
+        "window, not work. A write to a volume with snapshots stores the same as without (a snapshot is a retained "
+        "epoch; nothing is copied), so the two IOPS figures differ by the spread of short runs on two shared cores "
+        "(compare the runs); what a snapshot costs is space, until aggregation may fold the versions it holds "
         "(docs/PLACEMENT.md, \"Snapshots\").",
         "",
     ]
     ec = res.get("ec")
     if ec:
         data = ec["mib"] << 20
-        held = ec["after"] - ec["base"] if ec["after"] is not None and ec["base"] is not None else None
-        rate = ec["stripes"] * 2 * 65536 / max(ec["folded_in"], 1e-9) / (1 << 20)
+        ratio = lambda u: "–" if u is None or ec["base"] is None else f"{(u - ec['base']) / (1 << 20):.0f} MiB, {(u - ec['base']) / data:.2f}x its data"
         lines += [
             "### EC aggregation",
             "",
-            f"The same system: a {ec['mib']} MiB EC_2P1 volume written once with sequential 4 KiB writes (`tessera bench "
-            f"--rw write --bs 4k --qd 16 --ios {ec['mib'] * 256}`), each a partial-stripe write that stores its fragment and a copy "
-            f"(2x); the engines fold the stripes at their default pace (`[heal] ec_aggregation_rate` = 16 MiB/s each) once "
-            f"they are below the stable epoch.",
+            f"A fresh `tessera up` system of the same shape whose one {ec['mib']} MiB EC_2P1 volume is written once with "
+            f"sequential 4 KiB writes (`tessera bench --rw write --bs 4k --qd 16 --ios {ec['mib'] * 256}`): each is a "
+            f"partial-stripe write that stores its fragment and a copy (2x unfolded). The engines fold stripes while the "
+            f"writes go on, at their default pace (`[heal] ec_aggregation_rate` = 16 MiB/s each), once they are below "
+            f"the stable epoch (about 2 s old).",
             "",
             "| what | measured |",
             "|---|---|",
-            f"| bytes the volume takes once folded | {'–' if held is None else f'{held / (1 << 20):.0f} MiB, {held / data:.2f}x its data'} "
-            f"(EC_2P1 full stripes: 1.5x; unfolded: 2x) |",
-            f"| stripes folded | {ec['stripes']} of {ec['stripes_total']} |",
-            f"| from the first write to every stripe folded | {ec['folded_in']:.1f} s (writing took {ec['written_in']:.1f} s) |",
-            f"| folding rate over that time | {rate:.1f} MiB/s of stripes, all engines together |",
+            f"| writing the volume | {ec['written_in']:.1f} s |",
+            f"| bytes in use when the writes ended | {ratio(ec['at_end'])} |",
+            f"| bytes in use once every stripe is folded and freed | {ratio(ec['after'])} (full stripes: 1.5x) |",
+            f"| last write to folded and freed | {ec['settled_in']:.1f} s |",
+            f"| folds | {ec['folds']} for {ec['stripes_total']} stripes (a stripe is folded again when more of it is written) |",
             "",
         ]
     return lines
