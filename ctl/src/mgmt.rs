@@ -440,9 +440,8 @@ pub fn volume(addr: &str, a: VolumeArgs) -> Result<String, String> {
             Ok(format!("volume {} in pool {} is now {} ({} bytes)\n", v.name, v.pool, size_text(v.size), v.size))
         }
         VolumeCommand::Clone { snapshot, name } => {
-            let (vol, snap) = snapshot.split_once('@').ok_or_else(|| format!("{snapshot:?} is not POOL/VOLUME@SNAPSHOT"))?;
-            let (pool, vol) = crate::snapshot::pool_volume(vol)?;
-            let v = block_on(addr, async |c| c.clone_volume(&pool, &vol, snap, &name).await)?;
+            let (pool, vol, snap) = crate::snapshot::pool_volume_snapshot(&snapshot)?;
+            let v = block_on(addr, async |c| c.clone_volume(&pool, &vol, &snap, &name).await)?;
             if a.json {
                 return json(&v);
             }
@@ -455,9 +454,8 @@ pub fn volume(addr: &str, a: VolumeArgs) -> Result<String, String> {
             ))
         }
         VolumeCommand::Rollback { snapshot, force } => {
-            let (vol, snap) = snapshot.split_once('@').ok_or_else(|| format!("{snapshot:?} is not POOL/VOLUME@SNAPSHOT"))?;
-            let (pool, vol) = crate::snapshot::pool_volume(vol)?;
-            let v = block_on(addr, async |c| c.rollback(&pool, &vol, snap, force).await)?;
+            let (pool, vol, snap) = crate::snapshot::pool_volume_snapshot(&snapshot)?;
+            let v = block_on(addr, async |c| c.rollback(&pool, &vol, &snap, force).await)?;
             if a.json {
                 return json(&v);
             }

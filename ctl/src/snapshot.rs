@@ -51,6 +51,13 @@ pub fn pool_volume(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// `POOL/VOLUME@SNAPSHOT` or `VOLUME@SNAPSHOT` (pool "default") as (pool, volume, snapshot).
+pub fn pool_volume_snapshot(s: &str) -> Result<(String, String, String), String> {
+    let (vol, snap) = s.split_once('@').ok_or_else(|| format!("{s:?} is not POOL/VOLUME@SNAPSHOT"))?;
+    let (pool, vol) = pool_volume(vol)?;
+    Ok((pool, vol, snap.to_string()))
+}
+
 /// `tessera snapshot ...`
 pub fn run(addr: &str, a: SnapshotArgs) -> Result<String, String> {
     match a.command {
@@ -144,5 +151,9 @@ mod tests {
         assert!(pool_volume("/v").is_err());
         assert!(pool_volume("a/b/c").is_err());
         assert!(pool_volume("").is_err());
+        let full = |p: &str, v: &str, s: &str| (p.to_string(), v.to_string(), s.to_string());
+        assert_eq!(pool_volume_snapshot("p/v@s").unwrap(), full("p", "v", "s"));
+        assert_eq!(pool_volume_snapshot("v@s").unwrap(), full("default", "v", "s"));
+        assert!(pool_volume_snapshot("p/v").is_err());
     }
 }

@@ -140,9 +140,8 @@ impl Healer {
     /// The epochs whose views a rebuilt shard of `v` must keep (snapshots, rollbacks): the
     /// service's latest list and the volume's description, ascending.
     pub fn retained(&self, v: &Volume) -> Vec<u64> {
-        let uuid = v.info().uuid.as_u128();
-        let latest = self.snapshots.borrow().epochs.get(&uuid).cloned().unwrap_or_default();
         let info = v.info();
+        let latest = self.snapshots.borrow().epochs.get(&info.uuid.as_u128()).cloned().unwrap_or_default();
         let mut all: Vec<u64> = latest
             .into_iter()
             .chain(info.snapshots.iter().map(|s| s.epoch))

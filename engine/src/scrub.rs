@@ -307,7 +307,7 @@ impl Scrubber {
     }
 
     fn counters(&mut self, pool: u32, f: impl FnOnce(&mut ScrubCounters)) {
-        f(self.healer.scrub.lock().unwrap_or_else(|e| e.into_inner()).entry(pool).or_default());
+        self.healer.update_scrub(pool, f);
         self.dirty = true;
     }
 

@@ -451,6 +451,14 @@ fn get_volume<'a>(state: &'a State, pool: &str, volume: &str) -> Result<&'a Volu
         .ok_or_else(|| CmdError::NoVolume { pool: pool.to_string(), volume: volume.to_string() })
 }
 
+/// [`get_volume`] for a change.
+fn get_volume_mut<'a>(state: &'a mut State, pool: &str, volume: &str) -> Result<&'a mut VolumeRec, CmdError> {
+    state
+        .volumes
+        .get_mut(&(pool.to_string(), volume.to_string()))
+        .ok_or_else(|| CmdError::NoVolume { pool: pool.to_string(), volume: volume.to_string() })
+}
+
 /// `rank:index` of targets, comma separated.
 pub fn targets_text(ts: &[TargetRef]) -> String {
     ts.iter().map(|t| format!("{}:{}", t.rank, t.index)).collect::<Vec<_>>().join(",")
@@ -772,8 +780,7 @@ fn resize_volume(s: &mut State, pool: &str, volume: &str, size: u64) -> Result<O
         let p = get_pool(s, pool)?;
         check_space(s, p, footprint(v.size, class), footprint(size, class))?;
     }
-    let key = (pool.to_string(), volume.to_string());
-    let v = s.volumes.get_mut(&key).ok_or_else(|| CmdError::NoVolume { pool: pool.to_string(), volume: volume.to_string() })?;
+    let v = get_volume_mut(s, pool, volume)?;
     v.size = size;
     let v = v.clone();
     Ok(Outcome::Volume(volume_info(s, &v)))

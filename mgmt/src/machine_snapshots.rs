@@ -41,8 +41,7 @@ pub(super) fn create_snapshot(s: &mut State, pool: &str, volume: &str, name: &st
         return Err(CmdError::Internal(format!("the clock stands at or before the newest snapshot of {pool}/{volume}")));
     }
     let rec = SnapshotRec { name: name.to_string(), epoch: env.epoch_now, created: env.now, size: v.size };
-    let key = (pool.to_string(), volume.to_string());
-    let v = s.volumes.get_mut(&key).ok_or_else(|| CmdError::NoVolume { pool: pool.to_string(), volume: volume.to_string() })?;
+    let v = get_volume_mut(s, pool, volume)?;
     v.snapshots.push(rec.clone());
     Ok(Outcome::Snapshot(snapshot_info(&rec, 0)))
 }
@@ -60,8 +59,7 @@ pub(super) fn delete_snapshot(s: &mut State, pool: &str, volume: &str, name: &st
             x.nsid, x.nqn
         ));
     }
-    let key = (pool.to_string(), volume.to_string());
-    let v = s.volumes.get_mut(&key).ok_or_else(|| CmdError::NoVolume { pool: pool.to_string(), volume: volume.to_string() })?;
+    let v = get_volume_mut(s, pool, volume)?;
     v.snapshots.retain(|x| x.name != name);
     Ok(Outcome::Snapshot(snapshot_info(&rec, 0)))
 }
@@ -129,8 +127,7 @@ pub(super) fn flatten(s: &mut State, pool: &str, volume: &str, done: bool) -> Re
     } else if !v.flattening {
         return conflict(format!("volume {pool}/{volume}: no flatten was started"));
     }
-    let key = (pool.to_string(), volume.to_string());
-    let v = s.volumes.get_mut(&key).ok_or_else(|| CmdError::NoVolume { pool: pool.to_string(), volume: volume.to_string() })?;
+    let v = get_volume_mut(s, pool, volume)?;
     if done {
         v.parent = None;
         v.flattening = false;
@@ -164,8 +161,7 @@ pub(super) fn rollback(s: &mut State, pool: &str, volume: &str, snapshot: &str, 
     if v.rollbacks.last().is_some_and(|r| r.at >= env.epoch_now) || snap.epoch >= env.epoch_now {
         return Err(CmdError::Internal(format!("the clock stands at or before the newest epoch of {pool}/{volume}")));
     }
-    let key = (pool.to_string(), volume.to_string());
-    let v = s.volumes.get_mut(&key).ok_or_else(|| CmdError::NoVolume { pool: pool.to_string(), volume: volume.to_string() })?;
+    let v = get_volume_mut(s, pool, volume)?;
     v.rollbacks.push(RollbackRec { at: env.epoch_now, to: snap.epoch, snapshot: snapshot.to_string() });
     // The volume reads as the snapshot, whose size it takes back.
     v.size = snap.size;

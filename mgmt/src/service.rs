@@ -451,15 +451,18 @@ impl Service {
 
     /// The snapshots of a volume, each marked stable once the pool's stable epoch passed it.
     pub fn snapshots(&self, pool: &str, volume: &str) -> Result<Vec<SnapshotInfo>, CmdError> {
-        let snap = self.snapshot();
-        let stable = snap.state.pools.get(pool).and_then(|p| self.pool_stable_epoch(p)).unwrap_or(0);
-        machine::snapshots(&snap.state, pool, volume, stable)
+        let stable = self.stable_epoch_of(pool).unwrap_or(0);
+        machine::snapshots(&self.snapshot().state, pool, volume, stable)
+    }
+
+    /// The stable epoch of pool `pool` (`None`: no such pool, or an engine has not reported).
+    fn stable_epoch_of(&self, pool: &str) -> Option<u64> {
+        self.snapshot().state.pools.get(pool).and_then(|p| self.pool_stable_epoch(p))
     }
 
     /// Marks `v`'s snapshots stable where the pool's stable epoch passed them.
     pub fn mark_stable(&self, v: &mut VolumeInfo) {
-        let snap = self.snapshot();
-        let stable = snap.state.pools.get(&v.pool).and_then(|p| self.pool_stable_epoch(p)).unwrap_or(0);
+        let stable = self.stable_epoch_of(&v.pool).unwrap_or(0);
         for s in &mut v.snapshots {
             s.stable = stable >= s.epoch;
         }
@@ -470,8 +473,7 @@ impl Service {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let moved = self.stable_moved.notified();
-            let stable = self.snapshot().state.pools.get(pool).and_then(|p| self.pool_stable_epoch(p));
-            if stable.is_some_and(|s| s >= epoch) {
+            if self.stable_epoch_of(pool).is_some_and(|s| s >= epoch) {
                 return true;
             }
             if tokio::time::timeout_at(deadline, moved).await.is_err() {

@@ -27,7 +27,7 @@
 use futures::future::join_all;
 use tessera_engine_proto::{key_from_u64, Epoch, Request};
 
-use super::rebuild::Run;
+use super::rebuild::{shard_fail, within, Run};
 use super::{PoolView, ShardError, Volume, VolumeError, VolumeInner, AKEY_BASE, AKEY_COPY, AKEY_DELTA};
 use crate::placement::{Group, ShardPlacement};
 
@@ -55,10 +55,6 @@ impl Volume {
     }
 }
 
-fn shard_fail(s: &ShardPlacement, e: impl std::fmt::Display) -> VolumeError {
-    VolumeError::Unavailable(format!("engine {} target {}: {e}", s.rank, s.target_index))
-}
-
 impl VolumeInner {
     async fn aggregate_chunk(&self, chunk: u64, boundary: Epoch) -> Result<EcAggregated, VolumeError> {
         let view = self.pool.current();
@@ -77,7 +73,8 @@ impl VolumeInner {
         let mut stripes: Vec<u64> = copies.iter().flat_map(|r| r.off / stripe_len..=(r.end() - 1) / stripe_len).collect();
         stripes.dedup();
         for s in stripes {
-            match self.aggregate_stripe(&view, &group, &dkey, s, boundary).await? {
+            let in_chunk = s * stripe_len..(s + 1) * stripe_len;
+            match self.aggregate_stripe(&view, &group, &dkey, s, &within(&copies, &in_chunk), boundary).await? {
                 Some(bytes) => {
                     out.stripes += 1;
                     out.fragment_bytes += bytes;
@@ -88,13 +85,15 @@ impl VolumeInner {
         Ok(out)
     }
 
-    /// One stripe: `Some(bytes of fragments punched)`, or `None` if it must wait.
+    /// One stripe whose copies (read with the chunk's, at `boundary`) are `copies`:
+    /// `Some(bytes of fragments punched)`, or `None` if it must wait.
     async fn aggregate_stripe(
         &self,
         view: &PoolView,
         group: &Group,
         dkey: &bytes::Bytes,
         s: u64,
+        copies: &[Run],
         boundary: Epoch,
     ) -> Result<Option<u64>, VolumeError> {
         let k = self.class.data_shards() as usize;
@@ -113,8 +112,7 @@ impl VolumeInner {
             newest = runs.iter().map(|x| x.epoch).fold(newest, Epoch::max);
             cells.push(data);
         }
-        let copies = self.runs(view, &group.shards[k], dkey, AKEY_COPY, in_chunk.clone(), boundary).await?;
-        newest = copies.iter().map(|x: &Run| x.epoch).fold(newest, Epoch::max);
+        newest = copies.iter().map(|x| x.epoch).fold(newest, Epoch::max);
         let Some(e_b) = newest.checked_add(1).filter(|e| *e <= boundary) else { return Ok(None) };
         if self.info.snapshots.iter().any(|s| s.epoch == newest) {
             return Ok(None);

@@ -31,14 +31,28 @@ pub(super) struct Read {
 impl Read {
     /// A read of `len` bytes whose written parts are `runs`.
     fn from_runs(data: Bytes, runs: &[DataRun], len: usize) -> Read {
-        let mut covered = vec![false; len];
-        let mut epochs = Vec::with_capacity(runs.len());
-        for r in runs {
-            let (a, b) = (r.offset as usize, (r.offset as usize + r.len as usize).min(len));
-            covered[a.min(b)..b].iter_mut().for_each(|c| *c = true);
-            epochs.push((a.min(b)..b, r.epoch));
+        let epochs: Vec<(Range<usize>, Epoch)> = runs
+            .iter()
+            .map(|r| {
+                let (a, b) = (r.offset as usize, (r.offset as usize + r.len as usize).min(len));
+                (a.min(b)..b, r.epoch)
+            })
+            .collect();
+        // Every read comes through here: the gaps between the runs, not a per-byte map.
+        let mut written: Vec<Range<usize>> = epochs.iter().map(|(r, _)| r.clone()).collect();
+        written.sort_unstable_by_key(|r| r.start);
+        let mut holes = Vec::new();
+        let mut at = 0;
+        for r in written {
+            if r.start > at {
+                holes.push(at..r.start);
+            }
+            at = at.max(r.end);
         }
-        Read { data, holes: holes_of(&covered), epochs }
+        if at < len {
+            holes.push(at..len);
+        }
+        Read { data, holes, epochs }
     }
 
     /// The epoch of every byte (`None`: never written).

@@ -103,7 +103,7 @@ impl Run {
 }
 
 /// The runs of `runs` inside `r`, clipped.
-fn within(runs: &[Run], r: &Range<u64>) -> Vec<Run> {
+pub(super) fn within(runs: &[Run], r: &Range<u64>) -> Vec<Run> {
     runs.iter().filter_map(|x| x.clip(r)).collect()
 }
 
@@ -146,7 +146,7 @@ fn holes(runs: &[Run], r: &Range<u64>) -> Vec<Range<u64>> {
     out
 }
 
-fn shard_fail(s: &ShardPlacement, e: impl std::fmt::Display) -> VolumeError {
+pub(super) fn shard_fail(s: &ShardPlacement, e: impl std::fmt::Display) -> VolumeError {
     VolumeError::Unavailable(format!("engine {} target {}: {e}", s.rank, s.target_index))
 }
 
