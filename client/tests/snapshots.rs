@@ -407,3 +407,75 @@ fn a_rollback_makes_the_volume_read_as_the_snapshot_with_nothing_copied() {
         c.wait_engines_up(3, Duration::from_secs(20));
     }
 }
+
+/// A rollback is one transaction of the management service: `kill -9` of the service while the
+/// call waits for the stable epoch (the record written, no answer sent), or of the service and
+/// an engine the moment the call is sent, leaves the volume reading wholly as before or wholly as
+/// the snapshot — as the restarted service's record says — and writes after it stay right.
+#[test]
+fn a_rollback_cut_short_by_kill_9_of_the_service_and_an_engine_leaves_the_old_or_the_new_state() {
+    let mut c = LocalCluster::start_with("rollback-crash", 3, 2, "256MiB", "30s", "\n[tuning]\naggregation_lag_secs = 1\n");
+    let rt = runtime();
+    let size: u64 = 2 << 20;
+    let vol = rt.block_on(open(&c, "EC_2P1", size));
+    let mut rng = Rng(0x0c0d);
+    let mut snap = vec![0u8; size as usize];
+    rt.block_on(write_whole(&vol, &mut snap, 1));
+    rt.block_on(c.client().create_snapshot("p", "v", "s1")).unwrap();
+    let mut live = snap.clone();
+    rt.block_on(common::sequential_random_writes(&vol, &mut live, &mut rng, 40, 2));
+    drop(vol);
+
+    // Each round sends the rollback from a thread of its own and cuts it short.
+    let rollback_in_background = |mgmt: tessera_mgmt_api::MgmtClient| {
+        std::thread::spawn(move || {
+            let rt = runtime();
+            // Cut short: the answer is an error, or never comes before the kill.
+            let _ = rt.block_on(mgmt.rollback("p", "v", "s1", false));
+        })
+    };
+    for round in 0..2 {
+        let mgmt = c.client();
+        let rollbacks_before = rt.block_on(mgmt.volume("p", "v")).unwrap().rollbacks.len();
+        let call = rollback_in_background(mgmt.clone());
+        if round == 0 {
+            // The record is written; the call is still waiting for the stable epoch past it.
+            wait_for("the rollback record", Duration::from_secs(10), || {
+                let n = rt.block_on(mgmt.volume("p", "v")).map(|v| v.rollbacks.len()).unwrap_or(0);
+                (n > rollbacks_before).then_some(()).ok_or(format!("{n} rollbacks"))
+            });
+            c.restart_mgmt();
+        } else {
+            // Wherever the call is: the service and an engine die together.
+            c.kill_engine(1);
+            c.restart_mgmt();
+            c.engines[1] = Some(c.start_engine(1));
+        }
+        call.join().unwrap();
+        c.wait_engines_up(3, Duration::from_secs(20));
+        let mgmt = c.client();
+        let info = rt.block_on(mgmt.volume("p", "v")).unwrap();
+        let rolled = info.rollbacks.len() > rollbacks_before;
+        eprintln!("round {round}: rolled back: {rolled}");
+        if round == 0 {
+            assert!(rolled, "the rollback recorded before the kill is lost");
+        }
+        let expected = if rolled { snap.clone() } else { live.clone() };
+        let cluster = Cluster::new(mgmt.clone());
+        let vol = rt.block_on(cluster.open_volume(&info)).unwrap();
+        let got = rt.block_on(read_all(&vol)).unwrap();
+        let other = if rolled { &live } else { &snap };
+        assert!(
+            got == expected,
+            "round {round}: the volume reads neither as its record says (rolled back: {rolled}); as the other state: {}",
+            got == *other
+        );
+        // The volume's history goes on from there: new writes, read with an engine down.
+        live = expected;
+        rt.block_on(common::sequential_random_writes(&vol, &mut live, &mut rng, 30, 10 + round));
+        c.kill_engine(2);
+        rt.block_on(verify_all(&vol, &live));
+        c.engines[2] = Some(c.start_engine(2));
+        c.wait_engines_up(3, Duration::from_secs(20));
+    }
+}

@@ -132,6 +132,17 @@ pub struct LocalCluster {
     targets: u16,
     capacity: String,
     engine_extra: String,
+    hb_timeout: String,
+    mgmt_args: Vec<String>,
+}
+
+/// Starts the management service of a cluster in `dir` (its database `mgmt.redb` there).
+fn start_mgmt(dir: &Path, listen: &str, hb_timeout: &str, extra: &[String]) -> Daemon {
+    let db = dir.join("mgmt.redb");
+    let mut args =
+        vec!["--listen", listen, "--db", db.to_str().unwrap(), "--heartbeat-timeout", hb_timeout, "--heartbeat-interval", "200ms"];
+    args.extend(extra.iter().map(String::as_str));
+    Daemon::start("tessera-mgmt", &args, "listening", &dir.join("mgmt.log"))
 }
 
 impl LocalCluster {
@@ -162,26 +173,8 @@ impl LocalCluster {
         let dir = std::env::temp_dir().join(format!("tessera-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let db = dir.join("mgmt.redb");
-        let mgmt = Daemon::start(
-            "tessera-mgmt",
-            &[
-                &[
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--db",
-                    db.to_str().unwrap(),
-                    "--heartbeat-timeout",
-                    hb_timeout,
-                    "--heartbeat-interval",
-                    "200ms",
-                ],
-                mgmt_extra,
-            ]
-            .concat(),
-            "listening",
-            &dir.join("mgmt.log"),
-        );
+        let mgmt_args: Vec<String> = mgmt_extra.iter().map(|a| (*a).to_string()).collect();
+        let mgmt = start_mgmt(&dir, "127.0.0.1:0", hb_timeout, &mgmt_args);
         let mut c = LocalCluster {
             dir,
             mgmt,
@@ -189,6 +182,8 @@ impl LocalCluster {
             targets,
             capacity: capacity.to_string(),
             engine_extra: engine_extra.to_string(),
+            hb_timeout: hb_timeout.to_string(),
+            mgmt_args,
         };
         for rank in 0..engines {
             let d = c.start_engine(rank);
@@ -196,6 +191,17 @@ impl LocalCluster {
         }
         c.wait_engines_up(engines as usize, Duration::from_secs(30));
         c
+    }
+
+    /// `kill -9` of the management service, then a start on its database and address (the
+    /// engines' heartbeats find it again).
+    pub fn restart_mgmt(&mut self) {
+        self.mgmt.kill();
+        let addr = self.mgmt.addr.clone();
+        // The old log is kept beside the new one.
+        let _ = std::fs::rename(self.dir.join("mgmt.log"), self.dir.join(format!("mgmt-{}.log", self.mgmt.child.id())));
+        self.mgmt = start_mgmt(&self.dir, &addr, &self.hb_timeout, &self.mgmt_args);
+        assert_eq!(self.mgmt.addr, addr, "the restarted service listens elsewhere");
     }
 
     /// The management client.
