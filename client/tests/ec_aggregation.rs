@@ -35,6 +35,12 @@ async fn write_blocks(vol: &Volume, model: &mut [u8], range: std::ops::Range<u64
     }
 }
 
+/// How long ago epoch `e` was taken.
+fn epoch_age(e: u64) -> Duration {
+    let now = tessera_client::hlc::physical_nanos(tessera_client::hlc::now());
+    Duration::from_nanos(now.saturating_sub(tessera_client::hlc::physical_nanos(e)))
+}
+
 fn ec_counters(rt: &tokio::runtime::Runtime, mgmt: &MgmtClient) -> (u64, u64) {
     let p = rt.block_on(mgmt.pool("p")).unwrap();
     (p.scrub.ec_stripes, p.scrub.ec_waiting)
@@ -91,4 +97,60 @@ fn partial_stripe_writes_are_folded_into_full_stripes_and_every_read_stays_right
     let cluster = tessera_client::volume::Cluster::new(mgmt.clone());
     let s = rt.block_on(cluster.open_snapshot(&info, &snap)).unwrap();
     rt.block_on(verify_all(&s, &at_snapshot));
+}
+
+/// The aggregator folds only at or below the pool's stable epoch: a write whose client took its
+/// epoch before another write to the same stripe but reaches the engines after it (held up, yet
+/// inside the commit window, so accepted) is still to come when the stripe's newest version is
+/// above the stable epoch. Folding that stripe then would bury the late write under the new base
+/// cell; instead the stripe waits, the late write lands, and the fold that follows keeps it.
+#[test]
+fn a_stripe_waits_for_the_stable_epoch_so_a_held_up_write_is_not_buried() {
+    // A 10 s commit window: the late write comes well inside it, on a loaded machine too.
+    let extra = "\n[tuning]\naggregation_lag_secs = 1\ncommit_window_ms = 10000\n\n[heal]\nec_aggregation_rate = \"512MiB\"\n";
+    let mut c = LocalCluster::start_with("ec-agg-late", 3, 2, "256MiB", "30s", extra);
+    let rt = runtime();
+    let mgmt = c.client();
+    let size = 4 * MIB;
+    let vol = rt.block_on(open(&c, "EC_2P1", size));
+    let mut model = vec![0u8; size as usize];
+    rt.block_on(common::write_whole(&vol, &mut model, 1));
+    let (folded, _) = ec_counters(&rt, &mgmt);
+
+    // The late write takes its epoch first; a write to the other cell of stripe 0 goes through.
+    let late_epoch = tessera_client::hlc::now();
+    let (late_at, other_at) = (0u64, u64::from(vol.layout().cell_size()));
+    let other = pattern(other_at, 4096, 2);
+    rt.block_on(vol.write(other_at, other.clone())).unwrap();
+    model[other_at as usize..other_at as usize + 4096].copy_from_slice(&other);
+    // Two aggregation passes (every 2 s) have had the stripe in front of them. A pass that
+    // declines a stripe too new leaves no trace, so this waits for the time of two passes, or
+    // for the fold that a pass at a boundary above the stable epoch would do.
+    let acked = std::time::Instant::now();
+    wait_for("two aggregation passes", Duration::from_secs(30), || {
+        let (stripes, _) = ec_counters(&rt, &mgmt);
+        (stripes > folded || acked.elapsed() > Duration::from_secs(5)).then_some(()).ok_or(format!("{stripes} folded"))
+    });
+    eprintln!("the late write goes {:?} after its epoch; {:?}", epoch_age(late_epoch), ec_counters(&rt, &mgmt));
+    let late = pattern(late_at, 4096, 3);
+    rt.block_on(vol.write_held_up_since(late_epoch, late_at, late.clone())).unwrap();
+    model[late_at as usize..late_at as usize + 4096].copy_from_slice(&late);
+    assert_eq!(vol.stats().epoch_retries, 0, "the late write came after the commit window: the test proves nothing");
+    assert!(
+        rt.block_on(vol.read(late_at, 4096)).unwrap() == late,
+        "the held-up write is buried under a base folded above the stable epoch"
+    );
+
+    // Once the stable epoch passes the stripe it is folded, the late write with it.
+    wait_for("the stripe to be folded", Duration::from_secs(60), || {
+        let (stripes, waiting) = ec_counters(&rt, &mgmt);
+        (stripes > folded && waiting == 0).then_some(()).ok_or(format!("{stripes} folded, {waiting} waiting"))
+    });
+    rt.block_on(verify_all(&vol, &model));
+    for rank in 0..3 {
+        c.kill_engine(rank);
+        rt.block_on(verify_all(&vol, &model));
+        c.engines[rank as usize] = Some(c.start_engine(rank));
+        c.wait_engines_up(3, Duration::from_secs(20));
+    }
 }

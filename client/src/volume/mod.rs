@@ -306,6 +306,17 @@ impl Volume {
         self.inner.mutate(&mapping, Some(&data), epoch).await
     }
 
+    /// A write whose client took its epoch `epoch` earlier and was held up since (a stalled
+    /// connection, a paused process): sent now exactly as [`Volume::write`] would have sent it
+    /// then, and like any write sent again at a new epoch if an engine's commit window has
+    /// passed. For fault-injection tests of what may and may not happen above the stable epoch.
+    #[doc(hidden)]
+    pub async fn write_held_up_since(&self, epoch: Epoch, offset: u64, data: Bytes) -> Result<(), VolumeError> {
+        self.check_writable()?;
+        let mapping = self.map_range(offset, data.len() as u64)?;
+        self.inner.mutate(&mapping, Some(&data), epoch).await
+    }
+
     /// Makes `len` bytes at `offset` read as zeros (whole stripes punched, the rest written as
     /// zeros; a clone or a rolled-back volume writes zeros everywhere: a hole there reads older
     /// data).
