@@ -292,6 +292,7 @@ mod tests {
             parent: None,
             flattening: false,
             rollbacks: Vec::new(),
+            allocated_bytes: None,
         }
     }
 

@@ -191,6 +191,21 @@ fn snapshots_taken_under_writes_hold_a_prefix_of_them_through_aggregation_and_a_
     }
     assert!(snaps.iter().map(|s| s.stats().degraded_reads).sum::<u64>() > 0);
 
+    // The engines account what each snapshot alone holds (overwritten since, so some bytes of
+    // each) and the volume's whole space; deleting them frees at least what they alone held.
+    let (allocated, held) = wait_for("the engines' accounting of the snapshots", Duration::from_secs(30), || {
+        let v = rt.block_on(mgmt.volume("p", "v")).unwrap();
+        let held: Vec<u64> = v.snapshots.iter().filter_map(|s| s.held_bytes).collect();
+        match v.allocated_bytes {
+            Some(a) if held.len() == 3 && held.iter().all(|h| *h > 0) => Ok((a, held)),
+            _ => Err(format!("{v:?}")),
+        }
+    });
+    let listed = rt.block_on(mgmt.snapshots("p", "v")).unwrap();
+    assert_eq!(listed.iter().filter_map(|s| s.held_bytes).collect::<Vec<_>>().len(), 3);
+    let held_total: u64 = held.iter().sum();
+    eprintln!("accounting: volume {allocated} bytes, snapshots hold {held:?} alone");
+    assert!(held_total < allocated);
     // Deleting them frees what only they held.
     for t in &taken {
         rt.block_on(mgmt.delete_snapshot("p", "v", &t.info.name)).unwrap();
@@ -205,6 +220,10 @@ fn snapshots_taken_under_writes_hold_a_prefix_of_them_through_aggregation_and_a_
         }
     });
     eprintln!("bytes: {written} written, {retained} in use with 3 snapshots, {freed} without");
+    wait_for("the accounting to see what the deletions freed", Duration::from_secs(30), || {
+        let now = rt.block_on(mgmt.volume("p", "v")).unwrap().allocated_bytes.unwrap_or(u64::MAX);
+        (now <= allocated - held_total).then_some(()).ok_or(format!("{allocated} - {held_total} held -> {now}"))
+    });
     // The engines report what they use in their heartbeats (`tessera system query`).
     wait_for("heartbeats to report the bytes in use", Duration::from_secs(30), || {
         let reported: Option<u64> = rt.block_on(mgmt.system()).unwrap().engines.iter().map(|e| e.used_bytes).sum();

@@ -287,11 +287,11 @@ pub fn pool(addr: &str, a: PoolArgs) -> Result<String, String> {
             if watch {
                 return pool_status::watch(addr, &name, a.json);
             }
-            let p = block_on(addr, async |c| c.pool(&name).await)?;
+            let (p, vols) = block_on(addr, async |c| Ok((c.pool(&name).await?, c.volumes(&name).await?)))?;
             if a.json {
                 return json(&p);
             }
-            Ok(pool_text(&p))
+            Ok(pool_text(&p) + "\n" + &crate::snapshot::usage_table(&vols))
         }
         PoolCommand::Exclude(t) => change_targets(addr, t, a.json, "exclude"),
         PoolCommand::Drain(t) => change_targets(addr, t, a.json, "drain"),
@@ -505,7 +505,7 @@ fn volume_table(vols: &[VolumeInfo]) -> String {
 
 fn volume_text(v: &VolumeInfo) -> String {
     format!(
-        "volume {} in pool {} (pool id {})\n  uuid        {}\n  size        {} ({} bytes, {} blocks of {})\n  class       {}\n  cell size   {}\n  chunk size  {}\n  checksums   {}\n  created     {} (Unix time)\n",
+        "volume {} in pool {} (pool id {})\n  uuid        {}\n  size        {} ({} bytes, {} blocks of {})\n  class       {}\n  cell size   {}\n  chunk size  {}\n  checksums   {}\n  created     {} (Unix time)\n  allocated   {} on the engines (with redundancy, snapshots, and what waits for aggregation)\n",
         v.name,
         v.pool,
         v.pool_id,
@@ -518,7 +518,8 @@ fn volume_text(v: &VolumeInfo) -> String {
         size_text(u64::from(v.cell_size)),
         size_text(v.chunk_size),
         if v.checksum { "on" } else { "off" },
-        v.created
+        v.created,
+        crate::snapshot::reported_size(v.allocated_bytes)
     ) + &lineage_text(v)
 }
 
@@ -530,7 +531,8 @@ fn lineage_text(v: &VolumeInfo) -> String {
         out += &format!("  clone of   {}/{}@{} (epoch {}){flattening}\n", p.volume.pool, p.volume.name, p.snapshot.name, p.snapshot.epoch);
     }
     for s in &v.snapshots {
-        out += &format!("  snapshot   {} (epoch {}, {})\n", s.name, s.epoch, size_text(s.size));
+        let held = crate::snapshot::reported_size(s.held_bytes);
+        out += &format!("  snapshot   {} (epoch {}, {}; holds {held} only it reads)\n", s.name, s.epoch, size_text(s.size));
     }
     for r in &v.rollbacks {
         out += &format!("  rollback   to {} (epoch {}) at epoch {}\n", r.snapshot, r.to, r.at);

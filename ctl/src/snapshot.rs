@@ -125,18 +125,46 @@ pub fn flatten(addr: &str, pool: &str, name: &str, progress: bool) -> Result<(Vo
     })
 }
 
+/// Bytes by the engines' accounting, or "-" where none has reported yet.
+pub fn reported_size(bytes: Option<u64>) -> String {
+    bytes.map_or_else(|| "-".to_string(), size_text)
+}
+
 fn snapshot_table(list: &[SnapshotInfo]) -> String {
-    let mut t = Table::new(&["NAME", "EPOCH", "CREATED", "SIZE", "STATE"]);
+    let mut t = Table::new(&["NAME", "EPOCH", "CREATED", "SIZE", "HELD", "STATE"]);
     for s in list {
         t.row(vec![
             s.name.clone(),
             s.epoch.to_string(),
             s.created.to_string(),
             size_text(s.size),
+            reported_size(s.held_bytes),
             if s.stable { "final" } else { "settling" }.to_string(),
         ]);
     }
     t.render_or("no snapshots\n")
+        + if list.is_empty() {
+            ""
+        } else {
+            "HELD: bytes only the snapshot still reads (what deleting it frees), by the engines' accounting\n"
+        }
+}
+
+/// The space each volume of a pool and each of its snapshots take on the engines (`pool query`).
+pub fn usage_table(vols: &[VolumeInfo]) -> String {
+    let mut t = Table::new(&["VOLUME", "SIZE", "ALLOCATED", "SNAPSHOT HELD"]);
+    for v in vols {
+        t.row(vec![v.name.clone(), size_text(v.size), reported_size(v.allocated_bytes), String::new()]);
+        for s in &v.snapshots {
+            t.row(vec![format!("{}@{}", v.name, s.name), size_text(s.size), String::new(), reported_size(s.held_bytes)]);
+        }
+    }
+    t.render_or("no volumes\n")
+        + if vols.is_empty() {
+            ""
+        } else {
+            "ALLOCATED: bytes the volume takes on the engines (with redundancy, its snapshots and what waits for aggregation); SNAPSHOT HELD: bytes only that snapshot reads\n"
+        }
 }
 
 #[cfg(test)]

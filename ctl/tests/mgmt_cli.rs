@@ -487,6 +487,20 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
         (Some("s1"), Some(true), Some(32 << 20))
     );
     let snap_epoch = snaps[0]["epoch"].as_u64().unwrap();
+    // The engines' accounting reaches the service: the volume's space, and what only the
+    // snapshot holds (nothing written since: nothing).
+    let vol0 = tessera_testkit::wait_for("the engines to report the volume's space", Duration::from_secs(30), || {
+        let v = tessera_json(&mgmt, &["volume", "info", "vol0"]);
+        let held = v["snapshots"][0]["held_bytes"].as_u64();
+        (v["allocated_bytes"].as_u64().is_some_and(|b| b > 0) && held.is_some()).then_some(v.clone()).ok_or(format!("{v:#}"))
+    });
+    assert_eq!(vol0["snapshots"][0]["held_bytes"], 0, "{vol0:#}");
+    let (_, out, _) = tessera(&["--mgmt", &mgmt, "pool", "query", "default"]);
+    let row = out.lines().find(|l| l.starts_with("vol0 ")).unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains("32 MiB") && !row.contains(" - "), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("vol0@s1 ")), "{out}");
+    let (_, out, _) = tessera(&["--mgmt", &mgmt, "volume", "info", "vol0"]);
+    assert!(out.contains("allocated   ") && out.contains("snapshot   s1 (epoch"), "{out}");
     let snap_nqn = "nqn.2026-12.io.tessera:vol0-s1";
     let (code, out, err) = tessera(&["--mgmt", &mgmt, "export", "add", "--nqn", snap_nqn, "--volume", "vol0@s1", "--listen", &addr]);
     assert_eq!(code, 0, "{err}");

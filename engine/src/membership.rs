@@ -9,11 +9,12 @@
 //! ([`crate::target::Target::set_snapshots`]). A heartbeat answered 404 (the service lost or
 //! never had the registration) registers again.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_mgmt_api::{Heartbeat, HeartbeatReply, MgmtClient, MgmtError, PoolVersion, RegisterEngine};
+use tessera_mgmt_api::{EpochBytes, Heartbeat, HeartbeatReply, MgmtClient, MgmtError, PoolVersion, RegisterEngine, VolumeUsage};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -116,7 +117,8 @@ pub async fn heartbeat_loop(
             _ = tokio::time::sleep(interval) => {}
         }
         let (stable_epoch, used_bytes) = report(&engine).await;
-        let hb = Heartbeat { uuid: req.uuid, stable_epoch, used_bytes };
+        let volumes = volume_usage(&engine).await;
+        let hb = Heartbeat { uuid: req.uuid, stable_epoch, used_bytes, volumes };
         let result = match mgmt.heartbeat_with(req.rank, &hb).await {
             Err(MgmtError::Refused { status: 404, .. }) => mgmt.register_engine(&req).await,
             other => other,
@@ -160,6 +162,32 @@ async fn report(engine: &Engine) -> (u64, Option<u64>) {
     } else {
         (lowest, Some(used))
     }
+}
+
+/// The space each volume (container) takes on the engine's targets, summed (`None` if some
+/// target does not answer: a partial sum would read as space freed).
+async fn volume_usage(engine: &Engine) -> Option<Vec<VolumeUsage>> {
+    let mut by_cont: BTreeMap<u128, (u64, BTreeMap<u64, u64>)> = BTreeMap::new();
+    for t in &engine.targets {
+        let Ok(Ok(TargetReply::Usage(list))) = t.submit(TargetOp::Usage).await else { return None };
+        for u in list {
+            let e = by_cont.entry(u.cont).or_default();
+            e.0 += u.bytes;
+            for (epoch, bytes) in u.retained {
+                *e.1.entry(epoch).or_default() += bytes;
+            }
+        }
+    }
+    Some(
+        by_cont
+            .into_iter()
+            .map(|(cont, (bytes, retained))| VolumeUsage {
+                uuid: Uuid::from_u128(cont),
+                bytes,
+                retained: retained.into_iter().map(|(epoch, bytes)| EpochBytes { epoch, bytes }).collect(),
+            })
+            .collect(),
+    )
 }
 
 /// Raises the known map versions first, then tells the healer: by the time it acts on a new

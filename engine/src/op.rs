@@ -111,6 +111,16 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The container the op changes.
+    pub fn cont(&self) -> u128 {
+        match self {
+            Op::Extent { path, .. } | Op::Single { path, .. } | Op::Aggregate { path, .. } => path.cont,
+            Op::Punch { cont, .. } | Op::Retention { cont, .. } | Op::Unpunch { cont, .. } => *cont,
+        }
+    }
+}
+
 /// Op type tags on disk.
 mod tag {
     pub const EXTENT: u8 = 1;

@@ -44,6 +44,7 @@ mod recovery;
 mod scrub;
 mod snapshots;
 mod stable;
+mod usage;
 
 use aggregate::freed_blocks;
 use checkpoint_job::CheckpointJob;
@@ -54,6 +55,7 @@ use recovery::{load_checkpoint, read_whole, replay_wal};
 use scrub::decode_fences;
 pub use scrub::{BadExtent, Fence, ScrubCursor, ScrubStep};
 pub use snapshots::Snapshots;
+pub use usage::{container_usage, ContainerUsage, USAGE_EVERY};
 
 /// Name of the data file in a target's directory.
 pub const DATA_FILE: &str = "data.blk";
@@ -230,6 +232,8 @@ pub struct Target {
     /// The service's snapshots, when the target follows a management service
     /// ([`TargetConfig::follows_service`]).
     snapshots: Option<Arc<Snapshots>>,
+    /// Space per container ([`Target::usage`]).
+    usage: usage::UsageCache,
     /// Longest pause a checkpoint imposed on the target thread.
     pub max_checkpoint_pause: Duration,
     /// Group commit counters since start.
@@ -354,10 +358,14 @@ impl Target {
             destage_staged: Vec::new(),
             epochs: stable::StableEpoch::default(),
             snapshots: follows_service.then(|| Arc::new(Snapshots::default())),
+            usage: usage::UsageCache::default(),
             max_checkpoint_pause: Duration::ZERO,
             stats: CommitStats::default(),
         };
         t.find_waiting_extents();
+        for cont in t.index.containers.keys() {
+            t.usage.touch(*cont);
+        }
         Ok(t)
     }
 

@@ -30,7 +30,9 @@ use tokio::sync::{oneshot, Notify};
 use tracing::warn;
 
 use crate::op::AkeyPath;
-use crate::target::{Fence, FetchedArray, Mutation, ScrubCursor, ScrubStep, Snapshots, Staged, SyncJob, Target, TargetInfo};
+use crate::target::{
+    ContainerUsage, Fence, FetchedArray, Mutation, ScrubCursor, ScrubStep, Snapshots, Staged, SyncJob, Target, TargetInfo,
+};
 use crate::EngineError;
 
 /// What a client asks of a target.
@@ -104,6 +106,8 @@ pub enum TargetOp {
     Fences,
     /// The management service's snapshots ([`Target::set_snapshots`]).
     Snapshots(Arc<Snapshots>),
+    /// The space each container takes ([`Target::usage`]).
+    Usage,
 }
 
 impl TargetOp {
@@ -175,6 +179,7 @@ pub enum TargetReply {
     Info(TargetInfo),
     Scrub(ScrubStep),
     Fences(Vec<Fence>),
+    Usage(Vec<ContainerUsage>),
 }
 
 /// The reply channel of one request.
@@ -499,6 +504,9 @@ impl Worker {
                     self.target.set_snapshots(s);
                     let _ = tx.send(Ok(TargetReply::Done));
                 }
+                Msg::Job(TargetOp::Usage, tx) => {
+                    let _ = tx.send(Ok(TargetReply::Usage(self.target.usage())));
+                }
                 Msg::Job(op, tx) => {
                     let fetched = self.sink.as_ref().and_then(|_| op.fetched_path().cloned());
                     let reply = read(&self.target, op);
@@ -556,6 +564,7 @@ fn read(target: &Target, op: TargetOp) -> Result<TargetReply, EngineError> {
         TargetOp::Fences => TargetReply::Fences(target.fences()),
         TargetOp::Fence { .. } => return Err(EngineError::Invalid("fence routed as a read".into())),
         TargetOp::Snapshots(_) => return Err(EngineError::Invalid("snapshot list routed as a read".into())),
+        TargetOp::Usage => return Err(EngineError::Invalid("space accounting routed as a read".into())),
     })
 }
 

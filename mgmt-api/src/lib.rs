@@ -112,6 +112,33 @@ pub struct Heartbeat {
     /// Bytes in use on the engine's targets, by their own accounting (`None`: not reported).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub used_bytes: Option<u64>,
+    /// The space each volume (container) takes on the engine's targets, by their own
+    /// accounting (`None`: not reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<Vec<VolumeUsage>>,
+}
+
+/// The space one volume takes on one engine (heartbeat).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeUsage {
+    /// The volume (its container).
+    pub uuid: Uuid,
+    /// Bytes its versions take: what its head reads, what its snapshots keep, and what waits
+    /// for aggregation.
+    pub bytes: u64,
+    /// For each retained epoch (snapshot), the bytes only its view still reads: what deleting
+    /// it frees. Ascending by epoch.
+    #[serde(default)]
+    pub retained: Vec<EpochBytes>,
+}
+
+/// Bytes held by one retained epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochBytes {
+    /// The epoch.
+    pub epoch: u64,
+    /// Bytes.
+    pub bytes: u64,
 }
 
 /// An engine in the system map (`GET /v1/system`).
@@ -360,6 +387,11 @@ pub struct VolumeInfo {
     /// reads as the volume did at its `to` epoch.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rollbacks: Vec<RollbackInfo>,
+    /// Bytes the volume takes on the engines (its data with redundancy, what its snapshots
+    /// keep, what waits for aggregation), summed over the engines' own accounting (`None`: not
+    /// reported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_bytes: Option<u64>,
 }
 
 /// A rollback of a volume to one of its snapshots.
@@ -422,6 +454,10 @@ pub struct SnapshotInfo {
     /// at or below it can still commit (docs/PLACEMENT.md, "The stable epoch").
     #[serde(default)]
     pub stable: bool,
+    /// Bytes only this snapshot still reads, summed over the engines' own accounting: what
+    /// deleting it frees (`None`: not reported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_bytes: Option<u64>,
 }
 
 /// `POST /v1/pools/{pool}/volumes/{volume}/snapshots`.
@@ -594,7 +630,7 @@ impl MgmtClient {
 
     /// `POST /v1/engines/{rank}/heartbeat`.
     pub async fn heartbeat(&self, rank: u32, uuid: Uuid) -> Result<HeartbeatReply, MgmtError> {
-        self.heartbeat_with(rank, &Heartbeat { uuid, stable_epoch: 0, used_bytes: None }).await
+        self.heartbeat_with(rank, &Heartbeat { uuid, stable_epoch: 0, used_bytes: None, volumes: None }).await
     }
 
     /// `POST /v1/engines/{rank}/heartbeat` with what the engine reports.

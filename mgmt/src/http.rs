@@ -288,13 +288,13 @@ async fn create_volume(
 
 async fn list_volumes(State(app): State<App>, ApiPath(pool): ApiPath<String>) -> Result<Json<Vec<VolumeInfo>>, HttpError> {
     let mut vs = machine::volumes(&app.svc.snapshot().state, &pool)?;
-    vs.iter_mut().for_each(|v| app.svc.mark_stable(v));
+    vs.iter_mut().for_each(|v| app.svc.annotate(v));
     Ok(Json(vs))
 }
 
 async fn get_volume(State(app): State<App>, ApiPath((pool, volume)): ApiPath<(String, String)>) -> Result<Json<VolumeInfo>, HttpError> {
     let mut v = machine::volume(&app.svc.snapshot().state, &pool, &volume)?;
-    app.svc.mark_stable(&mut v);
+    app.svc.annotate(&mut v);
     Ok(Json(v))
 }
 

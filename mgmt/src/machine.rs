@@ -705,6 +705,7 @@ fn volume_info(state: &State, v: &VolumeRec) -> VolumeInfo {
             .iter()
             .map(|r| tessera_mgmt_api::RollbackInfo { at: r.at, to: r.to, snapshot: r.snapshot.clone() })
             .collect(),
+        allocated_bytes: None,
     }
 }
 

@@ -15,7 +15,14 @@ pub const MAX_SNAPSHOTS: usize = 64;
 
 /// The API view of a snapshot; `stable` says whether `stable_epoch` (the pool's) has passed it.
 pub fn snapshot_info(s: &SnapshotRec, stable_epoch: u64) -> SnapshotInfo {
-    SnapshotInfo { name: s.name.clone(), epoch: s.epoch, created: s.created, size: s.size, stable: stable_epoch >= s.epoch }
+    SnapshotInfo {
+        name: s.name.clone(),
+        epoch: s.epoch,
+        created: s.created,
+        size: s.size,
+        stable: stable_epoch >= s.epoch,
+        held_bytes: None,
+    }
 }
 
 /// A volume's snapshot named `name`.

@@ -302,6 +302,7 @@ fn create_volume_defaults() {
             parent: None,
             flattening: false,
             rollbacks: Vec::new(),
+            allocated_bytes: None,
         }
     );
     assert_eq!(volume(&n, "p", "v").unwrap(), v);

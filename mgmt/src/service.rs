@@ -17,7 +17,7 @@ use tessera_engine_client::hlc;
 use tessera_mgmt_api::{
     ClusterVersion, EngineInfo, EngineRebuildState, EngineReport, EngineState, Heartbeat, HeartbeatReply, PoolInfo, PoolVersion,
     RebuildProgress, RebuildState, RebuildStatus, RegisterEngine, ScrubCounters, SnapshotInfo, SystemInfo, TargetSelector, TargetStateName,
-    VolumeInfo,
+    VolumeInfo, VolumeUsage,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -242,6 +242,8 @@ pub struct Service {
     stable_moved: tokio::sync::Notify,
     /// Each engine's bytes in use from its last heartbeat (not stored).
     used: Mutex<HashMap<u32, u64>>,
+    /// Each engine's space per volume from its last heartbeat that reported it (not stored).
+    volume_usage: Mutex<HashMap<u32, HashMap<Uuid, VolumeUsage>>>,
     started: Instant,
     /// Rebuild and scrub reports per pool (lock order: `write` before `heal`).
     heal: Mutex<HashMap<String, PoolHeal>>,
@@ -274,6 +276,7 @@ impl Service {
             stable: Mutex::new(HashMap::new()),
             stable_moved: tokio::sync::Notify::new(),
             used: Mutex::new(HashMap::new()),
+            volume_usage: Mutex::new(HashMap::new()),
             started: Instant::now(),
             heal: Mutex::new(HashMap::new()),
         };
@@ -400,7 +403,7 @@ impl Service {
 
     /// An engine heartbeats. No store write.
     pub fn heartbeat(&self, rank: u32, uuid: Uuid) -> Result<HeartbeatReply, ServiceError> {
-        self.heartbeat_with(rank, &Heartbeat { uuid, stable_epoch: 0, used_bytes: None })
+        self.heartbeat_with(rank, &Heartbeat { uuid, stable_epoch: 0, used_bytes: None, volumes: None })
     }
 
     /// An engine heartbeats with what it reports (its stable epoch). No store write.
@@ -413,6 +416,9 @@ impl Service {
         clocks.insert(rank, Instant::now());
         if let Some(used) = hb.used_bytes {
             lock(&self.used).insert(rank, used);
+        }
+        if let Some(volumes) = &hb.volumes {
+            lock(&self.volume_usage).insert(rank, volumes.iter().map(|u| (u.uuid, u.clone())).collect());
         }
         if hb.stable_epoch != 0 {
             let mut stable = lock(&self.stable);
@@ -449,10 +455,50 @@ impl Service {
         }
     }
 
-    /// The snapshots of a volume, each marked stable once the pool's stable epoch passed it.
+    /// The snapshots of a volume, each marked stable once the pool's stable epoch passed it,
+    /// with the bytes only it holds.
     pub fn snapshots(&self, pool: &str, volume: &str) -> Result<Vec<SnapshotInfo>, CmdError> {
         let stable = self.stable_epoch_of(pool).unwrap_or(0);
-        machine::snapshots(&self.snapshot().state, pool, volume, stable)
+        let snap = self.snapshot();
+        let mut list = machine::snapshots(&snap.state, pool, volume, stable)?;
+        let uuid = machine::volume(&snap.state, pool, volume)?.uuid;
+        let (_, held) = self.usage_of(&snap.state, uuid);
+        for s in &mut list {
+            s.held_bytes = held.as_ref().map(|h| h.get(&s.epoch).copied().unwrap_or(0));
+        }
+        Ok(list)
+    }
+
+    /// The bytes volume `uuid` takes on the Up engines that reported it, and per retained epoch
+    /// the bytes only that epoch holds (`None`s: no Up engine has reported the volume's usage
+    /// yet, which a new volume without data never gets).
+    fn usage_of(&self, state: &State, uuid: Uuid) -> (Option<u64>, Option<HashMap<u64, u64>>) {
+        let usage = lock(&self.volume_usage);
+        let up = |rank: &u32| state.engines.values().any(|e| e.rank == *rank && e.state == EngineState::Up);
+        let reports: Vec<&HashMap<Uuid, VolumeUsage>> = usage.iter().filter(|(r, _)| up(r)).map(|(_, u)| u).collect();
+        if reports.is_empty() {
+            return (None, None);
+        }
+        let mut bytes = 0;
+        let mut held: HashMap<u64, u64> = HashMap::new();
+        for u in reports.iter().filter_map(|r| r.get(&uuid)) {
+            bytes += u.bytes;
+            for e in &u.retained {
+                *held.entry(e.epoch).or_default() += e.bytes;
+            }
+        }
+        (Some(bytes), Some(held))
+    }
+
+    /// Fills in what the service knows beyond its store: snapshots marked stable, and the space
+    /// the volume and each snapshot take by the engines' reports.
+    pub fn annotate(&self, v: &mut VolumeInfo) {
+        self.mark_stable(v);
+        let (bytes, held) = self.usage_of(&self.snapshot().state, v.uuid);
+        v.allocated_bytes = bytes;
+        for s in &mut v.snapshots {
+            s.held_bytes = held.as_ref().map(|h| h.get(&s.epoch).copied().unwrap_or(0));
+        }
     }
 
     /// The stable epoch of pool `pool` (`None`: no such pool, or an engine has not reported).

@@ -472,6 +472,7 @@ mod tests {
             parent: None,
             flattening: false,
             rollbacks: Vec::new(),
+            allocated_bytes: None,
         };
         VolumeInner {
             cluster: Cluster::new(MgmtClient::new("127.0.0.1:9")),

@@ -156,6 +156,7 @@ impl Target {
         self.stats.ops += done.ops.len() as u64;
         for op in &done.ops {
             self.index.apply(op);
+            self.usage.touch(op.cont());
         }
         self.dirty.extend(done.paths);
         for (path, blocks, bytes) in done.destage {

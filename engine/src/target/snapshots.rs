@@ -38,6 +38,16 @@ impl Target {
             let paths = self.index.container_akey_paths(cont);
             self.dirty.extend(paths);
         }
+        // Containers whose list changed: their snapshots' space is computed again.
+        let old = self.snapshots.as_ref().map(|s| &s.epochs);
+        for (cont, epochs) in &new.epochs {
+            if old.and_then(|o| o.get(cont)) != Some(epochs) {
+                self.usage.touch(*cont);
+            }
+        }
+        for cont in old.into_iter().flat_map(|o| o.keys()).filter(|c| !new.epochs.contains_key(c)) {
+            self.usage.touch(*cont);
+        }
         self.snapshots = Some(new);
     }
 
