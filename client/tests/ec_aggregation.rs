@@ -154,3 +154,61 @@ fn a_stripe_waits_for_the_stable_epoch_so_a_held_up_write_is_not_buried() {
         c.wait_engines_up(3, Duration::from_secs(20));
     }
 }
+
+/// Full-stripe writes torn by their client's death (only some shards took their part) settle
+/// all or nothing at their epoch once the stable epoch passes them: with k shards holding the
+/// write it is completed on the others; with fewer it is undone, the stripe written again as it
+/// was before (fragments written in between kept). Normal reads and degraded reads with each
+/// engine down then agree. The shards that took the write include or miss the first parity
+/// shard (the chunk's leader), and one write is a Write Zeroes.
+#[test]
+fn torn_full_stripe_writes_settle_all_or_nothing() {
+    let extra = "\n[tuning]\naggregation_lag_secs = 1\n";
+    let mut c = LocalCluster::start_with("ec-torn", 3, 2, "256MiB", "30s", extra);
+    let rt = runtime();
+    let mgmt = c.client();
+    let size = 4 * MIB;
+    let vol = rt.block_on(open(&c, "EC_2P1", size));
+    let stripe = 2 * u64::from(vol.layout().cell_size());
+    let mut model = vec![0u8; size as usize];
+    rt.block_on(common::write_whole(&vol, &mut model, 1));
+    // A fragment in the stripe of case (f), written before its torn write.
+    let frag_at = MIB + 2 * stripe + stripe / 2;
+    let frag = pattern(frag_at, 4096, 2);
+    rt.block_on(vol.write(frag_at, frag.clone())).unwrap();
+    model[frag_at as usize..frag_at as usize + 4096].copy_from_slice(&frag);
+    // (offset, shards that take the torn write, a write-zeroes, completed).
+    let cases: [(u64, &[u32], bool, bool); 6] = [
+        (0, &[0, 2], false, true),              // a: k shards, the leader among them
+        (MIB, &[1], false, false),              // b: one data shard, no leader
+        (2 * MIB, &[2], false, false),          // c: the leader alone
+        (3 * MIB, &[0, 1], false, true),        // d: both data shards, no leader
+        (stripe, &[0], true, true),             // e: a Write Zeroes on one data shard
+        (MIB + 2 * stripe, &[0], false, false), // f: one data shard, over a fragment
+    ];
+    for (i, (off, shards, zeroes, completed)) in cases.iter().enumerate() {
+        let data = pattern(*off, stripe as usize, 10 + i as u64);
+        let epoch = rt.block_on(vol.write_torn(*off, stripe, (!zeroes).then(|| data.clone()), shards)).unwrap();
+        eprintln!("torn write {i} at {off} epoch {epoch} on shards {shards:?}");
+        if *completed {
+            let new = if *zeroes { vec![0u8; stripe as usize] } else { data.to_vec() };
+            model[*off as usize..(*off + stripe) as usize].copy_from_slice(&new);
+        }
+    }
+    let settled = wait_for("the torn stripes to settle", Duration::from_secs(60), || {
+        let s = rt.block_on(mgmt.pool("p")).unwrap().scrub;
+        if s.torn_completed >= 3 && s.torn_undone >= 3 {
+            Ok(s)
+        } else {
+            Err(format!("{} completed, {} undone", s.torn_completed, s.torn_undone))
+        }
+    });
+    assert_eq!((settled.torn_completed, settled.torn_undone), (3, 3), "{settled:?}");
+    rt.block_on(verify_all(&vol, &model));
+    for rank in 0..3 {
+        c.kill_engine(rank);
+        rt.block_on(verify_all(&vol, &model));
+        c.engines[rank as usize] = Some(c.start_engine(rank));
+        c.wait_engines_up(3, Duration::from_secs(20));
+    }
+}

@@ -95,6 +95,9 @@ pub fn health_text(p: &PoolInfo) -> String {
         size_text(s.ec_fragment_bytes),
         s.ec_waiting
     ));
+    if s.torn_completed + s.torn_undone > 0 {
+        out.push_str(&format!("torn full-stripe writes: {} completed at their epoch, {} undone\n", s.torn_completed, s.torn_undone));
+    }
     out.push_str(&stable_line(p.stable_epoch, hlc::physical_nanos(hlc::now())));
     if p.fault_domains_reduced {
         out.push_str(&format!("warning: {FAULT_DOMAIN_WARNING}\n"));
@@ -284,6 +287,8 @@ mod tests {
                 ec_stripes: 3,
                 ec_fragment_bytes: 3 << 20,
                 ec_waiting: 1,
+                torn_completed: 0,
+                torn_undone: 0,
             },
             fault_domains_reduced: reduced,
             stable_epoch: None,

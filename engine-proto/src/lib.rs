@@ -28,7 +28,9 @@ pub mod types;
 mod proptests;
 
 pub use frame::{decode_frame, encode_frame, Encoded, Frame, FrameError, FrameLimits, Header, Opcode};
-pub use reply::{encode_reply, DataRun, EnumBudget, FetchReply, Reply, ReplyError, ReplyResult, SingleValue, TargetInfo};
+pub use reply::{
+    encode_reply, DataRun, EnumBudget, EpochRun, FetchReply, Reply, ReplyError, ReplyResult, SingleValue, TargetInfo, EPOCH_RUNS_MAX,
+};
 pub use request::{
     encode_request, encode_request_flagged, encode_request_in, Discard, EnumTarget, Enumerate, Fetch, FetchValue, Punch, PunchTarget,
     Request, RequestError, SetRetention, Update, UpdateValue, ENUM_MAX_KEYS, FETCH_ALSO_MAX, RETAINED_MAX,

@@ -6,7 +6,7 @@ use proptest::collection::{btree_set, vec};
 use proptest::prelude::*;
 
 use crate::frame::{decode_frame, FrameLimits};
-use crate::reply::{encode_reply, DataRun, FetchReply, Reply, ReplyResult, SingleValue, TargetInfo, ERROR_MESSAGE_MAX};
+use crate::reply::{encode_reply, DataRun, EpochRun, FetchReply, Reply, ReplyResult, SingleValue, TargetInfo, ERROR_MESSAGE_MAX};
 use crate::request::*;
 use crate::status::{RpcStatus, TargetHealth};
 use crate::types::{ContainerId, ObjectId, KEY_MAX};
@@ -66,6 +66,19 @@ fn request() -> impl Strategy<Value = Request> {
                     dkey,
                     akey: akey.clone(),
                     what: FetchValue::Versions { offset, len, also: also.into_iter().filter(|k| *k != akey).collect() },
+                })
+            }
+        ),
+        (ids, key(), (0..u64::MAX / 2, 1..=u32::MAX), btree_set(key(), 0..=FETCH_ALSO_MAX)).prop_map(
+            |((c, o, epoch), dkey, (offset, len), also)| {
+                let akey = Bytes::from_static(b"\xffmain");
+                Request::Fetch(Fetch {
+                    cont: ContainerId(c),
+                    obj: ObjectId(o),
+                    epoch,
+                    dkey,
+                    akey: akey.clone(),
+                    what: FetchValue::Epochs { offset, len, also: also.into_iter().filter(|k| *k != akey).collect() },
                 })
             }
         ),
@@ -129,6 +142,16 @@ fn reply() -> impl Strategy<Value = Reply> {
         Just(Reply::Punched),
         Just(Reply::RetentionSet),
         any::<u64>().prop_map(|versions| Reply::Discarded { versions }),
+        (btree_set(0..1_000_000u32, 0..40), any::<u64>(), any::<bool>()).prop_map(|(cuts, e, p)| {
+            // Disjoint runs between sorted cut points.
+            let c: Vec<u32> = cuts.into_iter().collect();
+            let runs = c
+                .chunks_exact(2)
+                .enumerate()
+                .map(|(i, w)| EpochRun { offset: w[0], len: w[1] - w[0], epoch: e.wrapping_add(i as u64), punched: p ^ (i % 2 == 0) })
+                .collect();
+            Reply::Fetched(FetchReply::Epochs { runs })
+        }),
         data(20_000).prop_flat_map(|d| holes(d.len()).prop_map(move |h| Reply::Fetched(FetchReply::array(d.clone(), h)))),
         (data(20_000), any::<u64>()).prop_flat_map(|(d, e)| holes(d.len()).prop_map(move |h| {
             // Runs: the gaps between holes, each with its own epoch.

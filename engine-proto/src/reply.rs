@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | Ping | rank u32, targets u16, map_version u32 | none |
 //! | Update, Punch, SetRetention | empty | none |
-//! | Fetch | kind u8; 0 single: present u8, if 1: csum u64, epoch u64; 1 array: holes (u32 count + (offset u32, len u32) each), csums (u32 count + u64 each); 2 array with runs: as 1, then runs (u32 count + (offset u32, len u32, epoch u64) each) | the value / the range |
+//! | Fetch | kind u8; 0 single: present u8, if 1: csum u64, epoch u64; 1 array: holes (u32 count + (offset u32, len u32) each), csums (u32 count + u64 each); 2 array with runs: as 1, then runs (u32 count + (offset u32, len u32, epoch u64) each); 3 epochs: runs (u32 count + (offset u32, len u32, epoch u64, punched u8) each) | the value / the range / none |
 //! | Enumerate | keys (u32 count + key each, keys 0..=255 bytes), next (optional key) | none |
 //! | QueryTarget | capacity u64, used u64, objects u64, wal_seq u64, checkpoint_seq u64, state u8 | none |
 //! | Discard | versions u64 | none |
@@ -51,6 +51,24 @@ pub struct DataRun {
     pub epoch: Epoch,
 }
 
+/// A run of an epochs-only fetch: bytes `offset..offset + len` of the requested range resolve
+/// to a version of epoch `epoch`, data or (`punched`) a range punch. Bytes in no run were never
+/// written (or are hidden by a punch of a whole akey, dkey or object).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct EpochRun {
+    /// Offset from the start of the requested range.
+    pub offset: u32,
+    /// Length (≥ 1).
+    pub len: u32,
+    /// Epoch of the version.
+    pub epoch: Epoch,
+    /// The version is a range punch.
+    pub punched: bool,
+}
+
+/// Most runs in an epochs-only fetch reply.
+pub const EPOCH_RUNS_MAX: usize = 16 * 1024;
+
 /// The result of a fetch.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum FetchReply {
@@ -67,6 +85,12 @@ pub enum FetchReply {
         /// the epoch of the version it comes from, ascending, disjoint, inside `data`; adjacent
         /// runs of one epoch may or may not be merged. Empty for a plain array fetch.
         runs: Vec<DataRun>,
+    },
+    /// The runs of an epochs-only fetch ([`crate::request::FetchValue::Epochs`]): ascending,
+    /// disjoint, inside the requested range, at most [`EPOCH_RUNS_MAX`]. No data.
+    Epochs {
+        /// The runs.
+        runs: Vec<EpochRun>,
     },
     /// A single value, `None` if there is none at the epoch.
     Single {
@@ -87,6 +111,7 @@ impl FetchReply {
         match self {
             FetchReply::Array { data, .. } => data.clone(),
             FetchReply::Single { value } => value.as_ref().map(|v| v.data.clone()).unwrap_or_default(),
+            FetchReply::Epochs { .. } => Bytes::new(),
         }
     }
 
@@ -95,7 +120,7 @@ impl FetchReply {
     pub fn verify(&self) -> Result<(), usize> {
         match self {
             FetchReply::Array { data, csums, .. } => verify_chunk_csums(data, csums),
-            FetchReply::Single { value: None } => Ok(()),
+            FetchReply::Single { value: None } | FetchReply::Epochs { .. } => Ok(()),
             FetchReply::Single { value: Some(v) } => {
                 if crc64(&v.data) == v.csum {
                     Ok(())
@@ -208,6 +233,7 @@ mod kind {
     pub const SINGLE: u8 = 0;
     pub const ARRAY: u8 = 1;
     pub const ARRAY_RUNS: u8 = 2;
+    pub const EPOCHS: u8 = 3;
 }
 
 /// Counts keys into an Enumerated reply within [`ENUM_MAX_KEYS`], the request's `max` and
@@ -283,6 +309,27 @@ fn decode_fetched(r: &mut Reader<'_>, data: &Bytes) -> Result<FetchReply, BodyEr
                 }
             }
             Ok(FetchReply::Array { data: data.clone(), holes, csums, runs })
+        }
+        kind::EPOCHS => {
+            if !data.is_empty() {
+                return Err(BodyError::Inconsistent("an epochs reply carries no data"));
+            }
+            let n = r.count("runs", 17)?;
+            if n > EPOCH_RUNS_MAX {
+                return Err(BodyError::BadValue { field: "runs", value: n as u64 });
+            }
+            let mut runs = Vec::with_capacity(n);
+            let mut end = 0u64;
+            for _ in 0..n {
+                let (offset, len, epoch) = (r.u32("run offset")?, r.u32("run len")?, r.u64("run epoch")?);
+                let punched = r.flag("run punched")?;
+                if len == 0 || u64::from(offset) < end {
+                    return Err(BodyError::Inconsistent("runs must be non-empty, ascending and disjoint"));
+                }
+                end = u64::from(offset) + u64::from(len);
+                runs.push(EpochRun { offset, len, epoch, punched });
+            }
+            Ok(FetchReply::Epochs { runs })
         }
         k => Err(BodyError::BadValue { field: "kind", value: k.into() }),
     }
@@ -383,6 +430,7 @@ impl Reply {
     fn body_hint(&self) -> usize {
         match self {
             Reply::Fetched(FetchReply::Array { holes, csums, runs, .. }) => 13 + 8 * holes.len() + 8 * csums.len() + 16 * runs.len(),
+            Reply::Fetched(FetchReply::Epochs { runs }) => 5 + 17 * runs.len(),
             Reply::Enumerated { keys, .. } => 262 + keys.iter().map(|k| key_len(k)).sum::<usize>(),
             _ => 48,
         }
@@ -423,6 +471,16 @@ impl Reply {
                         b.put_u32_le(r.len);
                         b.put_u64_le(r.epoch);
                     }
+                }
+            }
+            Reply::Fetched(FetchReply::Epochs { runs }) => {
+                b.put_u8(kind::EPOCHS);
+                b.put_u32_le(runs.len() as u32);
+                for r in runs {
+                    b.put_u32_le(r.offset);
+                    b.put_u32_le(r.len);
+                    b.put_u64_le(r.epoch);
+                    b.put_u8(u8::from(r.punched));
                 }
             }
             Reply::Enumerated { keys, next } => {

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | Ping (1) | empty | none |
 //! | Update (2) | cont u128, obj u128, epoch u64, dkey, akey, kind u8; kind 0 (single): csum u64; kind 1 (array): offset u64, csums (u32 count + u64 each) | the value |
-//! | Fetch (3) | cont u128, obj u128, epoch u64, dkey, akey, kind u8; kind 0 (single); kind 1 (array): offset u64, len u32; kind 2 (array versions): offset u64, len u32, also (u8 count ≤ 3 + key each) | none |
+//! | Fetch (3) | cont u128, obj u128, epoch u64, dkey, akey, kind u8; kind 0 (single); kind 1 (array): offset u64, len u32; kind 2 (array versions): offset u64, len u32, also (u8 count ≤ 3 + key each); kind 3 (epochs only): as kind 2 | none |
 //! | Punch (4) | cont u128, obj u128, epoch u64, kind u8; 0 object; 1 dkey: dkey; 2 akey: dkey, akey; 3 range: dkey, akey, offset u64, len u64 | none |
 //! | Enumerate (5) | cont u128, epoch u64, kind u8; 0 objects; 1 dkeys: obj u128; 2 akeys: obj u128, dkey; 3 dkeys changed since: obj u128, since u64; then anchor (optional key), max u32 | none |
 //! | QueryTarget (6) | empty | none |
@@ -111,6 +111,9 @@ pub enum FetchValue {
     /// if they were one akey; the reply lists the epoch of every run of data
     /// ([`crate::reply::DataRun`]).
     Versions { offset: u64, len: u32, also: Vec<Bytes> },
+    /// What a [`FetchValue::Versions`] fetch would resolve, without the data: the epoch of every
+    /// run, range punches included ([`crate::reply::EpochRun`]).
+    Epochs { offset: u64, len: u32, also: Vec<Bytes> },
     /// The single value.
     Single,
 }
@@ -272,6 +275,7 @@ mod kind {
     pub const SINGLE: u8 = 0;
     pub const ARRAY: u8 = 1;
     pub const ARRAY_VERSIONS: u8 = 2;
+    pub const ARRAY_EPOCHS: u8 = 3;
     pub const PUNCH_OBJECT: u8 = 0;
     pub const PUNCH_DKEY: u8 = 1;
     pub const PUNCH_AKEY: u8 = 2;
@@ -333,7 +337,7 @@ fn decode_fetch(r: &mut Reader<'_>) -> Result<Fetch, BodyError> {
             check_range(offset, len.into())?;
             FetchValue::Array { offset, len }
         }
-        kind::ARRAY_VERSIONS => {
+        k @ (kind::ARRAY_VERSIONS | kind::ARRAY_EPOCHS) => {
             let offset = r.u64("offset")?;
             let len = r.u32("len")?;
             if len == 0 {
@@ -352,7 +356,11 @@ fn decode_fetch(r: &mut Reader<'_>) -> Result<Fetch, BodyError> {
                 }
                 also.push(k);
             }
-            FetchValue::Versions { offset, len, also }
+            if k == kind::ARRAY_EPOCHS {
+                FetchValue::Epochs { offset, len, also }
+            } else {
+                FetchValue::Versions { offset, len, also }
+            }
         }
         k => return Err(bad("kind", k)),
     };
@@ -491,7 +499,7 @@ impl Request {
             Request::Update(u) => 64 + key_len(&u.dkey) + key_len(&u.akey) + 8 * csum_count(u.value.data().len()),
             Request::SetRetention(s) => 32 + 8 * s.retained.len(),
             Request::Fetch(f) => match &f.what {
-                FetchValue::Versions { also, .. } => 600 + also.iter().map(|k| key_len(k)).sum::<usize>(),
+                FetchValue::Versions { also, .. } | FetchValue::Epochs { also, .. } => 600 + also.iter().map(|k| key_len(k)).sum::<usize>(),
                 _ => 600,
             },
             _ => 600,
@@ -533,8 +541,8 @@ impl Request {
                         b.put_u64_le(*offset);
                         b.put_u32_le(*len);
                     }
-                    FetchValue::Versions { offset, len, also } => {
-                        b.put_u8(kind::ARRAY_VERSIONS);
+                    FetchValue::Versions { offset, len, also } | FetchValue::Epochs { offset, len, also } => {
+                        b.put_u8(if matches!(f.what, FetchValue::Epochs { .. }) { kind::ARRAY_EPOCHS } else { kind::ARRAY_VERSIONS });
                         b.put_u64_le(*offset);
                         b.put_u32_le(*len);
                         b.put_u8(also.len() as u8);

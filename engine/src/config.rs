@@ -271,6 +271,7 @@ impl EngineConfig {
             aggregation_lag: self.tuning.aggregation_lag_secs.saturating_mul(1_000_000_000),
             commit_window: self.tuning.commit_window_ms.saturating_mul(1_000_000),
             follows_service: self.mgmt.is_some(),
+            ec_settled_by_engine: self.mgmt.is_some() && self.heal.ec_aggregation_rate > 0,
             ..TargetConfig::default()
         }
     }

@@ -4,9 +4,11 @@
 //!
 //! Every [`PASS_EVERY`], for every pool with targets here whose map is settled (nothing DOWN or
 //! UP: no rebuild can race it), with the pool's stable epoch as the boundary: for every EC volume
-//! (not a clone, not rolled back) and every UPIN target of this engine, the chunks that changed
-//! since the last complete pass are listed, and those whose first parity shard is on that target
-//! (one engine per chunk, the one holding every copy) are aggregated. Counters go to the service
+//! and every UPIN target of this engine, the chunks that changed
+//! since the last complete pass are listed; their torn full-stripe writes are settled
+//! (`Volume::resolve_torn`, all or nothing at their epoch), and those whose first parity shard is
+//! on that target (one engine per chunk, the one holding every copy) are aggregated (not in a
+//! clone or a rolled-back volume). Counters go to the service
 //! with the scrub counters (`pool query`).
 
 use std::collections::HashMap;
@@ -21,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::heal::Healer;
+use crate::worker::{TargetHandle, TargetOp};
 
 /// Pause between passes.
 pub const PASS_EVERY: Duration = Duration::from_secs(2);
@@ -37,13 +40,48 @@ pub struct EcAggregator {
     /// Per (volume, target): the boundary of the last pass that left nothing behind there;
     /// the next pass lists only chunks changed above it.
     done_below: HashMap<(u128, u16), u64>,
+    /// This engine's targets, told how far each EC volume is settled (their aggregation stays
+    /// below it, so a torn write's versions outlive its settlement).
+    targets: Vec<TargetHandle>,
+    /// The EC volumes named to the targets, and their pools.
+    named: HashMap<u128, String>,
+    /// The targets were told every EC volume has been named once.
+    ready: bool,
 }
 
 impl EcAggregator {
     /// An aggregator for engine `rank` at `rate` stripe bytes per second; counters go through
     /// `healer` (with the scrub counters).
-    pub fn new(mgmt: MgmtClient, healer: Arc<Healer>, rank: u32, rate: u64, pools: watch::Receiver<Vec<PoolVersion>>) -> EcAggregator {
-        EcAggregator { cluster: Cluster::background(mgmt.clone()), mgmt, healer, rank, rate, pools, done_below: HashMap::new() }
+    pub fn new(
+        mgmt: MgmtClient,
+        healer: Arc<Healer>,
+        rank: u32,
+        rate: u64,
+        pools: watch::Receiver<Vec<PoolVersion>>,
+        targets: Vec<TargetHandle>,
+    ) -> EcAggregator {
+        EcAggregator {
+            cluster: Cluster::background(mgmt.clone()),
+            mgmt,
+            healer,
+            rank,
+            rate,
+            pools,
+            done_below: HashMap::new(),
+            targets,
+            named: HashMap::new(),
+            ready: false,
+        }
+    }
+
+    /// Tells every target of this engine how far container `cont` is settled (`None`: every EC
+    /// volume has been named).
+    async fn settle(&self, target: Option<u16>, cont: Option<u128>, below: u64) {
+        for (i, t) in self.targets.iter().enumerate() {
+            if target.is_none_or(|x| usize::from(x) == i) {
+                let _ = t.submit(TargetOp::SettleEc { cont, below }).await;
+            }
+        }
     }
 
     /// Runs passes until `stop`.
@@ -55,7 +93,13 @@ impl EcAggregator {
                 _ = tokio::time::sleep(PASS_EVERY) => {}
             }
             let pools: Vec<PoolVersion> = self.pools.borrow().iter().filter(|p| !p.name.is_empty()).cloned().collect();
+            let mut all_named = true;
             for p in pools {
+                if let Err(e) = self.name_volumes(&p).await {
+                    all_named = false;
+                    warn!(pool = %p.name, error = %e, "cannot list the pool's volumes; EC volumes stay unaggregated there");
+                    continue;
+                }
                 match self.pass(&p, &stop).await {
                     Ok(()) => failing = false,
                     Err(e) if !failing => {
@@ -65,7 +109,34 @@ impl EcAggregator {
                     Err(_) => {}
                 }
             }
+            if all_named && !self.ready {
+                self.settle(None, None, 0).await;
+                self.ready = true;
+            }
         }
+    }
+
+    /// Names every EC volume of pool `p` to the targets (settled as far as the last complete
+    /// pass got, else not at all) and lifts the limit of volumes deleted since.
+    async fn name_volumes(&mut self, p: &PoolVersion) -> Result<(), String> {
+        let vols = self.mgmt.volumes(&p.name).await.map_err(|e| e.to_string())?;
+        let ec: Vec<u128> = vols.iter().filter(|v| v.class.starts_with("EC_")).map(|v| v.uuid.as_u128()).collect();
+        for &cont in &ec {
+            if !self.named.contains_key(&cont) {
+                for t in 0..self.targets.len() as u16 {
+                    let below = self.done_below.get(&(cont, t)).copied().unwrap_or(0);
+                    self.settle(Some(t), Some(cont), below).await;
+                }
+                self.named.insert(cont, p.name.clone());
+            }
+        }
+        let gone: Vec<u128> = self.named.iter().filter(|(c, pool)| **pool == p.name && !ec.contains(c)).map(|(c, _)| *c).collect();
+        for cont in gone {
+            self.settle(None, Some(cont), u64::MAX).await;
+            self.named.remove(&cont);
+            self.done_below.retain(|(c, _), _| *c != cont);
+        }
+        Ok(())
     }
 
     async fn pass(&mut self, p: &PoolVersion, stop: &CancellationToken) -> Result<(), String> {
@@ -78,9 +149,10 @@ impl EcAggregator {
             map.targets.iter().filter(|t| t.rank == self.rank && t.state == TargetStateName::UpIn).map(|t| t.index).collect();
         let started = Instant::now();
         let (mut stripes, mut bytes, mut waiting) = (0u64, 0u64, 0u64);
+        let (mut torn_completed, mut torn_undone) = (0u64, 0u64);
         for info in self.mgmt.volumes(&p.name).await.map_err(|e| e.to_string())? {
-            let is_ec = info.class.starts_with("EC_");
-            if !is_ec || info.parent.is_some() || !info.rollbacks.is_empty() {
+            // Clones and rolled-back volumes too: their torn stripes are settled (never folded).
+            if !info.class.starts_with("EC_") {
                 continue;
             }
             let v = self.cluster.open_volume(&info).await.map_err(|e| e.to_string())?;
@@ -97,6 +169,24 @@ impl EcAggregator {
                 for chunk in chunks {
                     if stop.is_cancelled() {
                         return Ok(());
+                    }
+                    // Torn full-stripe writes first: a fold of a torn stripe would keep its mix.
+                    match v.resolve_torn(chunk, me, since, boundary).await {
+                        Ok(r) => {
+                            torn_completed += r.completed;
+                            torn_undone += r.undone;
+                            if r.waiting > 0 {
+                                left += 1;
+                                continue;
+                            }
+                        }
+                        Err(VolumeError::Unavailable(m)) => {
+                            left += 1;
+                            warn!(pool = %p.name, volume = %info.name, chunk, "settling torn stripes of the chunk waits: {m}");
+                            v.reload_map().await;
+                            continue;
+                        }
+                        Err(e) => return Err(format!("volume {} chunk {chunk}: {e}", info.name)),
                     }
                     let group = v.chunk_group(chunk).map_err(|e| e.to_string())?;
                     if group.shards.get(k as usize).is_none_or(|s| s.target() != me) {
@@ -129,14 +219,17 @@ impl EcAggregator {
                 waiting += left;
                 if left == 0 {
                     self.done_below.insert(key, boundary);
+                    self.settle(Some(t), Some(key.0), boundary).await;
                 }
             }
         }
-        let changed = stripes > 0 || self.healer.scrub_counters(p.pool_id).ec_waiting != waiting;
+        let changed = stripes > 0 || torn_completed + torn_undone > 0 || self.healer.scrub_counters(p.pool_id).ec_waiting != waiting;
         self.healer.update_scrub(p.pool_id, |c| {
             c.ec_stripes += stripes;
             c.ec_fragment_bytes += bytes;
             c.ec_waiting = waiting;
+            c.torn_completed += torn_completed;
+            c.torn_undone += torn_undone;
         });
         if changed {
             if stripes > 0 {

@@ -134,8 +134,14 @@ fn run(args: Args) -> Result<(), RunError> {
                     scrubbing = Some(tokio::spawn(scrubber.run(stop.clone())));
                 }
                 if cfg.heal.ec_aggregation_rate > 0 {
-                    let agg =
-                        ec_agg::EcAggregator::new(mgmt.clone(), healer.clone(), cfg.rank, cfg.heal.ec_aggregation_rate, pools_rx.clone());
+                    let agg = ec_agg::EcAggregator::new(
+                        mgmt.clone(),
+                        healer.clone(),
+                        cfg.rank,
+                        cfg.heal.ec_aggregation_rate,
+                        pools_rx.clone(),
+                        handles.clone(),
+                    );
                     aggregating = Some(tokio::spawn(agg.run(stop.clone())));
                 }
                 healing = Some(tokio::spawn(healer.run(pools_rx, stop.clone())));

@@ -22,8 +22,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use tessera_engine_proto::{
-    decode_frame, encode_reply, DataRun, Discard, EnumBudget, EnumTarget, Enumerate, Fetch, FetchReply, FetchValue, Frame, FrameLimits,
-    Opcode, Reply, ReplyResult, Request, RpcStatus, SingleValue, TargetHealth, TargetInfo,
+    decode_frame, encode_reply, DataRun, Discard, EnumBudget, EnumTarget, Enumerate, EpochRun, Fetch, FetchReply, FetchValue, Frame,
+    FrameLimits, Opcode, Reply, ReplyResult, Request, RpcStatus, SingleValue, TargetHealth, TargetInfo,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -303,6 +303,7 @@ enum Shape {
     Done(Reply),
     Discarded,
     Array,
+    Epochs,
     Single,
     Objects { budget: EnumBudget, max: usize },
     Keys { budget: EnumBudget, max: usize },
@@ -341,6 +342,11 @@ fn to_target_op(req: Request, background: bool) -> Result<(TargetOp, Shape), (Rp
                 let mut paths = vec![path(cont.0, obj.0, dkey.clone(), akey)];
                 paths.extend(also.into_iter().map(|a| path(cont.0, obj.0, dkey.clone(), a)));
                 (TargetOp::FetchVersions { paths, offset, len: u64::from(len), epoch }, Shape::Array)
+            }
+            FetchValue::Epochs { offset, len, also } => {
+                let mut paths = vec![path(cont.0, obj.0, dkey.clone(), akey)];
+                paths.extend(also.into_iter().map(|a| path(cont.0, obj.0, dkey.clone(), a)));
+                (TargetOp::FetchEpochs { paths, offset, len: u64::from(len), epoch }, Shape::Epochs)
             }
             FetchValue::Single => (TargetOp::FetchSingle { path: path(cont.0, obj.0, dkey, akey), epoch }, Shape::Single),
         },
@@ -396,6 +402,9 @@ fn to_reply(r: TargetReply, shape: Shape) -> ReplyResult {
             let runs = a.runs.into_iter().map(|(offset, len, epoch)| DataRun { offset, len, epoch }).collect();
             Reply::Fetched(FetchReply::Array { data: a.data, holes: a.holes, csums: a.csums, runs })
         }
+        (TargetReply::Epochs(runs), Shape::Epochs) => Reply::Fetched(FetchReply::Epochs {
+            runs: runs.into_iter().map(|(offset, len, epoch, punched)| EpochRun { offset, len, epoch, punched }).collect(),
+        }),
         (TargetReply::Single(s), Shape::Single) => {
             Reply::Fetched(FetchReply::Single { value: s.map(|(data, csum, epoch)| SingleValue { data, csum, epoch }) })
         }

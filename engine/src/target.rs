@@ -102,6 +102,9 @@ pub struct TargetConfig {
     /// The engine follows a management service, which retains snapshots: aggregate nothing
     /// until [`Target::set_snapshots`] says which (`target/snapshots.rs`).
     pub follows_service: bool,
+    /// The engine's EC aggregator settles torn stripes: aggregate nothing until it has said how
+    /// far each EC volume is settled ([`Target::settle_ec`], `target/snapshots.rs`).
+    pub ec_settled_by_engine: bool,
 }
 
 impl Default for TargetConfig {
@@ -117,6 +120,7 @@ impl Default for TargetConfig {
             aggregation_budget: 256,
             commit_window: Duration::from_secs(2).as_nanos() as u64,
             follows_service: false,
+            ec_settled_by_engine: false,
         }
     }
 }
@@ -232,6 +236,9 @@ pub struct Target {
     /// The service's snapshots, when the target follows a management service
     /// ([`TargetConfig::follows_service`]).
     snapshots: Option<Arc<Snapshots>>,
+    /// How far the engine's EC aggregator has settled each EC volume's torn stripes
+    /// ([`TargetConfig::ec_settled_by_engine`]).
+    ec_settled: Option<snapshots::EcSettled>,
     /// Space per container ([`Target::usage`]).
     usage: usage::UsageCache,
     /// Longest pause a checkpoint imposed on the target thread.
@@ -285,6 +292,7 @@ impl Target {
     /// Opens (recovering) or creates the target stored in `storage`.
     pub fn open(storage: Arc<dyn Storage>, cfg: TargetConfig) -> Result<Self, EngineError> {
         let follows_service = cfg.follows_service;
+        let cfg_ec_settled = cfg.ec_settled_by_engine;
         let names = storage.list().map_err(|e| EngineError::io(".", e))?;
         for tmp in names.iter().filter(|n| n.ends_with(".tmp")) {
             storage.remove(tmp).map_err(|e| EngineError::io(tmp, e))?;
@@ -359,6 +367,7 @@ impl Target {
             epochs: stable::StableEpoch::default(),
             snapshots: follows_service.then(|| Arc::new(Snapshots::default())),
             usage: usage::UsageCache::default(),
+            ec_settled: cfg_ec_settled.then(snapshots::EcSettled::default),
             max_checkpoint_pause: Duration::ZERO,
             stats: CommitStats::default(),
         };
@@ -642,6 +651,7 @@ pub(crate) mod tests {
             aggregation_budget: 64,
             commit_window: 0,
             follows_service: false,
+            ec_settled_by_engine: false,
         }
     }
 

@@ -57,6 +57,13 @@ pub enum TargetOp {
         len: u64,
         epoch: u64,
     },
+    /// [`Target::fetch_epochs`].
+    FetchEpochs {
+        paths: Vec<AkeyPath>,
+        offset: u64,
+        len: u64,
+        epoch: u64,
+    },
     FetchSingle {
         path: AkeyPath,
         epoch: u64,
@@ -108,6 +115,11 @@ pub enum TargetOp {
     Snapshots(Arc<Snapshots>),
     /// The space each container takes ([`Target::usage`]).
     Usage,
+    /// How far the engine's EC aggregator settled a container ([`Target::settle_ec`]).
+    SettleEc {
+        cont: Option<u128>,
+        below: u64,
+    },
 }
 
 impl TargetOp {
@@ -115,7 +127,7 @@ impl TargetOp {
     fn fetched_path(&self) -> Option<&AkeyPath> {
         match self {
             TargetOp::FetchArray { path, .. } | TargetOp::FetchSingle { path, .. } => Some(path),
-            TargetOp::FetchVersions { paths, .. } => paths.first(),
+            TargetOp::FetchVersions { paths, .. } | TargetOp::FetchEpochs { paths, .. } => paths.first(),
             _ => None,
         }
     }
@@ -180,6 +192,8 @@ pub enum TargetReply {
     Scrub(ScrubStep),
     Fences(Vec<Fence>),
     Usage(Vec<ContainerUsage>),
+    /// (start, length, epoch, range punch) runs of an epochs fetch.
+    Epochs(Vec<(u32, u32, u64, bool)>),
 }
 
 /// The reply channel of one request.
@@ -504,6 +518,10 @@ impl Worker {
                     self.target.set_snapshots(s);
                     let _ = tx.send(Ok(TargetReply::Done));
                 }
+                Msg::Job(TargetOp::SettleEc { cont, below }, tx) => {
+                    self.target.settle_ec(cont, below);
+                    let _ = tx.send(Ok(TargetReply::Done));
+                }
                 Msg::Job(TargetOp::Usage, tx) => {
                     let _ = tx.send(Ok(TargetReply::Usage(self.target.usage())));
                 }
@@ -550,6 +568,7 @@ fn read(target: &Target, op: TargetOp) -> Result<TargetReply, EngineError> {
         TargetOp::Mutate(_) | TargetOp::HostMutate(_) => return Err(EngineError::Invalid("mutation routed as a read".into())),
         TargetOp::FetchArray { path, offset, len, epoch } => TargetReply::Array(target.fetch_array(&path, offset, len, epoch)?),
         TargetOp::FetchVersions { paths, offset, len, epoch } => TargetReply::Array(target.fetch_versions(&paths, offset, len, epoch)?),
+        TargetOp::FetchEpochs { paths, offset, len, epoch } => TargetReply::Epochs(target.fetch_epochs(&paths, offset, len, epoch)?),
         TargetOp::FetchSingle { path, epoch } => TargetReply::Single(target.fetch_single(&path, epoch)?),
         TargetOp::ListObjects { cont, epoch, after, max } => TargetReply::Objects(idx.list_objects(cont, epoch, after, max)),
         TargetOp::ListDkeys { cont, obj, epoch, after, max } => TargetReply::Keys(idx.list_dkeys(cont, obj, epoch, after.as_ref(), max)),
@@ -565,6 +584,7 @@ fn read(target: &Target, op: TargetOp) -> Result<TargetReply, EngineError> {
         TargetOp::Fence { .. } => return Err(EngineError::Invalid("fence routed as a read".into())),
         TargetOp::Snapshots(_) => return Err(EngineError::Invalid("snapshot list routed as a read".into())),
         TargetOp::Usage => return Err(EngineError::Invalid("space accounting routed as a read".into())),
+        TargetOp::SettleEc { .. } => return Err(EngineError::Invalid("an EC settlement routed as a read".into())),
     })
 }
 

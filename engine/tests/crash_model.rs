@@ -256,6 +256,7 @@ fn config() -> TargetConfig {
         // epochs are small numbers, not clock readings.
         commit_window: 0,
         follows_service: false,
+        ec_settled_by_engine: false,
     }
 }
 

@@ -72,6 +72,13 @@ pub struct ScrubCounters {
     /// group not settled) after the engine's last pass.
     #[serde(default)]
     pub ec_waiting: u64,
+    /// Torn full-stripe writes (a client gone after some shards took theirs) completed at their
+    /// epoch: enough shards held the write to decode it.
+    #[serde(default)]
+    pub torn_completed: u64,
+    /// Torn full-stripe writes undone: the stripe written again as it was before them.
+    #[serde(default)]
+    pub torn_undone: u64,
 }
 
 impl ScrubCounters {
@@ -85,6 +92,8 @@ impl ScrubCounters {
         self.ec_stripes += o.ec_stripes;
         self.ec_fragment_bytes += o.ec_fragment_bytes;
         self.ec_waiting += o.ec_waiting;
+        self.torn_completed += o.torn_completed;
+        self.torn_undone += o.torn_undone;
     }
 }
 

@@ -147,7 +147,7 @@ impl VolumeInner {
     }
 
     /// Sends every request to its shard; all must succeed.
-    async fn send_all(&self, view: &PoolView, reqs: Vec<(&ShardPlacement, Request)>) -> Result<(), VolumeError> {
+    pub(super) async fn send_all(&self, view: &PoolView, reqs: Vec<(&ShardPlacement, Request)>) -> Result<(), VolumeError> {
         let results = join_all(reqs.into_iter().map(|(sh, req)| async move { (sh, self.call(view, sh, req).await) })).await;
         for (sh, r) in results {
             match r {

@@ -60,6 +60,7 @@ use crate::rpc::RpcError;
 
 mod cluster;
 mod ec_aggregate;
+mod ec_resolve;
 mod read;
 mod rebuild;
 mod write;
@@ -67,6 +68,7 @@ mod write;
 pub use cluster::Cluster;
 use cluster::{PoolCache, PoolView};
 pub use ec_aggregate::EcAggregated;
+pub use ec_resolve::TornResolved;
 pub use rebuild::{RebuildOptions, ShardRebuilt};
 
 /// Akey of EC base cells (full-stripe writes) on data shards.
@@ -315,6 +317,16 @@ impl Volume {
         self.check_writable()?;
         let mapping = self.map_range(offset, data.len() as u64)?;
         self.inner.mutate(&mapping, Some(&data), epoch).await
+    }
+
+    /// A write (`Some`) or write-zeroes (`None`) torn by its client's death: only the shards
+    /// numbered in `shards` (EC: `0..k` data, `k..` parity) take their part, once. Returns its
+    /// epoch. For fault-injection tests of how torn stripes are settled.
+    #[doc(hidden)]
+    pub async fn write_torn(&self, offset: u64, len: u64, data: Option<Bytes>, shards: &[u32]) -> Result<Epoch, VolumeError> {
+        self.check_writable()?;
+        let mapping = self.map_range(offset, len)?;
+        self.inner.mutate_torn(&mapping, data.as_ref(), shards).await
     }
 
     /// Makes `len` bytes at `offset` read as zeros (whole stripes punched, the rest written as

@@ -192,9 +192,37 @@ impl VolumeInner {
         }
         match f {
             FetchReply::Array { data, runs, .. } => Ok((data, runs)),
-            FetchReply::Single { .. } => {
-                Err(ShardError::Failed(format!("engine {} answered an array fetch with a single value", shard.rank)))
+            FetchReply::Single { .. } | FetchReply::Epochs { .. } => {
+                Err(ShardError::Failed(format!("engine {} answered an array fetch with another kind of reply", shard.rank)))
             }
+        }
+    }
+
+    /// The epochs of what a versions fetch of `range` of `akey` at `epoch` would resolve on one
+    /// shard, without the data: (offset in the akey, length, epoch, range punch).
+    pub(super) async fn fetch_epochs(
+        &self,
+        view: &PoolView,
+        shard: &ShardPlacement,
+        dkey: &Bytes,
+        akey: &'static [u8],
+        range: std::ops::Range<u64>,
+        epoch: Epoch,
+    ) -> Result<Vec<(u64, u64, Epoch, bool)>, ShardError> {
+        let len = u32::try_from(range.end - range.start).map_err(|_| ShardError::Failed("an epochs fetch covers at most 4 GiB".into()))?;
+        let req = Request::Fetch(Fetch {
+            cont: self.cont,
+            obj: self.oid,
+            epoch,
+            dkey: dkey.clone(),
+            akey: Bytes::from_static(akey),
+            what: FetchValue::Epochs { offset: range.start, len, also: Vec::new() },
+        });
+        match self.call(view, shard, req).await? {
+            Reply::Fetched(FetchReply::Epochs { runs }) => {
+                Ok(runs.into_iter().map(|r| (range.start + u64::from(r.offset), u64::from(r.len), r.epoch, r.punched)).collect())
+            }
+            _ => Err(ShardError::Failed(format!("engine {} answered an epochs fetch with another reply", shard.rank))),
         }
     }
 

@@ -148,6 +148,20 @@ impl VolumeInner {
         Ok((ops, skipped))
     }
 
+    /// Sends the updates and punches of one write (`data`) or write-zeroes (`None`) at a new
+    /// epoch to the shards numbered in `shards` only, once, as a client that died after those
+    /// shards took theirs would have; returns the epoch.
+    pub(super) async fn mutate_torn(&self, mapping: &Mapping, data: Option<&Bytes>, shards: &[u32]) -> Result<Epoch, VolumeError> {
+        let view = self.pool.current();
+        let epoch = hlc::now();
+        let (ops, _) = self.plan(&view, mapping, data, epoch)?;
+        let ops: Vec<ShardOp> = ops.into_iter().filter(|op| shards.contains(&op.shard.shard)).collect();
+        for r in join_all(ops.iter().map(|op| self.call(&view, &op.shard, op.req.clone()))).await {
+            r.map_err(|e| VolumeError::Unavailable(e.to_string()))?;
+        }
+        Ok(epoch)
+    }
+
     /// Runs a write or write-zeroes to completion: every writable shard of the current map
     /// acknowledges, retrying (same epoch) while shards are unreachable but not yet DOWN.
     pub(super) async fn mutate(&self, mapping: &Mapping, data: Option<&Bytes>, mut epoch: Epoch) -> Result<(), VolumeError> {

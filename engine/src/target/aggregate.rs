@@ -35,12 +35,13 @@ impl Target {
     }
 
     /// The epoch below which `cont`'s versions are folded: the container's own, else `now` minus
-    /// the lag; never above the stable epoch (a host write may still commit above it) nor the
-    /// epoch the service's snapshot list is complete to.
+    /// the lag; never above the stable epoch (a host write may still commit above it), the
+    /// epoch the service's snapshot list is complete to, nor where the engine's EC aggregator
+    /// has settled the container's torn stripes (their evidence must outlive them).
     fn boundary(&self, cont: u128, now: u64) -> u64 {
         let below = self.index.retention(cont).aggregate_below;
         let wanted = if below > 0 { below } else { now.saturating_sub(self.cfg.aggregation_lag) };
-        wanted.min(self.stable_epoch()).min(self.snapshot_horizon())
+        wanted.min(self.stable_epoch()).min(self.snapshot_horizon()).min(self.ec_horizon(cont))
     }
 
     /// Moves parked akeys whose waiting epoch the boundary has reached back to the dirty set.

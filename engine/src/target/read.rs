@@ -27,6 +27,39 @@ impl Target {
 
     /// Reads `len` bytes at `offset` as of `epoch`, byte by byte from the newest version across
     /// the array akeys `paths` ([`Index::fetch_versions`]), and lists the epoch of every run.
+    /// What [`Target::fetch_versions`] would resolve, without reading data: (start, length,
+    /// epoch, is a range punch) of each run, relative to `offset`, adjacent runs of one version
+    /// kind and epoch merged; at most [`tessera_engine_proto::EPOCH_RUNS_MAX`] runs.
+    pub fn fetch_epochs(&self, paths: &[AkeyPath], offset: u64, len: u64, epoch: u64) -> Result<Vec<(u32, u32, u64, bool)>, EngineError> {
+        if len == 0 {
+            return Err(invalid("fetch of 0 bytes"));
+        }
+        let end = offset.checked_add(len).ok_or_else(|| invalid("offset + length overflows"))?;
+        if len > u64::from(u32::MAX) {
+            return Err(invalid("an epochs fetch covers at most 4 GiB"));
+        }
+        for p in paths {
+            self.check_fence(p)?;
+        }
+        let mut runs: Vec<(u32, u32, u64, bool)> = Vec::new();
+        for seg in self.index.fetch_versions(paths, offset..end, epoch) {
+            let Some(v) = seg.version else { continue };
+            let punched = matches!(seg.source, Source::Hole);
+            let (start, n) = ((seg.range.start - offset) as u32, (seg.range.end - seg.range.start) as u32);
+            match runs.last_mut() {
+                Some((s, l, e, p)) if *s + *l == start && *e == v.epoch && *p == punched => *l += n,
+                _ => runs.push((start, n, v.epoch, punched)),
+            }
+            if runs.len() > tessera_engine_proto::EPOCH_RUNS_MAX {
+                return Err(EngineError::TooLarge(format!(
+                    "more than {} runs of versions in {len} bytes: ask for a shorter range",
+                    tessera_engine_proto::EPOCH_RUNS_MAX
+                )));
+            }
+        }
+        Ok(runs)
+    }
+
     pub fn fetch_versions(&self, paths: &[AkeyPath], offset: u64, len: u64, epoch: u64) -> Result<FetchedArray, EngineError> {
         if len == 0 {
             return Err(invalid("fetch of 0 bytes"));

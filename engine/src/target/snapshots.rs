@@ -18,6 +18,15 @@ pub struct Snapshots {
     pub epochs: HashMap<u128, Vec<u64>>,
 }
 
+/// How far the engine's EC aggregator has settled each EC volume of a target.
+#[derive(Debug, Default)]
+pub(super) struct EcSettled {
+    /// Its first pass has named every EC volume it found.
+    ready: bool,
+    /// Per container: torn stripes are settled at or below this epoch.
+    below: HashMap<u128, u64>,
+}
+
 impl Target {
     /// Takes a new list of snapshots. Containers that lost a snapshot are looked at again by
     /// aggregation, which frees what only that snapshot held.
@@ -49,6 +58,32 @@ impl Target {
             self.usage.touch(*cont);
         }
         self.snapshots = Some(new);
+    }
+
+    /// Takes how far the engine's EC aggregator has settled the torn stripes of container
+    /// `cont` (`u64::MAX`: not an EC volume any more, no limit); `None`: its first pass has
+    /// said it for every EC volume, and containers it has not named are not limited.
+    pub fn settle_ec(&mut self, cont: Option<u128>, below: u64) {
+        let Some(g) = &mut self.ec_settled else { return };
+        match cont {
+            None => g.ready = true,
+            Some(c) if below == u64::MAX => {
+                g.below.remove(&c);
+            }
+            Some(c) => {
+                g.below.insert(c, below);
+            }
+        }
+    }
+
+    /// Aggregation of container `cont` stays at or below this epoch: torn stripes above it are
+    /// not settled yet, and a torn write's versions (a punch above all) are what settles them.
+    pub(super) fn ec_horizon(&self, cont: u128) -> u64 {
+        match &self.ec_settled {
+            None => u64::MAX,
+            Some(g) if !g.ready => 0,
+            Some(g) => g.below.get(&cont).copied().unwrap_or(u64::MAX),
+        }
     }
 
     /// Aggregation stays at or below this epoch: the service's snapshot list is complete only
@@ -122,6 +157,28 @@ mod tests {
         t.set_snapshots(told(100, &[]));
         t.aggregate_step(100).unwrap();
         assert_eq!((used_blocks(&t), byte_at(&t, u64::MAX)), (1, 4));
+    }
+
+    #[test]
+    fn an_ec_volume_aggregates_only_as_far_as_the_engine_settled_its_torn_stripes() {
+        let cfg = TargetConfig { capacity: 64 * BLOCK, follows_service: true, ec_settled_by_engine: true, ..small() };
+        let mut t = Target::open(Arc::new(MemStorage::new()), cfg).unwrap();
+        t.set_snapshots(told(100, &[]));
+        for (epoch, fill) in [(10, 1), (20, 2), (30, 3)] {
+            write(&mut t, epoch, fill);
+        }
+        // Before the engine's first pass named its EC volumes: nothing.
+        t.aggregate_step(100).unwrap();
+        assert_eq!(used_blocks(&t), 3, "aggregated before the EC volumes were named");
+        // Container 1 settled to 25: 10 folds into 20; 30 waits.
+        t.settle_ec(Some(1), 25);
+        t.settle_ec(None, 0);
+        t.aggregate_step(100).unwrap();
+        assert_eq!((used_blocks(&t), byte_at(&t, 25), byte_at(&t, u64::MAX)), (2, 2, 3));
+        // Settled further (or no longer an EC volume): the rest.
+        t.settle_ec(Some(1), u64::MAX);
+        t.aggregate_step(100).unwrap();
+        assert_eq!((used_blocks(&t), byte_at(&t, u64::MAX)), (1, 3));
     }
 
     #[test]
