@@ -17,8 +17,9 @@
 //!   of `A` too while the engine has not aggregated its `E0` version away), each data cell with
 //!   its fragments between `E0` and `E` on top — is written whole at `E + 1` on every shard
 //!   (*nothing*: the write never happened, as a rolled-back version no read will see again). With
-//!   fewer than k shards holding `E0` the stripe stays torn (counted; only classes with
-//!   `k ≥ p + 2` can get there).
+//!   fewer than k shards holding `E0` the stripe stays torn (logged; only classes with
+//!   `k ≥ p + 2` can get there), as does one of a clone or a rolled-back volume that would have
+//!   to be undone (their holes mean "read older data", which whole cells would cover).
 //!
 //! Every step is idempotent: the next pass finds the stripe settled or settles it the same way.
 //! Requests carry the pool map the chunk was planned with, so a map change refuses them.
@@ -39,8 +40,12 @@ pub struct TornResolved {
     pub completed: u64,
     /// Torn stripes returned to their state before the torn write.
     pub undone: u64,
-    /// Torn stripes left for later (too new, the group not all readable, or not enough shards).
+    /// Torn stripes left for later (too new, or the group not all readable).
     pub waiting: u64,
+    /// Torn stripes that cannot be settled (fewer than k shards hold the stripe as it was
+    /// before the write, or a clone's or rolled-back volume's stripe would have to be undone):
+    /// they stay torn, logged; degraded reads of them fail.
+    pub unsettled: u64,
 }
 
 /// The newest `B`/`P` version over one cell of one shard: (epoch, a range punch); (0, false)
@@ -113,6 +118,10 @@ impl VolumeInner {
                 Settled::Completed => out.completed += 1,
                 Settled::Undone => out.undone += 1,
                 Settled::Waiting => out.waiting += 1,
+                Settled::Unsettleable(why) => {
+                    out.unsettled += 1;
+                    tracing::warn!(volume = %self.info.name, chunk, stripe = s, "a torn full-stripe write cannot be settled: {why}");
+                }
             }
         }
         Ok(out)
@@ -190,7 +199,7 @@ impl VolumeInner {
         if have.len() >= k {
             // All: the stripe at E from k shards that hold it; the others take their cell at E.
             let Some(mut stripe) = self.stripe_cells_at(view, group, dkey, &in_shard, &have, newest).await? else {
-                return Ok(Settled::Waiting);
+                return Ok(Settled::Unsettleable(format!("fewer than k shards hold whole cells at epoch {newest}")));
             };
             codec.reconstruct(&mut stripe).map_err(|e| VolumeError::Config(e.to_string()))?;
             let mut reqs = Vec::new();
@@ -206,7 +215,7 @@ impl VolumeInner {
         let Some(after) = newest.checked_add(1).filter(|e| *e <= boundary) else { return Ok(Settled::Waiting) };
         if self.parent.is_some() || !self.rollbacks.is_empty() {
             // Holes there read older data, which whole base cells would cover.
-            return Ok(Settled::Waiting);
+            return Ok(Settled::Unsettleable("undoing it in a clone or a rolled-back volume is not supported".into()));
         }
         let before = torn.iter().map(|&i| cells[i].0).max().unwrap_or(0);
         let mut base: Vec<Option<Vec<u8>>> = if before == 0 {
@@ -216,13 +225,16 @@ impl VolumeInner {
             let sources: Vec<usize> = (0..n).filter(|&i| cells[i].0 == before || cells[i].0 == newest).collect();
             match self.stripe_cells_at(view, group, dkey, &in_shard, &sources, before).await? {
                 Some(cells) => cells,
-                None => return Ok(Settled::Waiting),
+                None => {
+                    return Ok(Settled::Unsettleable(format!(
+                        "fewer than k shards hold the stripe as it was before epoch {newest} (at {before})"
+                    )))
+                }
             }
         };
-        codec.reconstruct_data(&mut base).map_err(|e| {
-            tracing::warn!(volume = %self.info.name, stripe = s, epoch = newest, "a torn stripe cannot be settled: {e}");
-            VolumeError::Unavailable(format!("torn stripe {s}: fewer than k shards hold its state before epoch {newest}"))
-        })?;
+        if let Err(e) = codec.reconstruct_data(&mut base) {
+            return Ok(Settled::Unsettleable(e.to_string()));
+        }
         let mut data = Vec::with_capacity(k);
         for (c, b) in base.iter_mut().take(k).enumerate() {
             let mut cell_bytes = b.take().unwrap_or_else(|| vec![0u8; cell as usize]);
@@ -288,4 +300,5 @@ enum Settled {
     Completed,
     Undone,
     Waiting,
+    Unsettleable(String),
 }
