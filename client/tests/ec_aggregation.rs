@@ -72,12 +72,7 @@ fn partial_stripe_writes_are_folded_into_full_stripes_and_every_read_stays_right
     });
     eprintln!("{} MiB in use for {} MiB of data ({:.2}x)", used >> 20, size >> 20, (used - base) as f64 / size as f64);
     rt.block_on(verify_all(&vol, &model));
-    for rank in 0..3 {
-        c.kill_engine(rank);
-        rt.block_on(verify_all(&vol, &model));
-        c.engines[rank as usize] = Some(c.start_engine(rank));
-        c.wait_engines_up(3, Duration::from_secs(20));
-    }
+    common::verify_with_each_engine_down(&mut c, &rt, &vol, &model);
 
     // A snapshot keeps its view while new fragments are folded, and kill -9 of an engine in the
     // middle of that folding loses nothing.
@@ -147,12 +142,7 @@ fn a_stripe_waits_for_the_stable_epoch_so_a_held_up_write_is_not_buried() {
         (stripes > folded && waiting == 0).then_some(()).ok_or(format!("{stripes} folded, {waiting} waiting"))
     });
     rt.block_on(verify_all(&vol, &model));
-    for rank in 0..3 {
-        c.kill_engine(rank);
-        rt.block_on(verify_all(&vol, &model));
-        c.engines[rank as usize] = Some(c.start_engine(rank));
-        c.wait_engines_up(3, Duration::from_secs(20));
-    }
+    common::verify_with_each_engine_down(&mut c, &rt, &vol, &model);
 }
 
 /// Full-stripe writes torn by their client's death (only some shards took their part) settle
@@ -205,10 +195,5 @@ fn torn_full_stripe_writes_settle_all_or_nothing() {
     });
     assert_eq!((settled.torn_completed, settled.torn_undone), (3, 3), "{settled:?}");
     rt.block_on(verify_all(&vol, &model));
-    for rank in 0..3 {
-        c.kill_engine(rank);
-        rt.block_on(verify_all(&vol, &model));
-        c.engines[rank as usize] = Some(c.start_engine(rank));
-        c.wait_engines_up(3, Duration::from_secs(20));
-    }
+    common::verify_with_each_engine_down(&mut c, &rt, &vol, &model);
 }

@@ -419,12 +419,7 @@ fn a_rollback_makes_the_volume_read_as_the_snapshot_with_nothing_copied() {
         (now < before).then_some(()).ok_or(format!("{before} -> {now} bytes"))
     });
     rt.block_on(verify_all(&vol, &last));
-    for rank in 0..3 {
-        c.kill_engine(rank);
-        rt.block_on(verify_all(&vol, &last));
-        c.engines[rank as usize] = Some(c.start_engine(rank));
-        c.wait_engines_up(3, Duration::from_secs(20));
-    }
+    common::verify_with_each_engine_down(&mut c, &rt, &vol, &last);
 }
 
 /// A rollback is one transaction of the management service: `kill -9` of the service while the

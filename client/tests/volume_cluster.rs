@@ -5,24 +5,15 @@
 
 use std::time::Duration;
 
-use tessera_client::volume::{Volume, VolumeError};
+use tessera_client::volume::VolumeError;
 use tessera_mgmt_api::{MgmtClient, TargetStateName};
 use tessera_testkit::{wait_for, LocalCluster};
 
 mod common;
-use common::{log_lines, open, pattern, runtime, sequential_random_writes, used_bytes, verify_all, wait_healed, write_whole, Rng};
-
-/// Kills each engine in turn, verifies every byte from the other two, and restarts it before
-/// the heartbeat timeout (the cluster's must be long), so it is never marked DOWN.
-fn verify_with_each_engine_down(c: &mut LocalCluster, rt: &tokio::runtime::Runtime, vol: &Volume, model: &[u8]) {
-    for rank in 0..3 {
-        c.kill_engine(rank);
-        rt.block_on(verify_all(vol, model));
-        let d = c.start_engine(rank);
-        c.engines[rank as usize] = Some(d);
-        c.wait_engines_up(3, Duration::from_secs(10));
-    }
-}
+use common::{
+    log_lines, open, pattern, runtime, sequential_random_writes, used_bytes, verify_all, verify_with_each_engine_down, wait_healed,
+    write_whole, Rng,
+};
 
 /// The pool map version the service has now.
 fn pool_version(rt: &tokio::runtime::Runtime, mgmt: &MgmtClient) -> u32 {

@@ -55,30 +55,18 @@ fn request() -> impl Strategy<Value = Request> {
                 what: arr.map_or(FetchValue::Single, |(offset, len)| FetchValue::Array { offset, len }),
             })
         ),
-        (ids, key(), (0..u64::MAX / 2, 1..=u32::MAX), btree_set(key(), 0..=FETCH_ALSO_MAX)).prop_map(
-            |((c, o, epoch), dkey, (offset, len), also)| {
+        (ids, key(), (0..u64::MAX / 2, 1..=u32::MAX), btree_set(key(), 0..=FETCH_ALSO_MAX), any::<bool>()).prop_map(
+            |((c, o, epoch), dkey, (offset, len), also, epochs_only)| {
                 // The fetch's own akey is one not in `also`.
                 let akey = Bytes::from_static(b"\xffmain");
+                let also = also.into_iter().filter(|k| *k != akey).collect();
                 Request::Fetch(Fetch {
                     cont: ContainerId(c),
                     obj: ObjectId(o),
                     epoch,
                     dkey,
                     akey: akey.clone(),
-                    what: FetchValue::Versions { offset, len, also: also.into_iter().filter(|k| *k != akey).collect() },
-                })
-            }
-        ),
-        (ids, key(), (0..u64::MAX / 2, 1..=u32::MAX), btree_set(key(), 0..=FETCH_ALSO_MAX)).prop_map(
-            |((c, o, epoch), dkey, (offset, len), also)| {
-                let akey = Bytes::from_static(b"\xffmain");
-                Request::Fetch(Fetch {
-                    cont: ContainerId(c),
-                    obj: ObjectId(o),
-                    epoch,
-                    dkey,
-                    akey: akey.clone(),
-                    what: FetchValue::Epochs { offset, len, also: also.into_iter().filter(|k| *k != akey).collect() },
+                    what: if epochs_only { FetchValue::Epochs { offset, len, also } } else { FetchValue::Versions { offset, len, also } },
                 })
             }
         ),

@@ -146,3 +146,14 @@ pub async fn used_bytes(c: &LocalCluster) -> u64 {
     }
     used
 }
+
+/// Kills each of the 3 engines in turn, verifies every byte from the other two, and restarts it
+/// before the heartbeat timeout (the cluster's must be long), so it is never marked DOWN.
+pub fn verify_with_each_engine_down(c: &mut LocalCluster, rt: &tokio::runtime::Runtime, vol: &Volume, model: &[u8]) {
+    for rank in 0..3 {
+        c.kill_engine(rank);
+        rt.block_on(verify_all(vol, model));
+        c.engines[rank as usize] = Some(c.start_engine(rank));
+        c.wait_engines_up(3, std::time::Duration::from_secs(20));
+    }
+}
