@@ -90,10 +90,12 @@ pub fn health_text(p: &PoolInfo) -> String {
         s.passes
     ));
     out.push_str(&format!(
-        "EC aggregation: {} stripes folded into full stripes, {} of fragments and copies punched, {} stripes waiting\n",
+        "EC aggregation: {} stripes folded into full stripes, {} of fragments and copies punched, {} stripes waiting ({} of copies), paced at {}/s\n",
         s.ec_stripes,
         size_text(s.ec_fragment_bytes),
-        s.ec_waiting
+        s.ec_waiting,
+        size_text(s.ec_waiting_bytes),
+        size_text(s.ec_rate)
     ));
     if s.torn_completed + s.torn_undone > 0 {
         out.push_str(&format!("torn full-stripe writes: {} completed at their epoch, {} undone\n", s.torn_completed, s.torn_undone));
@@ -287,6 +289,8 @@ mod tests {
                 ec_stripes: 3,
                 ec_fragment_bytes: 3 << 20,
                 ec_waiting: 1,
+                ec_waiting_bytes: 8192,
+                ec_rate: 16 << 20,
                 torn_completed: 0,
                 torn_undone: 0,
             },
@@ -324,7 +328,7 @@ mod tests {
             "  elapsed     1m15s\n",
             "  last error  rank 1: boom\n",
             "scrub: 10 extents scrubbed (40 KiB), 1 repaired, 0 unrepairable, 2 passes\n",
-            "EC aggregation: 3 stripes folded into full stripes, 3 MiB of fragments and copies punched, 1 stripes waiting\n",
+            "EC aggregation: 3 stripes folded into full stripes, 3 MiB of fragments and copies punched, 1 stripes waiting (8 KiB of copies), paced at 16 MiB/s\n",
             "warning: fault-domain redundancy reduced: some groups have two shards on one engine\n",
         ] {
             assert!(text.contains(want), "{want:?} not in:\n{text}");

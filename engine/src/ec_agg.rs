@@ -150,6 +150,7 @@ impl EcAggregator {
         let started = Instant::now();
         let (mut stripes, mut bytes, mut waiting) = (0u64, 0u64, 0u64);
         let (mut torn_completed, mut torn_undone) = (0u64, 0u64);
+        let mut waiting_bytes = 0u64;
         for info in self.mgmt.volumes(&p.name).await.map_err(|e| e.to_string())? {
             // Clones and rolled-back volumes too: their torn stripes are settled (never folded).
             if !info.class.starts_with("EC_") {
@@ -198,6 +199,7 @@ impl EcAggregator {
                             stripes += r.stripes;
                             bytes += r.fragment_bytes;
                             left += r.deferred;
+                            waiting_bytes += r.deferred_bytes;
                             // Pace: the stripes folded at the configured rate.
                             let work = r.stripes * stripe;
                             if self.rate > 0 && work > 0 {
@@ -223,11 +225,18 @@ impl EcAggregator {
                 }
             }
         }
-        let changed = stripes > 0 || torn_completed + torn_undone > 0 || self.healer.scrub_counters(p.pool_id).ec_waiting != waiting;
+        let before = self.healer.scrub_counters(p.pool_id);
+        let changed = stripes > 0
+            || torn_completed + torn_undone > 0
+            || before.ec_waiting != waiting
+            || before.ec_waiting_bytes != waiting_bytes
+            || before.ec_rate != self.rate;
         self.healer.update_scrub(p.pool_id, |c| {
             c.ec_stripes += stripes;
             c.ec_fragment_bytes += bytes;
             c.ec_waiting = waiting;
+            c.ec_waiting_bytes = waiting_bytes;
+            c.ec_rate = self.rate;
             c.torn_completed += torn_completed;
             c.torn_undone += torn_undone;
         });

@@ -72,6 +72,13 @@ pub struct ScrubCounters {
     /// group not settled) after the engine's last pass.
     #[serde(default)]
     pub ec_waiting: u64,
+    /// EC aggregation: bytes of the copies in the stripes waiting (one copy per fragment).
+    #[serde(default)]
+    pub ec_waiting_bytes: u64,
+    /// EC aggregation: the pace it is held to, stripe bytes per second (`[heal]
+    /// ec_aggregation_rate`; summed over the engines).
+    #[serde(default)]
+    pub ec_rate: u64,
     /// Torn full-stripe writes (a client gone after some shards took theirs) completed at their
     /// epoch: enough shards held the write to decode it.
     #[serde(default)]
@@ -92,6 +99,8 @@ impl ScrubCounters {
         self.ec_stripes += o.ec_stripes;
         self.ec_fragment_bytes += o.ec_fragment_bytes;
         self.ec_waiting += o.ec_waiting;
+        self.ec_waiting_bytes += o.ec_waiting_bytes;
+        self.ec_rate += o.ec_rate;
         self.torn_completed += o.torn_completed;
         self.torn_undone += o.torn_undone;
     }

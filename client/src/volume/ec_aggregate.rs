@@ -40,6 +40,9 @@ pub struct EcAggregated {
     pub fragment_bytes: u64,
     /// Stripes with copies left for later (too new, or the group is not all readable).
     pub deferred: u64,
+    /// Bytes of the copies in the stripes left for later (0 for a group not all readable: its
+    /// copies were not read).
+    pub deferred_bytes: u64,
 }
 
 impl Volume {
@@ -79,7 +82,10 @@ impl VolumeInner {
                     out.stripes += 1;
                     out.fragment_bytes += bytes;
                 }
-                None => out.deferred += 1,
+                None => {
+                    out.deferred += 1;
+                    out.deferred_bytes += within(&copies, &in_chunk).iter().map(|r| r.data.len() as u64).sum::<u64>();
+                }
             }
         }
         Ok(out)
