@@ -216,7 +216,7 @@ pub fn parse(descs: &[Desc], header: &[u8; HEADER_LEN as usize], limits: &Limits
         Kind::Flush if data_len != 0 => return Err(ChainError::BadLength { kind: t, len: data_len }),
         Kind::GetId if data_len < u64::from(ID_LEN) => return Err(ChainError::BadLength { kind: t, len: data_len }),
         Kind::Discard | Kind::WriteZeroes => {
-            if data_len == 0 || data_len % u64::from(RANGE_LEN) != 0 {
+            if data_len == 0 || !data_len.is_multiple_of(u64::from(RANGE_LEN)) {
                 return Err(ChainError::BadLength { kind: t, len: data_len });
             }
             if data_len / u64::from(RANGE_LEN) > u64::from(limits.max_ranges) {
@@ -257,7 +257,7 @@ pub fn ranges(bytes: &[u8]) -> Vec<Range> {
 pub fn to_blocks(sector: u64, bytes: u64, block_size: u32, blocks: u64) -> Option<(u64, u64)> {
     let bs = u64::from(block_size);
     let start = sector.checked_mul(SECTOR)?;
-    if start % bs != 0 || bytes % bs != 0 {
+    if !start.is_multiple_of(bs) || !bytes.is_multiple_of(bs) {
         return None;
     }
     let (lba, count) = (start / bs, bytes / bs);
@@ -326,9 +326,15 @@ mod tests {
             .chain(std::iter::once(d(0x4000, 1, true)))
             .collect();
         assert!(matches!(parse(&many, &h, &l), Err(ChainError::TooLarge(_))));
-        assert!(matches!(parse(&[d(0x1000, 16, false), d(0x2000, 2 << 20, false), d(0x4000, 1, true)], &h, &l), Err(ChainError::TooLarge(_))));
+        assert!(matches!(
+            parse(&[d(0x1000, 16, false), d(0x2000, 2 << 20, false), d(0x4000, 1, true)], &h, &l),
+            Err(ChainError::TooLarge(_))
+        ));
         // Wrapping and empty segments.
-        assert_eq!(parse(&[d(0x1000, 16, false), d(u64::MAX - 10, 512, false), d(0x4000, 1, true)], &h, &l), Err(ChainError::BadSegment(1)));
+        assert_eq!(
+            parse(&[d(0x1000, 16, false), d(u64::MAX - 10, 512, false), d(0x4000, 1, true)], &h, &l),
+            Err(ChainError::BadSegment(1))
+        );
         assert_eq!(parse(&[d(0x1000, 16, false), d(0x2000, 0, false), d(0x4000, 1, true)], &h, &l), Err(ChainError::BadSegment(1)));
         // Unknown types say UNSUPP; a flush with data, a short id, a partial range are errors.
         let e = parse(&[d(0x1000, 16, false), d(0x4000, 1, true)], &header(99, 0), &l).unwrap_err();
