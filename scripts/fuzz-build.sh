@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets in fuzz/ on STABLE Rust: the wire parsers (pdu_decode,
-# connect_data, queue_receive, engine_frame) and the engine's on-disk formats (engine_ops,
+# connect_data, queue_receive, engine_frame, virtio_blk_chain) and the engine's on-disk formats (engine_ops,
 # engine_wal, engine_checkpoint; see docs/ENGINE-FORMATS.md).
 #
 # cargo-fuzz needs nightly only for sanitizers (-Zsanitizer=...). With `--sanitizer none` it
@@ -122,7 +122,7 @@ case "$mode" in
 esac
 
 echo "fuzz-build: built ($mode) in $target_dir/$host/release:" >&2
-for t in pdu_decode connect_data queue_receive engine_frame engine_ops engine_wal engine_checkpoint; do
+for t in pdu_decode connect_data queue_receive engine_frame engine_ops engine_wal engine_checkpoint virtio_blk_chain; do
     if [[ -x "$target_dir/$host/release/$t" ]]; then
         echo "  $target_dir/$host/release/$t" >&2
     fi

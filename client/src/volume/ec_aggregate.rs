@@ -75,7 +75,13 @@ impl VolumeInner {
         let copies = self.runs(&view, &group.shards[k], &dkey, AKEY_COPY, 0..self.layout.chunk_size(), boundary).await?;
         let mut stripes: Vec<u64> = copies.iter().flat_map(|r| r.off / stripe_len..=(r.end() - 1) / stripe_len).collect();
         stripes.dedup();
+        // A torn full stripe is settled first (`ec_resolve`), by whichever engine settles it.
+        let torn = if stripes.is_empty() { Vec::new() } else { self.torn_stripes(&view, &group, &dkey, boundary).await? };
         for s in stripes {
+            if torn.get(s as usize).copied().unwrap_or(false) {
+                out.deferred += 1;
+                continue;
+            }
             let in_chunk = s * stripe_len..(s + 1) * stripe_len;
             match self.aggregate_stripe(&view, &group, &dkey, s, &within(&copies, &in_chunk), boundary).await? {
                 Some(bytes) => {

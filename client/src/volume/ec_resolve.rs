@@ -4,9 +4,9 @@
 //! epoch `E`. A client that dies after some shards took theirs leaves the stripe *torn*: the
 //! newest `B`/`P` of its shards are at different epochs, and a degraded read of it fails rather
 //! than mix them. Once `E` is at or below the pool's stable epoch no shard can still take `E`, and
-//! the engine holding a shard that changed (the first parity shard for every stripe, a data
-//! shard for the stripes the first parity shard never got) settles it, deterministically from
-//! what the shards hold, so two engines settling one stripe agree:
+//! one engine settles it — the first parity shard's if it took the write, else that of the
+//! lowest shard that did (the others look only at stripes whose version there the first parity
+//! shard lacks) — deterministically from what the shards hold:
 //!
 //! * the shards whose newest version is `E` are the set `A`, `m = |A|`;
 //! * a whole-stripe punch (Write Zeroes) at `E`: the other shards are punched at `E` too (*all*);
@@ -113,6 +113,13 @@ impl VolumeInner {
         for s in candidates {
             out.checked += 1;
             let cells: Vec<CellState> = states.iter().map(|st| st.get(s as usize).copied().unwrap_or_default()).collect();
+            // One engine settles each stripe: the first parity shard's if it took the newest
+            // write, else that of the lowest shard that did (each reads the same states).
+            let newest = cells.iter().map(|c| c.0).max().unwrap_or(0);
+            let settler = if cells[k].0 == newest { k } else { cells.iter().position(|c| c.0 == newest).unwrap_or(k) };
+            if settler != me {
+                continue;
+            }
             match self.settle_stripe(&view, &group, &dkey, s, &cells, boundary).await? {
                 Settled::Whole => {}
                 Settled::Completed => out.completed += 1,
@@ -166,11 +173,7 @@ impl VolumeInner {
         let cell = u64::from(self.layout.cell_size());
         let in_shard = s * cell..(s + 1) * cell;
         let in_chunk = s * cell * k as u64..(s + 1) * cell * k as u64;
-        let newest = cells.iter().map(|c| c.0).max().unwrap_or(0);
-        let punched = cells.contains(&(newest, true));
-        // After a whole-stripe punch every cell reads zeros: punched (at any epoch) or, once the
-        // engines dropped a punch that hid nothing, never written. Only older data is torn.
-        let torn: Vec<usize> = (0..n).filter(|&i| if punched { !cells[i].1 && cells[i].0 > 0 } else { cells[i].0 != newest }).collect();
+        let Tear { newest, punched, torn } = tear(cells);
         if torn.is_empty() {
             return Ok(Settled::Whole);
         }
@@ -290,6 +293,55 @@ impl VolumeInner {
             }
         }
         Ok((found >= k).then_some(stripe))
+    }
+}
+
+/// How a stripe's shards disagree.
+struct Tear {
+    /// The newest epoch of any shard's `B`/`P`.
+    newest: Epoch,
+    /// That version is a whole-stripe punch.
+    punched: bool,
+    /// The shards that do not hold it (empty: the stripe is whole).
+    torn: Vec<usize>,
+}
+
+fn tear(cells: &[CellState]) -> Tear {
+    let newest = cells.iter().map(|c| c.0).max().unwrap_or(0);
+    let punched = cells.contains(&(newest, true));
+    // After a whole-stripe punch every cell reads zeros: punched (at any epoch) or, once the
+    // engines dropped a punch that hid nothing, never written. Only older data is torn.
+    let torn = (0..cells.len()).filter(|&i| if punched { !cells[i].1 && cells[i].0 > 0 } else { cells[i].0 != newest }).collect();
+    Tear { newest, punched, torn }
+}
+
+impl VolumeInner {
+    /// Which stripes of a chunk are torn at `boundary` (EC aggregation leaves them to be settled
+    /// first: folding one would keep its mix of old and new cells).
+    pub(super) async fn torn_stripes(
+        &self,
+        view: &PoolView,
+        group: &Group,
+        dkey: &bytes::Bytes,
+        boundary: Epoch,
+    ) -> Result<Vec<bool>, VolumeError> {
+        let k = self.class.data_shards() as usize;
+        let stripes = self.layout.chunk_size() / (u64::from(self.layout.cell_size()) * k as u64);
+        let reads = group
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, sh)| self.cell_states(view, sh, dkey, if i < k { AKEY_BASE } else { AKEY_PARITY }, stripes, boundary));
+        let mut states = Vec::with_capacity(group.shards.len());
+        for r in join_all(reads).await {
+            states.push(r?);
+        }
+        Ok((0..stripes as usize)
+            .map(|s| {
+                let cells: Vec<CellState> = states.iter().map(|st| st.get(s).copied().unwrap_or_default()).collect();
+                !tear(&cells).torn.is_empty()
+            })
+            .collect())
     }
 }
 
