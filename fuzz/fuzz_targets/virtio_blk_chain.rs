@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(Some(r.status_addr), status_addr(&descs));
     for s in &r.data {
         assert!(s.len > 0 && s.len <= limits.size_max);
-        let inside = descs.iter().any(|d| s.addr >= d.addr && s.addr + u64::from(s.len) <= d.addr + u64::from(d.len));
+        let inside = descs.iter().any(|d| s.addr >= d.addr && s.addr + u64::from(s.len) <= d.addr.saturating_add(u64::from(d.len)));
         assert!(inside, "segment {s:?} outside every descriptor");
     }
 });
