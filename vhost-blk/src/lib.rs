@@ -4,9 +4,13 @@
 //! data moved to and from guest memory directly.
 //!
 //! Modules: [`request`] (one descriptor chain into a typed request: bounded, no I/O),
-//! [`config`] (the device's configuration space and feature bits). The vhost-user protocol and
+//! [`config`] (the device's configuration space and feature bits), [`backend`] (the device:
+//! requests to the block device and back), [`serve`] (a UNIX socket served connection after
+//! connection, so a restarted hypervisor or a restarted backend reconnects). The vhost-user protocol and
 //! the virtqueues are the rust-vmm crates' (`vhost-user-backend`, `virtio-queue`, `vm-memory`).
 #![forbid(unsafe_code)]
 
+pub mod backend;
 pub mod config;
 pub mod request;
+pub mod serve;
