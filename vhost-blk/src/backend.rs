@@ -374,7 +374,10 @@ mod tests {
 
     /// A device over a 1 MiB RAM disk and one queue on mock guest memory; runs `chains` (each
     /// with its header) one after the other and returns (status, used length) of each.
-    fn run(read_only: bool, requests: &[([u8; 16], Vec<RawDescriptor>, Option<Vec<u8>>)]) -> (Vec<(u8, u32)>, Vec<Vec<u8>>) {
+    /// A request's header, its chain, and what its data buffer holds before it runs.
+    type Case = ([u8; 16], Vec<RawDescriptor>, Option<Vec<u8>>);
+
+    fn run(read_only: bool, requests: &[Case]) -> (Vec<(u8, u32)>, Vec<Vec<u8>>) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let dev = Arc::new(MallocBdev::new(4096, 256).unwrap());
         let backend = BlkBackend::new(dev, 1, "tessera-test-serial-0123", read_only, rt.handle().clone());
