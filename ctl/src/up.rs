@@ -74,6 +74,11 @@ pub struct UpArgs {
     /// seconds.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// Also serve the volume to a VM as a vhost-user-blk disk on this UNIX socket (QEMU:
+    /// `-chardev socket,id=vblk,path=PATH -device vhost-user-blk-pci,chardev=vblk` with shared
+    /// guest memory).
+    #[arg(long, value_name = "PATH")]
+    vhost_blk: Option<std::path::PathBuf>,
 }
 
 /// A rebuild rate: a size per second, at least what the engine accepts (64 KiB).
@@ -601,7 +606,10 @@ async fn start(
 
     // 4. The NVMe/TCP target, serving the exports of the service; ready once a host can
     //    connect to the subsystem and identify the namespace.
-    let args = vec!["--mgmt".into(), mgmt_addr.clone(), "--listen".into(), a.listen.to_string()];
+    let mut args = vec!["--mgmt".into(), mgmt_addr.clone(), "--listen".into(), a.listen.to_string()];
+    if let Some(sock) = &a.vhost_blk {
+        args.extend(["--vhost-blk".to_string(), format!("{}={POOL}/{VOLUME}", sock.display())]);
+    }
     roles.nvmf.push(procs.spawn("nvmf", &bins.nvmf, &args)?);
     eprintln!("tessera up: started tessera-nvmf on {}; waiting for it to serve {}", a.listen, export.nqn);
     let opts = ControllerOptions {

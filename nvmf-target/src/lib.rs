@@ -22,3 +22,4 @@ pub mod poll;
 pub mod queue;
 pub mod server;
 pub mod target;
+pub mod vhost;
