@@ -81,7 +81,7 @@ def newc_archive(files):
 class Qemu:
     """A QEMU guest whose serial console is read line by line on a thread."""
 
-    def __init__(self, name, kernel, initrd, append, logfile, netdev_extra="", mem=1024):
+    def __init__(self, name, kernel, initrd, append, logfile, netdev_extra="", mem=1024, vhost_blk=None):
         self.name = name
         self.logfile = open(logfile, "w", buffering=1, encoding="utf-8", errors="replace")
         self.lines = queue.Queue()
@@ -94,6 +94,11 @@ class Qemu:
             "-netdev", "user,id=n0" + netdev_extra,
             "-device", "virtio-net-pci,netdev=n0",
         ]
+        if vhost_blk:
+            # vhost-user-blk: the guest's memory is shared with the backend (memfd), 2 queues
+            cmd += ["-object", f"memory-backend-memfd,id=mem0,size={mem}M,share=on", "-numa", "node,memdev=mem0",
+                    "-chardev", f"socket,id=vblk0,path={vhost_blk},reconnect=1",
+                    "-device", "vhost-user-blk-pci,chardev=vblk0,num-queues=2"]
         self.logfile.write("## qemu: " + " ".join(cmd) + "\n")
         self.t0 = time.time()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -527,8 +532,12 @@ class TesseraCluster(TargetLog):
 
     kind = "tessera up"
 
-    def __init__(self, tessera_bin, workdir, logdir, port_base=None, name="ec", engines=EC_ENGINES, nqn=EC_NQN):
+    def __init__(self, tessera_bin, workdir, logdir, port_base=None, name="ec", engines=EC_ENGINES, nqn=EC_NQN,
+                 vhost=False):
         self.bin = Path(tessera_bin)
+        # with vhost: tessera up also serves the volume over vhost-user-blk on this socket, and
+        # the guest gets it as /dev/vda
+        self.vhost_sock = Path(workdir) / f"{name}-vhost.sock" if vhost else None
         self.name = name
         self.engines = engines
         self.nqn = nqn
@@ -639,6 +648,8 @@ class TesseraCluster(TargetLog):
                "--listen", f"127.0.0.1:{self.port}", "--mgmt-listen", self.mgmt_addr,
                "--engine-base-port", str(self.base + 1),
                "--class", EC_CLASS, "--volume-size", f"{EC_SIZE_MIB}M", "--nqn", self.nqn, "--timeout", "60"]
+        if self.vhost_sock:
+            cmd += ["--vhost-blk", str(self.vhost_sock)]
         self.note(f"attempt {attempt + 1}: {' '.join(cmd)}")
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
@@ -1094,7 +1105,7 @@ def run_boot(boot, kernel, base_initrd, env_text, workdir, logdir, target, ctx, 
         ] + fio_job_files()))
     logfile = Path(logdir) / f"console-{boot.name}.log"
     log(f"boot {boot.name}: starting guest (console log {logfile})")
-    guest = Qemu(boot.name, kernel, initrd, "", logfile)
+    guest = Qemu(boot.name, kernel, initrd, "", logfile, vhost_blk=getattr(target, "vhost_sock", None))
     results, notes = {}, []
     current, booted, test_exit = None, False, None
     deadline = time.time() + boot.timeout * scale
@@ -1437,8 +1448,9 @@ def judge_heal(results, cluster):
 
 
 def run_ec_boot(boot, tessera_bin, kernel, base_initrd, workdir, logdir, ctx, args, selected):
-    """The ec boot: 3 engines, one killed during fio's writes."""
-    cluster = TesseraCluster(tessera_bin, workdir, logdir, args.ec_port_base)
+    """The ec boot: 3 engines, one killed during fio's writes; the volume is also the guest's
+    /dev/vda over vhost-user-blk."""
+    cluster = TesseraCluster(tessera_bin, workdir, logdir, args.ec_port_base, vhost=True)
     return run_cluster_boot(boot, cluster, EC_HOST_CASES, {"EC_KILL_RANK": EC_KILL_RANK}, judge_ec,
                             kernel, base_initrd, workdir, logdir, ctx, args, selected)
 

@@ -97,7 +97,7 @@ KVER="$(cat "$CACHE/kver")"
 
 # -------------------------------------------------------- base initramfs --
 # Modules needed by the initiator (host side of the test) ...
-INIT_MODS=(virtio_pci virtio_net crc32c_generic crc32c-intel nvme-tcp)
+INIT_MODS=(virtio_pci virtio_net virtio_blk crc32c_generic crc32c-intel nvme-tcp)
 # ... and, optionally, by a Linux nvmet target (run.py --reference; brd for --kernel-compare).
 NVMET_MODS=(configfs null_blk brd nvmet nvmet-tcp)
 

@@ -14,7 +14,9 @@
 #   ec-degraded 160 .. 184 MiB written and verified with the engine down (and its shards rebuilt)
 #   ec-snapshot 200 .. 208 MiB pattern A, a snapshot exported read-only, then pattern B; a clone
 #                              of the snapshot gets pattern C; a rollback brings A back
-#   224 MiB ..                 never written: a --verify_only there must fail (control)
+#   224 MiB .. 228 MiB         never written: a --verify_only there must fail (control)
+#   vhost-*     232 .. 248 MiB written and verified through /dev/vda (vhost-user-blk), then
+#                              verified again over NVMe/TCP; 248 .. 250 MiB discard / write zeroes
 . /guest-lib.sh      # also ec_connect, ec_fio, ec_reverify, stat_field (shared with guest/heal.sh)
 
 EC_FIO="--ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-128k --iodepth=16 --numjobs=1 \
@@ -23,6 +25,8 @@ BASE_ARGS="--offset=0 --size=32m"
 KILL_ARGS="--offset=64m --size=64m"
 DEGR_ARGS="--offset=160m --size=24m"
 KILL_AFTER_MIB=8        # the kill is requested once this much of ec-kill has been written
+
+VHOST_ARGS="--offset=232m --size=16m"
 
 # ------------------------------------------------------------------ cases
 case_ec_discover() {
@@ -205,6 +209,46 @@ case_ec_clone_rollback() {
     disconnect "$EC_NQN" || return 1
 }
 
+# The same volume as a virtio-blk disk: tessera-nvmf serves it over vhost-user-blk too, and
+# QEMU attached it as /dev/vda (shared guest memory, 2 queues).
+case_vhost_disk() {
+    [ -b /dev/vda ] || { fail "no /dev/vda: the vhost-user-blk disk did not appear"; return 1; }
+    _sz="$(cat /sys/block/vda/size)"
+    echo "/dev/vda: $_sz sectors, logical block $(cat /sys/block/vda/queue/logical_block_size), $(ls /sys/block/vda/mq | wc -l) queues, serial '$(cat /sys/block/vda/serial 2>/dev/null)'"
+    [ "$_sz" = "$((EC_SIZE_MIB * 2048))" ] || { fail "/dev/vda has $_sz sectors, the volume $((EC_SIZE_MIB * 2048))"; return 1; }
+    [ "$(cat /sys/block/vda/queue/logical_block_size)" = "$EC_BLOCK_SIZE" ] || { fail "/dev/vda's block size is not the volume's $EC_BLOCK_SIZE"; return 1; }
+    [ "$(ls /sys/block/vda/mq | wc -l)" -ge 2 ] || { fail "/dev/vda has one queue, not one per vCPU"; return 1; }
+    [ -n "$(cat /sys/block/vda/serial 2>/dev/null)" ] || { fail "/dev/vda has no serial (GET_ID)"; return 1; }
+    [ "$(cat /sys/block/vda/ro)" = 0 ] || { fail "/dev/vda is read-only"; return 1; }
+}
+
+case_vhost_fio_verify() {
+    [ -b /dev/vda ] || { fail "no /dev/vda"; return 1; }
+    must "fio over vhost-user-blk" sh -c "fio --name=vhost --filename=/dev/vda $EC_FIO $VHOST_ARGS --do_verify=1 > /tmp/fio-vhost.out 2>&1" \
+        || { tail -20 /tmp/fio-vhost.out; return 1; }
+    must "fio verify-only over vhost-user-blk" sh -c "fio --name=vhost --filename=/dev/vda $EC_FIO $VHOST_ARGS --verify_only > /tmp/fio-vhost-v.out 2>&1" \
+        || { tail -20 /tmp/fio-vhost-v.out; return 1; }
+    grep -E 'WRITE:|READ:' /tmp/fio-vhost.out /tmp/fio-vhost-v.out
+}
+
+case_vhost_discard_zeroes() {
+    [ -b /dev/vda ] || { fail "no /dev/vda"; return 1; }
+    # 248..250 MiB: non-zero data, then a discard of the first MiB and write-zeroes of the second.
+    must "fill" dd if=/dev/urandom of=/dev/vda bs=1M seek=248 count=2 oflag=direct status=none || return 1
+    must "blkdiscard" blkdiscard -o $((248 << 20)) -l $((1 << 20)) /dev/vda || return 1
+    must "blkdiscard -z" blkdiscard -z -o $((249 << 20)) -l $((1 << 20)) /dev/vda || return 1
+    echo 3 > /proc/sys/vm/drop_caches
+    dd if=/dev/vda of=/tmp/vz bs=1M skip=248 count=2 iflag=direct status=none || { fail "reading back"; return 1; }
+    dd if=/dev/zero of=/tmp/zero bs=1M count=2 status=none
+    cmp /tmp/vz /tmp/zero || { fail "discarded / zeroed blocks do not read as zeros"; return 1; }
+}
+
+case_vhost_same_over_nvme() {
+    # One volume, two front ends: what fio wrote over vhost-user-blk verifies over NVMe/TCP.
+    ec_ensure_connected || return 1
+    ec_reverify vhost 16 $VHOST_ARGS || return 1
+}
+
 run_case ec-discover            case_ec_discover
 run_case ec-connect             case_ec_connect
 run_case ec-fio-verify          case_ec_fio_verify
@@ -212,5 +256,9 @@ run_case ec-kill-during-write   case_ec_kill_during_write
 run_case ec-reverify-degraded   case_ec_reverify_degraded
 run_case ec-degraded-write      case_ec_degraded_write
 run_case ec-reconnect-reverify  case_ec_reconnect_reverify
+run_case vhost-disk             case_vhost_disk
+run_case vhost-fio-verify       case_vhost_fio_verify
+run_case vhost-discard-zeroes   case_vhost_discard_zeroes
+run_case vhost-same-over-nvme   case_vhost_same_over_nvme
 run_case ec-snapshot            case_ec_snapshot
 run_case ec-clone-rollback      case_ec_clone_rollback
