@@ -4,10 +4,11 @@
 //!
 //! Every [`PASS_EVERY`], for every pool with targets here whose map is settled (nothing DOWN or
 //! UP: no rebuild can race it), with the pool's stable epoch as the boundary: for every EC volume
-//! and every UPIN target of this engine, the chunks that changed
-//! since the last complete pass are listed; their torn full-stripe writes are settled
-//! (`Volume::resolve_torn`, all or nothing at their epoch), and those whose first parity shard is
-//! on that target (one engine per chunk, the one holding every copy) are aggregated (not in a
+//! the chunks that changed on any UPIN target of the pool since this engine's oldest complete
+//! pass are listed; for every UPIN target of this engine, the torn full-stripe writes of those
+//! whose first parity shard it holds are settled (`Volume::resolve_torn`, all or nothing at their
+//! epoch; on a target holding another shard a torn stripe only waits for that), and those chunks
+//! (one engine per chunk, the one holding every copy) are aggregated (not in a
 //! clone or a rolled-back volume). Counters go to the service
 //! with the scrub counters (`pool query`).
 
@@ -160,14 +161,24 @@ impl EcAggregator {
             v.refresh_pool_map(map.version).await;
             let k = u64::from(v.layout().class().data_shards());
             let stripe = u64::from(v.layout().cell_size()) * k;
+            // The chunks that changed anywhere in the pool since the oldest of this engine's
+            // passes: a torn write may have missed this engine's shard and reached others.
+            if mine.is_empty() {
+                continue;
+            }
+            let oldest = mine.iter().map(|t| self.done_below.get(&(info.uuid.as_u128(), *t)).copied()).min().flatten();
+            let mut changed = std::collections::BTreeSet::new();
+            for t in map.targets.iter().filter(|t| t.state == TargetStateName::UpIn) {
+                let target = TargetRef { rank: t.rank, index: t.index };
+                changed.extend(v.list_chunks(target, oldest).await.map_err(|e| e.to_string())?);
+            }
             for &t in &mine {
                 let me = TargetRef { rank: self.rank, index: t };
                 let key = (info.uuid.as_u128(), t);
                 let since = self.done_below.get(&key).copied();
-                let chunks = v.list_chunks(me, since).await.map_err(|e| e.to_string())?;
-                tracing::debug!(pool = %p.name, volume = %info.name, target = t, ?since, boundary, chunks = chunks.len(), "EC aggregation: chunks to look at");
+                tracing::debug!(pool = %p.name, volume = %info.name, target = t, ?since, boundary, chunks = changed.len(), "EC aggregation: chunks to look at");
                 let mut left = 0;
-                for chunk in chunks {
+                for &chunk in &changed {
                     if stop.is_cancelled() {
                         return Ok(());
                     }

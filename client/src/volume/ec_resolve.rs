@@ -4,9 +4,9 @@
 //! epoch `E`. A client that dies after some shards took theirs leaves the stripe *torn*: the
 //! newest `B`/`P` of its shards are at different epochs, and a degraded read of it fails rather
 //! than mix them. Once `E` is at or below the pool's stable epoch no shard can still take `E`, and
-//! one engine settles it — the first parity shard's if it took the write, else that of the
-//! lowest shard that did (the others look only at stripes whose version there the first parity
-//! shard lacks) — deterministically from what the shards hold:
+//! the engine of the chunk's first parity shard settles it — the only engine that writes below
+//! the stable epoch there, one stripe after the other and between its own folds, so nothing it
+//! reads changes under it — from what the shards hold:
 //!
 //! * the shards whose newest version is `E` are the set `A`, `m = |A|`;
 //! * a whole-stripe punch (Write Zeroes) at `E`: the other shards are punched at `E` too (*all*);
@@ -53,11 +53,13 @@ pub struct TornResolved {
 type CellState = (Epoch, bool);
 
 impl Volume {
-    /// Settles the torn full stripes of chunk `chunk` whose base or parity on `from` (a target
-    /// holding one of the chunk's shards) changed above `since`, at or below `boundary` (the
-    /// pool's stable epoch). From a data shard or a later parity shard only the stripes whose
-    /// version there the first parity shard lacks are looked at: the first parity shard's
-    /// engine settles the others. Replicated classes have nothing to settle.
+    /// Looks at the full stripes of chunk `chunk` whose base or parity changed above `since` on
+    /// any shard, as seen at `boundary` (the pool's stable epoch), from `from` (a target holding
+    /// one of the chunk's shards). The first parity shard's engine — the only one that settles a
+    /// chunk's torn stripes, one after the other and between its own folds — settles them;
+    /// from another shard the stripes where that shard holds a newer write than the first parity
+    /// shard are only counted as waiting (its engine then keeps the versions that settle them).
+    /// Replicated classes have nothing to settle.
     pub async fn resolve_torn(
         &self,
         chunk: u64,
@@ -85,9 +87,23 @@ impl VolumeInner {
         let stripes = self.layout.chunk_size() / (cell * k as u64);
         let akey_of = |i: usize| if i < k { AKEY_BASE } else { AKEY_PARITY };
         let states_of = |i: usize| self.cell_states(&view, &group.shards[i], &dkey, akey_of(i), stripes, boundary);
-        // The stripes whose newest version here changed since the last pass.
-        let mine = states_of(me).await?;
-        let mut candidates: Vec<u64> = (0..stripes).filter(|&s| mine[s as usize].0 > since).collect();
+        if me != k {
+            // Another shard: ahead of the first parity shard, in a way that is torn, it waits.
+            let mine = states_of(me).await?;
+            if mine.iter().all(|c| c.0 <= since) {
+                return Ok(out);
+            }
+            let leader = states_of(k).await?;
+            out.waiting = (0..stripes as usize)
+                .filter(|&s| mine[s].0 > since && mine[s].0 > leader[s].0 && !tear(&[mine[s], leader[s]]).torn.is_empty())
+                .count() as u64;
+            return Ok(out);
+        }
+        let mut states = Vec::with_capacity(group.shards.len());
+        for r in join_all((0..group.shards.len()).map(states_of)).await {
+            states.push(r?);
+        }
+        let candidates: Vec<u64> = (0..stripes).filter(|&s| states.iter().any(|st| st[s as usize].0 > since)).collect();
         if candidates.is_empty() {
             return Ok(out);
         }
@@ -95,31 +111,9 @@ impl VolumeInner {
             out.waiting += candidates.len() as u64;
             return Ok(out);
         }
-        let mut states: Vec<Option<Vec<CellState>>> = vec![None; group.shards.len()];
-        if me != k {
-            let leader = states_of(k).await?;
-            candidates.retain(|&s| mine[s as usize].0 > leader[s as usize].0);
-            states[k] = Some(leader);
-        }
-        states[me] = Some(mine);
-        if candidates.is_empty() {
-            return Ok(out);
-        }
-        let missing: Vec<usize> = (0..group.shards.len()).filter(|i| states[*i].is_none()).collect();
-        for (i, r) in missing.iter().zip(join_all(missing.iter().map(|&i| states_of(i))).await) {
-            states[*i] = Some(r?);
-        }
-        let states: Vec<Vec<CellState>> = states.into_iter().map(Option::unwrap_or_default).collect();
         for s in candidates {
             out.checked += 1;
             let cells: Vec<CellState> = states.iter().map(|st| st.get(s as usize).copied().unwrap_or_default()).collect();
-            // One engine settles each stripe: the first parity shard's if it took the newest
-            // write, else that of the lowest shard that did (each reads the same states).
-            let newest = cells.iter().map(|c| c.0).max().unwrap_or(0);
-            let settler = if cells[k].0 == newest { k } else { cells.iter().position(|c| c.0 == newest).unwrap_or(k) };
-            if settler != me {
-                continue;
-            }
             match self.settle_stripe(&view, &group, &dkey, s, &cells, boundary).await? {
                 Settled::Whole => {}
                 Settled::Completed => out.completed += 1,
