@@ -235,8 +235,8 @@ case_vhost_discard_zeroes() {
     [ -b /dev/vda ] || { fail "no /dev/vda"; return 1; }
     # 248..250 MiB: non-zero data, then a discard of the first MiB and write-zeroes of the second.
     must "fill" dd if=/dev/urandom of=/dev/vda bs=1M seek=248 count=2 oflag=direct status=none || return 1
-    must "blkdiscard" blkdiscard -o $((248 << 20)) -l $((1 << 20)) /dev/vda || return 1
-    must "blkdiscard -z" blkdiscard -z -o $((249 << 20)) -l $((1 << 20)) /dev/vda || return 1
+    must "blkdiscard" "$BIN_BLKDISCARD" -o $((248 << 20)) -l $((1 << 20)) /dev/vda || return 1
+    must "blkdiscard -z" "$BIN_BLKDISCARD" -z -o $((249 << 20)) -l $((1 << 20)) /dev/vda || return 1
     echo 3 > /proc/sys/vm/drop_caches
     dd if=/dev/vda of=/tmp/vz bs=1M skip=248 count=2 iflag=direct status=none || { fail "reading back"; return 1; }
     dd if=/dev/zero of=/tmp/zero bs=1M count=2 status=none
