@@ -840,6 +840,50 @@ class TesseraCluster(TargetLog):
                 raise TargetError(f"restarted {name} (pid {proc.pid}) is {st} in the service after {limit:.0f}s, not up")
             time.sleep(0.2)
 
+    def restart_nvmf(self, limit):
+        """SIGKILLs tessera-nvmf and starts it again with the same command line (its output
+        appended to DIR/logs/nvmf.log), waiting until it serves its vhost-user-blk socket again.
+        A guest's vhost-user-blk disk reconnects by itself (QEMU reconnect=1)."""
+        name = "nvmf"
+        pid = self.pids.get(name)
+        if pid is None or name in self.killed:
+            raise TargetError("no running tessera-nvmf to restart")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode() for a in f.read().split(b"\0") if a]
+        if not argv or "tessera-nvmf" not in argv[0]:
+            raise TargetError(f"pid {pid} is not tessera-nvmf: {argv}")
+        logpath = self.dir / "logs" / "nvmf.log"
+        os.kill(pid, signal.SIGKILL)
+        self.killed[name] = (pid, time.time(), "SIGKILL for a restart")
+        t0 = time.time()
+        while self.proc_alive(pid):
+            if time.time() - t0 > 10:
+                raise TargetError(f"tessera-nvmf (pid {pid}) survived SIGKILL")
+            time.sleep(0.1)
+        env = dict(os.environ)
+        env.setdefault("RUST_LOG", "info")
+        env["NO_COLOR"] = "1"
+        with open(logpath, "a") as logf:
+            marker = f"==== harness restart (Unix time {int(time.time())}): {' '.join(argv)}"
+            logf.write(marker + "\n")
+            logf.flush()
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                    env=env, start_new_session=True)
+        t = time.time()
+        self.restarted[name] = (proc, t)
+        self.annotate(f"restarted tessera-nvmf (pid {pid} killed, now pid {proc.pid})")
+        while True:
+            if proc.poll() is not None:
+                raise TargetError(f"restarted tessera-nvmf exited with status {proc.returncode} (log {logpath})")
+            text = logpath.read_text(errors="replace").split(marker, 1)[-1]
+            if "vhost-user-blk listening" in text:
+                msg = f"tessera-nvmf killed (pid {pid}) and restarted (pid {proc.pid}); its vhost-user-blk socket listens again after {time.time() - t:.1f}s"
+                self.note(msg)
+                return msg
+            if time.time() - t > limit:
+                raise TargetError(f"restarted tessera-nvmf does not listen on its vhost-user-blk socket after {limit:.0f}s")
+            time.sleep(0.2)
+
     def targets_of(self, pool, rank):
         return [t["state"] for t in pool["map"]["targets"] if t["rank"] == rank]
 
@@ -1250,6 +1294,12 @@ class Context:
                 if not self.cluster:
                     return "err no cluster is running"
                 msg = self.cluster.restart_engine(int(parts[1]), float(parts[2]) if len(parts) > 2 else 60)
+                guest.note(msg)
+                return "ok " + msg
+            elif parts[0] == "restart-nvmf":
+                if not self.cluster:
+                    return "err no cluster is running"
+                msg = self.cluster.restart_nvmf(float(parts[1]) if len(parts) > 1 else 60)
                 guest.note(msg)
                 return "ok " + msg
             elif parts[0] == "expect-engine-reintegrated":

@@ -16,7 +16,8 @@
 #                              of the snapshot gets pattern C; a rollback brings A back
 #   224 MiB .. 228 MiB         never written: a --verify_only there must fail (control)
 #   vhost-*     232 .. 248 MiB written and verified through /dev/vda (vhost-user-blk), then
-#                              verified again over NVMe/TCP; 248 .. 250 MiB discard / write zeroes
+#                              verified again over NVMe/TCP; 248 .. 250 MiB discard / write zeroes;
+#                              252 .. 256 MiB written after the backend was killed and restarted (last)
 . /guest-lib.sh      # also ec_connect, ec_fio, ec_reverify, stat_field (shared with guest/heal.sh)
 
 EC_FIO="--ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-128k --iodepth=16 --numjobs=1 \
@@ -249,6 +250,18 @@ case_vhost_same_over_nvme() {
     ec_reverify vhost 16 $VHOST_ARGS || return 1
 }
 
+case_vhost_backend_restart() {
+    # The backend (tessera-nvmf) is SIGKILLed and started again while /dev/vda is idle: QEMU
+    # reconnects by itself and the disk goes on, with what it held.
+    [ -b /dev/vda ] || { fail "no /dev/vda"; return 1; }
+    sync
+    request restart-nvmf 60 || return 1
+    must "fio verify-only over vhost-user-blk after the restart" sh -c "fio --name=vhost --filename=/dev/vda $EC_FIO $VHOST_ARGS --verify_only > /tmp/fio-vhost-r.out 2>&1" \
+        || { tail -20 /tmp/fio-vhost-r.out; return 1; }
+    must "fio write and verify after the restart" sh -c "fio --name=vhost2 --filename=/dev/vda $EC_FIO --offset=252m --size=4m --do_verify=1 > /tmp/fio-vhost-r2.out 2>&1" \
+        || { tail -20 /tmp/fio-vhost-r2.out; return 1; }
+}
+
 run_case ec-discover            case_ec_discover
 run_case ec-connect             case_ec_connect
 run_case ec-fio-verify          case_ec_fio_verify
@@ -262,3 +275,4 @@ run_case vhost-discard-zeroes   case_vhost_discard_zeroes
 run_case vhost-same-over-nvme   case_vhost_same_over_nvme
 run_case ec-snapshot            case_ec_snapshot
 run_case ec-clone-rollback      case_ec_clone_rollback
+run_case vhost-backend-restart  case_vhost_backend_restart
