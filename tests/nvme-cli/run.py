@@ -884,6 +884,27 @@ class TesseraCluster(TargetLog):
                 raise TargetError(f"restarted tessera-nvmf does not listen on its vhost-user-blk socket after {limit:.0f}s")
             time.sleep(0.2)
 
+    def nvmf_idle_cpu(self, secs, max_ms):
+        """CPU time tessera-nvmf (the restarted one if the harness restarted it) uses over `secs`
+        seconds while the guest does no I/O: its vhost-user-blk workers sleep until kicked."""
+        pid = self.restarted["nvmf"][0].pid if "nvmf" in self.restarted else self.pids.get("nvmf")
+        if pid is None or not self.proc_alive(pid):
+            raise TargetError("tessera-nvmf is not running")
+
+        def cpu_ms():
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) * 1000 // os.sysconf("SC_CLK_TCK")
+
+        c0, t0 = cpu_ms(), time.time()
+        time.sleep(secs)
+        used, took = cpu_ms() - c0, time.time() - t0
+        msg = f"tessera-nvmf (pid {pid}) used {used} ms of CPU in {took:.1f}s with the guest idle"
+        self.note(msg)
+        if used > max_ms:
+            raise TargetError(msg + f": more than {max_ms} ms (busy polling?)")
+        return msg
+
     def targets_of(self, pool, rank):
         return [t["state"] for t in pool["map"]["targets"] if t["rank"] == rank]
 
@@ -1294,6 +1315,12 @@ class Context:
                 if not self.cluster:
                     return "err no cluster is running"
                 msg = self.cluster.restart_engine(int(parts[1]), float(parts[2]) if len(parts) > 2 else 60)
+                guest.note(msg)
+                return "ok " + msg
+            elif parts[0] == "nvmf-idle-cpu":
+                if not self.cluster:
+                    return "err no cluster is running"
+                msg = self.cluster.nvmf_idle_cpu(float(parts[1]), int(parts[2]))
                 guest.note(msg)
                 return "ok " + msg
             elif parts[0] == "restart-nvmf":

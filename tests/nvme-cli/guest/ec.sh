@@ -244,6 +244,13 @@ case_vhost_discard_zeroes() {
     cmp /tmp/vz /tmp/zero || { fail "discarded / zeroed blocks do not read as zeros"; return 1; }
 }
 
+case_vhost_idle() {
+    # An idle disk costs the backend nothing: its queue workers sleep until the guest kicks.
+    [ -b /dev/vda ] || { fail "no /dev/vda"; return 1; }
+    sync
+    request nvmf-idle-cpu 3 60 || return 1
+}
+
 case_vhost_same_over_nvme() {
     # One volume, two front ends: what fio wrote over vhost-user-blk verifies over NVMe/TCP.
     ec_ensure_connected || return 1
@@ -272,6 +279,7 @@ run_case ec-reconnect-reverify  case_ec_reconnect_reverify
 run_case vhost-disk             case_vhost_disk
 run_case vhost-fio-verify       case_vhost_fio_verify
 run_case vhost-discard-zeroes   case_vhost_discard_zeroes
+run_case vhost-idle             case_vhost_idle
 run_case vhost-same-over-nvme   case_vhost_same_over_nvme
 run_case ec-snapshot            case_ec_snapshot
 run_case ec-clone-rollback      case_ec_clone_rollback
