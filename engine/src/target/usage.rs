@@ -8,7 +8,9 @@
 //! by the head is that snapshot's alone; one held by no view waits for aggregation and counts
 //! only in the container's total. Results are cached per container and computed again only for
 //! containers that changed (a commit touched them, or their retained epochs changed), at most
-//! once per [`USAGE_EVERY`].
+//! once per [`USAGE_EVERY`], on a thread of their own over a copy of the index: a computation
+//! over a large container with many snapshots must not hold the target thread (it once slowed
+//! the freeing after a snapshot deletion from 2 s to 17–46 s).
 
 #[allow(clippy::wildcard_imports)] // the parent module's types and imports, as if this were its body
 use super::*;
@@ -28,12 +30,17 @@ pub struct ContainerUsage {
     pub retained: Vec<(u64, u64)>,
 }
 
+/// What a computation found: per container, its usage (`None`: the container is gone).
+type Computed = Vec<(u128, Option<ContainerUsage>)>;
+
 /// The cache of [`ContainerUsage`]s of a target.
 #[derive(Debug, Default)]
 pub(super) struct UsageCache {
     by_cont: HashMap<u128, ContainerUsage>,
     stale: BTreeSet<u128>,
     computed: Option<Instant>,
+    /// A computation running on a thread of its own, over a copy of the index.
+    running: Option<std::sync::mpsc::Receiver<Computed>>,
 }
 
 impl UsageCache {
@@ -81,19 +88,45 @@ pub fn container_usage(index: &Index, cont: u128, retained: &[u64]) -> Container
 }
 
 impl Target {
-    /// The space every container takes here, computing again those that changed if
-    /// [`USAGE_EVERY`] has passed since the last computation.
+    /// The space every container takes here, as last computed. Containers that changed are
+    /// computed again, at most every [`USAGE_EVERY`], on a thread of their own over a copy of the
+    /// index (copy-on-write: one pointer per akey), so the target thread never waits for it.
     pub fn usage(&mut self) -> Vec<ContainerUsage> {
-        let due = self.usage.computed.is_none_or(|t| t.elapsed() >= USAGE_EVERY);
-        if due && !self.usage.stale.is_empty() {
-            for cont in std::mem::take(&mut self.usage.stale) {
-                if self.index.containers.contains_key(&cont) {
-                    let retained = self.retained_epochs(cont, &self.index.retention(cont).retained);
-                    let u = container_usage(&self.index, cont, &retained);
-                    self.usage.by_cont.insert(cont, u);
-                } else {
-                    self.usage.by_cont.remove(&cont);
+        if let Some(rx) = &self.usage.running {
+            match rx.try_recv() {
+                Ok(results) => {
+                    for (cont, u) in results {
+                        match u {
+                            Some(u) => self.usage.by_cont.insert(cont, u),
+                            None => self.usage.by_cont.remove(&cont),
+                        };
+                    }
+                    self.usage.running = None;
                 }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => self.usage.running = None,
+            }
+        }
+        let due = self.usage.computed.is_none_or(|t| t.elapsed() >= USAGE_EVERY);
+        if due && self.usage.running.is_none() && !self.usage.stale.is_empty() {
+            let work: Vec<(u128, Vec<u64>)> = std::mem::take(&mut self.usage.stale)
+                .into_iter()
+                .map(|cont| (cont, self.retained_epochs(cont, &self.index.retention(cont).retained)))
+                .collect();
+            let index = self.index.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let spawned = std::thread::Builder::new().name("target-usage".into()).spawn(move || {
+                let results = work
+                    .into_iter()
+                    .map(|(cont, retained)| {
+                        let u = index.containers.contains_key(&cont).then(|| container_usage(&index, cont, &retained));
+                        (cont, u)
+                    })
+                    .collect();
+                let _ = tx.send(results);
+            });
+            if spawned.is_ok() {
+                self.usage.running = Some(rx);
             }
             self.usage.computed = Some(Instant::now());
         }
