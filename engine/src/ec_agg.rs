@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tessera_client::placement::TargetRef;
 use tessera_client::volume::{Cluster, VolumeError};
-use tessera_mgmt_api::{MgmtClient, PoolVersion, TargetStateName};
+use tessera_mgmt_api::{MgmtClient, PoolVersion, TargetStateName, VolumeInfo};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -96,12 +96,15 @@ impl EcAggregator {
             let pools: Vec<PoolVersion> = self.pools.borrow().iter().filter(|p| !p.name.is_empty()).cloned().collect();
             let mut all_named = true;
             for p in pools {
-                if let Err(e) = self.name_volumes(&p).await {
-                    all_named = false;
-                    warn!(pool = %p.name, error = %e, "cannot list the pool's volumes; EC volumes stay unaggregated there");
-                    continue;
-                }
-                match self.pass(&p, &stop).await {
+                let vols = match self.name_volumes(&p).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        all_named = false;
+                        warn!(pool = %p.name, error = %e, "cannot list the pool's volumes; EC volumes stay unaggregated there");
+                        continue;
+                    }
+                };
+                match self.pass(&p, vols, &stop).await {
                     Ok(()) => failing = false,
                     Err(e) if !failing => {
                         warn!(pool = %p.name, error = %e, "EC aggregation pass failed; retrying");
@@ -118,8 +121,9 @@ impl EcAggregator {
     }
 
     /// Names every EC volume of pool `p` to the targets (settled as far as the last complete
-    /// pass got, else not at all) and lifts the limit of volumes deleted since.
-    async fn name_volumes(&mut self, p: &PoolVersion) -> Result<(), String> {
+    /// pass got, else not at all) and lifts the limit of volumes deleted since; returns the
+    /// pool's volumes for the pass.
+    async fn name_volumes(&mut self, p: &PoolVersion) -> Result<Vec<VolumeInfo>, String> {
         let vols = self.mgmt.volumes(&p.name).await.map_err(|e| e.to_string())?;
         let ec: Vec<u128> = vols.iter().filter(|v| v.class.starts_with("EC_")).map(|v| v.uuid.as_u128()).collect();
         for &cont in &ec {
@@ -137,10 +141,11 @@ impl EcAggregator {
             self.named.remove(&cont);
             self.done_below.retain(|(c, _), _| *c != cont);
         }
-        Ok(())
+        Ok(vols)
     }
 
-    async fn pass(&mut self, p: &PoolVersion, stop: &CancellationToken) -> Result<(), String> {
+    /// One pass over the volumes `vols` of pool `p`.
+    async fn pass(&mut self, p: &PoolVersion, vols: Vec<VolumeInfo>, stop: &CancellationToken) -> Result<(), String> {
         let map = self.mgmt.pool_map(&p.name).await.map_err(|e| e.to_string())?;
         if map.targets.iter().any(|t| matches!(t.state, TargetStateName::Down | TargetStateName::Up)) {
             return Ok(());
@@ -152,7 +157,7 @@ impl EcAggregator {
         let (mut stripes, mut bytes, mut waiting) = (0u64, 0u64, 0u64);
         let (mut torn_completed, mut torn_undone) = (0u64, 0u64);
         let mut waiting_bytes = 0u64;
-        for info in self.mgmt.volumes(&p.name).await.map_err(|e| e.to_string())? {
+        for info in vols {
             // Clones and rolled-back volumes too: their torn stripes are settled (never folded).
             if !info.class.starts_with("EC_") {
                 continue;

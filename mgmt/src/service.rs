@@ -253,6 +253,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Sets each snapshot's bytes held alone from the engines' reports (`None`: none reported).
+fn fill_held(snapshots: &mut [SnapshotInfo], held: Option<&HashMap<u64, u64>>) {
+    for s in snapshots {
+        s.held_bytes = held.map(|h| h.get(&s.epoch).copied().unwrap_or(0));
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -463,9 +470,7 @@ impl Service {
         let mut list = machine::snapshots(&snap.state, pool, volume, stable)?;
         let uuid = machine::volume(&snap.state, pool, volume)?.uuid;
         let (_, held) = self.usage_of(&snap.state, uuid);
-        for s in &mut list {
-            s.held_bytes = held.as_ref().map(|h| h.get(&s.epoch).copied().unwrap_or(0));
-        }
+        fill_held(&mut list, held.as_ref());
         Ok(list)
     }
 
@@ -496,9 +501,7 @@ impl Service {
         self.mark_stable(v);
         let (bytes, held) = self.usage_of(&self.snapshot().state, v.uuid);
         v.allocated_bytes = bytes;
-        for s in &mut v.snapshots {
-            s.held_bytes = held.as_ref().map(|h| h.get(&s.epoch).copied().unwrap_or(0));
-        }
+        fill_held(&mut v.snapshots, held.as_ref());
     }
 
     /// The stable epoch of pool `pool` (`None`: no such pool, or an engine has not reported).
