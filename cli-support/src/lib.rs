@@ -22,11 +22,23 @@ pub fn parse_args<T: clap::Parser>(prog: &str) -> Result<T, ExitCode> {
         }
         Err(e) => {
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-            eprintln!("{prog}: {first} (see {prog} --help)");
+            eprintln!("{prog}: {} (see {prog} --help)", first_message(&text));
             Err(ExitCode::from(2))
         }
     }
+}
+
+/// The first line of a clap error, with the indented lines that complete it when it ends with
+/// a colon (the arguments that were not provided).
+fn first_message(text: &str) -> String {
+    let mut lines = text.lines();
+    let mut msg = lines.next().unwrap_or("invalid arguments").trim_start_matches("error: ").to_string();
+    if msg.ends_with(':') {
+        let rest: Vec<&str> = lines.take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+        msg.push(' ');
+        msg.push_str(&rest.join(", "));
+    }
+    msg
 }
 
 /// Logs to stderr at `RUST_LOG` (default `info`), with ANSI colours only on a terminal (tests and
@@ -49,5 +61,20 @@ pub fn exit_status<E: std::fmt::Display>(prog: &str, result: Result<(), E>) -> E
             eprintln!("{prog}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_message;
+
+    #[test]
+    fn clap_errors_become_one_line_with_what_was_missing() {
+        assert_eq!(first_message("error: unexpected argument 'x' found\n\nUsage: t\n"), "unexpected argument 'x' found");
+        assert_eq!(
+            first_message("error: the following required arguments were not provided:\n  --a <A>\n  --b <B>\n\nUsage: t\n"),
+            "the following required arguments were not provided: --a <A>, --b <B>"
+        );
+        assert_eq!(first_message(""), "invalid arguments");
     }
 }

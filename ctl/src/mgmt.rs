@@ -4,8 +4,8 @@
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use tessera_mgmt_api::{
-    CreateExport, CreatePool, CreateVolume, EngineState, ExportInfo, ExtendPool, MgmtClient, MgmtError, PoolInfo, SystemInfo,
-    TargetSelector, TargetStateName, VolumeInfo,
+    CreateExport, CreatePool, CreateVhostExport, CreateVolume, EngineState, ExportInfo, ExtendPool, MgmtClient, MgmtError, PoolInfo,
+    SystemInfo, TargetSelector, TargetStateName, VhostExportInfo, VolumeInfo,
 };
 
 use crate::pool_status;
@@ -184,11 +184,17 @@ pub struct ExportArgs {
 
 #[derive(Subcommand, Debug)]
 enum ExportCommand {
-    /// Export a volume, or a snapshot of it (read-only), as a namespace of an NVMe/TCP subsystem.
+    /// Export a volume, or a snapshot of it (read-only), as a namespace of an NVMe/TCP subsystem
+    /// (--nqn) or as a VM's vhost-user-blk disk on a UNIX socket (--vhost-blk).
+    #[command(group(clap::ArgGroup::new("kind").required(true).args(["nqn", "vhost_blk"])))]
     Add {
         /// Subsystem NQN (created with its first namespace).
         #[arg(long)]
-        nqn: String,
+        nqn: Option<String>,
+        /// Serve it as a vhost-user-blk disk on this UNIX socket, created on the machine of the
+        /// target named by --target (QEMU: -chardev socket,path=SOCKET -device vhost-user-blk-pci).
+        #[arg(long, value_name = "SOCKET", conflicts_with_all = ["nsid", "hosts", "listen"])]
+        vhost_blk: Option<std::path::PathBuf>,
         /// Volume name, or VOLUME@SNAPSHOT for a read-only namespace of a snapshot.
         #[arg(long)]
         volume: String,
@@ -204,17 +210,30 @@ enum ExportCommand {
         /// Address hosts connect to: the target listening there serves it (service default 127.0.0.1:4420).
         #[arg(long)]
         listen: Option<String>,
+        /// vhost-user-blk: request queues offered (the guest uses up to one per vCPU; service default 4).
+        #[arg(long, conflicts_with = "nqn")]
+        queues: Option<u16>,
+        /// vhost-user-blk: offer the disk read-only (a snapshot always is).
+        #[arg(long, conflicts_with = "nqn")]
+        read_only: bool,
+        /// vhost-user-blk: the target that serves it, by its NVMe/TCP listen address (service default 127.0.0.1:4420).
+        #[arg(long, conflicts_with = "nqn")]
+        target: Option<String>,
     },
     /// List exports.
     List,
-    /// Remove one namespace from a subsystem.
+    /// Remove one namespace from a subsystem (--nqn, --nsid), or a vhost-user-blk disk (--vhost-blk).
+    #[command(group(clap::ArgGroup::new("kind").required(true).args(["nqn", "vhost_blk"])))]
     Remove {
         /// Subsystem NQN.
-        #[arg(long)]
-        nqn: String,
+        #[arg(long, requires = "nsid")]
+        nqn: Option<String>,
         /// Namespace ID.
-        #[arg(long)]
-        nsid: u32,
+        #[arg(long, requires = "nqn")]
+        nsid: Option<u32>,
+        /// The vhost-user-blk disk's socket.
+        #[arg(long, value_name = "SOCKET", conflicts_with = "nqn")]
+        vhost_blk: Option<std::path::PathBuf>,
     },
 }
 
@@ -543,10 +562,28 @@ fn lineage_text(v: &VolumeInfo) -> String {
 /// `tessera export ...`
 pub fn export(addr: &str, a: ExportArgs) -> Result<String, String> {
     match a.command {
-        ExportCommand::Add { nqn, volume, pool, nsid, hosts, listen } => {
+        ExportCommand::Add { nqn, vhost_blk, volume, pool, nsid, hosts, listen, queues, read_only, target } => {
             let (volume, snapshot) = match volume.split_once('@') {
                 Some((v, s)) => (v.to_string(), Some(s.to_string())),
                 None => (volume, None),
+            };
+            let Some(nqn) = nqn else {
+                let socket = socket_path(vhost_blk.as_deref())?;
+                let req = CreateVhostExport { socket, pool, volume, snapshot, queues, read_only, target };
+                let e = block_on(addr, async |c| c.create_vhost_export(&req).await)?;
+                if a.json {
+                    return json(&e);
+                }
+                return Ok(format!(
+                    "exported {}/{}{} as a vhost-user-blk disk on {} ({} queues, {}, served by the target on {})\n",
+                    e.volume.pool,
+                    e.volume.name,
+                    e.snapshot.as_ref().map(|s| format!("@{}", s.name)).unwrap_or_default(),
+                    e.socket,
+                    e.queues,
+                    if e.read_only { "read-only" } else { "read-write" },
+                    e.target
+                ));
             };
             let req = CreateExport { nqn, nsid, pool, volume, snapshot, hosts, listen };
             let e = block_on(addr, async |c| c.create_export(&req).await)?;
@@ -569,9 +606,17 @@ pub fn export(addr: &str, a: ExportArgs) -> Result<String, String> {
             if a.json {
                 return json(&l);
             }
-            Ok(export_table(&l.exports))
+            Ok(export_tables(&l.exports, &l.vhost))
         }
-        ExportCommand::Remove { nqn, nsid } => {
+        ExportCommand::Remove { nqn, nsid, vhost_blk } => {
+            let (Some(nqn), Some(nsid)) = (nqn, nsid) else {
+                let socket = socket_path(vhost_blk.as_deref())?;
+                let e = block_on(addr, async |c| c.delete_vhost_export(&socket).await)?;
+                if a.json {
+                    return json(&e);
+                }
+                return Ok(format!("removed the vhost-user-blk disk on {} ({}/{})\n", e.socket, e.volume.pool, e.volume.name));
+            };
             let e = block_on(addr, async |c| c.delete_export(&nqn, nsid).await)?;
             if a.json {
                 return json(&e);
@@ -587,6 +632,38 @@ fn hosts_text(hosts: &[String]) -> String {
     } else {
         hosts.join(",")
     }
+}
+
+/// A socket path as the service wants it: absolute (a relative one is taken from here).
+fn socket_path(p: Option<&std::path::Path>) -> Result<String, String> {
+    let p = p.ok_or("give --nqn or --vhost-blk")?;
+    let abs = std::path::absolute(p).map_err(|e| format!("socket {}: {e}", p.display()))?;
+    abs.to_str().map(str::to_string).ok_or_else(|| format!("socket {} is not UTF-8", abs.display()))
+}
+
+fn export_tables(exports: &[ExportInfo], vhost: &[VhostExportInfo]) -> String {
+    let mut out = if exports.is_empty() && !vhost.is_empty() { String::new() } else { export_table(exports) };
+    if !vhost.is_empty() {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        let mut t = Table::new(&["VHOST-USER-BLK SOCKET", "VOLUME", "SIZE", "QUEUES", "MODE", "TARGET"]);
+        for e in vhost {
+            t.row(vec![
+                e.socket.clone(),
+                match &e.snapshot {
+                    Some(s) => format!("{}/{}@{}", e.volume.pool, e.volume.name, s.name),
+                    None => format!("{}/{}", e.volume.pool, e.volume.name),
+                },
+                size_text(e.snapshot.as_ref().map_or(e.volume.size, |s| s.size)),
+                e.queues.to_string(),
+                if e.read_only { "ro" } else { "rw" }.to_string(),
+                e.target.clone(),
+            ]);
+        }
+        out.push_str(&t.render_or(""));
+    }
+    out
 }
 
 fn export_table(exports: &[ExportInfo]) -> String {

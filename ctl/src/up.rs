@@ -12,6 +12,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -19,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use tessera_mgmt_api::{
-    CreateExport, CreatePool, CreateVolume, EngineState, ExportInfo, MgmtClient, MgmtError, PoolInfo, TargetStateName, VolumeInfo,
+    CreateExport, CreatePool, CreateVhostExport, CreateVolume, EngineState, ExportInfo, MgmtClient, MgmtError, PoolInfo, TargetStateName,
+    VhostExportInfo, VolumeInfo,
 };
 use tessera_nvme_proto::Digests;
 use tessera_nvmf_host::{Controller, ControllerOptions};
@@ -358,6 +360,7 @@ struct Ready {
     pool: PoolInfo,
     volume: VolumeInfo,
     export: ExportInfo,
+    vhost: Option<VhostExportInfo>,
     notes: Vec<String>,
 }
 
@@ -604,12 +607,15 @@ async fn start(
             .map_err(|e| format!("exporting {POOL}/{VOLUME} as {}: {}", a.nqn, call(e)))?,
     };
 
+    let vhost = match &a.vhost_blk {
+        Some(sock) => Some(vhost_export(&client, sock, &volume, a.listen, &call, &mut notes).await?),
+        None => None,
+    };
+
     // 4. The NVMe/TCP target, serving the exports of the service; ready once a host can
-    //    connect to the subsystem and identify the namespace.
-    let mut args = vec!["--mgmt".into(), mgmt_addr.clone(), "--listen".into(), a.listen.to_string()];
-    if let Some(sock) = &a.vhost_blk {
-        args.extend(["--vhost-blk".to_string(), format!("{}={POOL}/{VOLUME}", sock.display())]);
-    }
+    //    connect to the subsystem and identify the namespace (and the vhost-user-blk socket is
+    //    bound).
+    let args = vec!["--mgmt".into(), mgmt_addr.clone(), "--listen".into(), a.listen.to_string()];
     roles.nvmf.push(procs.spawn("nvmf", &bins.nvmf, &args)?);
     eprintln!("tessera up: started tessera-nvmf on {}; waiting for it to serve {}", a.listen, export.nqn);
     let opts = ControllerOptions {
@@ -644,7 +650,65 @@ async fn start(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(Ready { pool, volume, export, notes })
+    if let Some(x) = &vhost {
+        let sock = Path::new(&x.socket);
+        while !sock.metadata().is_ok_and(|m| m.file_type().is_socket()) {
+            procs.check_startup()?;
+            if Instant::now() >= deadline {
+                return Err(startup_timeout(procs, &roles.nvmf, &format!("the target does not listen on {}", x.socket)));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(Ready { pool, volume, export, vhost, notes })
+}
+
+/// The vhost-user-blk export of the volume on `sock`: the existing one, or a new one served by
+/// the target listening on `listen`. A stale socket file there (a crash) is removed, so that the
+/// socket's appearing means the target serves it.
+async fn vhost_export(
+    client: &MgmtClient,
+    sock: &Path,
+    volume: &VolumeInfo,
+    listen: SocketAddr,
+    call: &dyn Fn(MgmtError) -> String,
+    notes: &mut Vec<String>,
+) -> Result<VhostExportInfo, String> {
+    let socket = std::path::absolute(sock).map_err(|e| format!("--vhost-blk {}: {e}", sock.display()))?;
+    let socket = socket.to_str().ok_or_else(|| format!("--vhost-blk {}: not UTF-8", socket.display()))?.to_string();
+    match std::fs::symlink_metadata(&socket) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(&socket).map_err(|e| format!("removing the stale socket {socket}: {e}"))?
+        }
+        Ok(_) => return Err(format!("--vhost-blk {socket}: a file that is not a socket is in the way")),
+        Err(_) => {}
+    }
+    let list = client.exports().await.map_err(call)?;
+    if let Some(x) = list.vhost.into_iter().find(|x| x.socket == socket) {
+        if x.volume.uuid != volume.uuid || x.snapshot.is_some() {
+            return Err(format!(
+                "{socket} is already the vhost-user-blk disk of {}/{}: remove that export first",
+                x.volume.pool, x.volume.name
+            ));
+        }
+        if x.target != listen.to_string() {
+            notes.push(format!(
+                "{socket} is served by the target on {}, not on --listen {listen}: the target here will not serve it",
+                x.target
+            ));
+        }
+        return Ok(x);
+    }
+    let req = CreateVhostExport {
+        socket: socket.clone(),
+        pool: POOL.into(),
+        volume: VOLUME.into(),
+        snapshot: None,
+        queues: None,
+        read_only: false,
+        target: Some(listen.to_string()),
+    };
+    client.create_vhost_export(&req).await.map_err(|e| format!("exporting {POOL}/{VOLUME} on {socket}: {}", call(e)))
 }
 
 /// A start-up step that timed out: the message, after the log tails of the children concerned.
@@ -678,6 +742,9 @@ fn print_summary(a: &UpArgs, dir: &Path, procs: &Procs, r: &Ready) {
     ));
     out.push_str(&format!("  volume {}: {}, {}, uuid {}\n", r.volume.name, size_text(r.volume.size), r.volume.class, r.volume.uuid));
     out.push_str(&format!("  export: {} nsid {} on {} (any host)\n", r.export.nqn, r.export.nsid, r.export.listen));
+    if let Some(x) = &r.vhost {
+        out.push_str(&format!("  vhost-user-blk disk: {} ({} queues)\n", x.socket, x.queues));
+    }
     if !down.is_empty() {
         out.push_str(&format!(
             "  note: targets (rank:index) {} are not up in pool {}'s map: its volumes run degraded\n",
@@ -695,6 +762,12 @@ fn print_summary(a: &UpArgs, dir: &Path, procs: &Procs, r: &Ready) {
         port = host.port(),
         nqn = r.export.nqn
     ));
+    if let Some(x) = &r.vhost {
+        out.push_str(&format!(
+            "Give a QEMU VM the volume as its disk (shared guest memory):\n  -object memory-backend-memfd,id=mem,size=RAM,share=on -numa node,memdev=mem \\\n  -chardev socket,id=vblk,path={},reconnect=1 -device vhost-user-blk-pci,chardev=vblk,num-queues={}\n",
+            x.socket, x.queues
+        ));
+    }
     out.push_str(&format!(
         "Manage it: tessera --mgmt {m} system query | volume list | export list\nCtrl-C stops everything.\n",
         m = reach(a.mgmt_listen)

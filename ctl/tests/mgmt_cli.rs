@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -117,6 +118,12 @@ fn bad_arguments_are_one_line_and_exit_2() {
         &["pool", "create", "p", "--ranks", "0,x"],
         &["export", "remove", "--nqn", "nqn.x"],
         &["export", "add", "--nqn", "nqn.x"],
+        &["export", "add", "--volume", "v"],
+        &["export", "add", "--nqn", "nqn.x", "--vhost-blk", "/tmp/x.sock", "--volume", "v"],
+        &["export", "add", "--nqn", "nqn.x", "--volume", "v", "--queues", "2"],
+        &["export", "add", "--vhost-blk", "/tmp/x.sock", "--volume", "v", "--listen", "127.0.0.1:4420"],
+        &["export", "remove", "--vhost-blk", "/tmp/x.sock", "--nqn", "nqn.x", "--nsid", "1"],
+        &["export", "remove"],
         &["system", "frobnicate"],
         &["up", "--engines", "0"],
         &["up", "--target-capacity", "lots"],
@@ -413,8 +420,13 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
     let mgmt = format!("127.0.0.1:{}", ports.mgmt);
     let nqn = "nqn.2026-11.io.tessera:vol0";
 
-    let mut up = Up::start(&dir, &ports, &["--rebuild-rate", "256M", "--rebuild-rate-busy", "16M"]);
+    let vhost_sock = dir.join("vol0.sock");
+    let mut up =
+        Up::start(&dir, &ports, &["--rebuild-rate", "256M", "--rebuild-rate-busy", "16M", "--vhost-blk", vhost_sock.to_str().unwrap()]);
     let connect = up.wait_ready();
+    // --vhost-blk: a managed export of vol0, its socket bound before up says it is ready.
+    assert!(up.stdout.iter().any(|l| l.trim() == format!("vhost-user-blk disk: {} (4 queues)", vhost_sock.display())), "{:?}", up.stdout);
+    assert!(std::fs::symlink_metadata(&vhost_sock).is_ok_and(|m| m.file_type().is_socket()), "{}", vhost_sock.display());
     assert_eq!(connect, format!("nvme connect -t tcp -a 127.0.0.1 -s {} -n {nqn}", ports.nvmf));
     assert!(up.stdout.iter().any(|l| l.trim() == format!("nvme discover -t tcp -a 127.0.0.1 -s {}", ports.nvmf)), "{:?}", up.stdout);
     let names: Vec<&str> = up.pids.iter().map(|(n, _)| n.as_str()).collect();
@@ -450,6 +462,12 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
     assert_eq!(exports["exports"][0]["nsid"], 1);
     assert_eq!(exports["exports"][0]["listen"], format!("127.0.0.1:{}", ports.nvmf));
     assert_eq!(exports["exports"][0]["volume"]["uuid"], uuid.as_str());
+    assert_eq!(exports["vhost"].as_array().unwrap().len(), 1, "{exports}");
+    assert_eq!(exports["vhost"][0]["socket"], vhost_sock.to_str().unwrap());
+    assert_eq!(exports["vhost"][0]["target"], format!("127.0.0.1:{}", ports.nvmf));
+    let (_, out, _) = tessera(&["--mgmt", &mgmt, "export", "list"]);
+    let row = out.lines().find(|l| l.starts_with(vhost_sock.to_str().unwrap())).unwrap_or_else(|| panic!("{out}"));
+    assert!(out.contains("VHOST-USER-BLK SOCKET") && row.contains("default/vol0") && row.contains(" rw "), "{out}");
 
     let sys = tessera_json(&mgmt, &["system", "query"]);
     let engines = sys["engines"].as_array().unwrap();
@@ -515,6 +533,24 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
     assert!(one_line(&err).contains("snapshot default/vol0@s1 is exported"), "{err}");
     let (code, _, err) = tessera(&["--mgmt", &mgmt, "export", "remove", "--nqn", snap_nqn, "--nsid", "1"]);
     assert_eq!(code, 0, "{err}");
+    // The snapshot as a VM's read-only disk, and the volume's disk: both keep the snapshot.
+    let snap_sock = dir.join("vol0-s1.sock");
+    let (code, out, err) =
+        tessera(&["--mgmt", &mgmt, "export", "add", "--vhost-blk", snap_sock.to_str().unwrap(), "--volume", "vol0@s1", "--queues", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with(&format!("exported default/vol0@s1 as a vhost-user-blk disk on {} (2 queues, read-only", snap_sock.display())),
+        "{out}"
+    );
+    let (code, _, err) = tessera(&["--mgmt", &mgmt, "snapshot", "delete", "vol0", "s1"]);
+    assert_eq!(code, 1);
+    assert!(one_line(&err).contains(&format!("is exported (the vhost-user-blk disk on {})", snap_sock.display())), "{err}");
+    let (code, out, err) = tessera(&["--mgmt", &mgmt, "export", "remove", "--vhost-blk", snap_sock.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, format!("removed the vhost-user-blk disk on {} (default/vol0)\n", snap_sock.display()));
+    let (code, _, err) = tessera(&["--mgmt", &mgmt, "export", "remove", "--vhost-blk", snap_sock.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(one_line(&err).contains("no vhost-user-blk disk is exported on"), "{err}");
     // A clone of it: listed with its parent, kept from the snapshot, flattened, deleted.
     let (code, out, err) = tessera(&["--mgmt", &mgmt, "volume", "clone", "vol0@s1", "c1"]);
     assert_eq!(code, 0, "{err}");
@@ -569,6 +605,7 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
         assert!(!alive(*pid), "{name} (pid {pid}) still running after tessera up exited");
     }
     assert_eq!(processes_mentioning(dir.to_str().unwrap()), Vec::<u32>::new());
+    assert!(!vhost_sock.exists(), "the stopped target removed its vhost-user-blk socket");
     drop(up);
 
     // Again on the same directory: the same pool, volume and export, all three engines back.
@@ -579,6 +616,10 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
     assert_eq!(vols.as_array().unwrap().len(), 1, "{vols}");
     assert_eq!(vols[0]["uuid"], uuid.as_str());
     assert_eq!(tessera_json(&mgmt, &["export", "list"])["exports"].as_array().unwrap().len(), 1);
+    // The vhost-user-blk export is the service's: served again without --vhost-blk.
+    tessera_testkit::wait_for("the vhost-user-blk socket again", Duration::from_secs(20), || {
+        vhost_sock.exists().then_some(()).ok_or("not bound".to_string())
+    });
     let sys = tessera_json(&mgmt, &["system", "query"]);
     assert!(sys["engines"].as_array().unwrap().iter().all(|e| e["state"] == "up"), "{sys}");
     // The engine that was lost is reintegrated by itself (UP, then UPIN once the survivors have

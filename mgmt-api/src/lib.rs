@@ -522,6 +522,57 @@ pub struct ExportInfo {
     pub snapshot: Option<SnapshotInfo>,
 }
 
+/// Request queues of a vhost-user-blk disk when the export leaves them out.
+pub const VHOST_QUEUES_DEFAULT: u16 = 4;
+/// Most request queues a vhost-user-blk export offers (each has a worker thread while connected).
+pub const VHOST_QUEUES_MAX: u16 = 64;
+/// Longest socket path (a UNIX socket address holds 108 bytes with the terminating NUL).
+pub const VHOST_SOCKET_MAX: usize = 107;
+
+/// `POST /v1/vhost-exports`: serve a volume, or a snapshot of it, to a VM as a vhost-user-blk
+/// disk on a UNIX socket of the machine of a `tessera-nvmf`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateVhostExport {
+    /// Absolute path of the UNIX socket the hypervisor connects to (QEMU `-chardev socket,path=`).
+    pub socket: String,
+    /// Pool name.
+    pub pool: String,
+    /// Volume name.
+    pub volume: String,
+    /// Serve this snapshot of the volume instead (always read-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// Request queues offered (the guest uses up to one per vCPU); default
+    /// [`VHOST_QUEUES_DEFAULT`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
+    /// Offer the disk read-only (`VIRTIO_BLK_F_RO`).
+    #[serde(default)]
+    pub read_only: bool,
+    /// The `tessera-nvmf` that serves it, named by its NVMe/TCP listen address (`ip:port`,
+    /// default `127.0.0.1:4420`): the socket is created on that target's machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// A vhost-user-blk export, with what a target needs to serve it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostExportInfo {
+    /// The UNIX socket.
+    pub socket: String,
+    /// Listen address of the `tessera-nvmf` serving it.
+    pub target: String,
+    /// Request queues offered.
+    pub queues: u16,
+    /// Offered read-only (always for a snapshot).
+    pub read_only: bool,
+    /// The volume.
+    pub volume: VolumeInfo,
+    /// The snapshot served instead of the live volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotInfo>,
+}
+
 /// `GET /v1/exports[?after=V&wait_ms=T]`: every export. With `after`, the service answers as
 /// soon as the store's version exceeds `after`, or after `wait_ms` (≤ 60000) with the current
 /// state: targets long-poll it to follow changes without polling.
@@ -531,6 +582,9 @@ pub struct ExportList {
     pub version: ClusterVersion,
     /// Exports, by (nqn, nsid).
     pub exports: Vec<ExportInfo>,
+    /// vhost-user-blk exports, by socket.
+    #[serde(default)]
+    pub vhost: Vec<VhostExportInfo>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -772,6 +826,16 @@ impl MgmtClient {
         let wait_ms = wait.as_millis().min(60_000) as u64;
         let req = self.http.get(self.url(&format!("/exports?after={after}&wait_ms={wait_ms}")));
         self.send(req, Duration::from_millis(wait_ms) + DEFAULT_TIMEOUT).await
+    }
+
+    /// `POST /v1/vhost-exports`.
+    pub async fn create_vhost_export(&self, req: &CreateVhostExport) -> Result<VhostExportInfo, MgmtError> {
+        self.post("/vhost-exports", req).await
+    }
+
+    /// `DELETE /v1/vhost-exports?socket=PATH`.
+    pub async fn delete_vhost_export(&self, socket: &str) -> Result<VhostExportInfo, MgmtError> {
+        self.send(self.http.delete(self.url("/vhost-exports")).query(&[("socket", socket)]), DEFAULT_TIMEOUT).await
     }
 
     /// `DELETE /v1/exports/{nqn}/{nsid}`.

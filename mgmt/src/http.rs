@@ -19,9 +19,9 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tessera_mgmt_api::{
-    ApiError, ClusterVersion, CreateClone, CreateExport, CreatePool, CreateSnapshot, CreateVolume, EngineReport, ExportInfo, ExportList,
-    ExtendPool, Flatten, Heartbeat, HeartbeatReply, PoolInfo, PoolMapInfo, RegisterEngine, ResizeVolume, Rollback, SnapshotInfo,
-    SystemInfo, TargetSelector, VolumeInfo, SNAPSHOT_STABLE_WAIT,
+    ApiError, ClusterVersion, CreateClone, CreateExport, CreatePool, CreateSnapshot, CreateVhostExport, CreateVolume, EngineReport,
+    ExportInfo, ExportList, ExtendPool, Flatten, Heartbeat, HeartbeatReply, PoolInfo, PoolMapInfo, RegisterEngine, ResizeVolume, Rollback,
+    SnapshotInfo, SystemInfo, TargetSelector, VhostExportInfo, VolumeInfo, SNAPSHOT_STABLE_WAIT,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::error;
@@ -163,6 +163,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/pools/{pool}/volumes/{volume}/rollback", post(rollback))
         .route("/v1/exports", get(list_exports).post(create_export))
         .route("/v1/exports/{nqn}/{nsid}", get(get_export).delete(delete_export))
+        .route("/v1/vhost-exports", get(list_vhost_exports).post(create_vhost_export).delete(delete_vhost_export))
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async { HttpError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint") })
         .with_state(app)
@@ -426,7 +427,7 @@ async fn list_exports(State(app): State<App>, ApiQuery(q): ApiQuery<ExportsQuery
         let _ = tokio::time::timeout(wait, changed).await;
     }
     let snap = app.svc.snapshot();
-    Json(ExportList { version: snap.version, exports: machine::exports(&snap.state) })
+    Json(ExportList { version: snap.version, exports: machine::exports(&snap.state), vhost: machine::vhost_exports(&snap.state) })
 }
 
 async fn get_export(State(app): State<App>, ApiPath((nqn, nsid)): ApiPath<(String, String)>) -> Result<Json<ExportInfo>, HttpError> {
@@ -450,6 +451,36 @@ async fn delete_export(State(app): State<App>, ApiPath((nqn, nsid)): ApiPath<(St
     let nsid = parse_nsid(&nsid)?;
     match execute(&app, Command::DeleteExport { nqn, nsid }).await? {
         Outcome::Export(x) => Ok(Json(x)),
+        o => Err(unexpected(o)),
+    }
+}
+
+/// Query of `DELETE /v1/vhost-exports`: the socket path (a path holds `/`, so it is not a
+/// path segment).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VhostSocketQuery {
+    /// The export's socket.
+    pub socket: String,
+}
+
+async fn list_vhost_exports(State(app): State<App>) -> Json<Vec<VhostExportInfo>> {
+    Json(machine::vhost_exports(&app.svc.snapshot().state))
+}
+
+async fn create_vhost_export(
+    State(app): State<App>,
+    ApiJson(req): ApiJson<CreateVhostExport>,
+) -> Result<(StatusCode, Json<VhostExportInfo>), HttpError> {
+    match execute(&app, Command::CreateVhostExport(req)).await? {
+        Outcome::VhostExport(x) => Ok((StatusCode::CREATED, Json(x))),
+        o => Err(unexpected(o)),
+    }
+}
+
+async fn delete_vhost_export(State(app): State<App>, ApiQuery(q): ApiQuery<VhostSocketQuery>) -> Result<Json<VhostExportInfo>, HttpError> {
+    match execute(&app, Command::DeleteVhostExport { socket: q.socket }).await? {
+        Outcome::VhostExport(x) => Ok(Json(x)),
         o => Err(unexpected(o)),
     }
 }

@@ -13,8 +13,8 @@ use std::str::FromStr;
 
 use tessera_engine_proto::ObjectId;
 use tessera_mgmt_api::{
-    CreateExport, CreatePool, CreateVolume, EngineState, ExportInfo, PoolEngine, PoolInfo, PoolMapInfo, PoolTarget, PoolVersion,
-    RegisterEngine, TargetSelector, TargetStateName, VolumeInfo,
+    CreateExport, CreatePool, CreateVhostExport, CreateVolume, EngineState, ExportInfo, PoolEngine, PoolInfo, PoolMapInfo, PoolTarget,
+    PoolVersion, RegisterEngine, TargetSelector, TargetStateName, VhostExportInfo, VolumeInfo,
 };
 use tessera_placement::layout::{default_chunk_size, VolumeLayout, DEFAULT_CELL_SIZE};
 use tessera_placement::placement::{group_count, group_layout, ObjectClass, PoolMap, TargetEntry, TargetRef, TargetState};
@@ -29,6 +29,10 @@ use targets::*;
 mod snapshots;
 use snapshots::{clone_parent, clone_volume, clones_of, create_snapshot, delete_snapshot, flatten, get_snapshot, rollback};
 pub use snapshots::{retention, snapshot_info, snapshots, MAX_SNAPSHOTS};
+#[path = "machine_exports.rs"]
+mod exports;
+use exports::{create_export, create_vhost_export, delete_export, delete_vhost_export};
+pub use exports::{exports, vhost_exports};
 
 /// Default object class of a pool.
 pub const DEFAULT_CLASS: &str = "EC_2P1";
@@ -208,6 +212,13 @@ pub enum Command {
         /// Namespace id.
         nsid: u32,
     },
+    /// Serve a volume or a snapshot of it as a vhost-user-blk disk.
+    CreateVhostExport(CreateVhostExport),
+    /// Remove a vhost-user-blk export.
+    DeleteVhostExport {
+        /// Its socket path.
+        socket: String,
+    },
 }
 
 /// One target to punch a deleted volume's data on.
@@ -272,6 +283,8 @@ pub enum Outcome {
     VolumeDeleted(VolumeInfo, PunchPlan),
     /// An export was created or deleted.
     Export(ExportInfo),
+    /// A vhost-user-blk export was created or deleted.
+    VhostExport(VhostExportInfo),
     /// A snapshot was created or deleted.
     Snapshot(tessera_mgmt_api::SnapshotInfo),
 }
@@ -317,6 +330,9 @@ pub enum CmdError {
         /// Namespace id.
         nsid: u32,
     },
+    /// No such vhost-user-blk export (404).
+    #[error("no vhost-user-blk disk is exported on {0}")]
+    NoVhostExport(String),
     /// The request is malformed (400).
     #[error("{0}")]
     Invalid(String),
@@ -341,7 +357,8 @@ impl CmdError {
             | CmdError::NoVolume { .. }
             | CmdError::NoSnapshot { .. }
             | CmdError::NoTarget(_)
-            | CmdError::NoExport { .. } => 404,
+            | CmdError::NoExport { .. }
+            | CmdError::NoVhostExport(_) => 404,
             CmdError::Invalid(_) => 400,
             CmdError::Conflict(_) => 409,
             CmdError::NoSpace(_) => 507,
@@ -395,6 +412,8 @@ fn apply_to(next: &mut State, cmd: &Command, env: &Env) -> Result<Outcome, CmdEr
         Command::Rollback { pool, volume, snapshot, force } => rollback(next, pool, volume, snapshot, *force, env)?,
         Command::CreateExport(req) => create_export(next, req)?,
         Command::DeleteExport { nqn, nsid } => delete_export(next, nqn, *nsid)?,
+        Command::CreateVhostExport(req) => create_vhost_export(next, req)?,
+        Command::DeleteVhostExport { socket } => delete_vhost_export(next, socket)?,
     };
     Ok(outcome)
 }
@@ -772,8 +791,8 @@ fn resize_volume(s: &mut State, pool: &str, volume: &str, size: u64) -> Result<O
     let v = get_volume(s, pool, volume)?;
     check_size(size, v.block_size)?;
     if size < v.size {
-        if let Some(x) = s.export_of(pool, volume) {
-            return conflict(format!("volume {pool}/{volume} is exported (namespace {} of {}): it can grow but not shrink", x.nsid, x.nqn));
+        if let Some(how) = s.served_as(pool, volume, None) {
+            return conflict(format!("volume {pool}/{volume} is exported ({how}): it can grow but not shrink"));
         }
     }
     if size > v.size {
@@ -789,19 +808,17 @@ fn resize_volume(s: &mut State, pool: &str, volume: &str, size: u64) -> Result<O
 
 fn delete_volume(s: &mut State, pool: &str, volume: &str) -> Result<Outcome, CmdError> {
     let v = get_volume(s, pool, volume)?;
-    if let Some(x) = s.export_of(pool, volume) {
-        return conflict(format!("volume {pool}/{volume} is exported (namespace {} of {}): delete the export first", x.nsid, x.nqn));
+    if let Some(how) = s.served_as(pool, volume, None) {
+        return conflict(format!("volume {pool}/{volume} is exported ({how}): delete the export first"));
     }
     let clones = clones_of(s, v, None);
     if !clones.is_empty() {
         return conflict(format!("volume {pool}/{volume} has clones: {} (delete or flatten them first)", clones.join(", ")));
     }
-    if let Some(x) = s.exports.values().find(|x| x.pool == pool && x.volume == volume) {
-        let snap = x.snapshot.as_deref().unwrap_or_default();
-        return conflict(format!(
-            "snapshot {pool}/{volume}@{snap} is exported (namespace {} of {}): delete the export first",
-            x.nsid, x.nqn
-        ));
+    for snap in &v.snapshots {
+        if let Some(how) = s.served_as(pool, volume, Some(&snap.name)) {
+            return conflict(format!("snapshot {pool}/{volume}@{} is exported ({how}): delete the export first", snap.name));
+        }
     }
     let info = volume_info(s, v);
     let p = get_pool(s, pool)?;
@@ -817,113 +834,6 @@ fn delete_volume(s: &mut State, pool: &str, volume: &str) -> Result<Outcome, Cmd
     let plan = PunchPlan { uuid: v.uuid, pool_id: p.pool_id, map_version: p.map_version, sites };
     s.volumes.remove(&(pool.to_string(), volume.to_string()));
     Ok(Outcome::VolumeDeleted(info, plan))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Exports.
-
-fn export_info(state: &State, x: &ExportRec) -> Result<ExportInfo, CmdError> {
-    Ok(ExportInfo {
-        nqn: x.nqn.clone(),
-        nsid: x.nsid,
-        hosts: x.hosts.clone(),
-        listen: x.listen.clone(),
-        volume: volume(state, &x.pool, &x.volume)?,
-        snapshot: match &x.snapshot {
-            Some(name) => Some(snapshot_info(get_snapshot(get_volume(state, &x.pool, &x.volume)?, name)?, 0)),
-            None => None,
-        },
-    })
-}
-
-/// Every export, by (nqn, nsid).
-pub fn exports(state: &State) -> Vec<ExportInfo> {
-    state.exports.values().filter_map(|x| export_info(state, x).ok()).collect()
-}
-
-fn create_export(s: &mut State, req: &CreateExport) -> Result<Outcome, CmdError> {
-    check_nqn("subsystem NQN", &req.nqn)?;
-    if req.nqn == DISCOVERY_NQN {
-        return invalid("the discovery subsystem cannot export namespaces");
-    }
-    let mut hosts = BTreeSet::new();
-    for h in &req.hosts {
-        check_nqn("host NQN", h)?;
-        if !hosts.insert(h.as_str()) {
-            return invalid(format!("host NQN {h} is listed twice"));
-        }
-    }
-    if let Some(l) = &req.listen {
-        parse_addr("listen address", l)?;
-    }
-    if let Some(nsid) = req.nsid {
-        if nsid == 0 || nsid == u32::MAX {
-            return invalid(format!("namespace id {nsid} is not valid (1 to {})", u32::MAX - 1));
-        }
-    }
-    let v = get_volume(s, &req.pool, &req.volume)?;
-    if v.flattening && req.snapshot.is_none() {
-        return conflict(format!("volume {}/{} is being flattened: export it once the flatten is done", req.pool, req.volume));
-    }
-    match &req.snapshot {
-        Some(snap) => {
-            get_snapshot(v, snap)?;
-            if let Some(x) = s.snapshot_export(&req.pool, &req.volume, snap) {
-                return conflict(format!(
-                    "snapshot {}/{}@{snap} is already exported as namespace {} of {}",
-                    req.pool, req.volume, x.nsid, x.nqn
-                ));
-            }
-        }
-        None => {
-            if let Some(x) = s.export_of(&req.pool, &req.volume) {
-                return conflict(format!("volume {}/{} is already exported as namespace {} of {}", req.pool, req.volume, x.nsid, x.nqn));
-            }
-        }
-    }
-    // Hosts and the listen address belong to the subsystem: a further namespace inherits them
-    // when it leaves them out and must agree when it names them.
-    let siblings: BTreeMap<u32, &ExportRec> = s.exports.values().filter(|x| x.nqn == req.nqn).map(|x| (x.nsid, x)).collect();
-    let (mut hosts, mut listen) = (req.hosts.clone(), req.listen.clone().unwrap_or_else(|| DEFAULT_LISTEN.to_string()));
-    if let Some(first) = siblings.values().next() {
-        if req.hosts.is_empty() {
-            hosts = first.hosts.clone();
-        } else if req.hosts.iter().collect::<BTreeSet<_>>() != first.hosts.iter().collect::<BTreeSet<_>>() {
-            return conflict(format!("subsystem {} allows hosts {:?}: a namespace of it cannot name other hosts", req.nqn, first.hosts));
-        }
-        match &req.listen {
-            None => listen = first.listen.clone(),
-            Some(l) if parse_addr("listen address", l)? != parse_addr("listen address", &first.listen)? => {
-                return conflict(format!("subsystem {} listens on {}, not {l}", req.nqn, first.listen));
-            }
-            Some(_) => {}
-        }
-    }
-    let nsid = match req.nsid {
-        Some(n) if siblings.contains_key(&n) => return conflict(format!("namespace {n} of {} is already exported", req.nqn)),
-        Some(n) => n,
-        None => (1..u32::MAX).find(|n| !siblings.contains_key(n)).ok_or_else(|| CmdError::Conflict("no free namespace id".into()))?,
-    };
-    let rec = ExportRec {
-        nqn: req.nqn.clone(),
-        nsid,
-        hosts,
-        listen,
-        pool: req.pool.clone(),
-        volume: req.volume.clone(),
-        snapshot: req.snapshot.clone(),
-    };
-    let info = export_info(s, &rec)?;
-    s.exports.insert((rec.nqn.clone(), nsid), rec);
-    Ok(Outcome::Export(info))
-}
-
-fn delete_export(s: &mut State, nqn: &str, nsid: u32) -> Result<Outcome, CmdError> {
-    let key = (nqn.to_string(), nsid);
-    let x = s.exports.get(&key).ok_or_else(|| CmdError::NoExport { nqn: nqn.to_string(), nsid })?;
-    let info = export_info(s, x)?;
-    s.exports.remove(&key);
-    Ok(Outcome::Export(info))
 }
 
 #[cfg(test)]

@@ -60,11 +60,8 @@ pub(super) fn delete_snapshot(s: &mut State, pool: &str, volume: &str, name: &st
     if !clones.is_empty() {
         return conflict(format!("snapshot {pool}/{volume}@{name} has clones: {} (delete or flatten them first)", clones.join(", ")));
     }
-    if let Some(x) = s.snapshot_export(pool, volume, name) {
-        return conflict(format!(
-            "snapshot {pool}/{volume}@{name} is exported (namespace {} of {}): delete the export first",
-            x.nsid, x.nqn
-        ));
+    if let Some(how) = s.served_as(pool, volume, Some(name)) {
+        return conflict(format!("snapshot {pool}/{volume}@{name} is exported ({how}): delete the export first"));
     }
     let v = get_volume_mut(s, pool, volume)?;
     v.snapshots.retain(|x| x.name != name);
@@ -125,11 +122,8 @@ pub(super) fn flatten(s: &mut State, pool: &str, volume: &str, done: bool) -> Re
                 names.join(", ")
             ));
         }
-        if let Some(x) = s.export_of(pool, volume) {
-            return conflict(format!(
-                "volume {pool}/{volume} is exported (namespace {} of {}): flatten it while it is not exported",
-                x.nsid, x.nqn
-            ));
+        if let Some(how) = s.served_as(pool, volume, None) {
+            return conflict(format!("volume {pool}/{volume} is exported ({how}): flatten it while it is not exported"));
         }
     } else if !v.flattening {
         return conflict(format!("volume {pool}/{volume}: no flatten was started"));
@@ -149,20 +143,18 @@ pub(super) fn rollback(s: &mut State, pool: &str, volume: &str, snapshot: &str, 
     let v = get_volume(s, pool, volume)?;
     let snap = get_snapshot(v, snapshot)?.clone();
     if !force {
-        if let Some(x) = s.export_of(pool, volume) {
+        if let Some(how) = s.served_as(pool, volume, None) {
             return conflict(format!(
-                "volume {pool}/{volume} is exported (namespace {} of {}): its hosts would keep what they cached; remove the export or force it",
-                x.nsid, x.nqn
+                "volume {pool}/{volume} is exported ({how}): its hosts would keep what they cached; remove the export or force it"
             ));
         }
     }
     if v.flattening {
         return conflict(format!("volume {pool}/{volume} is being flattened"));
     }
-    if let Some(x) = s.export_of(pool, volume).filter(|_| snap.size != v.size) {
+    if let Some(how) = s.served_as(pool, volume, None).filter(|_| snap.size != v.size) {
         return conflict(format!(
-            "volume {pool}/{volume} was resized since {snapshot} and is exported (namespace {} of {}): a namespace cannot change size under its hosts; remove the export first",
-            x.nsid, x.nqn
+            "volume {pool}/{volume} was resized since {snapshot} and is exported ({how}): a disk cannot change size under its hosts; remove the export first"
         ));
     }
     if v.rollbacks.last().is_some_and(|r| r.at >= env.epoch_now) || snap.epoch >= env.epoch_now {

@@ -11,6 +11,7 @@
 //! | `pool/<name>` | [`PoolRec`] (with its pool map) |
 //! | `volume/<pool>/<name>` | [`VolumeRec`] |
 //! | `export/<nqn>/<nsid, 10 digits>` | [`ExportRec`] |
+//! | `vhost/<socket path>` | [`VhostExportRec`] |
 //! | `meta/next_pool_id` | the next pool id (`u32`) |
 
 use std::collections::BTreeMap;
@@ -183,6 +184,26 @@ pub struct ExportRec {
     pub snapshot: Option<String>,
 }
 
+/// A vhost-user-blk export: one volume (or snapshot) as a VM disk on a UNIX socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostExportRec {
+    /// Absolute socket path.
+    pub socket: String,
+    /// Listen address of the `tessera-nvmf` that serves it.
+    pub target: String,
+    /// Request queues.
+    pub queues: u16,
+    /// Offered read-only.
+    pub read_only: bool,
+    /// Pool name.
+    pub pool: String,
+    /// Volume name.
+    pub volume: String,
+    /// The snapshot of the volume served instead of the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
 /// Everything the service knows, as of one store version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct State {
@@ -194,13 +215,22 @@ pub struct State {
     pub volumes: BTreeMap<(String, String), VolumeRec>,
     /// Exports by (nqn, nsid).
     pub exports: BTreeMap<(String, u32), ExportRec>,
+    /// vhost-user-blk exports by socket path.
+    pub vhost_exports: BTreeMap<String, VhostExportRec>,
     /// Id of the next pool (ids are never reused).
     pub next_pool_id: u32,
 }
 
 impl Default for State {
     fn default() -> Self {
-        State { engines: BTreeMap::new(), pools: BTreeMap::new(), volumes: BTreeMap::new(), exports: BTreeMap::new(), next_pool_id: 1 }
+        State {
+            engines: BTreeMap::new(),
+            pools: BTreeMap::new(),
+            volumes: BTreeMap::new(),
+            exports: BTreeMap::new(),
+            vhost_exports: BTreeMap::new(),
+            next_pool_id: 1,
+        }
     }
 }
 
@@ -236,6 +266,11 @@ pub fn export_key(nqn: &str, nsid: u32) -> String {
     format!("export/{nqn}/{nsid:010}")
 }
 
+/// Key of a vhost-user-blk export record.
+pub fn vhost_key(socket: &str) -> String {
+    format!("vhost/{socket}")
+}
+
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
     // Serialising these plain structs (string keys, no maps with non-string keys) cannot fail.
     serde_json::to_vec(v).unwrap_or_default()
@@ -257,6 +292,9 @@ impl State {
         }
         for x in self.exports.values() {
             kv.insert(export_key(&x.nqn, x.nsid), json(x));
+        }
+        for x in self.vhost_exports.values() {
+            kv.insert(vhost_key(&x.socket), json(x));
         }
         kv
     }
@@ -300,6 +338,10 @@ impl State {
                 let x: ExportRec = parse(key, value)?;
                 misplaced(export_key(&x.nqn, x.nsid))?;
                 s.exports.insert((x.nqn.clone(), x.nsid), x);
+            } else if key.starts_with("vhost/") {
+                let x: VhostExportRec = parse(key, value)?;
+                misplaced(vhost_key(&x.socket))?;
+                s.vhost_exports.insert(x.socket.clone(), x);
             } else {
                 return Err(DecodeError { key: key.to_string(), detail: "unknown key".into() });
             }
@@ -326,6 +368,11 @@ impl State {
                 return broken(export_key(&x.nqn, x.nsid), "export of an unknown volume".into());
             }
         }
+        for x in s.vhost_exports.values() {
+            if !s.volumes.contains_key(&(x.pool.clone(), x.volume.clone())) {
+                return broken(vhost_key(&x.socket), "export of an unknown volume".into());
+            }
+        }
         Ok(s)
     }
 
@@ -342,6 +389,23 @@ impl State {
     /// The export of a volume's snapshot `snapshot`, if any.
     pub fn snapshot_export(&self, pool: &str, volume: &str, snapshot: &str) -> Option<&ExportRec> {
         self.exports.values().find(|x| x.pool == pool && x.volume == volume && x.snapshot.as_deref() == Some(snapshot))
+    }
+
+    /// The vhost-user-blk export of a volume itself (`snapshot` None) or of one of its snapshots.
+    pub fn vhost_export_of(&self, pool: &str, volume: &str, snapshot: Option<&str>) -> Option<&VhostExportRec> {
+        self.vhost_exports.values().find(|x| x.pool == pool && x.volume == volume && x.snapshot.as_deref() == snapshot)
+    }
+
+    /// How a volume itself (`snapshot` None) or one of its snapshots is served, for messages:
+    /// `namespace N of NQN`, `the vhost-user-blk disk on PATH`, or both; None if it is not.
+    pub fn served_as(&self, pool: &str, volume: &str, snapshot: Option<&str>) -> Option<String> {
+        let nvme = match snapshot {
+            Some(snap) => self.snapshot_export(pool, volume, snap),
+            None => self.export_of(pool, volume),
+        };
+        let mut ways: Vec<String> = nvme.map(|x| format!("namespace {} of {}", x.nsid, x.nqn)).into_iter().collect();
+        ways.extend(self.vhost_export_of(pool, volume, snapshot).map(|x| format!("the vhost-user-blk disk on {}", x.socket)));
+        (!ways.is_empty()).then(|| ways.join(" and "))
     }
 }
 
@@ -446,6 +510,18 @@ pub(crate) mod tests {
                 snapshot: None,
             },
         );
+        s.vhost_exports.insert(
+            "/run/vm/v.sock".into(),
+            VhostExportRec {
+                socket: "/run/vm/v.sock".into(),
+                target: "127.0.0.1:4420".into(),
+                queues: 2,
+                read_only: true,
+                pool: "p".into(),
+                volume: "v".into(),
+                snapshot: Some("s1".into()),
+            },
+        );
         s
     }
 
@@ -457,8 +533,9 @@ pub(crate) mod tests {
     fn kv_round_trip() {
         let s = sample();
         let kv = s.to_kv();
-        assert_eq!(kv.len(), 1 + 2 + 1 + 1 + 1);
+        assert_eq!(kv.len(), 1 + 2 + 1 + 1 + 1 + 1);
         assert!(kv.contains_key("engine/0000000001"));
+        assert!(kv.contains_key("vhost//run/vm/v.sock"));
         assert!(kv.contains_key("export/nqn.2026-01.io.x:a/0000000001"));
         assert_eq!(decode(&kv).unwrap(), s);
         assert_eq!(decode(&State::default().to_kv()).unwrap(), State::default());
@@ -484,6 +561,11 @@ pub(crate) mod tests {
         let mut dangling = kv.clone();
         dangling.remove("volume/p/v");
         assert!(decode(&dangling).unwrap_err().detail.contains("unknown volume"));
+        let mut dangling = kv.clone();
+        dangling.remove("volume/p/v");
+        dangling.retain(|k, _| !k.starts_with("export/"));
+        let e = decode(&dangling).unwrap_err();
+        assert_eq!((e.key.as_str(), e.detail.as_str()), ("vhost//run/vm/v.sock", "export of an unknown volume"));
 
         let mut no_engine = kv.clone();
         no_engine.remove("engine/0000000000");
@@ -507,6 +589,9 @@ pub(crate) mod tests {
         assert_eq!(s.pool_volumes("q").count(), 0);
         assert!(s.export_of("p", "v").is_some());
         assert!(s.export_of("p2", "v").is_none());
+        assert_eq!(s.served_as("p", "v", None).as_deref(), Some("namespace 1 of nqn.2026-01.io.x:a"));
+        assert_eq!(s.served_as("p", "v", Some("s1")).as_deref(), Some("the vhost-user-blk disk on /run/vm/v.sock"));
+        assert_eq!(s.served_as("p2", "v", None), None);
     }
 
     #[test]

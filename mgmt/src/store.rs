@@ -253,6 +253,7 @@ mod tests {
         // Deletions and updates both land.
         let mut s2 = s1.clone();
         s2.exports.clear();
+        s2.vhost_exports.clear();
         s2.volumes.clear();
         s2.engines.get_mut(&0).unwrap().address = "127.0.0.1:1".into();
         assert_eq!(store.commit(1, &s2).unwrap(), 2);

@@ -45,14 +45,6 @@ struct Args {
     /// Worker threads for the async runtime (default: one per CPU).
     #[arg(long)]
     threads: Option<usize>,
-    /// Also serve a volume of the management service (or a snapshot of it, read-only) to a VM
-    /// as a vhost-user-blk disk on a UNIX socket: SOCKET=POOL/VOLUME[@SNAPSHOT] (repeatable;
-    /// needs --mgmt).
-    #[arg(long, value_name = "SOCKET=POOL/VOLUME")]
-    vhost_blk: Vec<tessera_nvmf::vhost::VhostExport>,
-    /// Request queues of each vhost-user-blk disk (the guest uses up to one per vCPU).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    vhost_queues: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,8 +55,6 @@ enum RunError {
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
-    #[error("--vhost-blk serves volumes of the management service: give --mgmt too")]
-    VhostWithoutMgmt,
 }
 
 fn main() -> ExitCode {
@@ -99,14 +89,10 @@ fn run(args: Args) -> Result<(), RunError> {
         rt.worker_threads(n.max(1));
     }
     let rt = rt.build().map_err(RunError::Runtime)?;
-    if !args.vhost_blk.is_empty() && cfg.mgmt.is_none() {
-        return Err(RunError::VhostWithoutMgmt);
-    }
-    let vhost = args.vhost_blk.into_iter().map(|v| tessera_nvmf::vhost::VhostExport { queues: args.vhost_queues, ..v }).collect();
-    rt.block_on(serve(cfg, args.config, vhost))
+    rt.block_on(serve(cfg, args.config))
 }
 
-async fn serve(mut cfg: Config, path: Option<PathBuf>, vhost: Vec<tessera_nvmf::vhost::VhostExport>) -> Result<(), RunError> {
+async fn serve(mut cfg: Config, path: Option<PathBuf>) -> Result<(), RunError> {
     // Bind first: the target (discovery log, which exports are ours) needs the real addresses
     // when a port was 0.
     let mut listeners = Vec::new();
@@ -132,9 +118,6 @@ async fn serve(mut cfg: Config, path: Option<PathBuf>, vhost: Vec<tessera_nvmf::
         poke = Some(manager.poke_handle());
         info!(mgmt = %m.address, "managed mode: serving the management service's exports");
         tasks.push(tokio::spawn(manager.run(shutdown.clone())));
-        for v in vhost {
-            tasks.push(tokio::spawn(tessera_nvmf::vhost::run(m.address.clone(), v, shutdown.clone())));
-        }
     }
     let mut hup = signal(SignalKind::hangup()).map_err(RunError::Runtime)?;
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Runtime)?;

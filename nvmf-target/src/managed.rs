@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use tessera_client::volume::{Cluster, Volume};
-use tessera_mgmt_api::{ExportInfo, ExportList, MgmtClient, SnapshotInfo, VolumeInfo};
+use tessera_mgmt_api::{ExportInfo, ExportList, MgmtClient, SnapshotInfo, VhostExportInfo, VolumeInfo};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -36,6 +36,7 @@ use uuid::Uuid;
 
 use crate::config::{check_nqn, DISCOVERY_NQN, MAX_NSID};
 use crate::target::{HostAccess, NamespaceSpec, Origin, SubsystemSpec, Target};
+use crate::vhost::VhostSet;
 
 /// How long one long poll waits for a change.
 pub const LONG_POLL: Duration = Duration::from_secs(30);
@@ -174,6 +175,8 @@ pub struct Manager {
     volumes: HashMap<(Uuid, Option<u64>), (Exported, Volume)>,
     /// Skipped-export messages last logged (logged again only when they change).
     skipped: Vec<String>,
+    /// The vhost-user-blk exports served.
+    vhost: VhostSet,
     poke: Arc<Notify>,
 }
 
@@ -182,7 +185,15 @@ impl Manager {
     pub fn new(target: Arc<Target>, addr: &str) -> Manager {
         let mgmt = MgmtClient::new(addr);
         let cluster = Cluster::new(mgmt.clone());
-        Manager { target, mgmt, cluster, volumes: HashMap::new(), skipped: Vec::new(), poke: Arc::new(Notify::new()) }
+        Manager {
+            target,
+            mgmt,
+            cluster,
+            volumes: HashMap::new(),
+            skipped: Vec::new(),
+            vhost: VhostSet::default(),
+            poke: Arc::new(Notify::new()),
+        }
     }
 
     /// Notifying it makes the manager ask the service again at once (SIGHUP).
@@ -190,9 +201,10 @@ impl Manager {
         self.poke.clone()
     }
 
-    /// Opens what `plan` needs and applies it. Returns whether everything was applied (false:
-    /// some volume could not be opened or the target refused the list; retry later).
-    pub async fn apply(&mut self, version: u64, plan: Plan) -> bool {
+    /// Opens what `plan` and the vhost-user-blk exports `vhost` need and applies them. Returns
+    /// whether everything was applied (false: some volume could not be opened, a socket not
+    /// bound or the target refused the list; retry later).
+    pub async fn apply(&mut self, version: u64, plan: Plan, vhost: &[VhostExportInfo]) -> bool {
         if plan.skipped != self.skipped {
             for s in &plan.skipped {
                 warn!(version, "export not served: {s}");
@@ -206,6 +218,10 @@ impl Manager {
             for (_, x) in &s.namespaces {
                 wanted.insert(x.key(), x.clone());
             }
+        }
+        for x in vhost {
+            let x = Exported { volume: x.volume.clone(), snapshot: x.snapshot.clone() };
+            wanted.insert(x.key(), x);
         }
         // A snapshot's description in the volume (its list of snapshots, its size) changes with
         // the volume's: only its own size and epoch matter to its handle.
@@ -256,6 +272,14 @@ impl Manager {
                 namespaces,
             });
         }
+        let volumes = &self.volumes;
+        let open = |x: &VhostExportInfo| {
+            let key = Exported { volume: x.volume.clone(), snapshot: x.snapshot.clone() }.key();
+            volumes.get(&key).map(|(_, v)| v.clone())
+        };
+        if !self.vhost.apply(vhost, open).await {
+            complete = false;
+        }
         match self.target.apply_exports(&specs) {
             Ok(sum) => {
                 if sum != Default::default() {
@@ -279,7 +303,7 @@ impl Manager {
         let mut after = 0;
         // Ask without waiting first, and after every failure: the answer is the state now.
         let mut ask_now = true;
-        let mut applied: Option<Vec<ExportInfo>> = None;
+        let mut applied: Option<(Vec<ExportInfo>, Vec<VhostExportInfo>)> = None;
         let mut reachable: Option<bool> = None;
         let mut backoff = BACKOFF_MIN;
         let mut retry_apply = false;
@@ -293,7 +317,7 @@ impl Manager {
             };
             let poke = self.poke.clone();
             let r: Result<ExportList, _> = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => break,
                 _ = poke.notified() => {
                     ask_now = true;
                     applied = None;
@@ -309,14 +333,17 @@ impl Manager {
                         reachable = Some(true);
                     }
                     after = list.version;
-                    if applied.as_ref() == Some(&list.exports) {
+                    let now = (list.exports, list.vhost);
+                    if applied.as_ref() == Some(&now) {
                         backoff = BACKOFF_MIN;
                         continue;
                     }
                     let target = self.target.clone();
-                    let p = plan(&list.exports, &target.listen, |nqn| target.origin(nqn) == Some(Origin::Config));
-                    if self.apply(list.version, p).await {
-                        applied = Some(list.exports);
+                    let mut p = plan(&now.0, &target.listen, |nqn| target.origin(nqn) == Some(Origin::Config));
+                    let (vhost, skipped) = crate::vhost::wanted(&now.1, &target.listen);
+                    p.skipped.extend(skipped);
+                    if self.apply(list.version, p, &vhost).await {
+                        applied = Some(now);
                         retry_apply = false;
                         backoff = BACKOFF_MIN;
                     } else {
@@ -332,7 +359,7 @@ impl Manager {
                         reachable = Some(false);
                     }
                     tokio::select! {
-                        _ = shutdown.cancelled() => return,
+                        _ = shutdown.cancelled() => break,
                         _ = poke.notified() => {}
                         _ = tokio::time::sleep(backoff) => {}
                     }
@@ -341,6 +368,8 @@ impl Manager {
                 }
             }
         }
+        // The VMs' sockets go with the process (their guests see the disk stop answering).
+        self.vhost.stop_all().await;
     }
 }
 

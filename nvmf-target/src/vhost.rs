@@ -1,125 +1,172 @@
 //! vhost-user-blk exports of this process: a volume (or a read-only snapshot) of the management
-//! service served to a VM over a UNIX socket (`tessera-nvmf --mgmt ADDR --vhost-blk
-//! SOCKET=POOL/VOLUME[@SNAPSHOT]`), on the same bdev layer as the NVMe/TCP namespaces
-//! (`tessera_bdev::DaosBdev`) and the device of `tessera_vhost_blk`.
+//! service served to a VM over a UNIX socket, on the same bdev layer as the NVMe/TCP namespaces
+//! (`tessera_bdev::DaosBdev`) and the device of `tessera_vhost_blk`: the management service's
+//! vhost exports (`tessera export add --vhost-blk SOCKET`) whose target is this process's listen
+//! address, followed in managed mode ([`VhostSet`], applied by [`crate::managed::Manager`]).
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tessera_bdev::{BlockDevice, DaosBdev};
-use tessera_client::volume::Cluster;
-use tessera_mgmt_api::MgmtClient;
+use tessera_client::volume::Volume;
+use tessera_mgmt_api::{SnapshotInfo, VhostExportInfo, VolumeInfo, VHOST_QUEUES_MAX};
 use tessera_vhost_blk::backend::BlkBackend;
-use tessera_vhost_blk::serve::serve_forever;
-use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tessera_vhost_blk::serve::{ServeError, VhostServer};
+use tracing::{info, warn};
+use uuid::Uuid;
 
-/// One `--vhost-blk` export.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VhostExport {
-    /// The UNIX socket the hypervisor connects to.
-    pub socket: PathBuf,
-    /// Pool.
-    pub pool: String,
-    /// Volume.
-    pub volume: String,
-    /// A snapshot of it, served read-only.
-    pub snapshot: Option<String>,
-    /// Request queues offered (the guest uses up to one per vCPU).
-    pub queues: u16,
-}
+use crate::managed::serves;
 
-impl std::str::FromStr for VhostExport {
-    type Err = String;
-
-    /// `SOCKET=POOL/VOLUME[@SNAPSHOT]` (the pool `default` if it is left out).
-    fn from_str(s: &str) -> Result<VhostExport, String> {
-        let (socket, what) = s.split_once('=').ok_or_else(|| format!("'{s}' is not SOCKET=POOL/VOLUME[@SNAPSHOT]"))?;
-        let (path, snapshot) = match what.split_once('@') {
-            Some((p, snap)) if !snap.is_empty() => (p, Some(snap.to_string())),
-            Some(_) => return Err(format!("'{s}': empty snapshot name")),
-            None => (what, None),
-        };
-        let (pool, volume) = path.split_once('/').unwrap_or(("default", path));
-        if socket.is_empty() || pool.is_empty() || volume.is_empty() || volume.contains('/') {
-            return Err(format!("'{s}' is not SOCKET=POOL/VOLUME[@SNAPSHOT]"));
-        }
-        Ok(VhostExport { socket: socket.into(), pool: pool.into(), volume: volume.into(), snapshot, queues: 4 })
+/// The disk's id (`VIRTIO_BLK_T_GET_ID`): the volume's UUID, or for a snapshot one derived from
+/// it and the snapshot's epoch (the same identity its NVMe namespace has).
+pub fn serial_of(info: &VolumeInfo, snapshot: Option<&SnapshotInfo>) -> String {
+    match snapshot {
+        Some(s) => Uuid::new_v5(&info.uuid, &s.epoch.to_be_bytes()).simple().to_string(),
+        None => info.uuid.simple().to_string(),
     }
 }
 
-/// Serves `export` until `stop`: waits for the volume (retrying every second, saying so once),
-/// opens it and serves the socket on a thread of its own, connection after connection.
-pub async fn run(mgmt_addr: String, export: VhostExport, stop: CancellationToken) {
-    let mgmt = MgmtClient::new(&mgmt_addr);
-    let cluster = Cluster::new(mgmt.clone());
-    let name = format!("{}/{}{}", export.pool, export.volume, export.snapshot.as_ref().map(|s| format!("@{s}")).unwrap_or_default());
-    let mut warned = false;
-    let bdev = loop {
-        let opened = async {
-            let info = mgmt.volume(&export.pool, &export.volume).await.map_err(|e| e.to_string())?;
-            let serial = info.uuid.simple().to_string();
-            let bdev = match &export.snapshot {
-                Some(s) => {
-                    let snap = info.snapshots.iter().find(|x| &x.name == s).ok_or_else(|| format!("no snapshot {s}"))?;
-                    DaosBdev::open_snapshot(&cluster, &info, snap).await
-                }
-                None => DaosBdev::open(&cluster, &info).await,
-            };
-            bdev.map(|b| (b, serial)).map_err(|e| e.to_string())
-        };
-        match opened.await {
-            Ok(b) => break b,
-            Err(e) if !warned => {
-                warn!(volume = %name, socket = %export.socket.display(), "vhost-user-blk export waits for its volume: {e}");
-                warned = true;
-            }
-            Err(_) => {}
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    };
-    let (bdev, serial) = (Arc::new(bdev.0), bdev.1);
-    info!(volume = %name, socket = %export.socket.display(), blocks = bdev.num_blocks(), block_size = bdev.block_size(), queues = export.queues, "vhost-user-blk export ready");
+/// Starts serving `bdev` on `socket` (requests run on the current tokio runtime).
+fn start(socket: &Path, bdev: Arc<DaosBdev>, queues: u16, serial: String, read_only: bool) -> Result<VhostServer, ServeError> {
     let rt = tokio::runtime::Handle::current();
-    let stopped = Arc::new(AtomicBool::new(false));
-    let flag = stopped.clone();
-    let socket = export.socket.clone();
-    let read_only = export.snapshot.is_some();
-    let thread = std::thread::Builder::new().name("vhost-blk".into()).spawn(move || {
-        let make = || BlkBackend::new(bdev.clone(), export.queues, &serial, read_only, rt.clone());
-        if let Err(e) = serve_forever(&socket, make, || flag.load(Ordering::Acquire)) {
-            error!("{e}");
-        }
-    });
-    if let Err(e) = thread {
-        error!(socket = %export.socket.display(), "cannot start the vhost-user-blk thread: {e}");
-        return;
-    }
-    stop.cancelled().await;
-    // The thread sees it when its connection ends; the process exits meanwhile.
-    stopped.store(true, Ordering::Release);
+    VhostServer::start(socket, move || BlkBackend::new(bdev.clone(), queues, &serial, read_only, rt.clone()))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// What a running vhost-user-blk export serves; a change of any of it restarts the export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Served {
+    volume: Uuid,
+    snapshot_epoch: Option<u64>,
+    queues: u16,
+    read_only: bool,
+}
 
-    #[test]
-    fn exports_name_a_socket_and_a_volume() {
-        let e: VhostExport = "/tmp/v.sock=p/vol@s1".parse().unwrap();
-        assert_eq!(
-            (e.socket.to_str(), e.pool.as_str(), e.volume.as_str(), e.snapshot.as_deref()),
-            (Some("/tmp/v.sock"), "p", "vol", Some("s1"))
-        );
-        let e: VhostExport = "/tmp/v.sock=vol".parse().unwrap();
-        assert_eq!((e.pool.as_str(), e.snapshot), ("default", None));
-        for bad in ["/tmp/v.sock", "=p/v", "/s=p/", "/s=/v", "/s=p/v@", "/s=a/b/c"] {
-            assert!(bad.parse::<VhostExport>().is_err(), "{bad}");
+impl Served {
+    fn of(x: &VhostExportInfo) -> Served {
+        Served { volume: x.volume.uuid, snapshot_epoch: x.snapshot.as_ref().map(|s| s.epoch), queues: x.queues, read_only: x.read_only }
+    }
+}
+
+#[derive(Debug)]
+struct Running {
+    served: Served,
+    bdev: Arc<DaosBdev>,
+    server: VhostServer,
+}
+
+/// The management service's vhost-user-blk exports this process serves, by socket: the
+/// managed-mode counterpart of the NVMe subsystems (see [`crate::managed`]).
+#[derive(Debug, Default)]
+pub struct VhostSet {
+    running: BTreeMap<String, Running>,
+}
+
+/// The exports of `list` a target listening on `listen` serves, and the ones it cannot serve
+/// with why (one line each).
+pub fn wanted(list: &[VhostExportInfo], listen: &[SocketAddr]) -> (Vec<VhostExportInfo>, Vec<String>) {
+    let (mut ok, mut skipped) = (Vec::new(), Vec::new());
+    for x in list.iter().filter(|x| serves(listen, &x.target)) {
+        let v = &x.volume;
+        let size = x.snapshot.as_ref().map_or(v.size, |s| s.size);
+        let why = if !x.socket.starts_with('/') {
+            Some("the socket path is not absolute".to_string())
+        } else if !(1..=VHOST_QUEUES_MAX).contains(&x.queues) {
+            Some(format!("{} queues (1 to {VHOST_QUEUES_MAX})", x.queues))
+        } else if v.block_size != 512 && v.block_size != 4096 {
+            Some(format!("volume block size {} must be 512 or 4096", v.block_size))
+        } else if size == 0 || !size.is_multiple_of(u64::from(v.block_size)) {
+            Some(format!("volume size {size} is not a positive multiple of its block size"))
+        } else {
+            None
+        };
+        match why {
+            Some(why) => skipped.push(format!("vhost-user-blk export on {} (volume {}/{}): {why}", x.socket, v.pool, v.name)),
+            None => ok.push(x.clone()),
         }
+    }
+    (ok, skipped)
+}
+
+impl VhostSet {
+    /// How many exports are being served.
+    pub fn len(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// Serves exactly `wanted`: stops the exports no longer wanted or changed, hands a grown
+    /// volume's new handle to its running export, and starts the new ones with the volume handle
+    /// `open(export)` gives (None: not open yet). Returns whether all of them are served.
+    pub async fn apply(&mut self, wanted: &[VhostExportInfo], open: impl Fn(&VhostExportInfo) -> Option<Volume>) -> bool {
+        let mut complete = true;
+        let keep: BTreeMap<&str, &VhostExportInfo> = wanted.iter().map(|x| (x.socket.as_str(), x)).collect();
+        let gone: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(sock, r)| keep.get(sock.as_str()).is_none_or(|x| Served::of(x) != r.served))
+            .map(|(s, _)| s.clone())
+            .collect();
+        for sock in gone {
+            if let Some(r) = self.running.remove(&sock) {
+                info!(socket = %sock, "vhost-user-blk export removed");
+                let _ = tokio::task::spawn_blocking(move || r.server.stop()).await;
+            }
+        }
+        for x in wanted {
+            let Some(vol) = open(x) else {
+                complete = false;
+                continue;
+            };
+            if let Some(r) = self.running.get(&x.socket) {
+                // Same export; a grown volume comes with a new handle of the new size.
+                if vol.info().size != r.bdev.info().size {
+                    match r.bdev.set_volume(vol) {
+                        Ok(()) => {
+                            info!(socket = %x.socket, blocks = r.bdev.num_blocks(), "vhost-user-blk disk grown (the guest sees it when it reconnects)")
+                        }
+                        Err(e) => warn!(socket = %x.socket, "vhost-user-blk disk keeps its size: {e}"),
+                    }
+                }
+                continue;
+            }
+            let bdev = match DaosBdev::new(vol) {
+                Ok(b) => Arc::new(b),
+                Err(e) => {
+                    warn!(socket = %x.socket, "vhost-user-blk export not served: {e}");
+                    complete = false;
+                    continue;
+                }
+            };
+            let serial = serial_of(&x.volume, x.snapshot.as_ref());
+            match start(Path::new(&x.socket), bdev.clone(), x.queues, serial, x.read_only) {
+                Ok(server) => {
+                    let snap = x.snapshot.as_ref().map(|s| format!("@{}", s.name)).unwrap_or_default();
+                    info!(socket = %x.socket, volume = %format!("{}/{}{snap}", x.volume.pool, x.volume.name), queues = x.queues, read_only = x.read_only, "vhost-user-blk export ready");
+                    self.running.insert(x.socket.clone(), Running { served: Served::of(x), bdev, server });
+                }
+                Err(e) => {
+                    warn!("vhost-user-blk export not served, will retry: {e}");
+                    complete = false;
+                }
+            }
+        }
+        complete
+    }
+
+    /// Stops every export (their sockets are removed).
+    pub async fn stop_all(&mut self) {
+        let all = std::mem::take(&mut self.running);
+        let _ = tokio::task::spawn_blocking(move || {
+            for (_, r) in all {
+                r.server.stop();
+            }
+        })
+        .await;
     }
 }

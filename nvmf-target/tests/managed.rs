@@ -12,7 +12,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{cpu_ticks, HostConn};
+use common::{cpu_ticks, managed_system, HostConn};
 use tessera_mgmt_api::{CreateExport, CreatePool, CreateVolume, MgmtClient, VolumeInfo};
 use tessera_nvme_proto::identify::ns_off;
 use tessera_nvme_proto::log::disc_off;
@@ -144,27 +144,6 @@ async fn create_volume(mgmt: &MgmtClient, name: &str, size: u64) -> VolumeInfo {
 
 fn log_text(d: &Daemon) -> String {
     std::fs::read_to_string(&d.log).unwrap_or_default()
-}
-
-/// A local cluster (`engines` × `targets` of `capacity`, heartbeat timeout `hb_timeout`) and a
-/// managed `tessera-nvmf` following it: (cluster, target, its address, a runtime, a client).
-fn managed_system(
-    name: &str,
-    targets: u16,
-    capacity: &str,
-    hb_timeout: &str,
-) -> (LocalCluster, Daemon, SocketAddr, tokio::runtime::Runtime, MgmtClient) {
-    let cluster = LocalCluster::start(name, 3, targets, capacity, hb_timeout);
-    let nvmf = Daemon::start(
-        "tessera-nvmf",
-        &["--mgmt", &cluster.mgmt.addr, "--listen", "127.0.0.1:0", "--threads", "2"],
-        "listening",
-        &cluster.dir.join("nvmf.log"),
-    );
-    let addr: SocketAddr = nvmf.addr.parse().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let mgmt = cluster.client();
-    (cluster, nvmf, addr, rt, mgmt)
 }
 
 #[test]

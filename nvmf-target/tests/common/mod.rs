@@ -379,3 +379,24 @@ pub fn rss_kib(pid: u32) -> u64 {
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
+
+/// A local cluster (`engines` × `targets` of `capacity`, heartbeat timeout `hb_timeout`) and a
+/// managed `tessera-nvmf` following it: (cluster, target, its address, a runtime, a client).
+pub fn managed_system(
+    name: &str,
+    targets: u16,
+    capacity: &str,
+    hb_timeout: &str,
+) -> (tessera_testkit::LocalCluster, tessera_testkit::Daemon, SocketAddr, tokio::runtime::Runtime, tessera_mgmt_api::MgmtClient) {
+    let cluster = tessera_testkit::LocalCluster::start(name, 3, targets, capacity, hb_timeout);
+    let nvmf = tessera_testkit::Daemon::start(
+        "tessera-nvmf",
+        &["--mgmt", &cluster.mgmt.addr, "--listen", "127.0.0.1:0", "--threads", "2"],
+        "listening",
+        &cluster.dir.join("nvmf.log"),
+    );
+    let addr: SocketAddr = nvmf.addr.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mgmt = cluster.client();
+    (cluster, nvmf, addr, rt, mgmt)
+}
