@@ -19,6 +19,8 @@ median of several runs, with the commands used.
                                              # --stack-results target/bench-stack/results.json re-renders it
     python3 scripts/bench.py --kernel-only   # only the same-guest comparison with the kernel target, from
                                              # what `python3 tests/nvme-cli/run.py --kernel-compare` wrote
+    python3 scripts/bench.py --vhost-only    # only the vhost-user-blk / NVMe/TCP comparison in one guest, from
+                                             # what `python3 tests/nvme-cli/vhost_compare.py` wrote
     python3 scripts/bench.py --one-core SPDK_DIR   # only the one-core comparison with SPDK's nvmf_tgt, both
                                              # driven by spdk_nvme_perf (~2 minutes; SPDK built by hand)
 
@@ -1439,6 +1441,19 @@ def kernel_section():
                     "target/nvme-cli-logs/kernel-compare.md, which is included here when it exists.", ""]
 
 
+VHOST_SECTION = "## VM disk: vhost-user-blk against NVMe/TCP in one guest"
+
+
+def vhost_section():
+    """vhost-user-blk against NVMe/TCP, from what `tests/nvme-cli/vhost_compare.py` wrote."""
+    path = os.path.join(ROOT, "target", "nvme-cli-logs", "vhost-compare.md")
+    lines = [VHOST_SECTION, ""]
+    if os.path.exists(path):
+        return lines + [open(path).read().strip(), ""]
+    return lines + ["Not measured in this run: `python3 tests/nvme-cli/vhost_compare.py` writes "
+                    "target/nvme-cli-logs/vhost-compare.md, which is included here when it exists.", ""]
+
+
 def write_section(path, section_lines, heading, after=None, what="a section"):
     """Splices one section into the page at `path` (a new page if there is none) and says so."""
     page = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
@@ -1494,7 +1509,13 @@ def main():
     ap.add_argument("--kernel-only", action="store_true",
                     help="only the same-guest comparison with the kernel target, from target/nvme-cli-logs/kernel-compare.md "
                          "(which `python3 tests/nvme-cli/run.py --kernel-compare` writes)")
+    ap.add_argument("--vhost-only", action="store_true",
+                    help="only the vhost-user-blk comparison, from target/nvme-cli-logs/vhost-compare.md "
+                         "(which `python3 tests/nvme-cli/vhost_compare.py` writes)")
     a = ap.parse_args()
+    if a.vhost_only:
+        write_section(a.out, vhost_section(), VHOST_SECTION, after=KERNEL_SECTION, what="the vhost-user-blk section")
+        return 0
     if a.kernel_only:
         write_section(a.out, kernel_section(), KERNEL_SECTION, what="the kernel comparison section")
         return 0
@@ -1680,6 +1701,7 @@ def main():
     lines += heal_section(heal_measure(a.heal_runs, a.heal_io_time)) if a.heal_too else existing_section(a.out, HEAL_SECTION)
     lines += stack_section(stack_measure(a.stack_runs, a.stack_time)) if a.stack_too else existing_section(a.out, STACK_SECTION)
     lines += kernel_section()
+    lines += vhost_section()
     with open(a.out, "w") as f:
         f.write("\n".join(lines))
     print(f"wrote {a.out}")

@@ -973,19 +973,29 @@ class TesseraCluster(TargetLog):
 
     def rollback(self, snapshot):
         """Rolls the exported volume back to `snapshot` the way an operator does without
-        --force: its export is removed, the volume rolled back, the export added again."""
+        --force: its exports are removed (the NVMe namespace, and the vhost-user-blk disk: its
+        socket goes and the guest's disk waits for QEMU to reconnect), the volume rolled back,
+        the exports added again."""
         v = self.volume
-        xs = [x for x in self.tessera("export", "list")["exports"] if x["nqn"] == self.nqn and "snapshot" not in x]
+        listed = self.tessera("export", "list")
+        xs = [x for x in listed["exports"] if x["nqn"] == self.nqn and "snapshot" not in x]
         if len(xs) != 1:
             raise TargetError(f"{len(xs)} exports of {self.nqn}")
         x = xs[0]
+        vx = [y for y in listed.get("vhost", []) if y["volume"]["uuid"] == v["uuid"] and "snapshot" not in y]
         self.tessera("export", "remove", "--nqn", self.nqn, "--nsid", str(x["nsid"]))
+        for y in vx:
+            self.tessera("export", "remove", "--vhost-blk", y["socket"])
         t0 = time.time()
         r = self.tessera("volume", "rollback", f"{v['pool']}/{v['name']}@{snapshot}", timeout=60)
         took = time.time() - t0
         self.tessera("export", "add", "--nqn", self.nqn, "--nsid", str(x["nsid"]), "--volume", v["name"], "--pool", v["pool"],
                      "--listen", x["listen"])
-        msg = f"volume {v['name']} rolled back to {snapshot} at epoch {r['rollbacks'][-1]['at']} in {took:.1f}s and exported again"
+        for y in vx:
+            self.tessera("export", "add", "--vhost-blk", y["socket"], "--volume", v["name"], "--pool", v["pool"],
+                         "--queues", str(y["queues"]), "--target", y["target"])
+        disks = "".join(f" (and as the vhost-user-blk disk on {y['socket']})" for y in vx)
+        msg = f"volume {v['name']} rolled back to {snapshot} at epoch {r['rollbacks'][-1]['at']} in {took:.1f}s and exported again{disks}"
         self.annotate(msg)
         return msg
 

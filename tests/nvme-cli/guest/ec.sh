@@ -15,6 +15,8 @@
 #   ec-snapshot 200 .. 208 MiB pattern A, a snapshot exported read-only, then pattern B; a clone
 #                              of the snapshot gets pattern C; a rollback brings A back
 #   224 MiB .. 228 MiB         never written: a --verify_only there must fail (control)
+#   vhost-kill 128 .. 160 MiB written through /dev/vda while engine $VHOST_KILL_RANK is killed (engine
+#                              $EC_KILL_RANK restarted and reintegrated first), then verified
 #   vhost-*     232 .. 248 MiB written and verified through /dev/vda (vhost-user-blk), then
 #                              verified again over NVMe/TCP; 248 .. 250 MiB discard / write zeroes;
 #                              252 .. 256 MiB written after the backend was killed and restarted (last)
@@ -28,6 +30,8 @@ DEGR_ARGS="--offset=160m --size=24m"
 KILL_AFTER_MIB=8        # the kill is requested once this much of ec-kill has been written
 
 VHOST_ARGS="--offset=232m --size=16m"
+VKILL_ARGS="--offset=128m --size=32m"
+VHOST_KILL_RANK=2
 
 # ------------------------------------------------------------------ cases
 case_ec_discover() {
@@ -206,6 +210,13 @@ case_ec_clone_rollback() {
     d="$(ec_dev)"
     read_range "$d" 200 8 /tmp/liveA.got
     cmp -s /tmp/snapA /tmp/liveA.got || { fail "after the rollback the volume does not read pattern A"; return 1; }
+    # the vhost-user-blk disk's export was removed and added again around the rollback: QEMU
+    # reconnected by itself and the guest's /dev/vda reads the rolled-back volume too
+    if [ -b /dev/vda ]; then
+        read_range vda 200 8 /tmp/vdaA.got
+        cmp -s /tmp/snapA /tmp/vdaA.got || { fail "after the rollback /dev/vda does not read pattern A"; return 1; }
+        echo "/dev/vda reads pattern A after its export came back"
+    fi
     ec_reverify ec-base 32 $BASE_ARGS || return 1
     disconnect "$EC_NQN" || return 1
 }
@@ -230,6 +241,40 @@ case_vhost_fio_verify() {
     must "fio verify-only over vhost-user-blk" sh -c "fio --name=vhost --filename=/dev/vda $EC_FIO $VHOST_ARGS --verify_only > /tmp/fio-vhost-v.out 2>&1" \
         || { tail -20 /tmp/fio-vhost-v.out; return 1; }
     grep -E 'WRITE:|READ:' /tmp/fio-vhost.out /tmp/fio-vhost-v.out
+}
+
+case_vhost_engine_killed() {
+    # Engine $EC_KILL_RANK (killed earlier) comes back first, so that the pool can lose another.
+    [ -b /dev/vda ] || { fail "no /dev/vda"; return 1; }
+    request restart-engine "$EC_KILL_RANK" 60 || return 1
+    request expect-engine-reintegrated "$EC_KILL_RANK" 120 || return 1
+    w0="$(stat_field vda 7)"; r0="$(stat_field vda 3)"
+    echo "\$ fio --name=vhost-kill --filename=/dev/vda $EC_FIO $VKILL_ARGS --do_verify=1 &"
+    timeout 600 fio --name=vhost-kill --filename=/dev/vda $EC_FIO $VKILL_ARGS --do_verify=1 > /tmp/fio-vhost-kill.out 2>&1 &
+    pid=$!
+    i=0
+    while :; do
+        w=$(( ($(stat_field vda 7) - w0) / 2048 ))
+        [ "$w" -ge "$KILL_AFTER_MIB" ] && break
+        kill -0 "$pid" 2>/dev/null || { cat /tmp/fio-vhost-kill.out; fail "fio ended before ${KILL_AFTER_MIB} MiB were written"; return 1; }
+        [ $i -lt 1200 ] || { kill "$pid"; fail "fio wrote only $w MiB in 120s"; return 1; }
+        sleep 0.1; i=$((i + 1))
+    done
+    request kill-engine "$VHOST_KILL_RANK" || { kill "$pid"; return 1; }
+    wk=$(( ($(stat_field vda 7) - w0) / 2048 )); rk=$(( $(stat_field vda 3) - r0 ))
+    running=no; kill -0 "$pid" 2>/dev/null && running=yes
+    wait "$pid"; st=$?
+    wf=$(( ($(stat_field vda 7) - w0) / 2048 )); rf=$(( ($(stat_field vda 3) - r0) / 2048 ))
+    echo "vhost-kill: engine $VHOST_KILL_RANK killed with $wk MiB of 32 written (fio running: $running); fio exit $st, $wf MiB written, $rf MiB read back"
+    fio_check vhost-kill "$st" /tmp/fio-vhost-kill.out || return 1
+    [ "$running" = yes ] && [ "$rk" = 0 ] || { fail "the kill did not land in fio's write phase (fio running: $running, $rk sectors read before)"; return 1; }
+    [ $(( wf - wk )) -ge 8 ] || { fail "only $(( wf - wk )) MiB written after the kill"; return 1; }
+    [ "$rf" -ge 32 ] || { fail "verify phase read only $rf MiB of 32"; return 1; }
+    request expect-engine-down "$VHOST_KILL_RANK" 30 || return 1
+    request expect-engine-rebuilt "$VHOST_KILL_RANK" 45 || return 1
+    # once more from what the rebuild wrote
+    must "fio verify-only over vhost-user-blk after the rebuild" sh -c "fio --name=vhost-kill --filename=/dev/vda $EC_FIO $VKILL_ARGS --verify_only > /tmp/fio-vhost-kill-v.out 2>&1" \
+        || { tail -20 /tmp/fio-vhost-kill-v.out; return 1; }
 }
 
 case_vhost_discard_zeroes() {
@@ -278,6 +323,7 @@ run_case ec-degraded-write      case_ec_degraded_write
 run_case ec-reconnect-reverify  case_ec_reconnect_reverify
 run_case vhost-disk             case_vhost_disk
 run_case vhost-fio-verify       case_vhost_fio_verify
+run_case vhost-engine-killed    case_vhost_engine_killed
 run_case vhost-discard-zeroes   case_vhost_discard_zeroes
 run_case vhost-idle             case_vhost_idle
 run_case vhost-same-over-nvme   case_vhost_same_over_nvme
