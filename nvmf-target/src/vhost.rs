@@ -124,13 +124,16 @@ impl VhostSet {
                 continue;
             };
             if let Some(r) = self.running.get(&x.socket) {
-                // Same export; a grown volume comes with a new handle of the new size.
-                if vol.info().size != r.bdev.info().size {
+                // Same export. A volume whose description changed (grown, rolled back with
+                // --force) was opened again: later requests use the new handle.
+                if *vol.info() != r.bdev.info() {
+                    let grown = vol.info().size > r.bdev.info().size;
                     match r.bdev.set_volume(vol) {
-                        Ok(()) => {
+                        Ok(()) if grown => {
                             info!(socket = %x.socket, blocks = r.bdev.num_blocks(), "vhost-user-blk disk grown (the guest sees it when it reconnects)")
                         }
-                        Err(e) => warn!(socket = %x.socket, "vhost-user-blk disk keeps its size: {e}"),
+                        Ok(()) => info!(socket = %x.socket, "vhost-user-blk disk switched to the volume's new handle"),
+                        Err(e) => warn!(socket = %x.socket, "vhost-user-blk disk keeps its volume handle: {e}"),
                     }
                 }
                 continue;

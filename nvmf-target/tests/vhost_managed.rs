@@ -3,8 +3,8 @@
 //! protocol side QEMU speaks) on the socket. An export made through the API appears as a bound
 //! socket whose device describes the volume (size, block size, queues, features; a snapshot
 //! read-only); the volume cannot be deleted, shrunk or rolled back while it is served; removing
-//! the export ends the connection and removes the socket; bad requests are refused with the
-//! service's message. Reads and writes through guest memory are the QEMU boot's (`vhost-*` cases
+//! the export ends the connection and removes the socket; a file in the way is left alone; bad
+//! requests are refused with the service's message. Reads and writes through guest memory are the QEMU boot's (`vhost-*` cases
 //! of tests/nvme-cli).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -149,6 +149,18 @@ fn vhost_exports_are_served_refuse_volume_changes_and_go_away() {
     let e = rt.block_on(mgmt.delete_vhost_export(live.to_str().unwrap())).unwrap_err();
     assert!(e.status() == Some(404) && e.to_string().contains("no vhost-user-blk disk is exported on"), "{e}");
     assert!(sfe.get_features().is_ok(), "the snapshot's disk is still served");
+
+    // An export naming a file that is not a socket: the target leaves the file alone, says why
+    // and keeps retrying; the export can be removed.
+    let precious = cluster.dir.join("precious");
+    std::fs::write(&precious, b"keep me").unwrap();
+    rt.block_on(mgmt.create_vhost_export(&export(&precious, "vol0", None, None, &target))).unwrap();
+    wait_for("the target to refuse the file", Duration::from_secs(20), || {
+        let log = std::fs::read_to_string(&nvmf.log).unwrap_or_default();
+        log.contains("not a socket is in the way").then_some(()).ok_or("not yet".to_string())
+    });
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
+    rt.block_on(mgmt.delete_vhost_export(precious.to_str().unwrap())).unwrap();
 
     // A stopped target takes its sockets with it.
     drop(sfe);

@@ -9,6 +9,7 @@
 //! or wakes the thread waiting in `accept` by connecting to the socket itself, then removes the
 //! socket file.
 
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,15 +68,18 @@ impl std::fmt::Debug for VhostServer {
 }
 
 impl VhostServer {
-    /// Binds `socket` (replacing a stale socket file) and serves `make()`'s device on it, a new
-    /// one per connection, on a thread of its own.
+    /// Binds `socket` and serves `make()`'s device on it, a new one per connection, on a thread
+    /// of its own. A stale socket file there (of a process that died) is replaced; any other file,
+    /// or a socket another process still serves, is left alone and refused.
     pub fn start<D, F>(socket: &Path, make: F) -> Result<VhostServer, ServeError>
     where
         D: BlockDevice + Send + Sync + 'static,
         F: Fn() -> BlkBackend<D> + Send + 'static,
     {
         let path = socket.display().to_string();
-        let mut listener = Listener::new(socket, true).map_err(|e| ServeError::Listen { path: path.clone(), msg: e.to_string() })?;
+        let refuse = |msg: String| ServeError::Listen { path: path.clone(), msg };
+        claim(socket).map_err(refuse)?;
+        let mut listener = Listener::new(socket, false).map_err(|e| refuse(e.to_string()))?;
         let shared = Arc::new(Shared::default());
         let inner = shared.clone();
         let thread = std::thread::Builder::new()
@@ -120,6 +124,17 @@ impl Drop for VhostServer {
     }
 }
 
+/// Makes `socket` free to bind: nothing there, or a socket nobody answers on (removed).
+fn claim(socket: &Path) -> Result<(), String> {
+    match std::fs::symlink_metadata(socket) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.to_string()),
+        Ok(m) if !m.file_type().is_socket() => Err("a file that is not a socket is in the way (left alone)".into()),
+        Ok(_) if UnixStream::connect(socket).is_ok() => Err("another process serves this socket".into()),
+        Ok(_) => std::fs::remove_file(socket).map_err(|e| format!("cannot remove the stale socket: {e}")),
+    }
+}
+
 /// The serving thread: a daemon per connection until stopped; the listener's drop removes the
 /// socket file.
 fn serve<D: BlockDevice + Send + Sync + 'static>(listener: &mut Listener, path: &str, make: impl Fn() -> BlkBackend<D>, shared: &Shared) {
@@ -161,5 +176,70 @@ fn serve<D: BlockDevice + Send + Sync + 'static>(listener: &mut Listener, path: 
         // write into guest memory once the next one is accepted.
         drop(daemon);
         backend.drain();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+    use tessera_bdev::MallocBdev;
+    use vhost::vhost_user::Frontend;
+    use vhost::VhostBackend;
+
+    fn temp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tessera-vhost-serve-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn server(rt: &tokio::runtime::Runtime, socket: &Path) -> Result<VhostServer, ServeError> {
+        let dev = Arc::new(MallocBdev::new(4096, 256).unwrap());
+        let h = rt.handle().clone();
+        VhostServer::start(socket, move || BlkBackend::new(dev.clone(), 2, "serial", false, h.clone()))
+    }
+
+    #[test]
+    fn a_server_serves_connection_after_connection_and_stops_with_its_socket() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = temp("cycle");
+        let sock = dir.join("d.sock");
+        let s = server(&rt, &sock).unwrap();
+        for _ in 0..2 {
+            let fe = Frontend::connect(&sock, 2).unwrap();
+            assert_ne!(fe.get_features().unwrap() & (1 << crate::config::feature::VERSION_1), 0);
+            drop(fe); // the next connection gets a fresh device
+        }
+        let fe = Frontend::connect(&sock, 2).unwrap();
+        fe.get_features().unwrap();
+        s.stop();
+        assert!(fe.get_features().is_err(), "stopping ends the connection");
+        assert!(!sock.exists(), "and removes the socket");
+        // Stopped while waiting for a connection, too.
+        server(&rt, &sock).unwrap().stop();
+        assert!(!sock.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn only_a_stale_socket_is_replaced() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = temp("claim");
+        let file = dir.join("precious");
+        std::fs::write(&file, b"keep me").unwrap();
+        let e = server(&rt, &file).unwrap_err();
+        assert!(e.to_string().contains("not a socket is in the way"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+
+        let live = dir.join("live.sock");
+        let other = UnixListener::bind(&live).unwrap();
+        let e = server(&rt, &live).unwrap_err();
+        assert!(e.to_string().contains("another process serves"), "{e}");
+        drop(other); // its file stays behind: stale
+        let s = server(&rt, &live).unwrap();
+        Frontend::connect(&live, 2).unwrap().get_features().unwrap();
+        s.stop();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -13,7 +13,10 @@
 die() { echo "@@VC-ERROR $*"; exit 1; }
 
 busy_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
-ios() { awk '{print $1 + $5}' "/sys/block/$1/stat"; }
+# I/Os completed (reads + writes): for the NVMe namespace, summed over its path devices
+# (nvmeXcYnZ; the multipath node does not count); for vda, its own.
+EC_NQN="$NQN"
+ios() { echo $(( $(stat_field "$1" 1) + $(stat_field "$1" 5) )); }
 
 echo "kernel $(uname -r), $(nproc) CPUs, $(grep MemTotal /proc/meminfo)"
 [ -b /dev/vda ] || die "no /dev/vda: the vhost-user-blk disk did not appear"
