@@ -207,9 +207,11 @@ enum ExportCommand {
         /// Host NQN allowed to connect (repeat for several; none = any host).
         #[arg(long = "host")]
         hosts: Vec<String>,
-        /// Address hosts connect to: the target listening there serves it (service default 127.0.0.1:4420).
+        /// Address hosts connect to: the target listening there serves it (service default
+        /// 127.0.0.1:4420). Repeat for several paths through several targets (ANA multipath):
+        /// the first is the optimized path.
         #[arg(long)]
-        listen: Option<String>,
+        listen: Vec<String>,
         /// vhost-user-blk: request queues offered (the guest uses up to one per vCPU; service default 4).
         #[arg(long, conflicts_with = "nqn")]
         queues: Option<u16>,
@@ -585,7 +587,11 @@ pub fn export(addr: &str, a: ExportArgs) -> Result<String, String> {
                     e.target
                 ));
             };
-            let req = CreateExport { nqn, nsid, pool, volume, snapshot, hosts, listen };
+            let (listen, paths) = match listen.split_first() {
+                Some((first, rest)) => (Some(first.clone()), rest.to_vec()),
+                None => (None, Vec::new()),
+            };
+            let req = CreateExport { nqn, nsid, pool, volume, snapshot, hosts, listen, paths };
             let e = block_on(addr, async |c| c.create_export(&req).await)?;
             if a.json {
                 return json(&e);
@@ -597,7 +603,7 @@ pub fn export(addr: &str, a: ExportArgs) -> Result<String, String> {
                 e.snapshot.as_ref().map(|s| format!("@{} (read-only)", s.name)).unwrap_or_default(),
                 e.nqn,
                 e.nsid,
-                e.listen,
+                listen_text(&e.listen, &e.paths),
                 hosts_text(&e.hosts)
             ))
         }
@@ -623,6 +629,15 @@ pub fn export(addr: &str, a: ExportArgs) -> Result<String, String> {
             }
             Ok(format!("removed {} nsid {} ({}/{})\n", e.nqn, e.nsid, e.volume.pool, e.volume.name))
         }
+    }
+}
+
+/// A subsystem's listen address, and its further paths when it has some.
+fn listen_text(listen: &str, paths: &[String]) -> String {
+    if paths.is_empty() {
+        listen.to_string()
+    } else {
+        format!("{listen} (optimized), {}", paths.join(", "))
     }
 }
 
@@ -677,7 +692,7 @@ fn export_table(exports: &[ExportInfo]) -> String {
                 None => format!("{}/{}", e.volume.pool, e.volume.name),
             },
             size_text(e.snapshot.as_ref().map_or(e.volume.size, |s| s.size)),
-            e.listen.clone(),
+            listen_text(&e.listen, &e.paths),
             hosts_text(&e.hosts),
         ]);
     }

@@ -55,6 +55,10 @@ pub struct UpArgs {
     /// Address the NVMe/TCP target listens on.
     #[arg(long, default_value = "127.0.0.1:4420")]
     listen: SocketAddr,
+    /// Another path to the volume: one more NVMe/TCP target, listening here, serves the same
+    /// subsystem (ANA multipath; the target on --listen is the optimized path). Repeatable.
+    #[arg(long = "path", value_name = "ADDR")]
+    paths: Vec<SocketAddr>,
     /// Address the management service listens on.
     #[arg(long, default_value = tessera_mgmt_api::DEFAULT_MGMT_ADDR)]
     mgmt_listen: SocketAddr,
@@ -368,7 +372,8 @@ async fn up(a: UpArgs) -> Result<(), String> {
     if a.class.trim().is_empty() {
         return Err("--class is empty".into());
     }
-    for (flag, addr) in [("--mgmt-listen", a.mgmt_listen), ("--listen", a.listen)] {
+    for (flag, addr) in [("--mgmt-listen", a.mgmt_listen), ("--listen", a.listen)].into_iter().chain(a.paths.iter().map(|p| ("--path", *p)))
+    {
         if addr.port() == 0 {
             return Err(format!("{flag} {addr}: give a port (clients need to know it)"));
         }
@@ -397,6 +402,12 @@ async fn up(a: UpArgs) -> Result<(), String> {
         check_free(&format!("engine {r}"), *addr)?;
     }
     check_free("NVMe/TCP target", a.listen)?;
+    for p in &a.paths {
+        if *p == a.listen || a.paths.iter().filter(|q| *q == p).count() > 1 {
+            return Err(format!("--path {p} is named twice"));
+        }
+        check_free("NVMe/TCP target", *p)?;
+    }
 
     let mut signals = Signals::new()?;
     let mut procs = Procs::new(dir.join("logs"));
@@ -591,6 +602,13 @@ async fn start(
                     e.nqn, e.listen, a.listen
                 ));
             }
+            let paths: Vec<String> = a.paths.iter().map(ToString::to_string).collect();
+            if e.paths != paths {
+                notes.push(format!(
+                    "{} is served on paths {:?} besides {}, not {paths:?}: remove the export to change them",
+                    e.nqn, e.paths, e.listen
+                ));
+            }
             e
         }
         None => client
@@ -602,6 +620,7 @@ async fn start(
                 snapshot: None,
                 hosts: Vec::new(),
                 listen: Some(a.listen.to_string()),
+                paths: a.paths.iter().map(ToString::to_string).collect(),
             })
             .await
             .map_err(|e| format!("exporting {POOL}/{VOLUME} as {}: {}", a.nqn, call(e)))?,
@@ -615,40 +634,13 @@ async fn start(
     // 4. The NVMe/TCP target, serving the exports of the service; ready once a host can
     //    connect to the subsystem and identify the namespace (and the vhost-user-blk socket is
     //    bound).
-    let args = vec!["--mgmt".into(), mgmt_addr.clone(), "--listen".into(), a.listen.to_string()];
-    roles.nvmf.push(procs.spawn("nvmf", &bins.nvmf, &args)?);
-    eprintln!("tessera up: started tessera-nvmf on {}; waiting for it to serve {}", a.listen, export.nqn);
-    let opts = ControllerOptions {
-        addr: reach(a.listen),
-        subnqn: export.nqn.clone(),
-        hostnqn: format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid::Uuid::new_v4()),
-        hostid: *uuid::Uuid::new_v4().as_bytes(),
-        digests: Digests { header: false, data: false },
-        kato_ms: 0,
-        disable_sqflow: false,
-    };
     let deadline = Instant::now() + timeout;
-    loop {
-        procs.check_startup()?;
-        let last = match tokio::time::timeout(Duration::from_secs(5), Controller::connect(opts.clone(), export.nsid)).await {
-            Ok(Ok(ctrl)) => {
-                let bytes = ctrl.geometry.blocks.saturating_mul(u64::from(ctrl.geometry.block_size));
-                if bytes == volume.size {
-                    break;
-                }
-                format!("namespace {} has {bytes} bytes, volume {VOLUME} {}", export.nsid, volume.size)
-            }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "no answer in 5s".to_string(),
-        };
-        if Instant::now() >= deadline {
-            return Err(startup_timeout(
-                procs,
-                &roles.nvmf,
-                &format!("the target does not serve {} nsid {}: {last}", export.nqn, export.nsid),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    for (i, listen) in std::iter::once(a.listen).chain(a.paths.iter().copied()).enumerate() {
+        let args = vec!["--mgmt".into(), mgmt_addr.clone(), "--listen".into(), listen.to_string()];
+        let name = if i == 0 { "nvmf".to_string() } else { format!("nvmf-{}", i + 1) };
+        roles.nvmf.push(procs.spawn(&name, &bins.nvmf, &args)?);
+        eprintln!("tessera up: started tessera-nvmf on {listen}; waiting for it to serve {}", export.nqn);
+        wait_served(procs, &roles.nvmf, listen, &export, &volume, deadline).await?;
     }
     if let Some(x) = &vhost {
         let sock = Path::new(&x.socket);
@@ -661,6 +653,48 @@ async fn start(
         }
     }
     Ok(Ready { pool, volume, export, vhost, notes })
+}
+
+/// Waits until the target on `listen` serves `export` with the volume's size.
+async fn wait_served(
+    procs: &mut Procs,
+    nvmf: &[usize],
+    listen: SocketAddr,
+    export: &ExportInfo,
+    volume: &VolumeInfo,
+    deadline: Instant,
+) -> Result<(), String> {
+    let opts = ControllerOptions {
+        addr: reach(listen),
+        subnqn: export.nqn.clone(),
+        hostnqn: format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid::Uuid::new_v4()),
+        hostid: *uuid::Uuid::new_v4().as_bytes(),
+        digests: Digests { header: false, data: false },
+        kato_ms: 0,
+        disable_sqflow: false,
+    };
+    loop {
+        procs.check_startup()?;
+        let last = match tokio::time::timeout(Duration::from_secs(5), Controller::connect(opts.clone(), export.nsid)).await {
+            Ok(Ok(ctrl)) => {
+                let bytes = ctrl.geometry.blocks.saturating_mul(u64::from(ctrl.geometry.block_size));
+                if bytes == volume.size {
+                    return Ok(());
+                }
+                format!("namespace {} has {bytes} bytes, volume {VOLUME} {}", export.nsid, volume.size)
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer in 5s".to_string(),
+        };
+        if Instant::now() >= deadline {
+            return Err(startup_timeout(
+                procs,
+                nvmf,
+                &format!("the target on {listen} does not serve {} nsid {}: {last}", export.nqn, export.nsid),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The vhost-user-blk export of the volume on `sock`: the existing one, or a new one served by
@@ -742,6 +776,9 @@ fn print_summary(a: &UpArgs, dir: &Path, procs: &Procs, r: &Ready) {
     ));
     out.push_str(&format!("  volume {}: {}, {}, uuid {}\n", r.volume.name, size_text(r.volume.size), r.volume.class, r.volume.uuid));
     out.push_str(&format!("  export: {} nsid {} on {} (any host)\n", r.export.nqn, r.export.nsid, r.export.listen));
+    if !r.export.paths.is_empty() {
+        out.push_str(&format!("  further paths: {} (ANA: {} is optimized)\n", r.export.paths.join(", "), r.export.listen));
+    }
     if let Some(x) = &r.vhost {
         out.push_str(&format!("  vhost-user-blk disk: {} ({} queues)\n", x.socket, x.queues));
     }
@@ -762,6 +799,15 @@ fn print_summary(a: &UpArgs, dir: &Path, procs: &Procs, r: &Ready) {
         port = host.port(),
         nqn = r.export.nqn
     ));
+    for p in r.export.paths.iter().filter_map(|p| p.parse::<SocketAddr>().ok()) {
+        let p = reach(p);
+        out.push_str(&format!(
+            "  nvme connect -t tcp -a {} -s {} -n {}    # another path: one namespace, several paths\n",
+            p.ip(),
+            p.port(),
+            r.export.nqn
+        ));
+    }
     if let Some(x) = &r.vhost {
         out.push_str(&format!(
             "Give a QEMU VM the volume as its disk (shared guest memory):\n  -object memory-backend-memfd,id=mem,size=RAM,share=on -numa node,memdev=mem \\\n  -chardev socket,id=vblk,path={},reconnect=1 -device vhost-user-blk-pci,chardev=vblk,num-queues={}\n",

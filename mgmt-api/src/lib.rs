@@ -499,9 +499,25 @@ pub struct CreateExport {
     #[serde(default)]
     pub hosts: Vec<String>,
     /// Address hosts connect to (`ip:port`, default `127.0.0.1:4420`): the NVMe/TCP target
-    /// listening there serves the export.
+    /// listening there serves the export. With `paths`, the optimized path.
     #[serde(default)]
     pub listen: Option<String>,
+    /// Further paths to the subsystem: listen addresses of other NVMe/TCP targets that serve it
+    /// too, non-optimized (ANA multipath). At most [`MAX_PATHS`] − 1.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+}
+
+/// Most paths (listen addresses) one subsystem is served on.
+pub const MAX_PATHS: usize = 8;
+/// Controller IDs each path of a multipath subsystem hands out: path `i` (0 = `listen`, then
+/// `paths`) uses `i * CNTLID_SPAN + 1 ..= i * CNTLID_SPAN + CNTLID_SPAN - 1`.
+pub const CNTLID_SPAN: u16 = 0x1000;
+
+/// The controller IDs of path `index` of a multipath subsystem.
+pub fn path_cntlids(index: usize) -> (u16, u16) {
+    let base = u16::try_from(index.min(MAX_PATHS - 1)).unwrap_or(0) * CNTLID_SPAN;
+    (base + 1, base + CNTLID_SPAN - 1)
 }
 
 /// An export, with what a target needs to serve it.
@@ -513,8 +529,11 @@ pub struct ExportInfo {
     pub nsid: u32,
     /// Allowed host NQNs (empty = any).
     pub hosts: Vec<String>,
-    /// Listen address.
+    /// Listen address (the optimized path when there are several).
     pub listen: String,
+    /// Further paths (non-optimized).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
     /// The volume.
     pub volume: VolumeInfo,
     /// The snapshot served instead of the live volume: a read-only namespace of its size.

@@ -4,7 +4,7 @@
 //! at most once of each kind; while anything of it is served it cannot be deleted or shrunk, and
 //! a rollback must be forced. Part of [`super`]'s pure state machine.
 
-use tessera_mgmt_api::{CreateVhostExport, VhostExportInfo, VHOST_QUEUES_DEFAULT, VHOST_QUEUES_MAX, VHOST_SOCKET_MAX};
+use tessera_mgmt_api::{CreateVhostExport, VhostExportInfo, MAX_PATHS, VHOST_QUEUES_DEFAULT, VHOST_QUEUES_MAX, VHOST_SOCKET_MAX};
 
 use super::*;
 use crate::state::VhostExportRec;
@@ -15,6 +15,7 @@ fn export_info(state: &State, x: &ExportRec) -> Result<ExportInfo, CmdError> {
         nsid: x.nsid,
         hosts: x.hosts.clone(),
         listen: x.listen.clone(),
+        paths: x.paths.clone(),
         volume: volume(state, &x.pool, &x.volume)?,
         snapshot: match &x.snapshot {
             Some(name) => Some(snapshot_info(get_snapshot(get_volume(state, &x.pool, &x.volume)?, name)?, 0)),
@@ -42,6 +43,16 @@ pub(super) fn create_export(s: &mut State, req: &CreateExport) -> Result<Outcome
     }
     if let Some(l) = &req.listen {
         parse_addr("listen address", l)?;
+    }
+    if req.paths.len() >= MAX_PATHS {
+        return invalid(format!("{} paths: a subsystem is served on at most {MAX_PATHS}", req.paths.len() + 1));
+    }
+    let mut seen = BTreeSet::new();
+    seen.insert(parse_addr("listen address", req.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?);
+    for p in &req.paths {
+        if !seen.insert(parse_addr("path", p)?) {
+            return invalid(format!("path {p} is listed twice"));
+        }
     }
     if let Some(nsid) = req.nsid {
         if nsid == 0 || nsid == u32::MAX {
@@ -72,6 +83,7 @@ pub(super) fn create_export(s: &mut State, req: &CreateExport) -> Result<Outcome
     // when it leaves them out and must agree when it names them.
     let siblings: BTreeMap<u32, &ExportRec> = s.exports.values().filter(|x| x.nqn == req.nqn).map(|x| (x.nsid, x)).collect();
     let (mut hosts, mut listen) = (req.hosts.clone(), req.listen.clone().unwrap_or_else(|| DEFAULT_LISTEN.to_string()));
+    let mut paths = req.paths.clone();
     if let Some(first) = siblings.values().next() {
         if req.hosts.is_empty() {
             hosts = first.hosts.clone();
@@ -85,6 +97,14 @@ pub(super) fn create_export(s: &mut State, req: &CreateExport) -> Result<Outcome
             }
             Some(_) => {}
         }
+        if req.listen.is_none() && req.paths.is_empty() {
+            paths = first.paths.clone();
+        } else if req.paths != first.paths {
+            return conflict(format!(
+                "subsystem {} is served on paths {:?} besides {}: a namespace of it cannot name others",
+                req.nqn, first.paths, first.listen
+            ));
+        }
     }
     let nsid = match req.nsid {
         Some(n) if siblings.contains_key(&n) => return conflict(format!("namespace {n} of {} is already exported", req.nqn)),
@@ -96,6 +116,7 @@ pub(super) fn create_export(s: &mut State, req: &CreateExport) -> Result<Outcome
         nsid,
         hosts,
         listen,
+        paths,
         pool: req.pool.clone(),
         volume: req.volume.clone(),
         snapshot: req.snapshot.clone(),

@@ -256,6 +256,7 @@ mod tests {
             snapshot: snapshot.map(Into::into),
             hosts: vec![],
             listen: None,
+            paths: Vec::new(),
         })
     }
 
@@ -358,6 +359,7 @@ mod tests {
             snapshot: None,
             hosts: vec![],
             listen: None,
+            paths: Vec::new(),
         });
         let e = run(&started, exp.clone(), 3002).unwrap_err();
         assert!(e.to_string().contains("being flattened"), "{e}");

@@ -66,7 +66,16 @@ fn create_vol(pool: &str, req: CreateVolume) -> Command {
 }
 
 fn export_req(nqn: &str, nsid: Option<u32>, volume: &str) -> CreateExport {
-    CreateExport { nqn: nqn.into(), nsid, pool: "p".into(), volume: volume.into(), snapshot: None, hosts: vec![], listen: None }
+    CreateExport {
+        nqn: nqn.into(),
+        nsid,
+        pool: "p".into(),
+        volume: volume.into(),
+        snapshot: None,
+        hosts: vec![],
+        listen: None,
+        paths: Vec::new(),
+    }
 }
 
 const NQN: &str = "nqn.2026-11.io.tessera:a";
@@ -544,6 +553,32 @@ fn namespaces_of_a_subsystem_share_hosts_and_listen_address() {
     let mut listen = export_req(NQN, None, "c");
     listen.listen = Some("127.0.0.1:4420".into());
     assert_eq!(status(&n, Command::CreateExport(listen)), 409);
+}
+
+#[test]
+fn a_subsystem_can_be_served_on_several_paths() {
+    let s = with_volumes(&["a", "b", "c"]);
+    let mut first = export_req(NQN, None, "a");
+    first.listen = Some("127.0.0.1:4420".into());
+    first.paths = vec!["127.0.0.1:4421".into(), "10.0.0.2:4420".into()];
+    let (s, out) = ok(&s, Command::CreateExport(first));
+    assert!(matches!(out, Outcome::Export(ref x) if x.paths == ["127.0.0.1:4421", "10.0.0.2:4420"]), "{out:?}");
+    // A further namespace inherits the paths, or must name the same ones.
+    let (n, out) = ok(&s, Command::CreateExport(export_req(NQN, None, "b")));
+    assert!(matches!(out, Outcome::Export(ref x) if x.paths.len() == 2), "{out:?}");
+    let mut other = export_req(NQN, None, "c");
+    other.listen = Some("127.0.0.1:4420".into());
+    other.paths = vec!["127.0.0.1:4421".into()];
+    assert!(err(&n, Command::CreateExport(other)).to_string().contains("served on paths"));
+    // Bad paths: unparsable, repeated (also as the listen address), too many.
+    for paths in [vec!["nowhere".to_string()], vec!["127.0.0.1:4425".into(), "127.0.0.1:4425".into()], vec!["127.0.0.1:4420".into()]] {
+        let mut r = export_req("nqn.2026-11.io.tessera:p", None, "c");
+        r.paths = paths.clone();
+        assert_eq!(status(&s, Command::CreateExport(r)), 400, "{paths:?}");
+    }
+    let mut many = export_req("nqn.2026-11.io.tessera:p", None, "c");
+    many.paths = (1..=8).map(|i| format!("127.0.0.1:{}", 4420 + i)).collect();
+    assert!(err(&s, Command::CreateExport(many)).to_string().contains("at most 8"));
 }
 
 #[test]

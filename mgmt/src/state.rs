@@ -173,8 +173,11 @@ pub struct ExportRec {
     pub nsid: u32,
     /// Allowed host NQNs (empty = any).
     pub hosts: Vec<String>,
-    /// Listen address.
+    /// Listen address (the optimized path).
     pub listen: String,
+    /// Further paths (non-optimized).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
     /// Pool name.
     pub pool: String,
     /// Volume name.
@@ -505,6 +508,7 @@ pub(crate) mod tests {
                 nsid: 1,
                 hosts: vec![],
                 listen: "127.0.0.1:4420".into(),
+                paths: vec!["127.0.0.1:4421".into()],
                 pool: "p".into(),
                 volume: "v".into(),
                 snapshot: None,

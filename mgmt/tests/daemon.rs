@@ -122,7 +122,16 @@ fn volume(name: &str, size: u64) -> CreateVolume {
 }
 
 fn export(nqn: &str, volume: &str) -> CreateExport {
-    CreateExport { nqn: nqn.into(), nsid: None, pool: "p".into(), volume: volume.into(), snapshot: None, hosts: vec![], listen: None }
+    CreateExport {
+        nqn: nqn.into(),
+        nsid: None,
+        pool: "p".into(),
+        volume: volume.into(),
+        snapshot: None,
+        hosts: vec![],
+        listen: None,
+        paths: Vec::new(),
+    }
 }
 
 fn status<T: std::fmt::Debug>(r: Result<T, MgmtError>) -> u16 {

@@ -31,6 +31,10 @@ pub mod ctrl_off {
     pub const LPA: usize = 261;
     pub const ELPE: usize = 262;
     pub const KAS: usize = 320;
+    pub const ANATT: usize = 343;
+    pub const ANACAP: usize = 344;
+    pub const ANAGRPMAX: usize = 345;
+    pub const NANAGRPID: usize = 349;
     pub const SQES: usize = 512;
     pub const CQES: usize = 513;
     pub const MAXCMD: usize = 514;
@@ -93,10 +97,30 @@ pub struct ControllerInfo {
     pub elpe: u8,
     /// ONCS bits.
     pub oncs: u16,
+    /// Asymmetric namespace access reporting: several controllers on several paths, each path
+    /// in an ANA state per ANA group; `Some(groups)` with the number of ANA groups.
+    pub ana_groups: Option<u32>,
 }
 
 /// OAES bit 8: Namespace Attribute Notices.
 pub const OAES_NS_ATTR: u32 = 1 << 8;
+/// OAES bit 11: Asymmetric Namespace Access Change Notices.
+pub const OAES_ANA_CHANGE: u32 = 1 << 11;
+
+/// CMIC bits.
+pub mod cmic {
+    /// Two or more controllers in the subsystem.
+    pub const MULTI_CTRL: u8 = 1 << 1;
+    /// Asymmetric namespace access reporting.
+    pub const ANA: u8 = 1 << 3;
+}
+
+/// ANA transition time reported (seconds a path may stay in the change state).
+pub const ANATT_SECS: u8 = 10;
+/// ANACAP value: optimized, non-optimized, inaccessible and change states reported (bits 0, 1, 2, 4);
+/// a namespace's ANA group does not change while it is attached (bit 6); groups are non-zero
+/// (bit 7).
+pub const ANA_CAPABILITIES: u8 = 0b1101_0111;
 
 /// Builds Identify Controller (CNS 01h).
 pub fn controller(c: &ControllerInfo) -> Vec<u8> {
@@ -107,7 +131,7 @@ pub fn controller(c: &ControllerInfo) -> Vec<u8> {
     w.str_padded(FR, 8, &c.firmware, b' ');
     w.u8(RAB, 6);
     // Multi-controller subsystem: several hosts or queues-sets may attach at once.
-    w.u8(CMIC, 1 << 1);
+    w.u8(CMIC, cmic::MULTI_CTRL | if c.ana_groups.is_some() { cmic::ANA } else { 0 });
     w.u8(MDTS, c.mdts);
     w.u16(CNTLID, c.cntlid);
     w.u32(VER, c.version);
@@ -123,6 +147,12 @@ pub fn controller(c: &ControllerInfo) -> Vec<u8> {
     w.u8(LPA, 1 << 2);
     w.u8(ELPE, c.elpe);
     w.u16(KAS, c.kas);
+    if let Some(groups) = c.ana_groups {
+        w.u8(ANATT, ANATT_SECS);
+        w.u8(ANACAP, ANA_CAPABILITIES);
+        w.u32(ANAGRPMAX, groups);
+        w.u32(NANAGRPID, groups);
+    }
     w.u8(SQES, 0x66);
     w.u8(CQES, 0x44);
     w.u16(MAXCMD, c.maxcmd);
@@ -132,7 +162,8 @@ pub fn controller(c: &ControllerInfo) -> Vec<u8> {
     w.u8(VWC, u8::from(c.volatile_write_cache) | (0b11 << 1));
     // SGLs supported without alignment requirement; SGL address may be an offset (in-capsule).
     w.u32(SGLS, 1 | (1 << 20));
-    w.u32(MNAN, 0);
+    // With ANA, hosts size the ANA log by MNAN (every namespace may be in it): at most NN.
+    w.u32(MNAN, if c.ana_groups.is_some() { c.nn } else { 0 });
     w.str_padded(SUBNQN, 256, &c.subnqn, 0);
     w.u32(IOCCSZ, c.ioccsz);
     w.u32(IORCSZ, c.iorcsz);
@@ -157,6 +188,7 @@ pub mod ns_off {
     pub const NMIC: usize = 30;
     pub const DLFEAT: usize = 33;
     pub const NOWS: usize = 72;
+    pub const ANAGRPID: usize = 92;
     pub const NSATTR: usize = 99;
     pub const NGUID: usize = 104;
     pub const EUI64: usize = 120;
@@ -176,6 +208,8 @@ pub struct NamespaceInfo {
     pub nguid: [u8; 16],
     /// Write protected (a snapshot): NSATTR bit 0, writes fail with Namespace is Write Protected.
     pub write_protected: bool,
+    /// The namespace's ANA group (0: the controller does not report ANA).
+    pub anagrpid: u32,
 }
 
 /// Builds Identify Namespace (CNS 00h) for an active namespace.
@@ -195,6 +229,7 @@ pub fn namespace(n: &NamespaceInfo) -> Vec<u8> {
     w.u8(DLFEAT, 0b001 | (1 << 3));
     // NSATTR bit 0: the namespace is write protected.
     w.u8(NSATTR, u8::from(n.write_protected));
+    w.u32(ANAGRPID, n.anagrpid);
     w.put(NGUID, &n.nguid);
     // LBA format 0: no metadata, LBADS = lba_shift, relative performance "best".
     w.u32(LBAF0, u32::from(n.lba_shift) << 16);
@@ -264,6 +299,7 @@ mod tests {
             aerl: 3,
             elpe: 63,
             oncs: oncs::DSM | oncs::WRITE_ZEROES,
+            ana_groups: None,
         });
         assert_eq!(page.len(), 4096);
         assert_eq!(&page[4..24], b"SN1                 ");
@@ -275,17 +311,34 @@ mod tests {
         assert_eq!(&page[768..773], b"nqn.x");
         assert_eq!(page[773], 0);
         assert_eq!(u16_at(&page, ctrl_off::ICDOFF), Some(0));
+        assert_eq!(page[ctrl_off::CMIC], cmic::MULTI_CTRL);
+        assert_eq!(u32_at(&page, ctrl_off::MNAN), Some(0));
+    }
+
+    #[test]
+    fn ana_reporting_fields() {
+        let page = controller(&ControllerInfo { nn: 1024, ana_groups: Some(1), ..Default::default() });
+        assert_eq!(page[ctrl_off::CMIC], cmic::MULTI_CTRL | cmic::ANA);
+        assert_eq!(page[ctrl_off::ANATT], ANATT_SECS);
+        assert_eq!(page[ctrl_off::ANACAP], 0xD7);
+        assert_eq!(u32_at(&page, ctrl_off::ANAGRPMAX), Some(1));
+        assert_eq!(u32_at(&page, ctrl_off::NANAGRPID), Some(1));
+        assert_eq!(u32_at(&page, ctrl_off::MNAN), Some(1024), "MNAN sizes the host's ANA log buffer");
+        let ns = namespace(&NamespaceInfo { blocks: 8, lba_shift: 12, anagrpid: 1, ..Default::default() });
+        assert_eq!(u32_at(&ns, ns_off::ANAGRPID), Some(1));
     }
 
     #[test]
     fn namespace_and_lists() {
-        let page = namespace(&NamespaceInfo { blocks: 1000, blocks_used: 10, lba_shift: 9, nguid: [9; 16], write_protected: false });
+        let page =
+            namespace(&NamespaceInfo { blocks: 1000, blocks_used: 10, lba_shift: 9, nguid: [9; 16], write_protected: false, anagrpid: 0 });
         assert_eq!(u64_at(&page, 0), Some(1000));
         assert_eq!(u64_at(&page, 16), Some(10));
         assert_eq!(page[130], 9);
         assert_eq!(page[ns_off::DLFEAT] & 0x7, 1);
         assert_eq!(page[ns_off::NSATTR], 0);
-        let ro = namespace(&NamespaceInfo { blocks: 1000, blocks_used: 10, lba_shift: 9, nguid: [9; 16], write_protected: true });
+        let ro =
+            namespace(&NamespaceInfo { blocks: 1000, blocks_used: 10, lba_shift: 9, nguid: [9; 16], write_protected: true, anagrpid: 0 });
         assert_eq!(ro[99], 1, "NSATTR bit 0: write protected");
         let l = ns_list([1, 2, 7]);
         assert_eq!((u32_at(&l, 0), u32_at(&l, 8), u32_at(&l, 12)), (Some(1), Some(7), Some(0)));

@@ -1,5 +1,6 @@
 //! Byte layouts of the log pages Tessera serves: Error Information (01h), SMART / Health (02h),
-//! Firmware Slot (03h), Changed Namespace List (04h) and the Discovery Log (70h).
+//! Firmware Slot (03h), Changed Namespace List (04h), Asymmetric Namespace Access (0Ch) and the
+//! Discovery Log (70h).
 
 use crate::reader::PageWriter;
 
@@ -110,6 +111,79 @@ pub fn changed_namespaces(nsids: &[u32]) -> Vec<u8> {
     w.into_vec()
 }
 
+/// Asymmetric access states of an ANA group on one path (NVMe Base 2.0, 8.20.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AnaState {
+    /// The preferred path: full performance.
+    Optimized,
+    /// Serves every command, less well (another path is preferred).
+    NonOptimized,
+    /// Serves no I/O for now (ANA Inaccessible status).
+    Inaccessible,
+    /// Will never serve the namespaces again.
+    PersistentLoss,
+    /// Changing state (ANA Transition status; at most ANATT seconds).
+    Change,
+}
+
+impl AnaState {
+    /// The state's code in the log page (bits 3:0 of the descriptor's state byte).
+    pub const fn code(self) -> u8 {
+        match self {
+            AnaState::Optimized => 0x1,
+            AnaState::NonOptimized => 0x2,
+            AnaState::Inaccessible => 0x3,
+            AnaState::PersistentLoss => 0x4,
+            AnaState::Change => 0xF,
+        }
+    }
+}
+
+/// One ANA group descriptor: its id, change count, state on this path and namespaces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnaGroup {
+    pub id: u32,
+    pub change_count: u64,
+    pub state: AnaState,
+    pub nsids: Vec<u32>,
+}
+
+/// ANA log offsets: the 16-byte header, then descriptors (32 bytes and 4 per NSID each).
+pub mod ana_off {
+    pub const CHANGE_COUNT: usize = 0;
+    pub const NUM_DESCRIPTORS: usize = 8;
+    pub const HEADER_LEN: usize = 16;
+    pub const DESC_GRPID: usize = 0;
+    pub const DESC_NNSID: usize = 4;
+    pub const DESC_CHANGE_COUNT: usize = 8;
+    pub const DESC_STATE: usize = 16;
+    pub const DESC_LEN: usize = 32;
+}
+
+/// Builds the Asymmetric Namespace Access log: `groups` in order, without their NSID lists when
+/// `groups_only` (RGO).
+pub fn ana(change_count: u64, groups: &[AnaGroup], groups_only: bool) -> Vec<u8> {
+    use ana_off::*;
+    let len = HEADER_LEN + groups.iter().map(|g| DESC_LEN + if groups_only { 0 } else { 4 * g.nsids.len() }).sum::<usize>();
+    let mut w = PageWriter::new(len);
+    w.u64(CHANGE_COUNT, change_count);
+    w.u16(NUM_DESCRIPTORS, u16::try_from(groups.len()).unwrap_or(u16::MAX));
+    let mut at = HEADER_LEN;
+    for g in groups {
+        let nsids: &[u32] = if groups_only { &[] } else { &g.nsids };
+        w.u32(at + DESC_GRPID, g.id);
+        w.u32(at + DESC_NNSID, u32::try_from(nsids.len()).unwrap_or(u32::MAX));
+        w.u64(at + DESC_CHANGE_COUNT, g.change_count);
+        w.u8(at + DESC_STATE, g.state.code());
+        at += DESC_LEN;
+        for id in nsids {
+            w.u32(at, *id);
+            at += 4;
+        }
+    }
+    w.into_vec()
+}
+
 /// Transport types.
 pub const TRTYPE_TCP: u8 = 3;
 /// Address families.
@@ -192,6 +266,29 @@ pub fn discovery(genctr: u64, entries: &[DiscoveryEntry]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ana_log_layout() {
+        use crate::reader::{u16_at, u32_at, u64_at};
+        let groups = [
+            AnaGroup { id: 1, change_count: 3, state: AnaState::Optimized, nsids: vec![1, 2] },
+            AnaGroup { id: 2, change_count: 4, state: AnaState::Change, nsids: vec![] },
+        ];
+        let page = ana(7, &groups, false);
+        assert_eq!(page.len(), 16 + 32 + 8 + 32);
+        assert_eq!((u64_at(&page, 0), u16_at(&page, 8)), (Some(7), Some(2)));
+        assert_eq!((u32_at(&page, 16), u32_at(&page, 20), u64_at(&page, 24), page[32]), (Some(1), Some(2), Some(3), 0x1));
+        assert_eq!((u32_at(&page, 48), u32_at(&page, 52)), (Some(1), Some(2)), "the NSIDs follow their descriptor");
+        assert_eq!((u32_at(&page, 56), page[56 + 16]), (Some(2), 0xF));
+        let rgo = ana(7, &groups, true);
+        assert_eq!(rgo.len(), 16 + 64);
+        assert_eq!((u32_at(&rgo, 20), u32_at(&rgo, 48)), (Some(0), Some(2)), "groups only: no NSIDs");
+        let codes: Vec<u8> =
+            [AnaState::Optimized, AnaState::NonOptimized, AnaState::Inaccessible, AnaState::PersistentLoss, AnaState::Change]
+                .map(AnaState::code)
+                .into();
+        assert_eq!(codes, [1, 2, 3, 4, 0xF]);
+    }
+
     use super::*;
     use crate::reader::{u16_at, u64_at};
 

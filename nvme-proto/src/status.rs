@@ -16,6 +16,8 @@ pub mod sct {
     pub const COMMAND_SPECIFIC: u8 = 1;
     /// Media and data integrity errors.
     pub const MEDIA: u8 = 2;
+    /// Path related status (a multipath host retries on another path).
+    pub const PATH: u8 = 3;
 }
 
 const DNR: u16 = 1 << 14;
@@ -81,6 +83,12 @@ impl Status {
     pub const WRITE_FAULT: Status = Status::new(sct::MEDIA, 0x80);
     /// Unrecovered Read Error.
     pub const UNRECOVERED_READ_ERROR: Status = Status::new(sct::MEDIA, 0x81);
+    /// Asymmetric Access Persistent Loss: this path will not serve the namespace again.
+    pub const ANA_PERSISTENT_LOSS: Status = Status::new(sct::PATH, 0x01);
+    /// Asymmetric Access Inaccessible: this path cannot serve the namespace now; use another.
+    pub const ANA_INACCESSIBLE: Status = Status::new(sct::PATH, 0x02);
+    /// Asymmetric Access Transition: this path's access state is changing; retry.
+    pub const ANA_TRANSITION: Status = Status::new(sct::PATH, 0x03);
 
     /// A status without the Do Not Retry bit.
     pub const fn new(sct: u8, sc: u8) -> Status {

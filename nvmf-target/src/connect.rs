@@ -125,9 +125,9 @@ pub fn connect(target: &Target, sqe: &Sqe, data: &[u8]) -> Result<Accepted, Reje
             ));
         }
         let kind = if discovery { ControllerKind::Discovery } else { ControllerKind::Io };
-        let lim = target.limits;
+        let (cntlid_min, cntlid_max) = subsys.cntlid_range(&target.limits);
         let ctrl = subsys
-            .add_controller(lim.cntlid_min, lim.cntlid_max, |id| {
+            .add_controller(cntlid_min, cntlid_max, |id| {
                 Arc::new(Controller::new(id, kind, subsys.clone(), d.hostnqn.clone(), d.hostid, cmd.kato_ms))
             })
             .ok_or_else(|| Rejected::new(Status::CONNECT_CONTROLLER_BUSY, "every controller id of the subsystem is in use"))?;

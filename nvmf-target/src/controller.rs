@@ -41,6 +41,8 @@ const AE_TYPE_NOTICE: u32 = 2;
 const AE_INFO_NS_ATTR: u32 = 0x00;
 /// Notice: discovery log page change.
 const AE_INFO_DISCOVERY: u32 = 0xF0;
+/// Notice: Asymmetric Namespace Access Change.
+const AE_INFO_ANA_CHANGE: u32 = 0x03;
 
 /// Whether a controller belongs to an NVM subsystem or is a discovery controller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +216,13 @@ impl Controller {
         self.raise_event(log_id::CHANGED_NAMESPACES, dw0, enabled);
     }
 
+    /// This path's ANA state changed: the host reads the ANA log page again.
+    pub fn ana_changed(&self) {
+        let enabled = self.state().async_event_config & identify::OAES_ANA_CHANGE != 0;
+        let dw0 = AE_TYPE_NOTICE | (AE_INFO_ANA_CHANGE << 8) | (u32::from(log_id::ANA) << 16);
+        self.raise_event(log_id::ANA, dw0, enabled);
+    }
+
     /// The discovery log changed (for discovery controllers).
     pub fn discovery_log_changed(&self) {
         let enabled = self.state().async_event_config & OAES_DISCOVERY_CHANGE != 0;
@@ -344,10 +353,11 @@ impl Controller {
             ioccsz: if io { (64 + target::INCAPSULE_DATA) / 16 } else { 0 },
             iorcsz: if io { 1 } else { 0 },
             volatile_write_cache: self.subsys.has_volatile_cache(),
-            oaes: if io { identify::OAES_NS_ATTR } else { OAES_DISCOVERY_CHANGE },
+            oaes: self.supported_events(),
             aerl: AERL,
             elpe: ELPE,
             oncs: if io { identify::oncs::DSM | identify::oncs::WRITE_ZEROES } else { 0 },
+            ana_groups: self.subsys.ana.get().filter(|_| io).map(|_| 1),
         }
     }
 
@@ -358,7 +368,10 @@ impl Controller {
         let page = match cns_v {
             cns::CONTROLLER => identify::controller(&self.controller_info(target)),
             cns::NAMESPACE if io => match self.subsys.namespace(nsid) {
-                Some(ns) => identify::namespace(&namespace_info(&ns)),
+                Some(ns) => {
+                    let anagrpid = if self.subsys.ana.get().is_some() { crate::ana::ANA_GROUP } else { 0 };
+                    identify::namespace(&NamespaceInfo { anagrpid, ..namespace_info(&ns) })
+                }
                 // A valid but inactive NSID reads as zeros.
                 None if (1..=MAX_NSID).contains(&nsid) => vec![0; identify::IDENTIFY_LEN],
                 None => return AdminOutcome::status(Status::INVALID_NAMESPACE),
@@ -408,6 +421,15 @@ impl Controller {
                 None => return AdminOutcome::status(Status::INVALID_NAMESPACE),
             },
             (ControllerKind::Io, log_id::FIRMWARE_SLOT) => log::firmware_slot(target::FIRMWARE_REVISION),
+            (ControllerKind::Io, log_id::ANA) => {
+                // LSP bit 0 (CDW10 bit 8): Return Groups Only.
+                let groups_only = cdw10 & (1 << 8) != 0;
+                let nsids = self.subsys.namespaces().iter().map(|n| n.nsid).collect();
+                match self.subsys.ana.log(nsids, groups_only) {
+                    Some(page) => page,
+                    None => return AdminOutcome::status(Status::INVALID_LOG_PAGE),
+                }
+            }
             (ControllerKind::Io, log_id::CHANGED_NAMESPACES) => {
                 let mut st = self.state();
                 let ids: Vec<u32> = std::mem::take(&mut st.changed_namespaces).into_iter().collect();
@@ -454,6 +476,7 @@ impl Controller {
 
     fn supported_events(&self) -> u32 {
         match self.kind {
+            ControllerKind::Io if self.subsys.ana.get().is_some() => identify::OAES_NS_ATTR | identify::OAES_ANA_CHANGE,
             ControllerKind::Io => identify::OAES_NS_ATTR,
             ControllerKind::Discovery => OAES_DISCOVERY_CHANGE,
         }
@@ -543,6 +566,7 @@ pub fn namespace_info(ns: &Namespace) -> NamespaceInfo {
         lba_shift: ns.lba_shift(),
         nguid: ns.uuid,
         write_protected: ns.bdev.write_protected(),
+        anagrpid: 0,
     }
 }
 
@@ -561,6 +585,18 @@ pub fn discovery_log(target: &Target, hostnqn: &str, local: SocketAddr) -> Vec<u
                 trsvcid: addr.port().to_string(),
                 subnqn: s.nqn.clone(),
                 traddr: ip.to_string(),
+            });
+        }
+        // The subsystem's other paths (other targets): a host discovers every path here.
+        for (i, peer) in s.ana.get().map(|a| a.peers).unwrap_or_default().into_iter().enumerate() {
+            entries.push(DiscoveryEntry {
+                adrfam: if peer.is_ipv4() { log::adrfam::IPV4 } else { log::adrfam::IPV6 },
+                subtype: log::subtype::NVME,
+                portid: (target.listen.len() + i + 1) as u16,
+                asqsz: target::ADMIN_QUEUE_MAX,
+                trsvcid: peer.port().to_string(),
+                subnqn: s.nqn.clone(),
+                traddr: peer.ip().to_string(),
             });
         }
     }

@@ -11,6 +11,7 @@
 //! management service's exports (managed mode).
 #![forbid(unsafe_code)]
 
+pub mod ana;
 pub mod config;
 pub mod connect;
 pub mod controller;

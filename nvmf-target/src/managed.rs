@@ -28,12 +28,14 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use tessera_client::volume::{Cluster, Volume};
-use tessera_mgmt_api::{ExportInfo, ExportList, MgmtClient, SnapshotInfo, VhostExportInfo, VolumeInfo};
+use tessera_mgmt_api::{path_cntlids, ExportInfo, ExportList, MgmtClient, SnapshotInfo, VhostExportInfo, VolumeInfo};
+use tessera_nvme_proto::log::AnaState;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use crate::ana::AnaPath;
 use crate::config::{check_nqn, DISCOVERY_NQN, MAX_NSID};
 use crate::target::{HostAccess, NamespaceSpec, Origin, SubsystemSpec, Target};
 use crate::vhost::VhostSet;
@@ -70,6 +72,29 @@ pub struct PlannedSubsystem {
     pub access: HostAccess,
     /// (nsid, volume), by nsid.
     pub namespaces: Vec<(u32, Exported)>,
+    /// This target as one of the subsystem's several paths.
+    pub ana: Option<AnaPath>,
+}
+
+/// Which path of export `e` a target listening on `listen` is, if any: 0 for `listen` (the
+/// optimized one), then 1.. for `paths`.
+pub fn path_index(listen: &[SocketAddr], e: &ExportInfo) -> Option<usize> {
+    std::iter::once(&e.listen).chain(&e.paths).position(|a| serves(listen, a))
+}
+
+/// The ANA description of path `index` of export `e` (None for a single-path export).
+pub fn ana_path(e: &ExportInfo, index: usize) -> Option<AnaPath> {
+    if e.paths.is_empty() {
+        return None;
+    }
+    let (cntlid_min, cntlid_max) = path_cntlids(index);
+    let peers = std::iter::once(&e.listen)
+        .chain(&e.paths)
+        .enumerate()
+        .filter(|(i, _)| *i != index)
+        .filter_map(|(_, a)| a.parse::<SocketAddr>().ok())
+        .collect();
+    Some(AnaPath { state: if index == 0 { AnaState::Optimized } else { AnaState::NonOptimized }, cntlid_min, cntlid_max, peers })
 }
 
 /// What one namespace serves: a volume, or a snapshot of it (read-only).
@@ -126,9 +151,9 @@ fn check_export(e: &ExportInfo) -> Result<(), String> {
 pub fn plan(exports: &[ExportInfo], listen: &[SocketAddr], config_owned: impl Fn(&str) -> bool) -> Plan {
     let mut p = Plan::default();
     // Per NQN: hosts, whether every list was empty, namespaces.
-    type Grouped = (Vec<String>, bool, BTreeMap<u32, Exported>);
+    type Grouped = (Vec<String>, bool, BTreeMap<u32, Exported>, Option<AnaPath>);
     let mut subs: BTreeMap<&str, Grouped> = BTreeMap::new();
-    for e in exports.iter().filter(|e| serves(listen, &e.listen)) {
+    for (e, index) in exports.iter().filter_map(|e| path_index(listen, e).map(|i| (e, i))) {
         let snap = e.snapshot.as_ref().map(|s| format!("@{}", s.name)).unwrap_or_default();
         let at = format!("export {} nsid {} (volume {}/{}{snap})", e.nqn, e.nsid, e.volume.pool, e.volume.name);
         if let Err(why) = check_export(e) {
@@ -139,7 +164,7 @@ pub fn plan(exports: &[ExportInfo], listen: &[SocketAddr], config_owned: impl Fn
             p.skipped.push(format!("{at}: the configuration file already serves this NQN"));
             continue;
         }
-        let (hosts, any, nss) = subs.entry(&e.nqn).or_insert_with(|| (Vec::new(), true, BTreeMap::new()));
+        let (hosts, any, nss, _) = subs.entry(&e.nqn).or_insert_with(|| (Vec::new(), true, BTreeMap::new(), ana_path(e, index)));
         if nss.contains_key(&e.nsid) {
             p.skipped.push(format!("{at}: nsid exported twice"));
             continue;
@@ -154,12 +179,13 @@ pub fn plan(exports: &[ExportInfo], listen: &[SocketAddr], config_owned: impl Fn
             }
         }
     }
-    for (nqn, (mut hosts, any, nss)) in subs {
+    for (nqn, (mut hosts, any, nss, ana)) in subs {
         hosts.sort();
         p.subsystems.push(PlannedSubsystem {
             nqn: nqn.to_string(),
             access: HostAccess { allow_any: any, hosts },
             namespaces: nss.into_iter().collect(),
+            ana,
         });
     }
     p
@@ -270,6 +296,7 @@ impl Manager {
                 model: MANAGED_MODEL.into(),
                 access: s.access.clone(),
                 namespaces,
+                ana: s.ana.clone(),
             });
         }
         let volumes = &self.volumes;
@@ -404,6 +431,7 @@ mod tests {
             nsid,
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             listen: listen.into(),
+            paths: Vec::new(),
             volume: v,
             snapshot: None,
         }
@@ -479,6 +507,25 @@ mod tests {
         ]) {
             assert!(s.contains(want), "{s} should say {want}");
         }
+    }
+
+    #[test]
+    fn every_path_of_a_multipath_export_plans_its_own_state_and_controller_ids() {
+        let mut e = export("nqn.2026-12.io.tessera:mp", 1, "127.0.0.1:4420", &[], vol("v1", 1, 4096, 1 << 20));
+        e.paths = vec!["127.0.0.1:4421".into(), "127.0.0.1:4422".into()];
+        let at_with = |e: &ExportInfo, port: u16| plan(std::slice::from_ref(e), &[format!("127.0.0.1:{port}").parse().unwrap()], |_| false);
+        let at = |port: u16| at_with(&e, port);
+        let first = at(4420).subsystems[0].ana.clone().unwrap();
+        assert_eq!((first.state, first.cntlid_min, first.cntlid_max), (AnaState::Optimized, 1, 0x0FFF));
+        assert_eq!(first.peers, vec!["127.0.0.1:4421".parse::<SocketAddr>().unwrap(), "127.0.0.1:4422".parse().unwrap()]);
+        let third = at(4422).subsystems[0].ana.clone().unwrap();
+        assert_eq!((third.state, third.cntlid_min, third.cntlid_max), (AnaState::NonOptimized, 0x2001, 0x2FFF));
+        assert_eq!(third.peers.len(), 2);
+        assert!(at(4423).subsystems.is_empty(), "not a path of it");
+        // A single-path export reports no ANA.
+        let mut single = e.clone();
+        single.paths.clear();
+        assert_eq!(at_with(&single, 4420).subsystems[0].ana, None);
     }
 
     #[test]

@@ -470,6 +470,11 @@ impl Connection {
             Ok(op) => op,
             Err(s) => return self.fail(&sqe, s),
         };
+        // A path that may not serve I/O now says so with a path status: the host retries the
+        // command on another path.
+        if let Some(s) = ctrl.subsys.ana.io_status() {
+            return self.fail(&sqe, s);
+        }
         let cid = sqe.cid();
         match (op, ns) {
             (IoOp::Flush { all: true }, _) => self.start(cid, Work::FlushAll { subsys: ctrl.subsys.clone() }),

@@ -20,6 +20,7 @@ use tessera_bdev::{Bdev, BdevError, BlockDevice, DaosBdev, MallocBdev, NullBdev}
 use tessera_client::volume::Volume;
 use tessera_nvme_proto::fabrics;
 
+use crate::ana::{AnaCell, AnaPath};
 use crate::config::{BdevKind, Config, ConfigError, NamespaceConfig, SubsystemConfig};
 use crate::controller::Controller;
 
@@ -147,6 +148,9 @@ pub struct SubsystemSpec {
     pub model: String,
     pub access: HostAccess,
     pub namespaces: Vec<NamespaceSpec>,
+    /// This target as one of several paths to the subsystem (managed exports with several
+    /// listen addresses); None: the only path, no ANA reporting.
+    pub ana: Option<AnaPath>,
 }
 
 impl SubsystemSpec {
@@ -158,6 +162,7 @@ impl SubsystemSpec {
             model: c.model.clone(),
             access: HostAccess { allow_any: c.allow_any_host, hosts: c.allowed_hosts.clone() },
             namespaces: c.namespaces.iter().map(|n| NamespaceSpec::from_config(&c.nqn, n)).collect(),
+            ana: None,
         }
     }
 }
@@ -222,6 +227,8 @@ pub struct Subsystem {
     namespaces: RwLock<BTreeMap<u32, Arc<Namespace>>>,
     controllers: Mutex<BTreeMap<u16, Arc<Controller>>>,
     next_cntlid: Mutex<u16>,
+    /// This target as one of several paths (ANA), if it is.
+    pub ana: AnaCell,
 }
 
 impl Subsystem {
@@ -238,8 +245,14 @@ impl Subsystem {
             access: RwLock::new(c.access.clone()),
             namespaces: RwLock::new(namespaces),
             controllers: Mutex::new(BTreeMap::new()),
-            next_cntlid: Mutex::new(cntlid_min),
+            next_cntlid: Mutex::new(c.ana.as_ref().map_or(cntlid_min, |a| a.cntlid_min)),
+            ana: AnaCell::new(c.ana.clone()),
         })
+    }
+
+    /// The controller IDs this subsystem hands out here: its path's range, or the target's.
+    pub fn cntlid_range(&self, limits: &ControllerLimits) -> (u16, u16) {
+        self.ana.get().map_or((limits.cntlid_min, limits.cntlid_max), |a| (a.cntlid_min, a.cntlid_max))
     }
 
     /// A subsystem with no namespaces that any host may use (the discovery subsystem).
@@ -253,6 +266,7 @@ impl Subsystem {
             namespaces: RwLock::new(BTreeMap::new()),
             controllers: Mutex::new(BTreeMap::new()),
             next_cntlid: Mutex::new(1),
+            ana: AnaCell::default(),
         }
     }
 
@@ -465,13 +479,31 @@ impl Target {
                 return Err(ConfigError::Invalid(format!("subsystem {:?} is already served from {}", s.nqn, cur.origin)));
             }
         }
+        // A subsystem that starts or stops being one of several paths is made anew: what its
+        // controllers told their hosts (CMIC, controller IDs) cannot change under them.
+        let remade: Vec<&SubsystemSpec> =
+            specs.iter().filter(|s| map.get(&s.nqn).is_some_and(|cur| cur.ana.get().is_some() != s.ana.is_some())).collect();
         // Build new subsystems first so a failure leaves the map untouched.
         let mut fresh = Vec::new();
-        for s in specs.iter().filter(|s| !map.contains_key(&s.nqn)) {
+        for s in specs.iter().filter(|s| !map.contains_key(&s.nqn) || remade.iter().any(|r| r.nqn == s.nqn)) {
             fresh.push(Arc::new(Subsystem::new(s, origin, self.limits.cntlid_min)?));
+        }
+        for s in &remade {
+            if let Some(old) = map.remove(&s.nqn) {
+                for c in old.controllers() {
+                    c.shut_down("the subsystem's paths changed");
+                }
+                summary.removed_subsystems.push(s.nqn.clone());
+            }
         }
         for s in specs {
             if let Some(cur) = map.get(&s.nqn) {
+                if cur.ana.set(s.ana.clone()) {
+                    for c in cur.controllers() {
+                        c.ana_changed();
+                    }
+                    discovery_changed = true;
+                }
                 let before = cur.access.read().unwrap_or_else(PoisonError::into_inner).clone();
                 let changed = cur.reconfigure(s, replace)?;
                 if *cur.access.read().unwrap_or_else(PoisonError::into_inner) != before {
@@ -544,6 +576,7 @@ mod tests {
                 .iter()
                 .map(|&(nsid, id, blocks)| NamespaceSpec { nsid, uuid: [id; 16], block_size: 512, blocks, backing: Backing::Malloc })
                 .collect(),
+            ana: None,
         }
     }
 

@@ -124,6 +124,7 @@ async fn export_new_volume(mgmt: &MgmtClient, size: u64, addr: SocketAddr) -> Vo
         snapshot: None,
         hosts: Vec::new(),
         listen: Some(addr.to_string()),
+        paths: Vec::new(),
     };
     mgmt.create_export(&req).await.unwrap();
     vol
@@ -214,6 +215,7 @@ fn managed_target_serves_an_exported_ec_volume() {
             snapshot: None,
             hosts: vec![OTHER_HOST.into()],
             listen: Some(addr.to_string()),
+            paths: Vec::new(),
         };
         let e = mgmt.create_export(&req).await.unwrap();
         let mut ctrl = connect_when_served(opts(addr, NQN_RESTRICTED, OTHER_HOST), Duration::from_secs(20)).await;
@@ -315,6 +317,7 @@ fn a_snapshot_is_served_read_only_beside_its_volume() {
             snapshot: Some("a".into()),
             hosts: Vec::new(),
             listen: Some(addr.to_string()),
+            paths: Vec::new(),
         };
         let x = mgmt.create_export(&req).await.unwrap();
         assert_eq!(x.snapshot.as_ref().map(|s| s.name.as_str()), Some("a"));

@@ -533,13 +533,16 @@ class TesseraCluster(TargetLog):
     kind = "tessera up"
 
     def __init__(self, tessera_bin, workdir, logdir, port_base=None, name="ec", engines=EC_ENGINES, nqn=EC_NQN,
-                 vhost=False):
+                 vhost=False, paths=0):
         self.bin = Path(tessera_bin)
         # with vhost: tessera up also serves the volume over vhost-user-blk on this socket, and
         # the guest gets it as /dev/vda
         self.vhost_sock = Path(workdir) / f"{name}-vhost.sock" if vhost else None
         self.name = name
         self.engines = engines
+        # further paths: tessera up --path starts one more tessera-nvmf per path (nvmf-2, ...),
+        # serving the same subsystem (ANA multipath); their ports follow the first target's
+        self.paths = paths
         self.nqn = nqn
         self.dir = Path(workdir) / f"{name}-cluster"
         self.logdir = Path(logdir)
@@ -563,7 +566,8 @@ class TesseraCluster(TargetLog):
         self.logf = None
         self._cond = threading.Condition()
 
-    # ports: mgmt = base, engine r = base + 1 + r, NVMe/TCP = base + 1 + engines
+    # ports: mgmt = base, engine r = base + 1 + r, NVMe/TCP = base + 1 + engines, further
+    # paths after it
     @property
     def mgmt_addr(self):
         return f"127.0.0.1:{self.base}"
@@ -571,6 +575,14 @@ class TesseraCluster(TargetLog):
     @property
     def port(self):
         return self.base + 1 + self.engines
+
+    def path_port(self, i):
+        """Port of path i (0: the first target, nvmf; i: nvmf-<i + 1>)."""
+        return self.port + i
+
+    @staticmethod
+    def nvmf_name(i):
+        return "nvmf" if i == 0 else f"nvmf-{i + 1}"
 
     def note(self, msg):
         line = f"## harness {time.strftime('%H:%M:%S')}: {msg}"
@@ -632,7 +644,7 @@ class TesseraCluster(TargetLog):
         rng = random.Random()
         self.logf = open(self.logpath, "a")
         for attempt in range(5):
-            self.base = self.port_base if self.port_base else free_port_block(self.engines + 2, *EC_PORT_RANGE, rng)
+            self.base = self.port_base if self.port_base else free_port_block(self.engines + 2 + self.paths, *EC_PORT_RANGE, rng)
             if self._start_once(attempt):
                 return
             if self.port_base:
@@ -650,6 +662,8 @@ class TesseraCluster(TargetLog):
                "--class", EC_CLASS, "--volume-size", f"{EC_SIZE_MIB}M", "--nqn", self.nqn, "--timeout", "60"]
         if self.vhost_sock:
             cmd += ["--vhost-blk", str(self.vhost_sock)]
+        for i in range(1, self.paths + 1):
+            cmd += ["--path", f"127.0.0.1:{self.path_port(i)}"]
         self.note(f"attempt {attempt + 1}: {' '.join(cmd)}")
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
@@ -672,10 +686,10 @@ class TesseraCluster(TargetLog):
                 return False
             raise TargetError(f"tessera up did not come up (exit {self.exit_status}):\n{self.log_tail()}")
         for line in self.lines:
-            m = re.match(r"\s+(mgmt|engine-\d+|nvmf)\s+pid (\d+)\s", line or "")
+            m = re.match(r"\s+(mgmt|engine-\d+|nvmf(?:-\d+)?)\s+pid (\d+)\s", line or "")
             if m:
                 self.pids[m.group(1)] = int(m.group(2))
-        want = {"mgmt", "nvmf"} | {f"engine-{r}" for r in range(self.engines)}
+        want = {"mgmt"} | {f"engine-{r}" for r in range(self.engines)} | {self.nvmf_name(i) for i in range(self.paths + 1)}
         if set(self.pids) != want:
             raise TargetError(f"tessera up's summary names {sorted(self.pids)}, expected {sorted(want)}")
         exports = [e for e in self.tessera("export", "list")["exports"] if e["nqn"] == self.nqn]
@@ -839,6 +853,51 @@ class TesseraCluster(TargetLog):
             if time.time() - t > limit:
                 raise TargetError(f"restarted {name} (pid {proc.pid}) is {st} in the service after {limit:.0f}s, not up")
             time.sleep(0.2)
+
+    def kill_nvmf(self, name):
+        """SIGKILLs target `name` (nvmf, nvmf-2, ...) and waits until tessera up reports it."""
+        pid = self.pids.get(name)
+        if pid is None or name in self.killed or not name.startswith("nvmf"):
+            raise TargetError(f"no running {name}")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:  # for a restart: the same command line
+            self.argv[name] = [a.decode() for a in f.read().split(b"\0") if a]
+        if not self.argv[name] or "tessera-nvmf" not in self.argv[name][0]:
+            raise TargetError(f"pid {pid} is not tessera-nvmf: {self.argv[name]}")
+        os.kill(pid, signal.SIGKILL)
+        self.killed[name] = (pid, time.time(), "SIGKILL at the guest's request")
+        self.annotate(f"SIGKILL {name} (pid {pid})")
+        line = self._wait_line(lambda l: f"{name} (pid {pid}) exited: killed by signal 9" in l, 10)
+        if line is None:
+            raise TargetError(f"sent SIGKILL to {name} (pid {pid}) but tessera up did not report it killed")
+        return f"{name} pid {pid} SIGKILLed; {line.strip()}"
+
+    def start_nvmf(self, name, limit):
+        """Starts target `name`, which the harness killed, again with its command line, and waits
+        until it accepts connections."""
+        if name not in self.killed or name not in self.argv or name in self.restarted:
+            raise TargetError(f"{name} was not killed by the harness (or was already restarted)")
+        argv = self.argv[name]
+        listen = argv[argv.index("--listen") + 1]
+        port = int(listen.rsplit(":", 1)[1])
+        env = dict(os.environ)
+        env.setdefault("RUST_LOG", "info")
+        env["NO_COLOR"] = "1"
+        with open(self.dir / "logs" / f"{name}.log", "a") as logf:
+            logf.write(f"==== harness restart (Unix time {int(time.time())}): {' '.join(argv)}\n")
+            logf.flush()
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                    env=env, start_new_session=True)
+        t = time.time()
+        self.restarted[name] = (proc, t)
+        while not port_open(port):
+            if proc.poll() is not None:
+                raise TargetError(f"restarted {name} exited with status {proc.returncode}")
+            if time.time() - t > limit:
+                raise TargetError(f"restarted {name} does not listen on {listen} after {limit:.0f}s")
+            time.sleep(0.1)
+        msg = f"{name} started again (pid {proc.pid}), listening on {listen} after {time.time() - t:.1f}s"
+        self.annotate(msg)
+        return msg
 
     def restart_nvmf(self, limit):
         """SIGKILLs tessera-nvmf and starts it again with the same command line (its output
@@ -1333,6 +1392,15 @@ class Context:
                 msg = self.cluster.nvmf_idle_cpu(float(parts[1]), int(parts[2]))
                 guest.note(msg)
                 return "ok " + msg
+            elif parts[0] in ("kill-nvmf", "start-nvmf"):
+                if not self.cluster:
+                    return "err no cluster is running"
+                if parts[0] == "kill-nvmf":
+                    msg = self.cluster.kill_nvmf(parts[1])
+                else:
+                    msg = self.cluster.start_nvmf(parts[1], float(parts[2]) if len(parts) > 2 else 30)
+                guest.note(msg)
+                return "ok " + msg
             elif parts[0] == "restart-nvmf":
                 if not self.cluster:
                     return "err no cluster is running"
@@ -1429,6 +1497,7 @@ def run_cluster_boot(boot, cluster, host_cases, env_extra, judge, kernel, base_i
         v = cluster.volume
         env_text = guest_env(args.port, selected, {
             "EC_NQN": cluster.nqn, "EC_PORT": cluster.port, "EC_SIZE_MIB": v["size"] >> 20,
+            "EC_PORT2": cluster.path_port(1) if cluster.paths else "",
             "EC_BLOCK_SIZE": v["block_size"], **env_extra,
         })
         ctx.cluster = cluster
@@ -1545,7 +1614,7 @@ def run_ec_boot(boot, tessera_bin, kernel, base_initrd, workdir, logdir, ctx, ar
 def run_heal_boot(boot, tessera_bin, kernel, base_initrd, workdir, logdir, ctx, args, selected):
     """The heal boot: 4 engines, two killed one after the other, restarted in reverse order."""
     cluster = TesseraCluster(tessera_bin, workdir, logdir, args.ec_port_base, name="heal",
-                             engines=HEAL_ENGINES, nqn=HEAL_NQN)
+                             engines=HEAL_ENGINES, nqn=HEAL_NQN, paths=1)
     extra = {"HEAL_KILL_FIRST": HEAL_KILL_RANKS[0], "HEAL_KILL_SECOND": HEAL_KILL_RANKS[1]}
     return run_cluster_boot(boot, cluster, HEAL_HOST_CASES, extra, judge_heal,
                             kernel, base_initrd, workdir, logdir, ctx, args, selected)

@@ -135,10 +135,18 @@ impl VolumeInner {
         // 2. Base cells and parity at E_b.
         let codec = self.codec.as_ref().ok_or_else(|| VolumeError::Config("EC volume without a codec".into()))?;
         let parity = codec.encode(&cells).map_err(|e| VolumeError::Config(e.to_string()))?;
+        // The data cells first, the parity once every one of them is durable: a parity at E_b
+        // then always comes with every base cell at E_b, so a fold cut short (an engine gone
+        // mid-write) leaves degraded reads the parity and cells as of the previous base, which
+        // the versioned store still holds. In parallel, a parity could land while a cell did
+        // not, and a later degraded read of another cell would find the two at different
+        // epochs.
         let mut writes: Vec<(&ShardPlacement, Request)> = Vec::new();
         for (c, sh) in group.shards[..k].iter().enumerate() {
             writes.push((sh, self.update(dkey, AKEY_BASE, in_shard.start, cells[c].clone(), e_b)));
         }
+        self.send_all(view, writes).await?;
+        let mut writes: Vec<(&ShardPlacement, Request)> = Vec::new();
         for (j, sh) in group.shards[k..].iter().enumerate() {
             writes.push((sh, self.update(dkey, super::AKEY_PARITY, in_shard.start, bytes::Bytes::from(parity[j].clone()), e_b)));
         }
