@@ -11,13 +11,18 @@
 #      rebuilt on the two survivors (two shards of a group on one engine) more is written;
 #   3. run.py restarts the killed engines from the engine.toml tessera up wrote, the most
 #      recent failure first, each reintegrated (its targets UPIN) before the next; then every
-#      target is UPIN on distinct engines and every block is verified again.
+#      target is UPIN on distinct engines and every block is verified again;
+#   4. multipath: `tessera up --path` started a second tessera-nvmf ($EC_PORT2) serving the
+#      same subsystem; the guest connects to both, sees one namespace with two paths (ANA
+#      optimized / non-optimized), the optimized target is SIGKILLed during fio's writes and
+#      fio finishes on the other path without an error; restarted, the path comes back.
 #
 # Regions of the volume (all fio jobs are randwrite, 4k..128k blocks, crc32c verify headers,
 # and replayable with --verify_only because fio's random sequence repeats by default):
 #   heal-base      0 .. 16 MiB   written with all four engines up
 #   heal-kill     32 .. 96 MiB   written while engine $HEAL_KILL_FIRST is killed and rebuilt
 #   heal-two-down 128 .. 144 MiB written with two engines down (both rebuilt)
+#   mp-failover   160 .. 192 MiB written while the optimized path's target is killed
 . /guest-lib.sh      # also ec_connect, ec_fio, ec_reverify, stat_field (shared with guest/ec.sh)
 
 EC_FIO="--ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-128k --iodepth=16 --numjobs=1 \
@@ -28,6 +33,8 @@ KILL_MIB=64
 TWO_ARGS="--offset=128m --size=16m"
 KILL_AFTER_MIB=8        # the first kill is requested once this much of heal-kill has been written
 REQUEST_TIMEOUT=150     # the host waits up to 90 s for a reintegration
+MP_ARGS="--offset=160m --size=32m"
+MP_OPTS="-l 120 -c 1"   # a path's controller retries every second for 2 minutes
 
 case_heal_connect() {
     disconnect_all
@@ -126,6 +133,93 @@ case_heal_reverify_reintegrated() {
     disconnect "$EC_NQN" || return 1
 }
 
+# mp_path PORT: the path device (nvmeXcYnZ) of $EC_NQN whose controller is connected to PORT
+mp_path() {
+    for _p in /sys/block/nvme*c*n*; do
+        [ -e "$_p/device/address" ] || continue
+        [ "$(cat "$_p/device/subsysnqn" 2>/dev/null)" = "$EC_NQN" ] || continue
+        grep -q "trsvcid=$1\b" "$_p/device/address" && { basename "$_p"; return 0; }
+    done
+    return 1
+}
+
+# mp_wait PORT STATE SECONDS: until the path through PORT is live in ANA state STATE
+mp_wait() {
+    _i=0
+    while [ $_i -lt $(( $3 * 5 )) ]; do
+        _p="$(mp_path "$1")"
+        if [ -n "$_p" ] && [ "$(cat "/sys/block/$_p/device/state" 2>/dev/null)" = live ] \
+            && [ "$(cat "/sys/block/$_p/ana_state" 2>/dev/null)" = "$2" ]; then
+            echo "path $_p (port $1): live, $2"
+            return 0
+        fi
+        sleep 0.2; _i=$((_i + 1))
+    done
+    fail "the path through port $1 is not live and $2 within $3 s (path ${_p:-none}, state $(cat "/sys/block/$_p/device/state" 2>/dev/null), ana $(cat "/sys/block/$_p/ana_state" 2>/dev/null))"
+    return 1
+}
+
+case_mp_two_paths() {
+    [ -n "$EC_PORT2" ] || { fail "no second path (EC_PORT2)"; return 1; }
+    [ -z "$(ctrl_of "$EC_NQN")" ] || disconnect "$EC_NQN" || return 1
+    for _port in "$EC_PORT" "$EC_PORT2"; do
+        echo "\$ nvme connect -t tcp -a $TADDR -s $_port -n $EC_NQN $MP_OPTS"
+        timeout 90 nvme connect -t tcp -a "$TADDR" -s "$_port" -n "$EC_NQN" $MP_OPTS || { fail "nvme connect to port $_port failed"; return 1; }
+    done
+    wait_ns_dev "$EC_NQN" 1 20 >/dev/null || { fail "no block device for $EC_NQN"; return 1; }
+    nvme list-subsys 2>&1 | sed -n '1,20p'
+    _heads=0
+    for b in /sys/block/nvme*n1; do
+        case "$(basename "$b")" in nvme*c*n*) continue ;; esac
+        [ "$(cat "$b/device/subsysnqn" 2>/dev/null)" = "$EC_NQN" ] && _heads=$((_heads + 1))
+    done
+    [ "$_heads" = 1 ] || { fail "$_heads block devices for $EC_NQN, expected one namespace with two paths"; return 1; }
+    [ "$(ctrl_of "$EC_NQN" | wc -l)" = 2 ] || { fail "controllers of $EC_NQN: $(ctrl_of "$EC_NQN" | tr '\n' ' ')"; return 1; }
+    mp_wait "$EC_PORT" optimized 20 || return 1
+    mp_wait "$EC_PORT2" non-optimized 20 || return 1
+    for c in $(ctrl_of "$EC_NQN"); do echo "$c: cntlid $(cat /sys/class/nvme/$c/cntlid), $(cat /sys/class/nvme/$c/address)"; done
+    # the namespace sends I/O down the optimized path
+    _d="$(ec_dev)"
+    echo "iopolicy $(cat /sys/class/nvme-subsystem/$(basename "$(readlink -f /sys/block/$_d/device)")/iopolicy 2>/dev/null)"
+}
+
+case_mp_failover() {
+    _d="$(ec_dev)" || { fail "no block device"; return 1; }
+    w0="$(stat_field "$_d" 7)"; r0="$(stat_field "$_d" 3)"
+    echo "\$ fio --name=mp-failover --filename=/dev/$_d $EC_FIO $MP_ARGS --do_verify=1 &"
+    timeout 600 fio --name=mp-failover --filename="/dev/$_d" $EC_FIO $MP_ARGS --do_verify=1 > /tmp/fio-mp.out 2>&1 &
+    pid=$!
+    i=0
+    while :; do
+        w=$(( ($(stat_field "$_d" 7) - w0) / 2048 ))
+        [ "$w" -ge "$KILL_AFTER_MIB" ] && break
+        kill -0 "$pid" 2>/dev/null || { cat /tmp/fio-mp.out; fail "fio ended before ${KILL_AFTER_MIB} MiB were written"; return 1; }
+        [ $i -lt 1200 ] || { kill "$pid"; fail "fio wrote only $w MiB in 120s"; return 1; }
+        sleep 0.1; i=$((i + 1))
+    done
+    request kill-nvmf nvmf || { kill "$pid"; return 1; }
+    wk=$(( ($(stat_field "$_d" 7) - w0) / 2048 )); rk=$(( $(stat_field "$_d" 3) - r0 ))
+    running=no; kill -0 "$pid" 2>/dev/null && running=yes
+    wait "$pid"; st=$?
+    wf=$(( ($(stat_field "$_d" 7) - w0) / 2048 )); rf=$(( ($(stat_field "$_d" 3) - r0) / 2048 ))
+    echo "mp-failover: the optimized path's target killed with $wk MiB of 32 written (fio running: $running); fio exit $st, $wf MiB written, $rf MiB read back"
+    nvme list-subsys 2>&1 | sed -n '1,20p'
+    fio_check mp-failover "$st" /tmp/fio-mp.out || return 1
+    [ "$running" = yes ] && [ "$rk" = 0 ] || { fail "the kill did not land in fio's write phase (fio running: $running, $rk sectors read before)"; return 1; }
+    [ $(( wf - wk )) -ge 8 ] || { fail "only $(( wf - wk )) MiB written after the kill"; return 1; }
+    [ "$rf" -ge 32 ] || { fail "verify phase read only $rf MiB of 32"; return 1; }
+    _p="$(mp_path "$EC_PORT")"
+    [ "$(cat "/sys/block/$_p/device/state" 2>/dev/null)" != live ] || { fail "the killed path $_p still says live"; return 1; }
+}
+
+case_mp_path_returns() {
+    request start-nvmf nvmf 30 || return 1
+    mp_wait "$EC_PORT" optimized 60 || return 1
+    mp_wait "$EC_PORT2" non-optimized 5 || return 1
+    ec_reverify mp-failover 32 $MP_ARGS || return 1
+    disconnect "$EC_NQN" || return 1
+}
+
 run_case heal-connect                case_heal_connect
 run_case heal-fio-verify             case_heal_fio_verify
 run_case heal-rebuild-during-write   case_heal_rebuild_during_write
@@ -133,3 +227,6 @@ run_case heal-second-kill-verify     case_heal_second_kill_verify
 run_case heal-two-down-write         case_heal_two_down_write
 run_case heal-reintegrate            case_heal_reintegrate
 run_case heal-reverify-reintegrated  case_heal_reverify_reintegrated
+run_case mp-two-paths                case_mp_two_paths
+run_case mp-failover                 case_mp_failover
+run_case mp-path-returns             case_mp_path_returns
