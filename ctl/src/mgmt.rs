@@ -224,6 +224,16 @@ enum ExportCommand {
     },
     /// List exports.
     List,
+    /// Make one path of a multipath subsystem the optimized one (hosts are told by an ANA
+    /// change event and send I/O there).
+    SetOptimized {
+        /// Subsystem NQN.
+        #[arg(long)]
+        nqn: String,
+        /// The path: the listen address of one of the subsystem's targets.
+        #[arg(long)]
+        listen: String,
+    },
     /// Remove one namespace from a subsystem (--nqn, --nsid), or a vhost-user-blk disk (--vhost-blk).
     #[command(group(clap::ArgGroup::new("kind").required(true).args(["nqn", "vhost_blk"])))]
     Remove {
@@ -603,9 +613,16 @@ pub fn export(addr: &str, a: ExportArgs) -> Result<String, String> {
                 e.snapshot.as_ref().map(|s| format!("@{} (read-only)", s.name)).unwrap_or_default(),
                 e.nqn,
                 e.nsid,
-                listen_text(&e.listen, &e.paths),
+                listen_text(&e.listen, &e.paths, e.optimized.as_deref()),
                 hosts_text(&e.hosts)
             ))
+        }
+        ExportCommand::SetOptimized { nqn, listen } => {
+            let xs = block_on(addr, async |c| c.set_optimized(&nqn, &listen).await)?;
+            if a.json {
+                return json(&xs);
+            }
+            Ok(format!("{nqn}: {listen} is the optimized path ({} namespace(s))\n", xs.len()))
         }
         ExportCommand::List => {
             let l = block_on(addr, async |c| c.exports().await)?;
@@ -632,13 +649,18 @@ pub fn export(addr: &str, a: ExportArgs) -> Result<String, String> {
     }
 }
 
-/// A subsystem's listen address, and its further paths when it has some.
-fn listen_text(listen: &str, paths: &[String]) -> String {
+/// A subsystem's listen address, and its further paths when it has some (the optimized one
+/// marked).
+fn listen_text(listen: &str, paths: &[String], optimized: Option<&str>) -> String {
     if paths.is_empty() {
-        listen.to_string()
-    } else {
-        format!("{listen} (optimized), {}", paths.join(", "))
+        return listen.to_string();
     }
+    let best = optimized.unwrap_or(listen);
+    std::iter::once(listen)
+        .chain(paths.iter().map(String::as_str))
+        .map(|p| if p == best { format!("{p} (optimized)") } else { p.to_string() })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn hosts_text(hosts: &[String]) -> String {
@@ -692,7 +714,7 @@ fn export_table(exports: &[ExportInfo]) -> String {
                 None => format!("{}/{}", e.volume.pool, e.volume.name),
             },
             size_text(e.snapshot.as_ref().map_or(e.volume.size, |s| s.size)),
-            listen_text(&e.listen, &e.paths),
+            listen_text(&e.listen, &e.paths, e.optimized.as_deref()),
             hosts_text(&e.hosts),
         ]);
     }

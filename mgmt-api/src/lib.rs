@@ -508,6 +508,14 @@ pub struct CreateExport {
     pub paths: Vec<String>,
 }
 
+/// `POST /v1/exports/{nqn}/optimized`: which path of a multipath subsystem is the optimized one
+/// (the targets tell their hosts with an ANA change event).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetOptimized {
+    /// The path's listen address: the subsystem's `listen` or one of its `paths`.
+    pub listen: String,
+}
+
 /// Most paths (listen addresses) one subsystem is served on.
 pub const MAX_PATHS: usize = 8;
 /// Controller IDs each path of a multipath subsystem hands out: path `i` (0 = `listen`, then
@@ -531,9 +539,12 @@ pub struct ExportInfo {
     pub hosts: Vec<String>,
     /// Listen address (the optimized path when there are several).
     pub listen: String,
-    /// Further paths (non-optimized).
+    /// Further paths.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
+    /// The optimized path when it is not `listen` (one of `paths`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimized: Option<String>,
     /// The volume.
     pub volume: VolumeInfo,
     /// The snapshot served instead of the live volume: a read-only namespace of its size.
@@ -855,6 +866,11 @@ impl MgmtClient {
     /// `DELETE /v1/vhost-exports?socket=PATH`.
     pub async fn delete_vhost_export(&self, socket: &str) -> Result<VhostExportInfo, MgmtError> {
         self.send(self.http.delete(self.url("/vhost-exports")).query(&[("socket", socket)]), DEFAULT_TIMEOUT).await
+    }
+
+    /// `POST /v1/exports/{nqn}/optimized`: the subsystem's exports, as they are now.
+    pub async fn set_optimized(&self, nqn: &str, listen: &str) -> Result<Vec<ExportInfo>, MgmtError> {
+        self.post(&format!("/exports/{nqn}/optimized"), &SetOptimized { listen: listen.to_string() }).await
     }
 
     /// `DELETE /v1/exports/{nqn}/{nsid}`.

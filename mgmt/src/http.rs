@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tessera_mgmt_api::{
     ApiError, ClusterVersion, CreateClone, CreateExport, CreatePool, CreateSnapshot, CreateVhostExport, CreateVolume, EngineReport,
     ExportInfo, ExportList, ExtendPool, Flatten, Heartbeat, HeartbeatReply, PoolInfo, PoolMapInfo, RegisterEngine, ResizeVolume, Rollback,
-    SnapshotInfo, SystemInfo, TargetSelector, VhostExportInfo, VolumeInfo, SNAPSHOT_STABLE_WAIT,
+    SetOptimized, SnapshotInfo, SystemInfo, TargetSelector, VhostExportInfo, VolumeInfo, SNAPSHOT_STABLE_WAIT,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::error;
@@ -162,6 +162,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/pools/{pool}/volumes/{volume}/flatten", post(flatten))
         .route("/v1/pools/{pool}/volumes/{volume}/rollback", post(rollback))
         .route("/v1/exports", get(list_exports).post(create_export))
+        .route("/v1/exports/{nqn}/optimized", post(set_optimized))
         .route("/v1/exports/{nqn}/{nsid}", get(get_export).delete(delete_export))
         .route("/v1/vhost-exports", get(list_vhost_exports).post(create_vhost_export).delete(delete_vhost_export))
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -451,6 +452,17 @@ async fn delete_export(State(app): State<App>, ApiPath((nqn, nsid)): ApiPath<(St
     let nsid = parse_nsid(&nsid)?;
     match execute(&app, Command::DeleteExport { nqn, nsid }).await? {
         Outcome::Export(x) => Ok(Json(x)),
+        o => Err(unexpected(o)),
+    }
+}
+
+async fn set_optimized(
+    State(app): State<App>,
+    ApiPath(nqn): ApiPath<String>,
+    ApiJson(req): ApiJson<SetOptimized>,
+) -> Result<Json<Vec<ExportInfo>>, HttpError> {
+    match execute(&app, Command::SetOptimized { nqn, listen: req.listen }).await? {
+        Outcome::Exports(x) => Ok(Json(x)),
         o => Err(unexpected(o)),
     }
 }

@@ -31,7 +31,7 @@ use snapshots::{clone_parent, clone_volume, clones_of, create_snapshot, delete_s
 pub use snapshots::{retention, snapshot_info, snapshots, MAX_SNAPSHOTS};
 #[path = "machine_exports.rs"]
 mod exports;
-use exports::{create_export, create_vhost_export, delete_export, delete_vhost_export};
+use exports::{create_export, create_vhost_export, delete_export, delete_vhost_export, set_optimized};
 pub use exports::{exports, vhost_exports};
 
 /// Default object class of a pool.
@@ -205,6 +205,13 @@ pub enum Command {
     },
     /// Export a volume or a snapshot of it.
     CreateExport(CreateExport),
+    /// Make one path of a multipath subsystem the optimized one.
+    SetOptimized {
+        /// Subsystem NQN.
+        nqn: String,
+        /// The path's listen address.
+        listen: String,
+    },
     /// Remove an export.
     DeleteExport {
         /// Subsystem NQN.
@@ -283,6 +290,8 @@ pub enum Outcome {
     VolumeDeleted(VolumeInfo, PunchPlan),
     /// An export was created or deleted.
     Export(ExportInfo),
+    /// The exports of one subsystem after a change to all of them.
+    Exports(Vec<ExportInfo>),
     /// A vhost-user-blk export was created or deleted.
     VhostExport(VhostExportInfo),
     /// A snapshot was created or deleted.
@@ -412,6 +421,7 @@ fn apply_to(next: &mut State, cmd: &Command, env: &Env) -> Result<Outcome, CmdEr
         Command::Rollback { pool, volume, snapshot, force } => rollback(next, pool, volume, snapshot, *force, env)?,
         Command::CreateExport(req) => create_export(next, req)?,
         Command::DeleteExport { nqn, nsid } => delete_export(next, nqn, *nsid)?,
+        Command::SetOptimized { nqn, listen } => set_optimized(next, nqn, listen)?,
         Command::CreateVhostExport(req) => create_vhost_export(next, req)?,
         Command::DeleteVhostExport { socket } => delete_vhost_export(next, socket)?,
     };

@@ -16,6 +16,7 @@ fn export_info(state: &State, x: &ExportRec) -> Result<ExportInfo, CmdError> {
         hosts: x.hosts.clone(),
         listen: x.listen.clone(),
         paths: x.paths.clone(),
+        optimized: x.optimized.clone(),
         volume: volume(state, &x.pool, &x.volume)?,
         snapshot: match &x.snapshot {
             Some(name) => Some(snapshot_info(get_snapshot(get_volume(state, &x.pool, &x.volume)?, name)?, 0)),
@@ -84,6 +85,7 @@ pub(super) fn create_export(s: &mut State, req: &CreateExport) -> Result<Outcome
     let siblings: BTreeMap<u32, &ExportRec> = s.exports.values().filter(|x| x.nqn == req.nqn).map(|x| (x.nsid, x)).collect();
     let (mut hosts, mut listen) = (req.hosts.clone(), req.listen.clone().unwrap_or_else(|| DEFAULT_LISTEN.to_string()));
     let mut paths = req.paths.clone();
+    let optimized = siblings.values().next().and_then(|first| first.optimized.clone());
     if let Some(first) = siblings.values().next() {
         if req.hosts.is_empty() {
             hosts = first.hosts.clone();
@@ -117,6 +119,7 @@ pub(super) fn create_export(s: &mut State, req: &CreateExport) -> Result<Outcome
         hosts,
         listen,
         paths,
+        optimized,
         pool: req.pool.clone(),
         volume: req.volume.clone(),
         snapshot: req.snapshot.clone(),
@@ -124,6 +127,35 @@ pub(super) fn create_export(s: &mut State, req: &CreateExport) -> Result<Outcome
     let info = export_info(s, &rec)?;
     s.exports.insert((rec.nqn.clone(), nsid), rec);
     Ok(Outcome::Export(info))
+}
+
+pub(super) fn set_optimized(s: &mut State, nqn: &str, listen: &str) -> Result<Outcome, CmdError> {
+    let want = parse_addr("listen address", listen)?;
+    let keys: Vec<(String, u32)> = s.exports.keys().filter(|(n, _)| n == nqn).cloned().collect();
+    let Some(first) = keys.first().and_then(|k| s.exports.get(k)) else {
+        return Err(CmdError::NoExport { nqn: nqn.to_string(), nsid: 1 });
+    };
+    if first.paths.is_empty() {
+        return conflict(format!("subsystem {nqn} has one path ({}): nothing to choose", first.listen));
+    }
+    let is = |a: &str| parse_addr("path", a).is_ok_and(|a| a == want);
+    let optimized = if is(&first.listen) {
+        None
+    } else if let Some(p) = first.paths.iter().find(|p| is(p)) {
+        Some(p.clone())
+    } else {
+        return invalid(format!("{listen} is not a path of subsystem {nqn} (its paths: {}, {})", first.listen, first.paths.join(", ")));
+    };
+    let mut out = Vec::new();
+    for k in keys {
+        if let Some(x) = s.exports.get_mut(&k) {
+            x.optimized.clone_from(&optimized);
+        }
+        if let Some(x) = s.exports.get(&k) {
+            out.push(export_info(s, x)?);
+        }
+    }
+    Ok(Outcome::Exports(out))
 }
 
 pub(super) fn delete_export(s: &mut State, nqn: &str, nsid: u32) -> Result<Outcome, CmdError> {

@@ -576,6 +576,14 @@ fn a_subsystem_can_be_served_on_several_paths() {
         r.paths = paths.clone();
         assert_eq!(status(&s, Command::CreateExport(r)), 400, "{paths:?}");
     }
+    // The optimized path moves for every namespace of the subsystem; only a path can be it.
+    let (m, out) = ok(&n, Command::SetOptimized { nqn: NQN.into(), listen: "10.0.0.2:4420".into() });
+    let Outcome::Exports(xs) = out else { panic!("{out:?}") };
+    assert_eq!(xs.iter().map(|x| x.optimized.as_deref()).collect::<Vec<_>>(), [Some("10.0.0.2:4420"); 2]);
+    let (_, out) = ok(&m, Command::SetOptimized { nqn: NQN.into(), listen: "127.0.0.1:4420".into() });
+    assert!(matches!(out, Outcome::Exports(ref xs) if xs.iter().all(|x| x.optimized.is_none())), "{out:?}");
+    assert_eq!(status(&m, Command::SetOptimized { nqn: NQN.into(), listen: "127.0.0.1:4999".into() }), 400);
+    assert_eq!(status(&m, Command::SetOptimized { nqn: "nqn.2026-11.io.tessera:none".into(), listen: "127.0.0.1:4420".into() }), 404);
     let mut many = export_req("nqn.2026-11.io.tessera:p", None, "c");
     many.paths = (1..=8).map(|i| format!("127.0.0.1:{}", 4420 + i)).collect();
     assert!(err(&s, Command::CreateExport(many)).to_string().contains("at most 8"));

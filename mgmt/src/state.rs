@@ -175,9 +175,12 @@ pub struct ExportRec {
     pub hosts: Vec<String>,
     /// Listen address (the optimized path).
     pub listen: String,
-    /// Further paths (non-optimized).
+    /// Further paths.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
+    /// The optimized path when it is not `listen` (one of `paths`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimized: Option<String>,
     /// Pool name.
     pub pool: String,
     /// Volume name.
@@ -509,6 +512,7 @@ pub(crate) mod tests {
                 hosts: vec![],
                 listen: "127.0.0.1:4420".into(),
                 paths: vec!["127.0.0.1:4421".into()],
+                optimized: Some("127.0.0.1:4421".into()),
                 pool: "p".into(),
                 volume: "v".into(),
                 snapshot: None,

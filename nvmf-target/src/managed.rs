@@ -88,13 +88,12 @@ pub fn ana_path(e: &ExportInfo, index: usize) -> Option<AnaPath> {
         return None;
     }
     let (cntlid_min, cntlid_max) = path_cntlids(index);
-    let peers = std::iter::once(&e.listen)
-        .chain(&e.paths)
-        .enumerate()
-        .filter(|(i, _)| *i != index)
-        .filter_map(|(_, a)| a.parse::<SocketAddr>().ok())
-        .collect();
-    Some(AnaPath { state: if index == 0 { AnaState::Optimized } else { AnaState::NonOptimized }, cntlid_min, cntlid_max, peers })
+    let all: Vec<&String> = std::iter::once(&e.listen).chain(&e.paths).collect();
+    let peers = all.iter().enumerate().filter(|(i, _)| *i != index).filter_map(|(_, a)| a.parse::<SocketAddr>().ok()).collect();
+    let best = e.optimized.as_ref().unwrap_or(&e.listen).parse::<SocketAddr>().ok();
+    let state =
+        if all.get(index).and_then(|a| a.parse::<SocketAddr>().ok()) == best { AnaState::Optimized } else { AnaState::NonOptimized };
+    Some(AnaPath { state, cntlid_min, cntlid_max, peers })
 }
 
 /// What one namespace serves: a volume, or a snapshot of it (read-only).
@@ -432,6 +431,7 @@ mod tests {
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             listen: listen.into(),
             paths: Vec::new(),
+            optimized: None,
             volume: v,
             snapshot: None,
         }
@@ -521,6 +521,12 @@ mod tests {
         let third = at(4422).subsystems[0].ana.clone().unwrap();
         assert_eq!((third.state, third.cntlid_min, third.cntlid_max), (AnaState::NonOptimized, 0x2001, 0x2FFF));
         assert_eq!(third.peers.len(), 2);
+        // The optimized path moved to the third: states change, controller IDs do not.
+        let mut moved = e.clone();
+        moved.optimized = Some("127.0.0.1:4422".into());
+        let third = at_with(&moved, 4422).subsystems[0].ana.clone().unwrap();
+        assert_eq!((third.state, third.cntlid_min), (AnaState::Optimized, 0x2001));
+        assert_eq!(at_with(&moved, 4420).subsystems[0].ana.clone().unwrap().state, AnaState::NonOptimized);
         assert!(at(4423).subsystems.is_empty(), "not a path of it");
         // A single-path export reports no ANA.
         let mut single = e.clone();

@@ -3,8 +3,9 @@
 //! both listen addresses; each target serves the subsystem as its path: Identify reports ANA
 //! (CMIC, ANACAP, ANAGRPID, MNAN), the controller IDs of the two paths never collide, the ANA log
 //! says optimized on the first path and non-optimized on the second, the discovery log of either
-//! lists both, what is written through one path reads back through the other, and when the
-//! optimized target is killed the other path goes on serving.
+//! lists both, what is written through one path reads back through the other, moving the
+//! optimized path raises an ANA change event and flips the states, and when the first target is
+//! killed the other path goes on serving.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod common;
@@ -14,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use common::{managed_system, HostConn};
 use tessera_mgmt_api::{CreateExport, CreatePool, CreateVolume};
-use tessera_nvme_proto::identify::{cmic, ctrl_off, ns_off};
+use tessera_nvme_proto::identify::{self, cmic, ctrl_off, ns_off};
 use tessera_nvme_proto::log::{ana_off, disc_off};
-use tessera_nvme_proto::opcode::{admin, cns, log_id};
+use tessera_nvme_proto::opcode::{admin, cns, feature, log_id};
 use tessera_nvme_proto::reader::{u16_at, u32_at, u64_at};
 use tessera_nvme_proto::sqe::{SglDescriptor, SGL_ID_TRANSPORT};
 use tessera_nvme_proto::{Digests, Sqe};
@@ -155,7 +156,24 @@ fn two_targets_serve_one_subsystem_as_two_paths() {
         assert!(read(&mut qb, "read through path B", 8, 32).await == data);
         drop((qa, pa));
 
-        // The optimized target dies: the other path goes on, reads and writes.
+        // The operator moves the optimized path to the second target: its hosts get an ANA change
+        // event (notice 03h, log 0Ch) and read the new states.
+        let mut watcher = connect_when_served(b).await;
+        let mut sf = Sqe::new(admin::SET_FEATURES, watcher.admin.cid());
+        sf.set_cdw(10, u32::from(feature::ASYNC_EVENT_CONFIG)).set_cdw(11, identify::OAES_ANA_CHANGE);
+        watcher.admin.exec_ok("enable ANA change events", sf, None, 0).await.unwrap();
+        let mut admin_b = watcher.admin;
+        let aer = tokio::spawn(async move {
+            let sqe = Sqe::new(admin::ASYNC_EVENT_REQUEST, admin_b.cid());
+            admin_b.exec(sqe, None, 0).await.map(|r| r.cqe.dw0)
+        });
+        let xs = mgmt.set_optimized(NQN, &b.to_string()).await.unwrap();
+        assert_eq!(xs[0].optimized.as_deref(), Some(b.to_string().as_str()));
+        let dw0 = tokio::time::timeout(Duration::from_secs(20), aer).await.expect("no ANA change event").unwrap().unwrap();
+        assert_eq!(dw0, 0x2 | (0x03 << 8) | (u32::from(log_id::ANA) << 16), "AEN: notice, ANA change, log 0Ch");
+        assert_eq!(ana_log(&mut pb).await.0, 0x1, "the second path is optimized now");
+
+        // The first target dies: the other path goes on, reads and writes.
         first.kill();
         let w = io(&mut qb, 0x01, 64, 32);
         qb.exec_ok("write through path B alone", w, Some(&data), 8192).await.unwrap();

@@ -854,6 +854,13 @@ class TesseraCluster(TargetLog):
                 raise TargetError(f"restarted {name} (pid {proc.pid}) is {st} in the service after {limit:.0f}s, not up")
             time.sleep(0.2)
 
+    def set_optimized(self, port):
+        """Makes the path on 127.0.0.1:`port` the subsystem's optimized one, as an operator does."""
+        xs = self.tessera("export", "set-optimized", "--nqn", self.nqn, "--listen", f"127.0.0.1:{port}")
+        msg = f"the optimized path of {self.nqn} is 127.0.0.1:{port} ({len(xs)} namespace(s))"
+        self.annotate(msg)
+        return msg
+
     def kill_nvmf(self, name):
         """SIGKILLs target `name` (nvmf, nvmf-2, ...) and waits until tessera up reports it."""
         pid = self.pids.get(name)
@@ -1390,6 +1397,12 @@ class Context:
                 if not self.cluster:
                     return "err no cluster is running"
                 msg = self.cluster.nvmf_idle_cpu(float(parts[1]), int(parts[2]))
+                guest.note(msg)
+                return "ok " + msg
+            elif parts[0] == "set-optimized":
+                if not self.cluster:
+                    return "err no cluster is running"
+                msg = self.cluster.set_optimized(int(parts[1]))
                 guest.note(msg)
                 return "ok " + msg
             elif parts[0] in ("kill-nvmf", "start-nvmf"):

@@ -183,6 +183,17 @@ case_mp_two_paths() {
     echo "iopolicy $(cat /sys/class/nvme-subsystem/$(basename "$(readlink -f /sys/block/$_d/device)")/iopolicy 2>/dev/null)"
 }
 
+case_mp_switch_optimized() {
+    # the operator moves the optimized path: the targets send an ANA change event and the host
+    # reads the new states; then back
+    request set-optimized "$EC_PORT2" || return 1
+    mp_wait "$EC_PORT2" optimized 20 || return 1
+    mp_wait "$EC_PORT" non-optimized 5 || return 1
+    request set-optimized "$EC_PORT" || return 1
+    mp_wait "$EC_PORT" optimized 20 || return 1
+    mp_wait "$EC_PORT2" non-optimized 5 || return 1
+}
+
 case_mp_failover() {
     _d="$(ec_dev)" || { fail "no block device"; return 1; }
     w0="$(stat_field "$_d" 7)"; r0="$(stat_field "$_d" 3)"
@@ -228,5 +239,6 @@ run_case heal-two-down-write         case_heal_two_down_write
 run_case heal-reintegrate            case_heal_reintegrate
 run_case heal-reverify-reintegrated  case_heal_reverify_reintegrated
 run_case mp-two-paths                case_mp_two_paths
+run_case mp-switch-optimized         case_mp_switch_optimized
 run_case mp-failover                 case_mp_failover
 run_case mp-path-returns             case_mp_path_returns
