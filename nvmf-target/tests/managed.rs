@@ -20,7 +20,7 @@ use tessera_nvme_proto::opcode::{admin, cns};
 use tessera_nvme_proto::reader::u64_at;
 use tessera_nvme_proto::{Digests, Sqe, Status};
 use tessera_nvmf_host::{Connection, Controller, ControllerOptions, HostError, Rw, Workload};
-use tessera_testkit::{Daemon, LocalCluster};
+use tessera_testkit::Daemon;
 
 const NQN: &str = "nqn.2026-11.io.tessera:managed-vol";
 const NQN_RESTRICTED: &str = "nqn.2026-11.io.tessera:managed-restricted";
@@ -375,16 +375,7 @@ fn a_snapshot_is_served_read_only_beside_its_volume() {
 
 #[test]
 fn engine_failures_degrade_then_complete_with_namespace_not_ready() {
-    let mut cluster = LocalCluster::start("nvmf-managed-fail", 3, 1, "128MiB", "2s");
-    let nvmf = Daemon::start(
-        "tessera-nvmf",
-        &["--mgmt", &cluster.mgmt.addr, "--listen", "127.0.0.1:0", "--threads", "2"],
-        "listening",
-        &cluster.dir.join("nvmf.log"),
-    );
-    let addr: SocketAddr = nvmf.addr.parse().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let mgmt = cluster.client();
+    let (mut cluster, nvmf, addr, rt, mgmt) = managed_system("nvmf-managed-fail", 1, "128MiB", "2s");
     rt.block_on(async {
         export_new_volume(&mgmt, 16 * MIB, addr).await;
         drop(connect_when_served(opts(addr, NQN, HOSTNQN), Duration::from_secs(20)).await);

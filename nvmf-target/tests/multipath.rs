@@ -13,8 +13,8 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{managed_system, HostConn};
-use tessera_mgmt_api::{CreateExport, CreatePool, CreateVolume};
+use common::{managed_system, pool0_vol0, HostConn};
+use tessera_mgmt_api::CreateExport;
 use tessera_nvme_proto::identify::{self, cmic, ctrl_off, ns_off};
 use tessera_nvme_proto::log::{ana_off, disc_off};
 use tessera_nvme_proto::opcode::{admin, cns, feature, log_id};
@@ -102,17 +102,7 @@ fn two_targets_serve_one_subsystem_as_two_paths() {
     );
     let b: SocketAddr = second.addr.parse().unwrap();
     rt.block_on(async {
-        mgmt.create_pool(&CreatePool { name: "pool0".into(), ranks: Vec::new(), default_class: None }).await.unwrap();
-        let req = CreateVolume {
-            name: "vol0".into(),
-            size: 16 * MIB,
-            block_size: Some(4096),
-            class: Some("EC_2P1".into()),
-            cell_size: None,
-            chunk_size: None,
-            checksum: None,
-        };
-        let vol = mgmt.create_volume("pool0", &req).await.unwrap();
+        let vol = pool0_vol0(&mgmt, 16 * MIB).await;
         let x = mgmt
             .create_export(&CreateExport {
                 nqn: NQN.into(),

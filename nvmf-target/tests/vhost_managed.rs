@@ -14,8 +14,8 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::managed_system;
-use tessera_mgmt_api::{CreatePool, CreateVhostExport, CreateVolume, MgmtClient};
+use common::{managed_system, pool0_vol0};
+use tessera_mgmt_api::{CreateVhostExport, MgmtClient};
 use tessera_testkit::wait_for;
 use tessera_vhost_blk::config::{feature, off, CONFIG_LEN};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
@@ -62,17 +62,7 @@ fn export(socket: &Path, volume: &str, snapshot: Option<&str>, queues: Option<u1
 }
 
 async fn setup(mgmt: &MgmtClient) {
-    mgmt.create_pool(&CreatePool { name: "pool0".into(), ranks: Vec::new(), default_class: None }).await.unwrap();
-    let req = CreateVolume {
-        name: "vol0".into(),
-        size: 16 * MIB,
-        block_size: Some(4096),
-        class: Some("EC_2P1".into()),
-        cell_size: None,
-        chunk_size: None,
-        checksum: None,
-    };
-    mgmt.create_volume("pool0", &req).await.unwrap();
+    pool0_vol0(mgmt, 16 * MIB).await;
     mgmt.create_snapshot("pool0", "vol0", "a").await.unwrap();
 }
 

@@ -76,15 +76,9 @@ def boot(kernel, base_initrd, binaries, a, workdir, logdir):
     runtime, timeout = a.runtime, a.timeout
     env = (f"RUNTIME={runtime}\nSIZE_MIB={SIZE_MIB}\nKPORT={KERNEL_PORT}\nTESSERA_PORT={TESSERA_PORT}\n"
            f"EC_PORT={EC_PORT}\nJOBS='{' '.join(JOBS)}'\nTESSERA_ARGS='{a.tessera_args}'\nCASES=''\n")
-    initrd = Path(workdir) / "initrd-kernel-compare"
-    with open(initrd, "wb") as f:
-        with open(base_initrd, "rb") as b:
-            shutil.copyfileobj(b, f)
-        f.write(harness.newc_archive([
-            ("etc/test-env.sh", env.encode(), 0o100644),
-            ("guest-lib.sh", (HERE / "guest-lib.sh").read_bytes(), 0o100644),
-            ("test.sh", (HERE / "compare" / "guest-compare.sh").read_bytes(), 0o100755),
-        ] + [(f"bin/{name}", data, 0o100755) for name, data in binaries.items()] + harness.fio_job_files()))
+    initrd = harness.boot_initrd(base_initrd, Path(workdir) / "initrd-kernel-compare", env,
+                                 (HERE / "compare" / "guest-compare.sh").read_bytes(),
+                                 [(f"bin/{name}", data, 0o100755) for name, data in binaries.items()])
     console = Path(logdir) / "console-kernel-compare.log"
     harness.log(f"booting the comparison guest (console log {console})")
     vm = harness.Qemu("kernel-compare", kernel, initrd, "tessera.nvmet", console, mem=2048)

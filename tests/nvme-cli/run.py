@@ -824,17 +824,7 @@ class TesseraCluster(TargetLog):
         if self.proc_alive(old):
             raise TargetError(f"{name} (pid {old}) is still running")
         argv = self.argv[name]
-        env = dict(os.environ)
-        env.setdefault("RUST_LOG", "info")
-        env.setdefault("RUST_BACKTRACE", "1")
-        env["NO_COLOR"] = "1"
-        with open(self.dir / "logs" / f"{name}.log", "a") as logf:
-            logf.write(f"==== harness restart (Unix time {int(time.time())}): {' '.join(argv)}\n")
-            logf.flush()
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                    env=env, start_new_session=True)
-        t = time.time()
-        self.restarted[name] = (proc, t)
+        proc, t = self._run_again(name, argv)
         msg = f"restarted {name} (pid {proc.pid}): {' '.join(argv)}"
         self.annotate(msg)
         log(f"  {msg}")
@@ -853,6 +843,22 @@ class TesseraCluster(TargetLog):
             if time.time() - t > limit:
                 raise TargetError(f"restarted {name} (pid {proc.pid}) is {st} in the service after {limit:.0f}s, not up")
             time.sleep(0.2)
+
+    def _run_again(self, name, argv):
+        """Runs a killed daemon's command line again, its output appended to its log (after a
+        marker line); records and returns (process, start time)."""
+        env = dict(os.environ)
+        env.setdefault("RUST_LOG", "info")
+        env.setdefault("RUST_BACKTRACE", "1")
+        env["NO_COLOR"] = "1"
+        with open(self.dir / "logs" / f"{name}.log", "a") as logf:
+            logf.write(f"==== harness restart (Unix time {int(time.time())}): {' '.join(argv)}\n")
+            logf.flush()
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                    env=env, start_new_session=True)
+        t = time.time()
+        self.restarted[name] = (proc, t)
+        return proc, t
 
     def set_optimized(self, port):
         """Makes the path on 127.0.0.1:`port` the subsystem's optimized one, as an operator does."""
@@ -886,16 +892,7 @@ class TesseraCluster(TargetLog):
         argv = self.argv[name]
         listen = argv[argv.index("--listen") + 1]
         port = int(listen.rsplit(":", 1)[1])
-        env = dict(os.environ)
-        env.setdefault("RUST_LOG", "info")
-        env["NO_COLOR"] = "1"
-        with open(self.dir / "logs" / f"{name}.log", "a") as logf:
-            logf.write(f"==== harness restart (Unix time {int(time.time())}): {' '.join(argv)}\n")
-            logf.flush()
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                    env=env, start_new_session=True)
-        t = time.time()
-        self.restarted[name] = (proc, t)
+        proc, t = self._run_again(name, argv)
         while not port_open(port):
             if proc.poll() is not None:
                 raise TargetError(f"restarted {name} exited with status {proc.returncode}")
@@ -1225,6 +1222,20 @@ class Result:
         self.name, self.ok, self.reason, self.info = name, ok, reason, info
 
 
+def boot_initrd(base_initrd, path, env_text, script, extra=()):
+    """Writes the initramfs of one boot to `path`: the base image, then a cpio with the test
+    environment, guest-lib.sh, the script as /test.sh, the fio job files and `extra` entries."""
+    with open(path, "wb") as f:
+        with open(base_initrd, "rb") as b:
+            shutil.copyfileobj(b, f)
+        f.write(newc_archive([
+            ("etc/test-env.sh", env_text.encode(), 0o100644),
+            ("guest-lib.sh", (HERE / "guest-lib.sh").read_bytes(), 0o100644),
+            ("test.sh", script, 0o100755),
+        ] + list(extra) + fio_job_files()))
+    return path
+
+
 def fio_job_files():
     """The repository's fio job files as cpio entries under /fio-jobs (the directory first)."""
     jobs = sorted((REPO / "fio-jobs").glob("*.fio"))
@@ -1233,17 +1244,8 @@ def fio_job_files():
 
 def run_boot(boot, kernel, base_initrd, env_text, workdir, logdir, target, ctx, scale):
     """Boot a guest with boot.script; returns (dict case->Result, notes)."""
-    lib = (HERE / "guest-lib.sh").read_bytes()
     script = boot.script.read_bytes()
-    initrd = Path(workdir) / f"initrd-{boot.name}"
-    with open(initrd, "wb") as f:
-        with open(base_initrd, "rb") as b:
-            shutil.copyfileobj(b, f)
-        f.write(newc_archive([
-            ("etc/test-env.sh", env_text.encode(), 0o100644),
-            ("guest-lib.sh", lib, 0o100644),
-            ("test.sh", script, 0o100755),
-        ] + fio_job_files()))
+    initrd = boot_initrd(base_initrd, Path(workdir) / f"initrd-{boot.name}", env_text, script)
     logfile = Path(logdir) / f"console-{boot.name}.log"
     log(f"boot {boot.name}: starting guest (console log {logfile})")
     guest = Qemu(boot.name, kernel, initrd, "", logfile, vhost_blk=getattr(target, "vhost_sock", None))

@@ -51,15 +51,8 @@ def boot(kernel, base_initrd, cluster, a, workdir, logdir):
     I/Os, nvmf µs, qemu µs)]."""
     env = (f"RUNTIME={a.runtime}\nROUNDS={a.rounds}\nSIZE_MIB={harness.EC_SIZE_MIB}\nTADDR={harness.GUEST_HOST_ADDR}\n"
            f"TPORT={cluster.port}\nNQN={cluster.nqn}\nJOBS='{' '.join(JOBS)}'\nCASES=''\n")
-    initrd = Path(workdir) / "initrd-vhost-compare"
-    with open(initrd, "wb") as f:
-        with open(base_initrd, "rb") as b:
-            shutil.copyfileobj(b, f)
-        f.write(harness.newc_archive([
-            ("etc/test-env.sh", env.encode(), 0o100644),
-            ("guest-lib.sh", (HERE / "guest-lib.sh").read_bytes(), 0o100644),
-            ("test.sh", (HERE / "compare" / "guest-vhost-compare.sh").read_bytes(), 0o100755),
-        ] + harness.fio_job_files()))
+    initrd = harness.boot_initrd(base_initrd, Path(workdir) / "initrd-vhost-compare", env,
+                                 (HERE / "compare" / "guest-vhost-compare.sh").read_bytes())
     console = Path(logdir) / "console-vhost-compare.log"
     harness.log(f"booting the comparison guest (console log {console})")
     vm = harness.Qemu("vhost-compare", kernel, initrd, "", console, vhost_blk=cluster.vhost_sock)

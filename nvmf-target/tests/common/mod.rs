@@ -400,3 +400,19 @@ pub fn managed_system(
     let mgmt = cluster.client();
     (cluster, nvmf, addr, rt, mgmt)
 }
+
+/// Pool `pool0` over every engine and an EC_2P1 volume `vol0` of `size` bytes (4 KiB blocks).
+pub async fn pool0_vol0(mgmt: &tessera_mgmt_api::MgmtClient, size: u64) -> tessera_mgmt_api::VolumeInfo {
+    use tessera_mgmt_api::{CreatePool, CreateVolume};
+    mgmt.create_pool(&CreatePool { name: "pool0".into(), ranks: Vec::new(), default_class: None }).await.unwrap();
+    let req = CreateVolume {
+        name: "vol0".into(),
+        size,
+        block_size: Some(4096),
+        class: Some("EC_2P1".into()),
+        cell_size: None,
+        chunk_size: None,
+        checksum: None,
+    };
+    mgmt.create_volume("pool0", &req).await.unwrap()
+}
