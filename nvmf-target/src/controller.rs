@@ -370,7 +370,7 @@ impl Controller {
             cns::NAMESPACE if io => match self.subsys.namespace(nsid) {
                 Some(ns) => {
                     let anagrpid = if self.subsys.ana.get().is_some() { crate::ana::ANA_GROUP } else { 0 };
-                    identify::namespace(&NamespaceInfo { anagrpid, ..namespace_info(&ns) })
+                    identify::namespace(&namespace_info(&ns, anagrpid))
                 }
                 // A valid but inactive NSID reads as zeros.
                 None if (1..=MAX_NSID).contains(&nsid) => vec![0; identify::IDENTIFY_LEN],
@@ -558,15 +558,15 @@ impl Controller {
     }
 }
 
-/// Identify Namespace values of a namespace.
-pub fn namespace_info(ns: &Namespace) -> NamespaceInfo {
+/// Identify Namespace values of a namespace in ANA group `anagrpid` (0: no ANA reporting).
+pub fn namespace_info(ns: &Namespace, anagrpid: u32) -> NamespaceInfo {
     NamespaceInfo {
         blocks: ns.bdev.num_blocks(),
         blocks_used: ns.bdev.allocated_blocks(),
         lba_shift: ns.lba_shift(),
         nguid: ns.uuid,
         write_protected: ns.bdev.write_protected(),
-        anagrpid: 0,
+        anagrpid,
     }
 }
 

@@ -105,6 +105,12 @@ pub struct Exported {
     pub snapshot: Option<SnapshotInfo>,
 }
 
+impl From<&VhostExportInfo> for Exported {
+    fn from(x: &VhostExportInfo) -> Exported {
+        Exported { volume: x.volume.clone(), snapshot: x.snapshot.clone() }
+    }
+}
+
 impl Exported {
     /// The handle this namespace needs: one per volume, and one per exported snapshot of it.
     fn key(&self) -> (Uuid, Option<u64>) {
@@ -244,8 +250,7 @@ impl Manager {
                 wanted.insert(x.key(), x.clone());
             }
         }
-        for x in vhost {
-            let x = Exported { volume: x.volume.clone(), snapshot: x.snapshot.clone() };
+        for x in vhost.iter().map(Exported::from) {
             wanted.insert(x.key(), x);
         }
         // A snapshot's description in the volume (its list of snapshots, its size) changes with
@@ -299,10 +304,7 @@ impl Manager {
             });
         }
         let volumes = &self.volumes;
-        let open = |x: &VhostExportInfo| {
-            let key = Exported { volume: x.volume.clone(), snapshot: x.snapshot.clone() }.key();
-            volumes.get(&key).map(|(_, v)| v.clone())
-        };
+        let open = |x: &VhostExportInfo| volumes.get(&Exported::from(x).key()).map(|(_, v)| v.clone());
         if !self.vhost.apply(vhost, open).await {
             complete = false;
         }

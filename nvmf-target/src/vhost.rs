@@ -90,16 +90,6 @@ pub fn wanted(list: &[VhostExportInfo], listen: &[SocketAddr]) -> (Vec<VhostExpo
 }
 
 impl VhostSet {
-    /// How many exports are being served.
-    pub fn len(&self) -> usize {
-        self.running.len()
-    }
-
-    /// Whether none is.
-    pub fn is_empty(&self) -> bool {
-        self.running.is_empty()
-    }
-
     /// Serves exactly `wanted`: stops the exports no longer wanted or changed, hands a grown
     /// volume's new handle to its running export, and starts the new ones with the volume handle
     /// `open(export)` gives (None: not open yet). Returns whether all of them are served.

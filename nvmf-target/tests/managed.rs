@@ -12,8 +12,8 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{cpu_ticks, managed_system, HostConn};
-use tessera_mgmt_api::{CreateExport, CreatePool, CreateVolume, MgmtClient, VolumeInfo};
+use common::{connect_when_served, cpu_ticks, create_volume, host_opts as opts, managed_system, pool0_vol0, HostConn};
+use tessera_mgmt_api::{CreateExport, MgmtClient, VolumeInfo};
 use tessera_nvme_proto::identify::ns_off;
 use tessera_nvme_proto::log::disc_off;
 use tessera_nvme_proto::opcode::{admin, cns};
@@ -29,32 +29,6 @@ const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0
 const OTHER_HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000bb";
 const DISCOVERY: &str = "nqn.2014-08.org.nvmexpress.discovery";
 const MIB: u64 = 1 << 20;
-
-fn opts(addr: SocketAddr, subnqn: &str, hostnqn: &str) -> ControllerOptions {
-    ControllerOptions {
-        addr,
-        subnqn: subnqn.into(),
-        hostnqn: hostnqn.into(),
-        hostid: [7; 16],
-        digests: Digests::default(),
-        kato_ms: 0,
-        disable_sqflow: false,
-    }
-}
-
-/// Connects (retrying while the export has not reached the target yet) within `timeout`.
-async fn connect_when_served(o: ControllerOptions, timeout: Duration) -> Controller {
-    let start = Instant::now();
-    loop {
-        match Controller::connect(o.clone(), 1).await {
-            Ok(c) => return c,
-            Err(e) => {
-                assert!(start.elapsed() < timeout, "{} not served after {timeout:?}: {e}", o.subnqn);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
 
 /// Waits until Connect to `subnqn` fails with `status` (the subsystem is gone or refuses).
 async fn wait_connect_refused(o: ControllerOptions, status: Status, timeout: Duration) {
@@ -114,8 +88,7 @@ fn discover(addr: SocketAddr, hostnqn: &str) -> Vec<String> {
 
 /// Pool `pool0`, volume `vol0` of `size` bytes, exported as namespace 1 of [`NQN`] at `addr`.
 async fn export_new_volume(mgmt: &MgmtClient, size: u64, addr: SocketAddr) -> VolumeInfo {
-    mgmt.create_pool(&CreatePool { name: "pool0".into(), ranks: Vec::new(), default_class: None }).await.unwrap();
-    let vol = create_volume(mgmt, "vol0", size).await;
+    let vol = pool0_vol0(mgmt, size).await;
     let req = CreateExport {
         nqn: NQN.into(),
         nsid: Some(1),
@@ -128,19 +101,6 @@ async fn export_new_volume(mgmt: &MgmtClient, size: u64, addr: SocketAddr) -> Vo
     };
     mgmt.create_export(&req).await.unwrap();
     vol
-}
-
-async fn create_volume(mgmt: &MgmtClient, name: &str, size: u64) -> VolumeInfo {
-    let req = CreateVolume {
-        name: name.into(),
-        size,
-        block_size: Some(4096),
-        class: Some("EC_2P1".into()),
-        cell_size: None,
-        chunk_size: None,
-        checksum: None,
-    };
-    mgmt.create_volume("pool0", &req).await.unwrap()
 }
 
 fn log_text(d: &Daemon) -> String {

@@ -11,45 +11,25 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{managed_system, pool0_vol0, HostConn};
+use common::{connect_when_served, host_opts, managed_system, pool0_vol0, HostConn};
 use tessera_mgmt_api::CreateExport;
 use tessera_nvme_proto::identify::{self, cmic, ctrl_off, ns_off};
 use tessera_nvme_proto::log::{ana_off, disc_off};
 use tessera_nvme_proto::opcode::{admin, cns, feature, log_id};
 use tessera_nvme_proto::reader::{u16_at, u32_at, u64_at};
 use tessera_nvme_proto::sqe::{SglDescriptor, SGL_ID_TRANSPORT};
-use tessera_nvme_proto::{Digests, Sqe};
-use tessera_nvmf_host::{Connection, Controller, ControllerOptions};
+use tessera_nvme_proto::Sqe;
+use tessera_nvmf_host::{Connection, Controller};
 
 const NQN: &str = "nqn.2026-12.io.tessera:multipath";
 const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000cc";
 const MIB: u64 = 1 << 20;
 
-fn opts(addr: SocketAddr) -> ControllerOptions {
-    ControllerOptions {
-        addr,
-        subnqn: NQN.into(),
-        hostnqn: HOSTNQN.into(),
-        hostid: [9; 16],
-        digests: Digests::default(),
-        kato_ms: 0,
-        disable_sqflow: false,
-    }
-}
-
-async fn connect_when_served(addr: SocketAddr) -> Controller {
-    let start = Instant::now();
-    loop {
-        match Controller::connect(opts(addr), 1).await {
-            Ok(c) => return c,
-            Err(e) => {
-                assert!(start.elapsed() < Duration::from_secs(20), "{NQN} not served on {addr}: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+/// Connects to the subsystem on path `addr` once that target serves it.
+async fn connect_path(addr: SocketAddr) -> Controller {
+    connect_when_served(host_opts(addr, NQN, HOSTNQN), Duration::from_secs(20)).await
 }
 
 /// (ANA state of the one group, its NSIDs) from the ANA log page.
@@ -118,8 +98,8 @@ fn two_targets_serve_one_subsystem_as_two_paths() {
             .unwrap();
         assert_eq!((x.listen.as_str(), x.paths.clone()), (a.to_string().as_str(), vec![b.to_string()]));
 
-        let mut pa = connect_when_served(a).await;
-        let mut pb = connect_when_served(b).await;
+        let mut pa = connect_path(a).await;
+        let mut pb = connect_path(b).await;
         // Identify: ANA reported, controller IDs from each path's own range.
         for (c, range) in [(&mut pa, 1..=0x0FFF), (&mut pb, 0x1001..=0x1FFF)] {
             assert!(range.contains(&c.cntlid), "controller {:#x} outside its path's range {range:?}", c.cntlid);
@@ -148,7 +128,7 @@ fn two_targets_serve_one_subsystem_as_two_paths() {
 
         // The operator moves the optimized path to the second target: its hosts get an ANA change
         // event (notice 03h, log 0Ch) and read the new states.
-        let mut watcher = connect_when_served(b).await;
+        let mut watcher = connect_path(b).await;
         let mut sf = Sqe::new(admin::SET_FEATURES, watcher.admin.cid());
         sf.set_cdw(10, u32::from(feature::ASYNC_EVENT_CONFIG)).set_cdw(11, identify::OAES_ANA_CHANGE);
         watcher.admin.exec_ok("enable ANA change events", sf, None, 0).await.unwrap();

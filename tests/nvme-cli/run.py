@@ -1348,6 +1348,26 @@ def established_conns(port):
     return n
 
 
+# Requests a guest makes of the tessera up cluster of its boot: name -> f(cluster, args, guest),
+# returning the message the guest gets after "ok".
+CLUSTER_REQUESTS = {
+    "kill-engine": lambda c, a, g: c.kill_engine(int(a[0]), during=f"at the request of guest boot {g.name}"),
+    "expect-engine-down": lambda c, a, g: c.wait_engine_down(int(a[0]), float(a[1])),
+    "expect-engine-rebuilt": lambda c, a, g: c.wait_engine_rebuilt(int(a[0]), float(a[1])),
+    "restart-engine": lambda c, a, g: c.restart_engine(int(a[0]), float(a[1]) if len(a) > 1 else 60),
+    "expect-engine-reintegrated": lambda c, a, g: c.wait_engine_reintegrated(int(a[0]), float(a[1])),
+    "nvmf-idle-cpu": lambda c, a, g: c.nvmf_idle_cpu(float(a[0]), int(a[1])),
+    "restart-nvmf": lambda c, a, g: c.restart_nvmf(float(a[0]) if a else 60),
+    "kill-nvmf": lambda c, a, g: c.kill_nvmf(a[0]),
+    "start-nvmf": lambda c, a, g: c.start_nvmf(a[0], float(a[1]) if len(a) > 1 else 30),
+    "set-optimized": lambda c, a, g: c.set_optimized(int(a[0])),
+    "snapshot-export": lambda c, a, g: c.snapshot_export(a[0], a[1]),
+    "clone-export": lambda c, a, g: c.clone_export(a[0], a[1], a[2]),
+    "rollback": lambda c, a, g: c.rollback(a[0]),
+    "expect-pool-healthy": lambda c, a, g: c.wait_pool_healthy(float(a[0])),
+}
+
+
 class Context:
     def __init__(self, target, selected, port):
         self.port = port
@@ -1371,85 +1391,10 @@ class Context:
                 self.target.remove_namespace(int(parts[1]))
             elif parts[0] == "allow-host-b":
                 self.target.allow_host_b(parts[1])
-            elif parts[0] == "kill-engine":
+            elif parts[0] in CLUSTER_REQUESTS:
                 if not self.cluster:
                     return "err no cluster is running"
-                msg = self.cluster.kill_engine(int(parts[1]), during=f"at the request of guest boot {guest.name}")
-                guest.note(msg)
-                return "ok " + msg
-            elif parts[0] == "expect-engine-down":
-                if not self.cluster:
-                    return "err no cluster is running"
-                msg = self.cluster.wait_engine_down(int(parts[1]), float(parts[2]))
-                guest.note(msg)
-                return "ok " + msg
-            elif parts[0] == "expect-engine-rebuilt":
-                if not self.cluster:
-                    return "err no cluster is running"
-                msg = self.cluster.wait_engine_rebuilt(int(parts[1]), float(parts[2]))
-                guest.note(msg)
-                return "ok " + msg
-            elif parts[0] == "restart-engine":
-                if not self.cluster:
-                    return "err no cluster is running"
-                msg = self.cluster.restart_engine(int(parts[1]), float(parts[2]) if len(parts) > 2 else 60)
-                guest.note(msg)
-                return "ok " + msg
-            elif parts[0] == "nvmf-idle-cpu":
-                if not self.cluster:
-                    return "err no cluster is running"
-                msg = self.cluster.nvmf_idle_cpu(float(parts[1]), int(parts[2]))
-                guest.note(msg)
-                return "ok " + msg
-            elif parts[0] == "set-optimized":
-                if not self.cluster:
-                    return "err no cluster is running"
-                msg = self.cluster.set_optimized(int(parts[1]))
-                guest.note(msg)
-                return "ok " + msg
-            elif parts[0] in ("kill-nvmf", "start-nvmf"):
-                if not self.cluster:
-                    return "err no cluster is running"
-                if parts[0] == "kill-nvmf":
-                    msg = self.cluster.kill_nvmf(parts[1])
-                else:
-                    msg = self.cluster.start_nvmf(parts[1], float(parts[2]) if len(parts) > 2 else 30)
-                guest.note(msg)
-                return "ok " + msg
-            elif parts[0] == "restart-nvmf":
-                if not self.cluster:
-                    return "err no cluster is running"
-                msg = self.cluster.restart_nvmf(float(parts[1]) if len(parts) > 1 else 60)
-                guest.note(msg)
-                return "ok " + msg
-            elif parts[0] == "expect-engine-reintegrated":
-                if not self.cluster:
-                    return "err no cluster is running"
-                msg = self.cluster.wait_engine_reintegrated(int(parts[1]), float(parts[2]))
-                guest.note(msg)
-                return "ok " + msg
-            elif parts[0] == "snapshot-export":
-                if not self.cluster:
-                    return "err no cluster is running"
-                msg = self.cluster.snapshot_export(parts[1], parts[2])
-                guest.note(msg)
-                return "ok " + msg
-            elif parts[0] == "clone-export":
-                if not self.cluster:
-                    return "err no cluster is running"
-                msg = self.cluster.clone_export(parts[1], parts[2], parts[3])
-                guest.note(msg)
-                return "ok " + msg
-            elif parts[0] == "rollback":
-                if not self.cluster:
-                    return "err no cluster is running"
-                msg = self.cluster.rollback(parts[1])
-                guest.note(msg)
-                return "ok " + msg
-            elif parts[0] == "expect-pool-healthy":
-                if not self.cluster:
-                    return "err no cluster is running"
-                msg = self.cluster.wait_pool_healthy(float(parts[1]))
+                msg = CLUSTER_REQUESTS[parts[0]](self.cluster, parts[1:], guest)
                 guest.note(msg)
                 return "ok " + msg
             elif parts[0] == "expect-conns-min":

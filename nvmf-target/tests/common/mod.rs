@@ -401,12 +401,37 @@ pub fn managed_system(
     (cluster, nvmf, addr, rt, mgmt)
 }
 
-/// Pool `pool0` over every engine and an EC_2P1 volume `vol0` of `size` bytes (4 KiB blocks).
-pub async fn pool0_vol0(mgmt: &tessera_mgmt_api::MgmtClient, size: u64) -> tessera_mgmt_api::VolumeInfo {
-    use tessera_mgmt_api::{CreatePool, CreateVolume};
-    mgmt.create_pool(&CreatePool { name: "pool0".into(), ranks: Vec::new(), default_class: None }).await.unwrap();
-    let req = CreateVolume {
-        name: "vol0".into(),
+/// How the async host (`tessera-nvmf-host`) reaches `subnqn` at `addr` as `hostnqn`.
+pub fn host_opts(addr: SocketAddr, subnqn: &str, hostnqn: &str) -> tessera_nvmf_host::ControllerOptions {
+    tessera_nvmf_host::ControllerOptions {
+        addr,
+        subnqn: subnqn.into(),
+        hostnqn: hostnqn.into(),
+        hostid: [7; 16],
+        digests: Digests::default(),
+        kato_ms: 0,
+        disable_sqflow: false,
+    }
+}
+
+/// Connects (retrying while the export has not reached the target yet) within `timeout`.
+pub async fn connect_when_served(o: tessera_nvmf_host::ControllerOptions, timeout: Duration) -> tessera_nvmf_host::Controller {
+    let start = Instant::now();
+    loop {
+        match tessera_nvmf_host::Controller::connect(o.clone(), 1).await {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(start.elapsed() < timeout, "{} not served on {} after {timeout:?}: {e}", o.subnqn, o.addr);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// An EC_2P1 volume `name` of `size` bytes (4 KiB blocks) in pool `pool0`.
+pub async fn create_volume(mgmt: &tessera_mgmt_api::MgmtClient, name: &str, size: u64) -> tessera_mgmt_api::VolumeInfo {
+    let req = tessera_mgmt_api::CreateVolume {
+        name: name.into(),
         size,
         block_size: Some(4096),
         class: Some("EC_2P1".into()),
@@ -415,4 +440,11 @@ pub async fn pool0_vol0(mgmt: &tessera_mgmt_api::MgmtClient, size: u64) -> tesse
         checksum: None,
     };
     mgmt.create_volume("pool0", &req).await.unwrap()
+}
+
+/// Pool `pool0` over every engine and an EC_2P1 volume `vol0` of `size` bytes (4 KiB blocks).
+pub async fn pool0_vol0(mgmt: &tessera_mgmt_api::MgmtClient, size: u64) -> tessera_mgmt_api::VolumeInfo {
+    use tessera_mgmt_api::CreatePool;
+    mgmt.create_pool(&CreatePool { name: "pool0".into(), ranks: Vec::new(), default_class: None }).await.unwrap();
+    create_volume(mgmt, "vol0", size).await
 }
