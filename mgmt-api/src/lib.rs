@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 mod heal;
+mod resv;
 pub use heal::*;
+pub use resv::*;
 
 /// Default address of the management service.
 pub const DEFAULT_MGMT_ADDR: &str = "127.0.0.1:7400";
@@ -550,6 +552,9 @@ pub struct ExportInfo {
     /// The snapshot served instead of the live volume: a read-only namespace of its size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotInfo>,
+    /// The namespace's NVMe reservation (registrants, holder, notifications).
+    #[serde(default, skip_serializing_if = "Reservation::is_empty")]
+    pub reservation: Reservation,
 }
 
 /// Request queues of a vhost-user-blk disk when the export leaves them out.
@@ -853,9 +858,23 @@ impl MgmtClient {
     /// `GET /v1/exports?after=V&wait_ms=T`: waits (up to `wait`) for a store version above
     /// `after`, then lists the exports.
     pub async fn wait_exports(&self, after: ClusterVersion, wait: Duration) -> Result<ExportList, MgmtError> {
+        self.follow_exports(after, wait, None).await
+    }
+
+    /// [`MgmtClient::wait_exports`] by a target that serves exports: `me` says which target it
+    /// is and which list it has applied (see [`Follower`]).
+    pub async fn follow_exports(&self, after: ClusterVersion, wait: Duration, me: Option<&Follower>) -> Result<ExportList, MgmtError> {
         let wait_ms = wait.as_millis().min(60_000) as u64;
-        let req = self.http.get(self.url(&format!("/exports?after={after}&wait_ms={wait_ms}")));
+        let mut req = self.http.get(self.url("/exports")).query(&[("after", after), ("wait_ms", wait_ms)]);
+        if let Some(me) = me {
+            req = req.query(&[("target", me.listen.join(","))]).query(&[("taken", me.taken)]);
+        }
         self.send(req, Duration::from_millis(wait_ms) + DEFAULT_TIMEOUT).await
+    }
+
+    /// `POST /v1/exports/{nqn}/{nsid}/reservation`.
+    pub async fn reservation(&self, nqn: &str, nsid: u32, cmd: &ReservationCommand) -> Result<ReservationReply, MgmtError> {
+        self.post(&format!("/exports/{nqn}/{nsid}/reservation"), cmd).await
     }
 
     /// `POST /v1/vhost-exports`.

@@ -20,12 +20,14 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tessera_mgmt_api::{
     ApiError, ClusterVersion, CreateClone, CreateExport, CreatePool, CreateSnapshot, CreateVhostExport, CreateVolume, EngineReport,
-    ExportInfo, ExportList, ExtendPool, Flatten, Heartbeat, HeartbeatReply, PoolInfo, PoolMapInfo, RegisterEngine, ResizeVolume, Rollback,
-    SetOptimized, SnapshotInfo, SystemInfo, TargetSelector, VhostExportInfo, VolumeInfo, SNAPSHOT_STABLE_WAIT,
+    ExportInfo, ExportList, ExtendPool, Flatten, Heartbeat, HeartbeatReply, PoolInfo, PoolMapInfo, RegisterEngine, ReservationCommand,
+    ReservationReply, ResizeVolume, Rollback, SetOptimized, SnapshotInfo, SystemInfo, TargetSelector, VhostExportInfo, VolumeInfo,
+    SNAPSHOT_STABLE_WAIT,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::error;
+use tracing::{error, warn};
 
+use crate::followers::{Followers, FENCE_WAIT};
 use crate::machine::{self, Command, Outcome};
 use crate::punch;
 use crate::service::{Service, ServiceError};
@@ -42,6 +44,15 @@ pub struct App {
     pub svc: Arc<Service>,
     /// Cancelled at shutdown: long polls answer at once.
     pub stop: CancellationToken,
+    /// The targets following the export list (the reservation fence).
+    pub followers: Arc<Followers>,
+}
+
+impl App {
+    /// The API of `svc`, stopped by `stop`.
+    pub fn new(svc: Arc<Service>, stop: CancellationToken) -> App {
+        App { svc, stop, followers: Arc::default() }
+    }
 }
 
 /// An error answer: a status and one line.
@@ -164,6 +175,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/exports", get(list_exports).post(create_export))
         .route("/v1/exports/{nqn}/optimized", post(set_optimized))
         .route("/v1/exports/{nqn}/{nsid}", get(get_export).delete(delete_export))
+        .route("/v1/exports/{nqn}/{nsid}/reservation", post(reservation))
         .route("/v1/vhost-exports", get(list_vhost_exports).post(create_vhost_export).delete(delete_vhost_export))
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async { HttpError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint") })
@@ -406,16 +418,21 @@ async fn delete_volume(State(app): State<App>, ApiPath((pool, volume)): ApiPath<
 }
 
 /// Query of `GET /v1/exports`.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportsQuery {
     /// Answer once the store version exceeds this.
     pub after: Option<ClusterVersion>,
     /// Longest wait, milliseconds (capped at [`MAX_WAIT_MS`]).
     pub wait_ms: Option<u64>,
+    /// The polling target's listen addresses, comma-separated ([`tessera_mgmt_api::Follower`]).
+    pub target: Option<String>,
+    /// The newest list that target has applied.
+    pub taken: Option<ClusterVersion>,
 }
 
 async fn list_exports(State(app): State<App>, ApiQuery(q): ApiQuery<ExportsQuery>) -> Json<ExportList> {
+    let _poll = q.target.as_deref().map(|t| app.followers.poll(t, q.taken.unwrap_or(0)));
     if let Some(after) = q.after {
         let wait = Duration::from_millis(q.wait_ms.unwrap_or(DEFAULT_WAIT_MS).min(MAX_WAIT_MS));
         let mut rx = app.svc.subscribe();
@@ -465,6 +482,34 @@ async fn set_optimized(
         Outcome::Exports(x) => Ok(Json(x)),
         o => Err(unexpected(o)),
     }
+}
+
+/// A host's reservation command, forwarded by the target it reached. A change is answered once
+/// every other target serving the subsystem has taken it (see [`Followers`]), so that what one
+/// path completed holds on all of them.
+async fn reservation(
+    State(app): State<App>,
+    ApiPath((nqn, nsid)): ApiPath<(String, String)>,
+    ApiJson(cmd): ApiJson<ReservationCommand>,
+) -> Result<Json<ReservationReply>, HttpError> {
+    let nsid = parse_nsid(&nsid)?;
+    let Outcome::Reservation { status, reservation } = execute(&app, Command::Reservation { nqn: nqn.clone(), nsid, cmd }).await? else {
+        return Err(HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error: unexpected outcome"));
+    };
+    let snap = app.svc.snapshot();
+    if status == 0 {
+        let paths: Vec<String> = snap
+            .state
+            .exports
+            .get(&(nqn.clone(), nsid))
+            .map(|x| std::iter::once(&x.listen).chain(&x.paths).cloned().collect())
+            .unwrap_or_default();
+        let behind = app.followers.fence(&paths, snap.version, FENCE_WAIT).await;
+        if !behind.is_empty() {
+            warn!(nqn, nsid, version = snap.version, targets = ?behind, "reservation change answered before these paths took it");
+        }
+    }
+    Ok(Json(ReservationReply { status, version: snap.version, reservation }))
 }
 
 /// Query of `DELETE /v1/vhost-exports`: the socket path (a path holds `/`, so it is not a

@@ -13,6 +13,7 @@
 //! - [`punch`]: removing a deleted volume's data from the engines.
 #![forbid(unsafe_code)]
 
+pub mod followers;
 pub mod http;
 pub mod machine;
 pub mod punch;

@@ -14,7 +14,7 @@ use std::str::FromStr;
 use tessera_engine_proto::ObjectId;
 use tessera_mgmt_api::{
     CreateExport, CreatePool, CreateVhostExport, CreateVolume, EngineState, ExportInfo, PoolEngine, PoolInfo, PoolMapInfo, PoolTarget,
-    PoolVersion, RegisterEngine, TargetSelector, TargetStateName, VhostExportInfo, VolumeInfo,
+    PoolVersion, RegisterEngine, Reservation, ReservationCommand, TargetSelector, TargetStateName, VhostExportInfo, VolumeInfo,
 };
 use tessera_placement::layout::{default_chunk_size, VolumeLayout, DEFAULT_CELL_SIZE};
 use tessera_placement::placement::{group_count, group_layout, ObjectClass, PoolMap, TargetEntry, TargetRef, TargetState};
@@ -31,7 +31,7 @@ use snapshots::{clone_parent, clone_volume, clones_of, create_snapshot, delete_s
 pub use snapshots::{retention, snapshot_info, snapshots, MAX_SNAPSHOTS};
 #[path = "machine_exports.rs"]
 mod exports;
-use exports::{create_export, create_vhost_export, delete_export, delete_vhost_export, set_optimized};
+use exports::{create_export, create_vhost_export, delete_export, delete_vhost_export, reservation, set_optimized};
 pub use exports::{exports, vhost_exports};
 
 /// Default object class of a pool.
@@ -212,6 +212,15 @@ pub enum Command {
         /// The path's listen address.
         listen: String,
     },
+    /// A host's reservation command on an exported namespace, forwarded by a target.
+    Reservation {
+        /// Subsystem NQN.
+        nqn: String,
+        /// Namespace id.
+        nsid: u32,
+        /// The command.
+        cmd: ReservationCommand,
+    },
     /// Remove an export.
     DeleteExport {
         /// Subsystem NQN.
@@ -294,6 +303,13 @@ pub enum Outcome {
     Exports(Vec<ExportInfo>),
     /// A vhost-user-blk export was created or deleted.
     VhostExport(VhostExportInfo),
+    /// A reservation command was carried out (status 0) or refused with this NVMe status.
+    Reservation {
+        /// NVMe status field.
+        status: u16,
+        /// The reservation after it.
+        reservation: Reservation,
+    },
     /// A snapshot was created or deleted.
     Snapshot(tessera_mgmt_api::SnapshotInfo),
 }
@@ -422,6 +438,7 @@ fn apply_to(next: &mut State, cmd: &Command, env: &Env) -> Result<Outcome, CmdEr
         Command::CreateExport(req) => create_export(next, req)?,
         Command::DeleteExport { nqn, nsid } => delete_export(next, nqn, *nsid)?,
         Command::SetOptimized { nqn, listen } => set_optimized(next, nqn, listen)?,
+        Command::Reservation { nqn, nsid, cmd } => reservation(next, nqn, *nsid, cmd)?,
         Command::CreateVhostExport(req) => create_vhost_export(next, req)?,
         Command::DeleteVhostExport { socket } => delete_vhost_export(next, socket)?,
     };

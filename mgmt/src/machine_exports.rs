@@ -22,6 +22,7 @@ fn export_info(state: &State, x: &ExportRec) -> Result<ExportInfo, CmdError> {
             Some(name) => Some(snapshot_info(get_snapshot(get_volume(state, &x.pool, &x.volume)?, name)?, 0)),
             None => None,
         },
+        reservation: x.reservation.clone(),
     })
 }
 
@@ -123,6 +124,7 @@ pub(super) fn create_export(s: &mut State, req: &CreateExport) -> Result<Outcome
         pool: req.pool.clone(),
         volume: req.volume.clone(),
         snapshot: req.snapshot.clone(),
+        reservation: Reservation::default(),
     };
     let info = export_info(s, &rec)?;
     s.exports.insert((rec.nqn.clone(), nsid), rec);
@@ -156,6 +158,24 @@ pub(super) fn set_optimized(s: &mut State, nqn: &str, listen: &str) -> Result<Ou
         }
     }
     Ok(Outcome::Exports(out))
+}
+
+/// Carries out a host's reservation command on namespace `nsid` of `nqn`. A command the rules
+/// refuse is an outcome with its NVMe status (the host gets it), not an error, and changes
+/// nothing.
+pub(super) fn reservation(s: &mut State, nqn: &str, nsid: u32, cmd: &ReservationCommand) -> Result<Outcome, CmdError> {
+    let x = s.exports.get_mut(&(nqn.to_string(), nsid)).ok_or_else(|| CmdError::NoExport { nqn: nqn.to_string(), nsid })?;
+    let applied =
+        tessera_nvme_resv::Command::parse(cmd.opcode, cmd.cdw10, &cmd.data).and_then(|c| x.reservation.state.apply(&cmd.host, &c));
+    let status = match applied {
+        Ok((next, notices)) => {
+            x.reservation.state = next;
+            x.reservation.record(&notices);
+            0
+        }
+        Err(st) => st.to_field(),
+    };
+    Ok(Outcome::Reservation { status, reservation: x.reservation.clone() })
 }
 
 pub(super) fn delete_export(s: &mut State, nqn: &str, nsid: u32) -> Result<Outcome, CmdError> {

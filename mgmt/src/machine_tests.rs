@@ -976,3 +976,47 @@ fn floors_of_targets_out_too_long_expire_in_one_new_version() {
     // Once expired, never again.
     assert_eq!(ok(&e, Command::ExpireFloors { below: u64::MAX }).1, Outcome::FloorsExpired(vec![]));
 }
+
+#[test]
+fn reservations_are_kept_per_exported_namespace() {
+    use tessera_mgmt_api::ReservationCommand;
+    use tessera_nvme_resv::{opcode, RESERVATION_CONFLICT};
+    let s = run(&with_volumes(&["a"]), Command::CreateExport(export_req(NQN, None, "a")));
+    let cmd = |host: u8, op: u8, cdw10: u32, k1: u64, k2: u64| {
+        let mut data = k1.to_le_bytes().to_vec();
+        if op != opcode::RELEASE {
+            data.extend_from_slice(&k2.to_le_bytes());
+        }
+        Command::Reservation { nqn: NQN.into(), nsid: 1, cmd: ReservationCommand { host: [host; 16], opcode: op, cdw10, data } }
+    };
+    let (s, out) = ok(&s, cmd(1, opcode::REGISTER, 0, 0, 0x11));
+    assert!(matches!(out, Outcome::Reservation { status: 0, ref reservation } if reservation.state.registrants.len() == 1), "{out:?}");
+    let (s, _) = ok(&s, cmd(2, opcode::REGISTER, 0, 0, 0x22));
+    let (s, _) = ok(&s, cmd(1, opcode::ACQUIRE, 1 << 8, 0x11, 0));
+    // Refused by the rules: an NVMe status, nothing changed.
+    let (same, out) = ok(&s, cmd(2, opcode::ACQUIRE, 1 << 8, 0x22, 0));
+    assert!(matches!(out, Outcome::Reservation { status, .. } if status == RESERVATION_CONFLICT.to_field()), "{out:?}");
+    assert_eq!(same, s);
+    let (_, out) = ok(&s, cmd(2, opcode::ACQUIRE, 7 << 8, 0x22, 0));
+    assert!(matches!(out, Outcome::Reservation { status, .. } if status != 0 && status != RESERVATION_CONFLICT.to_field()), "{out:?}");
+    // A preempt records the notification owed to the preempted host; the export list carries it.
+    let (s, _) = ok(&s, cmd(2, opcode::ACQUIRE, 1 | (1 << 8), 0x22, 0x11));
+    let x = &exports(&s)[0];
+    assert_eq!(x.reservation.state.reservation.and_then(|h| h.holder), Some([2; 16]));
+    assert_eq!(x.reservation.notices.iter().map(|n| (n.seq, n.notice.host)).collect::<Vec<_>>(), vec![(1, [1; 16])]);
+    // No such namespace: 404; the reservation goes with the export.
+    assert_eq!(
+        status(
+            &s,
+            Command::Reservation {
+                nqn: NQN.into(),
+                nsid: 2,
+                cmd: ReservationCommand { host: [1; 16], opcode: opcode::REGISTER, cdw10: 0, data: vec![0; 16] }
+            }
+        ),
+        404
+    );
+    let n = run(&s, Command::DeleteExport { nqn: NQN.into(), nsid: 1 });
+    let again = run(&n, Command::CreateExport(export_req(NQN, None, "a")));
+    assert!(exports(&again)[0].reservation.is_empty());
+}

@@ -90,7 +90,7 @@ fn run(args: Args) -> Result<(), RunError> {
         info!(%addr, db = %args.db.display(), version = snap.version, engines = snap.state.engines.len(), pools = snap.state.pools.len(), auto_reintegrate = config.auto_reintegrate, "mgmt listening");
         let stop = CancellationToken::new();
         let monitor = tokio::spawn(service::monitor(svc.clone(), stop.clone()));
-        let app = App { svc: svc.clone(), stop: stop.clone() };
+        let app = App::new(svc.clone(), stop.clone());
         let server = axum::serve(listener, http::router(app)).with_graceful_shutdown(stop.clone().cancelled_owned());
         let server = tokio::spawn(async move { server.await });
         tokio::select! {

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tessera_mgmt_api::{EngineState, PoolTarget, TargetStateName};
+use tessera_mgmt_api::{EngineState, PoolTarget, Reservation, TargetStateName};
 use tessera_placement::placement::TargetState;
 use uuid::Uuid;
 
@@ -188,6 +188,10 @@ pub struct ExportRec {
     /// The snapshot of the volume served (read-only) instead of the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// The namespace's NVMe reservation: kept here so that it holds on every path of the
+    /// subsystem and survives a target's restart; it goes with the export.
+    #[serde(default, skip_serializing_if = "Reservation::is_empty")]
+    pub reservation: Reservation,
 }
 
 /// A vhost-user-blk export: one volume (or snapshot) as a VM disk on a UNIX socket.
@@ -516,6 +520,14 @@ pub(crate) mod tests {
                 pool: "p".into(),
                 volume: "v".into(),
                 snapshot: None,
+                reservation: {
+                    let mut r = Reservation::default();
+                    r.state.registrants.push(tessera_nvme_resv::Registrant { host: [7; 16], key: 0xABCD });
+                    r.state.reservation =
+                        Some(tessera_nvme_resv::Held { rtype: tessera_nvme_resv::RType::WriteExclusive, holder: Some([7; 16]) });
+                    r.record(&[tessera_nvme_resv::Notice { host: [8; 16], kind: tessera_nvme_resv::NoticeKind::RegistrationPreempted }]);
+                    r
+                },
             },
         );
         s.vhost_exports.insert(

@@ -63,6 +63,7 @@ pub mod cntrltype {
 pub mod oncs {
     pub const DSM: u16 = 1 << 2;
     pub const WRITE_ZEROES: u16 = 1 << 3;
+    pub const RESERVATIONS: u16 = 1 << 5;
 }
 
 /// What an Identify Controller page says.
@@ -186,6 +187,7 @@ pub mod ns_off {
     pub const NLBAF: usize = 25;
     pub const FLBAS: usize = 26;
     pub const NMIC: usize = 30;
+    pub const RESCAP: usize = 31;
     pub const DLFEAT: usize = 33;
     pub const NOWS: usize = 72;
     pub const ANAGRPID: usize = 92;
@@ -210,6 +212,8 @@ pub struct NamespaceInfo {
     pub write_protected: bool,
     /// The namespace's ANA group (0: the controller does not report ANA).
     pub anagrpid: u32,
+    /// Reservation capabilities (RESCAP; 0: no reservations).
+    pub rescap: u8,
 }
 
 /// Builds Identify Namespace (CNS 00h) for an active namespace.
@@ -225,6 +229,7 @@ pub fn namespace(n: &NamespaceInfo) -> Vec<u8> {
     w.u8(FLBAS, 0);
     // May be attached to several controllers at once.
     w.u8(NMIC, 1);
+    w.u8(RESCAP, n.rescap);
     // Deallocated blocks read as zeros (bits 2:0 = 001b); Write Zeroes may deallocate (bit 3).
     w.u8(DLFEAT, 0b001 | (1 << 3));
     // NSATTR bit 0: the namespace is write protected.
@@ -330,15 +335,30 @@ mod tests {
 
     #[test]
     fn namespace_and_lists() {
-        let page =
-            namespace(&NamespaceInfo { blocks: 1000, blocks_used: 10, lba_shift: 9, nguid: [9; 16], write_protected: false, anagrpid: 0 });
+        let page = namespace(&NamespaceInfo {
+            blocks: 1000,
+            blocks_used: 10,
+            lba_shift: 9,
+            nguid: [9; 16],
+            write_protected: false,
+            anagrpid: 0,
+            rescap: 0x7E,
+        });
         assert_eq!(u64_at(&page, 0), Some(1000));
         assert_eq!(u64_at(&page, 16), Some(10));
         assert_eq!(page[130], 9);
         assert_eq!(page[ns_off::DLFEAT] & 0x7, 1);
         assert_eq!(page[ns_off::NSATTR], 0);
-        let ro =
-            namespace(&NamespaceInfo { blocks: 1000, blocks_used: 10, lba_shift: 9, nguid: [9; 16], write_protected: true, anagrpid: 0 });
+        assert_eq!(page[31], 0x7E, "RESCAP");
+        let ro = namespace(&NamespaceInfo {
+            blocks: 1000,
+            blocks_used: 10,
+            lba_shift: 9,
+            nguid: [9; 16],
+            write_protected: true,
+            anagrpid: 0,
+            rescap: 0,
+        });
         assert_eq!(ro[99], 1, "NSATTR bit 0: write protected");
         let l = ns_list([1, 2, 7]);
         assert_eq!((u32_at(&l, 0), u32_at(&l, 8), u32_at(&l, 12)), (Some(1), Some(7), Some(0)));

@@ -53,6 +53,7 @@ pub mod log_id {
     pub const CHANGED_NAMESPACES: u8 = 0x04;
     pub const ANA: u8 = 0x0C;
     pub const DISCOVERY: u8 = 0x70;
+    pub const RESERVATION_NOTIFICATION: u8 = 0x80;
 }
 
 /// Identify CNS values.

@@ -80,10 +80,6 @@ impl RType {
 /// RESCAP of Identify Namespace: every type, Ignore Existing Key; no persistence through power
 /// loss (bit 0) — the state lives in the management service.
 pub const RESCAP: u8 = 0b1111_1110;
-/// Identify Namespace offset of RESCAP.
-pub const RESCAP_OFF: usize = 31;
-/// ONCS bit 5: reservations supported.
-pub const ONCS_RESERVATIONS: u16 = 1 << 5;
 
 /// A registered host and its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -371,6 +367,27 @@ impl State {
             }
         }
     }
+}
+
+/// Reservation Notification log page (LID 80h) offsets.
+pub mod notice_off {
+    pub const COUNT: usize = 0;
+    pub const TYPE: usize = 8;
+    pub const AVAILABLE: usize = 9;
+    pub const NSID: usize = 12;
+    pub const LEN: usize = 64;
+}
+
+/// One Reservation Notification log page: the `count`th notification (0 and no `kind`: the log
+/// is empty), `available` more waiting after it.
+pub fn notice_page(count: u64, kind: Option<NoticeKind>, available: u8, nsid: u32) -> Vec<u8> {
+    use notice_off::*;
+    let mut w = PageWriter::new(LEN);
+    w.u64(COUNT, count);
+    w.u8(TYPE, kind.map_or(0, |k| k as u8));
+    w.u8(AVAILABLE, available);
+    w.u32(NSID, nsid);
+    w.into_vec()
 }
 
 /// Reservation Report offsets (extended data structure, EDS = 1).

@@ -18,10 +18,12 @@ use tessera_nvme_proto::identify::{self, cntrltype, ControllerInfo, NamespaceInf
 use tessera_nvme_proto::log::{self, DiscoveryEntry, ErrorEntry, SmartInfo};
 use tessera_nvme_proto::opcode::{admin, cns, feature, log_id};
 use tessera_nvme_proto::{Sqe, Status};
+use tessera_nvme_resv::NoticeKind;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MAX_NSID;
+use crate::resv::NoticeLog;
 use crate::target::{self, Namespace, Subsystem, Target};
 
 /// Outstanding Asynchronous Event Requests allowed, 0's based (AERL).
@@ -43,6 +45,9 @@ const AE_INFO_NS_ATTR: u32 = 0x00;
 const AE_INFO_DISCOVERY: u32 = 0xF0;
 /// Notice: Asymmetric Namespace Access Change.
 const AE_INFO_ANA_CHANGE: u32 = 0x03;
+/// Event type 6 (I/O command specific status), information 00h (Reservation Log Page
+/// Available), log page 80h.
+const AE_RESERVATION_LOG: u32 = 6 | ((log_id::RESERVATION_NOTIFICATION as u32) << 16);
 
 /// Whether a controller belongs to an NVM subsystem or is a discovery controller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +72,7 @@ struct State {
     changed_namespaces: BTreeSet<u32>,
     errors: VecDeque<ErrorEntry>,
     error_count: u64,
+    notices: NoticeLog,
 }
 
 /// A controller.
@@ -137,6 +143,7 @@ impl Controller {
                 changed_namespaces: BTreeSet::new(),
                 errors: VecDeque::new(),
                 error_count: 0,
+                notices: NoticeLog::default(),
             }),
             cancel: CancellationToken::new(),
             aen: Notify::new(),
@@ -221,6 +228,12 @@ impl Controller {
         let enabled = self.state().async_event_config & identify::OAES_ANA_CHANGE != 0;
         let dw0 = AE_TYPE_NOTICE | (AE_INFO_ANA_CHANGE << 8) | (u32::from(log_id::ANA) << 16);
         self.raise_event(log_id::ANA, dw0, enabled);
+    }
+
+    /// This controller's host is owed a reservation notification about namespace `nsid`.
+    pub fn reservation_notice(&self, nsid: u32, kind: NoticeKind) {
+        self.state().notices.push(nsid, kind);
+        self.raise_event(log_id::RESERVATION_NOTIFICATION, AE_RESERVATION_LOG, true);
     }
 
     /// The discovery log changed (for discovery controllers).
@@ -356,7 +369,7 @@ impl Controller {
             oaes: self.supported_events(),
             aerl: AERL,
             elpe: ELPE,
-            oncs: if io { identify::oncs::DSM | identify::oncs::WRITE_ZEROES } else { 0 },
+            oncs: if io { identify::oncs::DSM | identify::oncs::WRITE_ZEROES | identify::oncs::RESERVATIONS } else { 0 },
             ana_groups: self.subsys.ana.get().filter(|_| io).map(|_| 1),
         }
     }
@@ -429,6 +442,15 @@ impl Controller {
                     Some(page) => page,
                     None => return AdminOutcome::status(Status::INVALID_LOG_PAGE),
                 }
+            }
+            (ControllerKind::Io, log_id::RESERVATION_NOTIFICATION) => {
+                let (page, more) = self.state().notices.pop();
+                if more {
+                    // The next page is announced once this one is read.
+                    self.state().masked_logs.remove(&lid);
+                    self.raise_event(lid, AE_RESERVATION_LOG, true);
+                }
+                page
             }
             (ControllerKind::Io, log_id::CHANGED_NAMESPACES) => {
                 let mut st = self.state();
@@ -567,6 +589,7 @@ pub fn namespace_info(ns: &Namespace, anagrpid: u32) -> NamespaceInfo {
         nguid: ns.uuid,
         write_protected: ns.bdev.write_protected(),
         anagrpid,
+        rescap: tessera_nvme_resv::RESCAP,
     }
 }
 

@@ -103,6 +103,16 @@ pub enum IoOp {
 }
 
 impl IoOp {
+    /// Which access a reservation must allow: `Some(false)` reads (Read), `Some(true)` writes
+    /// (Write, Write Zeroes, Dataset Management), `None` either (Flush).
+    pub fn access(&self) -> Option<bool> {
+        match self {
+            IoOp::Read { .. } => Some(false),
+            IoOp::Flush { .. } => None,
+            _ => Some(true),
+        }
+    }
+
     /// The first LBA the command addresses, for the error log.
     pub fn lba(&self) -> u64 {
         match *self {

@@ -21,6 +21,7 @@ pub mod managed;
 pub mod outbox;
 pub mod poll;
 pub mod queue;
+pub mod resv;
 pub mod server;
 pub mod target;
 pub mod vhost;

@@ -28,7 +28,8 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use tessera_client::volume::{Cluster, Volume};
-use tessera_mgmt_api::{path_cntlids, ExportInfo, ExportList, MgmtClient, SnapshotInfo, VhostExportInfo, VolumeInfo};
+pub use tessera_mgmt_api::serves;
+use tessera_mgmt_api::{path_cntlids, ExportInfo, ExportList, Follower, MgmtClient, SnapshotInfo, VhostExportInfo, VolumeInfo};
 use tessera_nvme_proto::log::AnaState;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -48,15 +49,6 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Model number of managed subsystems (Identify Controller).
 pub const MANAGED_MODEL: &str = "Tessera volume";
-
-/// Whether an export's `listen` address is served by a target listening on `listen`: equal, or
-/// the target listens on the unspecified address (0.0.0.0 / ::) at the same port.
-pub fn serves(listen: &[SocketAddr], export_listen: &str) -> bool {
-    let Ok(want) = export_listen.parse::<SocketAddr>() else {
-        return false;
-    };
-    listen.iter().any(|l| *l == want || (l.ip().is_unspecified() && l.port() == want.port() && l.is_ipv4() == want.is_ipv4()))
-}
 
 /// The serial number of a managed subsystem: derived from its NQN, so stable and distinct.
 pub fn serial_for(nqn: &str) -> String {
@@ -216,6 +208,7 @@ impl Manager {
     pub fn new(target: Arc<Target>, addr: &str) -> Manager {
         let mgmt = MgmtClient::new(addr);
         let cluster = Cluster::new(mgmt.clone());
+        target.set_mgmt(mgmt.clone());
         Manager {
             target,
             mgmt,
@@ -325,6 +318,24 @@ impl Manager {
         complete
     }
 
+    /// Takes the reservations of the exports this target serves (list `version`) and tells
+    /// hosts what they are owed.
+    fn take_reservations(&self, version: u64, exports: &[ExportInfo]) {
+        let mut nsids: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+        for e in exports.iter().filter(|e| path_index(&self.target.listen, e).is_some()) {
+            nsids.entry(&e.nqn).or_default().push(e.nsid);
+            if let Some(s) = self.target.subsystem(&e.nqn).filter(|s| s.origin == Origin::Mgmt) {
+                let owed = s.resv.take(e.nsid, version, &e.reservation);
+                crate::resv::deliver(&s, e.nsid, &owed);
+            }
+        }
+        for (nqn, ids) in nsids {
+            if let Some(s) = self.target.subsystem(nqn).filter(|s| s.origin == Origin::Mgmt) {
+                s.resv.retain(&ids);
+            }
+        }
+    }
+
     /// Follows the service until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let addr = self.mgmt.addr().to_string();
@@ -335,6 +346,7 @@ impl Manager {
         let mut reachable: Option<bool> = None;
         let mut backoff = BACKOFF_MIN;
         let mut retry_apply = false;
+        let mut me = Follower { listen: self.target.listen.iter().map(ToString::to_string).collect(), taken: 0 };
         loop {
             let wait = if ask_now {
                 Duration::ZERO
@@ -351,7 +363,7 @@ impl Manager {
                     applied = None;
                     continue;
                 }
-                r = self.mgmt.wait_exports(after, wait) => r,
+                r = self.mgmt.follow_exports(after, wait, Some(&me)) => r,
             };
             ask_now = false;
             match r {
@@ -363,6 +375,7 @@ impl Manager {
                     after = list.version;
                     let now = (list.exports, list.vhost);
                     if applied.as_ref() == Some(&now) {
+                        me.taken = list.version;
                         backoff = BACKOFF_MIN;
                         continue;
                     }
@@ -370,7 +383,12 @@ impl Manager {
                     let mut p = plan(&now.0, &target.listen, |nqn| target.origin(nqn) == Some(Origin::Config));
                     let (vhost, skipped) = crate::vhost::wanted(&now.1, &target.listen);
                     p.skipped.extend(skipped);
-                    if self.apply(list.version, p, &vhost).await {
+                    let complete = self.apply(list.version, p, &vhost).await;
+                    // Reservations are taken whether or not every volume opened: they gate I/O
+                    // on what is served, and the service waits for them (see `Follower`).
+                    self.take_reservations(list.version, &now.0);
+                    me.taken = list.version;
+                    if complete {
                         applied = Some(now);
                         retry_apply = false;
                         backoff = BACKOFF_MIN;
@@ -436,6 +454,7 @@ mod tests {
             optimized: None,
             volume: v,
             snapshot: None,
+            reservation: Default::default(),
         }
     }
 
@@ -445,19 +464,6 @@ mod tests {
 
     fn listen() -> Vec<SocketAddr> {
         vec![L.parse().unwrap()]
-    }
-
-    #[test]
-    fn listen_addresses_match_exactly_or_by_wildcard_port() {
-        let l = listen();
-        assert!(serves(&l, "127.0.0.1:4420"));
-        assert!(!serves(&l, "127.0.0.1:4421"));
-        assert!(!serves(&l, "10.0.0.1:4420"));
-        assert!(!serves(&l, "localhost:4420"));
-        let any: Vec<SocketAddr> = vec!["0.0.0.0:4420".parse().unwrap()];
-        assert!(serves(&any, "10.0.0.1:4420"));
-        assert!(!serves(&any, "10.0.0.1:4421"));
-        assert!(!serves(&any, "[::1]:4420"));
     }
 
     #[test]

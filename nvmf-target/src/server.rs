@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tessera_bdev::{BlockDevice, WriteData};
+use tessera_mgmt_api::MgmtClient;
 use tessera_nvme_proto::fabrics::ConnectCmd;
 use tessera_nvme_proto::opcode::{self, fctype};
 use tessera_nvme_proto::{Cqe, Sqe, Status};
@@ -36,6 +37,7 @@ use crate::io::{self, DataPlan, IoOp};
 use crate::outbox::Outbox;
 use crate::poll::{Polled, Poller};
 use crate::queue::{Event, Queue, QueueParams};
+use crate::resv;
 use crate::target::{self, Namespace, Subsystem, Target};
 
 /// How long a new connection may take to complete ICReq and Connect.
@@ -66,6 +68,7 @@ pub async fn serve(listener: TcpListener, target: Arc<Target>, shutdown: Cancell
 enum Pending {
     Connect,
     Io { ns: Arc<Namespace>, op: IoOp },
+    Reservation,
 }
 
 /// One unit of asynchronous work and its completion.
@@ -73,6 +76,7 @@ enum Work {
     Io { ns: Arc<Namespace>, op: IoOp, data: WriteData },
     FlushAll { subsys: Arc<Subsystem> },
     Shutdown { ctrl: Arc<Controller> },
+    Reservation { ctrl: Arc<Controller>, mgmt: Option<MgmtClient>, sqe: Sqe, data: Bytes },
 }
 
 struct Done {
@@ -103,6 +107,15 @@ async fn execute(cid: u16, work: Work) -> Done {
             let r = flush_all(&ctrl.subsys).await;
             ctrl.shutdown_complete();
             r.map(|_| None)
+        }
+        Work::Reservation { ctrl, mgmt, sqe, data } => {
+            done.nsid = sqe.nsid();
+            let s = resv::execute(&ctrl.subsys, mgmt.as_ref(), ctrl.hostid, sqe.nsid(), sqe.opcode(), sqe.cdw10(), &data).await;
+            if s.is_success() {
+                Ok(None)
+            } else {
+                Err(s)
+            }
         }
     };
     match r {
@@ -418,6 +431,7 @@ impl Connection {
                     self.on_connect(&sqe, &io::concat(&data));
                 }
                 Pending::Io { ns, op } => self.start(sqe.cid(), Work::Io { ns, op, data: data.into() }),
+                Pending::Reservation => self.start_reservation(sqe, Bytes::from(io::concat(&data))),
             },
             Event::HostTerminated { fes } => {
                 warn!(peer = %self.peer, fes, "host terminated the connection")
@@ -466,6 +480,9 @@ impl Connection {
             return self.on_admin_outcome(&sqe, outcome);
         }
         let ns = ctrl.subsys.namespace(sqe.nsid());
+        if resv::is_reservation(sqe.opcode()) {
+            return self.on_reservation(&ctrl, sqe, incapsule, plan, ns.is_some());
+        }
         let op = match io::validate_io(&sqe, ns.as_deref(), plan, target::MDTS_BYTES) {
             Ok(op) => op,
             Err(s) => return self.fail(&sqe, s),
@@ -474,6 +491,11 @@ impl Connection {
         // command on another path.
         if let Some(s) = ctrl.subsys.ana.io_status() {
             return self.fail(&sqe, s);
+        }
+        if let (Some(write), Some(ns)) = (op.access(), &ns) {
+            if !ctrl.subsys.resv.may_access(ns.nsid, &ctrl.hostid, write) {
+                return self.fail(&sqe, tessera_nvme_resv::RESERVATION_CONFLICT);
+            }
         }
         let cid = sqe.cid();
         match (op, ns) {
@@ -484,6 +506,41 @@ impl Connection {
                 _ => self.start(cid, Work::Io { ns, op, data: WriteData::empty() }),
             },
             (_, None) => self.fail(&sqe, Status::INVALID_NAMESPACE),
+        }
+    }
+
+    /// A Reservation Register, Acquire or Release (carried out by whoever keeps the reservation,
+    /// asynchronously) or Report (answered from what this target knows).
+    fn on_reservation(&mut self, ctrl: &Arc<Controller>, sqe: Sqe, incapsule: Bytes, plan: DataPlan, active: bool) {
+        if !active {
+            return self.fail(&sqe, Status::INVALID_NAMESPACE);
+        }
+        if let Some(s) = ctrl.subsys.ana.io_status() {
+            return self.fail(&sqe, s);
+        }
+        let op = sqe.opcode();
+        let Some(want) = tessera_nvme_resv::data_len(op) else {
+            // Report: NUMD (CDW10, 0's based) dwords to the host.
+            let len = (u64::from(sqe.cdw10()) + 1) * 4;
+            return match plan {
+                DataPlan::ToHost(n) if u64::from(n) == len => match resv::report(&ctrl.subsys, sqe.nsid(), sqe.cdw11(), n as usize) {
+                    Ok(data) => self.queue.complete(sqe.cid(), Cqe::new(sqe.cid(), Status::SUCCESS), Some(data)),
+                    Err(s) => self.fail(&sqe, s),
+                },
+                _ => self.fail(&sqe, Status::DATA_SGL_LENGTH_INVALID),
+            };
+        };
+        match plan {
+            DataPlan::InCapsule(n) if n as usize == want => self.start_reservation(sqe, incapsule),
+            DataPlan::FromHost(n) if n as usize == want => self.queue.request_data(sqe, n, Pending::Reservation),
+            _ => self.fail(&sqe, Status::DATA_SGL_LENGTH_INVALID),
+        }
+    }
+
+    fn start_reservation(&mut self, sqe: Sqe, data: Bytes) {
+        if let Some(ctrl) = self.ctrl.clone() {
+            let mgmt = self.target.mgmt().cloned();
+            self.start(sqe.cid(), Work::Reservation { ctrl, mgmt, sqe, data });
         }
     }
 

@@ -18,11 +18,13 @@ use std::time::{Duration, Instant};
 
 use tessera_bdev::{Bdev, BdevError, BlockDevice, DaosBdev, MallocBdev, NullBdev};
 use tessera_client::volume::Volume;
+use tessera_mgmt_api::MgmtClient;
 use tessera_nvme_proto::fabrics;
 
 use crate::ana::{AnaCell, AnaPath};
 use crate::config::{BdevKind, Config, ConfigError, NamespaceConfig, SubsystemConfig};
 use crate::controller::Controller;
+use crate::resv::ResvTable;
 
 /// NVMe version this target reports (VS property and Identify VER): 1.3.0. It is the level the
 /// command set implemented here covers; a host may then skip the 2.0-only Identify CNS values.
@@ -229,6 +231,8 @@ pub struct Subsystem {
     next_cntlid: Mutex<u16>,
     /// This target as one of several paths (ANA), if it is.
     pub ana: AnaCell,
+    /// Its namespaces' reservations.
+    pub resv: ResvTable,
 }
 
 impl Subsystem {
@@ -247,6 +251,7 @@ impl Subsystem {
             controllers: Mutex::new(BTreeMap::new()),
             next_cntlid: Mutex::new(c.ana.as_ref().map_or(cntlid_min, |a| a.cntlid_min)),
             ana: AnaCell::new(c.ana.clone()),
+            resv: ResvTable::default(),
         })
     }
 
@@ -267,6 +272,7 @@ impl Subsystem {
             controllers: Mutex::new(BTreeMap::new()),
             next_cntlid: Mutex::new(1),
             ana: AnaCell::default(),
+            resv: ResvTable::default(),
         }
     }
 
@@ -318,7 +324,7 @@ impl Subsystem {
         self.controllers.lock().unwrap_or_else(PoisonError::into_inner).remove(&cntlid);
     }
 
-    fn controllers(&self) -> Vec<Arc<Controller>> {
+    pub fn controllers(&self) -> Vec<Arc<Controller>> {
         self.controllers.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
     }
 
@@ -395,6 +401,7 @@ pub struct Target {
     subsystems: RwLock<BTreeMap<String, Arc<Subsystem>>>,
     genctr: AtomicU64,
     pub started: Instant,
+    mgmt: std::sync::OnceLock<MgmtClient>,
 }
 
 impl Target {
@@ -418,7 +425,18 @@ impl Target {
             subsystems: RwLock::new(subsystems),
             genctr: AtomicU64::new(1),
             started: Instant::now(),
+            mgmt: std::sync::OnceLock::new(),
         })
+    }
+
+    /// In managed mode: the service that keeps the reservations of its subsystems.
+    pub fn set_mgmt(&self, mgmt: MgmtClient) {
+        let _ = self.mgmt.set(mgmt);
+    }
+
+    /// The service of managed subsystems, once the manager set it.
+    pub fn mgmt(&self) -> Option<&MgmtClient> {
+        self.mgmt.get()
     }
 
     /// Looks up a subsystem (the discovery subsystem included) by NQN.
