@@ -15,7 +15,8 @@
 #   4. multipath: `tessera up --path` started a second tessera-nvmf ($EC_PORT2) serving the
 #      same subsystem; the guest connects to both, sees one namespace with two paths (ANA
 #      optimized / non-optimized), the optimized target is SIGKILLed during fio's writes and
-#      fio finishes on the other path without an error; restarted, the path comes back.
+#      fio finishes on the other path without an error; restarted, the path comes back;
+#      reservations made through one path's controller are reported through the other's.
 #
 # Regions of the volume (all fio jobs are randwrite, 4k..128k blocks, crc32c verify headers,
 # and replayable with --verify_only because fio's random sequence repeats by default):
@@ -228,6 +229,53 @@ case_mp_path_returns() {
     mp_wait "$EC_PORT" optimized 60 || return 1
     mp_wait "$EC_PORT2" non-optimized 5 || return 1
     ec_reverify mp-failover 32 $MP_ARGS || return 1
+}
+
+# mp_ctrl PORT: the controller (nvmeX) of $EC_NQN connected to PORT
+mp_ctrl() {
+    for c in $(ctrl_of "$EC_NQN"); do
+        grep -q "trsvcid=$1\b" "/sys/class/nvme/$c/address" && { echo "$c"; return 0; }
+    done
+    return 1
+}
+
+# resv_report CTRL PATTERN...: the extended Reservation Report through controller CTRL (one
+# path) as JSON; each extended regular expression must match it
+resv_report() {
+    _c="$1"; shift
+    echo "\$ nvme resv-report /dev/$_c -n 1 --eds -o json"
+    _r="$(timeout 30 nvme resv-report "/dev/$_c" -n 1 --eds -o json 2>&1 | tr -d ' \n')" || { fail "resv-report through $_c failed: $_r"; return 1; }
+    echo "$_r"
+    for _pat in "$@"; do
+        echo "$_r" | grep -Eq "$_pat" || { fail "the report through $_c does not match $_pat"; return 1; }
+    done
+}
+
+case_mp_reservations() {
+    # NVMe reservations are kept by the management service: what one path's controller does
+    # is what the other path's reports (the per-controller character devices address one path
+    # each; the host has one host identifier, so it is the same registrant on both)
+    ca="$(mp_ctrl "$EC_PORT")" && cb="$(mp_ctrl "$EC_PORT2")" || { fail "no controller per path ($(ctrl_of "$EC_NQN" | tr '\n' ' '))"; return 1; }
+    echo "path A: $ca (port $EC_PORT), path B: $cb (port $EC_PORT2)"
+    must "register through path A" nvme resv-register "/dev/$ca" -n 1 --nrkey=0xA1 --rrega=0 || return 1
+    resv_report "$cb" '"regctl":1' '"rkey":161' '"rtype":0' || return 1
+    must "acquire Write Exclusive through path A" nvme resv-acquire "/dev/$ca" -n 1 --crkey=0xA1 --rtype=1 --racqa=0 || return 1
+    resv_report "$cb" '"rtype":1' '"rcsts":1' || return 1
+    # the holder writes and reads through the multipath device
+    _dev="$(ec_dev)" || { fail "no block device"; return 1; }
+    must "write as the holder" dd if=/dev/urandom of=/tmp/resv.bin bs=4k count=4 || return 1
+    must "write as the holder" dd if=/tmp/resv.bin of="/dev/$_dev" bs=4k seek=$((200 * 256)) count=4 oflag=direct || return 1
+    must "read back as the holder" dd if="/dev/$_dev" of=/tmp/resv.back bs=4k skip=$((200 * 256)) count=4 iflag=direct || return 1
+    cmp /tmp/resv.bin /tmp/resv.back || { fail "read back differs"; return 1; }
+    # a wrong key is refused with Reservation Conflict, through the other path
+    echo "\$ nvme resv-release /dev/$cb -n 1 --crkey=0xBAD --rtype=1 --rrela=0"
+    _o="$(timeout 30 nvme resv-release "/dev/$cb" -n 1 --crkey=0xBAD --rtype=1 --rrela=0 2>&1)" && { fail "a release with a wrong key succeeded: $_o"; return 1; }
+    echo "$_o"
+    echo "$_o" | grep -qi "conflict" || { fail "a wrong key was not answered with Reservation Conflict: $_o"; return 1; }
+    must "release through path B" nvme resv-release "/dev/$cb" -n 1 --crkey=0xA1 --rtype=1 --rrela=0 || return 1
+    resv_report "$ca" '"rtype":0' '"regctl":1' || return 1
+    must "unregister through path B" nvme resv-register "/dev/$cb" -n 1 --crkey=0xA1 --rrega=1 || return 1
+    resv_report "$ca" '"regctl":0' || return 1
     disconnect "$EC_NQN" || return 1
 }
 
@@ -242,3 +290,4 @@ run_case mp-two-paths                case_mp_two_paths
 run_case mp-switch-optimized         case_mp_switch_optimized
 run_case mp-failover                 case_mp_failover
 run_case mp-path-returns             case_mp_path_returns
+run_case mp-reservations             case_mp_reservations
