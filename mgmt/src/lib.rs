@@ -20,6 +20,7 @@ pub mod punch;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod store_etcd;
 
 use std::time::Duration;
 

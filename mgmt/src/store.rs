@@ -38,6 +38,14 @@ pub enum StoreError {
     /// The stored state does not decode.
     #[error("stored state is corrupt: {0}")]
     Corrupt(#[from] DecodeError),
+    /// The etcd cluster failed or could not be reached.
+    #[error("etcd at {endpoints}: {detail}")]
+    Etcd {
+        /// The endpoints, comma-separated.
+        endpoints: String,
+        /// What failed.
+        detail: String,
+    },
     /// The database failed.
     #[error("{path}: {detail}")]
     Backend {
@@ -60,7 +68,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 }
 
 /// The changes that turn `old` into `new`: keys to write and keys to delete.
-fn diff<'a>(old: &'a BTreeMap<String, Vec<u8>>, new: &'a BTreeMap<String, Vec<u8>>) -> (Vec<(&'a str, &'a [u8])>, Vec<&'a str>) {
+pub(crate) fn diff<'a>(old: &'a BTreeMap<String, Vec<u8>>, new: &'a BTreeMap<String, Vec<u8>>) -> (Vec<(&'a str, &'a [u8])>, Vec<&'a str>) {
     let puts = new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(k, v)| (k.as_str(), v.as_slice())).collect();
     let deletes = old.keys().filter(|k| !new.contains_key(*k)).map(String::as_str).collect();
     (puts, deletes)
@@ -235,11 +243,11 @@ impl Store for RedbStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::state::tests::sample;
 
-    fn exercise(store: &dyn Store) {
+    pub(crate) fn exercise(store: &dyn Store) {
         let (v0, s0) = store.load().unwrap();
         assert_eq!((v0, &s0), (0, &State::default()));
         let s1 = sample();

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use tessera_mgmt_api::{EngineState, MgmtClient};
 
+pub mod etcd;
+
 /// How often [`wait_for`] looks again.
 pub const POLL: Duration = Duration::from_millis(100);
 
