@@ -6,5 +6,11 @@
 # Ctrl-C stops everything. Extra arguments go to `tessera up` (see `tessera up --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The etcd client's build compiles etcd's protocol files with protoc.
+if ! command -v protoc >/dev/null; then
+    echo "installing protobuf-compiler (protoc), which the build needs" >&2
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends protobuf-compiler >&2
+fi
 cargo build --release --bins
 exec target/release/tessera up "$@"

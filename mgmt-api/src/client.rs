@@ -14,8 +14,8 @@ use uuid::Uuid;
 use crate::{
     ApiError, ClusterVersion, CreateClone, CreateExport, CreatePool, CreateSnapshot, CreateVhostExport, CreateVolume, EngineReport,
     ExportInfo, ExportList, ExtendPool, Flatten, Follower, Heartbeat, HeartbeatReply, PoolInfo, PoolMapInfo, RegisterEngine,
-    ReservationCommand, ReservationReply, ResizeVolume, Rollback, SetOptimized, SnapshotInfo, SystemInfo, TargetSelector, VhostExportInfo,
-    VolumeInfo, SNAPSHOT_STABLE_WAIT,
+    ReservationCommand, ReservationReply, ResizeVolume, Rollback, ServiceRole, SetOptimized, SnapshotInfo, SystemInfo, TargetSelector,
+    VhostExportInfo, VolumeInfo, SNAPSHOT_STABLE_WAIT,
 };
 
 /// Failures talking to the management service.
@@ -303,6 +303,11 @@ impl MgmtClient {
     /// `POST /v1/exports`.
     pub async fn create_export(&self, req: &CreateExport) -> Result<ExportInfo, MgmtError> {
         self.post("/exports", req).await
+    }
+
+    /// `GET /v1/service`: the role of the service that answered.
+    pub async fn service_role(&self) -> Result<ServiceRole, MgmtError> {
+        self.get("/service").await
     }
 
     /// `GET /v1/exports`.

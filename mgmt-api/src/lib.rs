@@ -610,6 +610,20 @@ pub struct VhostExportInfo {
     pub snapshot: Option<SnapshotInfo>,
 }
 
+/// `GET /v1/service`: this management service's role. With an embedded store it is always the
+/// leader; with etcd, one of several services is (elected), the others follow and redirect
+/// what they do not answer to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRole {
+    /// This service is the leader.
+    pub leader: bool,
+    /// The leader's API address, when known (etcd mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_addr: Option<String>,
+    /// The store version this service has.
+    pub version: ClusterVersion,
+}
+
 /// `GET /v1/exports[?after=V&wait_ms=T]`: every export. With `after`, the service answers as
 /// soon as the store's version exceeds `after`, or after `wait_ms` (≤ 60000) with the current
 /// state: targets long-poll it to follow changes without polling.

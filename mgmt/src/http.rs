@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use tessera_mgmt_api::{
     ApiError, ClusterVersion, CreateClone, CreateExport, CreatePool, CreateSnapshot, CreateVhostExport, CreateVolume, EngineReport,
     ExportInfo, ExportList, ExtendPool, Flatten, Heartbeat, HeartbeatReply, PoolInfo, PoolMapInfo, RegisterEngine, ReservationCommand,
-    ReservationReply, ResizeVolume, Rollback, SetOptimized, SnapshotInfo, SystemInfo, TargetSelector, VhostExportInfo, VolumeInfo,
-    SNAPSHOT_STABLE_WAIT,
+    ReservationReply, ResizeVolume, Rollback, ServiceRole, SetOptimized, SnapshotInfo, SystemInfo, TargetSelector, VhostExportInfo,
+    VolumeInfo, SNAPSHOT_STABLE_WAIT,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
@@ -177,9 +177,45 @@ pub fn router(app: App) -> Router {
         .route("/v1/exports/{nqn}/{nsid}", get(get_export).delete(delete_export))
         .route("/v1/exports/{nqn}/{nsid}/reservation", post(reservation))
         .route("/v1/vhost-exports", get(list_vhost_exports).post(create_vhost_export).delete(delete_vhost_export))
+        .route("/v1/service", get(service_role))
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async { HttpError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint") })
+        .layer(axum::middleware::from_fn_with_state(app.clone(), to_leader))
         .with_state(app)
+}
+
+/// Whether a follower answers `req` itself: reads of the store's state (exports, pool maps,
+/// its own role). Everything else — writes, heartbeats, and reads of what only the leader
+/// knows (engines' heartbeats, rebuild progress, usage), and the long polls of targets (the
+/// leader's reservation fence counts them) — goes to the leader.
+fn follower_serves(req: &Request) -> bool {
+    let path = req.uri().path();
+    let targets_poll = req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv.starts_with("target=")));
+    req.method() == axum::http::Method::GET
+        && (path == "/v1/service"
+            || (path.starts_with("/v1/exports") && !targets_poll)
+            || (path.starts_with("/v1/pools/") && path.ends_with("/map")))
+}
+
+/// A follower redirects (307, method and body kept) what the leader must answer.
+async fn to_leader(State(app): State<App>, req: Request, next: axum::middleware::Next) -> Response {
+    if app.svc.is_leader() || follower_serves(&req) {
+        return next.run(req).await;
+    }
+    match app.svc.leader_addr() {
+        Some(leader) => {
+            let to = format!("http://{leader}{}", req.uri().path_and_query().map_or("", |p| p.as_str()));
+            (StatusCode::TEMPORARY_REDIRECT, [(axum::http::header::LOCATION, to)]).into_response()
+        }
+        None => {
+            HttpError::new(StatusCode::SERVICE_UNAVAILABLE, "this management service is a follower and no leader is elected yet: retry")
+                .into_response()
+        }
+    }
+}
+
+async fn service_role(State(app): State<App>) -> Json<ServiceRole> {
+    Json(ServiceRole { leader: app.svc.is_leader(), leader_addr: app.svc.leader_addr(), version: app.svc.snapshot().version })
 }
 
 /// Runs `f` on the blocking pool (commits fsync).

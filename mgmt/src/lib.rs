@@ -15,6 +15,7 @@
 
 pub mod followers;
 pub mod http;
+pub mod leader;
 pub mod machine;
 pub mod punch;
 pub mod service;

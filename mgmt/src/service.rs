@@ -10,6 +10,7 @@
 //! published snapshot and take no lock.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -244,7 +245,14 @@ pub struct Service {
     used: Mutex<HashMap<u32, u64>>,
     /// Each engine's space per volume from its last heartbeat that reported it (not stored).
     volume_usage: Mutex<HashMap<u32, HashMap<Uuid, VolumeUsage>>>,
-    started: Instant,
+    /// Engines not heard from since count their silence from here (the start, or when this
+    /// service became the leader).
+    grace_from: Mutex<Instant>,
+    /// Whether this service acts as the leader: marks engines Down, expires floors, takes
+    /// writes. Always with an embedded store; with etcd, while it holds the election.
+    leader: AtomicBool,
+    /// The leader's API address (etcd mode), where a follower redirects what it does not serve.
+    leader_addr: Mutex<Option<String>>,
     /// Rebuild and scrub reports per pool (lock order: `write` before `heal`).
     heal: Mutex<HashMap<String, PoolHeal>>,
 }
@@ -284,11 +292,70 @@ impl Service {
             stable_moved: tokio::sync::Notify::new(),
             used: Mutex::new(HashMap::new()),
             volume_usage: Mutex::new(HashMap::new()),
-            started: Instant::now(),
+            grace_from: Mutex::new(Instant::now()),
+            leader: AtomicBool::new(true),
+            leader_addr: Mutex::new(None),
             heal: Mutex::new(HashMap::new()),
         };
         svc.observe(&svc.snapshot().state);
         Ok(svc)
+    }
+
+    /// A service sharing its store with others (etcd): it starts as a follower and acts as the
+    /// leader only after [`Service::lead`].
+    pub fn open_follower(store: Arc<dyn Store>, config: ServiceConfig) -> Result<Service, StoreError> {
+        let svc = Service::open(store, config)?;
+        svc.leader.store(false, Ordering::SeqCst);
+        Ok(svc)
+    }
+
+    /// Whether this service acts as the leader.
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::SeqCst)
+    }
+
+    /// The leader's API address, if known (etcd mode).
+    pub fn leader_addr(&self) -> Option<String> {
+        lock(&self.leader_addr).clone()
+    }
+
+    /// Records where the leader serves its API.
+    pub fn set_leader_addr(&self, addr: Option<String>) {
+        *lock(&self.leader_addr) = addr;
+    }
+
+    /// Becomes the leader (won the election as `me`): takes the store's current state, and
+    /// every engine's heartbeat clock restarts now, so that engines that kept heartbeating the
+    /// old leader are not all marked Down at once.
+    pub fn lead(&self, me: &str) -> Result<(), StoreError> {
+        let _w = lock(&self.write);
+        let (version, state) = self.store.load()?;
+        let s = Arc::new(Snapshot { version, state });
+        self.snap.send_replace(s.clone());
+        self.observe(&s.state);
+        lock(&self.clocks).clear();
+        *lock(&self.grace_from) = Instant::now();
+        self.set_leader_addr(Some(me.to_string()));
+        self.leader.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Stops acting as the leader (the election was lost or left).
+    pub fn follow(&self) {
+        self.leader.store(false, Ordering::SeqCst);
+    }
+
+    /// Takes the store's state if another service committed a newer one (a follower follows
+    /// the leader's commits this way).
+    pub fn refresh(&self) -> Result<ClusterVersion, StoreError> {
+        let _w = lock(&self.write);
+        let (version, state) = self.store.load()?;
+        if version > self.snapshot().version {
+            let s = Arc::new(Snapshot { version, state });
+            self.snap.send_replace(s.clone());
+            self.observe(&s.state);
+        }
+        Ok(version)
     }
 
     /// Follows every pool's map version in the rebuild bookkeeping (logs rebuilds starting).
@@ -597,6 +664,7 @@ impl Service {
         // Registrations restart clocks under the same lock, so none slips in between.
         let w = lock(&self.write);
         let snap = self.snapshot();
+        let grace_from = *lock(&self.grace_from);
         let silent: Vec<u32> = {
             let clocks = lock(&self.clocks);
             snap.state
@@ -604,7 +672,7 @@ impl Service {
                 .values()
                 .filter(|e| e.state == EngineState::Up)
                 .filter(|e| {
-                    now.saturating_duration_since(clocks.get(&e.rank).copied().unwrap_or(self.started)) > self.config.heartbeat_timeout
+                    now.saturating_duration_since(clocks.get(&e.rank).copied().unwrap_or(grace_from)) > self.config.heartbeat_timeout
                 })
                 .map(|e| e.rank)
                 .collect()
@@ -806,6 +874,9 @@ pub async fn monitor(svc: Arc<Service>, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if !svc.is_leader() {
+            continue;
         }
         let s = svc.clone();
         match tokio::task::spawn_blocking(move || s.check_heartbeats(Instant::now()).and_then(|_| s.expire_floors(hlc::now()))).await {

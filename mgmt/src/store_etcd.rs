@@ -53,6 +53,9 @@ pub fn parse_endpoints(spec: &str) -> Result<Vec<String>, String> {
     Ok(eps)
 }
 
+/// Records by key.
+type Records = BTreeMap<String, Vec<u8>>;
+
 /// The state in etcd.
 pub struct EtcdStore {
     endpoints: Vec<String>,
@@ -61,7 +64,7 @@ pub struct EtcdStore {
     rt: tokio::runtime::Runtime,
     /// The records as of the last load or commit, and their version: a commit diffs against
     /// them when they are still current (the transaction checks that they are).
-    cache: Mutex<Option<(ClusterVersion, BTreeMap<String, Vec<u8>>)>>,
+    cache: Mutex<Option<(ClusterVersion, Records)>>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -85,7 +88,8 @@ impl EtcdStore {
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
         let eps = endpoints.to_vec();
         let client = on_thread(&rt, async move { Client::connect(eps, Some(opts)).await }).map_err(|e| etcd_error(endpoints, e))?;
-        let store = EtcdStore { endpoints: endpoints.to_vec(), root: root.trim_end_matches('/').to_string(), client, rt, cache: Mutex::new(None) };
+        let store =
+            EtcdStore { endpoints: endpoints.to_vec(), root: root.trim_end_matches('/').to_string(), client, rt, cache: Mutex::new(None) };
         store.load()?;
         Ok(store)
     }
@@ -139,7 +143,7 @@ impl EtcdStore {
     }
 
     /// (version, records) at one revision.
-    fn read_all(&self) -> Result<(ClusterVersion, BTreeMap<String, Vec<u8>>), StoreError> {
+    fn read_all(&self) -> Result<(ClusterVersion, Records), StoreError> {
         let prefix = format!("{}/", self.root);
         let resp = self.retrying(|| {
             let (mut c, prefix) = (self.client.clone(), prefix.clone());

@@ -54,6 +54,18 @@ pub fn build_binaries() {
     });
 }
 
+/// Waits until `log` holds a line containing `what`.
+pub fn wait_log(log: &Path, what: &str, timeout: Duration) {
+    wait_for(&format!("{what:?} in {}", log.display()), timeout, || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(what) {
+            Ok(())
+        } else {
+            Err(text.lines().last().unwrap_or("").to_string())
+        }
+    })
+}
+
 /// A running child process whose stderr is scanned for `listening addr=` and then drained
 /// into a log file.
 #[derive(Debug)]
@@ -136,6 +148,10 @@ pub struct LocalCluster {
     engine_extra: String,
     hb_timeout: String,
     mgmt_args: Vec<String>,
+    /// With [`LocalCluster::start_ha`]: the second management service (a follower at start).
+    pub mgmt2: Option<Daemon>,
+    /// With [`LocalCluster::start_ha`]: the etcd cluster holding the state.
+    pub etcd: Option<etcd::EtcdCluster>,
 }
 
 /// Starts the management service of a cluster in `dir` (its database `mgmt.redb` there).
@@ -186,6 +202,8 @@ impl LocalCluster {
             engine_extra: engine_extra.to_string(),
             hb_timeout: hb_timeout.to_string(),
             mgmt_args,
+            mgmt2: None,
+            etcd: None,
         };
         for rank in 0..engines {
             let d = c.start_engine(rank);
@@ -206,9 +224,50 @@ impl LocalCluster {
         assert_eq!(self.mgmt.addr, addr, "the restarted service listens elsewhere");
     }
 
-    /// The management client.
+    /// High availability: a 3-member etcd cluster holding the state, two management services
+    /// sharing it (the first elected leader before the second starts), and `engines` engines
+    /// given both services' addresses.
+    pub fn start_ha(name: &str, engines: u32, targets: u16, capacity: &str, hb_timeout: &str) -> LocalCluster {
+        build_binaries();
+        let dir = std::env::temp_dir().join(format!("tessera-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let etcd = etcd::EtcdCluster::start(&dir, 3);
+        let mgmt_args = vec!["--store".to_string(), format!("etcd:{}", etcd.endpoints())];
+        let mgmt = start_mgmt(&dir, "127.0.0.1:0", hb_timeout, &mgmt_args);
+        wait_log(&mgmt.log, "became the leader", Duration::from_secs(30));
+        let second = dir.join("mgmt-2");
+        std::fs::create_dir_all(&second).unwrap();
+        let mgmt2 = start_mgmt(&second, "127.0.0.1:0", hb_timeout, &mgmt_args);
+        let mut c = LocalCluster {
+            dir,
+            mgmt,
+            engines: Vec::new(),
+            targets,
+            capacity: capacity.to_string(),
+            engine_extra: String::new(),
+            hb_timeout: hb_timeout.to_string(),
+            mgmt_args,
+            mgmt2: Some(mgmt2),
+            etcd: Some(etcd),
+        };
+        for rank in 0..engines {
+            let d = c.start_engine(rank);
+            c.engines.push(Some(d));
+        }
+        c.wait_engines_up(engines as usize, Duration::from_secs(30));
+        c
+    }
+
+    /// The management services' addresses, comma-separated (what engines, targets and clients
+    /// are given).
+    pub fn mgmt_addrs(&self) -> String {
+        std::iter::once(&self.mgmt).chain(self.mgmt2.as_ref()).map(|d| d.addr.clone()).collect::<Vec<_>>().join(",")
+    }
+
+    /// The management client (of every service).
     pub fn client(&self) -> MgmtClient {
-        MgmtClient::new(&self.mgmt.addr)
+        MgmtClient::new(&self.mgmt_addrs())
     }
 
     /// Starts (or restarts) engine `rank` on its data directory.
@@ -223,7 +282,7 @@ impl LocalCluster {
                 edir.join("data").display(),
                 self.targets,
                 self.capacity,
-                self.mgmt.addr,
+                self.mgmt_addrs(),
                 self.engine_extra
             ),
         )
@@ -281,6 +340,10 @@ impl Drop for LocalCluster {
             e.kill();
         }
         self.mgmt.kill();
+        if let Some(m) = self.mgmt2.as_mut() {
+            m.kill();
+        }
+        self.etcd = None;
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare everything the nvme-cli QEMU harness needs on a Debian 12 host:
-#   * apt packages (qemu, nvme-cli, fio, busybox-static, cpio, kmod, ...)
+#   * apt packages (qemu, nvme-cli, fio, busybox-static, cpio, kmod, ..., etcd-server for the
+#     management state in etcd, protobuf-compiler for the etcd client's build)
 #   * a Debian kernel (vmlinuz + modules) unpacked into the cache directory
 #   * a base initramfs (busybox, nvme, fio, blkdiscard, modules, libraries,
 #     /init from guest-init.sh)
@@ -24,7 +25,7 @@ die() { echo "[setup] ERROR: $*" >&2; exit 1; }
 SUDO="${SUDO:-}"
 
 # ---------------------------------------------------------------- packages --
-APT_PKGS=(qemu-system-x86 nvme-cli fio busybox-static cpio kmod util-linux xz-utils python3)
+APT_PKGS=(qemu-system-x86 nvme-cli fio busybox-static cpio kmod util-linux xz-utils python3 etcd-server protobuf-compiler)
 APT_UPDATED=0
 apt_update_once() {
     if [ "$APT_UPDATED" = 0 ]; then
