@@ -27,6 +27,8 @@ use tessera_nvmf_host::{Controller, ControllerOptions};
 use crate::mgmt::{error_text, size_text};
 use crate::report::parse_size64;
 
+#[path = "up_etcd.rs"]
+mod etcd;
 #[path = "up_procs.rs"]
 mod procs;
 use procs::{startup_timeout, status_text, Procs, Signals};
@@ -85,6 +87,14 @@ pub struct UpArgs {
     /// guest memory).
     #[arg(long, value_name = "PATH")]
     vhost_blk: Option<std::path::PathBuf>,
+    /// Keep the management state in a local 3-member etcd cluster (`etcd-server`) shared by two
+    /// management services (the second on --mgmt-listen's port + 1): one is elected leader,
+    /// the other follows and takes over if it dies.
+    #[arg(long)]
+    etcd: bool,
+    /// Client port of the first etcd member (each member takes two consecutive ports).
+    #[arg(long, default_value_t = 2379)]
+    etcd_base_port: u16,
 }
 
 /// A rebuild rate: a size per second, at least what the engine accepts (64 KiB).
@@ -111,6 +121,8 @@ struct Binaries {
     mgmt: PathBuf,
     engine: PathBuf,
     nvmf: PathBuf,
+    /// With --etcd.
+    etcd: Option<PathBuf>,
 }
 
 /// Finds `name` next to the running `tessera`, else on PATH.
@@ -147,6 +159,7 @@ struct Roles {
     mgmt: Vec<usize>,
     engines: Vec<usize>,
     nvmf: Vec<usize>,
+    etcd: Vec<usize>,
 }
 
 /// What start-up made or found.
@@ -169,7 +182,12 @@ async fn up(a: UpArgs) -> Result<(), String> {
             return Err(format!("{flag} {addr}: give a port (clients need to know it)"));
         }
     }
-    let bins = Binaries { mgmt: locate("tessera-mgmt")?, engine: locate("tessera-engine")?, nvmf: locate("tessera-nvmf")? };
+    let bins = Binaries {
+        mgmt: locate("tessera-mgmt")?,
+        engine: locate("tessera-engine")?,
+        nvmf: locate("tessera-nvmf")?,
+        etcd: if a.etcd { Some(etcd::locate()?) } else { None },
+    };
     std::fs::create_dir_all(a.dir.join("logs")).map_err(|e| format!("cannot create {}: {e}", a.dir.join("logs").display()))?;
     let dir = a.dir.canonicalize().map_err(|e| format!("{}: {e}", a.dir.display()))?;
     let lock_path = dir.join("up.lock");
@@ -189,6 +207,13 @@ async fn up(a: UpArgs) -> Result<(), String> {
         })
         .collect::<Result<_, _>>()?;
     check_free("management service", a.mgmt_listen)?;
+    if a.etcd {
+        check_free("second management service", second_mgmt(a.mgmt_listen)?)?;
+        for m in etcd::members(a.etcd_base_port)? {
+            check_free(&format!("{} client", m.name), m.client)?;
+            check_free(&format!("{} peer", m.name), m.peer)?;
+        }
+    }
     for (r, addr) in engine_addrs.iter().enumerate() {
         check_free(&format!("engine {r}"), *addr)?;
     }
@@ -257,7 +282,17 @@ async fn shutdown(procs: &mut Procs, roles: &Roles, signals: &mut Signals) -> bo
     let a = procs.stop(&roles.nvmf, Duration::from_secs(10), signals, since).await;
     let b = procs.stop(&roles.mgmt, Duration::from_secs(10), signals, since).await;
     let c = procs.stop(&roles.engines, Duration::from_secs(60), signals, since).await;
-    a && b && c
+    let d = procs.stop(&roles.etcd, Duration::from_secs(10), signals, since).await;
+    a && b && c && d
+}
+
+/// Where the second management service of `--etcd` listens: the first's port + 1.
+fn second_mgmt(first: SocketAddr) -> Result<SocketAddr, String> {
+    first
+        .port()
+        .checked_add(1)
+        .map(|p| SocketAddr::new(first.ip(), p))
+        .ok_or_else(|| format!("--mgmt-listen {first} leaves no port for a second service"))
 }
 
 /// A TOML basic string (JSON string escapes are valid TOML).
@@ -274,22 +309,57 @@ async fn start(
     roles: &mut Roles,
 ) -> Result<Ready, String> {
     let timeout = Duration::from_secs(a.timeout.max(1));
-    let mgmt_addr = reach(a.mgmt_listen).to_string();
+    let mut listens = vec![a.mgmt_listen];
+    if a.etcd {
+        listens.push(second_mgmt(a.mgmt_listen)?);
+    }
+    let mgmt_addr = listens.iter().map(|l| reach(*l).to_string()).collect::<Vec<_>>().join(",");
     let client = MgmtClient::new(&mgmt_addr);
     let call = |e: MgmtError| error_text(&e, &mgmt_addr);
 
-    // 1. The management service.
-    let db = dir.join("mgmt.redb");
-    let args = vec!["--listen".into(), a.mgmt_listen.to_string(), "--db".into(), db.display().to_string()];
-    roles.mgmt.push(procs.spawn("mgmt", &bins.mgmt, &args)?);
-    eprintln!("tessera up: started tessera-mgmt on {}", a.mgmt_listen);
-    let deadline = Instant::now() + timeout;
-    loop {
-        procs.check_startup()?;
-        match client.system().await {
-            Ok(_) => break,
-            Err(MgmtError::Unreachable { .. }) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(e) => return Err(startup_timeout(procs, &roles.mgmt, &format!("the management service did not answer: {}", call(e)))),
+    // 1. The management service (with --etcd: the etcd members, then two services sharing
+    //    them; the first is elected leader before the second starts).
+    let mut store = vec!["--db".to_string(), dir.join("mgmt.redb").display().to_string()];
+    if let Some(bin) = &bins.etcd {
+        let members = etcd::members(a.etcd_base_port)?;
+        for m in &members {
+            roles.etcd.push(procs.spawn(&m.name, bin, &etcd::args(m, &members, dir))?);
+        }
+        let deadline = Instant::now() + timeout;
+        for m in &members {
+            if !etcd::wait_listening(m.client, deadline).await {
+                procs.check_startup()?;
+                return Err(startup_timeout(procs, &roles.etcd, &format!("{} does not serve clients on {}", m.name, m.client)));
+            }
+        }
+        eprintln!("tessera up: started {} etcd members on {}..", members.len(), a.etcd_base_port);
+        store = vec!["--store".to_string(), etcd::store_spec(&members)];
+    }
+    for (i, listen) in listens.iter().enumerate() {
+        let mut args = vec!["--listen".to_string(), listen.to_string()];
+        args.extend(store.iter().cloned());
+        let name = if i == 0 { "mgmt".to_string() } else { format!("mgmt-{}", i + 1) };
+        roles.mgmt.push(procs.spawn(&name, &bins.mgmt, &args)?);
+        eprintln!("tessera up: started tessera-mgmt on {listen}");
+        let one = MgmtClient::new(&reach(*listen).to_string());
+        let deadline = Instant::now() + timeout;
+        loop {
+            procs.check_startup()?;
+            match one.service_role().await {
+                // The first must lead before the second starts (so which one leads is known).
+                Ok(r) if r.leader || i > 0 => break,
+                Ok(_) => {}
+                Err(MgmtError::Unreachable { .. }) => {}
+                Err(e) => return Err(startup_timeout(procs, &roles.mgmt, &format!("the management service did not answer: {}", call(e)))),
+            }
+            if Instant::now() >= deadline {
+                return Err(startup_timeout(
+                    procs,
+                    &roles.mgmt,
+                    &format!("the management service on {listen} did not answer within {timeout:?}"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -596,9 +666,21 @@ fn print_summary(a: &UpArgs, dir: &Path, procs: &Procs, r: &Ready) {
             x.socket, x.queues
         ));
     }
+    let mut services = vec![reach(a.mgmt_listen).to_string()];
+    if let Ok(second) = second_mgmt(a.mgmt_listen).map(reach) {
+        if a.etcd {
+            services.push(second.to_string());
+            out.push_str(&format!(
+                "The management state is in etcd ({}); two services share it, {} leads, {} follows.\n",
+                etcd::members(a.etcd_base_port).map(|m| etcd::store_spec(&m)).unwrap_or_default(),
+                services[0],
+                services[1]
+            ));
+        }
+    }
     out.push_str(&format!(
         "Manage it: tessera --mgmt {m} system query | volume list | export list\nCtrl-C stops everything.\n",
-        m = reach(a.mgmt_listen)
+        m = services.join(",")
     ));
     print!("{out}");
     let _ = std::io::stdout().flush();

@@ -142,7 +142,8 @@ impl Procs {
                 exit = self.rx.recv() => {
                     let Some((idx, status)) = exit else { break };
                     if let Some(p) = self.record(idx, status) {
-                        if status.success() {
+                        // etcd ends a graceful stop by re-raising the SIGTERM it got.
+                        if status.success() || std::os::unix::process::ExitStatusExt::signal(&status) == Some(15) {
                             eprintln!("tessera up: stopped {}", p.name);
                         } else {
                             eprintln!("tessera up: {} ended: {} (log: {})", p.name, status_text(status), p.log.display());

@@ -329,6 +329,16 @@ impl Up {
         self.pids.iter().find(|(n, _)| n == name).map(|(_, p)| *p).unwrap_or_else(|| panic!("no pid for {name} in {:?}", self.pids))
     }
 
+    /// Reads the summary up to its line containing `needle`.
+    fn wait_stdout(&mut self, needle: &str) {
+        while !self.stdout.iter().any(|l| l.contains(needle)) {
+            match self.out.recv_timeout(Duration::from_secs(30)) {
+                Ok(l) => self.stdout.push(l),
+                Err(e) => panic!("no {needle:?} in the summary ({e}):\n{}", self.stdout.join("\n")),
+            }
+        }
+    }
+
     /// Waits up to `secs` for `tessera up` to exit; its exit code.
     fn wait_exit(&mut self, secs: u64) -> i32 {
         let deadline = Instant::now() + Duration::from_secs(secs);
@@ -638,6 +648,52 @@ fn up_serves_a_volume_stops_cleanly_and_comes_back_with_the_same_data() {
     assert_eq!(out, "no snapshots\n");
     signal(up.child.id(), "TERM");
     assert_eq!(up.wait_exit(120), 0, "{}", up.stderr());
+    for (name, pid) in &up.pids {
+        assert!(!alive(*pid), "{name} (pid {pid}) still running after tessera up exited");
+    }
+    drop(up);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn up_etcd_runs_two_services_on_etcd_and_survives_the_leaders_death() {
+    let dir = temp_dir("up-etcd");
+    let ports = Ports { mgmt: free_ports(2), nvmf: free_port(), engines: free_ports(3) };
+    let etcd_base = free_ports(6).to_string();
+    let (a, b) = (format!("127.0.0.1:{}", ports.mgmt), format!("127.0.0.1:{}", ports.mgmt + 1));
+    let both = format!("{a},{b}");
+    let mut up = Up::start(&dir, &ports, &["--etcd", "--etcd-base-port", &etcd_base]);
+    up.wait_ready();
+    up.wait_stdout("Ctrl-C stops everything");
+    let names: Vec<&str> = up.pids.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["etcd-0", "etcd-1", "etcd-2", "mgmt", "mgmt-2", "engine-0", "engine-1", "engine-2", "nvmf"]);
+    assert!(up.stdout.iter().any(|l| l.contains(&format!("two services share it, {a} leads, {b} follows"))), "{:?}", up.stdout);
+    assert!(up.stdout.iter().any(|l| l.contains(&format!("tessera --mgmt {both} system query"))), "{:?}", up.stdout);
+    // The follower answers reads and passes writes to the leader.
+    assert_eq!(tessera_json(&b, &["volume", "list"]).as_array().unwrap().len(), 1);
+    let (code, _, err) = tessera(&["--mgmt", &b, "volume", "create", "through-follower", "--size", "8M"]);
+    assert_eq!(code, 0, "{err}");
+
+    // The leader is killed: the other takes over; the CLI with both addresses goes on.
+    signal(up.pid("mgmt"), "KILL");
+    up.wait_stderr("mgmt (pid");
+    let start = Instant::now();
+    loop {
+        let (code, _, err) = tessera(&["--mgmt", &both, "volume", "create", "after-takeover", "--size", "8M"]);
+        if code == 0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no leader 30 s after the first was killed: {err}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let sys = tessera_json(&both, &["system", "query"]);
+    assert!(sys["engines"].as_array().unwrap().iter().all(|e| e["state"] == "up"), "{sys}");
+    bench_verify(&format!("127.0.0.1:{}", ports.nvmf), "nqn.2026-11.io.tessera:vol0", 50);
+
+    signal(up.child.id(), "TERM");
+    assert_eq!(up.wait_exit(120), 0, "{}", up.stderr());
+    let err = up.stderr();
+    assert!(err.contains("stopped etcd-0") && err.contains("stopped mgmt-2"), "{err}");
     for (name, pid) in &up.pids {
         assert!(!alive(*pid), "{name} (pid {pid}) still running after tessera up exited");
     }

@@ -610,6 +610,10 @@ pub struct VhostExportInfo {
     pub snapshot: Option<SnapshotInfo>,
 }
 
+/// Operations one etcd transaction of the management service may hold (a commit's changed
+/// records and its version): etcd members must allow it (`--max-txn-ops`).
+pub const ETCD_MAX_TXN_OPS: usize = 1024;
+
 /// `GET /v1/service`: this management service's role. With an embedded store it is always the
 /// leader; with etcd, one of several services is (elected), the others follow and redirect
 /// what they do not answer to it.

@@ -29,7 +29,7 @@ use crate::state::State;
 use crate::store::{diff, Store, StoreError};
 
 /// Operations per transaction the members `tessera up --etcd` starts allow.
-pub const MAX_TXN_OPS: usize = 1024;
+pub const MAX_TXN_OPS: usize = tessera_mgmt_api::ETCD_MAX_TXN_OPS;
 /// The root prefix when none is given.
 pub const DEFAULT_ROOT: &str = "/tessera";
 /// How long one etcd request may take.
