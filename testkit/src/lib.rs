@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tessera_mgmt_api::{EngineState, MgmtClient};
 
 pub mod etcd;
+pub mod netns;
 
 /// How often [`wait_for`] looks again.
 pub const POLL: Duration = Duration::from_millis(100);
@@ -82,7 +83,21 @@ impl Daemon {
     /// Starts `bin` with `args`, waits (up to 60 s) for a stderr line containing `ready` and
     /// `addr=`, and returns with the address.
     pub fn start(bin: &str, args: &[&str], ready: &str, log: &Path) -> Daemon {
-        let mut child = Command::new(profile_dir().join(bin))
+        Self::start_in(&[], bin, args, ready, log)
+    }
+
+    /// [`Daemon::start`] through a command prefix (e.g. `ip netns exec NAME`, [`netns::Net::exec`]).
+    pub fn start_in(prefix: &[String], bin: &str, args: &[&str], ready: &str, log: &Path) -> Daemon {
+        let exe = profile_dir().join(bin);
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        let mut child = cmd
             .args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
@@ -152,6 +167,9 @@ pub struct LocalCluster {
     pub mgmt2: Option<Daemon>,
     /// With [`LocalCluster::start_ha`]: the etcd cluster holding the state.
     pub etcd: Option<etcd::EtcdCluster>,
+    /// With [`LocalCluster::start_netns`]: the bridge and namespaces; engine `rank` runs in
+    /// namespace `rank`.
+    pub net: Option<netns::Net>,
 }
 
 /// Starts the management service of a cluster in `dir` (its database `mgmt.redb` there).
@@ -204,6 +222,7 @@ impl LocalCluster {
             mgmt_args,
             mgmt2: None,
             etcd: None,
+            net: None,
         };
         for rank in 0..engines {
             let d = c.start_engine(rank);
@@ -250,6 +269,41 @@ impl LocalCluster {
             mgmt_args,
             mgmt2: Some(mgmt2),
             etcd: Some(etcd),
+            net: None,
+        };
+        for rank in 0..engines {
+            let d = c.start_engine(rank);
+            c.engines.push(Some(d));
+        }
+        c.wait_engines_up(engines as usize, Duration::from_secs(30));
+        c
+    }
+
+    /// Several machines on one: a bridge and a network namespace per engine (engine `rank` in
+    /// namespace `rank`, listening on its own address); the management service listens on the
+    /// bridge's address. Further namespaces (targets, hosts) can be added to `net`.
+    pub fn start_netns(name: &str, engines: u32, targets: u16, capacity: &str, hb_timeout: &str) -> LocalCluster {
+        build_binaries();
+        let dir = std::env::temp_dir().join(format!("tessera-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut net = netns::Net::new();
+        for _ in 0..engines {
+            net.add();
+        }
+        let mgmt = start_mgmt(&dir, &format!("{}:0", net.gateway()), hb_timeout, &[]);
+        let mut c = LocalCluster {
+            dir,
+            mgmt,
+            engines: Vec::new(),
+            targets,
+            capacity: capacity.to_string(),
+            engine_extra: String::new(),
+            hb_timeout: hb_timeout.to_string(),
+            mgmt_args: Vec::new(),
+            mgmt2: None,
+            etcd: None,
+            net: Some(net),
         };
         for rank in 0..engines {
             let d = c.start_engine(rank);
@@ -278,7 +332,8 @@ impl LocalCluster {
         std::fs::write(
             &cfg,
             format!(
-                "rank = {rank}\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ntargets = {}\ntarget_capacity = \"{}\"\n\n[mgmt]\naddress = \"{}\"\n{}",
+                "rank = {rank}\nlisten = \"{}:0\"\ndata_dir = \"{}\"\ntargets = {}\ntarget_capacity = \"{}\"\n\n[mgmt]\naddress = \"{}\"\n{}",
+                self.net.as_ref().map_or("127.0.0.1".to_string(), |n| n.spaces[rank as usize].ip.clone()),
                 edir.join("data").display(),
                 self.targets,
                 self.capacity,
@@ -287,7 +342,14 @@ impl LocalCluster {
             ),
         )
         .unwrap();
-        Daemon::start("tessera-engine", &["--config", cfg.to_str().unwrap()], "engine listening", &edir.join(format!("engine-{rank}.log")))
+        let prefix = self.net.as_ref().map(|n| n.exec(rank as usize)).unwrap_or_default();
+        Daemon::start_in(
+            &prefix,
+            "tessera-engine",
+            &["--config", cfg.to_str().unwrap()],
+            "engine listening",
+            &edir.join(format!("engine-{rank}.log")),
+        )
     }
 
     /// Data directory of engine `rank`'s target `t`.
@@ -344,6 +406,7 @@ impl Drop for LocalCluster {
             m.kill();
         }
         self.etcd = None;
+        self.net = None;
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
