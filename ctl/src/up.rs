@@ -29,6 +29,8 @@ use crate::report::parse_size64;
 
 #[path = "up_etcd.rs"]
 mod etcd;
+#[path = "up_netns.rs"]
+mod netns;
 #[path = "up_procs.rs"]
 mod procs;
 use procs::{startup_timeout, status_text, Procs, Signals};
@@ -95,6 +97,15 @@ pub struct UpArgs {
     /// Client port of the first etcd member (each member takes two consecutive ports).
     #[arg(long, default_value_t = 2379)]
     etcd_base_port: u16,
+    /// Several machines on one: every engine and every NVMe/TCP target in a network namespace
+    /// of its own with its own address, joined by a bridge to this namespace (the management
+    /// service's and the host's). Needs root and iproute2. The ports of --mgmt-listen, --listen,
+    /// --path and --engine-base-port are kept; the addresses come from --netns-subnet.
+    #[arg(long)]
+    netns: bool,
+    /// The /24 of --netns (`A.B.C`): the bridge is .1, engine r is .(10+r), target i .(100+i).
+    #[arg(long, default_value = "10.88.0")]
+    netns_subnet: String,
 }
 
 /// A rebuild rate: a size per second, at least what the engine accepts (64 KiB).
@@ -172,7 +183,7 @@ struct Ready {
     notes: Vec<String>,
 }
 
-async fn up(a: UpArgs) -> Result<(), String> {
+async fn up(mut a: UpArgs) -> Result<(), String> {
     if a.class.trim().is_empty() {
         return Err("--class is empty".into());
     }
@@ -197,7 +208,7 @@ async fn up(a: UpArgs) -> Result<(), String> {
         Err(std::fs::TryLockError::WouldBlock) => return Err(format!("{} is in use by another tessera up", dir.display())),
         Err(std::fs::TryLockError::Error(e)) => return Err(format!("cannot lock {}: {e}", lock_path.display())),
     }
-    let engine_addrs: Vec<SocketAddr> = (0..a.engines)
+    let mut engine_addrs: Vec<SocketAddr> = (0..a.engines)
         .map(|r| {
             u16::try_from(r)
                 .ok()
@@ -206,6 +217,38 @@ async fn up(a: UpArgs) -> Result<(), String> {
                 .ok_or_else(|| format!("--engine-base-port {} leaves no port for rank {r}", a.engine_base_port))
         })
         .collect::<Result<_, _>>()?;
+    // --netns: the same ports at the namespaces' addresses; the network is made now (its
+    // namespaces are new, so only the bridge's address can be taken).
+    let net = if a.netns {
+        let net = netns::Net::plan(&dir, netns::parse_subnet(&a.netns_subnet)?, a.engines, 1 + a.paths.len())?;
+        a.mgmt_listen = netns::Net::at(net.gateway, a.mgmt_listen.port());
+        engine_addrs = engine_addrs.iter().zip(&net.engines).map(|(e, s)| netns::Net::at(s.ip, e.port())).collect();
+        a.listen = netns::Net::at(net.targets[0].ip, a.listen.port());
+        for (p, s) in a.paths.iter_mut().zip(&net.targets[1..]) {
+            *p = netns::Net::at(s.ip, p.port());
+        }
+        if let Err(e) = net.create() {
+            net.remove();
+            return Err(e);
+        }
+        eprintln!(
+            "tessera up: made bridge {} ({}/24) and {} network namespaces",
+            net.bridge,
+            net.gateway,
+            net.engines.len() + net.targets.len()
+        );
+        Some(net)
+    } else {
+        None
+    };
+    let r = up_on(&a, &dir, &bins, &engine_addrs, net.as_ref()).await;
+    if let Some(n) = &net {
+        n.remove();
+    }
+    r
+}
+
+async fn up_on(a: &UpArgs, dir: &Path, bins: &Binaries, engine_addrs: &[SocketAddr], net: Option<&netns::Net>) -> Result<(), String> {
     check_free("management service", a.mgmt_listen)?;
     if a.etcd {
         check_free("second management service", second_mgmt(a.mgmt_listen)?)?;
@@ -214,22 +257,25 @@ async fn up(a: UpArgs) -> Result<(), String> {
             check_free(&format!("{} peer", m.name), m.peer)?;
         }
     }
-    for (r, addr) in engine_addrs.iter().enumerate() {
-        check_free(&format!("engine {r}"), *addr)?;
-    }
-    check_free("NVMe/TCP target", a.listen)?;
     for p in &a.paths {
         if *p == a.listen || a.paths.iter().filter(|q| *q == p).count() > 1 {
             return Err(format!("--path {p} is named twice"));
         }
-        check_free("NVMe/TCP target", *p)?;
+    }
+    if net.is_none() {
+        for (r, addr) in engine_addrs.iter().enumerate() {
+            check_free(&format!("engine {r}"), *addr)?;
+        }
+        for addr in std::iter::once(&a.listen).chain(&a.paths) {
+            check_free("NVMe/TCP target", *addr)?;
+        }
     }
 
     let mut signals = Signals::new()?;
     let mut procs = Procs::new(dir.join("logs"));
     let mut roles = Roles::default();
     let started = {
-        let fut = start(&a, &dir, &bins, &engine_addrs, &mut procs, &mut roles);
+        let fut = start(a, dir, bins, engine_addrs, net, &mut procs, &mut roles);
         tokio::pin!(fut);
         tokio::select! {
             r = &mut fut => r.map_err(Some),
@@ -246,7 +292,7 @@ async fn up(a: UpArgs) -> Result<(), String> {
             return Err(e.unwrap_or_else(|| "interrupted during start-up".into()));
         }
     };
-    print_summary(&a, &dir, &procs, &ready);
+    print_summary(a, dir, &procs, &ready, net);
 
     // Running: report children that die (an operator testing degraded mode kill -9s an engine)
     // and keep the others going until we are told to stop.
@@ -305,9 +351,15 @@ async fn start(
     dir: &Path,
     bins: &Binaries,
     engine_addrs: &[SocketAddr],
+    net: Option<&netns::Net>,
     procs: &mut Procs,
     roles: &mut Roles,
 ) -> Result<Ready, String> {
+    // In its namespace with --netns.
+    let program = |space: Option<&netns::Space>, exe: &Path, args: Vec<String>| match space {
+        Some(s) => netns::Net::wrap(s, exe, &args),
+        None => (exe.to_path_buf(), args),
+    };
     let timeout = Duration::from_secs(a.timeout.max(1));
     let mut listens = vec![a.mgmt_listen];
     if a.etcd {
@@ -385,7 +437,8 @@ async fn start(
         }
         let path = edir.join("engine.toml");
         std::fs::write(&path, config).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        roles.engines.push(procs.spawn(&format!("engine-{rank}"), &bins.engine, &["--config".into(), path.display().to_string()])?);
+        let (exe, args) = program(net.and_then(|n| n.engines.get(rank)), &bins.engine, vec!["--config".into(), path.display().to_string()]);
+        roles.engines.push(procs.spawn(&format!("engine-{rank}"), &exe, &args)?);
     }
     eprintln!(
         "tessera up: started {} engines on {}..; waiting for them to register",
@@ -499,7 +552,8 @@ async fn start(
     for (i, listen) in std::iter::once(a.listen).chain(a.paths.iter().copied()).enumerate() {
         let args = vec!["--mgmt".into(), mgmt_addr.clone(), "--listen".into(), listen.to_string()];
         let name = if i == 0 { "nvmf".to_string() } else { format!("nvmf-{}", i + 1) };
-        roles.nvmf.push(procs.spawn(&name, &bins.nvmf, &args)?);
+        let (exe, args) = program(net.and_then(|n| n.targets.get(i)), &bins.nvmf, args);
+        roles.nvmf.push(procs.spawn(&name, &exe, &args)?);
         eprintln!("tessera up: started tessera-nvmf on {listen}; waiting for it to serve {}", export.nqn);
         wait_served(procs, &roles.nvmf, listen, &export, &volume, deadline).await?;
     }
@@ -606,8 +660,26 @@ async fn vhost_export(
     client.create_vhost_export(&req).await.map_err(|e| format!("exporting {POOL}/{VOLUME} on {socket}: {}", call(e)))
 }
 
-fn print_summary(a: &UpArgs, dir: &Path, procs: &Procs, r: &Ready) {
+fn print_summary(a: &UpArgs, dir: &Path, procs: &Procs, r: &Ready, net: Option<&netns::Net>) {
     let mut out = format!("Tessera is up (data in {}):\n", dir.display());
+    if let Some(n) = net {
+        out.push_str(&format!("  network: bridge {} ({}/24); each engine and target in its own namespace:\n", n.bridge, n.gateway));
+        for (what, s) in n
+            .engines
+            .iter()
+            .enumerate()
+            .map(|(r, s)| (format!("engine-{r}"), s))
+            .chain(n.targets.iter().enumerate().map(|(i, s)| (if i == 0 { "nvmf".to_string() } else { format!("nvmf-{}", i + 1) }, s)))
+        {
+            out.push_str(&format!(
+                "    {what:<10} {:<12} netns {:<14} link {} (partition: ip link set {} down)\n",
+                s.ip.to_string(),
+                s.name,
+                s.link,
+                s.link
+            ));
+        }
+    }
     for p in &procs.list {
         out.push_str(&format!("  {:<10} pid {:<8} log {}\n", p.name, p.pid, p.log.display()));
     }

@@ -702,6 +702,64 @@ fn up_etcd_runs_two_services_on_etcd_and_survives_the_leaders_death() {
 }
 
 #[test]
+fn up_netns_puts_engines_and_the_target_in_namespaces_and_removes_them() {
+    let dir = temp_dir("up-netns");
+    let ports = Ports::pick();
+    let pid = std::process::id();
+    let subnet = format!("10.{}.{}", 150 + (pid / 250) % 50, pid % 250);
+    let mgmt = format!("{subnet}.1:{}", ports.mgmt);
+    let mut up = Up::start(&dir, &ports, &["--netns", "--netns-subnet", &subnet]);
+    let connect = up.wait_ready();
+    up.wait_stdout("Ctrl-C stops everything");
+    let target = format!("{subnet}.100:{}", ports.nvmf);
+    assert_eq!(connect, format!("nvme connect -t tcp -a {subnet}.100 -s {} -n nqn.2026-11.io.tessera:vol0", ports.nvmf));
+    let spaces: Vec<String> =
+        up.stdout.iter().filter_map(|l| l.split_whitespace().skip_while(|w| *w != "netns").nth(1).map(str::to_string)).collect();
+    assert_eq!(spaces.len(), 4, "three engines and the target, each in its namespace: {:?}", up.stdout);
+    let listed = String::from_utf8(Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
+    assert!(spaces.iter().all(|s| listed.contains(s.as_str())), "{listed}");
+    // Every engine serves on its own address, the service on the bridge's.
+    let sys = tessera_json(&mgmt, &["system", "query"]);
+    let addrs: Vec<String> = sys["engines"].as_array().unwrap().iter().map(|e| e["address"].as_str().unwrap().to_string()).collect();
+    assert_eq!(addrs, (0..3).map(|r| format!("{subnet}.{}:{}", 10 + r, ports.engines + r)).collect::<Vec<_>>());
+    bench_verify(&target, "nqn.2026-11.io.tessera:vol0", 100);
+
+    // Engine 1's link to the bridge goes down: it runs on but is marked DOWN; back up, it is UP.
+    let link = up
+        .stdout
+        .iter()
+        .find(|l| l.trim_start().starts_with("engine-1"))
+        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "link").nth(1))
+        .unwrap()
+        .to_string();
+    let ip = |state: &str| assert!(Command::new("ip").args(["link", "set", &link, state]).status().unwrap().success());
+    ip("down");
+    let state = |want: &str| {
+        let start = Instant::now();
+        loop {
+            let sys = tessera_json(&mgmt, &["system", "query"]);
+            if sys["engines"][1]["state"] == want {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "engine 1 not {want}: {sys}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    state("down");
+    assert!(alive(up.pid("engine-1")), "the partitioned engine runs on");
+    ip("up");
+    state("up");
+    bench_verify(&target, "nqn.2026-11.io.tessera:vol0", 100);
+
+    signal(up.child.id(), "TERM");
+    assert_eq!(up.wait_exit(120), 0, "{}", up.stderr());
+    let listed = String::from_utf8(Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
+    assert!(spaces.iter().all(|s| !listed.contains(s.as_str())), "namespaces left behind: {listed}");
+    drop(up);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn up_refuses_unusable_addresses_before_starting_anything() {
     build_daemons();
     let dir = temp_dir("up-addr");
