@@ -703,8 +703,22 @@ fn export_tables(exports: &[ExportInfo], vhost: &[VhostExportInfo]) -> String {
     out
 }
 
+/// An NVMe reservation in a word: none, or its type and holder, and how many registrants.
+fn reservation_text(r: &tessera_mgmt_api::Reservation) -> String {
+    let regs = r.state.registrants.len();
+    let host = |h: &[u8; 16]| h.iter().take(4).map(|b| format!("{b:02x}")).collect::<String>();
+    match r.state.reservation {
+        None if regs == 0 => "-".into(),
+        None => format!("{regs} registered"),
+        Some(held) => {
+            let by = held.holder.map_or("all registrants".to_string(), |h| format!("host {}…", host(&h)));
+            format!("type {} by {by}, {regs} registered", held.rtype.code())
+        }
+    }
+}
+
 fn export_table(exports: &[ExportInfo]) -> String {
-    let mut t = Table::new(&["NQN", "NSID", "VOLUME", "SIZE", "LISTEN", "HOSTS"]);
+    let mut t = Table::new(&["NQN", "NSID", "VOLUME", "SIZE", "LISTEN", "HOSTS", "RESERVATION"]);
     for e in exports {
         t.row(vec![
             e.nqn.clone(),
@@ -716,6 +730,7 @@ fn export_table(exports: &[ExportInfo]) -> String {
             size_text(e.snapshot.as_ref().map_or(e.volume.size, |s| s.size)),
             listen_text(&e.listen, &e.paths, e.optimized.as_deref()),
             hosts_text(&e.hosts),
+            reservation_text(&e.reservation),
         ]);
     }
     t.render_or("no exports\n")

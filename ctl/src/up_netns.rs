@@ -84,7 +84,10 @@ impl Net {
     /// Removes what a previous run left, then makes the bridge and every namespace.
     pub fn create(&self) -> Result<(), String> {
         self.remove();
-        run_ip(&["link", "add", &self.bridge, "type", "bridge"])?;
+        // A fixed address: a bridge otherwise takes the lowest of its ports', which changes as
+        // ports come and go, and every namespace's ARP entry for the gateway goes stale.
+        let mac = format!("02:54:53:00:{:02x}:{:02x}", self.gateway.octets()[1], self.gateway.octets()[2]);
+        run_ip(&["link", "add", &self.bridge, "address", &mac, "type", "bridge"])?;
         run_ip(&["addr", "add", &format!("{}/24", self.gateway), "dev", &self.bridge])?;
         run_ip(&["link", "set", &self.bridge, "up"])?;
         for s in self.engines.iter().chain(&self.targets) {

@@ -138,13 +138,21 @@ impl MgmtClient {
                 }
                 Err(e) => return Err(MgmtError::Unreachable { addr: addr.clone(), detail: one_line(&e) }),
             };
+            // Redirected to the leader (a follower answers writes with 307): ask the leader
+            // first next time, if it is one of ours.
+            let answered = resp
+                .url()
+                .host_str()
+                .zip(resp.url().port())
+                .and_then(|(h, p)| self.addrs.iter().position(|a| *a == format!("{h}:{p}")))
+                .unwrap_or(index);
             let status = resp.status();
             let body = resp.bytes().await.map_err(|e| MgmtError::Unreachable { addr: addr.clone(), detail: one_line(&e) })?;
             if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
                 refused = Some(refusal(status, &body));
                 continue;
             }
-            self.current.store(index, Ordering::Relaxed);
+            self.current.store(answered, Ordering::Relaxed);
             if !status.is_success() {
                 return Err(refusal(status, &body));
             }

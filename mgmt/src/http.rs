@@ -202,7 +202,7 @@ async fn to_leader(State(app): State<App>, req: Request, next: axum::middleware:
     if app.svc.is_leader() || follower_serves(&req) {
         return next.run(req).await;
     }
-    match app.svc.leader_addr() {
+    match app.svc.redirect_to() {
         Some(leader) => {
             let to = format!("http://{leader}{}", req.uri().path_and_query().map_or("", |p| p.as_str()));
             (StatusCode::TEMPORARY_REDIRECT, [(axum::http::header::LOCATION, to)]).into_response()

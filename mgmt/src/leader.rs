@@ -119,26 +119,39 @@ async fn pause(stop: &CancellationToken) {
 }
 
 /// Renews `lease` every third of its life; cancels `lost` once it may have expired on etcd
-/// (no renewal came back in time) or etcd says it has.
+/// (no renewal came back in time) or etcd says it has. A keep-alive stream that breaks (the
+/// etcd member it went to died) is opened again, on whichever member answers, while the lease
+/// can still be renewed: losing one etcd member does not cost the leadership.
 async fn keep_alive(mut client: Client, lease: i64, lost: CancellationToken) {
     let ttl = Duration::from_secs(LEASE_TTL as u64);
     let mut expires = Instant::now() + ttl;
     let every = ttl / 3;
-    if let Ok((mut keeper, mut stream)) = client.lease_keep_alive(lease).await {
+    'streams: while Instant::now() + STEP_DOWN_MARGIN < expires {
+        let deadline = expires.checked_sub(STEP_DOWN_MARGIN).unwrap_or(expires);
+        let (mut keeper, mut stream) = match tokio::time::timeout_at(deadline, client.lease_keep_alive(lease)).await {
+            Ok(Ok(ks)) => ks,
+            Ok(Err(e)) => {
+                warn!("etcd: cannot renew the lease, trying again: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(_) => break,
+        };
         loop {
             let sent = Instant::now();
             if keeper.keep_alive().await.is_err() {
-                break;
+                continue 'streams;
             }
             let deadline = expires.checked_sub(STEP_DOWN_MARGIN).unwrap_or(expires);
             match tokio::time::timeout_at(deadline, stream.message()).await {
                 Ok(Ok(Some(r))) if r.ttl() > 0 => expires = sent + Duration::from_secs(r.ttl() as u64),
-                Ok(Ok(Some(_))) => break,
-                Ok(_) => {}
-                Err(_) => break,
+                // etcd says the lease is gone.
+                Ok(Ok(Some(_))) => break 'streams,
+                Ok(_) => continue 'streams,
+                Err(_) => break 'streams,
             }
             if Instant::now() + STEP_DOWN_MARGIN >= expires {
-                break;
+                break 'streams;
             }
             tokio::time::sleep_until(sent + every).await;
         }

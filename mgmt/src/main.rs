@@ -69,6 +69,8 @@ enum RunError {
     Store(#[from] StoreError),
     #[error("--store {0}")]
     StoreSpec(String),
+    #[error("{0}")]
+    Advertise(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: std::io::Error },
     #[error("cannot start: {0}")]
@@ -121,7 +123,14 @@ fn run(args: Args) -> Result<(), RunError> {
         let stop = CancellationToken::new();
         let mut ha = Vec::new();
         if let Some(e) = &etcd {
-            let me = args.advertise.clone().unwrap_or_else(|| addr.to_string());
+            let me = match &args.advertise {
+                Some(a) => a.clone(),
+                // Followers send clients here: an unspecified address reaches nothing.
+                None if addr.ip().is_unspecified() => {
+                    return Err(RunError::Advertise(format!("listening on {addr} with etcd needs --advertise ADDR (the address other processes reach this service at)")));
+                }
+                None => addr.to_string(),
+            };
             let root = args.etcd_root.clone();
             ha.push(tokio::spawn(leader::follow_store(e.client(), e.version_key(), svc.clone(), stop.clone())));
             ha.push(tokio::spawn(leader::watch_leader(e.client(), root.clone(), svc.clone(), stop.clone())));

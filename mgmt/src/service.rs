@@ -253,6 +253,10 @@ pub struct Service {
     leader: AtomicBool,
     /// The leader's API address (etcd mode), where a follower redirects what it does not serve.
     leader_addr: Mutex<Option<String>>,
+    /// This service's own address, once it has led.
+    me: Mutex<Option<String>>,
+    /// Every engine went silent at once (warned once; see [`Service::check_heartbeats`]).
+    cut_off: AtomicBool,
     /// Rebuild and scrub reports per pool (lock order: `write` before `heal`).
     heal: Mutex<HashMap<String, PoolHeal>>,
 }
@@ -295,6 +299,8 @@ impl Service {
             grace_from: Mutex::new(Instant::now()),
             leader: AtomicBool::new(true),
             leader_addr: Mutex::new(None),
+            me: Mutex::new(None),
+            cut_off: AtomicBool::new(false),
             heal: Mutex::new(HashMap::new()),
         };
         svc.observe(&svc.snapshot().state);
@@ -335,14 +341,28 @@ impl Service {
         self.observe(&s.state);
         lock(&self.clocks).clear();
         *lock(&self.grace_from) = Instant::now();
+        *lock(&self.me) = Some(me.to_string());
         self.set_leader_addr(Some(me.to_string()));
         self.leader.store(true, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Stops acting as the leader (the election was lost or left).
+    /// Stops acting as the leader (the election was lost or left). Until the election names
+    /// the next leader there is none to send clients to (never this service itself).
     pub fn follow(&self) {
         self.leader.store(false, Ordering::SeqCst);
+        let me = lock(&self.me).clone();
+        let mut addr = lock(&self.leader_addr);
+        if me.is_some() && *addr == me {
+            *addr = None;
+        }
+    }
+
+    /// The leader's address to send a client to: never this service's own (a follower that was
+    /// the leader a moment ago would send clients to itself).
+    pub fn redirect_to(&self) -> Option<String> {
+        let me = lock(&self.me).clone();
+        self.leader_addr().filter(|a| Some(a) != me.as_ref())
     }
 
     /// Takes the store's state if another service committed a newer one (a follower follows
@@ -659,7 +679,9 @@ impl Service {
 
     /// Marks Down every Up engine silent for longer than the timeout at `now` (an engine not
     /// heard from since the service started counts from the start), with its targets DOWN in
-    /// every pool, in one transaction. Returns the ranks marked.
+    /// every pool, in one transaction — unless every Up engine (two or more) is silent at once,
+    /// which says more about this service's network than about the engines: then none. Returns
+    /// the ranks marked.
     pub fn check_heartbeats(&self, now: Instant) -> Result<Vec<u32>, ServiceError> {
         // Registrations restart clocks under the same lock, so none slips in between.
         let w = lock(&self.write);
@@ -678,8 +700,23 @@ impl Service {
                 .collect()
         };
         if silent.is_empty() {
+            self.cut_off.store(false, Ordering::SeqCst);
             return Ok(Vec::new());
         }
+        // Every engine silent at once: this service is far more likely cut off from them (its
+        // own link, a partition) than they all failed together — and marking them all DOWN
+        // would leave nothing to rebuild from. Wait until one is heard again.
+        let up = snap.state.engines.values().filter(|e| e.state == EngineState::Up).count();
+        if up >= 2 && silent.len() == up {
+            if !self.cut_off.swap(true, Ordering::SeqCst) {
+                warn!(
+                    engines = up,
+                    "no engine has heartbeated within the timeout: this service is probably cut off from them; marking none DOWN until one is heard again"
+                );
+            }
+            return Ok(Vec::new());
+        }
+        self.cut_off.store(false, Ordering::SeqCst);
         match self.execute_locked(&w, &Command::EnginesDown(silent), |_| {})? {
             Outcome::MarkedDown(ranks) => {
                 for r in &ranks {
@@ -1158,6 +1195,21 @@ mod tests {
         svc.register(&reg(0)).unwrap();
         assert_eq!(svc.heartbeat(5, reg(5).uuid).unwrap_err().status(), 404);
         assert_eq!(svc.heartbeat(0, reg(5).uuid).unwrap_err().status(), 409);
+    }
+
+    #[test]
+    fn every_engine_silent_at_once_is_not_marked_down() {
+        let store = Arc::new(MemStore::new());
+        let svc = service(&store);
+        three_engines_and_a_pool(&svc);
+        let t0 = Instant::now();
+        // Nobody heard for the timeout: the service suspects itself and marks none.
+        assert_eq!(svc.check_heartbeats(t0 + TIMEOUT * 2).unwrap(), Vec::<u32>::new());
+        assert!(svc.snapshot().state.engines.values().all(|e| e.state == EngineState::Up));
+        // One engine is heard again: the silent others are marked DOWN.
+        std::thread::sleep(Duration::from_millis(100));
+        svc.heartbeat(1, reg(1).uuid).unwrap();
+        assert_eq!(svc.check_heartbeats(Instant::now() + TIMEOUT - Duration::from_millis(50)).unwrap(), [0, 2]);
     }
 
     #[test]

@@ -43,7 +43,10 @@ impl Net {
         let prefix = format!("10.{}.{}", 200 + (pid / 250) % 50, pid % 250);
         let bridge = format!("tsb{tag}");
         let _ = Command::new("ip").args(["link", "del", &bridge]).output();
-        ip(&["link", "add", &bridge, "type", "bridge"]);
+        // A fixed address: a bridge otherwise takes the lowest of its ports', which changes as
+        // namespaces are added, and every neighbour's ARP entry for the gateway goes stale.
+        let mac = format!("02:54:53:{:02x}:{:02x}:01", (pid >> 8) & 0xFF, pid & 0xFF);
+        ip(&["link", "add", &bridge, "address", &mac, "type", "bridge"]);
         ip(&["addr", "add", &format!("{prefix}.1/24"), "dev", &bridge]);
         ip(&["link", "set", &bridge, "up"]);
         Net { tag, bridge, prefix, spaces: Vec::new() }
