@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{connect_when_served, create_volume, host_opts, pool0_vol0};
-use tessera_mgmt_api::{CreateExport, EngineState, MgmtClient};
+use common::{connect_when_served, create_volume, export_vol0, host_opts, pool0_vol0};
+use tessera_mgmt_api::{EngineState, MgmtClient};
 use tessera_nvme_proto::sqe::{SglDescriptor, SGL_ID_TRANSPORT};
 use tessera_nvme_proto::Sqe;
 use tessera_testkit::{wait_for, wait_log, Daemon, LocalCluster};
@@ -104,17 +104,7 @@ fn the_host_keeps_its_volume_through_the_death_of_the_leader_service_and_of_an_e
 
     rt.block_on(async {
         pool0_vol0(&mgmt, 16 << 20).await;
-        let x = CreateExport {
-            nqn: NQN.into(),
-            nsid: Some(1),
-            pool: "pool0".into(),
-            volume: "vol0".into(),
-            snapshot: None,
-            hosts: Vec::new(),
-            listen: Some(addr.to_string()),
-            paths: Vec::new(),
-        };
-        mgmt.create_export(&x).await.unwrap();
+        mgmt.create_export(&export_vol0(NQN, addr, &[])).await.unwrap();
     });
     // The follower serves reads of the state the leader committed (it follows by watch).
     wait_for("the follower has the export", Duration::from_secs(10), || {

@@ -12,7 +12,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{connect_when_served, cpu_ticks, create_volume, host_opts as opts, managed_system, pool0_vol0, HostConn};
+use common::{connect_when_served, cpu_ticks, create_volume, export_vol0, host_opts as opts, managed_system, pool0_vol0, HostConn};
 use tessera_mgmt_api::{CreateExport, MgmtClient, VolumeInfo};
 use tessera_nvme_proto::identify::ns_off;
 use tessera_nvme_proto::log::disc_off;
@@ -89,17 +89,7 @@ fn discover(addr: SocketAddr, hostnqn: &str) -> Vec<String> {
 /// Pool `pool0`, volume `vol0` of `size` bytes, exported as namespace 1 of [`NQN`] at `addr`.
 async fn export_new_volume(mgmt: &MgmtClient, size: u64, addr: SocketAddr) -> VolumeInfo {
     let vol = pool0_vol0(mgmt, size).await;
-    let req = CreateExport {
-        nqn: NQN.into(),
-        nsid: Some(1),
-        pool: "pool0".into(),
-        volume: "vol0".into(),
-        snapshot: None,
-        hosts: Vec::new(),
-        listen: Some(addr.to_string()),
-        paths: Vec::new(),
-    };
-    mgmt.create_export(&req).await.unwrap();
+    mgmt.create_export(&export_vol0(NQN, addr, &[])).await.unwrap();
     vol
 }
 

@@ -13,8 +13,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{connect_when_served, host_opts, managed_system, pool0_vol0, HostConn};
-use tessera_mgmt_api::CreateExport;
+use common::{connect_when_served, export_vol0, host_opts, managed_system, pool0_vol0, HostConn};
 use tessera_nvme_proto::identify::{self, cmic, ctrl_off, ns_off};
 use tessera_nvme_proto::log::{ana_off, disc_off};
 use tessera_nvme_proto::opcode::{admin, cns, feature, log_id};
@@ -83,19 +82,7 @@ fn two_targets_serve_one_subsystem_as_two_paths() {
     let b: SocketAddr = second.addr.parse().unwrap();
     rt.block_on(async {
         let vol = pool0_vol0(&mgmt, 16 * MIB).await;
-        let x = mgmt
-            .create_export(&CreateExport {
-                nqn: NQN.into(),
-                nsid: Some(1),
-                pool: "pool0".into(),
-                volume: "vol0".into(),
-                snapshot: None,
-                hosts: Vec::new(),
-                listen: Some(a.to_string()),
-                paths: vec![b.to_string()],
-            })
-            .await
-            .unwrap();
+        let x = mgmt.create_export(&export_vol0(NQN, a, &[b])).await.unwrap();
         assert_eq!((x.listen.as_str(), x.paths.clone()), (a.to_string().as_str(), vec![b.to_string()]));
 
         let mut pa = connect_path(a).await;

@@ -12,8 +12,8 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{connect_when_served, create_volume, host_opts};
-use tessera_mgmt_api::{CreateExport, CreatePool, EngineState, MgmtClient, PoolInfo, TargetStateName};
+use common::{connect_when_served, create_volume, export_vol0, host_opts};
+use tessera_mgmt_api::{CreatePool, EngineState, MgmtClient, PoolInfo, TargetStateName};
 use tessera_nvme_proto::sqe::{SglDescriptor, SGL_ID_TRANSPORT};
 use tessera_nvme_proto::Sqe;
 use tessera_nvmf_host::Connection;
@@ -93,17 +93,7 @@ fn a_partitioned_engine_is_marked_down_rebuilt_around_and_reintegrated_when_it_h
     let (mut ctrl, mut q) = rt.block_on(async {
         mgmt.create_pool(&CreatePool { name: "pool0".into(), ranks: Vec::new(), default_class: None }).await.unwrap();
         create_volume(&mgmt, "vol0", 32 << 20).await;
-        let x = CreateExport {
-            nqn: NQN.into(),
-            nsid: Some(1),
-            pool: "pool0".into(),
-            volume: "vol0".into(),
-            snapshot: None,
-            hosts: Vec::new(),
-            listen: Some(target_addr.to_string()),
-            paths: Vec::new(),
-        };
-        mgmt.create_export(&x).await.unwrap();
+        mgmt.create_export(&export_vol0(NQN, target_addr, &[])).await.unwrap();
         let mut ctrl = connect_when_served(host_opts(target_addr, NQN, HOSTNQN), Duration::from_secs(20)).await;
         ctrl.set_queue_count(1).await.unwrap();
         let mut q = ctrl.io_queue(1, 16).await.unwrap();

@@ -12,8 +12,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{connect_when_served, host_opts, managed_system, pool0_vol0};
-use tessera_mgmt_api::CreateExport;
+use common::{connect_when_served, export_vol0, host_opts, managed_system, pool0_vol0};
 use tessera_nvme_proto::identify::{ctrl_off, ns_off, oncs};
 use tessera_nvme_proto::opcode::{admin, cns, log_id};
 use tessera_nvme_proto::reader::{u16_at, u32_at, u64_at};
@@ -128,17 +127,7 @@ fn reservations_hold_across_paths_for_every_type() {
     let b: SocketAddr = second.addr.parse().unwrap();
     rt.block_on(async {
         pool0_vol0(&mgmt, 16 << 20).await;
-        let x = CreateExport {
-            nqn: NQN.into(),
-            nsid: Some(1),
-            pool: "pool0".into(),
-            volume: "vol0".into(),
-            snapshot: None,
-            hosts: Vec::new(),
-            listen: Some(a.to_string()),
-            paths: vec![b.to_string()],
-        };
-        mgmt.create_export(&x).await.unwrap();
+        mgmt.create_export(&export_vol0(NQN, a, &[b])).await.unwrap();
         let (mut ha, mut hb, mut hc) = (host(a, 0xA1).await, host(b, 0xB2).await, host(b, 0xC3).await);
         let id =
             ha.ctrl.admin.admin_read("Identify Controller", admin::IDENTIFY, 0, &[(10, u32::from(cns::CONTROLLER))], 4096).await.unwrap();

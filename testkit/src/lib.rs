@@ -172,6 +172,16 @@ pub struct LocalCluster {
     pub net: Option<netns::Net>,
 }
 
+/// A new, empty working directory for cluster `name` of this test process (the daemons are
+/// built first).
+fn fresh_dir(name: &str) -> PathBuf {
+    build_binaries();
+    let dir = std::env::temp_dir().join(format!("tessera-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// Starts the management service of a cluster in `dir` (its database `mgmt.redb` there).
 fn start_mgmt(dir: &Path, listen: &str, hb_timeout: &str, extra: &[String]) -> Daemon {
     let db = dir.join("mgmt.redb");
@@ -205,31 +215,39 @@ impl LocalCluster {
         engine_extra: &str,
         mgmt_extra: &[&str],
     ) -> LocalCluster {
-        build_binaries();
-        let dir = std::env::temp_dir().join(format!("tessera-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir(name);
         let mgmt_args: Vec<String> = mgmt_extra.iter().map(|a| (*a).to_string()).collect();
         let mgmt = start_mgmt(&dir, "127.0.0.1:0", hb_timeout, &mgmt_args);
-        let mut c = LocalCluster {
+        let mut c = LocalCluster::around(dir, mgmt, mgmt_args, targets, capacity, hb_timeout);
+        c.engine_extra = engine_extra.to_string();
+        c.with_engines(engines)
+    }
+
+    /// The cluster of service `mgmt` in `dir`, before any engine.
+    fn around(dir: PathBuf, mgmt: Daemon, mgmt_args: Vec<String>, targets: u16, capacity: &str, hb_timeout: &str) -> LocalCluster {
+        LocalCluster {
             dir,
             mgmt,
             engines: Vec::new(),
             targets,
             capacity: capacity.to_string(),
-            engine_extra: engine_extra.to_string(),
+            engine_extra: String::new(),
             hb_timeout: hb_timeout.to_string(),
             mgmt_args,
             mgmt2: None,
             etcd: None,
             net: None,
-        };
-        for rank in 0..engines {
-            let d = c.start_engine(rank);
-            c.engines.push(Some(d));
         }
-        c.wait_engines_up(engines as usize, Duration::from_secs(30));
-        c
+    }
+
+    /// Starts `engines` engines and waits until all are registered and up.
+    fn with_engines(mut self, engines: u32) -> LocalCluster {
+        for rank in 0..engines {
+            let d = self.start_engine(rank);
+            self.engines.push(Some(d));
+        }
+        self.wait_engines_up(engines as usize, Duration::from_secs(30));
+        self
     }
 
     /// `kill -9` of the management service, then a start on its database and address (the
@@ -247,10 +265,7 @@ impl LocalCluster {
     /// sharing it (the first elected leader before the second starts), and `engines` engines
     /// given both services' addresses.
     pub fn start_ha(name: &str, engines: u32, targets: u16, capacity: &str, hb_timeout: &str) -> LocalCluster {
-        build_binaries();
-        let dir = std::env::temp_dir().join(format!("tessera-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir(name);
         let etcd = etcd::EtcdCluster::start(&dir, 3);
         let mgmt_args = vec!["--store".to_string(), format!("etcd:{}", etcd.endpoints())];
         let mgmt = start_mgmt(&dir, "127.0.0.1:0", hb_timeout, &mgmt_args);
@@ -258,59 +273,25 @@ impl LocalCluster {
         let second = dir.join("mgmt-2");
         std::fs::create_dir_all(&second).unwrap();
         let mgmt2 = start_mgmt(&second, "127.0.0.1:0", hb_timeout, &mgmt_args);
-        let mut c = LocalCluster {
-            dir,
-            mgmt,
-            engines: Vec::new(),
-            targets,
-            capacity: capacity.to_string(),
-            engine_extra: String::new(),
-            hb_timeout: hb_timeout.to_string(),
-            mgmt_args,
-            mgmt2: Some(mgmt2),
-            etcd: Some(etcd),
-            net: None,
-        };
-        for rank in 0..engines {
-            let d = c.start_engine(rank);
-            c.engines.push(Some(d));
-        }
-        c.wait_engines_up(engines as usize, Duration::from_secs(30));
-        c
+        let mut c = LocalCluster::around(dir, mgmt, mgmt_args, targets, capacity, hb_timeout);
+        c.mgmt2 = Some(mgmt2);
+        c.etcd = Some(etcd);
+        c.with_engines(engines)
     }
 
     /// Several machines on one: a bridge and a network namespace per engine (engine `rank` in
     /// namespace `rank`, listening on its own address); the management service listens on the
     /// bridge's address. Further namespaces (targets, hosts) can be added to `net`.
     pub fn start_netns(name: &str, engines: u32, targets: u16, capacity: &str, hb_timeout: &str) -> LocalCluster {
-        build_binaries();
-        let dir = std::env::temp_dir().join(format!("tessera-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir(name);
         let mut net = netns::Net::new();
         for _ in 0..engines {
             net.add();
         }
         let mgmt = start_mgmt(&dir, &format!("{}:0", net.gateway()), hb_timeout, &[]);
-        let mut c = LocalCluster {
-            dir,
-            mgmt,
-            engines: Vec::new(),
-            targets,
-            capacity: capacity.to_string(),
-            engine_extra: String::new(),
-            hb_timeout: hb_timeout.to_string(),
-            mgmt_args: Vec::new(),
-            mgmt2: None,
-            etcd: None,
-            net: Some(net),
-        };
-        for rank in 0..engines {
-            let d = c.start_engine(rank);
-            c.engines.push(Some(d));
-        }
-        c.wait_engines_up(engines as usize, Duration::from_secs(30));
-        c
+        let mut c = LocalCluster::around(dir, mgmt, Vec::new(), targets, capacity, hb_timeout);
+        c.net = Some(net);
+        c.with_engines(engines)
     }
 
     /// The management services' addresses, comma-separated (what engines, targets and clients

@@ -448,3 +448,18 @@ pub async fn pool0_vol0(mgmt: &tessera_mgmt_api::MgmtClient, size: u64) -> tesse
     mgmt.create_pool(&CreatePool { name: "pool0".into(), ranks: Vec::new(), default_class: None }).await.unwrap();
     create_volume(mgmt, "vol0", size).await
 }
+
+/// `pool0/vol0` as namespace 1 of `nqn` on `listen` (and further `paths`: ANA multipath), any
+/// host.
+pub fn export_vol0(nqn: &str, listen: SocketAddr, paths: &[SocketAddr]) -> tessera_mgmt_api::CreateExport {
+    tessera_mgmt_api::CreateExport {
+        nqn: nqn.into(),
+        nsid: Some(1),
+        pool: "pool0".into(),
+        volume: "vol0".into(),
+        snapshot: None,
+        hosts: Vec::new(),
+        listen: Some(listen.to_string()),
+        paths: paths.iter().map(ToString::to_string).collect(),
+    }
+}
