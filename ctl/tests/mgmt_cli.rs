@@ -52,9 +52,7 @@ fn bin(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tessera")).parent().unwrap().join(name)
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use tessera_testkit::free_port;
 
 /// A port p with p..p+n free.
 fn free_ports(n: u16) -> u16 {
@@ -677,15 +675,14 @@ fn up_etcd_runs_two_services_on_etcd_and_survives_the_leaders_death() {
     // The leader is killed: the other takes over; the CLI with both addresses goes on.
     signal(up.pid("mgmt"), "KILL");
     up.wait_stderr("mgmt (pid");
-    let start = Instant::now();
-    loop {
+    tessera_testkit::wait_for("a leader takes a write after the first was killed", Duration::from_secs(30), || {
         let (code, _, err) = tessera(&["--mgmt", &both, "volume", "create", "after-takeover", "--size", "8M"]);
         if code == 0 {
-            break;
+            Ok(())
+        } else {
+            Err(err)
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "no leader 30 s after the first was killed: {err}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    });
     let sys = tessera_json(&both, &["system", "query"]);
     assert!(sys["engines"].as_array().unwrap().iter().all(|e| e["state"] == "up"), "{sys}");
     bench_verify(&format!("127.0.0.1:{}", ports.nvmf), "nqn.2026-11.io.tessera:vol0", 50);
@@ -735,15 +732,7 @@ fn up_netns_puts_engines_and_the_target_in_namespaces_and_removes_them() {
     let ip = |state: &str| assert!(Command::new("ip").args(["link", "set", &link, state]).status().unwrap().success());
     ip("down");
     let state = |want: &str| {
-        let start = Instant::now();
-        loop {
-            let sys = tessera_json(&mgmt, &["system", "query"]);
-            if sys["engines"][1]["state"] == want {
-                break;
-            }
-            assert!(start.elapsed() < Duration::from_secs(60), "engine 1 not {want}: {sys}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_for(&mgmt, Duration::from_secs(60), &format!("engine 1 {want}"), |_, sys| sys["engines"][1]["state"] == want);
     };
     state("down");
     assert!(alive(up.pid("engine-1")), "the partitioned engine runs on");

@@ -61,9 +61,13 @@ impl Followers {
 
     /// Target `target` (its listen addresses, comma-separated) polls, having taken `taken`.
     pub fn poll(self: &Arc<Self>, target: &str, taken: ClusterVersion) -> Poll {
-        let listen: Vec<SocketAddr> = target.split(',').filter_map(|a| a.trim().parse().ok()).collect();
         let mut seen = self.lock();
-        let s = seen.entry(target.to_string()).or_insert(Seen { listen, taken, waiting: 0, last: Instant::now() });
+        let s = seen.entry(target.to_string()).or_insert_with(|| Seen {
+            listen: target.split(',').filter_map(|a| a.trim().parse::<SocketAddr>().ok()).collect(),
+            taken,
+            waiting: 0,
+            last: Instant::now(),
+        });
         s.taken = s.taken.max(taken);
         s.waiting += 1;
         s.last = Instant::now();

@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, ResignOptions};
+use etcd_client::{Client, LeaderKey, ResignOptions};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -60,8 +60,7 @@ pub async fn campaign(client: Client, root: String, me: String, svc: Arc<Service
                 continue;
             }
             _ = stop.cancelled() => {
-                keeper.abort();
-                let _ = c.lease_revoke(lease).await;
+                give_up(&mut c, None, keeper, lease).await;
                 break;
             }
         };
@@ -69,8 +68,7 @@ pub async fn campaign(client: Client, root: String, me: String, svc: Arc<Service
             Ok(mut r) => r.take_leader(),
             Err(e) => {
                 warn!("etcd: campaign failed, retrying: {e}");
-                keeper.abort();
-                let _ = c.lease_revoke(lease).await;
+                give_up(&mut c, None, keeper, lease).await;
                 pause(&stop).await;
                 continue;
             }
@@ -81,15 +79,13 @@ pub async fn campaign(client: Client, root: String, me: String, svc: Arc<Service
             Ok(Ok(())) => info!(addr = %me, version = svc.snapshot().version, "became the leader"),
             Ok(Err(e)) => {
                 warn!("elected, but cannot load the state; resigning: {e}");
-                let _ = c.resign(key.map(|k| ResignOptions::new().with_leader(k))).await;
-                keeper.abort();
-                let _ = c.lease_revoke(lease).await;
+                give_up(&mut c, key, keeper, lease).await;
                 pause(&stop).await;
                 continue;
             }
             Err(e) => {
-                warn!("elected, but the load failed: {e}");
-                keeper.abort();
+                warn!("elected, but the load failed; resigning: {e}");
+                give_up(&mut c, key, keeper, lease).await;
                 continue;
             }
         }
@@ -100,15 +96,23 @@ pub async fn campaign(client: Client, root: String, me: String, svc: Arc<Service
             }
             _ = stop.cancelled() => {
                 svc.follow();
-                let _ = c.resign(key.map(|k| ResignOptions::new().with_leader(k))).await;
-                keeper.abort();
-                let _ = c.lease_revoke(lease).await;
+                give_up(&mut c, key, keeper, lease).await;
                 info!("resigned the leadership");
                 break;
             }
         }
         keeper.abort();
     }
+}
+
+/// Leaves the election (if `key`, the leadership) and drops `lease`, so that another service
+/// need not wait for it to expire.
+async fn give_up(c: &mut Client, key: Option<LeaderKey>, keeper: tokio::task::JoinHandle<()>, lease: i64) {
+    if let Some(k) = key {
+        let _ = c.resign(Some(ResignOptions::new().with_leader(k))).await;
+    }
+    keeper.abort();
+    let _ = c.lease_revoke(lease).await;
 }
 
 async fn pause(stop: &CancellationToken) {

@@ -336,9 +336,7 @@ impl Service {
     pub fn lead(&self, me: &str) -> Result<(), StoreError> {
         let _w = lock(&self.write);
         let (version, state) = self.store.load()?;
-        let s = Arc::new(Snapshot { version, state });
-        self.snap.send_replace(s.clone());
-        self.observe(&s.state);
+        self.publish(version, state);
         lock(&self.clocks).clear();
         *lock(&self.grace_from) = Instant::now();
         *lock(&self.me) = Some(me.to_string());
@@ -371,11 +369,18 @@ impl Service {
         let _w = lock(&self.write);
         let (version, state) = self.store.load()?;
         if version > self.snapshot().version {
-            let s = Arc::new(Snapshot { version, state });
-            self.snap.send_replace(s.clone());
-            self.observe(&s.state);
+            self.publish(version, state);
         }
         Ok(version)
+    }
+
+    /// Makes `state` at store `version` the published snapshot (long polls wake) and follows
+    /// its pools' map versions. Callers hold the write lock.
+    fn publish(&self, version: ClusterVersion, state: State) -> Arc<Snapshot> {
+        let s = Arc::new(Snapshot { version, state });
+        self.snap.send_replace(s.clone());
+        self.observe(&s.state);
+        s
     }
 
     /// Follows every pool's map version in the rebuild bookkeeping (logs rebuilds starting).
@@ -423,9 +428,7 @@ impl Service {
             }
             match self.store.commit(snap.version, &next) {
                 Ok(version) => {
-                    let s = Arc::new(Snapshot { version, state: next });
-                    self.snap.send_replace(s.clone());
-                    self.observe(&s.state);
+                    let s = self.publish(version, next);
                     on_commit(&s);
                     return Ok(outcome);
                 }
@@ -1206,10 +1209,11 @@ mod tests {
         // Nobody heard for the timeout: the service suspects itself and marks none.
         assert_eq!(svc.check_heartbeats(t0 + TIMEOUT * 2).unwrap(), Vec::<u32>::new());
         assert!(svc.snapshot().state.engines.values().all(|e| e.state == EngineState::Up));
-        // One engine is heard again: the silent others are marked DOWN.
-        std::thread::sleep(Duration::from_millis(100));
+        // One engine is heard again (its clock is set as if it heartbeated a timeout later, not
+        // slept for): the silent others are marked DOWN.
         svc.heartbeat(1, reg(1).uuid).unwrap();
-        assert_eq!(svc.check_heartbeats(Instant::now() + TIMEOUT - Duration::from_millis(50)).unwrap(), [0, 2]);
+        lock(&svc.clocks).insert(1, t0 + TIMEOUT);
+        assert_eq!(svc.check_heartbeats(t0 + TIMEOUT * 2 - Duration::from_millis(50)).unwrap(), [0, 2]);
     }
 
     #[test]

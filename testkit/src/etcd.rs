@@ -3,20 +3,14 @@
 //! etcd. Members are killed on drop; one can be killed and restarted.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::wait_for;
+use crate::{free_port, wait_for, wait_log};
 
 /// The etcd binary.
 pub const ETCD: &str = "/usr/bin/etcd";
-
-/// A free TCP port on 127.0.0.1 (bound, then released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// One member.
 #[derive(Debug)]
@@ -90,15 +84,7 @@ impl EtcdCluster {
     }
 
     fn wait_ready(&self, i: usize) {
-        let m = &self.members[i];
-        wait_for(&format!("etcd member {} serving clients", m.name), Duration::from_secs(30), || {
-            let log = std::fs::read_to_string(&m.log).unwrap_or_default();
-            if log.matches("ready to serve client requests").count() > 0 {
-                Ok(())
-            } else {
-                Err(log.lines().last().unwrap_or("").to_string())
-            }
-        });
+        wait_log(&self.members[i].log, "ready to serve client requests", Duration::from_secs(30));
     }
 
     /// The client URLs, comma-separated (for `--store etcd:…`).

@@ -19,6 +19,11 @@ use tessera_mgmt_api::{EngineState, MgmtClient};
 pub mod etcd;
 pub mod netns;
 
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// How often [`wait_for`] looks again.
 pub const POLL: Duration = Duration::from_millis(100);
 
